@@ -1,0 +1,136 @@
+"""The compressed checkpoint: what it holds, its exact size, writing it and reading it back.
+
+Folder layout::
+
+    model.safetensors   packed codes / tables / masks of compressed layers, plus every other
+                        tensor (embeddings, norms, biases) in ``dense_dtype``
+    compress.json       format of each compressed layer, tied-weight aliases, versions
+    config.json, generation_config.json, tokenizer files   as transformers writes them
+
+The size the report gives is the byte count of exactly the tensors written here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import CheckpointError
+from .formats import format_from_saved
+from .modules import CompressedLinear
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+META = "compress.json"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class CheckpointContent:
+    tensors: dict[str, torch.Tensor]
+    layers: dict[str, dict]       # compressed layer name -> format meta
+    aliases: dict[str, str]       # tied tensor name -> the name it is stored under
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def checkpoint_content(model: nn.Module, dense_dtype: str = "float16") -> CheckpointContent:
+    dtype = DTYPES[dense_dtype]
+    tensors, layers, aliases, by_ptr = {}, {}, {}, {}
+    compressed = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    for name, module in compressed.items():
+        layers[name] = module.fmt.meta()
+        for part, t in module.fmt.tensors().items():
+            tensors[f"{name}.{part}"] = t.detach().cpu().contiguous()
+    for key, t in model.state_dict(keep_vars=False).items():
+        owner = key.rpartition(".")[0]
+        if owner in compressed and key.rpartition(".")[2] != "bias":
+            continue
+        ptr = (t.data_ptr(), t.shape, t.dtype)
+        if ptr in by_ptr:
+            aliases[key] = by_ptr[ptr]
+            continue
+        by_ptr[ptr] = key
+        t = t.detach().cpu()
+        tensors[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    return CheckpointContent(tensors, layers, aliases)
+
+
+def save_checkpoint(model, tokenizer, folder: Path, dense_dtype: str = "float16", extra: dict | None = None,
+                    content: CheckpointContent | None = None) -> CheckpointContent:
+    """Write the checkpoint into ``folder`` (which the caller later renames into place)."""
+    content = content or checkpoint_content(model, dense_dtype)
+    save_file(content.tensors, str(folder / WEIGHTS), metadata={"format": "compress", "version": str(FORMAT_VERSION)})
+    meta = {"format_version": FORMAT_VERSION, "dense_dtype": dense_dtype, "layers": content.layers,
+            "aliases": content.aliases, **(extra or {})}
+    (folder / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return content
+
+
+def is_checkpoint(path) -> bool:
+    return (Path(path) / META).is_file()
+
+
+def load_checkpoint(path, device="cpu", dtype=torch.float32):
+    """Read a compressed checkpoint -> (model, tokenizer). Compressed layers stay compressed."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .models import _quiet_transformers, prepare_for_compression
+
+    path = Path(path)
+    for needed in (WEIGHTS, META, "config.json"):
+        if not (path / needed).is_file():
+            raise CheckpointError(f"{path} is not a compressed checkpoint: {needed} is missing",
+                                  "pass the output folder of `compress run`")
+    _quiet_transformers()
+    try:
+        meta = json.loads((path / META).read_text())
+        tensors = load_file(str(path / WEIGHTS))
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: corrupted checkpoint ({e})", "re-run `compress run`") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')} is not supported",
+                              f"this compress reads format {FORMAT_VERSION}")
+    config = AutoConfig.from_pretrained(path)
+    model = prepare_for_compression(AutoModelForCausalLM.from_config(config, dtype=dtype))
+    for name, layer_meta in meta["layers"].items():
+        parts = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
+        bias = parts.pop("bias", None)
+        old = model.get_submodule(name)
+        fmt = format_from_saved(layer_meta, parts)
+        new = CompressedLinear(fmt, bias.to(dtype) if bias is not None else None, dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+        del old
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    for alias, original in meta["aliases"].items():
+        owner, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(original))
+    missing = [k for k in missing if k not in meta["aliases"]]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: tensors do not match the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})", "the checkpoint may be corrupted")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.to(device).eval(), tokenizer
+
+
+@torch.no_grad()
+def round_to_storage(model: nn.Module, dense_dtype: str) -> None:
+    """Round every uncompressed float tensor to the dtype it will be stored in, so the compressed
+    model evaluated in the run is exactly the one a later ``load`` gives back."""
+    dtype = DTYPES[dense_dtype]
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            t.copy_(t.to(dtype).to(t.dtype))

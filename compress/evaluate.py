@@ -1,0 +1,67 @@
+"""Quality of a model on held-out text: perplexity, and against the base model the KL divergence
+of next-token distributions and top-1 agreement, all on the same token windows."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .modules import dequantized_weights
+from .progress import Progress
+
+EVAL_BATCH = 2  # windows per forward
+
+
+@dataclass
+class EvalResult:
+    perplexity: float
+    nll: float
+    tokens: int
+    windows: int
+    seq_len: int
+    seconds: float
+    kl_divergence: float | None = None
+    top1_agreement: float | None = None
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, device="cpu", reference: list | None = None,
+             keep_logprobs: bool = False, progress: Progress | None = None, label: str = "evaluating"):
+    """Evaluate ``model`` on ``windows`` [n, seq_len].
+
+    ``reference``: the base model's log-probs per batch (from ``keep_logprobs=True``), to measure
+    KL(base || model) and top-1 agreement. Returns (EvalResult, kept log-probs or None).
+    """
+    t0 = time.perf_counter()
+    nll_sum, count, kl_sum, agree = 0.0, 0, 0.0, 0
+    kept = [] if keep_logprobs else None
+    task = progress.add(label, total=windows.shape[0]) if progress else None
+    with dequantized_weights(model):
+        for b, batch in enumerate(windows.split(EVAL_BATCH)):
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            targets = batch[:, 1:]
+            nll_sum -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+            count += targets.numel()
+            if reference is not None:
+                ref = reference[b].to(device).float()
+                kl_sum += (ref.exp() * (ref - logp)).sum().item()
+                agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
+            if kept is not None:
+                kept.append(logp.half().cpu())
+            if task is not None:
+                progress.advance(task, batch.shape[0])
+    nll = nll_sum / count
+    result = EvalResult(perplexity=math.exp(nll), nll=nll, tokens=count, windows=windows.shape[0],
+                        seq_len=windows.shape[1], seconds=time.perf_counter() - t0)
+    if reference is not None:
+        result.kl_divergence = kl_sum / count
+        result.top1_agreement = agree / count
+    return result, kept

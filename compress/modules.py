@@ -1,0 +1,78 @@
+"""CompressedLinear: an ``nn.Linear`` replacement whose weight is a format object."""
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from . import kernels
+from .formats import WeightFormat
+
+
+class CompressedLinear(nn.Module):
+    """Holds a :class:`WeightFormat`; forward goes through a CUDA kernel when one exists for the
+    format and the input is on a GPU, else through the torch reference path (dequantize + matmul).
+    """
+
+    def __init__(self, fmt: WeightFormat, bias: torch.Tensor | None = None, compute_dtype=torch.float32):
+        super().__init__()
+        self.fmt = fmt
+        self.in_features, self.out_features = fmt.shape[1], fmt.shape[0]
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.compute_dtype = compute_dtype
+        self._cached_weight: torch.Tensor | None = None
+        self._device = torch.device("cpu")
+
+    @classmethod
+    def from_module(cls, module: nn.Module, fmt: WeightFormat) -> "CompressedLinear":
+        """A CompressedLinear replacing ``module`` (an nn.Linear or a CompressedLinear)."""
+        if isinstance(module, CompressedLinear):
+            new = cls(fmt, module.bias, module.compute_dtype)
+            new._device = module._device
+        else:
+            new = cls(fmt, module.bias, module.weight.dtype)
+            new._device = module.weight.device
+        return new
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight the format represents, in the compute dtype, on the module's device."""
+        if self._cached_weight is not None:
+            return self._cached_weight
+        return self.fmt.dequantize().to(self._device, self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self._cached_weight is None:
+            y = kernels.compressed_matmul(self.fmt, x)
+            if y is not None:
+                return y if self.bias is None else y + self.bias
+        return nn.functional.linear(x, self.dense_weight().to(x.dtype), self.bias)
+
+    def _apply(self, fn, recurse=True):
+        # Track the device for the reference path; format tensors stay where they are stored.
+        probe = fn(torch.empty(0, device=self._device, dtype=self.compute_dtype))
+        self._device, self.compute_dtype = probe.device, probe.dtype
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.fmt.describe()}"
+
+
+@contextmanager
+def dequantized_weights(model: nn.Module):
+    """Dequantize every CompressedLinear once for the duration of the block (fast evaluation on
+    CPU at the cost of dense-weight memory); the result is numerically the same as the
+    reference path."""
+    layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    try:
+        for m in layers:
+            m._cached_weight = m.fmt.dequantize().to(m._device, m.compute_dtype)
+        yield
+    finally:
+        for m in layers:
+            m._cached_weight = None
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Weights the model represents: its (deduplicated) parameters plus compressed weights."""
+    dense = sum(p.numel() for p in model.parameters())
+    return dense + sum(m.fmt.numel for m in model.modules() if isinstance(m, CompressedLinear))

@@ -1,0 +1,1 @@
+"""Compression passes, one per file. See ``registry`` for lookup and ``base`` for the contract."""

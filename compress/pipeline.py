@@ -1,0 +1,216 @@
+"""The pass manager: plan the passes, then run them block by block through the decoder.
+
+For each decoder block i:
+  1. for each pass, when it asks for statistics (``Pass.needs``), run the block on its captured
+     inputs with hooks on the targeted linear layers to accumulate them (layers that read the
+     same tensor, such as q/k/v, share one accumulator);
+  2. let the pass compress the block's targeted layers;
+  3. run the compressed block to produce the inputs of block i+1.
+Only one block and its activations are on the compute device at a time, and every block is
+compressed against the errors already made upstream (as in GPTQ and SparseGPT's drivers).
+When no pass needs data, no calibration forward runs at all.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+
+from .errors import PlanError
+from .modules import CompressedLinear
+from .passes.base import STAGES, BlockWork, LayerStats, Pass
+from .passes.registry import get_pass
+from .progress import Progress
+
+CHUNK = 8  # calibration sequences per forward
+
+
+def plan(pass_configs) -> list[Pass]:
+    """Instantiate the passes and check their order before any compute."""
+    passes = [get_pass(cfg.type)(cfg) for cfg in pass_configs]
+    for i, (a, b) in enumerate(zip(passes, passes[1:], strict=False)):
+        if STAGES.index(b.stage) < STAGES.index(a.stage):
+            raise PlanError(
+                f"pass {i + 1} ({b.name}, a {b.stage} pass) cannot follow pass {i} ({a.name}, a {a.stage} pass)",
+                f"order passes as {' -> '.join(STAGES)}")
+    for p in passes:
+        p.check_plan(passes)
+    return passes
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the longest ModuleList whose items are all of one class."""
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
+            if any(isinstance(m, nn.Linear | CompressedLinear) for m in mod[0].modules()):
+                if best is None or len(mod) > len(best[1]):
+                    best = (name, mod)
+    if best is None:
+        raise PlanError(f"no decoder blocks found in {type(model).__name__}",
+                        "compress supports decoder-only models with a list of transformer blocks")
+    return best
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    shape: tuple
+    passes: list[str] = field(default_factory=list)
+    notes: dict = field(default_factory=dict)
+
+
+@dataclass
+class PipelineResult:
+    layers: dict[str, LayerRecord]
+    pass_seconds: dict[str, float]
+    calibration_seconds: float
+
+
+class _Captured(Exception):
+    pass
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def capture_block_inputs(model, blocks, tokens: torch.Tensor, device) -> list[tuple]:
+    """Run the model up to the first block; return [(hidden_states, kwargs)] per chunk."""
+    captured = []
+
+    def grab(_module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
+        kwargs["use_cache"] = False
+        captured.append((hidden.detach(), kwargs))
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for chunk in tokens.split(CHUNK):
+            try:
+                model(input_ids=chunk.to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block, inputs, device):
+    outs = []
+    for hidden, kwargs in inputs:
+        out = block(hidden.to(device), **_to(kwargs, device))
+        outs.append((out[0] if isinstance(out, tuple) else out).detach())
+    return outs
+
+
+class StatsCollector:
+    """Forward pre-hooks that accumulate input statistics of linear layers."""
+
+    def __init__(self, layers: dict[str, nn.Module], needs: frozenset[str]):
+        self.stats: dict[str, LayerStats] = {}
+        self.needs = needs
+        self._seen: dict[int, tuple] = {}
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in layers.items()]
+
+    def _hook(self, name):
+        def fn(_module, args):
+            x = args[0]
+            key = x.data_ptr()
+            if key in self._seen:  # another layer already accumulated this very tensor
+                self.stats.setdefault(name, self._seen[key][1])
+                return
+            st = self.stats.setdefault(name, LayerStats())
+            self._seen[key] = (x, st)  # holding x keeps its address from being reused
+            self._accumulate(st, x.detach().reshape(-1, x.shape[-1]).float())
+        return fn
+
+    def _accumulate(self, st: LayerStats, x: torch.Tensor):
+        st.tokens += x.shape[0]
+        if "hessian" in self.needs:
+            h = x.t() @ x
+            st.hessian = h if st.hessian is None else st.hessian.add_(h)
+        elif "sq_sum" in self.needs:
+            s = (x * x).sum(0)
+            st.sq_sum = s if st.sq_sum is None else st.sq_sum.add_(s)
+
+    def end_batch(self):
+        self._seen.clear()
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+
+
+def _linear_layers(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
+    return {f"{prefix}.{n}": m for n, m in block.named_modules()
+            if isinstance(m, nn.Linear | CompressedLinear)}
+
+
+def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, device,
+               progress: Progress | None = None) -> PipelineResult:
+    """Apply ``passes`` to ``model`` in place, block by block."""
+    prefix, blocks = find_blocks(model)
+    records: dict[str, LayerRecord] = {}
+    seconds = {f"{i}:{p.name}": 0.0 for i, p in enumerate(passes)}
+    needs_data = any(p.needs for p in passes) or any(p.needs_block_io for p in passes)
+    t0 = time.perf_counter()
+    inputs = capture_block_inputs(model, blocks, calibration, device) if needs_data else None
+    calib_s = time.perf_counter() - t0
+    task = progress.add("compressing blocks", total=len(blocks)) if progress else None
+    for i, block in enumerate(blocks):
+        block_prefix = f"{prefix}.{i}"
+        original_device = next(block.parameters()).device
+        block.to(device)
+        all_layers = _linear_layers(block, block_prefix)
+        for name, m in all_layers.items():
+            w = m.fmt.shape if isinstance(m, CompressedLinear) else tuple(m.weight.shape)
+            records.setdefault(name, LayerRecord(name, w))
+        for j, p in enumerate(passes):
+            layers = {n: m for n, m in _linear_layers(block, block_prefix).items() if p.cfg.applies_to(n)}
+            if not layers and not p.needs_block_io:
+                continue
+            t = time.perf_counter()
+            work = BlockWork(i, block, layers, inputs=inputs, device=device)
+            if p.needs:
+                collector = StatsCollector(layers, p.needs)
+                with torch.no_grad():
+                    for hidden, kwargs in inputs:
+                        block(hidden.to(device), **_to(kwargs, device))
+                        collector.end_batch()
+                collector.close()
+                work.stats = collector.stats
+            with torch.no_grad():
+                p.apply(work, partial(_replace, block, block_prefix))
+            seconds[f"{j}:{p.name}"] += time.perf_counter() - t
+            for name, note in work.notes.items():
+                records[name].passes.append(p.name)
+                records[name].notes.update(note)
+        if inputs is not None:
+            with torch.no_grad():
+                outs = _run_block(block, inputs, device)
+            inputs = [(o, kw) for o, (_, kw) in zip(outs, inputs, strict=False)]
+        block.to(original_device)
+        if task is not None:
+            progress.advance(task)
+    return PipelineResult(records, seconds, calib_s)
+
+
+def _replace(block: nn.Module, block_prefix: str, name: str, new: nn.Module):
+    rel = name[len(block_prefix) + 1:]
+    parent_name, _, child = rel.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    setattr(parent, child, new)

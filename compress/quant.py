@@ -1,0 +1,132 @@
+"""Quantization math shared by every quantizing pass (RTN, GPTQ, mixed precision).
+
+A group of weights ``x[rows, g]`` is mapped to integer codes with one scale (and, for
+asymmetric integer grids, one zero point) per row of the group:
+
+- ``int`` grid, asymmetric: ``code = clamp(round(x / s) + z, 0, 2^b - 1)``, ``x ~= (code - z) * s``;
+- ``int`` grid, symmetric: as above with ``z = 2^(b-1)`` fixed (not stored);
+- non-uniform grids (``nf``, ``fp4``): ``x ~= grid[code] * s`` with ``s`` the group's absmax.
+  NormalFloat follows QLoRA (Dettmers et al., 2023); FP4 is the E2M1 value set. Both are
+  compared against integer grids in "Understanding the Impact of Post-Training Quantization
+  on Large Language Models".
+
+Scales are rounded to float16 *before* codes are chosen, so the codes fit the stored scale.
+``clip_search`` shrinks the range over a small grid and keeps, per row, the shrink with the
+least ``|x - q(x)|^2.4`` error (the norm the GPTQ reference uses for its MSE search).
+"""
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+GRIDS = ("int", "nf", "fp4")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    group_size: int | None = 128  # None: one group per output row (per-channel)
+    symmetric: bool = False
+    grid: str = "int"
+    clip_search: bool = False
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def has_zeros(self) -> bool:
+        return self.grid == "int" and not self.symmetric
+
+    def groups(self, in_features: int) -> int:
+        size = self.group_size or in_features
+        return (in_features + size - 1) // size
+
+
+@cache
+def grid_values(grid: str, bits: int) -> torch.Tensor:
+    """Sorted code book in [-1, 1] for a non-uniform grid."""
+    if grid == "fp4":
+        if bits != 4:
+            raise ValueError("the fp4 (E2M1) grid has exactly 4 bits")
+        pos = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+        vals = torch.cat([-pos.flip(0)[:-1], pos, torch.tensor([0.0])])  # 16 codes, 0 twice
+        return (vals / 6.0).sort().values
+    if grid == "nf":
+        # QLoRA's construction: quantiles of N(0,1), asymmetric so that 0 is exact.
+        offset = 0.9677083
+        half = 1 << (bits - 1)
+        pos = torch.special.ndtri(torch.linspace(offset, 0.5, half + 1, dtype=torch.float64)[:-1])
+        neg = -torch.special.ndtri(torch.linspace(offset, 0.5, half, dtype=torch.float64)[:-1])
+        vals = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg])
+        return (vals / vals.abs().max()).sort().values.float()
+    raise ValueError(f"unknown grid {grid!r}")
+
+
+def _params_for_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
+    if spec.grid != "int":
+        scale = torch.maximum(hi.abs(), lo.abs()).clamp_min(1e-8)
+        return scale.half().float(), None
+    if spec.symmetric:
+        amax = torch.maximum(hi.abs(), lo.abs())
+        scale = (2 * amax / spec.maxq).clamp_min(1e-8).half().float()
+        return scale, torch.full_like(scale, float((spec.maxq + 1) // 2))
+    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+    scale = ((hi - lo) / spec.maxq).clamp_min(1e-8).half().float()
+    zero = torch.round(-lo / scale).clamp(0, spec.maxq)
+    return scale, zero
+
+
+def encode(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec):
+    """Codes (uint8) of ``x[rows, ...]`` given per-row ``scale``/``zero`` (broadcast on the last dim)."""
+    s = scale.unsqueeze(-1) if x.dim() > scale.dim() else scale
+    if spec.grid != "int":
+        grid = grid_values(spec.grid, spec.bits).to(x.device)
+        # nearest code book entry through the midpoints of the sorted grid
+        mids = (grid[1:] + grid[:-1]) / 2
+        return torch.bucketize((x / s).contiguous(), mids).to(torch.uint8)
+    z = zero.unsqueeze(-1) if x.dim() > zero.dim() else zero
+    return torch.clamp(torch.round(x / s) + z, 0, spec.maxq).to(torch.uint8)
+
+
+def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec):
+    """Values of ``codes`` (float32), the inverse of :func:`encode` up to rounding."""
+    s = scale.unsqueeze(-1) if codes.dim() > scale.dim() else scale
+    if spec.grid != "int":
+        return grid_values(spec.grid, spec.bits).to(codes.device)[codes.long()] * s
+    z = zero.unsqueeze(-1) if codes.dim() > zero.dim() else zero
+    return (codes.float() - z) * s
+
+
+def fit_params(x: torch.Tensor, spec: QuantSpec, steps: int = 20, max_shrink: float = 0.25):
+    """Per-row scale and zero of a group ``x[rows, g]`` (min/max, optionally clip-searched)."""
+    lo, hi = x.min(dim=-1).values, x.max(dim=-1).values
+    scale, zero = _params_for_range(lo, hi, spec)
+    if not spec.clip_search:
+        return scale, zero
+    best = _group_error(x, scale, zero, spec)
+    for i in range(1, steps + 1):
+        p = 1 - max_shrink * i / steps
+        s_try, z_try = _params_for_range(lo * p, hi * p, spec)
+        err = _group_error(x, s_try, z_try, spec)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s_try, scale)
+        if zero is not None:
+            zero = torch.where(better, z_try, zero)
+    return scale, zero
+
+
+def _group_error(x, scale, zero, spec):
+    return (decode(encode(x, scale, zero, spec), scale, zero, spec) - x).abs().pow(2.4).sum(-1)
+
+
+def pad_to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Pad the columns of ``w`` to a multiple of ``group_size`` by repeating the last column,
+    so a shorter last group keeps its own min/max."""
+    k = w.shape[1]
+    pad = (-k) % group_size
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(-1, pad)], dim=1)
+    return w

@@ -1,0 +1,210 @@
+"""Recipe: the YAML file that says what to do to a model, parsed into typed pydantic objects.
+
+Errors name the file and line, and suggest the closest known key. ``--set a.b.0.c=VALUE``
+overrides a value (parsed as YAML) before validation.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import RecipeError
+from .passes.base import PassConfig
+from .passes.registry import get_pass
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationConfig(Section):
+    dataset: str = Field("pydoc", description="pydoc (built-in offline corpus), a .txt/.jsonl file or "
+                         "folder, or a hub dataset NAME[:CONFIG[:SPLIT]]")
+    samples: int = Field(128, ge=1, le=100_000, description="number of calibration sequences")
+    seq_len: int = Field(512, ge=8, le=131_072, description="tokens per calibration sequence")
+
+
+class EvaluateConfig(Section):
+    dataset: str = Field("pydoc", description="evaluation text; when equal to the calibration "
+                         "dataset, its held-out tail is used")
+    seq_len: int = Field(512, ge=8, le=131_072, description="tokens per evaluation window")
+    max_windows: int = Field(16, ge=1, description="non-overlapping windows evaluated at most")
+    kl: bool = Field(True, description="measure KL divergence and top-1 agreement vs the base model")
+
+
+class ExportConfig(Section):
+    checkpoint: bool = Field(True, description="write the compressed checkpoint (safetensors)")
+    dense_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="dtype of tensors no pass compressed (embeddings, norms)")
+
+
+class Budgets(Section):
+    max_size_mb: float | None = Field(None, gt=0, description="checkpoint size (MB = 10^6 bytes)")
+    max_bits_per_weight: float | None = Field(None, gt=0, description="over the compressed layers")
+    max_ppl: float | None = Field(None, gt=0, description="perplexity of the compressed model")
+    max_ppl_increase: float | None = Field(
+        None, ge=0, description="relative perplexity increase vs base (0.1 = +10%)")
+    max_kl_divergence: float | None = Field(None, ge=0, description="mean KL(base || compressed), nats")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description="share of equal argmax tokens")
+
+
+class Recipe(Section):
+    name: str | None = Field(None, description="a name for the run; defaults to the file name")
+    description: str = ""
+    seed: int = Field(0, description="seed of calibration sampling and any randomized pass")
+    calibration: CalibrationConfig = CalibrationConfig()
+    passes: list[Any] = Field(default=[], description="ordered list of passes")
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
+    budgets: Budgets = Budgets()
+
+    @model_validator(mode="after")
+    def _passes_are_mappings(self):
+        for i, p in enumerate(self.passes):
+            if not isinstance(p, dict) or "type" not in p:
+                raise ValueError(f"passes.{i} must be a mapping with a 'type' key")
+        return self
+
+    def pass_configs(self) -> list[PassConfig]:
+        return self.passes  # replaced by validated configs in load_recipe
+
+    def digest(self) -> str:
+        """Hash of the fully resolved recipe (defaults included)."""
+        payload = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(payload).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        d = self.model_dump(mode="json", exclude={"passes"})
+        d["passes"] = [p.model_dump(mode="json") for p in self.passes]
+        return d
+
+
+SECTIONS = {"calibration": CalibrationConfig, "evaluate": EvaluateConfig, "export": ExportConfig,
+            "budgets": Budgets}
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}", "check the path; ready recipes are in recipes/")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})",
+                          "check indentation and colons") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections", "see recipes/w4-rtn.yaml")
+    for item in overrides:
+        _apply_override(raw, item)
+        lines[tuple(_split_key(item.split("=", 1)[0]))] = "--set"
+    raw.setdefault("name", path.stem)
+    return parse_recipe(raw, str(path), lines)
+
+
+def parse_recipe(raw: dict, source: str = "<recipe>", lines: dict | None = None) -> Recipe:
+    lines = lines or {}
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise _friendly(e, (), source, lines) from None
+    configs = []
+    for i, p in enumerate(recipe.passes):
+        cls = _pass_class(p["type"], source, lines, i)
+        try:
+            cfg = cls.Config.model_validate(p)
+            for _pattern, values in cfg.overrides.items():  # check overrides now, not mid-run
+                cls.Config.model_validate({**cfg.model_dump(), **values, "overrides": {}})
+        except ValidationError as e:
+            raise _friendly(e, ("passes", i), source, lines, cls.Config) from None
+        configs.append(cfg)
+    recipe.passes = configs
+    return recipe
+
+
+def _pass_class(name, source, lines, i):
+    try:
+        return get_pass(name)
+    except RecipeError as e:
+        where = _where(source, lines, ("passes", i, "type"))
+        raise RecipeError(f"{where}passes.{i}.type: {e.message}", e.hint) from None
+
+
+def _friendly(err: ValidationError, prefix: tuple, source: str, lines: dict, model=None) -> RecipeError:
+    first = err.errors()[0]
+    loc = prefix + tuple(first["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    where = _where(source, lines, loc)
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1], model)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(sorted(allowed))}"
+        return RecipeError(f"{where}unknown key '{dotted}'", hint)
+    msg = first["msg"].removeprefix("Value error, ")
+    return RecipeError(f"{where}{dotted}: {msg}", "`compress passes` lists every option with its range")
+
+
+def _allowed_keys(parent: tuple, model) -> list[str]:
+    if len(parent) == 2 and parent[0] == "passes" and model is not None:
+        return list(model.model_fields)
+    if len(parent) == 1 and parent[0] in SECTIONS:
+        return list(SECTIONS[parent[0]].model_fields)
+    return list(Recipe.model_fields)
+
+
+def _where(source: str, lines: dict, loc: tuple) -> str:
+    loc = tuple(loc)
+    while loc and loc not in lines:
+        loc = loc[:-1]
+    line = lines.get(loc)
+    if line == "--set":
+        return "--set: "
+    return f"{source}:{line}: " if line else f"{source}: "
+
+
+def _key_lines(node, path=()) -> dict:
+    """Map each key path of a YAML document to the line it starts on (1-based)."""
+    out = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            p = path + (key.value,)
+            out[p] = key.start_mark.line + 1
+            out.update(_key_lines(value, p))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[path + (i,)] = item.start_mark.line + 1
+            out.update(_key_lines(item, path + (i,)))
+    return out
+
+
+def _split_key(key: str) -> list:
+    return [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r} must look like KEY=VALUE", "e.g. --set passes.0.bits=3")
+    key, value = item.split("=", 1)
+    parts = _split_key(key)
+    node = raw
+    try:
+        for p in parts[:-1]:
+            if isinstance(node, dict):
+                node = node.setdefault(p, {})
+            else:
+                node = node[p]
+        node[parts[-1]] = yaml.safe_load(value)
+    except (IndexError, KeyError, TypeError):
+        raise RecipeError(f"--set {key}: no such place in the recipe", "list indices start at 0") from None

@@ -1,0 +1,208 @@
+"""`compress run`: recipe + model -> compressed checkpoint, report, and a budget verdict.
+
+Everything is written into a hidden temporary folder next to the output folder and renamed into
+place at the very end, so an interrupted or failed run never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from . import __version__
+from .budgets import BudgetCheck, check_budgets
+from .checkpoint import DTYPES, checkpoint_content, round_to_storage, save_checkpoint
+from .data import calibration_batches, evaluation_windows, resolve_source
+from .errors import CompressError, OutputError
+from .evaluate import evaluate
+from .models import resolve
+from .modules import parameter_count
+from .pipeline import find_blocks, plan, run_passes
+from .progress import Progress
+from .recipe import load_recipe
+from .report import REPORT_SCHEMA_VERSION, write_reports
+
+
+@dataclass
+class RunOutcome:
+    report: dict
+    out_dir: Path | None       # None when nothing was kept (budget missed)
+    checks: list[BudgetCheck]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CompressError("--device cuda was asked for but no CUDA GPU is visible", "use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise CompressError(f"unknown device '{device}'", "use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def default_out_dir(recipe_name: str, model_spec: str) -> Path:
+    model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model_spec).stem if model_spec.endswith(".gguf") else
+                   model_spec.rstrip("/").split("/")[-1])
+    return Path("reports") / f"{recipe_name}-{model}"
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(recipe_path, model_spec: str, out: str | None = None, device: str = "auto", overrides=(),
+        seed: int | None = None, force: bool = False, quiet: bool = False, keep_failed: bool = False,
+        log=print) -> RunOutcome:
+    t_start = time.perf_counter()
+    recipe = load_recipe(recipe_path, list(overrides))
+    if seed is not None:
+        recipe.seed = seed
+    passes = plan(recipe.passes)
+    needs_data = any(p.needs or p.needs_block_io for p in passes)
+    if needs_data:
+        resolve_source(recipe.calibration.dataset)
+    resolve_source(recipe.evaluate.dataset)
+    out_dir = Path(out) if out else default_out_dir(recipe.name, model_spec)
+    if out_dir.exists() and not force:
+        raise OutputError(f"output folder {out_dir} already exists", "pass --force to replace it, or --out DIR")
+    dev = pick_device(device)
+    seed_everything(recipe.seed)
+
+    with Progress(enabled=not quiet) as progress:
+        t = time.perf_counter()
+        log(f"loading model {model_spec}")
+        model, tokenizer, info = resolve(model_spec)
+        model.to(dev)
+        base_params = parameter_count(model)
+        load_s = time.perf_counter() - t
+
+        cal, ev = recipe.calibration, recipe.evaluate
+        windows = evaluation_windows(ev.dataset, tokenizer, ev.seq_len, ev.max_windows, cal.dataset)
+        t = time.perf_counter()
+        base, reference = evaluate(model, windows, dev, keep_logprobs=ev.kl, progress=progress,
+                                   label="evaluating base")
+        calibration = None
+        if needs_data:
+            calibration = calibration_batches(cal.dataset, tokenizer, cal.samples, cal.seq_len, recipe.seed,
+                                              ev.dataset)
+        eval_s = time.perf_counter() - t
+
+        t = time.perf_counter()
+        log(f"running {len(passes)} pass(es): {', '.join(p.name for p in passes) or 'none'}")
+        result = run_passes(model, passes, calibration, dev, progress)
+        round_to_storage(model, recipe.export.dense_dtype)
+        compress_s = time.perf_counter() - t
+
+        t = time.perf_counter()
+        comp, _ = evaluate(model, windows, dev, reference=reference, progress=progress,
+                           label="evaluating compressed")
+        eval_s += time.perf_counter() - t
+    del reference
+
+    content = checkpoint_content(model, recipe.export.dense_dtype)
+    report = _build_report(recipe, info, model, content, base, comp, result, dev,
+                           dict(base_parameters=base_params, load_seconds=load_s,
+                                compress_seconds=compress_s, evaluate_seconds=eval_s))
+    checks = check_budgets(recipe.budgets, report)
+    report["budgets"] = [c.to_dict() for c in checks]
+    report["budgets_passed"] = all(c.passed for c in checks)
+    report["timing"]["total_seconds"] = time.perf_counter() - t_start
+
+    keep = report["budgets_passed"] or keep_failed
+    if not keep:
+        return RunOutcome(report, None, checks)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True, exist_ok=False)
+        if recipe.export.checkpoint:
+            save_checkpoint(model, tokenizer, tmp, recipe.export.dense_dtype, content=content,
+                            extra={"recipe_hash": recipe.digest(), "compress_version": __version__})
+            report["size"]["checkpoint_file_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        write_reports(report, tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except OSError as e:
+        raise OutputError(f"cannot write {out_dir}: {e.strerror or e}", "check permissions and free disk") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return RunOutcome(report, out_dir, checks)
+
+
+def _build_report(recipe, info, model, content, base, comp, result, dev, timing) -> dict:
+    _, blocks = find_blocks(model)
+    layers = []
+    compressed_bytes = compressed_numel = 0
+    for name, rec in result.layers.items():
+        module = model.get_submodule(name)
+        fmt = getattr(module, "fmt", None)
+        dense_bytes = DTYPES[recipe.export.dense_dtype].itemsize
+        nbytes = fmt.nbytes() if fmt is not None else module.weight.numel() * dense_bytes
+        numel = rec.shape[0] * rec.shape[1]
+        if fmt is not None:
+            compressed_bytes += nbytes
+            compressed_numel += numel
+        layers.append({"name": name, "shape": list(rec.shape), "passes": rec.passes,
+                       "format": fmt.describe() if fmt is not None else f"dense {recipe.export.dense_dtype}",
+                       "bytes": nbytes, "bits_per_weight": 8 * nbytes / numel, **rec.notes})
+    base_params = timing.pop("base_parameters")
+    total_bytes = content.nbytes()
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "compress_version": __version__,
+        "recipe": recipe.to_dict(),
+        "recipe_hash": recipe.digest(),
+        "model": {"spec": info.spec, "source": info.source, "path": info.path, "family": info.family,
+                  "blocks": len(blocks), "parameters": base_params,
+                  "parameters_after": parameter_count(model)},
+        "device": str(dev),
+        "base": base.to_dict(),
+        "compressed": comp.to_dict(),
+        "size": {
+            "base_fp16_bytes": base_params * 2,
+            "checkpoint_bytes": total_bytes,
+            "model_bits_per_weight": 8 * total_bytes / base_params,
+            "compressed_layers_bytes": compressed_bytes,
+            "compressed_layers_params": compressed_numel,
+            "compressed_layers_bits_per_weight": 8 * compressed_bytes / compressed_numel if compressed_numel else 16.0,
+            "compression_ratio_vs_fp16": base_params * 2 / total_bytes,
+        },
+        "passes": [{"index": int(k.split(":")[0]), "type": k.split(":")[1], "seconds": v}
+                   for k, v in result.pass_seconds.items()],
+        "layers": layers,
+        "timing": {**timing, "calibration_capture_seconds": result.calibration_seconds},
+        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict:
+    import transformers
+
+    v = {"compress": __version__, "python": platform.python_version(), "torch": torch.__version__,
+         "transformers": transformers.__version__}
+    try:
+        import onnxruntime
+
+        v["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return v
