@@ -25,6 +25,7 @@ from .modules import CompressedLinear
 from .passes.base import STAGES, BlockWork, LayerStats, Pass
 from .passes.registry import get_pass
 from .progress import Progress
+from .sensitivity import output_fisher
 
 CHUNK = 8  # calibration sequences per forward
 
@@ -69,6 +70,7 @@ class PipelineResult:
     layers: dict[str, LayerRecord]
     pass_seconds: dict[str, float]
     calibration_seconds: float
+    allocation: dict = field(default_factory=dict)  # pass -> layer -> chosen options
 
 
 class _Captured(Exception):
@@ -109,12 +111,14 @@ def capture_block_inputs(model, blocks, tokens: torch.Tensor, device) -> list[tu
     return captured
 
 
-def _run_block(block, inputs, device):
-    outs = []
+@torch.no_grad()
+def propagate(block, inputs, device) -> list[tuple]:
+    """Run the block on its inputs; its outputs (with the same kwargs) feed the next block."""
+    nxt = []
     for hidden, kwargs in inputs:
         out = block(hidden.to(device), **_to(kwargs, device))
-        outs.append((out[0] if isinstance(out, tuple) else out).detach())
-    return outs
+        nxt.append(((out[0] if isinstance(out, tuple) else out).detach(), kwargs))
+    return nxt
 
 
 class StatsCollector:
@@ -155,6 +159,16 @@ class StatsCollector:
             h.remove()
 
 
+@torch.no_grad()
+def _collect_stats(block, layers, needs, inputs, device) -> dict[str, LayerStats]:
+    collector = StatsCollector(layers, needs)
+    for hidden, kwargs in inputs:
+        block(hidden.to(device), **_to(kwargs, device))
+        collector.end_batch()
+    collector.close()
+    return collector.stats
+
+
 def _linear_layers(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
     return {f"{prefix}.{n}": m for n, m in block.named_modules()
             if isinstance(m, nn.Linear | CompressedLinear)}
@@ -164,10 +178,12 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
                progress: Progress | None = None) -> PipelineResult:
     """Apply ``passes`` to ``model`` in place, block by block."""
     prefix, blocks = find_blocks(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
     records: dict[str, LayerRecord] = {}
     seconds = {f"{i}:{p.name}": 0.0 for i, p in enumerate(passes)}
-    needs_data = any(p.needs for p in passes) or any(p.needs_block_io for p in passes)
+    needs_data = any(p.needs or p.needs_block_io or getattr(p, "needs_global_plan", False) for p in passes)
     t0 = time.perf_counter()
+    allocation = plan_globally(model, blocks, prefix, passes, calibration, device, progress)
     inputs = capture_block_inputs(model, blocks, calibration, device) if needs_data else None
     calib_s = time.perf_counter() - t0
     task = progress.add("compressing blocks", total=len(blocks)) if progress else None
@@ -179,34 +195,58 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
         for name, m in all_layers.items():
             w = m.fmt.shape if isinstance(m, CompressedLinear) else tuple(m.weight.shape)
             records.setdefault(name, LayerRecord(name, w))
+        stats, stats_kinds = {}, frozenset()  # statistics a transform pass handed on
         for j, p in enumerate(passes):
             layers = {n: m for n, m in _linear_layers(block, block_prefix).items() if p.cfg.applies_to(n)}
             if not layers and not p.needs_block_io:
                 continue
             t = time.perf_counter()
-            work = BlockWork(i, block, layers, inputs=inputs, device=device)
-            if p.needs:
-                collector = StatsCollector(layers, p.needs)
-                with torch.no_grad():
-                    for hidden, kwargs in inputs:
-                        block(hidden.to(device), **_to(kwargs, device))
-                        collector.end_batch()
-                collector.close()
-                work.stats = collector.stats
+            work = BlockWork(i, block, block_prefix, model_type, layers, inputs=inputs, device=device)
+            if p.needs and not (p.needs <= stats_kinds and set(layers) <= set(stats)):
+                stats, stats_kinds = _collect_stats(block, layers, p.needs, inputs, device), p.needs
+            work.stats = stats
             with torch.no_grad():
                 p.apply(work, partial(_replace, block, block_prefix))
+            if not p.preserves_stats:
+                stats, stats_kinds = {}, frozenset()
             seconds[f"{j}:{p.name}"] += time.perf_counter() - t
             for name, note in work.notes.items():
                 records[name].passes.append(p.name)
                 records[name].notes.update(note)
         if inputs is not None:
-            with torch.no_grad():
-                outs = _run_block(block, inputs, device)
-            inputs = [(o, kw) for o, (_, kw) in zip(outs, inputs, strict=False)]
+            inputs = propagate(block, inputs, device)
         block.to(original_device)
         if task is not None:
             progress.advance(task)
-    return PipelineResult(records, seconds, calib_s)
+    return PipelineResult(records, seconds, calib_s, allocation)
+
+
+@torch.no_grad()
+def plan_globally(model, blocks, prefix, passes, calibration, device, progress) -> dict:
+    """A float sweep over a few calibration sequences for passes that decide per layer from a
+    model-wide view (mixed precision): score every targeted layer, then let the pass choose."""
+    planners = [p for p in passes if getattr(p, "needs_global_plan", False)]
+    if not planners:
+        return {}
+    samples = max(p.cfg.sensitivity_samples for p in planners)
+    targeted = [n for i, b in enumerate(blocks) for n in _linear_layers(b, f"{prefix}.{i}")
+                if any(p.cfg.applies_to(n) for p in planners)]
+    fisher = output_fisher(model, targeted, calibration[:samples], device)
+    inputs = capture_block_inputs(model, blocks, calibration[:samples], device)
+    scored = {id(p): [] for p in planners}
+    task = progress.add("ranking layers", total=len(blocks)) if progress else None
+    for i, block in enumerate(blocks):
+        original_device = next(block.parameters()).device
+        block.to(device)
+        for p in planners:
+            layers = {n: m for n, m in _linear_layers(block, f"{prefix}.{i}").items() if p.cfg.applies_to(n)}
+            stats = _collect_stats(block, layers, frozenset({"hessian"}), inputs, device)
+            scored[id(p)] += [p.score(n, m, stats[n], fisher.get(n)) for n, m in layers.items()]
+        inputs = propagate(block, inputs, device)
+        block.to(original_device)
+        if task is not None:
+            progress.advance(task)
+    return {f"{passes.index(p)}:{p.name}": p.set_global_plan(scored[id(p)]) for p in planners}
 
 
 def _replace(block: nn.Module, block_prefix: str, name: str, new: nn.Module):

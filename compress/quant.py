@@ -130,3 +130,13 @@ def pad_to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     if pad:
         w = torch.cat([w, w[:, -1:].expand(-1, pad)], dim=1)
     return w
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Round-to-nearest quantize then dequantize ``w[out, in]`` group by group (no packing):
+    the values :func:`compress.formats.quantize_rtn` stores, for searches that try many options."""
+    out, k = w.shape
+    gs = spec.group_size or k
+    groups = pad_to_groups(w.float(), gs).reshape(out, -1, gs)
+    scale, zero = fit_params(groups, spec)
+    return decode(encode(groups, scale, zero, spec), scale, zero, spec).reshape(out, -1)[:, :k]

@@ -75,7 +75,7 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
     if seed is not None:
         recipe.seed = seed
     passes = plan(recipe.passes)
-    needs_data = any(p.needs or p.needs_block_io for p in passes)
+    needs_data = any(p.needs or p.needs_block_io or getattr(p, "needs_global_plan", False) for p in passes)
     if needs_data:
         resolve_source(recipe.calibration.dataset)
     resolve_source(recipe.evaluate.dataset)
@@ -189,6 +189,7 @@ def _build_report(recipe, info, model, content, base, comp, result, dev, timing)
         "passes": [{"index": int(k.split(":")[0]), "type": k.split(":")[1], "seconds": v}
                    for k, v in result.pass_seconds.items()],
         "layers": layers,
+        "allocation": result.allocation,
         "timing": {**timing, "calibration_capture_seconds": result.calibration_seconds},
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "versions": _versions(),

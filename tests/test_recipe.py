@@ -116,3 +116,21 @@ def load_cfg(name):
     from compress.passes.registry import get_pass
 
     return get_pass(name).Config(type=name)
+
+
+@pytest.mark.parametrize("option, needle", [
+    ("target_bits_per_weight: 1.5", "below the smallest candidate"),
+    ("type: gptq\n    damp: 0", "damp"),
+    ("type: gptq\n    bits: 1", "bits"),
+])
+def test_bad_quantization_options_are_rejected(write_recipe, option, needle):
+    body = option if option.startswith("type") else f"type: rtn\n    {option}"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write_recipe(f"passes:\n  - {body}\n"))
+    assert needle in e.value.message
+
+
+def test_awq_without_a_quantization_pass_is_a_plan_error(write_recipe):
+    recipe = load_recipe(write_recipe("passes:\n  - type: awq\n"))
+    with pytest.raises(PlanError, match="awq needs"):
+        plan(recipe.passes)

@@ -65,6 +65,8 @@ class BlockWork:
 
     index: int
     block: nn.Module
+    prefix: str                                # full name of the block, e.g. "model.layers.3"
+    model_type: str                            # config.model_type, for family adapters
     layers: dict[str, nn.Module]               # full name -> Linear / CompressedLinear
     stats: dict[str, LayerStats] = field(default_factory=dict)
     inputs: list | None = None                 # [(hidden_states, kwargs)] the block reads
@@ -91,6 +93,7 @@ class Pass:
     stage: ClassVar[str]
     Config: ClassVar[type[PassConfig]]
     needs: ClassVar[frozenset[str]] = frozenset()  # subset of {"hessian", "sq_sum"}
+    preserves_stats: ClassVar[bool] = False  # the block's statistics stay valid after this pass
     needs_block_io: ClassVar[bool] = False  # wants the block's calibration inputs (BlockWork.inputs)
 
     def __init__(self, cfg: PassConfig):

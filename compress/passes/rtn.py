@@ -8,34 +8,10 @@ Non-uniform grids (NF / FP4) follow QLoRA (Dettmers et al., 2023).
 
 from typing import Literal
 
-from pydantic import Field, model_validator
-
 from ..formats import quantize_rtn
-from ..quant import QuantSpec
-from .base import Pass, PassConfig, current_weight
+from .base import current_weight
+from .quantizing import QuantizingPass, QuantOptions
 from .registry import register
-
-
-class QuantOptions(PassConfig):
-    bits: int = Field(4, ge=2, le=8, description="bits per weight code (2-8)")
-    group_size: int | None = Field(
-        128, ge=1, description="inputs sharing one scale; null = one scale per output row")
-    symmetric: bool = Field(False, description="symmetric grid (no stored zero point)")
-    grid: Literal["int", "nf", "fp4"] = Field(
-        "int", description="int: uniform; nf: NormalFloat (QLoRA); fp4: E2M1 (4 bits only)")
-    clip_search: bool = Field(False, description="search a clipping range minimising the error")
-
-    @model_validator(mode="after")
-    def _check_grid(self):
-        if self.grid == "fp4" and self.bits != 4:
-            raise ValueError("grid 'fp4' (E2M1) needs bits: 4")
-        if self.grid != "int" and self.bits > 4:
-            raise ValueError(f"grid '{self.grid}' supports 2-4 bits; use grid: int for more")
-        return self
-
-    def spec(self) -> QuantSpec:
-        symmetric = self.symmetric or self.grid != "int"
-        return QuantSpec(self.bits, self.group_size, symmetric, self.grid, self.clip_search)
 
 
 class RTNConfig(QuantOptions):
@@ -43,11 +19,10 @@ class RTNConfig(QuantOptions):
 
 
 @register
-class RTN(Pass):
+class RTN(QuantizingPass):
     name = "rtn"
-    stage = "quantize"
     Config = RTNConfig
 
     def compress_layer(self, name, module, stats, cfg):
-        fmt = quantize_rtn(current_weight(module), cfg.spec())
+        fmt = quantize_rtn(current_weight(module), self.layer_spec(name, cfg))
         return fmt, {"format": fmt.describe()}

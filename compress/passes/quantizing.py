@@ -1,0 +1,87 @@
+"""Options and behaviour every weight-quantizing pass shares (RTN, GPTQ): the grid, and mixed
+precision under a bits-per-weight target (see ``mixed``)."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..quant import QuantSpec
+from .base import Pass, PassConfig, current_weight
+from .mixed import DEFAULT_CANDIDATES, Candidate, LayerOptions, allocate, score_layer
+
+
+class QuantOptions(PassConfig):
+    bits: int = Field(4, ge=2, le=8, description="bits per weight code (2-8)")
+    group_size: int | None = Field(
+        128, ge=1, description="inputs sharing one scale; null = one scale per output row")
+    symmetric: bool = Field(False, description="symmetric grid (no stored zero point)")
+    grid: Literal["int", "nf", "fp4"] = Field(
+        "int", description="int: uniform; nf: NormalFloat (QLoRA); fp4: E2M1 (4 bits only)")
+    clip_search: bool = Field(False, description="search a clipping range minimising the error")
+    target_bits_per_weight: float | None = Field(
+        None, gt=0, le=16, description="mixed precision: choose bits and group size per layer so the "
+        "compressed layers store at most this many bits per weight (bits/group_size are then ignored)")
+    candidates: list[Candidate] | None = Field(
+        None, description="formats mixed precision chooses from; default: the standard formats of at "
+        "least floor(target) bits (the second-order estimate is unreliable for much coarser ones)")
+    sensitivity_samples: int = Field(16, ge=1, description="calibration sequences used to rank layers")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.grid == "fp4" and self.bits != 4:
+            raise ValueError("grid 'fp4' (E2M1) needs bits: 4")
+        if self.grid != "int" and self.bits > 4:
+            raise ValueError(f"grid '{self.grid}' supports 2-4 bits; use grid: int for more")
+        if self.target_bits_per_weight is not None:
+            if self.grid != "int":
+                raise ValueError("target_bits_per_weight works with grid: int")
+            floor = min(self._approx_bpw(c) for c in self.mixed_candidates())
+            if self.target_bits_per_weight < floor:
+                raise ValueError(f"target_bits_per_weight {self.target_bits_per_weight} is below the smallest "
+                                 f"candidate format ({floor:.3f} bits/weight)")
+        return self
+
+    def mixed_candidates(self) -> list[Candidate]:
+        if self.candidates is not None:
+            return self.candidates
+        least = max(2, min(int(self.target_bits_per_weight), 4))
+        if min(self._approx_bpw(c) for c in DEFAULT_CANDIDATES if c.bits == least) > self.target_bits_per_weight:
+            least = max(2, least - 1)  # nothing of floor(target) bits fits: allow one bit less
+        return [c for c in DEFAULT_CANDIDATES if c.bits >= least]
+
+    def _approx_bpw(self, c: Candidate) -> float:
+        g = c.group_size or 4096
+        return c.bits + 16 / g + (0 if self.symmetric else c.bits / g)
+
+    def spec(self, bits=None, group_size=-1) -> QuantSpec:
+        symmetric = self.symmetric or self.grid != "int"
+        gs = self.group_size if group_size == -1 else group_size
+        return QuantSpec(bits or self.bits, gs, symmetric, self.grid, self.clip_search)
+
+
+class QuantizingPass(Pass):
+    stage = "quantize"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.plan: dict[str, QuantSpec] = {}
+
+    @property
+    def needs_global_plan(self) -> bool:
+        return self.cfg.target_bits_per_weight is not None
+
+    def candidate_specs(self) -> list[QuantSpec]:
+        return [self.cfg.spec(c.bits, c.group_size) for c in self.cfg.mixed_candidates()]
+
+    def score(self, name, module, stats, fisher=None) -> LayerOptions:
+        h = stats.mean_hessian().cpu()
+        return score_layer(name, current_weight(module), h, self.candidate_specs(), fisher)
+
+    def set_global_plan(self, scored: list[LayerOptions]) -> dict[str, dict]:
+        choice = allocate(scored, self.cfg.target_bits_per_weight)
+        self.plan = {x.name: x.specs[choice[x.name]] for x in scored}
+        return {name: {"bits": s.bits, "group_size": s.group_size} for name, s in self.plan.items()}
+
+    def layer_spec(self, name: str, cfg) -> QuantSpec:
+        """The spec of one layer: the mixed-precision choice when planned, else the options."""
+        return self.plan.get(name) or cfg.spec()
