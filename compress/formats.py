@@ -173,3 +173,85 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     scale, zero = fit_params(groups, spec)
     codes = encode(groups, scale, zero, spec).reshape(out, -1)[:, :k]
     return QuantizedWeight.from_codes(codes, scale, zero if zero is not None else None, spec)
+
+
+def nm_pattern(pattern: str | None) -> tuple[int, int] | None:
+    """"2:4" -> (2, 4); None or "unstructured" -> None."""
+    if pattern in (None, "unstructured"):
+        return None
+    n, m = (int(x) for x in pattern.split(":"))
+    return n, m
+
+
+def compact(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The kept values of ``w`` row by row, ``[rows, kept per row]`` (every row keeps as many)."""
+    keep = int(mask[0].sum())
+    return w[mask].reshape(w.shape[0], keep)
+
+
+@register_format
+class SparseWeight(WeightFormat):
+    """A pruned weight: which positions are kept, and the kept values in any inner format.
+
+    Every row keeps the same number of weights, so the kept values form a regular matrix
+    ``[rows, kept]`` (row-major order) stored by ``values`` (dense fp16, quantized, clustered).
+    Positions: unstructured -> a bitmap, 1 bit per weight (``mask`` ``[rows, ceil(in/8)]``);
+    N:M -> for every kept value its index inside its group of M, ``log2(M)`` bits each
+    (``indices``, row-packed), e.g. 2:4 costs 1 bit per original weight.
+    """
+
+    kind = "sparse"
+
+    def __init__(self, mask: torch.Tensor, values: WeightFormat, pattern: str | None = None):
+        self.shape = tuple(mask.shape)
+        self._mask = mask.bool()
+        self.values = values
+        self.pattern = pattern or "unstructured"
+
+    @property
+    def mask(self):
+        return self._mask
+
+    def dequantize(self):
+        dense = torch.zeros(self.shape)
+        dense[self._mask] = self.values.dequantize().flatten()
+        return dense
+
+    def _position_tensors(self) -> dict[str, torch.Tensor]:
+        nm = nm_pattern(self.pattern)
+        if nm is None:
+            return {"mask": pack_rows(self._mask.to(torch.uint8), 1)}
+        n, m = nm
+        rows, k = self.shape
+        within = torch.arange(k).remainder(m).expand(rows, k)
+        idx = within[self._mask].reshape(rows, -1)
+        return {"indices": pack_rows(idx.to(torch.uint8), (m - 1).bit_length())}
+
+    def tensors(self):
+        t = self._position_tensors()
+        t.update({f"values.{k}": v for k, v in self.values.tensors().items()})
+        return t
+
+    def meta(self):
+        return {"kind": self.kind, "shape": list(self.shape), "pattern": self.pattern,
+                "kept_per_row": int(self._mask[0].sum()), "values": self.values.meta()}
+
+    @classmethod
+    def from_saved(cls, meta, tensors):
+        rows, k = meta["shape"]
+        inner = {k2[len("values."):]: v for k2, v in tensors.items() if k2.startswith("values.")}
+        values = format_from_saved(meta["values"], inner)
+        nm = nm_pattern(meta["pattern"])
+        if nm is None:
+            mask = unpack_rows(tensors["mask"], 1, k).bool()
+        else:
+            n, m = nm
+            idx = unpack_rows(tensors["indices"], (m - 1).bit_length(), meta["kept_per_row"]).long()
+            cols = (torch.arange(meta["kept_per_row"]) // n * m).expand(rows, -1) + idx
+            mask = torch.zeros(rows, k, dtype=torch.bool).scatter_(1, cols, True)
+        return cls(mask, values, meta["pattern"])
+
+    def describe(self):
+        sparsity = 1 - self._mask.float().mean().item()
+        pat = self.pattern if self.pattern != "unstructured" else f"{sparsity:.0%} sparse"
+        return f"{pat} + {self.values.describe()}"

@@ -17,9 +17,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..formats import QuantizedWeight
+from ..formats import QuantizedWeight, compact
 from ..quant import QuantSpec, decode, encode, fit_params, pad_to_groups
-from .base import current_weight
+from .base import current_mask, current_weight
 from .quantizing import QuantizingPass, QuantOptions
 from .registry import register
 
@@ -39,32 +39,38 @@ def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size: int = 128,
-                  damp: float = 0.01, act_order: bool = True) -> QuantizedWeight:
-    """GPTQ of ``w[out, in]`` given the Hessian ``h[in, in]`` of its inputs."""
+                  damp: float = 0.01, act_order: bool = True, mask: torch.Tensor | None = None):
+    """GPTQ of ``w[out, in]`` given the Hessian ``h[in, in]`` of its inputs.
+
+    With a keep-``mask`` (a pruned layer), pruned weights stay exactly zero, their drift is
+    compensated like rounding error, and only kept weights get codes: groups then run over each
+    row's kept weights (static groups), and the result is a SparseWeight."""
     w = w.float().clone()
     h = h.float().clone()
     rows, cols = w.shape
-    gs = spec.group_size or cols
-    if gs < cols:
+    width = int(mask[0].sum()) if mask is not None else cols  # columns of the stored code matrix
+    gs = spec.group_size or width
+    if gs < cols and mask is None:
         block_size = max(gs, block_size // gs * gs)  # groups never straddle a lazy block
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
 
-    groups = spec.groups(cols)
-    scale = torch.zeros(rows, groups)
-    zero = torch.zeros(rows, groups) if spec.grid == "int" else None
-    static = act_order or gs == cols
-    if static:  # fit every group on the original weights
-        grouped = pad_to_groups(w, gs).reshape(rows, groups, gs)
-        s, z = fit_params(grouped, spec)
+    static = act_order or gs == width or mask is not None
+    scale = torch.zeros(rows, spec.groups(width))
+    zero = torch.zeros_like(scale) if spec.grid == "int" else None
+    if static:  # fit every group on the original (kept) weights
+        kept = compact(w, mask) if mask is not None else w
+        s, z = fit_params(pad_to_groups(kept, gs).reshape(rows, -1, gs), spec)
         scale.copy_(s)
         if zero is not None:
             zero.copy_(z)
+    # group of every weight: by its column, or by its place among its row's kept weights
+    gidx = (mask.cumsum(1) - 1).clamp_min(0) // gs if mask is not None else (torch.arange(cols) // gs).expand(rows, -1)
 
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols)
-    w, h = w[:, perm], h[perm][:, perm]
-    group_of = perm // gs  # group of each (permuted) column
+    w, h, gidx = w[:, perm], h[perm][:, perm], gidx[:, perm]
+    keep = mask[:, perm] if mask is not None else None
 
     h.diagonal().add_(damp * torch.mean(torch.diagonal(h)))
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -76,22 +82,28 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size:
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col, g = w1[:, i], int(group_of[i1 + i])
+            col, g = w1[:, i], gidx[:, i1 + i]
             if not static and (i1 + i) % gs == 0:  # fit the group on the weights as updated so far
                 s, z = fit_params(w1[:, i: i + gs], spec)
-                scale[:, g] = s
+                scale[:, g[0]] = s
                 if zero is not None:
-                    zero[:, g] = z
-            z = zero[:, g] if zero is not None else None
-            q = encode(col, scale[:, g], z, spec)
+                    zero[:, g[0]] = z
+            s_col = scale.gather(1, g.unsqueeze(1)).squeeze(1)
+            z_col = zero.gather(1, g.unsqueeze(1)).squeeze(1) if zero is not None else None
+            q = encode(col, s_col, z_col, spec)
             codes[:, i1 + i] = q
-            e = (col - decode(q, scale[:, g], z, spec)) / hinv1[i, i]
+            deq = decode(q, s_col, z_col, spec)
+            if keep is not None:
+                deq = deq * keep[:, i1 + i]
+            e = (col - deq) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
     codes = codes[:, torch.argsort(perm)]
-    return QuantizedWeight.from_codes(codes, scale, zero, spec)
+    if mask is None:
+        return QuantizedWeight.from_codes(codes, scale, zero, spec)
+    return QuantizedWeight.from_codes(compact(codes, mask), scale, zero, spec)
 
 
 @register
@@ -101,7 +113,8 @@ class GPTQ(QuantizingPass):
     needs = frozenset({"hessian"})
 
     def compress_layer(self, name, module, stats, cfg):
-        w = current_weight(module)
+        w, mask = current_weight(module), current_mask(module)
         h = stats.mean_hessian().cpu()
-        fmt = gptq_quantize(w, h, self.layer_spec(name, cfg), cfg.block_size, cfg.damp, cfg.act_order)
+        values = gptq_quantize(w, h, self.layer_spec(name, cfg), cfg.block_size, cfg.damp, cfg.act_order, mask)
+        fmt = self.keep_sparsity(module, values)
         return fmt, {"format": fmt.describe(), "output_error": output_error(w, fmt.dequantize(), h)}

@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..formats import SparseWeight
 from ..quant import QuantSpec
 from .base import Pass, PassConfig, current_weight
 from .mixed import DEFAULT_CANDIDATES, Candidate, LayerOptions, allocate, score_layer
@@ -81,6 +82,14 @@ class QuantizingPass(Pass):
         choice = allocate(scored, self.cfg.target_bits_per_weight)
         self.plan = {x.name: x.specs[choice[x.name]] for x in scored}
         return {name: {"bits": s.bits, "group_size": s.group_size} for name, s in self.plan.items()}
+
+    @staticmethod
+    def keep_sparsity(module, values):
+        """A pruned layer stays pruned: wrap the quantized kept values in the layer's mask."""
+        fmt = getattr(module, "fmt", None)
+        if isinstance(fmt, SparseWeight):
+            return SparseWeight(fmt.mask, values, fmt.pattern)
+        return values
 
     def layer_spec(self, name: str, cfg) -> QuantSpec:
         """The spec of one layer: the mixed-precision choice when planned, else the options."""

@@ -8,8 +8,8 @@ Non-uniform grids (NF / FP4) follow QLoRA (Dettmers et al., 2023).
 
 from typing import Literal
 
-from ..formats import quantize_rtn
-from .base import current_weight
+from ..formats import compact, quantize_rtn
+from .base import current_mask, current_weight
 from .quantizing import QuantizingPass, QuantOptions
 from .registry import register
 
@@ -24,5 +24,7 @@ class RTN(QuantizingPass):
     Config = RTNConfig
 
     def compress_layer(self, name, module, stats, cfg):
-        fmt = quantize_rtn(current_weight(module), self.layer_spec(name, cfg))
+        w, mask = current_weight(module), current_mask(module)
+        values = quantize_rtn(w if mask is None else compact(w, mask), self.layer_spec(name, cfg))
+        fmt = self.keep_sparsity(module, values)
         return fmt, {"format": fmt.describe()}

@@ -1,0 +1,116 @@
+"""Shared machinery of the benches: run one method in a fresh process (clean peak memory), time
+compression only, evaluate every result with compress's evaluator on the same held-out windows.
+
+llm-compressor rows run in the Python given by --llmc-python (an environment where
+`pip install llmcompressor` was done; it needs transformers<=5.17), on the same calibration tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def calibration_file(samples: int, seq_len: int) -> Path:
+    import torch
+
+    from compress.data import calibration_batches
+    from compress.models import resolve
+
+    path = Path(tempfile.gettempdir()) / f"compress-bench-calib-{samples}x{seq_len}.pt"
+    if not path.exists():
+        _, tok, _ = resolve("smollm2-135m")
+        torch.save(calibration_batches("pydoc", tok, samples, seq_len, seed=0, heldout_spec="pydoc"), path)
+    return path
+
+
+def ours(passes: list[dict], calib: Path, windows: int) -> dict:
+    """Worker: compress with our passes, then evaluate. Prints one JSON line."""
+    import torch
+
+    from compress.models import resolve
+    from compress.modules import CompressedLinear
+    from compress.pipeline import plan, run_passes
+    from compress.recipe import parse_recipe
+
+    model, tok, _ = resolve("smollm2-135m")
+    tokens = torch.load(calib)
+    t = time.perf_counter()
+    run_passes(model, plan(parse_recipe({"passes": passes}).passes), tokens, "cpu")
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    fmts = [m.fmt for m in model.modules() if isinstance(m, CompressedLinear)]
+    nbytes, numel = sum(f.nbytes() for f in fmts), sum(f.numel for f in fmts)
+    return {"seconds": seconds, "peak_memory_mb": peak, "bytes": nbytes, "bits_per_weight": 8 * nbytes / numel,
+            **quality(model, tok, windows)}
+
+
+def quality(model, tok, windows: int) -> dict:
+    from compress.data import evaluation_windows
+    from compress.evaluate import evaluate
+    from compress.models import resolve
+
+    win = evaluation_windows("pydoc", tok, 512, windows, "pydoc")
+    base_model, _, _ = resolve("smollm2-135m")
+    base, ref = evaluate(base_model, win, keep_logprobs=True)
+    del base_model
+    r, _ = evaluate(model, win, reference=ref)
+    return {"perplexity": r.perplexity, "kl": r.kl_divergence, "top1": r.top1_agreement,
+            "base_perplexity": base.perplexity}
+
+
+def llmc(kind: str, args: list, calib: Path, windows: int, python: str) -> dict:
+    from compress.models import cache_dir, resolve
+
+    resolve("smollm2-135m")
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [python, str(ROOT / "bench" / "llmc_run.py"), str(cache_dir() / "models" / "smollm2-135m"),
+               str(calib), out, kind, *map(str, args)]
+        subprocess.run(cmd, check=True, capture_output=True, cwd=tempfile.gettempdir())
+        stats = json.loads((Path(out) / "llmc.json").read_text())
+        model, tok, _ = resolve(out)
+        return {**stats, **quality(model, tok, windows)}
+
+
+def in_subprocess(kind: str, payload: dict) -> dict:
+    """Run ``worker`` in a fresh interpreter so peak memory belongs to this row alone."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    code = (f"import json,sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import common; "
+            f"print('RESULT' + json.dumps(common.worker({kind!r}, json.loads(sys.argv[1]))))")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(payload)], capture_output=True, text=True,
+                          env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT"):
+            return json.loads(line[6:])
+    raise RuntimeError(f"{kind} failed:\n{proc.stderr[-3000:]}")
+
+
+def worker(kind: str, p: dict) -> dict:
+    calib = Path(p["calib"])
+    if kind == "ours":
+        return ours(p["passes"], calib, p["windows"])
+    return llmc(p["kind"], p["args"], calib, p["windows"], p["python"])
+
+
+def print_table(columns: list[str], rows: list[dict]):
+    widths = [max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(_cell(r.get(c)).ljust(w) for c, w in zip(columns, widths, strict=True)) + " |")
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
