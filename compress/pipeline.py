@@ -150,6 +150,9 @@ class StatsCollector:
         elif "sq_sum" in self.needs:
             s = (x * x).sum(0)
             st.sq_sum = s if st.sq_sum is None else st.sq_sum.add_(s)
+        if "x_sum" in self.needs:
+            s = x.sum(0)
+            st.x_sum = s if st.x_sum is None else st.x_sum.add_(s)
 
     def end_batch(self):
         self._seen.clear()
@@ -181,7 +184,7 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     records: dict[str, LayerRecord] = {}
     seconds = {f"{i}:{p.name}": 0.0 for i, p in enumerate(passes)}
-    needs_data = any(p.needs or p.needs_block_io or getattr(p, "needs_global_plan", False) for p in passes)
+    needs_data = any(p.needs or p.needs_block_io or p.needs_global_plan for p in passes)
     t0 = time.perf_counter()
     allocation = plan_globally(model, blocks, prefix, passes, calibration, device, progress)
     inputs = capture_block_inputs(model, blocks, calibration, device) if needs_data else None
@@ -213,6 +216,9 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
             for name, note in work.notes.items():
                 records[name].passes.append(p.name)
                 records[name].notes.update(note)
+        for m in block.modules():  # dense copies kept for mask refinement live one block only
+            if hasattr(getattr(m, "fmt", None), "dense_origin"):
+                del m.fmt.dense_origin
         if inputs is not None:
             inputs = propagate(block, inputs, device)
         block.to(original_device)
@@ -225,13 +231,14 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
 def plan_globally(model, blocks, prefix, passes, calibration, device, progress) -> dict:
     """A float sweep over a few calibration sequences for passes that decide per layer from a
     model-wide view (mixed precision): score every targeted layer, then let the pass choose."""
-    planners = [p for p in passes if getattr(p, "needs_global_plan", False)]
+    planners = [p for p in passes if p.needs_global_plan]
     if not planners:
         return {}
-    samples = max(p.cfg.sensitivity_samples for p in planners)
+    samples = max(p.plan_samples for p in planners)
     targeted = [n for i, b in enumerate(blocks) for n in _linear_layers(b, f"{prefix}.{i}")
                 if any(p.cfg.applies_to(n) for p in planners)]
-    fisher = output_fisher(model, targeted, calibration[:samples], device)
+    fisher = output_fisher(model, targeted, calibration[:samples], device) \
+        if any(p.plan_uses_fisher for p in planners) else {}
     inputs = capture_block_inputs(model, blocks, calibration[:samples], device)
     scored = {id(p): [] for p in planners}
     task = progress.add("ranking layers", total=len(blocks)) if progress else None
@@ -240,7 +247,7 @@ def plan_globally(model, blocks, prefix, passes, calibration, device, progress) 
         block.to(device)
         for p in planners:
             layers = {n: m for n, m in _linear_layers(block, f"{prefix}.{i}").items() if p.cfg.applies_to(n)}
-            stats = _collect_stats(block, layers, frozenset({"hessian"}), inputs, device)
+            stats = _collect_stats(block, layers, p.plan_needs, inputs, device)
             scored[id(p)] += [p.score(n, m, stats[n], fisher.get(n)) for n, m in layers.items()]
         inputs = propagate(block, inputs, device)
         block.to(original_device)

@@ -75,7 +75,7 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
     if seed is not None:
         recipe.seed = seed
     passes = plan(recipe.passes)
-    needs_data = any(p.needs or p.needs_block_io or getattr(p, "needs_global_plan", False) for p in passes)
+    needs_data = any(p.needs or p.needs_block_io or p.needs_global_plan for p in passes)
     if needs_data:
         resolve_source(recipe.calibration.dataset)
     resolve_source(recipe.evaluate.dataset)

@@ -133,3 +133,37 @@ def test_pruning_after_quantization_is_refused(write_recipe):
     recipe = load_recipe(write_recipe("passes:\n  - type: rtn\n  - type: wanda\n"))
     with pytest.raises(PlanError, match="cannot follow"):
         plan(recipe.passes)
+
+
+def test_owl_spreads_sparsity_and_keeps_the_total(smol, data):
+    model, _, _ = smol
+    calib = data[0]
+    m = copy.deepcopy(model)
+    result = run_passes(m, plan(parse_recipe({"passes": [
+        {"type": "wanda", "sparsity": 0.6, "layerwise": "owl", "owl_samples": 4}]}).passes), calib, "cpu")
+    ratios = [v["sparsity"] for v in result.allocation["0:wanda"].values()]
+    assert len(ratios) == 30 and max(ratios) - min(ratios) > 0.1
+    assert abs(sum(ratios) / len(ratios) - 0.6) < 1e-4  # reported rounded to 4 digits
+    assert max(ratios) - min(ratios) <= 2 * 0.08 + 1e-4  # a band 2 lambda wide around the mean target
+
+
+def test_dsnot_lowers_error_and_keeps_row_counts(smol, data):
+    model, _, _ = smol
+    calib, windows, ref = data
+    p = {"type": "wanda", "sparsity": 0.6, "targets": FIRST_BLOCKS}
+    before_model = compress_copy(model, [p], calib)
+    after_model = compress_copy(model, [p, {"type": "dsnot", "targets": FIRST_BLOCKS}], calib)
+    for name, fmt in sparse_layers(after_model).items():
+        assert (fmt.mask.sum(1) == fmt.shape[1] - round(fmt.shape[1] * 0.6)).all(), name
+    before = evaluate(before_model, windows, reference=ref)[0]
+    after = evaluate(after_model, windows, reference=ref)[0]
+    assert after.kl_divergence < before.kl_divergence
+
+
+def test_dsnot_must_follow_an_unstructured_pruning_pass(write_recipe):
+    from compress.errors import PlanError
+
+    with pytest.raises(PlanError, match="dsnot refines"):
+        plan(load_recipe(write_recipe("passes:\n  - type: dsnot\n  - type: rtn\n")).passes)
+    with pytest.raises(PlanError):
+        plan(load_recipe(write_recipe("passes:\n  - type: wanda\n    pattern: '2:4'\n  - type: dsnot\n")).passes)

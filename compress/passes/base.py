@@ -49,6 +49,7 @@ class LayerStats:
     tokens: int = 0
     hessian: torch.Tensor | None = None  # sum of x x^T over tokens  [in, in]
     sq_sum: torch.Tensor | None = None   # sum of x^2 per input channel [in]
+    x_sum: torch.Tensor | None = None    # sum of x per input channel [in]
 
     def mean_hessian(self) -> torch.Tensor:
         return self.hessian / max(self.tokens, 1)
@@ -92,7 +93,11 @@ class Pass:
     name: ClassVar[str]
     stage: ClassVar[str]
     Config: ClassVar[type[PassConfig]]
-    needs: ClassVar[frozenset[str]] = frozenset()  # subset of {"hessian", "sq_sum"}
+    needs: ClassVar[frozenset[str]] = frozenset()  # subset of {"hessian", "sq_sum", "x_sum"}
+    needs_global_plan: bool = False  # wants a model-wide look before compressing (see pipeline)
+    plan_needs: ClassVar[frozenset[str]] = frozenset({"hessian"})  # statistics of that look
+    plan_uses_fisher: ClassVar[bool] = False
+    plan_samples: int = 16  # calibration sequences of that look
     preserves_stats: ClassVar[bool] = False  # the block's statistics stay valid after this pass
     needs_block_io: ClassVar[bool] = False  # wants the block's calibration inputs (BlockWork.inputs)
 

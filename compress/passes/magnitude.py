@@ -20,4 +20,4 @@ class Magnitude(PruningPass):
     def compress_layer(self, name, module, stats, cfg):
         w = current_weight(module)
         check_shape(name, w.shape[1], cfg.pattern)
-        return self.sparse_result(w, select_mask(w.abs(), cfg.sparsity, cfg.pattern), cfg)
+        return self.sparse_result(w, select_mask(w.abs(), self.layer_sparsity(name, cfg), cfg.pattern), cfg)

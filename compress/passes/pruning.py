@@ -7,8 +7,10 @@ and the stored size is known from the recipe alone.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..errors import PlanError
 from ..formats import DenseWeight, SparseWeight, compact, nm_pattern
@@ -19,6 +21,11 @@ class PruneOptions(PassConfig):
     sparsity: float = Field(0.5, ge=0, lt=1, description="share of weights pruned in each row (unstructured)")
     pattern: str | None = Field(None, description='N:M semi-structured pattern ("2:4", "4:8": keep N of '
                                 "every M inputs); overrides sparsity")
+    layerwise: Literal["uniform", "owl"] = Field(
+        "uniform", description="owl: spread the sparsity over blocks by their outlier ratio (OWL)")
+    owl_lambda: float = Field(0.08, ge=0, lt=0.5, description="OWL: band 2 x lambda wide of block sparsities")
+    owl_m: float = Field(5.0, gt=1, description="OWL: outlier = score above M x the layer's mean score")
+    owl_samples: int = Field(16, ge=1, description="OWL: calibration sequences used to measure outliers")
 
     @field_validator("pattern")
     @classmethod
@@ -41,6 +48,15 @@ class PruneOptions(PassConfig):
                 raise ValueError(f"cannot prune '{pattern}': pruning passes apply to the linear layers of "
                                  "decoder blocks, not to embeddings or the LM head")
         return v
+
+    @model_validator(mode="after")
+    def _owl_is_unstructured(self):
+        if self.layerwise == "owl" and self.pattern:
+            raise ValueError("layerwise: owl needs unstructured sparsity (no pattern)")
+        if self.layerwise == "owl" and not self.owl_lambda < self.sparsity < 1 - self.owl_lambda:
+            raise ValueError(f"owl: sparsity must lie in (owl_lambda, 1 - owl_lambda) = "
+                             f"({self.owl_lambda}, {1 - self.owl_lambda})")
+        return self
 
     def effective_sparsity(self) -> float:
         nm = nm_pattern(self.pattern)
@@ -76,9 +92,52 @@ def check_shape(name: str, cols: int, pattern: str | None):
 
 
 class PruningPass(Pass):
-    stage = "prune"
+    """Base of pruning passes. With ``layerwise: owl`` it first measures every block's outlier ratio
+    ("Outlier Weighed Layerwise Sparsity (OWL)", Yin et al., 2023): the share of weights whose
+    Wanda score exceeds ``owl_m`` times their layer's mean score. Blocks with more outliers keep
+    more weights: the outlier ratios are min-max scaled onto a band 2 x lambda wide and re-centred
+    so block sparsities average the target: the model-wide sparsity is unchanged."""
 
-    def sparse_result(self, w: torch.Tensor, mask: torch.Tensor, cfg) -> tuple[SparseWeight, dict]:
-        w = w * mask
-        fmt = SparseWeight(mask, DenseWeight(compact(w, mask)), cfg.pattern)
+    stage = "prune"
+    plan_needs = frozenset({"sq_sum"})
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.block_sparsity: dict[str, float] = {}
+
+    @property
+    def needs_global_plan(self) -> bool:
+        return self.cfg.layerwise == "owl"
+
+    @property
+    def plan_samples(self) -> int:
+        return self.cfg.owl_samples
+
+    def score(self, name, module, stats, fisher=None):
+        from .base import current_weight
+
+        s = current_weight(module).abs() * stats.input_norm().cpu().unsqueeze(0)
+        return name, int((s > self.cfg.owl_m * s.mean()).sum()), s.numel()
+
+    def set_global_plan(self, scored) -> dict:
+        blocks: dict[str, list[int]] = {}
+        for name, outliers, numel in scored:
+            acc = blocks.setdefault(name.rsplit(".", 2)[0], [0, 0])
+            acc[0] += outliers
+            acc[1] += numel
+        ratio = torch.tensor([o / n for o, n in blocks.values()], dtype=torch.float64)
+        spread = ratio.max() - ratio.min()
+        lam = self.cfg.owl_lambda
+        keep = (ratio - ratio.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(ratio)
+        keep = keep - keep.mean() + (1 - self.cfg.sparsity)
+        self.block_sparsity = {b: float(1 - k) for b, k in zip(blocks, keep, strict=True)}
+        return {b: {"sparsity": round(s, 4), "outlier_ratio": float(r)}
+                for (b, s), r in zip(self.block_sparsity.items(), ratio, strict=True)}
+
+    def layer_sparsity(self, name: str, cfg) -> float:
+        return self.block_sparsity.get(name.rsplit(".", 2)[0], cfg.sparsity)
+
+    def sparse_result(self, w: torch.Tensor, mask: torch.Tensor, cfg, origin=None) -> tuple[SparseWeight, dict]:
+        fmt = SparseWeight(mask, DenseWeight(compact(w * mask, mask)), cfg.pattern)
+        fmt.dense_origin = origin if origin is not None else w  # for DSnoT, dropped after the block
         return fmt, {"format": fmt.describe(), "sparsity": 1 - mask.float().mean().item()}

@@ -62,6 +62,7 @@ class QuantOptions(PassConfig):
 
 class QuantizingPass(Pass):
     stage = "quantize"
+    plan_uses_fisher = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -70,6 +71,10 @@ class QuantizingPass(Pass):
     @property
     def needs_global_plan(self) -> bool:
         return self.cfg.target_bits_per_weight is not None
+
+    @property
+    def plan_samples(self) -> int:
+        return self.cfg.sensitivity_samples
 
     def candidate_specs(self) -> list[QuantSpec]:
         return [self.cfg.spec(c.bits, c.group_size) for c in self.cfg.mixed_candidates()]

@@ -76,6 +76,6 @@ class SparseGPT(PruningPass):
     def compress_layer(self, name, module, stats, cfg):
         w = current_weight(module)
         check_shape(name, w.shape[1], cfg.pattern)
-        pruned, mask = sparsegpt_prune(w, stats.mean_hessian().cpu(), cfg.sparsity, cfg.pattern,
+        pruned, mask = sparsegpt_prune(w, stats.mean_hessian().cpu(), self.layer_sparsity(name, cfg), cfg.pattern,
                                        cfg.block_size, cfg.damp)
-        return self.sparse_result(pruned, mask, cfg)
+        return self.sparse_result(pruned, mask, cfg, origin=w)

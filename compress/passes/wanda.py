@@ -26,5 +26,6 @@ class Wanda(PruningPass):
     def compress_layer(self, name, module, stats, cfg):
         w = current_weight(module)
         check_shape(name, w.shape[1], cfg.pattern)
-        mask = select_mask(wanda_score(w, stats.input_norm().cpu()), cfg.sparsity, cfg.pattern)
+        mask = select_mask(wanda_score(w, stats.input_norm().cpu()), self.layer_sparsity(name, cfg),
+                           cfg.pattern)
         return self.sparse_result(w, mask, cfg)
