@@ -1,12 +1,18 @@
 """DSnoT: "Dynamic Sparse No Training: Training-Free Fine-tuning for Sparse LLMs" (Zhang et al., 2023).
 
-Refines the mask a pruning pass just chose, with no weight update and no backpropagation. For
-each output row the expected reconstruction error is ``delta = sum_j (W_j - W'_j) E[x_j]``
-(``W'`` the pruned row). Each cycle, in every row whose ``|delta|`` is still large, it revives the
-pruned weight that cancels most of ``delta`` (largest ``sign(delta) W_j E[x_j]``) and prunes, in
-exchange, the kept weight of least Wanda importance ``|W_k| ||x_k||`` among those whose removal
-does not push ``delta`` further the same way, when the swap lowers ``|delta|``. The sparsity of
-every row is unchanged. Put it right after ``wanda``, ``magnitude`` or ``sparsegpt`` (unstructured).
+Refines the mask a pruning pass just chose, with no backpropagation: each cycle, every output row
+revives one pruned weight and prunes one kept weight in exchange, when the swap lowers the row's
+reconstruction error, so the sparsity of every row is unchanged.
+
+Departure from the paper: DSnoT scores swaps by the *expected* output error
+``sum_j delta_j E[x_j]`` (with a variance term for pruning). On SmolLM2, whose block inputs are
+RMS-normed (small means, large variances), that criterion was measured to make the model worse
+(KL 0.65 vs 0.58 for Wanda 60% alone). Here a swap is scored by the exact second-order error
+``delta H delta^T`` (``delta`` = dense row - sparse row, ``H`` the calibration Hessian), kept up to
+date with rank-one updates, so a cycle costs O(rows x inputs).
+
+Put it right after ``wanda``, ``magnitude`` or ``sparsegpt`` (unstructured). Weights that stay
+keep their values (SparseGPT's reconstruction included); revived weights come back as they were.
 """
 
 from typing import Literal
@@ -22,39 +28,36 @@ from .registry import register
 
 class DSnoTConfig(PassConfig):
     type: Literal["dsnot"] = "dsnot"
-    cycles: int = Field(50, ge=1, le=1000, description="swap rounds at most")
-    tolerance: float = Field(0.1, ge=0, description="stop a row when |delta| falls below this share of "
-                             "its starting value")
+    cycles: int = Field(100, ge=1, le=10_000, description="swap rounds at most")
 
 
-def dsnot_refine(w, mask, mean, norm, cycles=50, tolerance=0.1):
-    """-> refined keep-mask with the same count per row."""
+def dsnot_refine(origin, current, mask, h, cycles=100):
+    """-> (refined keep-mask, values) with the same count per row.
+
+    ``origin``: the dense weights; ``current``: the pruned layer's values (0 where pruned)."""
     mask = mask.clone()
-    contrib = w * mean.unsqueeze(0)                      # W_j E[x_j]
-    importance = w.abs() * norm.unsqueeze(0)             # Wanda score
-    delta = (contrib * ~mask).sum(1)                     # dense output - sparse output, expected
-    start = delta.abs().clone()
-    rows = torch.arange(w.shape[0])
+    current = current.clone()
+    diag = torch.diagonal(h).unsqueeze(0)
+    g = (origin - current) @ h                    # (delta H) per row
+    rows = torch.arange(origin.shape[0])
+    inf = torch.tensor(float("inf"))
     for _ in range(cycles):
-        active = delta.abs() > tolerance * start
-        if not active.any():
-            break
-        sign = torch.sign(delta).unsqueeze(1)
-        grow_gain = torch.where(~mask, sign * contrib, torch.full_like(contrib, -float("inf")))
-        grow = grow_gain.argmax(1)
-        allowed = mask & (sign * contrib <= 0)
-        prune_cost = torch.where(allowed, importance, torch.full_like(importance, float("inf")))
-        prune = prune_cost.argmin(1)
-        ok = active & torch.isfinite(prune_cost[rows, prune]) & (grow_gain[rows, grow] > 0)
-        new_delta = delta - contrib[rows, grow] + contrib[rows, prune]
-        ok &= new_delta.abs() < delta.abs()
+        grow = torch.where(~mask, -2 * origin * g + origin.pow(2) * diag, inf)  # error change on revival
+        j = grow.argmin(1)
+        a_j = origin[rows, j]
+        g_after = g - a_j.unsqueeze(1) * h[j]
+        prune = torch.where(mask, 2 * current * g_after + current.pow(2) * diag, inf)  # on pruning
+        prune[rows, j] = inf
+        k = prune.argmin(1)
+        ok = grow[rows, j] + prune[rows, k] < 0
         if not ok.any():
             break
-        r = rows[ok]
-        mask[r, grow[ok]] = True
-        mask[r, prune[ok]] = False
-        delta = torch.where(ok, new_delta, delta)
-    return mask
+        r, j, k = rows[ok], j[ok], k[ok]
+        b_k = current[r, k]
+        g[r] = g_after[r] + b_k.unsqueeze(1) * h[k]
+        mask[r, j], mask[r, k] = True, False
+        current[r, j], current[r, k] = origin[r, j], 0.0
+    return mask, current
 
 
 @register
@@ -62,7 +65,7 @@ class DSnoT(Pass):
     name = "dsnot"
     stage = "prune"
     Config = DSnoTConfig
-    needs = frozenset({"sq_sum", "x_sum"})
+    needs = frozenset({"hessian"})
 
     def check_plan(self, passes):
         i = passes.index(self)
@@ -76,11 +79,8 @@ class DSnoT(Pass):
         origin = getattr(fmt, "dense_origin", None)
         if not isinstance(fmt, SparseWeight) or origin is None:
             raise PlanError(f"dsnot: layer {name} was not pruned by the pass before it", "target the same layers")
-        mean = (stats.x_sum / stats.tokens).cpu()
-        mask = dsnot_refine(origin, fmt.mask, mean, stats.input_norm().cpu(), cfg.cycles, cfg.tolerance)
-        # weights that stay keep their (possibly reconstructed) values; revived ones come back as they were
-        values = torch.where(fmt.mask, fmt.dequantize(), origin)
-        new = SparseWeight(mask, DenseWeight(compact(values * mask, mask)), fmt.pattern)
+        h = stats.mean_hessian().cpu()
+        mask, values = dsnot_refine(origin, fmt.dequantize(), fmt.mask, h, cfg.cycles)
+        new = SparseWeight(mask, DenseWeight(compact(values, mask)), fmt.pattern)
         new.dense_origin = origin
-        changed = int((mask != fmt.mask).sum()) // 2
-        return new, {"format": new.describe(), "dsnot_swaps": changed}
+        return new, {"format": new.describe(), "dsnot_swaps": int((mask != fmt.mask).sum()) // 2}
