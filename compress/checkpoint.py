@@ -120,7 +120,8 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
     for alias, original in meta["aliases"].items():
         owner, _, attr = alias.rpartition(".")
         setattr(model.get_submodule(owner), attr, model.get_parameter(original))
-    missing = [k for k in missing if k not in meta["aliases"]]
+    # compressed layers got their bias above; tied tensors were re-linked
+    missing = [k for k in missing if k not in meta["aliases"] and k.rpartition(".")[0] not in meta["layers"]]
     if missing or unexpected:
         raise CheckpointError(f"{path}: tensors do not match the model (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})", "the checkpoint may be corrupted")
