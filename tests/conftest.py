@@ -9,6 +9,19 @@ from compress.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
+FIRST_BLOCKS = ["model.layers.[0-7].*"]  # keep CPU time low: 8 of 30 blocks
+
+
+def compress_copy(model, passes: list[dict], calibration):
+    """A compressed deep copy of ``model`` (the passes as recipe dicts)."""
+    import copy
+
+    from compress.pipeline import plan, run_passes
+    from compress.recipe import parse_recipe
+
+    m = copy.deepcopy(model)
+    run_passes(m, plan(parse_recipe({"passes": passes}).passes), calibration, "cpu")
+    return m
 
 
 @pytest.fixture(scope="session")

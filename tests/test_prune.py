@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import RECIPES, cli
+from conftest import FIRST_BLOCKS, RECIPES, cli, compress_copy
 
 import compress
 from compress.data import calibration_batches, evaluation_windows
@@ -17,8 +17,6 @@ from compress.passes.sparsegpt import sparsegpt_prune
 from compress.pipeline import plan, run_passes
 from compress.recipe import load_recipe, parse_recipe
 
-FIRST_BLOCKS = ["model.layers.[0-7].*"]
-
 
 @pytest.fixture(scope="module")
 def data(smol):
@@ -28,11 +26,6 @@ def data(smol):
     _, ref = evaluate(model, windows, keep_logprobs=True)
     return calib, windows, ref
 
-
-def compress_copy(model, passes, calib):
-    m = copy.deepcopy(model)
-    run_passes(m, plan(parse_recipe({"passes": passes}).passes), calib, "cpu")
-    return m
 
 
 def sparse_layers(model):

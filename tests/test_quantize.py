@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import FIRST_BLOCKS, compress_copy
 
 from compress.data import calibration_batches, evaluation_windows
 from compress.evaluate import evaluate
@@ -11,8 +12,6 @@ from compress.passes.gptq import gptq_quantize, output_error
 from compress.pipeline import find_blocks, plan, run_passes
 from compress.quant import QuantSpec
 from compress.recipe import parse_recipe
-
-FIRST_BLOCKS = ["model.layers.[0-7].*"]  # keep CPU time low: 8 of 30 blocks
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +22,6 @@ def data(smol):
     base, ref = evaluate(model, windows, keep_logprobs=True)
     return calib, windows, base, ref
 
-
-def compress_copy(model, passes, calib):
-    m = copy.deepcopy(model)
-    run_passes(m, plan(parse_recipe({"passes": passes}).passes), calib, "cpu")
-    return m
 
 
 def real_hessian(model, tokens):

@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 
 from ..formats import QuantizedWeight, compact
+from ..hessian import prepare_inverse_hessian
 from ..quant import QuantSpec, decode, encode, fit_params, pad_to_groups
 from .base import current_mask, current_weight
 from .quantizing import QuantizingPass, QuantOptions
@@ -45,17 +46,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size:
     With a keep-``mask`` (a pruned layer), pruned weights stay exactly zero, their drift is
     compensated like rounding error, and only kept weights get codes: groups then run over each
     row's kept weights (static groups), and the result is a SparseWeight."""
-    w = w.float().clone()
-    h = h.float().clone()
     rows, cols = w.shape
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols)
+    w, hinv = prepare_inverse_hessian(w[:, perm], h[perm][:, perm], damp)
+    w = w[:, torch.argsort(perm)]  # back to natural order for fitting static groups
     width = int(mask[0].sum()) if mask is not None else cols  # columns of the stored code matrix
     gs = spec.group_size or width
     if gs < cols and mask is None:
         block_size = max(gs, block_size // gs * gs)  # groups never straddle a lazy block
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-
     static = act_order or gs == width or mask is not None
     scale = torch.zeros(rows, spec.groups(width))
     zero = torch.zeros_like(scale) if spec.grid == "int" else None
@@ -68,12 +66,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size:
     # group of every weight: by its column, or by its place among its row's kept weights
     gidx = (mask.cumsum(1) - 1).clamp_min(0) // gs if mask is not None else (torch.arange(cols) // gs).expand(rows, -1)
 
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols)
-    w, h, gidx = w[:, perm], h[perm][:, perm], gidx[:, perm]
+    w, gidx = w[:, perm], gidx[:, perm]
     keep = mask[:, perm] if mask is not None else None
-
-    h.diagonal().add_(damp * torch.mean(torch.diagonal(h)))
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
     codes = torch.zeros(rows, cols, dtype=torch.uint8)
     for i1 in range(0, cols, block_size):

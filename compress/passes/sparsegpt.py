@@ -14,6 +14,7 @@ import torch
 from pydantic import Field
 
 from ..formats import nm_pattern
+from ..hessian import prepare_inverse_hessian
 from .base import current_weight
 from .pruning import PruneOptions, PruningPass, check_shape, prune_count
 from .registry import register
@@ -27,14 +28,8 @@ class SparseGPTConfig(PruneOptions):
 
 def sparsegpt_prune(w, h, sparsity, pattern=None, block_size=128, damp=0.01):
     """-> (reconstructed weights with zeros at pruned places, keep-mask)."""
-    w = w.float().clone()
-    h = h.float().clone()
+    w, hinv = prepare_inverse_hessian(w, h, damp)
     rows, cols = w.shape
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    h.diagonal().add_(damp * torch.mean(torch.diagonal(h)))
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     nm = nm_pattern(pattern)
     if nm:
         block_size = max(nm[1], block_size // nm[1] * nm[1])
