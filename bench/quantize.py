@@ -37,12 +37,12 @@ def main():
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--llmc-python", default=None, help="python of an environment with llmcompressor")
-    ap.add_argument("--only", default=None, help="run only methods whose name contains this")
+    ap.add_argument("--only", default=None, help="run only methods whose name starts with this")
     a = ap.parse_args()
     calib = common.calibration_file(a.samples, a.seq_len)
     out = []
     for method, bits, group, spec in rows(a.llmc_python):
-        if a.only and a.only not in method:
+        if a.only and not method.startswith(a.only):
             continue
         if isinstance(spec, tuple):
             r = common.in_subprocess("llmc", {"kind": spec[1], "args": spec[2], "calib": str(calib),
