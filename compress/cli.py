@@ -69,7 +69,6 @@ def run(
     with user_errors(json_):
         outcome = run_recipe(recipe, model, out_dir, device, set_ or [], seed, force, quiet or json_,
                              keep_failed, log)
-    r = outcome.report
     if json_:
         print(json.dumps(_summary(outcome), indent=1))
     elif not quiet:
@@ -82,7 +81,6 @@ def run(
                 "nothing written (pass --keep-failed to keep the outputs)"
             err.print(f"budget missed: {missed}; {kept}", markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_BUDGET_MISSED)
-    del r
 
 
 def _num(v):

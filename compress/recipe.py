@@ -16,7 +16,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import RecipeError
-from .passes.base import PassConfig
 from .passes.registry import get_pass
 
 
@@ -71,9 +70,6 @@ class Recipe(Section):
             if not isinstance(p, dict) or "type" not in p:
                 raise ValueError(f"passes.{i} must be a mapping with a 'type' key")
         return self
-
-    def pass_configs(self) -> list[PassConfig]:
-        return self.passes  # replaced by validated configs in load_recipe
 
     def digest(self) -> str:
         """Hash of the fully resolved recipe (defaults included)."""
