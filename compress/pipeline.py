@@ -43,6 +43,11 @@ def plan(pass_configs) -> list[Pass]:
     return passes
 
 
+def needs_calibration(passes: list[Pass]) -> bool:
+    """Whether any pass reads calibration data (statistics, block inputs, or a global plan)."""
+    return any(p.needs or p.needs_block_io or p.needs_global_plan for p in passes)
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder blocks: the longest ModuleList whose items are all of one class."""
     best = None
@@ -184,7 +189,7 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     records: dict[str, LayerRecord] = {}
     seconds = {f"{i}:{p.name}": 0.0 for i, p in enumerate(passes)}
-    needs_data = any(p.needs or p.needs_block_io or p.needs_global_plan for p in passes)
+    needs_data = needs_calibration(passes)
     t0 = time.perf_counter()
     allocation = plan_globally(model, blocks, prefix, passes, calibration, device, progress)
     inputs = capture_block_inputs(model, blocks, calibration, device) if needs_data else None

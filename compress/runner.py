@@ -28,7 +28,7 @@ from .errors import CompressError, OutputError
 from .evaluate import evaluate
 from .models import check_spec, resolve
 from .modules import parameter_count
-from .pipeline import find_blocks, plan, run_passes
+from .pipeline import find_blocks, needs_calibration, plan, run_passes
 from .progress import Progress
 from .recipe import load_recipe
 from .report import REPORT_SCHEMA_VERSION, write_reports
@@ -75,7 +75,7 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
     if seed is not None:
         recipe.seed = seed
     passes = plan(recipe.passes)
-    needs_data = any(p.needs or p.needs_block_io or p.needs_global_plan for p in passes)
+    needs_data = needs_calibration(passes)
     if needs_data:
         resolve_source(recipe.calibration.dataset)
     resolve_source(recipe.evaluate.dataset)
