@@ -255,3 +255,6 @@ class SparseWeight(WeightFormat):
         sparsity = 1 - self._mask.float().mean().item()
         pat = self.pattern if self.pattern != "unstructured" else f"{sparsity:.0%} sparse"
         return f"{pat} + {self.values.describe()}"
+
+
+from . import palette  # noqa: E402,F401  (registers the look-up-table and outlier formats)

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from ..formats import QuantizedWeight, compact
-from ..hessian import prepare_inverse_hessian
+from ..hessian import obq_sweep, prepare_inverse_hessian
 from ..quant import QuantSpec, decode, encode, fit_params, pad_to_groups
 from .base import current_mask, current_weight
 from .quantizing import QuantizingPass, QuantOptions
@@ -70,30 +70,21 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size:
     keep = mask[:, perm] if mask is not None else None
 
     codes = torch.zeros(rows, cols, dtype=torch.uint8)
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col, g = w1[:, i], gidx[:, i1 + i]
-            if not static and (i1 + i) % gs == 0:  # fit the group on the weights as updated so far
-                s, z = fit_params(w1[:, i: i + gs], spec)
-                scale[:, g[0]] = s
-                if zero is not None:
-                    zero[:, g[0]] = z
-            s_col = scale.gather(1, g.unsqueeze(1)).squeeze(1)
-            z_col = zero.gather(1, g.unsqueeze(1)).squeeze(1) if zero is not None else None
-            q = encode(col, s_col, z_col, spec)
-            codes[:, i1 + i] = q
-            deq = decode(q, s_col, z_col, spec)
-            if keep is not None:
-                deq = deq * keep[:, i1 + i]
-            e = (col - deq) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
+    def round_column(j, rest):
+        g = gidx[:, j]
+        if not static and j % gs == 0:  # fit the group on the weights as updated so far
+            s, z = fit_params(rest[:, :gs], spec)
+            scale[:, g[0]] = s
+            if zero is not None:
+                zero[:, g[0]] = z
+        s_col = scale.gather(1, g.unsqueeze(1)).squeeze(1)
+        z_col = zero.gather(1, g.unsqueeze(1)).squeeze(1) if zero is not None else None
+        codes[:, j] = encode(rest[:, 0], s_col, z_col, spec)
+        deq = decode(codes[:, j], s_col, z_col, spec)
+        return deq * keep[:, j] if keep is not None else deq
+
+    obq_sweep(w, hinv, round_column, block_size)
     codes = codes[:, torch.argsort(perm)]
     if mask is None:
         return QuantizedWeight.from_codes(codes, scale, zero, spec)
