@@ -2,7 +2,7 @@
 # Both install what they need first; torch is pinned to the CPU wheel the CI machines carry.
 PY ?= python3
 
-.PHONY: setup demo test test-slow test-gpu lint
+.PHONY: setup setup-browser demo test test-slow test-gpu lint reports
 
 setup:
 	$(PY) -m pip install -q torch==2.13.0
@@ -12,7 +12,13 @@ setup:
 demo: setup
 	compress run recipes/w4-rtn.yaml smollm2-135m --force
 
-test: setup
+# Debian's chromium lets the report test render report.html headless; skipped where it can't install.
+setup-browser:
+	@command -v chromium >/dev/null || (apt-get install -y -q chromium >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
+		echo "chromium not installed: the headless report test will be skipped")
+
+test: setup setup-browser
 	$(PY) -m pytest
 
 test-slow: setup
@@ -23,3 +29,13 @@ test-gpu: setup
 
 lint:
 	ruff check .
+
+# The committed example reports of the offline default model (reports/examples/): full recipes,
+# reports only (no checkpoints), then a comparison of them.
+EXAMPLES = w4-rtn w4-gptq w3-gptq palettize4-channel sparse50-wanda 2of4-w4
+reports: setup
+	for r in $(EXAMPLES); do \
+		compress run recipes/$$r.yaml smollm2-135m --out reports/examples/$$r --force --keep-failed --quiet \
+			--set export.checkpoint=false || exit 2; \
+	done
+	compress compare $(addprefix reports/examples/,$(EXAMPLES)) --out reports/examples

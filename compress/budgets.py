@@ -21,7 +21,13 @@ class BudgetCheck:
 
 def _metrics(report: dict) -> dict:
     base, comp, size = report["base"], report["compressed"], report["size"]
+    lat, lat_base = comp.get("latency_ms"), base.get("latency_ms")
+    tasks = comp.get("tasks") or {}
     return {
+        "min_compression_ratio": size["compression_ratio_vs_fp16"],
+        "max_latency_ms": lat,
+        "max_latency_increase": lat / lat_base - 1 if lat is not None and lat_base else None,
+        "min_task_accuracy": sum(tasks.values()) / len(tasks) if tasks else None,
         "max_size_mb": size["checkpoint_bytes"] / 1e6,
         "max_bits_per_weight": size["compressed_layers_bits_per_weight"],
         "max_ppl": comp["perplexity"],
@@ -42,3 +48,8 @@ def check_budgets(budgets: Budgets, report: dict) -> list[BudgetCheck]:
         passed = actual is not None and (actual >= limit if kind == "min" else actual <= limit)
         checks.append(BudgetCheck(name, limit, actual, passed, kind))
     return checks
+
+
+def measures_latency(recipe) -> bool:
+    b = recipe.budgets
+    return recipe.evaluate.latency or b.max_latency_ms is not None or b.max_latency_increase is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,11 +22,14 @@ err = Console(stderr=True, highlight=False)
 
 
 @contextmanager
-def user_errors(json_mode: bool = False):
-    """Print a CompressError as one line with its hint and exit with its code; no traceback."""
+def user_errors(json_mode: bool = False, on_error=None):
+    """Print a CompressError as one line with its hint and exit with its code; no traceback.
+    ``on_error(error)`` runs first (e.g. to write a JUnit file saying why the run stopped)."""
     try:
         yield
     except CompressError as e:
+        if on_error is not None:
+            on_error(e)
         if json_mode:
             print(json.dumps({"status": "error", "error": e.message, "hint": e.hint, "exit_code": e.exit_code}))
         else:
@@ -54,21 +58,35 @@ def run(
                                               "is missed")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or logs")] = False,
     json_: Annotated[bool, typer.Option("--json", help="print a machine-readable summary on stdout")] = False,
+    junit: Annotated[Path | None, typer.Option("--junit", help="write the budgets as JUnit XML test cases "
+                                               "to this file")] = None,
 ):
     """Compress MODEL with RECIPE, evaluate it, write checkpoint + report, and check budgets.
 
     Exit codes: 0 all budgets met, 1 a budget missed (nothing is written unless --keep-failed),
-    2 bad input (recipe, model, data, options, existing output folder).
+    2 bad input (recipe, model, data, options, existing output folder). When the environment has
+    GITHUB_STEP_SUMMARY, a Markdown summary is appended to that file.
     """
+    from .junit import budgets_xml, error_xml, write_atomically
+    from .report import step_summary
     from .runner import run as run_recipe
 
     def log(msg):
         if not quiet and not json_:
             err.print(msg, markup=False)
 
-    with user_errors(json_):
+    def junit_error(e):
+        if junit:
+            write_atomically(junit, error_xml(str(e), f"{recipe} on {model}"))
+
+    with user_errors(json_, junit_error):
         outcome = run_recipe(recipe, model, out_dir, device, set_ or [], seed, force, quiet or json_,
                              keep_failed, log)
+    if junit:
+        write_atomically(junit, budgets_xml(outcome.report))
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        with open(os.environ["GITHUB_STEP_SUMMARY"], "a") as f:
+            f.write(step_summary(outcome.report) + "\n")
     if json_:
         print(json.dumps(_summary(outcome), indent=1))
     elif not quiet:
@@ -186,6 +204,47 @@ def eval_(
     else:
         out.print(f"{path}: perplexity {result.perplexity:.4f} on {result.tokens} tokens "
                   f"({result.windows} x {result.seq_len}) in {result.seconds:.1f} s", markup=False)
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="output folders of `compress run` (with report.json)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="where compare.md/.svg/.html go")] = Path("reports/compare"),
+    json_: Annotated[bool, typer.Option("--json", help="print the table as JSON")] = False,
+):
+    """Compare runs: a table (size, perplexity, KL, budgets) and a size-vs-perplexity Pareto plot."""
+    from .compare import COLUMNS, compare_rows, load_runs, mismatched_bases, write_comparison
+
+    with user_errors(json_):
+        loaded = load_runs([str(r) for r in runs])
+    rows = compare_rows(loaded)
+    for d in mismatched_bases(loaded):
+        err.print(f"warning: {d} was evaluated on another base model or other tokens: not comparable",
+                  markup=False)
+    paths = write_comparison(loaded, rows, out_dir)
+    if json_:
+        print(json.dumps(rows, indent=1))
+        return
+    t = Table(show_edge=False)
+    for col in COLUMNS:
+        t.add_column(col, justify="right")
+    for row in rows:
+        t.add_row(*[("[red]yes[/]" if row[c] else "") if c == "pareto" else _num(row[c]) if isinstance(row[c], float)
+                    else str(row[c]) for c in COLUMNS])
+    Console(highlight=False, width=max(out.width, 150)).print(t)  # a CI log is 80 columns: don't fold
+    out.print(f"wrote {', '.join(str(p) for p in paths)}", markup=False)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="output folder of `compress run`")]):
+    """Write report.md and report.html again from a run's report.json."""
+    from .compare import load_runs
+    from .report import write_reports
+
+    with user_errors():
+        r = load_runs([str(run_dir)])[0]["report"]
+    write_reports(r, run_dir)
+    out.print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.html'}", markup=False)
 
 
 def main():  # pragma: no cover

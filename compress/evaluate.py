@@ -65,3 +65,20 @@ def evaluate(model, windows: torch.Tensor, device="cpu", reference: list | None 
         result.kl_divergence = kl_sum / count
         result.top1_agreement = agree / count
     return result, kept
+
+
+@torch.no_grad()
+def decode_latency(model, prompt: torch.Tensor, new_tokens: int = 32, device="cpu", warmup: int = 3) -> float:
+    """Milliseconds per generated token, batch 1, greedy, with the KV cache: the median over
+    ``new_tokens`` decode steps after ``warmup`` untimed ones (prefill excluded). Compressed layers
+    run their forward as in evaluation (weights dequantized once)."""
+    times = []
+    with dequantized_weights(model):
+        out = model(input_ids=prompt.reshape(1, -1).to(device), use_cache=True)
+        for step in range(warmup + new_tokens):
+            nxt = out.logits[:, -1:].argmax(-1)
+            t = time.perf_counter()
+            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+            if step >= warmup:
+                times.append(time.perf_counter() - t)
+    return 1000 * sorted(times)[len(times) // 2]

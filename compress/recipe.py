@@ -36,6 +36,12 @@ class EvaluateConfig(Section):
     seq_len: int = Field(512, ge=8, le=131_072, description="tokens per evaluation window")
     max_windows: int = Field(16, ge=1, description="non-overlapping windows evaluated at most")
     kl: bool = Field(True, description="measure KL divergence and top-1 agreement vs the base model")
+    latency: bool = Field(False, description="measure PyTorch decode latency (ms per token, batch 1) of base "
+                          "and compressed; on whenever a max_latency_ms budget is set")
+    latency_tokens: int = Field(32, ge=1, le=4096, description="tokens generated when measuring latency")
+    tasks: list[str] = Field(default=[], description="zero-shot tasks through lm-eval (optional extra "
+                             "`compress[lm-eval]`; needs its datasets), e.g. [hellaswag, arc_easy]")
+    tasks_limit: int | None = Field(None, ge=1, description="lm-eval: examples per task at most")
 
 
 class ExportConfig(Section):
@@ -52,6 +58,10 @@ class Budgets(Section):
         None, ge=0, description="relative perplexity increase vs base (0.1 = +10%)")
     max_kl_divergence: float | None = Field(None, ge=0, description="mean KL(base || compressed), nats")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="share of equal argmax tokens")
+    min_compression_ratio: float | None = Field(None, gt=0, description="fp16 size / checkpoint size")
+    max_latency_ms: float | None = Field(None, gt=0, description="PyTorch decode latency, ms per token")
+    max_latency_increase: float | None = Field(None, ge=-1, description="relative latency change vs base")
+    min_task_accuracy: float | None = Field(None, ge=0, le=1, description="mean lm-eval accuracy over tasks")
 
 
 class Recipe(Section):

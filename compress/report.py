@@ -1,4 +1,5 @@
-"""report.json (versioned schema) and report.md of a run."""
+"""report.json (versioned schema), report.md and report.html of a run, and the short Markdown
+summary CI systems show (GitHub's step summary)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ REPORT_SCHEMA_VERSION = 1
 
 
 def write_reports(report: dict, folder: Path) -> None:
+    from .html_report import render
+
     (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (folder / "report.md").write_text(markdown(report))
+    (folder / "report.html").write_text(render(report))
 
 
-def _fmt(v, digits=4):
+def fmt_number(v, digits=4):
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -21,28 +25,55 @@ def _fmt(v, digits=4):
     return str(v)
 
 
-def markdown(r: dict) -> str:
-    base, comp, size = r["base"], r["compressed"], r["size"]
-    lines = [f"# compress report: {r['recipe']['name']} on {r['model']['spec']}", ""]
+def _verdict(r: dict) -> str:
     status = "PASSED" if r["budgets_passed"] else "FAILED"
-    lines += [f"**Budgets: {status}** · recipe hash `{r['recipe_hash']}` · seed {r['recipe']['seed']}", ""]
-    lines += ["## Quality (held-out text)", "",
-              "| model | perplexity | KL vs base | top-1 agreement | tokens |", "|---|---|---|---|---|",
-              f"| base | {_fmt(base['perplexity'])} | - | - | {base['tokens']} |",
-              f"| compressed | {_fmt(comp['perplexity'])} | {_fmt(comp.get('kl_divergence'))} | "
-              f"{_fmt(comp.get('top1_agreement'))} | {comp['tokens']} |", ""]
+    return f"**Budgets: {status}** · recipe hash `{r['recipe_hash']}` · seed {r['recipe']['seed']}"
+
+
+def _quality_and_budgets(r: dict, heading: str) -> list[str]:
+    base, comp = r["base"], r["compressed"]
+    lines = [f"{heading} Quality (held-out text)", "",
+             "| model | perplexity | KL vs base | top-1 agreement | decode ms/token | tokens |",
+             "|---|---|---|---|---|---|",
+             f"| base | {fmt_number(base['perplexity'])} | - | - | {fmt_number(base.get('latency_ms'))} | "
+             f"{base['tokens']} |",
+             f"| compressed | {fmt_number(comp['perplexity'])} | {fmt_number(comp.get('kl_divergence'))} | "
+             f"{fmt_number(comp.get('top1_agreement'))} | {fmt_number(comp.get('latency_ms'))} | {comp['tokens']} |",
+             ""]
+    if comp.get("tasks"):
+        lines += ["| task | base | compressed |", "|---|---|---|"]
+        lines += [f"| {t} | {fmt_number(base['tasks'].get(t))} | {fmt_number(a)} |" for t, a in comp["tasks"].items()]
+        lines.append("")
+    if r["budgets"]:
+        lines += [f"{heading} Budgets", "", "| budget | limit | actual | result |", "|---|---|---|---|"]
+        for b in r["budgets"]:
+            lines.append(f"| {b['name']} | {fmt_number(b['limit'])} | {fmt_number(b['actual'])} | "
+                         f"{'pass' if b['passed'] else '**FAIL**'} |")
+        lines.append("")
+    return lines
+
+
+def step_summary(r: dict) -> str:
+    """The short Markdown a CI job shows: verdict, quality, size, budgets."""
+    size = r["size"]
+    lines = [f"### compress: {r['recipe']['name']} on {r['model']['spec']}", "", _verdict(r), ""]
+    lines += _quality_and_budgets(r, "####")
+    lines += [f"Checkpoint {size['checkpoint_bytes'] / 1e6:.2f} MB ({size['compression_ratio_vs_fp16']:.2f}x "
+              f"smaller than fp16); compressed layers {size['compressed_layers_bits_per_weight']:.3f} bits/weight.",
+              ""]
+    return "\n".join(lines)
+
+
+def markdown(r: dict) -> str:
+    size = r["size"]
+    lines = [f"# compress report: {r['recipe']['name']} on {r['model']['spec']}", "", _verdict(r), ""]
+    lines += _quality_and_budgets(r, "##")
     lines += ["## Size", "", "| | bytes | MB | bits per weight |", "|---|---|---|---|",
               f"| base (float16) | {size['base_fp16_bytes']} | {size['base_fp16_bytes'] / 1e6:.2f} | 16 |",
               f"| compressed checkpoint | {size['checkpoint_bytes']} | {size['checkpoint_bytes'] / 1e6:.2f} | "
               f"{size['model_bits_per_weight']:.3f} |",
               f"| compressed layers only | {size['compressed_layers_bytes']} | "
               f"{size['compressed_layers_bytes'] / 1e6:.2f} | {size['compressed_layers_bits_per_weight']:.3f} |", ""]
-    if r["budgets"]:
-        lines += ["## Budgets", "", "| budget | limit | actual | result |", "|---|---|---|---|"]
-        for b in r["budgets"]:
-            lines.append(f"| {b['name']} | {_fmt(b['limit'])} | {_fmt(b['actual'])} | "
-                         f"{'pass' if b['passed'] else '**FAIL**'} |")
-        lines.append("")
     lines += ["## Passes", "", "| # | pass | seconds |", "|---|---|---|"]
     for p in r["passes"]:
         lines.append(f"| {p['index']} | {p['type']} | {p['seconds']:.2f} |")

@@ -21,17 +21,18 @@ import torch
 import yaml
 
 from . import __version__
-from .budgets import BudgetCheck, check_budgets
+from .budgets import BudgetCheck, check_budgets, measures_latency
 from .checkpoint import DTYPES, checkpoint_content, round_to_storage, save_checkpoint
 from .data import calibration_batches, evaluation_windows, resolve_source
 from .errors import CompressError, OutputError
-from .evaluate import evaluate
+from .evaluate import decode_latency, evaluate
 from .models import check_spec, resolve
 from .modules import parameter_count
 from .pipeline import find_blocks, needs_calibration, plan, run_passes
 from .progress import Progress
 from .recipe import load_recipe
 from .report import REPORT_SCHEMA_VERSION, write_reports
+from .tasks import check_tasks_available, task_accuracy
 
 
 @dataclass
@@ -67,10 +68,50 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
+class RunLog:
+    """Log lines of a run, with seconds since its start: shown on stderr (unless quiet) and written
+    to ``run.log`` in the output folder."""
+
+    def __init__(self, echo=None):
+        self.t0 = time.perf_counter()
+        self.lines: list[str] = []
+        self.echo = echo
+
+    def __call__(self, msg: str):
+        self.detail(msg)
+        if self.echo:
+            self.echo(msg)
+
+    def detail(self, msg: str):
+        """A line for run.log only."""
+        self.lines.append(f"[{time.perf_counter() - self.t0:8.1f}s] {msg}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _quality(model, tokenizer, windows, dev, recipe, progress, label, log, reference=None):
+    """Perplexity (+ KL vs ``reference``), latency and task accuracy of one model, as the recipe asks."""
+    ev = recipe.evaluate
+    result, logprobs = evaluate(model, windows, dev, reference=reference, keep_logprobs=ev.kl and reference is None,
+                                progress=progress, label=f"evaluating {label}")
+    extra = {}
+    if measures_latency(recipe):
+        extra["latency_ms"] = decode_latency(model, windows[0, :64], ev.latency_tokens, dev)
+    if ev.tasks:
+        extra["tasks"] = task_accuracy(model, tokenizer, ev.tasks, ev.tasks_limit, dev)
+    log(f"{label}: perplexity {result.perplexity:.4f}" +
+        (f", KL {result.kl_divergence:.4f}" if result.kl_divergence is not None else "") +
+        (f", {extra['latency_ms']:.2f} ms/token" if "latency_ms" in extra else "") +
+        (f", tasks {extra['tasks']}" if "tasks" in extra else ""))
+    return {**result.to_dict(), **extra}, logprobs
+
+
 def run(recipe_path, model_spec: str, out: str | None = None, device: str = "auto", overrides=(),
         seed: int | None = None, force: bool = False, quiet: bool = False, keep_failed: bool = False,
         log=print) -> RunOutcome:
     t_start = time.perf_counter()
+    log = RunLog(log)
     recipe = load_recipe(recipe_path, list(overrides))
     if seed is not None:
         recipe.seed = seed
@@ -79,6 +120,7 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
     if needs_data:
         resolve_source(recipe.calibration.dataset)
     resolve_source(recipe.evaluate.dataset)
+    check_tasks_available(recipe.evaluate.tasks)
     check_spec(model_spec)
     out_dir = Path(out) if out else default_out_dir(recipe.name, model_spec)
     if out_dir.exists() and not force:
@@ -97,8 +139,9 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
         cal, ev = recipe.calibration, recipe.evaluate
         windows = evaluation_windows(ev.dataset, tokenizer, ev.seq_len, ev.max_windows, cal.dataset)
         t = time.perf_counter()
-        base, reference = evaluate(model, windows, dev, keep_logprobs=ev.kl, progress=progress,
-                                   label="evaluating base")
+        log(f"{info.family} model, {base_params:,} parameters; evaluating on {windows.shape[0]} x "
+            f"{windows.shape[1]} tokens of {ev.dataset}")
+        base, reference = _quality(model, tokenizer, windows, dev, recipe, progress, "base", log)
         calibration = None
         if needs_data:
             calibration = calibration_batches(cal.dataset, tokenizer, cal.samples, cal.seq_len, recipe.seed,
@@ -110,10 +153,14 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
         result = run_passes(model, passes, calibration, dev, progress)
         round_to_storage(model, recipe.export.dense_dtype)
         compress_s = time.perf_counter() - t
+        for key, sec in result.pass_seconds.items():
+            log(f"pass {key}: {sec:.1f} s")
+        for name, rec in result.layers.items():
+            if rec.notes:
+                log.detail(f"  {name}: " + ", ".join(f"{k} {_short(v)}" for k, v in rec.notes.items()))
 
         t = time.perf_counter()
-        comp, _ = evaluate(model, windows, dev, reference=reference, progress=progress,
-                           label="evaluating compressed")
+        comp, _ = _quality(model, tokenizer, windows, dev, recipe, progress, "compressed", log, reference)
         eval_s += time.perf_counter() - t
     del reference
 
@@ -125,6 +172,8 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
     report["budgets"] = [c.to_dict() for c in checks]
     report["budgets_passed"] = all(c.passed for c in checks)
     report["timing"]["total_seconds"] = time.perf_counter() - t_start
+    for c in checks:
+        log(f"budget {c.name}: {'pass' if c.passed else 'FAIL'} (actual {c.actual}, limit {c.limit})")
 
     keep = report["budgets_passed"] or keep_failed
     if not keep:
@@ -138,6 +187,7 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
             report["size"]["checkpoint_file_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         write_reports(report, tmp)
+        (tmp / "run.log").write_text(log.text())
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -146,6 +196,10 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return RunOutcome(report, out_dir, checks)
+
+
+def _short(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _build_report(recipe, info, model, content, base, comp, result, dev, timing) -> dict:
@@ -175,8 +229,8 @@ def _build_report(recipe, info, model, content, base, comp, result, dev, timing)
                   "blocks": len(blocks), "parameters": base_params,
                   "parameters_after": parameter_count(model)},
         "device": str(dev),
-        "base": base.to_dict(),
-        "compressed": comp.to_dict(),
+        "base": base,
+        "compressed": comp,
         "size": {
             "base_fp16_bytes": base_params * 2,
             "checkpoint_bytes": total_bytes,
