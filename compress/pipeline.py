@@ -194,6 +194,8 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
     allocation = plan_globally(model, blocks, prefix, passes, calibration, device, progress)
     inputs = capture_block_inputs(model, blocks, calibration, device) if needs_data else None
     calib_s = time.perf_counter() - t0
+    for p in passes:
+        p.prepare(model)
     task = progress.add("compressing blocks", total=len(blocks)) if progress else None
     for i, block in enumerate(blocks):
         block_prefix = f"{prefix}.{i}"
@@ -221,6 +223,8 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
             for name, note in work.notes.items():
                 records[name].passes.append(p.name)
                 records[name].notes.update(note)
+        for name, m in _linear_layers(block, block_prefix).items():  # structured pruning shrinks layers
+            records[name].shape = m.fmt.shape if isinstance(m, CompressedLinear) else tuple(m.weight.shape)
         for m in block.modules():  # dense copies kept for mask refinement live one block only
             if hasattr(getattr(m, "fmt", None), "dense_origin"):
                 del m.fmt.dense_origin
@@ -229,7 +233,25 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
         block.to(original_device)
         if task is not None:
             progress.advance(task)
+    for j, p in enumerate(passes):
+        info = p.finalize(model)
+        if info:
+            records = _renumber(records, prefix, info.pop("kept_blocks", None))
+            allocation[f"{j}:{p.name}"] = info
     return PipelineResult(records, seconds, calib_s, allocation)
+
+
+def _renumber(records: dict, prefix: str, kept: dict | None) -> dict:
+    """Records of the blocks kept, under their new block numbers."""
+    if kept is None:
+        return records
+    out = {}
+    for name, rec in records.items():
+        index, _, rest = name[len(prefix) + 1:].partition(".")
+        if int(index) in kept:
+            rec.name = f"{prefix}.{kept[int(index)]}.{rest}"
+            out[rec.name] = rec
+    return out
 
 
 @torch.no_grad()

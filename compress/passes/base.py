@@ -107,6 +107,15 @@ class Pass:
     def check_plan(self, passes: list[Pass]) -> None:
         """Raise PlanError when this pass cannot run in this plan (called before any compute)."""
 
+    def prepare(self, model) -> None:
+        """Look at the whole model once before the first block (e.g. to turn a model-wide target
+        into per-block settings)."""
+
+    def finalize(self, model) -> dict | None:
+        """Model-wide changes after the last block (e.g. dropping layers, updating the config);
+        returns what the report shows, with ``kept_blocks`` {old: new index} when blocks moved."""
+        return None
+
     def apply(self, work: BlockWork, replace) -> None:
         """Compress the block's layers; ``replace(name, new_module)`` swaps a layer in."""
         for name, module in work.layers.items():
