@@ -47,8 +47,14 @@ def ours(passes: list[dict], calib: Path, windows: int) -> dict:
     run_passes(model, plan(parse_recipe({"passes": passes}).passes), tokens, "cpu")
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    fmts = [m.fmt for m in model.modules() if isinstance(m, CompressedLinear)]
-    nbytes, numel = sum(f.nbytes() for f in fmts), sum(f.numel for f in fmts)
+    from compress.pipeline import find_blocks
+
+    nbytes = numel = 0
+    for m in find_blocks(model)[1].modules():  # every linear layer of the blocks, compressed or fp16
+        if isinstance(m, CompressedLinear):
+            nbytes, numel = nbytes + m.fmt.nbytes(), numel + m.fmt.numel
+        elif isinstance(m, torch.nn.Linear):
+            nbytes, numel = nbytes + 2 * m.weight.numel(), numel + m.weight.numel()
     return {"seconds": seconds, "peak_memory_mb": peak, "bytes": nbytes, "bits_per_weight": 8 * nbytes / numel,
             **quality(model, tok, windows)}
 
