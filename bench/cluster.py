@@ -7,7 +7,6 @@ Prints one Markdown table: mode, bits, granularity, outliers, real bits per weig
 layers, tables and outliers included), perplexity, KL vs base, time, peak memory.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,29 +29,13 @@ def rows():
     yield "GPTQ", 3, "g64", 0, [{"type": "gptq", "bits": 3, "group_size": 64}]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--only", default=None, help="run only modes whose name starts with this")
-    a = ap.parse_args()
-    calib = common.calibration_file(a.samples, a.seq_len)
-    out = []
-    for mode, bits, granularity, outliers, passes in rows():
-        if a.only and not mode.startswith(a.only):
-            continue
-        r = common.in_subprocess("ours", {"passes": passes, "calib": str(calib), "windows": a.windows})
-        row = {"mode": mode, "bits": bits, "granularity": granularity, "outliers": f"{outliers:.1%}",
-               "bits/weight": r["bits_per_weight"], "perplexity": r["perplexity"], "KL vs base": r["kl"],
-               "time s": r["seconds"], "peak MB": r["peak_memory_mb"]}
-        out.append(row)
-        print(f"done: {row}", file=sys.stderr, flush=True)
-    print(f"SmolLM2-135M, base perplexity {r['base_perplexity']:.4g}; calibration {a.samples} x {a.seq_len} "
-          f"tokens of pydoc; evaluation {a.windows} x 512 held-out tokens; 2 CPU cores")
-    common.print_table(["mode", "bits", "granularity", "outliers", "bits/weight", "perplexity", "KL vs base",
-                        "time s", "peak MB"], out)
+def to_row(item, r):
+    mode, bits, granularity, outliers, _ = item
+    return {"mode": mode, "bits": bits, "granularity": granularity, "outliers": f"{outliers:.1%}",
+            "bits/weight": r["bits_per_weight"], "perplexity": r["perplexity"], "KL vs base": r["kl"],
+            "time s": r["seconds"], "peak MB": r["peak_memory_mb"]}
 
 
 if __name__ == "__main__":
-    main()
+    common.bench_main(lambda _llmc: rows(), ["mode", "bits", "granularity", "outliers", "bits/weight",
+                                             "perplexity", "KL vs base", "time s", "peak MB"], to_row)

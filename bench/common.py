@@ -106,6 +106,39 @@ def worker(kind: str, p: dict) -> dict:
     return llmc(p["kind"], p["args"], calib, p["windows"], p["python"])
 
 
+def bench_main(rows, columns: list[str], to_row, note: str = ""):
+    """The shared driver of the benches: parse the common options, run every row of ``rows(llmc_python)``
+    (tuples whose first item is the method name and last item its passes, or ("llmc", kind, args))
+    in a fresh process, and print the table with ``to_row(item, result)`` for each."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--llmc-python", default=None, help="python of an environment with llmcompressor")
+    ap.add_argument("--only", default=None, help="run only methods whose name starts with this")
+    a = ap.parse_args()
+    calib = calibration_file(a.samples, a.seq_len)
+    out, r = [], None
+    for item in rows(a.llmc_python):
+        spec = item[-1]
+        if a.only and not item[0].startswith(a.only):
+            continue
+        if isinstance(spec, tuple):
+            r = in_subprocess("llmc", {"kind": spec[1], "args": spec[2], "calib": str(calib),
+                                       "windows": a.windows, "python": a.llmc_python})
+        else:
+            r = in_subprocess("ours", {"passes": spec, "calib": str(calib), "windows": a.windows})
+        out.append(to_row(item, r))
+        print(f"done: {out[-1]}", file=sys.stderr, flush=True)
+    if r is None:
+        return
+    print(f"SmolLM2-135M, base perplexity {r['base_perplexity']:.4g}; calibration {a.samples} x {a.seq_len} "
+          f"tokens of pydoc; evaluation {a.windows} x 512 held-out tokens; 2 CPU cores{note}")
+    print_table(columns, out)
+
+
 def print_table(columns: list[str], rows: list[dict]):
     widths = [max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns]
     print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |")

@@ -8,7 +8,6 @@ Prints one Markdown table: method, structure, sparsity, bytes of the compressed 
 KL vs base, compression time, peak memory.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -39,35 +38,15 @@ def rows(llmc_python: str | None):
                 yield f"{name} (llm-compressor)", pattern, 0.5, ("llmc", kind, [0.5, pattern])
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--llmc-python", default=None, help="python of an environment with llmcompressor")
-    ap.add_argument("--only", default=None, help="run only methods whose name starts with this")
-    a = ap.parse_args()
-    calib = common.calibration_file(a.samples, a.seq_len)
-    out = []
-    for method, structure, sparsity, spec in rows(a.llmc_python):
-        if a.only and not method.startswith(a.only):
-            continue
-        if isinstance(spec, tuple):
-            r = common.in_subprocess("llmc", {"kind": spec[1], "args": spec[2], "calib": str(calib),
-                                              "windows": a.windows, "python": a.llmc_python})
-        else:
-            r = common.in_subprocess("ours", {"passes": spec, "calib": str(calib), "windows": a.windows})
-        row = {"method": method, "structure": structure, "sparsity": sparsity, "layer bytes": r.get("bytes"),
-               "perplexity": r["perplexity"], "KL vs base": r["kl"], "time s": r["seconds"],
-               "peak MB": r["peak_memory_mb"]}
-        out.append(row)
-        print(f"done: {row}", file=sys.stderr, flush=True)
-    print(f"SmolLM2-135M, base perplexity {r['base_perplexity']:.4g}; calibration {a.samples} x {a.seq_len} "
-          f"tokens of pydoc; evaluation {a.windows} x 512 held-out tokens; 2 CPU cores. layer bytes: the "
-          "stored compressed linear layers (dense fp16 for llm-compressor's pruned float output)")
-    common.print_table(["method", "structure", "sparsity", "layer bytes", "perplexity", "KL vs base", "time s",
-                        "peak MB"], out)
+def to_row(item, r):
+    method, structure, sparsity, _ = item
+    return {"method": method, "structure": structure, "sparsity": sparsity, "layer bytes": r.get("bytes"),
+            "perplexity": r["perplexity"], "KL vs base": r["kl"], "time s": r["seconds"],
+            "peak MB": r["peak_memory_mb"]}
 
 
 if __name__ == "__main__":
-    main()
+    common.bench_main(rows, ["method", "structure", "sparsity", "layer bytes", "perplexity", "KL vs base",
+                             "time s", "peak MB"], to_row,
+                      ". layer bytes: the linear layers of the blocks as stored (fp16 where a method "
+                      "leaves them dense, as llm-compressor's pruned float output is counted)")

@@ -7,7 +7,6 @@ Prints one Markdown table: method, bits, group, real bits per weight (compressed
 perplexity, KL vs base, top-1 agreement, compression time, peak memory.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -31,35 +30,15 @@ def rows(llmc_python: str | None):
             yield "GPTQ (llm-compressor)", b, g, ("llmc", "gptq", [b, g])
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--llmc-python", default=None, help="python of an environment with llmcompressor")
-    ap.add_argument("--only", default=None, help="run only methods whose name starts with this")
-    a = ap.parse_args()
-    calib = common.calibration_file(a.samples, a.seq_len)
-    out = []
-    for method, bits, group, spec in rows(a.llmc_python):
-        if a.only and not method.startswith(a.only):
-            continue
-        if isinstance(spec, tuple):
-            r = common.in_subprocess("llmc", {"kind": spec[1], "args": spec[2], "calib": str(calib),
-                                              "windows": a.windows, "python": a.llmc_python})
-            r["bits_per_weight"] = bits + 16 / group + bits / group  # int codes + fp16 scale + zero per group
-        else:
-            r = common.in_subprocess("ours", {"passes": spec, "calib": str(calib), "windows": a.windows})
-        row = {"method": method, "bits": bits, "group": group, "bits/weight": r["bits_per_weight"],
-               "perplexity": r["perplexity"], "KL vs base": r["kl"], "top-1": r["top1"],
-               "time s": r["seconds"], "peak MB": r["peak_memory_mb"]}
-        out.append(row)
-        print(f"done: {row}", file=sys.stderr, flush=True)
-    print(f"SmolLM2-135M, base perplexity {r['base_perplexity']:.4g}; calibration {a.samples} x {a.seq_len} "
-          f"tokens of pydoc; evaluation {a.windows} x 512 held-out tokens; 2 CPU cores")
-    common.print_table(["method", "bits", "group", "bits/weight", "perplexity", "KL vs base", "top-1",
-                        "time s", "peak MB"], out)
+def to_row(item, r):
+    method, bits, group, spec = item
+    if isinstance(spec, tuple):  # llm-compressor: int codes + fp16 scale + zero per group
+        r["bits_per_weight"] = bits + 16 / group + bits / group
+    return {"method": method, "bits": bits, "group": group, "bits/weight": r["bits_per_weight"],
+            "perplexity": r["perplexity"], "KL vs base": r["kl"], "top-1": r["top1"], "time s": r["seconds"],
+            "peak MB": r["peak_memory_mb"]}
 
 
 if __name__ == "__main__":
-    main()
+    common.bench_main(rows, ["method", "bits", "group", "bits/weight", "perplexity", "KL vs base", "top-1",
+                             "time s", "peak MB"], to_row)
