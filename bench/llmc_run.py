@@ -33,7 +33,7 @@ def main():
         recipe = GPTQModifier(config_groups={"g": scheme}, ignore=["lm_head"], actorder="static")
     else:
         sparsity, pattern = float(args[0]), args[1]
-        mask = "unstructured" if pattern == "unstructured" else pattern
+        mask = "0:0" if pattern == "unstructured" else pattern  # llm-compressor spells unstructured "0:0"
         if kind == "wanda":
             from llmcompressor.modifiers.pruning import WandaPruningModifier as M
         else:
