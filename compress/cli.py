@@ -247,6 +247,109 @@ def report(run_dir: Annotated[Path, typer.Argument(help="output folder of `compr
     out.print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.html'}", markup=False)
 
 
+def _load_any(path: str, device):
+    """(model, tokenizer): a compressed checkpoint, or any model spec (hub id, folder, .gguf)."""
+    from .checkpoint import is_checkpoint, load_checkpoint
+    from .models import resolve
+
+    if is_checkpoint(path):
+        return load_checkpoint(path, device=device)
+    model, tok, _ = resolve(path)
+    return model.to(device), tok
+
+
+@app.command()
+def export(
+    path: Annotated[str, typer.Argument(help="compressed checkpoint folder, or any model (exported as float32)")],
+    out_dir: Annotated[Path, typer.Argument(help="folder to write model.onnx, model.onnx.data, export.json")],
+    weights: Annotated[str, typer.Option(help="fast (MatMulNBits for 2/4/8-bit) or portable (standard ops)")] = "fast",
+    int8_activations: Annotated[bool, typer.Option("--int8-activations", help="MatMulNBits with int8 "
+                                                   "activations: faster, less exact")] = False,
+    validation: Annotated[bool, typer.Option("--validate/--no-validate", help="compare with PyTorch")] = True,
+    windows: Annotated[int, typer.Option(help="held-out windows for the validation")] = 2,
+    seq_len: Annotated[int, typer.Option(help="tokens per validation window")] = 256,
+    max_logit_diff: Annotated[float, typer.Option(help="validation: max |logit difference|")] = 0.05,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="print export.json's summary as JSON")] = False,
+):
+    """Export a checkpoint (or a plain model) to ONNX with its compression kept, and check it in
+    onnxruntime against PyTorch. Exit codes: 2 bad input or unsupported model, 3 ONNX and PyTorch
+    disagree beyond the tolerance (nothing is written)."""
+    import torch
+
+    from .checkpoint import DTYPES, is_checkpoint
+    from .data import evaluation_windows
+    from .export.onnx import Tolerance, export_to_folder
+
+    def log(msg):
+        if not json_:
+            err.print(msg, markup=False)
+
+    with user_errors(json_):
+        if weights not in ("fast", "portable"):
+            from .errors import ExportError
+
+            raise ExportError(f"unknown --weights '{weights}'", "use fast or portable")
+        model, tok = _load_any(path, "cpu")
+        dense = DTYPES[json.loads((Path(path) / "compress.json").read_text())["dense_dtype"]] \
+            if is_checkpoint(path) else torch.float32
+        data = evaluation_windows("pydoc", tok, seq_len, windows, calibration_spec="pydoc") if validation else None
+        info = export_to_folder(model, tok, out_dir, force=force, windows=data, weights=weights,
+                                accuracy_level=4 if int8_activations else 0, dense_dtype=dense,
+                                tolerance=Tolerance(max_logit_diff=max_logit_diff), log=log)
+    if json_:
+        print(json.dumps({k: info[k] for k in ("size", "lowerings", "opset", "timing")} |
+                         {"validation": info.get("validation"), "out_dir": str(out_dir)}, indent=1))
+        return
+    s = info["size"]
+    out.print(f"wrote {out_dir}: {s['file_bytes'] / 1e6:.1f} MB (graph {s['graph_bytes'] / 1e6:.2f} MB + data "
+              f"{s['data_bytes'] / 1e6:.1f} MB); layers: " +
+              ", ".join(f"{n} x {k}" for k, n in info["lowerings"].items()), markup=False)
+
+
+@app.command()
+def generate(
+    path: Annotated[str, typer.Argument(help="ONNX export folder, compressed checkpoint, or any model")],
+    prompt: Annotated[str, typer.Argument(help="text to continue")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="tokens to generate")] = 64,
+    chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt in the tokenizer's chat template")] = False,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="print tokens and timings as JSON")] = False,
+):
+    """Greedy generation: with onnxruntime and the exported KV cache when PATH holds model.onnx,
+    else with PyTorch."""
+    from transformers import AutoTokenizer
+
+    from .export.runtime import ONNX_FILE, OnnxCausalLM, eos_ids, torch_greedy
+
+    with user_errors(json_):
+        onnx_dir = Path(path)
+        if (onnx_dir / ONNX_FILE).exists() or (onnx_dir / "export.json").exists():
+            lm = OnnxCausalLM(onnx_dir, threads)
+            tok = AutoTokenizer.from_pretrained(onnx_dir)
+            runtime = "onnxruntime"
+            run_greedy = lm.greedy
+        else:
+            model, tok = _load_any(path, "cpu")
+            runtime = "pytorch"
+
+            def run_greedy(ids, n, eos):
+                return torch_greedy(model, ids, n, eos)
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True) if chat else prompt
+        ids = tok(text, add_special_tokens=not chat).input_ids
+        gen = run_greedy(ids, max_new_tokens, eos_ids(tok))
+    completion = tok.decode(gen.tokens, skip_special_tokens=True)
+    if json_:
+        print(json.dumps({"runtime": runtime, "prompt_tokens": len(ids), "tokens": gen.tokens, "text": completion,
+                          "prefill_ms": 1000 * gen.prefill_seconds, "decode_ms_per_token": gen.ms_per_token}))
+        return
+    out.print(completion, markup=False)
+    speed = f", {gen.ms_per_token:.1f} ms/token" if gen.ms_per_token else ""
+    err.print(f"[{runtime}: {len(ids)} prompt tokens, {len(gen.tokens)} generated, prefill "
+              f"{1000 * gen.prefill_seconds:.0f} ms{speed}]", markup=False)
+
+
 def main():  # pragma: no cover
     app()
 

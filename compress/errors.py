@@ -1,11 +1,13 @@
 """Errors a user can cause. The CLI prints them as one line plus a hint, without a traceback.
 
-Exit codes: 0 success, 1 budget missed, 2 bad input (recipe, model, data, options, output folder).
+Exit codes: 0 success, 1 budget missed, 2 bad input (recipe, model, data, options, output folder),
+3 the ONNX export does not compute what the PyTorch model computes.
 """
 
 EXIT_OK = 0
 EXIT_BUDGET_MISSED = 1
 EXIT_BAD_INPUT = 2
+EXIT_EXPORT_MISMATCH = 3
 
 
 class CompressError(Exception):
@@ -50,3 +52,13 @@ class BudgetMissed(CompressError):
     """At least one budget of the recipe was missed."""
 
     exit_code = EXIT_BUDGET_MISSED
+
+
+class ExportError(CompressError):
+    """The model cannot be exported to ONNX (unsupported architecture or weight format)."""
+
+
+class ExportMismatch(ExportError):
+    """The ONNX export disagrees with the PyTorch model beyond the stated tolerance."""
+
+    exit_code = EXIT_EXPORT_MISMATCH

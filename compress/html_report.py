@@ -10,7 +10,7 @@ import html
 import io
 import re
 
-from .report import fmt_number
+from .report import fmt_number, onnx_rows
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
@@ -141,6 +141,8 @@ def render(r: dict) -> str:
                "perplexity": comp["perplexity"], "pareto": True}]
     parts.append(f"<figure id='plot-size'>{size_quality_plot(points)}<figcaption>Perplexity against checkpoint "
                  "size</figcaption></figure>")
+    if r.get("onnx"):
+        parts += ["<h2>ONNX export</h2>", _table(["", ""], [[e(a), e(b)] for a, b in onnx_rows(r)])]
     if r["budgets"]:
         parts += ["<h2>Budgets</h2>", _table(["budget", "limit", "actual", "result"], [
             [e(b["name"]), fmt_number(b["limit"]), fmt_number(b["actual"]),

@@ -44,10 +44,35 @@ class EvaluateConfig(Section):
     tasks_limit: int | None = Field(None, ge=1, description="lm-eval: examples per task at most")
 
 
+class OnnxConfig(Section):
+    weights: Literal["fast", "portable"] = Field(
+        "fast", description="fast: com.microsoft MatMulNBits for 2/4/8-bit integer grids; portable: standard "
+        "blocked DequantizeLinear only. Other formats are decoded in-graph either way")
+    int8_activations: bool = Field(False, description="MatMulNBits accuracy_level 4 (int8 activations): "
+                                   "faster on CPU, logits drift more; loosen the tolerance with it")
+    validation: bool = Field(True, description="compare onnxruntime with PyTorch after the export")
+    windows: int = Field(2, ge=1, le=64, description="held-out windows the validation reads")
+    seq_len: int = Field(256, ge=16, le=8192, description="tokens per validation window")
+    max_logit_diff: float = Field(0.05, gt=0, description="max |logit difference| allowed")
+    min_top1_agreement: float = Field(0.995, ge=0, le=1, description="min share of equal argmax tokens")
+    max_perplexity_diff: float = Field(0.002, ge=0, description="max relative perplexity difference")
+
+
 class ExportConfig(Section):
     checkpoint: bool = Field(True, description="write the compressed checkpoint (safetensors)")
     dense_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="dtype of tensors no pass compressed (embeddings, norms)")
+    onnx: OnnxConfig | None = Field(None, description="also export ONNX into OUT/onnx (`onnx: {}` or "
+                                    "`onnx: true` for the defaults), validated in onnxruntime")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _onnx_shorthand(cls, data):
+        if isinstance(data, dict) and data.get("onnx") is True:
+            data = {**data, "onnx": {}}
+        elif isinstance(data, dict) and data.get("onnx") is False:
+            data = {**data, "onnx": None}
+        return data
 
 
 class Budgets(Section):

@@ -64,6 +64,27 @@ def step_summary(r: dict) -> str:
     return "\n".join(lines)
 
 
+def onnx_rows(r: dict) -> list[list[str]]:
+    """What the ONNX section of the reports shows (empty when the run exported no ONNX)."""
+    o = r.get("onnx")
+    if not o:
+        return []
+    s = o["size"]
+    rows = [["ONNX file (graph + external data)", f"{s['file_bytes'] / 1e6:.2f} MB, "
+             f"{s['file_bytes'] / r['size']['checkpoint_bytes']:.3f}x the checkpoint"],
+            ["weights", f"{o['weights']}, opset {o['opset']}: " +
+             ", ".join(f"{n} x {k}" for k, n in o["lowerings"].items())]]
+    v = o.get("validation")
+    if v:
+        rows += [["validation vs PyTorch", f"{'passed' if v['passed'] else 'FAILED'} on {v['windows']} x "
+                  f"{v['seq_len']} tokens + {v['decode_steps']} KV-cache steps"],
+                 ["max abs logit diff (prefill / decode)", f"{v['max_logit_diff']:.2e} / "
+                  f"{v['decode_max_logit_diff']:.2e} (limit {v['tolerance']['max_logit_diff']})"],
+                 ["top-1 agreement", f"{v['top1_agreement']:.4f}"],
+                 ["perplexity onnxruntime / PyTorch", f"{v['perplexity_onnx']:.4f} / {v['perplexity_torch']:.4f}"]]
+    return rows
+
+
 def markdown(r: dict) -> str:
     size = r["size"]
     lines = [f"# compress report: {r['recipe']['name']} on {r['model']['spec']}", "", _verdict(r), ""]
@@ -74,6 +95,8 @@ def markdown(r: dict) -> str:
               f"{size['model_bits_per_weight']:.3f} |",
               f"| compressed layers only | {size['compressed_layers_bytes']} | "
               f"{size['compressed_layers_bytes'] / 1e6:.2f} | {size['compressed_layers_bits_per_weight']:.3f} |", ""]
+    if r.get("onnx"):
+        lines += ["## ONNX export", "", "| | |", "|---|---|"] + [f"| {a} | {b} |" for a, b in onnx_rows(r)] + [""]
     lines += ["## Passes", "", "| # | pass | seconds |", "|---|---|---|"]
     for p in r["passes"]:
         lines.append(f"| {p['index']} | {p['type']} | {p['seconds']:.2f} |")

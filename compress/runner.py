@@ -185,6 +185,9 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
             save_checkpoint(model, tokenizer, tmp, recipe.export.dense_dtype, content=content,
                             extra={"recipe_hash": recipe.digest(), "compress_version": __version__})
             report["size"]["checkpoint_file_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
+        if recipe.export.onnx is not None:
+            report["onnx"] = _export_onnx(model, tokenizer, tmp / "onnx", recipe, windows, log)
+            report["size"]["onnx_file_bytes"] = report["onnx"]["size"]["file_bytes"]
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         write_reports(report, tmp)
         (tmp / "run.log").write_text(log.text())
@@ -196,6 +199,19 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return RunOutcome(report, out_dir, checks)
+
+
+def _export_onnx(model, tokenizer, folder, recipe, windows, log) -> dict:
+    from .export.onnx import Tolerance, export_onnx
+
+    cfg = recipe.export.onnx
+    log(f"exporting ONNX ({cfg.weights} weights) to {folder.name}/")
+    tol = Tolerance(cfg.max_logit_diff, cfg.min_top1_agreement, cfg.max_perplexity_diff)
+    check = windows[: cfg.windows, : cfg.seq_len] if cfg.validation else None
+    info = export_onnx(model, tokenizer, folder, check, cfg.weights, 4 if cfg.int8_activations else 0,
+                       DTYPES[recipe.export.dense_dtype], tol, log)
+    return {k: info[k] for k in ("size", "lowerings", "opset", "weights", "timing")} | \
+        {"validation": info.get("validation")}
 
 
 def _short(v):

@@ -1,0 +1,161 @@
+"""The ONNX decoder graph of a Llama-like model, with a KV cache.
+
+Inputs: ``input_ids`` [batch, seq], ``attention_mask`` [batch, past + seq] (1 = token, 0 = padding),
+``position_ids`` [batch, seq], and per layer ``past_key_values.{i}.key|value``
+[batch, kv_heads, past, head_dim] (past = 0 for the prefill). Outputs: ``logits``
+[batch, seq, vocab] and ``present.{i}.key|value`` [batch, kv_heads, past + seq, head_dim].
+Batch, sequence and past lengths are dynamic; prefill and decode run the same graph.
+
+The graph follows transformers' ``LlamaForCausalLM`` op for op in float32: RMSNorm, rotary
+embedding from the model's own ``inv_freq`` (so rope scaling variants carry over), grouped-query
+attention (query heads grouped by their KV head, no copy of the cache), causal + padding mask,
+SiLU-gated MLP. Standard opset-21 ops only; the weights decide whether contrib ops appear
+(see ``weights.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from onnx import TensorProto
+
+from ..errors import ExportError
+from ..formats import DenseWeight
+from .graph import FLOAT, INT64, Graph
+from .weights import LayerExport, WeightLowering, as_float, torch_initializer
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+def check_exportable(model) -> None:
+    cfg = model.config
+    if cfg.model_type not in SUPPORTED:
+        raise ExportError(f"ONNX export supports Llama-like decoders ({', '.join(SUPPORTED)}), not "
+                          f"'{cfg.model_type}'", "export the compressed checkpoint with another tool, or open an issue")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ExportError(f"ONNX export: activation '{cfg.hidden_act}' is not supported", "only SiLU MLPs")
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and getattr(cfg, "use_sliding_window", True) and window < cfg.max_position_embeddings:
+        raise ExportError("ONNX export: sliding-window attention is not supported", "use a model without it")
+
+
+def _linear(low: WeightLowering, x: str, module, name: str) -> str:
+    fmt = getattr(module, "fmt", None)
+    if fmt is None:  # a plain nn.Linear, stored in the checkpoint's dtype
+        fmt = DenseWeight(module.weight, low.dense_dtype or module.weight.dtype)
+    return low.linear(x, fmt, module.bias, name)
+
+
+def _rms_norm(g: Graph, x: str, module, name: str) -> str:
+    """HF's RMSNorm: x / sqrt(mean(x^2) + eps) * weight (the pattern onnxruntime fuses)."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+    mean = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), g.const([-1]), keepdims=1)
+    normed = g.op("Div", x, g.op("Sqrt", g.op("Add", mean, g.const(eps, np.float32))))
+    return g.op("Mul", normed, as_float(g, f"{name}.weight", module.weight.detach().float()))
+
+
+def _rotate(g: Graph, x: str, cos: str, sin: str, half: int) -> str:
+    first, second = g.op("Split", x, g.const([half, half]), axis=-1, outputs=2)
+    rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
+    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+
+
+def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_dtype: torch.dtype | None = None):
+    """(ModelProto, WeightLowering, io facts) for ``model`` (a Llama-like ``*ForCausalLM``)."""
+    check_exportable(model)
+    cfg = model.config
+    g = Graph()
+    low = WeightLowering(g, weights, accuracy_level)
+    low.dense_dtype = dense_dtype
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    group = heads // kv_heads
+    layers = model.model.layers
+
+    ids = g.input("input_ids", INT64, ["batch", "sequence"])
+    mask = g.input("attention_mask", INT64, ["batch", "total_sequence"])
+    positions = g.input("position_ids", INT64, ["batch", "sequence"])
+    past = []
+    for i in range(len(layers)):
+        past.append([g.input(f"past_key_values.{i}.{kv}", FLOAT, ["batch", kv_heads, "past_sequence", head_dim])
+                     for kv in ("key", "value")])
+
+    # embeddings, stored in the checkpoint's dtype; a tied lm_head reads the same initializer
+    embed = model.model.embed_tokens.weight.detach()
+    if dense_dtype is not None:
+        embed = embed.to(dense_dtype)
+    embed_init = torch_initializer(g, "model.embed_tokens.weight", embed)
+    embed_float = embed_init if embed.dtype == torch.float32 else g.op("Cast", embed_init, to=FLOAT)
+    h = g.op("Gather", embed_float, ids)
+
+    # additive mask [batch, 1, 1, seq, total]: causal over absolute positions, and padding
+    total = g.op("Gather", g.op("Shape", mask), g.const(1))
+    seq = g.op("Gather", g.op("Shape", ids), g.const(1))
+    key_pos = g.op("Range", g.const(0), total, g.const(1))
+    query_pos = g.op("Range", g.op("Sub", total, seq), total, g.const(1))
+    causal = g.op("LessOrEqual", g.op("Unsqueeze", key_pos, g.const([0])), g.op("Unsqueeze", query_pos, g.const([1])))
+    padding = g.op("Unsqueeze", g.op("Cast", mask, to=TensorProto.BOOL), g.const([1, 2, 3]))
+    allowed = g.op("And", causal, padding)
+    neg = float(np.finfo(np.float32).min)
+    bias = g.op("Where", allowed, g.const(0.0, np.float32), g.const(neg, np.float32))
+
+    # rotary tables [batch, 1, seq, head_dim]
+    rotary = model.model.rotary_emb
+    inv_freq = rotary.inv_freq.detach().float().cpu().numpy()
+    position = g.op("Unsqueeze", g.op("Cast", positions, to=FLOAT), g.const([-1]))
+    freqs = g.op("Mul", position, g.const(inv_freq, np.float32))
+    angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    cos = g.op("Mul", g.op("Cos", angles), g.const(scaling, np.float32))
+    sin = g.op("Mul", g.op("Sin", angles), g.const(scaling, np.float32))
+
+    presents = []
+    for i, layer in enumerate(layers):
+        p = f"model.layers.{i}"
+        attn = layer.self_attn
+        x = _rms_norm(g, h, layer.input_layernorm, f"{p}.input_layernorm")
+
+        def heads_first(t, n):  # [b, s, n*hd] -> [b, n, s, hd]
+            return g.op("Transpose", g.op("Reshape", t, g.const([0, 0, n, head_dim])), perm=[0, 2, 1, 3])
+
+        q = heads_first(_linear(low, x, attn.q_proj, f"{p}.self_attn.q_proj"), heads)
+        k = heads_first(_linear(low, x, attn.k_proj, f"{p}.self_attn.k_proj"), kv_heads)
+        v = heads_first(_linear(low, x, attn.v_proj, f"{p}.self_attn.v_proj"), kv_heads)
+        q = _rotate(g, q, cos, sin, head_dim // 2)
+        k = _rotate(g, k, cos, sin, head_dim // 2)
+        key = g.op("Concat", past[i][0], k, axis=2)
+        value = g.op("Concat", past[i][1], v, axis=2)
+        presents += [(key, f"present.{i}.key"), (value, f"present.{i}.value")]
+        # query heads grouped by their KV head: [b, kv, group, s, hd] against [b, kv, 1, t, hd]
+        q5 = g.op("Reshape", g.op("Mul", q, g.const(head_dim ** -0.5, np.float32)),
+                  g.const([0, kv_heads, group, -1, head_dim]))
+        k5 = g.op("Unsqueeze", key, g.const([2]))
+        v5 = g.op("Unsqueeze", value, g.const([2]))
+        scores = g.op("Add", g.op("MatMul", q5, g.op("Transpose", k5, perm=[0, 1, 2, 4, 3])), bias)
+        context = g.op("MatMul", g.op("Softmax", scores, axis=-1), v5)
+        context = g.op("Reshape", g.op("Transpose", g.op("Reshape", context, g.const([0, heads, -1, head_dim])),
+                                       perm=[0, 2, 1, 3]), g.const([0, 0, heads * head_dim]))
+        h = g.op("Add", h, _linear(low, context, attn.o_proj, f"{p}.self_attn.o_proj"))
+
+        x = _rms_norm(g, h, layer.post_attention_layernorm, f"{p}.post_attention_layernorm")
+        mlp = layer.mlp
+        gate = _linear(low, x, mlp.gate_proj, f"{p}.mlp.gate_proj")
+        up = _linear(low, x, mlp.up_proj, f"{p}.mlp.up_proj")
+        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+        h = g.op("Add", h, _linear(low, act, mlp.down_proj, f"{p}.mlp.down_proj"))
+
+    h = _rms_norm(g, h, model.model.norm, "model.norm")
+    head = model.lm_head
+    tied = getattr(head, "weight", None) is not None and head.weight is model.model.embed_tokens.weight
+    if tied:
+        logits = g.op("MatMul", h, g.op("Transpose", embed_float))
+        low.layers["lm_head"] = LayerExport("tied to model.embed_tokens", 0)
+    else:
+        logits = _linear(low, h, head, "lm_head")
+    g.output(logits, "logits", FLOAT, ["batch", "sequence", cfg.vocab_size])
+    for value, name in presents:
+        g.output(value, name, FLOAT, ["batch", kv_heads, "total_sequence", head_dim])
+    io = {"layers": len(layers), "kv_heads": kv_heads, "head_dim": head_dim, "heads": heads,
+          "vocab_size": cfg.vocab_size, "tied_embeddings": tied,
+          "embedding_dtype": str(embed.dtype).removeprefix("torch.")}
+    return g.model(low.opset), low, io

@@ -1,0 +1,131 @@
+"""Running an exported model in onnxruntime: sessions, the KV-cache loop, greedy generation;
+and the same greedy loop on a PyTorch model, so both can be compared token for token."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+from ..modules import dequantized_weights
+
+ONNX_FILE = "model.onnx"
+EXPORT_META = "export.json"
+
+
+def session(path: Path, threads: int | None = None):
+    """An onnxruntime CPU session; a missing, truncated or corrupted file is a one-line error."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a loadable ONNX model, corrupted or truncated ({first[:160]})",
+                              "export it again with `compress export`") from None
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    prefill_seconds: float
+    decode_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def ms_per_token(self) -> float | None:
+        steps = sorted(self.decode_seconds)
+        return 1000 * steps[len(steps) // 2] if steps else None
+
+
+class OnnxCausalLM:
+    """A decoder exported by ``compress export``: ``forward`` one chunk with the KV cache."""
+
+    def __init__(self, folder, threads: int | None = None):
+        folder = Path(folder)
+        for needed in (ONNX_FILE, EXPORT_META):
+            if not (folder / needed).is_file():
+                raise CheckpointError(f"{folder} is not an ONNX export: {needed} is missing",
+                                      "pass the onnx/ folder of a run, or the output of `compress export`")
+        try:
+            self.meta = json.loads((folder / EXPORT_META).read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{folder / EXPORT_META}: corrupted ({e})", "export it again") from None
+        self.folder = folder
+        self.session = session(folder / ONNX_FILE, threads)
+        self.layers, self.kv_heads, self.head_dim = (self.meta["io"][k] for k in ("layers", "kv_heads", "head_dim"))
+
+    @classmethod
+    def from_session(cls, sess, io: dict):
+        self = cls.__new__(cls)
+        self.session, self.meta = sess, {"io": io}
+        self.layers, self.kv_heads, self.head_dim = io["layers"], io["kv_heads"], io["head_dim"]
+        return self
+
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)] * (2 * self.layers)
+
+    def forward(self, ids: np.ndarray, cache: list[np.ndarray], mask: np.ndarray | None = None):
+        """(logits [b, s, vocab], new cache) for ``ids`` [b, s] after ``cache``."""
+        batch, seq = ids.shape
+        past = cache[0].shape[2]
+        if mask is None:
+            mask = np.ones((batch, past + seq), np.int64)
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, past:]
+        feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask, "position_ids": positions}
+        for i in range(self.layers):
+            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = cache[2 * i], cache[2 * i + 1]
+        logits, *present = self.session.run(None, feed)
+        return logits, present
+
+    def greedy(self, prompt: list[int], max_new_tokens: int, eos: set[int] = frozenset()) -> Generation:
+        t = time.perf_counter()
+        logits, cache = self.forward(np.array([prompt]), self.empty_cache(1))
+        gen = Generation([], time.perf_counter() - t)
+        for _ in range(max_new_tokens):
+            token = int(logits[0, -1].argmax())
+            gen.tokens.append(token)
+            if token in eos or len(gen.tokens) == max_new_tokens:
+                break
+            t = time.perf_counter()
+            logits, cache = self.forward(np.array([[token]]), cache)
+            gen.decode_seconds.append(time.perf_counter() - t)
+        return gen
+
+
+@torch.no_grad()
+def torch_greedy(model, prompt: list[int], max_new_tokens: int, eos: set[int] = frozenset(),
+                 device="cpu") -> Generation:
+    """The same greedy loop as :meth:`OnnxCausalLM.greedy`, on a PyTorch model with its KV cache."""
+    with dequantized_weights(model):
+        t = time.perf_counter()
+        out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+        gen = Generation([], time.perf_counter() - t)
+        for _ in range(max_new_tokens):
+            token = int(out.logits[0, -1].argmax())
+            gen.tokens.append(token)
+            if token in eos or len(gen.tokens) == max_new_tokens:
+                break
+            t = time.perf_counter()
+            out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values,
+                        use_cache=True)
+            gen.decode_seconds.append(time.perf_counter() - t)
+    return gen
+
+
+def eos_ids(tokenizer, generation_config=None) -> set[int]:
+    ids = set()
+    for source in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return ids

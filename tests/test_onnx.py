@@ -1,0 +1,173 @@
+"""ONNX export on the real model: every weight format's lowering checked in onnxruntime against
+PyTorch, greedy generation through the exported KV cache, the run integration, and bad input."""
+
+import copy
+import json
+import shutil
+
+import onnx
+import pytest
+import torch
+from conftest import RECIPES, cli
+
+from compress.data import evaluation_windows
+from compress.errors import ExportError
+from compress.export.onnx import export_to_folder
+from compress.export.runtime import OnnxCausalLM, eos_ids, torch_greedy
+from compress.formats import DenseWeight, SparseWeight, WeightFormat, compact, quantize_rtn
+from compress.modules import CompressedLinear
+from compress.passes.kmeans import KMeansConfig, palettize
+from compress.quant import QuantSpec
+
+# One format per kind of linear layer, so a single export exercises every lowering.
+FORMATS = {
+    "self_attn.q_proj": lambda w: quantize_rtn(w, QuantSpec(4, 64)),                      # MatMulNBits 4-bit
+    "self_attn.k_proj": lambda w: quantize_rtn(w, QuantSpec(3, None)),                    # 3-bit, in-graph
+    "self_attn.v_proj": lambda w: quantize_rtn(w, QuantSpec(2, 32, symmetric=True)),      # 2-bit symmetric
+    "self_attn.o_proj": lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="nf")),           # NormalFloat
+    "mlp.gate_proj": lambda w: palettize(w, KMeansConfig(type="kmeans", bits=3, outliers=0.005,
+                                                          table_dtype="int8", iterations=10)),
+    "mlp.up_proj": lambda w: _sparse(w, lambda kept: quantize_rtn(kept, QuantSpec(4, 64)), None),
+    "mlp.down_proj": lambda w: _sparse(w, lambda kept: DenseWeight(kept), "2:4"),
+}
+
+
+def _sparse(w, inner, pattern):
+    if pattern == "2:4":
+        keep = w.abs().reshape(w.shape[0], -1, 4).topk(2, dim=-1).indices
+        mask = torch.zeros(w.shape[0], w.shape[1] // 4, 4, dtype=torch.bool).scatter_(2, keep, True).reshape(w.shape)
+    else:  # every row keeps its largest half (SparseWeight needs the same count per row)
+        mask = torch.zeros(w.shape, dtype=torch.bool).scatter_(1, w.abs().topk(w.shape[1] // 2, dim=1).indices, True)
+    return SparseWeight(mask, inner(compact(w, mask)), pattern)
+
+
+@pytest.fixture(scope="module")
+def mixed(smol):
+    """The real model with one layer of every block compressed, in turn through the seven formats (all
+    seven layers of a block in crude formats without calibration would leave a broken model whose
+    logits amplify float rounding); the other layers stay dense float16."""
+    model, tok, _ = smol
+    model = copy.deepcopy(model)
+    for i, layer in enumerate(model.model.layers):
+        path, make = list(FORMATS.items())[i % len(FORMATS)]
+        parent, _, child = path.rpartition(".")
+        old = layer.get_submodule(path)
+        setattr(layer.get_submodule(parent), child, CompressedLinear.from_module(old, make(old.weight.detach())))
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def windows(smol):
+    return evaluation_windows("pydoc", smol[1], 128, 2, "pydoc")
+
+
+@pytest.fixture(scope="module")
+def mixed_export(mixed, windows, tmp_path_factory):
+    model, tok = mixed
+    out = tmp_path_factory.mktemp("onnx") / "mixed"
+    info = export_to_folder(model, tok, out, windows=windows, dense_dtype=torch.float16, log=lambda m: None)
+    return out, info
+
+
+def test_every_format_exports_and_matches_pytorch(mixed_export, mixed):
+    out, info = mixed_export
+    v = info["validation"]
+    assert v["passed"], v["failures"]
+    assert v["max_logit_diff"] < 0.05 and v["decode_max_logit_diff"] < 0.05 and v["top1_agreement"] > 0.995
+    layers = info["layers"]
+    for i, path in enumerate(FORMATS):
+        lowering = layers[f"model.layers.{i}.{path}"]["lowering"]
+        expected = {0: "MatMulNBits 4-bit block 64", 2: "MatMulNBits 2-bit block 32"}.get(i, "in-graph decode")
+        assert lowering.startswith(expected), (path, lowering)
+    assert layers["model.layers.0.mlp.up_proj"]["lowering"] == "dense float16"
+    # the file keeps the compression: in-graph decoding stores the checkpoint's bytes; MatMulNBits the same
+    # codes and zero points, with its scales in float32 instead of float16
+    compressed = {n: m.fmt for n, m in mixed[0].named_modules() if isinstance(m, CompressedLinear)}
+    for name, fmt in compressed.items():
+        extra = 2 * fmt.scales.numel() if layers[name]["lowering"].startswith("MatMulNBits") else 0
+        assert fmt.nbytes() <= layers[name]["file_bytes"] <= fmt.nbytes() + extra + 256, (name, fmt.describe())
+    on_disk = (out / "model.onnx").stat().st_size + (out / "model.onnx.data").stat().st_size
+    assert on_disk == info["size"]["file_bytes"]
+
+
+def test_greedy_tokens_match_pytorch_through_the_kv_cache(mixed_export, mixed, windows):
+    out, _ = mixed_export
+    model, tok = mixed
+    prompt = windows[1, :32].tolist()
+    lm = OnnxCausalLM(out)
+    got = lm.greedy(prompt, 24, eos_ids(tok))
+    want = torch_greedy(model, prompt, 24, eos_ids(tok))
+    assert got.tokens == want.tokens and len(got.tokens) == 24
+
+
+def test_portable_export_uses_standard_ops_only(mixed, windows, tmp_path):
+    model, tok = mixed
+    info = export_to_folder(model, tok, tmp_path / "portable", windows=windows[:1], weights="portable",
+                            dense_dtype=torch.float16, log=lambda m: None)
+    assert info["validation"]["passed"], info["validation"]["failures"]
+    proto = onnx.load(str(tmp_path / "portable" / "model.onnx"), load_external_data=False)
+    assert {o.domain for o in proto.opset_import} == {""} and info["opset"] == 25  # 2-bit DequantizeLinear
+    assert not any(n.domain for n in proto.graph.node)
+    assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == 9  # 4-bit q and 2-bit v layers
+
+
+def test_run_exports_onnx_and_generate_agrees_with_checkpoint(tmp_path):
+    out = tmp_path / "w4"
+    result = cli("run", RECIPES / "w4-rtn.yaml", "smollm2-135m", "--out", out, "--quiet",
+                 "--set", "evaluate.max_windows=2", "--set", "evaluate.seq_len=256", "--set", "export.onnx=true")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    onnx_info = report["onnx"]
+    assert onnx_info["validation"]["passed"]
+    assert onnx_info["lowerings"]["MatMulNBits 4-bit block 128"] == 210
+    assert report["size"]["onnx_file_bytes"] <= 1.15 * report["size"]["checkpoint_bytes"]
+    assert "## ONNX export" in (out / "report.md").read_text()
+    prompt = "The import statement combines two operations; it searches for the named module, then"
+    from_onnx = cli("generate", out / "onnx", prompt, "-n", 16, "--json")
+    from_checkpoint = cli("generate", out, prompt, "-n", 16, "--json")
+    assert from_onnx.exit_code == 0 and from_checkpoint.exit_code == 0, from_onnx.output + from_checkpoint.output
+    a, b = json.loads(from_onnx.stdout), json.loads(from_checkpoint.stdout)
+    assert (a["runtime"], b["runtime"]) == ("onnxruntime", "pytorch")
+    assert a["tokens"] == b["tokens"] and len(a["text"].split()) >= 3
+
+
+@pytest.mark.parametrize("damage", ["truncate-graph", "truncate-data", "garbage-graph"])
+def test_damaged_onnx_gives_one_line_error(mixed_export, tmp_path, damage):
+    src, _ = mixed_export
+    dst = tmp_path / "damaged"
+    shutil.copytree(src, dst)
+    target = dst / ("model.onnx.data" if damage == "truncate-data" else "model.onnx")
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2] if damage.startswith("truncate") else b"not an onnx file" * 10)
+    result = cli("generate", dst, "Hello", "-n", 4)
+    assert result.exit_code == 2
+    assert "corrupted or truncated" in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+class OddFormat(WeightFormat):
+    kind = "odd"
+
+    def __init__(self, shape):
+        self.shape = shape
+
+
+def test_unsupported_format_fails_naming_the_layer(smol, tmp_path):
+    model, tok, _ = smol
+    model = copy.deepcopy(model)
+    target = model.model.layers[3].mlp.up_proj
+    model.model.layers[3].mlp.up_proj = CompressedLinear(OddFormat(tuple(target.weight.shape)))
+    with pytest.raises(ExportError, match=r"model\.layers\.3\.mlp\.up_proj.*'odd'"):
+        export_to_folder(model, tok, tmp_path / "x", windows=None, log=lambda m: None)
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp*"))
+
+
+def test_unsupported_architecture_is_a_one_line_error(smol, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = smol[1]
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tok))).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    result = cli("export", tmp_path / "gpt2", tmp_path / "out", "--no-validate")
+    assert result.exit_code == 2 and "Llama-like" in result.stderr
+    assert not (tmp_path / "out").exists()
