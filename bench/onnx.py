@@ -1,0 +1,149 @@
+"""ONNX Runtime bench on SmolLM2-135M: file size, session load, prefill throughput and decode latency of
+the exported model, fp32 against compressed variants, and whether greedy tokens equal PyTorch's.
+
+    python bench/onnx.py [--samples 16] [--threads 2] [--only NAME]
+
+Each variant is compressed in-process (small calibration: speed, not quality, is measured here),
+exported with validation, then timed in a fresh process (clean peak memory): prefill of a 256-token
+prompt (tokens/s) and the median of 32 decode steps with the KV cache after a 32-token prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# this file is named like the onnx package: keep its folder off the import path, load common.py by path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+
+def _load(path: Path, name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+VARIANTS = {
+    "fp32": [],
+    "4-bit RTN g128 (MatMulNBits)": [{"type": "rtn", "bits": 4, "group_size": 128}],
+    "4-bit RTN g128 (MatMulNBits, int8 activations)": [{"type": "rtn", "bits": 4, "group_size": 128}],
+    "4-bit RTN g128 (portable DequantizeLinear)": [{"type": "rtn", "bits": 4, "group_size": 128}],
+    "3-bit RTN g128 (in-graph decode)": [{"type": "rtn", "bits": 3, "group_size": 128}],
+    "2-bit GPTQ g32 (MatMulNBits)": [{"type": "gptq", "bits": 2, "group_size": 32}],
+    "4-bit k-means per channel": [{"type": "kmeans", "bits": 4, "granularity": "channel", "sensitivity": "none"}],
+    "3-bit k-means per channel + 0.5% outliers": [{"type": "kmeans", "bits": 3, "granularity": "channel",
+                                                   "outliers": "0.5%", "table_dtype": "int8"}],
+    "2:4 Wanda + 4-bit GPTQ g64": [{"type": "wanda", "pattern": "2:4"}, {"type": "gptq", "bits": 4, "group_size": 64}],
+}
+
+
+def export_variant(name: str, passes: list, out: Path, samples: int) -> dict:
+    import torch
+
+    from compress.checkpoint import checkpoint_content, round_to_storage
+    from compress.data import calibration_batches, evaluation_windows
+    from compress.export.onnx import Tolerance, export_onnx
+    from compress.export.runtime import eos_ids, torch_greedy
+    from compress.models import resolve
+    from compress.pipeline import plan, run_passes
+    from compress.recipe import parse_recipe
+
+    model, tok, _ = resolve("smollm2-135m")
+    steps = plan(parse_recipe({"passes": passes}).passes)
+    dense = torch.float32 if not passes else torch.float16
+    if passes:
+        cal = calibration_batches("pydoc", tok, samples, 256, seed=0, heldout_spec="pydoc")
+        run_passes(model, steps, cal, "cpu")
+        round_to_storage(model, "float16")
+    windows = evaluation_windows("pydoc", tok, 256, 2, "pydoc")
+    int8 = "int8" in name
+    info = export_onnx(model, tok, Path(out), windows, "portable" if "portable" in name else "fast", 4 if int8 else 0,
+                       dense, Tolerance(5.0 if int8 else 0.05, 0.9 if int8 else 0.995, 0.02 if int8 else 0.002),
+                       log=lambda m: None)
+    accounted = checkpoint_content(model, "float32" if not passes else "float16").nbytes()
+    prompt = windows[1, :32].tolist()
+    want = torch_greedy(model, prompt, 32, eos_ids(tok)).tokens
+    return {"file_bytes": info["size"]["file_bytes"], "accounted_bytes": accounted, "want": want, "prompt": prompt,
+            "validation": info["validation"]}
+
+
+def time_variant(folder: str, prompt: list[int], threads: int) -> dict:
+    import resource
+    import time
+
+    import numpy as np
+
+    from compress.export.runtime import OnnxCausalLM
+
+    t = time.perf_counter()
+    lm = OnnxCausalLM(folder, threads)
+    load = time.perf_counter() - t
+    long_prompt = np.arange(1000, 1256)[None]
+    lm.forward(long_prompt, lm.empty_cache(1))  # warm-up
+    prefill = []
+    for _ in range(3):
+        t = time.perf_counter()
+        lm.forward(long_prompt, lm.empty_cache(1))
+        prefill.append(time.perf_counter() - t)
+    gen = lm.greedy(prompt, 36)
+    steps = sorted(gen.decode_seconds[3:])  # first steps warm the kernels
+    return {"load_s": load, "prefill_tok_s": 256 / sorted(prefill)[1], "decode_ms": 1000 * steps[len(steps) // 2],
+            "tokens": gen.tokens[:32], "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default=None)
+    ap.add_argument("--keep", default=None, help="keep the exports in this folder")
+    a = ap.parse_args()
+    root = Path(a.keep or tempfile.mkdtemp(prefix="compress-onnx-bench-"))
+    rows = []
+    for name, passes in VARIANTS.items():
+        if a.only and not name.startswith(a.only):
+            continue
+        folder = root / "".join(c if c.isalnum() else "_" for c in name)
+        made = run_python("export_variant", name, passes, str(folder), a.samples)
+        timed = run_python("time_variant", str(folder), made["prompt"], a.threads)
+        v = made["validation"]
+        rows.append({"variant": name, "ONNX MB": made["file_bytes"] / 1e6,
+                     "ONNX / accounted": made["file_bytes"] / made["accounted_bytes"],
+                     "load s": timed["load_s"], "prefill tok/s": timed["prefill_tok_s"],
+                     "decode ms/token": timed["decode_ms"], "peak RSS MB": timed["rss_mb"],
+                     "max logit diff": v["max_logit_diff"], "ppl onnx": v["perplexity_onnx"],
+                     "greedy = PyTorch": "yes" if timed["tokens"] == made["want"] else
+                     f"{sum(x == y for x, y in zip(timed['tokens'], made['want'], strict=False))}/32"})
+        print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
+    base = next((r for r in rows if r["variant"] == "fp32"), None)
+    for r in rows:
+        r["decode speed-up vs fp32"] = base["decode ms/token"] / r["decode ms/token"] if base else None
+    print(f"SmolLM2-135M in onnxruntime (CPUExecutionProvider, {a.threads} threads); validation on 2 x 256 held-out "
+          f"pydoc tokens; prefill 256 tokens, decode median of 32 steps after a 32-token prompt")
+    columns = ["variant", "ONNX MB", "ONNX / accounted", "load s", "prefill tok/s", "decode ms/token",
+               "decode speed-up vs fp32", "peak RSS MB", "max logit diff", "ppl onnx", "greedy = PyTorch"]
+    _load(HERE / "common.py", "bench_common").print_table(columns, rows)
+
+
+def run_python(func: str, *args):
+    """``func(*args)`` of this file in a fresh interpreter (so peak memory is that row's alone)."""
+    script = (f"import json, sys, importlib.util as u; s = u.spec_from_file_location('bench_onnx', "
+              f"{str(Path(__file__).resolve())!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
+              f"print('RESULT' + json.dumps(m.{func}(*json.loads(sys.argv[1]))))")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(list(args))], capture_output=True, text=True,
+                          cwd=tempfile.gettempdir())
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT"):
+            return json.loads(line[6:])
+    raise RuntimeError(f"{func} failed:\n{proc.stderr[-3000:]}")
+
+
+if __name__ == "__main__":
+    main()
