@@ -171,3 +171,27 @@ def test_unsupported_architecture_is_a_one_line_error(smol, tmp_path):
     result = cli("export", tmp_path / "gpt2", tmp_path / "out", "--no-validate")
     assert result.exit_code == 2 and "Llama-like" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+FAMILY_RECIPES = ["w2-gptq", "w3-gptq", "w4-gptq", "palettize3-outliers", "palettize4-channel", "sparse50-wanda",
+                  "2of4-w4", "width25-structured"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", FAMILY_RECIPES)
+def test_every_family_exports_validates_and_generates_like_pytorch(recipe, tmp_path):
+    """Each ready recipe (small calibration) with the ONNX export on: validation passes, and 32 greedy
+    tokens after a 32-token held-out prompt are the same in onnxruntime and PyTorch."""
+    out = tmp_path / recipe
+    result = cli("run", RECIPES / f"{recipe}.yaml", "smollm2-135m", "--out", out, "--quiet", "--keep-failed",
+                 "--set", "calibration.samples=16", "--set", "calibration.seq_len=256",
+                 "--set", "evaluate.max_windows=2", "--set", "evaluate.seq_len=256", "--set", "export.onnx=true")
+    assert result.exit_code in (0, 1), result.output  # 1: a size/quality budget of the full recipe missed
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnx"]["validation"]["passed"]
+    assert report["size"]["onnx_file_bytes"] <= 1.15 * report["size"]["checkpoint_bytes"]
+    import compress
+
+    model, tok = compress.load(out)
+    prompt = evaluation_windows("pydoc", tok, 64, 1, "pydoc")[0, :32].tolist()
+    assert OnnxCausalLM(out / "onnx").greedy(prompt, 32).tokens == torch_greedy(model, prompt, 32).tokens

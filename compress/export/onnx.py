@@ -59,6 +59,7 @@ def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, w
     except (ValueError, KeyError) as e:
         raise ExportError(f"ONNX export failed: {e}", "see the layers table of the report") from None
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DATA_FILE).unlink(missing_ok=True)  # onnx appends external data to an existing file
     onnx.save_model(proto, str(out_dir / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
     del proto
