@@ -1,28 +1,262 @@
-"""Dispatch of compressed matmuls to CuPy raw CUDA kernels (``cuda/*.cu``).
+"""Compressed matmuls on the GPU through CuPy raw CUDA kernels (``cuda/*.cu``), with a torch fallback.
 
-Importing this module never needs CuPy or a GPU. :func:`compressed_matmul` returns None when
-no kernel applies (no CuPy, no GPU, or no kernel for the format), and the caller falls back to
-the torch reference path.
+Importing this module never needs CuPy or a GPU. :func:`compressed_matmul` returns None when no
+kernel applies (no CuPy, no GPU, float32 activations, or a format without a kernel) and
+``CompressedLinear`` then takes the torch reference path (dequantize + matmul).
+
+The kernels read the checkpoint's own layouts. :func:`kernel_plan` turns a format into what a
+launch needs (kernel name, byte buffers, an int32 ``dims`` array, and for outliers a CSR correction);
+it is plain torch, and :func:`emulate` computes a plan's product in torch the way the kernels do,
+so the plans are tested on machines without a GPU. Device copies of a plan's buffers are made once
+per format object and kept while it lives.
 """
 
-from functools import lru_cache
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from functools import cache, lru_cache
 from pathlib import Path
 
+import torch
+
 CUDA_DIR = Path(__file__).resolve().parent.parent / "cuda"
+SOURCES = ("compressed_gemv.cu", "kmeans_assign.cu")
+INT_ASYM, INT_SYM, GRID, LUT, DENSE = range(5)
+COL_DENSE, COL_NM = 0, 1
+MAX_M = 16            # activation rows per launch (cuda/compressed_gemv.cu)
+WARPS_PER_BLOCK = 4
+DIMS = ("bits", "group_size", "groups", "row_bytes", "zero_row_bytes", "rows_per_table", "value_cols",
+        "nm_keep", "nm_group", "index_bits", "index_row_bytes")
+DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16"}
+BUFFERS = ("codes", "scales", "zeros", "lut", "values", "nm_index")
 
 
 @lru_cache(maxsize=1)
 def cupy_available() -> bool:
     try:
-        import cupy  # noqa: F401
+        import cupy
 
         return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
+    except Exception:  # not installed, no driver, no device: all mean "use the torch path"
         return False
 
 
-def compressed_matmul(fmt, x):
-    """``x @ W.T`` for a compressed weight on the GPU, or None when no kernel applies."""
-    if not cupy_available():
+@cache
+def cuda_module(source: str):
+    """The compiled CuPy module of ``cuda/<source>`` (compiled once per process, cached by CuPy on disk)."""
+    import cupy
+
+    return cupy.RawModule(code=(CUDA_DIR / source).read_text(), options=("-std=c++17",))
+
+
+@dataclass
+class KernelPlan:
+    value_mode: int
+    col_mode: int
+    rows: int
+    cols: int                     # K of the activations
+    kept: int                     # values per row the kernel walks (K, or the kept count when sparse)
+    dims: dict[str, int]
+    buffers: dict[str, torch.Tensor]
+    bitmap: torch.Tensor | None = None          # [N, ceil(K/8)] keep mask (unstructured sparsity)
+    outliers: tuple | None = None               # (row_start int32 [N+1], cols int32, delta float32)
+    _device: dict = field(default_factory=dict)
+
+    def kernel(self, dtype: torch.dtype) -> str:
+        t = DTYPE_NAMES[dtype]
+        if self.bitmap is not None:
+            return f"bitmap_gemv_{t}_v{self.value_mode}"
+        return f"gemv_{t}_v{self.value_mode}_c{self.col_mode}"
+
+
+def _value_plan(fmt, rows: int, kept: int) -> tuple[int, dict, dict, tuple | None]:
+    """(value mode, dims, buffers, outlier spec in this format's coordinates) of a kept-values format."""
+    from .formats import DenseWeight, QuantizedWeight
+    from .palette import OutlierWeight, PalettizedWeight
+    from .quant import grid_values
+
+    dims = dict.fromkeys(DIMS, 0)
+    if isinstance(fmt, OutlierWeight):
+        mode, dims, buffers, _ = _value_plan(fmt.inner, rows, kept)
+        r, c = fmt.positions()
+        delta = fmt.values.float() - fmt.inner.dequantize()[r, c]
+        return mode, dims, buffers, (r, c, delta)
+    if isinstance(fmt, QuantizedWeight):
+        s = fmt.spec
+        dims.update(bits=s.bits, group_size=s.group_size or kept, groups=s.groups(kept), row_bytes=fmt.codes.shape[1])
+        buffers = {"codes": fmt.codes, "scales": fmt.scales}
+        if s.grid != "int":
+            buffers["lut"] = grid_values(s.grid, s.bits).float()
+            return GRID, dims, buffers, None
+        if s.has_zeros:
+            buffers["zeros"] = fmt.zeros
+            dims["zero_row_bytes"] = fmt.zeros.shape[1]
+            return INT_ASYM, dims, buffers, None
+        return INT_SYM, dims, buffers, None
+    if isinstance(fmt, PalettizedWeight):
+        dims.update(bits=fmt.bits, row_bytes=fmt.indices.shape[1], rows_per_table=fmt.rows_per_table)
+        return LUT, dims, {"codes": fmt.indices, "lut": fmt.tables().reshape(-1)}, None
+    if isinstance(fmt, DenseWeight):
+        dims["value_cols"] = kept
+        return DENSE, dims, {"values": fmt.weight.half()}, None
+    raise TypeError(type(fmt).__name__)
+
+
+def kernel_plan(fmt) -> KernelPlan | None:
+    """How the kernels compute with ``fmt``, or None when no kernel takes it (dense weights: cuBLAS)."""
+    from .formats import DenseWeight, SparseWeight, nm_pattern
+
+    rows, cols = fmt.shape
+    try:
+        if isinstance(fmt, DenseWeight):
+            return None
+        if not isinstance(fmt, SparseWeight):
+            mode, dims, buffers, outliers = _value_plan(fmt, rows, cols)
+            return KernelPlan(mode, COL_DENSE, rows, cols, cols, dims, buffers, outliers=_csr(outliers, rows))
+        kept = int(fmt.mask[0].sum())
+        mode, dims, buffers, outliers = _value_plan(fmt.values, rows, kept)
+        kept_cols = fmt.mask.nonzero()[:, 1].reshape(rows, kept)
+        if outliers is not None:  # compacted column -> column of the activations
+            r, c, delta = outliers
+            outliers = (r, kept_cols[r, c], delta)
+        nm = nm_pattern(fmt.pattern)
+        if nm is None:
+            from .packing import pack_rows
+
+            return KernelPlan(mode, COL_DENSE, rows, cols, kept, dims, buffers,
+                              bitmap=pack_rows(fmt.mask.to(torch.uint8), 1), outliers=_csr(outliers, rows))
+        n, m = nm
+        index = fmt._position_tensors()["indices"]
+        dims.update(nm_keep=n, nm_group=m, index_bits=(m - 1).bit_length(), index_row_bytes=index.shape[1])
+        buffers["nm_index"] = index
+        return KernelPlan(mode, COL_NM, rows, cols, kept, dims, buffers, outliers=_csr(outliers, rows))
+    except TypeError:
         return None
-    return None  # kernels land with the CUDA issue; the reference path is used meanwhile
+
+
+def _csr(outliers, rows: int):
+    if outliers is None:
+        return None
+    r, c, delta = outliers
+    order = torch.argsort(r * (int(c.max()) + 1 if c.numel() else 1) + c)
+    counts = torch.bincount(r, minlength=rows)
+    row_start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    return row_start.int(), c[order].int(), delta[order].float()
+
+
+def emulate(plan: KernelPlan, x: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` computed from a plan's buffers the way the kernels read them (float32, on CPU)."""
+    from .packing import unpack_rows
+
+    d, b = plan.dims, plan.buffers
+    rows, kept = plan.rows, plan.kept
+    k = torch.arange(kept)
+    if plan.value_mode == DENSE:
+        values = b["values"].float()
+    else:
+        codes = unpack_rows(b["codes"], d["bits"], kept).long()
+        if plan.value_mode == LUT:
+            size = 1 << d["bits"]
+            values = b["lut"][(torch.arange(rows) // d["rows_per_table"] * size)[:, None] + codes]
+        else:
+            scale = b["scales"].float()[:, k // d["group_size"]]
+            if plan.value_mode == GRID:
+                values = b["lut"][codes] * scale
+            elif plan.value_mode == INT_SYM:
+                values = (codes - (1 << (d["bits"] - 1))) * scale
+            else:
+                zero = unpack_rows(b["zeros"], d["bits"], d["groups"]).float()[:, k // d["group_size"]]
+                values = (codes - zero) * scale
+    if plan.bitmap is not None:
+        mask = unpack_rows(plan.bitmap, 1, plan.cols).bool()
+        columns = mask.nonzero()[:, 1].reshape(rows, kept)
+    elif plan.col_mode == COL_NM:
+        index = unpack_rows(b["nm_index"], d["index_bits"], kept).long()
+        columns = (k // d["nm_keep"] * d["nm_group"])[None, :] + index
+    else:
+        columns = k.expand(rows, kept)
+    w = torch.zeros(rows, plan.cols).scatter_(1, columns, values.float())
+    if plan.outliers is not None:
+        row_start, cols, delta = plan.outliers
+        r = torch.repeat_interleave(torch.arange(rows), (row_start[1:] - row_start[:-1]).long())
+        w.index_put_((r, cols.long()), delta, accumulate=True)
+    return x.float() @ w.T
+
+
+_device_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _on_device(fmt, device) -> KernelPlan | None:
+    plan = _device_plans.get(fmt, False)
+    if plan is False:
+        plan = kernel_plan(fmt)
+        _device_plans[fmt] = plan
+    if plan is None:
+        return None
+    if device not in plan._device:
+        pad = torch.zeros(8, dtype=torch.uint8)  # kernels may read 8 bytes past a row (see the .cu)
+
+        def put(t):
+            return torch.cat([t.reshape(-1), pad]).to(device) if t.dtype == torch.uint8 else t.contiguous().to(device)
+
+        dummy = torch.zeros(16, dtype=torch.uint8, device=device)
+        bufs = {name: put(plan.buffers[name]) if name in plan.buffers else dummy for name in BUFFERS}
+        bufs["dims"] = torch.tensor([plan.dims[k] for k in DIMS], dtype=torch.int32, device=device)
+        if plan.bitmap is not None:
+            bufs["bitmap"] = put(plan.bitmap)
+        if plan.outliers is not None:
+            bufs["outliers"] = tuple(t.to(device) for t in plan.outliers)
+        plan._device[device] = bufs
+    return plan
+
+
+def compressed_matmul(fmt, x: torch.Tensor) -> torch.Tensor | None:
+    """``x @ W.T`` for a compressed weight and fp16/bf16 activations on a GPU, or None (use torch)."""
+    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and cupy_available()):
+        return None
+    plan = _on_device(fmt, x.device)
+    if plan is None:
+        return None
+    import cupy
+    import numpy as np
+
+    bufs = plan._device[x.device]
+    x2 = x.reshape(-1, plan.cols).contiguous()
+    total = x2.shape[0]
+    y = torch.empty(total, plan.rows, dtype=x.dtype, device=x.device)
+    module = cuda_module("compressed_gemv.cu")
+    gemv = module.get_function(plan.kernel(x.dtype))
+    grid, block = ((plan.rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,), (WARPS_PER_BLOCK * 32,)
+    weight = [bufs[name] for name in BUFFERS] + [bufs["dims"]]
+    n, k = np.int32(plan.rows), np.int32(plan.cols)
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream):
+        for start in range(0, total, MAX_M):
+            xs, ys = x2[start:start + MAX_M], y[start:start + MAX_M]
+            m = np.int32(xs.shape[0])
+            if plan.bitmap is not None:
+                gemv(grid, block, (xs, *weight, bufs["bitmap"], np.int32(plan.bitmap.shape[1]), ys, m, n, k))
+            else:
+                gemv(grid, block, (xs, *weight, ys, m, n, k, np.int32(plan.kept)))
+            if plan.outliers is not None:
+                add = module.get_function("csr_add_" + DTYPE_NAMES[x.dtype])
+                add(grid, block, (xs, *bufs["outliers"], ys, m, n, k))
+    return y.reshape(*x.shape[:-1], plan.rows)
+
+
+def kmeans_assign(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor | None:
+    """Nearest sorted centroid per value on the GPU (``values`` [T, n], ``centroids`` [T, k] float32),
+    uint8 codes; None when the kernel does not apply."""
+    if not (values.is_cuda and cupy_available() and centroids.shape[1] <= 256):
+        return None
+    import cupy
+    import numpy as np
+
+    values, centroids = values.float().contiguous(), centroids.float().contiguous()
+    t, n = values.shape
+    codes = torch.empty(t, n, dtype=torch.uint8, device=values.device)
+    kernel = cuda_module("kmeans_assign.cu").get_function("kmeans_assign")
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream(values.device).cuda_stream):
+        kernel((min(64, (n + 255) // 256), t), (256,), (values, centroids, codes, np.int32(n),
+                                                         np.int32(centroids.shape[1])))
+    return codes

@@ -20,7 +20,14 @@ CHUNK_ELEMENTS = 1 << 22  # values per chunk of rows
 
 
 def nearest(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centroid for ``values[T, n]`` given sorted ``centroids[T, k]`` (int64)."""
+    """Index of the nearest centroid for ``values[T, n]`` given sorted ``centroids[T, k]`` (int64).
+    On a GPU with CuPy the assignment runs in ``cuda/kmeans_assign.cu``."""
+    if values.is_cuda:
+        from .kernels import kmeans_assign
+
+        codes = kmeans_assign(values, centroids)
+        if codes is not None:
+            return codes.long()
     mids = (centroids[:, 1:] + centroids[:, :-1]) / 2
     return torch.searchsorted(mids.contiguous(), values.contiguous())
 

@@ -1,0 +1,161 @@
+"""CUDA kernels: every .cu compiles with nvcc for sm_80 and sm_90; the launch plans (what a kernel
+reads for each format) compute the format's product when emulated in torch; no CuPy / no GPU falls
+back to torch. The `gpu` tests compare the kernels themselves with the torch reference (needs an
+NVIDIA GPU and CuPy: `pytest -m gpu`)."""
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from compress import kernels
+from compress.formats import DenseWeight, SparseWeight, compact, quantize_rtn
+from compress.kmeans import nearest
+from compress.modules import CompressedLinear
+from compress.passes.kmeans import KMeansConfig, palettize
+from compress.quant import QuantSpec
+
+
+def _mask(w, pattern):
+    if pattern == "2:4":
+        keep = w.abs().reshape(w.shape[0], -1, 4).topk(2, dim=-1).indices
+        return torch.zeros(w.shape[0], w.shape[1] // 4, 4, dtype=torch.bool).scatter_(2, keep, True).reshape(w.shape)
+    return torch.zeros(w.shape, dtype=torch.bool).scatter_(1, w.abs().topk(w.shape[1] * 3 // 8, dim=1).indices, True)
+
+
+def formats(rows: int, cols: int, seed: int = 0):
+    """(name, format) for every layout a kernel serves, on a weight of the given (odd) shape."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    out = []
+    for bits in (2, 3, 4, 8):
+        out.append((f"int{bits} asym g32", quantize_rtn(w, QuantSpec(bits, 32))))
+        out.append((f"int{bits} sym per-row", quantize_rtn(w, QuantSpec(bits, None, symmetric=True))))
+    out.append(("nf4 g64", quantize_rtn(w, QuantSpec(4, 64, grid="nf"))))
+    out.append(("fp4 g32", quantize_rtn(w, QuantSpec(4, 32, grid="fp4"))))
+    for bits, granularity in ((3, "channel"), (4, "tensor"), (2, "group")):
+        cfg = KMeansConfig(type="kmeans", bits=bits, granularity=granularity, group_size=4, iterations=5)
+        out.append((f"palette{bits} {granularity}", palettize(w, cfg)))
+    out.append(("palette3 + outliers", palettize(w, KMeansConfig(type="kmeans", bits=3, outliers=0.02,
+                                                                 table_dtype="int8", iterations=5))))
+    if cols % 4 == 0:
+        m = _mask(w, "2:4")
+        out.append(("2:4 fp16", SparseWeight(m, DenseWeight(compact(w, m)), "2:4")))
+        out.append(("2:4 + int4", SparseWeight(m, quantize_rtn(compact(w, m), QuantSpec(4, 16)), "2:4")))
+    m = _mask(w, None)
+    out.append(("bitmap fp16", SparseWeight(m, DenseWeight(compact(w, m)))))
+    out.append(("bitmap + int3", SparseWeight(m, quantize_rtn(compact(w, m), QuantSpec(3, 16)))))
+    out.append(("bitmap + palette + outliers", SparseWeight(m, palettize(
+        w, KMeansConfig(type="kmeans", bits=3, outliers=0.02, iterations=5), mask=m))))
+    return out
+
+
+SHAPES = [(37, 100), (64, 576), (9, 1000)]
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES)
+def test_plans_compute_the_formats_product(rows, cols):
+    x = torch.randn(3, cols)
+    for name, fmt in formats(rows, cols):
+        plan = kernels.kernel_plan(fmt)
+        assert plan is not None, name
+        want = x @ fmt.dequantize().T
+        torch.testing.assert_close(kernels.emulate(plan, x), want, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_plan_kinds():
+    kinds = {name: kernels.kernel_plan(fmt) for name, fmt in formats(16, 64)}
+    assert kinds["int4 asym g32"].kernel(torch.float16) == "gemv_f16_v0_c0"
+    assert kinds["int3 sym per-row"].kernel(torch.bfloat16) == "gemv_bf16_v1_c0"
+    assert kinds["nf4 g64"].value_mode == kernels.GRID
+    assert kinds["palette3 channel"].value_mode == kernels.LUT
+    assert kinds["2:4 + int4"].kernel(torch.float16) == "gemv_f16_v0_c1"
+    assert kinds["2:4 fp16"].kernel(torch.float16) == "gemv_f16_v4_c1"
+    assert kinds["bitmap + palette + outliers"].kernel(torch.float16) == "bitmap_gemv_f16_v3"
+    assert kinds["palette3 + outliers"].outliers is not None
+    assert kernels.kernel_plan(DenseWeight(torch.randn(4, 8))) is None  # dense stays with cuBLAS
+
+
+def test_every_kernel_name_a_plan_can_ask_for_exists_in_the_source():
+    source = (kernels.CUDA_DIR / "compressed_gemv.cu").read_text()
+    for _, fmt in formats(16, 64):
+        plan = kernels.kernel_plan(fmt)
+        for dtype in (torch.float16, torch.bfloat16):
+            name = plan.kernel(dtype)
+            prefix, _, rest = name.rpartition("_v")
+            value = rest.split("_c")[0]
+            macro = "BITMAP_ENTRY(T, TNAME, " if prefix.startswith("bitmap") else "GEMV_ENTRY(T, TNAME, "
+            args = value if prefix.startswith("bitmap") else f"{value}, {rest.split('_c')[1]}"
+            assert f"{macro}{args})" in source, name
+
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("source", kernels.SOURCES)
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_sources_compile(source, arch, tmp_path):
+    result = subprocess.run([NVCC, "-std=c++17", f"-arch={arch}", "-c", str(kernels.CUDA_DIR / source),
+                             "-o", str(tmp_path / "out.o")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out.o").stat().st_size > 1000
+
+
+def test_cpu_and_no_cupy_fall_back_to_torch(monkeypatch):
+    fmt = quantize_rtn(torch.randn(32, 64), QuantSpec(4, 32))
+    assert kernels.compressed_matmul(fmt, torch.randn(2, 64)) is None  # CPU tensor
+    monkeypatch.setattr(kernels, "cupy_available", lambda: False)
+    layer = CompressedLinear(fmt)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(layer(x), x @ fmt.dequantize().T)
+
+
+# ---- on a GPU ---------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+
+
+def _need_gpu():
+    if not (torch.cuda.is_available() and kernels.cupy_available()):
+        pytest.skip("needs an NVIDIA GPU and CuPy")
+
+
+@gpu
+@pytest.mark.parametrize("rows,cols", SHAPES + [(4096, 4096), (11008, 4096), (4096, 11008)])
+@pytest.mark.parametrize("batch", [1, 3, 16, 37])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernels_match_the_reference(rows, cols, batch, dtype):
+    _need_gpu()
+    x = torch.randn(batch, cols, device="cuda", dtype=dtype)
+    for name, fmt in formats(rows, cols):
+        got = kernels.compressed_matmul(fmt, x)
+        assert got is not None, name
+        want = (x.float() @ fmt.dequantize().cuda().T)
+        scale = want.abs().max().item() + 1e-6
+        err = (got.float() - want).abs().max().item() / scale
+        assert err < (2e-2 if dtype == torch.bfloat16 else 4e-3), (name, err)
+
+
+@gpu
+def test_compressed_linear_uses_the_kernel_on_cuda():
+    _need_gpu()
+    fmt = quantize_rtn(torch.randn(256, 512), QuantSpec(4, 64))
+    layer = CompressedLinear(fmt, compute_dtype=torch.float16).cuda().half()
+    x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
+    assert kernels.compressed_matmul(fmt, x) is not None
+    torch.testing.assert_close(layer(x).float(), x.float() @ fmt.dequantize().cuda().T, rtol=1e-2, atol=1e-2)
+
+
+@gpu
+def test_kmeans_assignment_kernel_matches_searchsorted():
+    _need_gpu()
+    values = torch.randn(7, 5000, device="cuda")
+    centroids = torch.randn(7, 16, device="cuda").sort(dim=1).values
+    got = kernels.kmeans_assign(values, centroids).long()
+    mids = (centroids[:, 1:] + centroids[:, :-1]) / 2
+    assert torch.equal(got, torch.searchsorted(mids.contiguous(), values.contiguous()))
+    assert torch.equal(nearest(values, centroids), got)
+
+
