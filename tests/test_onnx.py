@@ -145,6 +145,25 @@ def test_damaged_onnx_gives_one_line_error(mixed_export, tmp_path, damage):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_in_graph_unpacking_equals_the_packing_module(bits):
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from compress.export.graph import Graph
+    from compress.export.weights import unpack_codes
+    from compress.packing import pack_rows, unpack_rows
+
+    codes = torch.randint(0, 1 << bits, (5, 37), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    g = Graph()
+    out = unpack_codes(g, g.tensor("packed", pack_rows(codes, bits).numpy()), 5, 37, bits, TensorProto.INT32)
+    g.output(out, "codes", TensorProto.INT32, [5, 37])
+    got = ort.InferenceSession(g.model(21).SerializeToString()).run(None, {})[0]
+    assert np.array_equal(got, unpack_rows(pack_rows(codes, bits), bits, 37).numpy().astype(np.int32))
+    assert np.array_equal(got, codes.numpy())
+
+
 class OddFormat(WeightFormat):
     kind = "odd"
 

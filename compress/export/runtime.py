@@ -18,11 +18,16 @@ ONNX_FILE = "model.onnx"
 EXPORT_META = "export.json"
 
 
-def session(path: Path, threads: int | None = None):
-    """An onnxruntime CPU session; a missing, truncated or corrupted file is a one-line error."""
+def session(path: Path, threads: int | None = None, accuracy_level: int = 0):
+    """An onnxruntime CPU session; a missing, truncated or corrupted file is a one-line error.
+
+    onnxruntime fuses a blocked DequantizeLinear + MatMul (``weights: portable``) into its low-bit
+    MatMul with int8 activations unless told otherwise: the session is told the export's own
+    accuracy level, so portable and fast exports compute the same numbers."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
@@ -60,7 +65,7 @@ class OnnxCausalLM:
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{folder / EXPORT_META}: corrupted ({e})", "export it again") from None
         self.folder = folder
-        self.session = session(folder / ONNX_FILE, threads)
+        self.session = session(folder / ONNX_FILE, threads, self.meta.get("accuracy_level", 0))
         self.layers, self.kv_heads, self.head_dim = (self.meta["io"][k] for k in ("layers", "kv_heads", "head_dim"))
 
     @classmethod

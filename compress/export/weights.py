@@ -59,17 +59,45 @@ def as_float(g: Graph, name: str, t: torch.Tensor) -> str:
     return init if t.dtype == torch.float32 else g.op("Cast", init, to=FLOAT)
 
 
-def unpack_codes(g: Graph, packed: str, rows: int, count: int, bits: int) -> str:
-    """int64 codes ``[rows, count]`` from row-packed bytes (layout of ``compress.packing``)."""
+def unpack_codes(g: Graph, packed: str, rows: int, count: int, bits: int, to: int = TensorProto.INT64) -> str:
+    """Codes ``[rows, count]`` (as type ``to``) from row-packed bytes (layout of ``compress.packing``).
+
+    Folding keeps every intermediate until the session is built, so the chain is kept short and narrow:
+    1/2/4-bit codes are shifted out of single bytes; 3/5/6/7-bit codes come 8 at a time from one
+    ``bits``-byte word (uint32 up to 4 bits, uint64 above)."""
     if bits == 8:
-        return g.op("Cast", packed, to=TensorProto.INT64)
-    shifted = g.op("BitShift", g.op("Unsqueeze", packed, g.const([-1])), g.const(np.arange(8), np.uint8),
-                   direction="RIGHT")
-    stream = g.op("Reshape", g.op("BitwiseAnd", shifted, g.const(1, np.uint8)), g.const([rows, -1]))
-    stream = g.op("Slice", stream, g.const([0]), g.const([count * bits]), g.const([1]))
-    per_code = g.op("Cast", g.op("Reshape", stream, g.const([rows, count, bits])), to=TensorProto.INT32)
-    weighted = g.op("Mul", per_code, g.const(1 << np.arange(bits), np.int32))
-    return g.op("Cast", g.op("ReduceSum", weighted, g.const([-1]), keepdims=0), to=TensorProto.INT64)
+        return g.op("Cast", packed, to=to)
+    chunks, row_bytes = -(-count // 8), -(-count * bits // 8)
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        shifted = g.op("BitShift", g.op("Unsqueeze", packed, g.const([-1])),
+                       g.const(np.arange(per_byte) * bits, np.uint8), direction="RIGHT")
+        codes = g.op("BitwiseAnd", shifted, g.const((1 << bits) - 1, np.uint8))
+        total = row_bytes * per_byte
+    else:
+        wide = bits > 4
+        if chunks * bits > row_bytes:
+            packed = g.op("Pad", packed, g.const([0, 0, 0, chunks * bits - row_bytes]))
+        word_type, np_word = (TensorProto.UINT64, np.uint64) if wide else (TensorProto.UINT32, np.uint32)
+        grouped = g.op("Cast", g.op("Reshape", packed, g.const([rows, chunks, bits])), to=word_type)
+        byte_planes = g.op("Split", grouped, g.const([1] * bits), axis=-1, outputs=bits)
+        word = byte_planes[0]  # bytes shifted into place and added (ReduceSum would round above 2^53)
+        for i in range(1, bits):
+            word = g.op("BitwiseOr", word, g.op("BitShift", byte_planes[i], g.const(8 * i, np_word), direction="LEFT"))
+        shifted = g.op("BitShift", word, g.const(np.arange(8) * bits, np_word), direction="RIGHT")
+        codes = g.op("BitwiseAnd", shifted, g.const((1 << bits) - 1, np_word))
+        total = chunks * 8
+    codes = g.op("Reshape", g.op("Cast", codes, to=to), g.const([rows, total]))
+    return codes if total == count else g.op("Slice", codes, g.const([0]), g.const([count]), g.const([1]))
+
+
+def _per_group(g: Graph, values: str, rows: int, cols: int, group_size: int, apply) -> str:
+    """``apply(values [rows, groups, group_size])`` back as ``[rows, cols]`` (the last group padded)."""
+    groups = -(-cols // group_size)
+    if groups * group_size > cols:
+        values = g.op("Pad", values, g.const([0, 0, 0, groups * group_size - cols]))
+    out = g.op("Reshape", apply(g.op("Reshape", values, g.const([rows, groups, group_size]))), g.const([rows, -1]))
+    return out if groups * group_size == cols else g.op("Slice", out, g.const([0]), g.const([cols]), g.const([1]))
 
 
 def weight_expression(g: Graph, fmt: WeightFormat, prefix: str) -> str:
@@ -80,13 +108,15 @@ def weight_expression(g: Graph, fmt: WeightFormat, prefix: str) -> str:
     if isinstance(fmt, QuantizedWeight):
         return _quantized_expression(g, fmt, prefix)
     if isinstance(fmt, PalettizedWeight):
-        codes = unpack_codes(g, torch_initializer(g, f"{prefix}.indices", fmt.indices), rows, cols, fmt.bits)
+        codes = unpack_codes(g, torch_initializer(g, f"{prefix}.indices", fmt.indices), rows, cols, fmt.bits,
+                             TensorProto.INT32)
         table = as_float(g, f"{prefix}.table", fmt.table)
         if fmt.table_scale is not None:
             scale = g.op("Unsqueeze", as_float(g, f"{prefix}.table_scale", fmt.table_scale), g.const([1]))
             table = g.op("Mul", table, scale)
         size = 1 << fmt.bits
-        offsets = g.op("Unsqueeze", g.arange(rows, fmt.rows_per_table, size), g.const([1]))
+        offsets = g.op("Cast", g.op("Unsqueeze", g.arange(rows, fmt.rows_per_table, size), g.const([1])),
+                       to=TensorProto.INT32)
         return g.op("Gather", g.op("Reshape", table, g.const([-1])), g.op("Add", codes, offsets))
     if isinstance(fmt, OutlierWeight):
         return _outlier_expression(g, fmt, prefix)
@@ -98,19 +128,20 @@ def weight_expression(g: Graph, fmt: WeightFormat, prefix: str) -> str:
 def _quantized_expression(g: Graph, fmt: QuantizedWeight, prefix: str) -> str:
     rows, cols = fmt.shape
     spec = fmt.spec
-    groups = spec.groups(cols)
-    codes = unpack_codes(g, torch_initializer(g, f"{prefix}.codes", fmt.codes), rows, cols, spec.bits)
-    group_of_column = g.arange(cols, divide=spec.group_size or cols)
-    scale = g.op("Gather", as_float(g, f"{prefix}.scales", fmt.scales), group_of_column, axis=1)
+    size = spec.group_size or cols
+    packed = torch_initializer(g, f"{prefix}.codes", fmt.codes)
+    scale = g.op("Unsqueeze", as_float(g, f"{prefix}.scales", fmt.scales), g.const([-1]))
     if spec.grid != "int":
-        values = g.op("Gather", g.const(grid_values(spec.grid, spec.bits).numpy(), np.float32), codes)
-        return g.op("Mul", values, scale)
+        grid = g.const(grid_values(spec.grid, spec.bits).numpy(), np.float32)
+        values = g.op("Gather", grid, unpack_codes(g, packed, rows, cols, spec.bits, TensorProto.INT32))
+        return _per_group(g, values, rows, cols, size, lambda v: g.op("Mul", v, scale))
+    codes = unpack_codes(g, packed, rows, cols, spec.bits, FLOAT)
     if spec.has_zeros:
-        zeros = unpack_codes(g, torch_initializer(g, f"{prefix}.zeros", fmt.zeros), rows, groups, spec.bits)
-        zero = g.op("Gather", g.op("Cast", zeros, to=FLOAT), group_of_column, axis=1)
+        zeros = torch_initializer(g, f"{prefix}.zeros", fmt.zeros)
+        zero = g.op("Unsqueeze", unpack_codes(g, zeros, rows, spec.groups(cols), spec.bits, FLOAT), g.const([-1]))
     else:
         zero = g.const(float((spec.maxq + 1) // 2), np.float32)
-    return g.op("Mul", g.op("Sub", g.op("Cast", codes, to=FLOAT), zero), scale)
+    return _per_group(g, codes, rows, cols, size, lambda v: g.op("Mul", g.op("Sub", v, zero), scale))
 
 
 def _outlier_expression(g: Graph, fmt: OutlierWeight, prefix: str) -> str:
@@ -139,7 +170,8 @@ def _sparse_expression(g: Graph, fmt: SparseWeight, prefix: str) -> str:
     positions = fmt._position_tensors()
     nm = nm_pattern(fmt.pattern)
     if nm is None:
-        bitmap = unpack_codes(g, torch_initializer(g, f"{prefix}.mask", positions["mask"]), rows, cols, 1)
+        bitmap = unpack_codes(g, torch_initializer(g, f"{prefix}.mask", positions["mask"]), rows, cols, 1,
+                              TensorProto.BOOL)
         flat = g.op("Reshape", g.op("NonZero", g.op("Reshape", bitmap, g.const([-1]))), g.const([-1]))
     else:
         n, m = nm
@@ -230,18 +262,19 @@ class WeightLowering:
                     accuracy_level=self.accuracy_level)
 
     def _dequantize_linear(self, x: str, fmt: QuantizedWeight, name: str) -> tuple[str, str]:
+        """Blocked DequantizeLinear on the transposed codes ``[in, out]`` (blocks along the inputs) feeding
+        MatMul directly, with float32 scales: the pattern onnxruntime fuses into its low-bit MatMul."""
         g, spec = self.g, fmt.spec
-        rows, cols = fmt.shape
-        codes, _, zero = fmt.unpacked()
+        codes, scale, zero = fmt.unpacked()
         signed = not spec.has_zeros
         if signed:  # symmetric: code - 2^(b-1) in two's complement, no zero point stored
             codes = codes ^ (1 << (spec.bits - 1))
-        inputs = [self._integer_tensor(f"{name}.qweight", codes, spec.bits, signed),
-                  torch_initializer(g, f"{name}.scales", fmt.scales)]
+        inputs = [self._integer_tensor(f"{name}.qweight", codes.t().contiguous(), spec.bits, signed),
+                  g.tensor(f"{name}.scales", scale.t().contiguous().numpy())]
         if not signed:
-            inputs.append(self._integer_tensor(f"{name}.zero_points", zero.to(torch.uint8), spec.bits, False))
-        w = g.op("DequantizeLinear", *inputs, axis=1, block_size=spec.group_size or cols)
-        w = g.op("Transpose", g.op("Cast", w, to=FLOAT))
+            inputs.append(self._integer_tensor(f"{name}.zero_points", zero.t().contiguous().to(torch.uint8),
+                                               spec.bits, False))
+        w = g.op("DequantizeLinear", *inputs, axis=0, block_size=spec.group_size or fmt.shape[1])
         kind = {(4, False): "uint4", (4, True): "int4", (2, False): "uint2", (2, True): "int2"}.get(
             (spec.bits, signed), "int8" if signed else "uint8")
         return f"DequantizeLinear {kind} g{spec.group_size or 'row'}", g.op("MatMul", x, w)

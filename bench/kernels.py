@@ -1,0 +1,90 @@
+"""Kernel bench (needs an NVIDIA GPU and CuPy): compressed GEMV/GEMM against torch's fp16 matmul.
+
+    python bench/kernels.py [--peak-gbs 3350] [--copies 8] [--iters 50]
+
+For each weight shape (out x in) 4096x4096, 11008x4096, 4096x11008 and batch 1, 4, 16, and for each
+format (4/3/2-bit int g128, 4-bit palette per channel, 2:4 + 4-bit, 50% bitmap + fp16), prints the
+median time of one product, the bytes the kernel must read (weights + activations + output) per
+second, that as a share of the GPU's peak memory bandwidth (--peak-gbs, H100 SXM: 3350 GB/s), and the
+speed-up over ``x @ W.T`` in fp16. ``--copies`` distinct weight copies are cycled so each call reads
+its weights from HBM, not from L2 (50 MB on an H100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from compress import kernels  # noqa: E402
+from compress.formats import DenseWeight, SparseWeight, compact, quantize_rtn  # noqa: E402
+from compress.passes.kmeans import KMeansConfig, palettize  # noqa: E402
+from compress.quant import QuantSpec  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+BATCHES = [1, 4, 16]
+
+
+def make_formats(w: torch.Tensor) -> dict:
+    keep24 = w.abs().reshape(w.shape[0], -1, 4).topk(2, dim=-1).indices
+    m24 = torch.zeros(w.shape[0], w.shape[1] // 4, 4, dtype=torch.bool).scatter_(2, keep24, True).reshape(w.shape)
+    m50 = torch.zeros(w.shape, dtype=torch.bool).scatter_(1, w.abs().topk(w.shape[1] // 2, dim=1).indices, True)
+    return {
+        "int4 g128": quantize_rtn(w, QuantSpec(4, 128)),
+        "int3 g128": quantize_rtn(w, QuantSpec(3, 128)),
+        "int2 g128": quantize_rtn(w, QuantSpec(2, 128)),
+        "palette4 channel": palettize(w, KMeansConfig(type="kmeans", bits=4, iterations=3)),
+        "2:4 + int4 g64": SparseWeight(m24, quantize_rtn(compact(w, m24), QuantSpec(4, 64)), "2:4"),
+        "50% bitmap + fp16": SparseWeight(m50, DenseWeight(compact(w, m50))),
+    }
+
+
+def timed(fn, iters: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for i in range(iters + 5):
+        start.record()
+        fn(i)
+        end.record()
+        end.synchronize()
+        if i >= 5:
+            times.append(start.elapsed_time(end) / 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--peak-gbs", type=float, default=3350.0)
+    ap.add_argument("--copies", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=50)
+    a = ap.parse_args()
+    if not (torch.cuda.is_available() and kernels.cupy_available()):
+        sys.exit("bench/kernels.py needs an NVIDIA GPU and CuPy (pip install 'compress[cuda]')")
+    rows = []
+    for n, k in SHAPES:
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(a.copies)]
+        fmts = [make_formats(d.float().cpu()) for d in dense]
+        for batch in BATCHES:
+            x = torch.randn(batch, k, device="cuda", dtype=torch.float16)
+            t_fp16 = timed(lambda i, x=x, dense=dense: x @ dense[i % a.copies].T, a.iters)
+            for name in fmts[0]:
+                t = timed(lambda i, name=name, x=x, fmts=fmts: kernels.compressed_matmul(fmts[i % a.copies][name], x),
+                          a.iters)
+                moved = fmts[0][name].nbytes() + 2 * batch * (k + n)
+                gbs = moved / t / 1e9
+                rows.append({"shape": f"{n}x{k}", "batch": batch, "format": name, "us": 1e6 * t,
+                             "GB/s": gbs, "% peak": 100 * gbs / a.peak_gbs, "fp16 us": 1e6 * t_fp16,
+                             "speed-up vs fp16": t_fp16 / t})
+                print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
+    print(f"{torch.cuda.get_device_name()}; peak bandwidth taken as {a.peak_gbs:.0f} GB/s; {a.copies} weight copies "
+          f"cycled; median of {a.iters}")
+    common.print_table(["shape", "batch", "format", "us", "GB/s", "% peak", "fp16 us", "speed-up vs fp16"], rows)
+
+
+if __name__ == "__main__":
+    main()
