@@ -6,12 +6,10 @@ place at the very end, so an interrupted or failed run never leaves a half-writt
 
 from __future__ import annotations
 
-import os
 import platform
 import random
 import re
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from .pipeline import find_blocks, needs_calibration, plan, run_passes
 from .progress import Progress
 from .recipe import load_recipe
 from .report import REPORT_SCHEMA_VERSION, write_reports
+from .staging import staged_folder
 from .tasks import check_tasks_available, task_accuracy
 
 
@@ -178,9 +177,7 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
     keep = report["budgets_passed"] or keep_failed
     if not keep:
         return RunOutcome(report, None, checks)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    try:
-        tmp.mkdir(parents=True, exist_ok=False)
+    with staged_folder(out_dir) as tmp:
         if recipe.export.checkpoint:
             save_checkpoint(model, tokenizer, tmp, recipe.export.dense_dtype, content=content,
                             extra={"recipe_hash": recipe.digest(), "compress_version": __version__})
@@ -191,13 +188,6 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         write_reports(report, tmp)
         (tmp / "run.log").write_text(log.text())
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except OSError as e:
-        raise OutputError(f"cannot write {out_dir}: {e.strerror or e}", "check permissions and free disk") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return RunOutcome(report, out_dir, checks)
 
 

@@ -77,20 +77,36 @@ __device__ __forceinline__ float decode(const Weight& w, int n, int k, uint32_t 
     return ((float)code - z) * s;
 }
 
+// The code book this warp's row reads (LUT: its palette's table; GRID: the shared grid), copied to shared memory.
+template <int VALUE>
+__device__ __forceinline__ const float* row_table(const Weight& w, int n, float* shared, int lane) {
+    if (VALUE != LUT && VALUE != GRID) return nullptr;
+    int size = 1 << w.bits;
+    const float* src = VALUE == LUT ? w.lut + (size_t)(n / w.rows_per_table) * size : w.lut;
+    for (int i = lane; i < size; i += 32) shared[i] = src[i];
+    __syncwarp();
+    return shared;
+}
+
+// Warp-reduce each activation row's partial sums and write y[m, n].
+template <typename T>
+__device__ __forceinline__ void store_sums(float* acc, T* y, int M, int N, int n, int lane) {
+#pragma unroll
+    for (int m = 0; m < MAX_M; ++m) {
+        if (m >= M) break;
+        float s = acc[m];
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        if (lane == 0) store(&y[(size_t)m * N + n], s);
+    }
+}
+
 template <typename T, int VALUE, int COLS>
 __device__ void gemv(const T* __restrict__ x, Weight w, T* __restrict__ y, int M, int N, int K, int kept) {
     __shared__ float tables[WARPS_PER_BLOCK][256];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int n = blockIdx.x * WARPS_PER_BLOCK + warp;
     if (n >= N) return;
-    const float* table = nullptr;
-    if (VALUE == LUT || VALUE == GRID) {
-        int size = 1 << w.bits;
-        const float* src = VALUE == LUT ? w.lut + (size_t)(n / w.rows_per_table) * size : w.lut;
-        for (int i = lane; i < size; i += 32) tables[warp][i] = src[i];
-        __syncwarp();
-        table = tables[warp];
-    }
+    const float* table = row_table<VALUE>(w, n, tables[warp], lane);
     float acc[MAX_M];
 #pragma unroll
     for (int m = 0; m < MAX_M; ++m) acc[m] = 0.f;
@@ -112,13 +128,7 @@ __device__ void gemv(const T* __restrict__ x, Weight w, T* __restrict__ y, int M
                 if (m < M) acc[m] += v * to_float(x[(size_t)m * K + col]);
         }
     }
-#pragma unroll
-    for (int m = 0; m < MAX_M; ++m) {
-        if (m >= M) break;
-        float s = acc[m];
-        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-        if (lane == 0) store(&y[(size_t)m * N + n], s);
-    }
+    store_sums(acc, y, M, N, n, lane);
 }
 
 // Unstructured sparsity: a 1-bit keep mask per weight ([N, ceil(K/8)] bytes) and the kept values of
@@ -132,14 +142,7 @@ __device__ void bitmap_gemv(const T* __restrict__ x, Weight w, const uint8_t* __
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int n = blockIdx.x * WARPS_PER_BLOCK + warp;
     if (n >= N) return;
-    const float* table = nullptr;
-    if (VALUE == LUT || VALUE == GRID) {
-        int size = 1 << w.bits;
-        const float* src = VALUE == LUT ? w.lut + (size_t)(n / w.rows_per_table) * size : w.lut;
-        for (int i = lane; i < size; i += 32) tables[warp][i] = src[i];
-        __syncwarp();
-        table = tables[warp];
-    }
+    const float* table = row_table<VALUE>(w, n, tables[warp], lane);
     float acc[MAX_M];
 #pragma unroll
     for (int m = 0; m < MAX_M; ++m) acc[m] = 0.f;
@@ -174,13 +177,7 @@ __device__ void bitmap_gemv(const T* __restrict__ x, Weight w, const uint8_t* __
         }
         base += __shfl_sync(0xffffffffu, prefix, 31);
     }
-#pragma unroll
-    for (int m = 0; m < MAX_M; ++m) {
-        if (m >= M) break;
-        float s = acc[m];
-        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-        if (lane == 0) store(&y[(size_t)m * N + n], s);
-    }
+    store_sums(acc, y, M, N, n, lane);
 }
 
 // Outliers (dense-and-sparse): y[m, n] += sum over row n's outliers of delta * x[m, col], where delta is

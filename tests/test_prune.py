@@ -53,7 +53,7 @@ def test_sparsegpt_exact_pattern_and_reconstruction(smol, data, pattern, sparsit
     x = model.model.layers[2].post_attention_layernorm(model.model.embed_tokens(data[0][:2].flatten())).detach()
     h = x.t() @ x / x.shape[0]
     w = layer.weight.detach().float()
-    pruned, mask = sparsegpt_prune(w, h, sparsity, pattern)
+    pruned, mask, _ = sparsegpt_prune(w, h, sparsity, pattern)
     assert (pruned[~mask] == 0).all()
     if pattern:
         assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all()
@@ -160,3 +160,52 @@ def test_dsnot_must_follow_an_unstructured_pruning_pass(write_recipe):
         plan(load_recipe(write_recipe("passes:\n  - type: dsnot\n  - type: rtn\n")).passes)
     with pytest.raises(PlanError):
         plan(load_recipe(write_recipe("passes:\n  - type: wanda\n    pattern: '2:4'\n  - type: dsnot\n")).passes)
+
+
+@pytest.mark.parametrize("pattern,sparsity,group",
+                         [(None, 0.5, 64), (None, 0.6, 32), (None, 0.5, None)])
+def test_joint_sparsegpt_quantization_in_one_sweep(smol, data, pattern, sparsity, group):
+    """SparseGPT's joint mode prunes and quantizes in one sweep: exact pattern, codes decode to the
+    kept weights, and the layer's output error is below pruning then quantizing the kept weights."""
+    from compress.formats import compact as compact_kept
+    from compress.passes.gptq import gptq_quantize, output_error
+    from compress.passes.sparsegpt import joint_block_size
+    from compress.quant import QuantSpec
+
+    model, _, _ = smol
+    layer = model.model.layers[2].mlp.up_proj
+    x = model.model.layers[2].post_attention_layernorm(model.model.embed_tokens(data[0][:2].flatten())).detach()
+    h = x.t() @ x / x.shape[0]
+    w = layer.weight.detach().float()
+    spec = QuantSpec(3, group)
+    block = joint_block_size(sparsity, pattern, group, w.shape[1])
+    assert block is not None
+    pruned, mask, values = sparsegpt_prune(w, h, sparsity, pattern, block, spec=spec)
+    fmt = SparseWeight(mask, values, pattern)
+    assert torch.equal(fmt.dequantize(), pruned)  # the sweep's weights are exactly what is stored
+    if pattern:
+        assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all()
+    else:
+        assert (mask.sum(1) == 576 - round(576 * sparsity)).all()
+    two_step, mask2, _ = sparsegpt_prune(w, h, sparsity, pattern)
+    sequential = SparseWeight(mask2, gptq_quantize(two_step, h, spec, mask=mask2), pattern)
+    assert output_error(w, fmt.dequantize(), h) < output_error(w, sequential.dequantize(), h)
+    assert compact_kept(pruned, mask).shape[1] == values.shape[1]
+
+
+def test_sparsegpt_then_gptq_runs_as_one_sweep(smol, data):
+    model, _, _ = smol
+    calib, windows, ref = data
+    p = {"targets": FIRST_BLOCKS}
+    passes = [{"type": "sparsegpt", "sparsity": 0.5, **p}, {"type": "gptq", "bits": 4, "group_size": 64, **p}]
+    steps = plan(parse_recipe({"passes": passes}).passes)
+    assert steps[0].joint is steps[1] and not steps[1].needs
+    joint = copy.deepcopy(model)
+    result = run_passes(joint, steps, calib, "cpu")
+    notes = result.layers["model.layers.0.mlp.up_proj"].notes
+    assert notes.get("joint_quantization") and "50% sparse + 4-bit g64" in notes["format"]
+    fmt = joint.model.layers[0].mlp.up_proj.fmt
+    assert isinstance(fmt, SparseWeight) and (fmt.dequantize()[~fmt.mask] == 0).all()
+    assert evaluate(joint, windows, reference=ref)[0].kl_divergence < 0.5
+    nm = plan(parse_recipe({"passes": [{**passes[0], "pattern": "2:4"}, passes[1]]}).passes)
+    assert nm[0].joint is None and nm[1].needs  # N:M keeps two sweeps (see sparsegpt.py)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 
 from ..errors import CheckpointError, ExportError, ExportMismatch, OutputError
 from ..modules import dequantized_weights
+from ..staging import staged_folder
 from .llama import build_decoder
 from .runtime import EXPORT_META, ONNX_FILE, OnnxCausalLM, session
 from .weights import UnsupportedFormat
@@ -167,14 +166,6 @@ def export_to_folder(model, tokenizer, out_dir: Path, force: bool = False, **kwa
     """:func:`export_onnx` into a temporary sibling folder renamed into place at the end."""
     if out_dir.exists() and not force:
         raise OutputError(f"output folder {out_dir} already exists", "pass --force to replace it")
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    try:
+    with staged_folder(out_dir) as tmp:
         info = export_onnx(model, tokenizer, tmp, **kwargs)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except OSError as e:
-        raise OutputError(f"cannot write {out_dir}: {e.strerror or e}", "check permissions and free disk") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return info

@@ -151,10 +151,12 @@ def _outlier_expression(g: Graph, fmt: OutlierWeight, prefix: str) -> str:
     nnz = int(fmt.values.numel())
     inner = g.op("Reshape", weight_expression(g, fmt.inner, f"{prefix}.inner"), g.const([-1]))
     counts = g.op("Cast", torch_initializer(g, f"{prefix}.counts", fmt.counts), to=TensorProto.INT64)
+    # a 1 where each row's outliers end (one spare slot for the last row), summed up: the row of every outlier
     ends = g.op("CumSum", counts, g.const(0))
-    position = g.arange(nnz)
-    passed = g.op("LessOrEqual", g.op("Unsqueeze", ends, g.const([0])), g.op("Unsqueeze", position, g.const([1])))
-    row = g.op("ReduceSum", g.op("Cast", passed, to=TensorProto.INT64), g.const([1]), keepdims=0)
+    starts = g.op("ConstantOfShape", g.const([nnz + 1]), value=_scalar(0, np.int64))
+    ones = g.op("ConstantOfShape", g.const([rows]), value=_scalar(1, np.int64))
+    marks = g.op("ScatterElements", starts, ends, ones, axis=0, reduction="add")
+    row = g.op("Slice", g.op("CumSum", marks, g.const(0)), g.const([0]), g.const([nnz]), g.const([0]))
     column = g.op("Cast", torch_initializer(g, f"{prefix}.columns", fmt.columns), to=TensorProto.INT64)
     flat = g.op("Add", g.op("Mul", row, g.const(cols)), column)
     values = as_float(g, f"{prefix}.values", fmt.values)
@@ -180,14 +182,14 @@ def _sparse_expression(g: Graph, fmt: SparseWeight, prefix: str) -> str:
         group_start = g.op("Add", g.op("Unsqueeze", g.arange(kept, n, m), g.const([0])),
                            g.op("Unsqueeze", g.arange(rows, 1, cols), g.const([1])))
         flat = g.op("Reshape", g.op("Add", idx, group_start), g.const([-1]))
-    zeros = g.op("ConstantOfShape", g.const([rows * cols]), value=_float_scalar(0.0))
+    zeros = g.op("ConstantOfShape", g.const([rows * cols]), value=_scalar(0.0, np.float32))
     return g.op("Reshape", g.op("ScatterElements", zeros, flat, values, axis=0), g.const([rows, cols]))
 
 
-def _float_scalar(v: float):
+def _scalar(v, dtype):
     from onnx import numpy_helper
 
-    return numpy_helper.from_array(np.array([v], dtype=np.float32))
+    return numpy_helper.from_array(np.array([v], dtype=dtype))
 
 
 def _kernel_block(group_size: int) -> int | None:

@@ -97,7 +97,13 @@ class GPTQ(QuantizingPass):
     Config = GPTQConfig
     needs = frozenset({"hessian"})
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.done: dict[str, str] = {}  # layers a joint SparseGPT sweep already quantized
+
     def compress_layer(self, name, module, stats, cfg):
+        if name in self.done:
+            return module.fmt, {"format": module.fmt.describe(), "quantized_by": self.done[name]}
         w, mask = current_weight(module), current_mask(module)
         h = stats.mean_hessian().cpu()
         values = gptq_quantize(w, h, self.layer_spec(name, cfg), cfg.block_size, cfg.damp, cfg.act_order, mask)

@@ -6,6 +6,16 @@ the OBS saliency ``w^2 / [H^-1]_jj^2`` (for N:M, within every group of M columns
 reaches it), zeroes the pruned weights and spreads their error over the columns not yet visited,
 reconstructing the layer's output. Per-row counts are exact: block b of each row prunes
 ``round(s * end_b) - round(s * start_b)`` weights.
+
+Joint sparsification and quantization (the paper's section 3.5): when a ``gptq`` pass on the same
+layers follows directly, the sweep quantizes every kept weight as it reaches it and prunes the others,
+so one error-compensating sweep does both; the ``gptq`` pass then leaves those layers as they are.
+Quantization groups run over each row's kept weights (the stored layout), so the lazy block is sized
+to hold whole groups; its mask is chosen at the block's start and its groups are fitted on the block's
+kept weights as updated so far (GPTQ's fit-at-first-column, for a whole block at once). Only
+unstructured sparsity sweeps jointly: N:M masks are better chosen group by group as the sweep reaches
+them, which fixed-per-block groups do not allow; on SmolLM2's layer 2 up_proj at 2:4 + 3-bit g64 the
+joint sweep's output error was 0.0278 vs 0.0267 for SparseGPT then GPTQ, so N:M keeps two sweeps.
 """
 
 from typing import Literal
@@ -13,8 +23,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..formats import nm_pattern
+from ..formats import QuantizedWeight, SparseWeight, compact, nm_pattern
 from ..hessian import prepare_inverse_hessian
+from ..quant import QuantSpec, decode, encode, fit_params, pad_to_groups
 from .base import current_weight
 from .pruning import PruneOptions, PruningPass, check_shape, prune_count
 from .registry import register
@@ -26,32 +37,95 @@ class SparseGPTConfig(PruneOptions):
     block_size: int = Field(128, ge=16, description="columns per lazy block (a multiple of M for N:M)")
 
 
-def sparsegpt_prune(w, h, sparsity, pattern=None, block_size=128, damp=0.01):
-    """-> (reconstructed weights with zeros at pruned places, keep-mask)."""
+def joint_block_size(sparsity: float, pattern: str | None, group_size: int | None, cols: int) -> int | None:
+    """A lazy block size whose kept weights per row form whole quantization groups, or None."""
+    if group_size is None:
+        return 128
+    nm = nm_pattern(pattern)
+    for block in range(16, 8 * max(group_size, 16) + 1, 16):
+        if nm is not None:
+            n, m = nm
+            fits = block % m == 0 and (block // m * n) % group_size == 0
+        else:
+            pruned = sparsity * block
+            fits = abs(pruned - round(pruned)) < 1e-9 and (block - round(pruned)) % group_size == 0
+        if fits and (block >= 64 or block >= cols):
+            return block
+    return None
+
+
+def _block_mask(w1, hinv1, sparsity, nm, k):
+    """Prune-mask of one lazy block by OBS saliency (k per row, or the lowest M-N of every M)."""
+    saliency = w1.pow(2) / torch.diagonal(hinv1).pow(2).unsqueeze(0)
+    prune = torch.zeros_like(w1, dtype=torch.bool)
+    if nm is None:
+        if k:
+            prune.scatter_(1, saliency.argsort(dim=1)[:, :k], True)
+        return prune
+    n, m = nm
+    groups = saliency.reshape(w1.shape[0], -1, m)
+    low = groups.topk(m - n, dim=2, largest=False).indices
+    return prune.reshape(w1.shape[0], -1, m).scatter_(2, low, True).reshape(w1.shape)
+
+
+def sparsegpt_prune(w, h, sparsity, pattern=None, block_size=128, damp=0.01, spec: QuantSpec | None = None):
+    """-> (reconstructed weights with zeros at pruned places, keep-mask, quantized kept values or None).
+
+    With ``spec`` the sweep also quantizes (joint mode) and the third item is the QuantizedWeight of
+    the kept values (rows' kept weights in order); ``block_size`` must then come from
+    :func:`joint_block_size`."""
+    original = w.float()
     w, hinv = prepare_inverse_hessian(w, h, damp)
     rows, cols = w.shape
     nm = nm_pattern(pattern)
-    if nm:
+    if nm and spec is None:
         block_size = max(nm[1], block_size // nm[1] * nm[1])
     mask = torch.ones(rows, cols, dtype=torch.bool)
+    if spec is not None:
+        kept_total = cols - prune_count(cols, sparsity) if nm is None else cols // nm[1] * nm[0]
+        gs = spec.group_size or kept_total
+        scale = torch.zeros(rows, spec.groups(kept_total))
+        zero = torch.zeros_like(scale) if spec.grid == "int" else None
+        codes = torch.zeros(rows, cols, dtype=torch.uint8)
+        if spec.group_size is None:  # one group per row: fitted on the whole original row
+            s, z = fit_params(original, spec)
+            scale[:, 0] = s
+            if zero is not None:
+                zero[:, 0] = z
+        kept_before = 0
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        prune1 = torch.zeros_like(w1, dtype=torch.bool)
-        if nm is None:
-            k = prune_count(i2, sparsity) - prune_count(i1, sparsity)
-            if k:
-                saliency = w1.pow(2) / torch.diagonal(hinv1).pow(2).unsqueeze(0)
-                prune1.scatter_(1, saliency.argsort(dim=1)[:, :k], True)
+        joint_nm = nm is not None and spec is not None
+        prune1 = _block_mask(w1, hinv1, sparsity, nm if joint_nm else None,
+                             0 if nm else prune_count(i2, sparsity) - prune_count(i1, sparsity))
+        if spec is not None:
+            keep1 = ~prune1
+            group1 = kept_before // gs + (keep1.cumsum(1) - 1).clamp_min(0) // gs
+            if spec.group_size is not None:
+                kept1 = compact(w1, keep1)
+                s, z = fit_params(pad_to_groups(kept1, gs).reshape(rows, -1, gs), spec)
+                first = kept_before // gs
+                scale[:, first:first + s.shape[1]] = s
+                if zero is not None:
+                    zero[:, first:first + s.shape[1]] = z
+            kept_before += int(keep1[0].sum())
         for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
+            if nm is not None and spec is None and i % nm[1] == 0:
                 n, m = nm
                 saliency = w1[:, i:i + m].pow(2) / torch.diagonal(hinv1)[i:i + m].pow(2).unsqueeze(0)
                 prune1[:, i:i + m].scatter_(1, saliency.topk(m - n, dim=1, largest=False).indices, True)
             col = w1[:, i]
-            q = col.masked_fill(prune1[:, i], 0)
+            if spec is None:
+                q = col.masked_fill(prune1[:, i], 0)
+            else:
+                g = group1[:, i:i + 1]
+                s_col = scale.gather(1, g).squeeze(1)
+                z_col = zero.gather(1, g).squeeze(1) if zero is not None else None
+                codes[:, i1 + i] = encode(col, s_col, z_col, spec)
+                q = decode(codes[:, i1 + i], s_col, z_col, spec).masked_fill(prune1[:, i], 0)
             e = (col - q) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             w1[:, i] = q
@@ -59,7 +133,8 @@ def sparsegpt_prune(w, h, sparsity, pattern=None, block_size=128, damp=0.01):
         w[:, i1:i2] = w1
         mask[:, i1:i2] = ~prune1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return w * mask, mask
+    quantized = QuantizedWeight.from_codes(compact(codes, mask), scale, zero, spec) if spec is not None else None
+    return w * mask, mask, quantized
 
 
 @register
@@ -68,9 +143,36 @@ class SparseGPT(PruningPass):
     Config = SparseGPTConfig
     needs = frozenset({"hessian"})
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.joint = None  # the gptq pass whose quantization this sweep does too
+
+    def check_plan(self, passes):
+        super().check_plan(passes)
+        following = passes[passes.index(self) + 1:passes.index(self) + 2]
+        nxt = following[0] if following else None
+        if (nxt is not None and nxt.name == "gptq" and nxt.cfg.target_bits_per_weight is None and not self.cfg.pattern
+                and nxt.cfg.targets == self.cfg.targets and nxt.cfg.exclude == self.cfg.exclude
+                and not nxt.cfg.overrides and not self.cfg.overrides):
+            self.joint = nxt
+            spec = nxt.cfg.spec()
+            if self.cfg.layerwise == "uniform" and joint_block_size(self.cfg.sparsity, self.cfg.pattern,
+                                                                   spec.group_size, 1 << 30) is not None:
+                nxt.needs = frozenset()  # every layer gets quantized here: no statistics for gptq
+
     def compress_layer(self, name, module, stats, cfg):
         w = current_weight(module)
         check_shape(name, w.shape[1], cfg.pattern)
-        pruned, mask = sparsegpt_prune(w, stats.mean_hessian().cpu(), self.layer_sparsity(name, cfg), cfg.pattern,
-                                       cfg.block_size, cfg.damp)
-        return self.sparse_result(pruned, mask, cfg, origin=w)
+        sparsity, h = self.layer_sparsity(name, cfg), stats.mean_hessian().cpu()
+        spec = self.joint.layer_spec(name, self.joint.cfg.for_layer(name)) if self.joint else None
+        block = joint_block_size(sparsity, cfg.pattern, spec.group_size, w.shape[1]) if spec else None
+        if block is None:  # no joint sweep: prune now, the quantization pass follows as usual
+            pruned, mask, _ = sparsegpt_prune(w, h, sparsity, cfg.pattern, cfg.block_size, cfg.damp)
+            return self.sparse_result(pruned, mask, cfg, origin=w)
+        pruned, mask, values = sparsegpt_prune(w, h, sparsity, cfg.pattern, block, cfg.damp, spec)
+        self.joint.done[name] = "joint sweep with sparsegpt"
+        fmt = SparseWeight(mask, values, cfg.pattern)
+        from .gptq import output_error
+
+        return fmt, {"format": fmt.describe(), "sparsity": 1 - mask.float().mean().item(),
+                     "output_error": output_error(w, fmt.dequantize(), h), "joint_quantization": True}
