@@ -113,6 +113,8 @@ def _summary(outcome) -> dict:
             "kl_divergence": r["compressed"]["kl_divergence"], "top1_agreement": r["compressed"]["top1_agreement"],
             "checkpoint_bytes": r["size"]["checkpoint_bytes"],
             "bits_per_weight": r["size"]["compressed_layers_bits_per_weight"],
+            "onnx_file_bytes": r["size"].get("onnx_file_bytes"),
+            "onnx_validation": (r.get("onnx") or {}).get("validation"),
             "budgets": r["budgets"], "seconds": r["timing"]["total_seconds"]}
 
 
@@ -135,6 +137,14 @@ def _print_summary(outcome):
             b.add_row(chk.name, _num(chk.limit), _num(chk.actual),
                       "[green]pass[/]" if chk.passed else "[red]FAIL[/]")
         out.print(b)
+    o = r.get("onnx")
+    if o and o.get("validation"):
+        v, nbytes = o["validation"], o["size"]["file_bytes"]
+        diff = max(v["max_logit_diff"], v["decode_max_logit_diff"])
+        out.print(f"onnx: {nbytes / 1e6:.1f} MB ({nbytes / s['checkpoint_bytes']:.3f}x the checkpoint), matches "
+                  f"PyTorch on {v['windows']}x{v['seq_len']} tokens: max |logit diff| {diff:.1e}, top-1 "
+                  f"{v['top1_agreement']:.4f}, perplexity {v['perplexity_onnx']:.3f} vs {v['perplexity_torch']:.3f}",
+                  markup=False, soft_wrap=True)
     if outcome.out_dir:
         out.print(f"wrote {outcome.out_dir} in {r['timing']['total_seconds']:.0f} s", markup=False)
 
