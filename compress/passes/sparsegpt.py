@@ -35,6 +35,8 @@ class SparseGPTConfig(PruneOptions):
     type: Literal["sparsegpt"] = "sparsegpt"
     damp: float = Field(0.01, gt=0, le=1, description="dampening, fraction of the mean Hessian diagonal")
     block_size: int = Field(128, ge=16, description="columns per lazy block (a multiple of M for N:M)")
+    joint_quantization: bool = Field(True, description="when a gptq pass on the same layers follows, prune and "
+                                     "quantize in one sweep (unstructured sparsity)")
 
 
 def joint_block_size(sparsity: float, pattern: str | None, group_size: int | None, cols: int) -> int | None:
@@ -151,7 +153,8 @@ class SparseGPT(PruningPass):
         super().check_plan(passes)
         following = passes[passes.index(self) + 1:passes.index(self) + 2]
         nxt = following[0] if following else None
-        if (nxt is not None and nxt.name == "gptq" and nxt.cfg.target_bits_per_weight is None and not self.cfg.pattern
+        if (self.cfg.joint_quantization and nxt is not None and nxt.name == "gptq" and not self.cfg.pattern
+                and nxt.cfg.target_bits_per_weight is None
                 and nxt.cfg.targets == self.cfg.targets and nxt.cfg.exclude == self.cfg.exclude
                 and not nxt.cfg.overrides and not self.cfg.overrides):
             self.joint = nxt
