@@ -27,11 +27,11 @@ def rows(llmc_python: str | None):
         yield "Wanda uniform", "unstructured", s, u("wanda", s)
         yield "Wanda OWL", "unstructured", s, u("wanda", s, layerwise="owl")
     yield "Wanda + DSnoT", "unstructured", 0.6, u("wanda", 0.6) + [{"type": "dsnot"}]
-    yield "SparseGPT + GPTQ 4-bit g64 (joint sweep)", "unstructured", 0.5, u("sparsegpt", 0.5) + [
-        {"type": "gptq", "bits": 4, "group_size": 64}]
-    yield "SparseGPT then GPTQ 4-bit g64 (two sweeps)", "unstructured", 0.5, u(
-        "sparsegpt", 0.5, joint_quantization=False) + [{"type": "gptq", "bits": 4, "group_size": 64}]
-    yield "GPTQ 4-bit g64 (dense reference)", "none", 0.0, [{"type": "gptq", "bits": 4, "group_size": 64}]
+    gptq4 = [{"type": "gptq", "bits": 4, "group_size": 64}]
+    yield "SparseGPT + GPTQ 4-bit g64 (joint sweep)", "unstructured", 0.5, u(
+        "sparsegpt", 0.5, joint_quantization=True) + gptq4
+    yield "SparseGPT then GPTQ 4-bit g64 (two sweeps)", "unstructured", 0.5, u("sparsegpt", 0.5) + gptq4
+    yield "GPTQ 4-bit g64 (dense reference)", "none", 0.0, gptq4
     yield "structured width", "channels+heads", 0.21, [{"type": "structured", "mlp_sparsity": 0.25,
                                                         "attention_groups": 1}]
     if llmc_python:

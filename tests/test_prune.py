@@ -197,7 +197,8 @@ def test_sparsegpt_then_gptq_runs_as_one_sweep(smol, data):
     model, _, _ = smol
     calib, windows, ref = data
     p = {"targets": FIRST_BLOCKS}
-    passes = [{"type": "sparsegpt", "sparsity": 0.5, **p}, {"type": "gptq", "bits": 4, "group_size": 64, **p}]
+    passes = [{"type": "sparsegpt", "sparsity": 0.5, "joint_quantization": True, **p},
+              {"type": "gptq", "bits": 4, "group_size": 64, **p}]
     steps = plan(parse_recipe({"passes": passes}).passes)
     assert steps[0].joint is steps[1] and not steps[1].needs
     joint = copy.deepcopy(model)
@@ -209,3 +210,6 @@ def test_sparsegpt_then_gptq_runs_as_one_sweep(smol, data):
     assert evaluate(joint, windows, reference=ref)[0].kl_divergence < 0.5
     nm = plan(parse_recipe({"passes": [{**passes[0], "pattern": "2:4"}, passes[1]]}).passes)
     assert nm[0].joint is None and nm[1].needs  # N:M keeps two sweeps (see sparsegpt.py)
+    default = plan(parse_recipe({"passes": [{k: v for k, v in passes[0].items() if k != "joint_quantization"},
+                                            passes[1]]}).passes)
+    assert default[0].joint is None and default[1].needs  # two sweeps unless asked
