@@ -117,13 +117,14 @@ def bench_main(rows, columns: list[str], to_row, note: str = ""):
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--llmc-python", default=None, help="python of an environment with llmcompressor")
-    ap.add_argument("--only", default=None, help="run only methods whose name starts with this")
+    ap.add_argument("--only", default=None, help="run only rows whose leading fields joined by spaces "
+                    "start with this, e.g. 'Wanda unstructured 0.5'")
     a = ap.parse_args()
     calib = calibration_file(a.samples, a.seq_len)
     out, r = [], None
     for item in rows(a.llmc_python):
         spec = item[-1]
-        if a.only and not item[0].startswith(a.only):
+        if a.only and not " ".join(map(str, item[:-1])).startswith(a.only):
             continue
         if isinstance(spec, tuple):
             r = in_subprocess("llmc", {"kind": spec[1], "args": spec[2], "calib": str(calib),

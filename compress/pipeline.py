@@ -82,6 +82,10 @@ class _Captured(Exception):
     pass
 
 
+class _StatsDone(Exception):
+    """Raised by the statistics hooks once a batch reached every hooked layer."""
+
+
 def _to(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
@@ -133,18 +137,23 @@ class StatsCollector:
         self.stats: dict[str, LayerStats] = {}
         self.needs = needs
         self._seen: dict[int, tuple] = {}
+        self._fired: list[str] = []  # hooked layers in the order the current batch reached them
+        self._last_call: int | None = None  # after the first batch: how many hook calls a batch makes
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in layers.items()]
 
     def _hook(self, name):
         def fn(_module, args):
+            self._fired.append(name)
             x = args[0]
             key = x.data_ptr()
             if key in self._seen:  # another layer already accumulated this very tensor
                 self.stats.setdefault(name, self._seen[key][1])
-                return
-            st = self.stats.setdefault(name, LayerStats())
-            self._seen[key] = (x, st)  # holding x keeps its address from being reused
-            self._accumulate(st, x.detach().reshape(-1, x.shape[-1]).float())
+            else:
+                st = self.stats.setdefault(name, LayerStats())
+                self._seen[key] = (x, st)  # holding x keeps its address from being reused
+                self._accumulate(st, x.detach().reshape(-1, x.shape[-1]).float())
+            if self._last_call is not None and len(self._fired) == self._last_call:
+                raise _StatsDone  # nothing after the last hooked layer's input is needed
         return fn
 
     def _accumulate(self, st: LayerStats, x: torch.Tensor):
@@ -161,6 +170,9 @@ class StatsCollector:
 
     def end_batch(self):
         self._seen.clear()
+        if self._last_call is None:
+            self._last_call = len(self._fired) or None
+        self._fired.clear()
 
     def close(self):
         for h in self._handles:
@@ -170,8 +182,11 @@ class StatsCollector:
 @torch.no_grad()
 def _collect_stats(block, layers, needs, inputs, device) -> dict[str, LayerStats]:
     collector = StatsCollector(layers, needs)
-    for hidden, kwargs in inputs:
-        block(hidden.to(device), **_to(kwargs, device))
+    for hidden, kwargs in inputs:  # batches after the first stop at the last hooked layer's input
+        try:
+            block(hidden.to(device), **_to(kwargs, device))
+        except _StatsDone:
+            pass
         collector.end_batch()
     collector.close()
     return collector.stats
@@ -228,7 +243,7 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
         for m in block.modules():  # dense copies kept for mask refinement live one block only
             if hasattr(getattr(m, "fmt", None), "dense_origin"):
                 del m.fmt.dense_origin
-        if inputs is not None:
+        if inputs is not None and i + 1 < len(blocks):  # the last block's outputs feed nothing
             inputs = propagate(block, inputs, device)
         block.to(original_device)
         if task is not None:
