@@ -88,3 +88,34 @@ def test_mixed_precision_never_exceeds_its_target(smol, data, target):
     chosen = {(v["bits"], v["group_size"]) for v in result.allocation["0:rtn"].values()}
     assert len(chosen) > 1, "a mixed allocation mixes"
     assert bits > target - 0.15, "the budget is used, not wasted"
+
+
+def test_statistics_forwards_that_stop_early_equal_full_forwards(smol, data):
+    """Batches after the first stop at the last hooked layer's input: Hessians and squared sums must
+    equal hooks on full forwards of the same real block and text."""
+    from compress.pipeline import _collect_stats, _linear_layers, capture_block_inputs
+
+    model, _, _ = smol
+    calib = data[0]
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, calib[:4], "cpu") + capture_block_inputs(
+        model, blocks, calib[4:], "cpu")
+    assert len(inputs) == 2  # the early stop only acts from the second batch on
+    layers = _linear_layers(blocks[0], "b")
+    full = {n: torch.zeros(m.in_features, m.in_features) for n, m in layers.items()}
+
+    def accumulate(_module, args, name):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        full[name].add_(x.t() @ x)  # returns None: a pre-hook's return value would replace the input
+
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: accumulate(mod, a, n)) for n, m in layers.items()]
+    with torch.no_grad():
+        for hidden, kwargs in inputs:
+            blocks[0](hidden, **kwargs)
+    for h in hooks:
+        h.remove()
+    stats = _collect_stats(blocks[0], layers, frozenset({"hessian"}), inputs, "cpu")
+    sq = _collect_stats(blocks[0], layers, frozenset({"sq_sum"}), inputs, "cpu")
+    for name in layers:
+        torch.testing.assert_close(stats[name].hessian, full[name], rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(sq[name].sq_sum, torch.diagonal(full[name]), rtol=1e-5, atol=1e-3)
