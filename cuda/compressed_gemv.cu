@@ -100,16 +100,27 @@ __device__ __forceinline__ void store_sums(float* acc, T* y, int M, int N, int n
     }
 }
 
-template <typename T, int VALUE, int COLS>
-__device__ void gemv(const T* __restrict__ x, Weight w, T* __restrict__ y, int M, int N, int K, int kept) {
+// The warp's output row and lane, the row's value table (palette modes; in shared memory) and
+// zeroed sums; false for warps past the last row.
+template <int VALUE>
+__device__ bool start_row(const Weight& w, int N, int& n, int& lane, const float*& table, float* acc) {
     __shared__ float tables[WARPS_PER_BLOCK][256];
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int n = blockIdx.x * WARPS_PER_BLOCK + warp;
-    if (n >= N) return;
-    const float* table = row_table<VALUE>(w, n, tables[warp], lane);
-    float acc[MAX_M];
+    int warp = threadIdx.x / 32;
+    lane = threadIdx.x % 32;
+    n = blockIdx.x * WARPS_PER_BLOCK + warp;
+    if (n >= N) return false;
+    table = row_table<VALUE>(w, n, tables[warp], lane);
 #pragma unroll
     for (int m = 0; m < MAX_M; ++m) acc[m] = 0.f;
+    return true;
+}
+
+template <typename T, int VALUE, int COLS>
+__device__ void gemv(const T* __restrict__ x, Weight w, T* __restrict__ y, int M, int N, int K, int kept) {
+    int n, lane;
+    const float* table;
+    float acc[MAX_M];
+    if (!start_row<VALUE>(w, N, n, lane, table, acc)) return;
     const uint8_t* row = w.codes + (size_t)n * w.row_bytes;
     const uint8_t* index_row = COLS == COL_NM ? w.nm_index + (size_t)n * w.index_row_bytes : nullptr;
     int chunks = (kept + 7) / 8;  // kept = K for dense layouts, the kept count per row for N:M
@@ -138,14 +149,10 @@ __device__ void gemv(const T* __restrict__ x, Weight w, T* __restrict__ y, int M
 template <typename T, int VALUE>
 __device__ void bitmap_gemv(const T* __restrict__ x, Weight w, const uint8_t* __restrict__ mask, int mask_row_bytes,
                             T* __restrict__ y, int M, int N, int K) {
-    __shared__ float tables[WARPS_PER_BLOCK][256];
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int n = blockIdx.x * WARPS_PER_BLOCK + warp;
-    if (n >= N) return;
-    const float* table = row_table<VALUE>(w, n, tables[warp], lane);
+    int n, lane;
+    const float* table;
     float acc[MAX_M];
-#pragma unroll
-    for (int m = 0; m < MAX_M; ++m) acc[m] = 0.f;
+    if (!start_row<VALUE>(w, N, n, lane, table, acc)) return;
     const uint8_t* mrow = mask + (size_t)n * mask_row_bytes;
     const uint8_t* row = w.codes + (size_t)n * w.row_bytes;
     int words = (K + 31) / 32;
