@@ -134,6 +134,16 @@ class QuantizedWeight(WeightFormat):
             zero = None
         return codes, scale, zero
 
+    def split_rows(self, sizes: list[int]) -> list[QuantizedWeight]:
+        """The formats of consecutive row blocks (rows are packed independently, so this is exact)."""
+        parts, start = [], 0
+        for n in sizes:
+            zeros = self.zeros[start:start + n] if self.zeros is not None else None
+            parts.append(QuantizedWeight(self.codes[start:start + n], self.scales[start:start + n], zeros,
+                                         self.spec, (n, self.shape[1])))
+            start += n
+        return parts
+
     def dequantize(self):
         out, k = self.shape
         codes, scale, zero = self.unpacked()

@@ -122,12 +122,15 @@ def capture_block_inputs(model, blocks, tokens: torch.Tensor, device) -> list[tu
 
 @torch.no_grad()
 def propagate(block, inputs, device) -> list[tuple]:
-    """Run the block on its inputs; its outputs (with the same kwargs) feed the next block."""
-    nxt = []
-    for hidden, kwargs in inputs:
+    """Run the block on its inputs; its outputs (with the same kwargs) feed the next block.
+
+    Each chunk is replaced by its outputs in place, so only one copy of the calibration
+    activations is alive at a time (128 x 512 tokens of a 576-wide model: 151 MB saved)."""
+    for k, (hidden, kwargs) in enumerate(inputs):
         out = block(hidden.to(device), **_to(kwargs, device))
-        nxt.append(((out[0] if isinstance(out, tuple) else out).detach(), kwargs))
-    return nxt
+        inputs[k] = ((out[0] if isinstance(out, tuple) else out).detach(), kwargs)
+        del hidden, out
+    return inputs
 
 
 class StatsCollector:

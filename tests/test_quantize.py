@@ -90,6 +90,33 @@ def test_mixed_precision_never_exceeds_its_target(smol, data, target):
     assert bits > target - 0.15, "the budget is used, not wasted"
 
 
+def test_layers_sharing_an_input_are_quantized_in_one_sweep_with_the_same_result(smol, data):
+    """q/k/v and gate/up share a Hessian and go through GPTQ stacked; every layer must get what
+    gptq_quantize gives it alone (codes equal up to float-rounding ties, same output error)."""
+    from compress.pipeline import _collect_stats, _linear_layers, capture_block_inputs
+
+    model, _, _ = smol
+    calib = data[0][:4]
+    _, blocks = find_blocks(model)
+    layers = _linear_layers(blocks[0], "model.layers.0")
+    stats = _collect_stats(blocks[0], layers, frozenset({"hessian"}), capture_block_inputs(model, blocks, calib, "cpu"),
+                           "cpu")
+    assert stats["model.layers.0.self_attn.q_proj"] is stats["model.layers.0.self_attn.v_proj"]  # shared input
+    spec = QuantSpec(3, 64, clip_search=True)
+    stacked = compress_copy(model, [{"type": "gptq", "bits": 3, "group_size": 64, "clip_search": True,
+                                     "targets": ["model.layers.0.*"]}], calib)
+    for name, module in layers.items():
+        h = stats[name].mean_hessian()
+        alone = gptq_quantize(module.weight.detach().float(), h, spec)
+        got = stacked.get_submodule(name).fmt
+        same = (got.unpacked()[0] == alone.unpacked()[0]).float().mean()
+        assert same > 0.999, (name, same)
+        torch.testing.assert_close(got.scales, alone.scales)
+        w = module.weight.detach().float()
+        e_got, e_alone = output_error(w, got.dequantize(), h), output_error(w, alone.dequantize(), h)
+        assert abs(e_got - e_alone) <= 1e-3 * e_alone, name
+
+
 def test_statistics_forwards_that_stop_early_equal_full_forwards(smol, data):
     """Batches after the first stop at the last hooked layer's input: Hessians and squared sums must
     equal hooks on full forwards of the same real block and text."""

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from ..formats import QuantizedWeight, compact
 from ..hessian import obq_sweep, prepare_inverse_hessian
+from ..modules import CompressedLinear
 from ..quant import QuantSpec, decode, encode, fit_params, pad_to_groups
 from .base import current_mask, current_weight
 from .quantizing import QuantizingPass, QuantOptions
@@ -70,16 +71,21 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size:
     keep = mask[:, perm] if mask is not None else None
 
     codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    # every weight's scale and zero, in sweep order (static groups: known before the sweep)
+    scale_at = scale.gather(1, gidx) if static else None
+    zero_at = zero.gather(1, gidx) if static and zero is not None else None
 
     def round_column(j, rest):
-        g = gidx[:, j]
-        if not static and j % gs == 0:  # fit the group on the weights as updated so far
-            s, z = fit_params(rest[:, :gs], spec)
-            scale[:, g[0]] = s
-            if zero is not None:
-                zero[:, g[0]] = z
-        s_col = scale.gather(1, g.unsqueeze(1)).squeeze(1)
-        z_col = zero.gather(1, g.unsqueeze(1)).squeeze(1) if zero is not None else None
+        if static:
+            s_col, z_col = scale_at[:, j], zero_at[:, j] if zero_at is not None else None
+        else:
+            g = int(gidx[0, j])
+            if j % gs == 0:  # fit the group on the weights as updated so far
+                s, z = fit_params(rest[:, :gs], spec)
+                scale[:, g] = s
+                if zero is not None:
+                    zero[:, g] = z
+            s_col, z_col = scale[:, g], zero[:, g] if zero is not None else None
         codes[:, j] = encode(rest[:, 0], s_col, z_col, spec)
         deq = decode(codes[:, j], s_col, z_col, spec)
         return deq * keep[:, j] if keep is not None else deq
@@ -100,6 +106,37 @@ class GPTQ(QuantizingPass):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.done: dict[str, str] = {}  # layers a joint SparseGPT sweep already quantized
+
+    def apply(self, work, replace):
+        """Layers that read the same input (q/k/v, gate/up) share one Hessian and, GPTQ being
+        independent per output row, are quantized in one sweep over their stacked rows: the same
+        result for a third fewer column steps (the sweep's cost is its Python loop over columns)."""
+        batches: dict[tuple, list[str]] = {}
+        for name, module in work.layers.items():
+            cfg, stats = self.cfg.for_layer(name), work.stats.get(name)
+            alone = name in self.done or current_mask(module) is not None or stats is None
+            key = (name,) if alone else (id(stats), self.layer_spec(name, cfg), cfg.block_size, cfg.damp,
+                                          cfg.act_order)
+            batches.setdefault(key, []).append(name)
+        for names in batches.values():
+            if len(names) == 1:
+                module = work.layers[names[0]]
+                done = [(names[0], *self.compress_layer(names[0], module, work.stats.get(names[0]),
+                                                        self.cfg.for_layer(names[0])))]
+            else:
+                done = self._quantize_together(names, work)
+            for name, fmt, note in done:
+                replace(name, CompressedLinear.from_module(work.layers[name], fmt))
+                work.notes[name] = note
+
+    def _quantize_together(self, names: list[str], work) -> list[tuple]:
+        cfg, h = self.cfg.for_layer(names[0]), work.stats[names[0]].mean_hessian().cpu()
+        weights = [current_weight(work.layers[n]) for n in names]
+        stacked = gptq_quantize(torch.cat(weights), h, self.layer_spec(names[0], cfg), cfg.block_size,
+                                cfg.damp, cfg.act_order)
+        parts = stacked.split_rows([len(w) for w in weights])
+        return [(name, fmt, {"format": fmt.describe(), "output_error": output_error(w, fmt.dequantize(), h)})
+                for name, w, fmt in zip(names, weights, parts, strict=True)]
 
     def compress_layer(self, name, module, stats, cfg):
         if name in self.done:
