@@ -13,6 +13,7 @@ When no pass needs data, no calibration forward runs at all.
 
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,7 +28,7 @@ from .passes.registry import get_pass
 from .progress import Progress
 from .sensitivity import output_fisher
 
-CHUNK = 8  # calibration sequences per forward
+CHUNK = 4  # calibration sequences per forward (4 x 512 tokens: faster and 10% less peak memory than 8)
 
 
 def plan(pass_configs) -> list[Pass]:
@@ -192,6 +193,7 @@ def _collect_stats(block, layers, needs, inputs, device) -> dict[str, LayerStats
             pass
         collector.end_batch()
     collector.close()
+    _return_freed_memory()
     return collector.stats
 
 
@@ -249,6 +251,7 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
         if inputs is not None and i + 1 < len(blocks):  # the last block's outputs feed nothing
             inputs = propagate(block, inputs, device)
         block.to(original_device)
+        _return_freed_memory()
         if task is not None:
             progress.advance(task)
     for j, p in enumerate(passes):
@@ -257,6 +260,15 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
             records = _renumber(records, prefix, info.pop("kept_blocks", None))
             allocation[f"{j}:{p.name}"] = info
     return PipelineResult(records, seconds, calib_s, allocation)
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages freed by a block's work back to the OS. glibc otherwise keeps them, and the
+    process's peak grows block after block (measured: 1269 -> 1193 MB for GPTQ on SmolLM2)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to do
+        pass
 
 
 def _renumber(records: dict, prefix: str, kept: dict | None) -> dict:
