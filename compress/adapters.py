@@ -8,6 +8,7 @@ the consumers through an elementwise product (Llama's ``act(gate) * up``) or a p
 homogeneous activation (ReLU in OPT).
 """
 
+import torch
 from torch import nn
 
 LLAMA_LIKE = [
@@ -29,7 +30,8 @@ NORM_OFFSET = {"gemma": 1.0, "gemma2": 1.0}  # Gemma's RMSNorm multiplies by (1 
 
 def scaling_groups(model_type: str, block: nn.Module) -> list[tuple[str, list[str], str]]:
     """The foldable (producer, consumers) pairs of one block, skipping pairs whose shapes do not
-    line up (e.g. v_proj -> o_proj under grouped-query attention)."""
+    line up. Under grouped-query attention v_proj -> o_proj is kept: each value channel feeds one
+    o_proj input channel per query head of its group (see :func:`consumer_channels`)."""
     table = SCALING_GROUPS.get(model_type)
     if table is None and model_type in NORM_OFFSET:
         table = LLAMA_LIKE
@@ -41,6 +43,20 @@ def scaling_groups(model_type: str, block: nn.Module) -> list[tuple[str, list[st
         except AttributeError:
             continue
         width = prod.weight.shape[0]
-        if all(c.weight.shape[1] == width for c in cons):
+        if all(c.weight.shape[1] == width for c in cons) or consumer_channels(block, producer, cons) is not None:
             out.append((producer, consumers, kind))
     return out
+
+
+def consumer_channels(block: nn.Module, producer: str, consumers: list[nn.Module]):
+    """For v_proj -> o_proj under grouped-query attention: the value channel each o_proj input
+    channel reads (query head ``h`` reads KV head ``h // groups``), else None (one to one)."""
+    width = block.get_submodule(producer).weight.shape[0]
+    attn = getattr(block, "self_attn", None)
+    head_dim, groups = getattr(attn, "head_dim", None), getattr(attn, "num_key_value_groups", 1)
+    if not producer.endswith("v_proj") or head_dim is None or groups <= 1:
+        return None
+    if any(c.weight.shape[1] != width * groups for c in consumers):
+        return None
+    j = torch.arange(width * groups)
+    return (j // head_dim) // groups * head_dim + j % head_dim

@@ -59,6 +59,10 @@ def test_awq_scaling_keeps_the_float_model_exact(smol, data):
     scaled = compress_copy(model, [{"type": "awq", "bits": 3, "group_size": 64, "targets": FIRST_BLOCKS}], calib)
     changed = (scaled.model.layers[0].input_layernorm.weight - model.model.layers[0].input_layernorm.weight).abs()
     assert changed.max() > 1e-3, "AWQ chose no scaling at all"
+    # grouped-query attention (9 query heads, 3 KV heads): v_proj -> o_proj is scaled too, tied per KV head
+    v_scaled = [i for i in range(8) if not torch.equal(scaled.model.layers[i].self_attn.v_proj.weight,
+                                                       model.model.layers[i].self_attn.v_proj.weight)]
+    assert v_scaled, "no v_proj -> o_proj scaling under GQA"
     with torch.no_grad():
         a = model(input_ids=windows[:1]).logits
         b = scaled(input_ids=windows[:1]).logits

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..adapters import NORM_OFFSET, scaling_groups
+from ..adapters import NORM_OFFSET, consumer_channels, scaling_groups
 from ..errors import PlanError
 from ..quant import QuantSpec, fake_quantize
 from .base import Pass, PassConfig
@@ -32,15 +32,22 @@ class AWQConfig(PassConfig):
     group_size: int | None = Field(None, ge=1, description="group size assumed (default: next quantize pass)")
 
 
-def awq_search(weights: list[torch.Tensor], h: torch.Tensor, spec: QuantSpec, grid_points: int = 20):
+def awq_search(weights: list[torch.Tensor], h: torch.Tensor, spec: QuantSpec, grid_points: int = 20,
+               tied: torch.Tensor | None = None):
     """Best per-input-channel scale for weights sharing the input with Hessian ``h``.
 
-    Returns (scale [in], alpha, relative error with scale, relative error without)."""
+    ``tied[j]`` (optional) is the producer channel input ``j`` comes from, when several inputs
+    copy one producer channel (GQA values): they get one scale, from their pooled activation.
+    Returns (scale [producer channels], alpha, relative error with scale, relative error without)."""
     w = torch.cat([x.float() for x in weights], 0)
-    act = torch.diagonal(h).clamp_min(0).sqrt().clamp_min(1e-6)
+    energy = torch.diagonal(h).clamp_min(0)
+    if tied is not None:
+        energy = torch.zeros(int(tied.max()) + 1).index_add_(0, tied, energy)
+    act = energy.sqrt().clamp_min(1e-6)
     ref = ((w @ h) * w).sum().clamp_min(1e-12)
 
     def err(s):
+        s = s[tied] if tied is not None else s
         d = fake_quantize(w * s, spec) / s - w
         return float(((d @ h) * d).sum() / ref)
 
@@ -83,13 +90,15 @@ class AWQ(Pass):
                 continue
             mods = [work.layers[n] for n in names]
             h = work.stats[names[0]].mean_hessian().to(mods[0].weight.device)
+            tied = consumer_channels(work.block, producer, mods)
             s, alpha, e_scaled, e_plain = awq_search([m.weight.data for m in mods], h, self.spec,
-                                                     self.cfg.grid_points)
+                                                     self.cfg.grid_points, tied)
             if alpha == 0.0:
                 continue
             s = s.to(mods[0].weight.dtype)
+            s_in = s[tied] if tied is not None else s  # the consumers' input channels
             for m in mods:
-                m.weight.data.mul_(s)
+                m.weight.data.mul_(s_in)
             prod = work.block.get_submodule(producer)
             if kind == "norm":
                 offset = NORM_OFFSET.get(model_type, 0.0)
@@ -100,7 +109,7 @@ class AWQ(Pass):
                 prod.weight.data.div_(s.unsqueeze(1))
                 if prod.bias is not None:
                     prod.bias.data.div_(s)
-            _rescale_stats(work, names, s)
+            _rescale_stats(work, names, s_in)
             for n in names:
                 work.notes[n] = {"awq_alpha": alpha, "awq_error_before": e_plain, "awq_error_after": e_scaled}
 
