@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import PlanError
-from .modules import CompressedLinear
+from .modules import CompressedLinear, dequantized_weights
 from .passes.base import STAGES, BlockWork, LayerStats, Pass
 from .passes.registry import get_pass
 from .progress import Progress
@@ -127,10 +127,11 @@ def propagate(block, inputs, device) -> list[tuple]:
 
     Each chunk is replaced by its outputs in place, so only one copy of the calibration
     activations is alive at a time (128 x 512 tokens of a 576-wide model: 151 MB saved)."""
-    for k, (hidden, kwargs) in enumerate(inputs):
-        out = block(hidden.to(device), **_to(kwargs, device))
-        inputs[k] = ((out[0] if isinstance(out, tuple) else out).detach(), kwargs)
-        del hidden, out
+    with dequantized_weights(block):  # decode each compressed layer once, not once per chunk
+        for k, (hidden, kwargs) in enumerate(inputs):
+            out = block(hidden.to(device), **_to(kwargs, device))
+            inputs[k] = ((out[0] if isinstance(out, tuple) else out).detach(), kwargs)
+            del hidden, out
     return inputs
 
 
@@ -186,12 +187,13 @@ class StatsCollector:
 @torch.no_grad()
 def _collect_stats(block, layers, needs, inputs, device) -> dict[str, LayerStats]:
     collector = StatsCollector(layers, needs)
-    for hidden, kwargs in inputs:  # batches after the first stop at the last hooked layer's input
-        try:
-            block(hidden.to(device), **_to(kwargs, device))
-        except _StatsDone:
-            pass
-        collector.end_batch()
+    with dequantized_weights(block):
+        for hidden, kwargs in inputs:  # batches after the first stop at the last hooked layer's input
+            try:
+                block(hidden.to(device), **_to(kwargs, device))
+            except _StatsDone:
+                pass
+            collector.end_batch()
     collector.close()
     _return_freed_memory()
     return collector.stats
