@@ -28,7 +28,7 @@ from .passes.registry import get_pass
 from .progress import Progress
 from .sensitivity import output_fisher
 
-CHUNK = 4  # calibration sequences per forward (4 x 512 tokens: faster and 10% less peak memory than 8)
+CHUNK = 4  # calibration sequences per forward (GPTQ, 32 x 512: 112 s and 1138 MB vs 117 s and 1193 MB with 8)
 
 
 def plan(pass_configs) -> list[Pass]:
