@@ -23,6 +23,7 @@ def rows(llmc_python: str | None):
     yield "GPTQ (compress)", 3, 64, q("gptq", 3, 64)
     yield "GPTQ (compress)", 2, 32, q("gptq", 2, 32)
     yield "AWQ+GPTQ (compress)", 4, 64, [{"type": "awq"}] + q("gptq", 4, 64)
+    yield "AWQ+GPTQ no refit (compress)", 4, 64, [{"type": "awq"}] + q("gptq", 4, 64, refit_scales=False)
     yield "AWQ+GPTQ (compress)", 3, 64, [{"type": "awq"}] + q("gptq", 3, 64)
     yield "AWQ+GPTQ (compress)", 2, 32, [{"type": "awq"}] + q("gptq", 2, 32)
     yield "mixed 3.25 (compress)", "mix", "mix", [{"type": "gptq", "target_bits_per_weight": 3.25}]

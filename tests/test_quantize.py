@@ -53,6 +53,29 @@ def test_gptq_lowers_output_error_on_odd_group_widths(smol, data):
         assert output_error(w, fmt.dequantize(), h) < output_error(w, quantize_rtn(w, spec).dequantize(), h)
 
 
+def test_refitting_scales_lowers_the_output_error_of_every_row(smol, data):
+    """Least-squares scales for GPTQ's codes: never a worse row, a lower layer error, same codes."""
+    from compress.passes.gptq import refit_scales
+
+    model, _, _ = smol
+    h = real_hessian(model, data[0][:2])
+    w = model.model.layers[0].mlp.gate_proj.weight.detach().float()
+    for spec in (QuantSpec(4, 64, clip_search=True), QuantSpec(3, 100, symmetric=True)):  # 576 = 5 x 100 + 76
+        plain = gptq_quantize(w, h, spec, refit=False)
+        codes, scale, zero = plain.unpacked()
+        new = refit_scales(w, h, codes, scale, zero, spec.group_size)
+        refit = gptq_quantize(w, h, spec, refit=True)
+        torch.testing.assert_close(refit.scales.float(), new)
+        assert torch.equal(refit.unpacked()[0], codes)
+
+        def row_error(fmt):
+            d = w - fmt.dequantize()
+            return ((d @ h) * d).sum(1)
+
+        assert (row_error(refit) <= row_error(plain) * (1 + 1e-5)).all()
+        assert output_error(w, refit.dequantize(), h) < 0.99 * output_error(w, plain.dequantize(), h)
+
+
 def test_awq_scaling_keeps_the_float_model_exact(smol, data):
     model, _, _ = smol
     calib, windows, _, _ = data
@@ -111,7 +134,7 @@ def test_layers_sharing_an_input_are_quantized_in_one_sweep_with_the_same_result
                                      "targets": ["model.layers.0.*"]}], calib)
     for name, module in layers.items():
         h = stats[name].mean_hessian()
-        alone = gptq_quantize(module.weight.detach().float(), h, spec)
+        alone = gptq_quantize(module.weight.detach().float(), h, spec, refit=True)
         got = stacked.get_submodule(name).fmt
         same = (got.unpacked()[0] == alone.unpacked()[0]).float().mean()
         assert same > 0.999, (name, same)
