@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import time
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 
 import torch
 from torch import nn
@@ -264,13 +264,20 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
     return PipelineResult(records, seconds, calib_s, allocation)
 
 
+@cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to do
+        return None
+
+
 def _return_freed_memory() -> None:
     """Hand the heap pages freed by a block's work back to the OS. glibc otherwise keeps them, and the
     process's peak grows block after block (measured: 1269 -> 1193 MB for GPTQ on SmolLM2)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to do
-        pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _renumber(records: dict, prefix: str, kept: dict | None) -> dict:

@@ -42,7 +42,7 @@ def awq_search(weights: list[torch.Tensor], h: torch.Tensor, spec: QuantSpec, gr
     w = torch.cat([x.float() for x in weights], 0)
     energy = torch.diagonal(h).clamp_min(0)
     if tied is not None:
-        energy = torch.zeros(int(tied.max()) + 1).index_add_(0, tied, energy)
+        energy = energy.new_zeros(int(tied.max()) + 1).index_add_(0, tied, energy)
     act = energy.sqrt().clamp_min(1e-6)
     ref = ((w @ h) * w).sum().clamp_min(1e-12)
 
@@ -91,6 +91,7 @@ class AWQ(Pass):
             mods = [work.layers[n] for n in names]
             h = work.stats[names[0]].mean_hessian().to(mods[0].weight.device)
             tied = consumer_channels(work.block, producer, mods)
+            tied = tied.to(h.device) if tied is not None else None
             s, alpha, e_scaled, e_plain = awq_search([m.weight.data for m in mods], h, self.spec,
                                                      self.cfg.grid_points, tied)
             if alpha == 0.0:

@@ -124,7 +124,7 @@ def refit_scales(w, h, codes, scale, zero, gs: int) -> torch.Tensor:
     new = torch.linalg.solve(m, b).half().float()
 
     def err(s):
-        e = w - (d * s.repeat_interleave(gs, 1))[:, :cols] if pad else w - d * s.repeat_interleave(gs, 1)
+        e = w - (d * s.repeat_interleave(gs, 1))[:, :cols]
         return ((e @ h) * e).sum(1)
 
     better = (err(new) < err(scale)) & (new > 0).all(1)
