@@ -25,6 +25,10 @@ def rows(llmc_python: str | None):
     yield "AWQ+GPTQ (compress)", 4, 64, [{"type": "awq"}] + q("gptq", 4, 64)
     yield "AWQ+GPTQ no refit (compress)", 4, 64, [{"type": "awq"}] + q("gptq", 4, 64, refit_scales=False)
     yield "AWQ+GPTQ (compress)", 3, 64, [{"type": "awq"}] + q("gptq", 3, 64)
+    yield "AWQ+GPTQ asym 0.125 (compress)", 4, 64, [{"type": "awq"}] + q("gptq", 4, 64, asymmetric=0.125)
+    yield "AWQ+GPTQ asym 0.125 (compress)", 3, 64, [{"type": "awq"}] + q("gptq", 3, 64, asymmetric=0.125)
+    yield "AWQ+GPTQ asym+tune (compress)", 3, 64, [{"type": "awq"}] + q("gptq", 3, 64, asymmetric=0.125) + [
+        {"type": "tune"}]
     yield "AWQ+GPTQ (compress)", 2, 32, [{"type": "awq"}] + q("gptq", 2, 32)
     yield "mixed 3.25 (compress)", "mix", "mix", [{"type": "gptq", "target_bits_per_weight": 3.25}]
     if llmc_python:

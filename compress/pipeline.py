@@ -136,11 +136,16 @@ def propagate(block, inputs, device) -> list[tuple]:
 
 
 class StatsCollector:
-    """Forward pre-hooks that accumulate input statistics of linear layers."""
+    """Forward pre-hooks that accumulate input statistics of linear layers.
+
+    ``reference`` (for "cross"): the same layers' inputs in the float model on the same batch, set
+    per batch; ``cross`` accumulates ``X_float^T X`` against them."""
 
     def __init__(self, layers: dict[str, nn.Module], needs: frozenset[str]):
         self.stats: dict[str, LayerStats] = {}
         self.needs = needs
+        self.reference: dict[str, torch.Tensor] = {}
+        self.paused = False  # while the float model's forward runs through the same layers
         self._seen: dict[int, tuple] = {}
         self._fired: list[str] = []  # hooked layers in the order the current batch reached them
         self._last_call: int | None = None  # after the first batch: how many hook calls a batch makes
@@ -148,6 +153,8 @@ class StatsCollector:
 
     def _hook(self, name):
         def fn(_module, args):
+            if self.paused:
+                return
             self._fired.append(name)
             x = args[0]
             key = x.data_ptr()
@@ -156,16 +163,19 @@ class StatsCollector:
             else:
                 st = self.stats.setdefault(name, LayerStats())
                 self._seen[key] = (x, st)  # holding x keeps its address from being reused
-                self._accumulate(st, x.detach().reshape(-1, x.shape[-1]).float())
+                self._accumulate(st, x.detach().reshape(-1, x.shape[-1]).float(), self.reference.get(name))
             if self._last_call is not None and len(self._fired) == self._last_call:
                 raise _StatsDone  # nothing after the last hooked layer's input is needed
         return fn
 
-    def _accumulate(self, st: LayerStats, x: torch.Tensor):
+    def _accumulate(self, st: LayerStats, x: torch.Tensor, reference: torch.Tensor | None):
         st.tokens += x.shape[0]
         if "hessian" in self.needs:
             h = x.t() @ x
             st.hessian = h if st.hessian is None else st.hessian.add_(h)
+        if "cross" in self.needs:
+            c = reference.reshape(-1, x.shape[-1]).float().t() @ x
+            st.cross = c if st.cross is None else st.cross.add_(c)
         elif "sq_sum" in self.needs:
             s = (x * x).sum(0)
             st.sq_sum = s if st.sq_sum is None else st.sq_sum.add_(s)
@@ -185,18 +195,42 @@ class StatsCollector:
 
 
 @torch.no_grad()
-def _collect_stats(block, layers, needs, inputs, device) -> dict[str, LayerStats]:
+def _collect_stats(block, layers, needs, inputs, device, float_inputs=None) -> dict[str, LayerStats]:
+    """Accumulate ``needs`` over the calibration batches. With "cross", ``float_inputs`` (the float
+    model's activations at this block) run through the block first, batch by batch: the layers'
+    float inputs are the reference of the cross statistics, and each batch is replaced in place by
+    the block's output (the float stream moves on one block)."""
     collector = StatsCollector(layers, needs)
     with dequantized_weights(block):
-        for hidden, kwargs in inputs:  # batches after the first stop at the last hooked layer's input
+        for k, (hidden, kwargs) in enumerate(inputs):  # batches after the first stop at the last hooked layer
+            if "cross" in needs:
+                collector.paused = True
+                collector.reference, out = _layer_inputs(block, layers, float_inputs[k], device)
+                collector.paused = False
+                float_inputs[k] = (out, float_inputs[k][1])
             try:
                 block(hidden.to(device), **_to(kwargs, device))
             except _StatsDone:
                 pass
             collector.end_batch()
+            collector.reference = {}
     collector.close()
     _return_freed_memory()
     return collector.stats
+
+
+def _layer_inputs(block, layers, batch, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Run ``block`` on one batch: (the input of every layer in ``layers``, the block's output)."""
+    seen = {}
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: seen.__setitem__(n, args[0].detach()))
+               for n, m in layers.items()]
+    try:
+        hidden, kwargs = batch
+        out = block(hidden.to(device), **_to(kwargs, device))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, (out[0] if isinstance(out, tuple) else out).detach()
 
 
 def _linear_layers(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
@@ -215,6 +249,9 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
     t0 = time.perf_counter()
     allocation = plan_globally(model, blocks, prefix, passes, calibration, device, progress)
     inputs = capture_block_inputs(model, blocks, calibration, device) if needs_data else None
+    # the float model's activations, for passes that match its outputs (GPTQ's asymmetric calibration)
+    float_inputs = [(h.clone(), kw) for h, kw in inputs] \
+        if any("cross" in p.needs or p.needs_float_outputs for p in passes) else None
     calib_s = time.perf_counter() - t0
     for p in passes:
         p.prepare(model)
@@ -228,14 +265,21 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
             w = m.fmt.shape if isinstance(m, CompressedLinear) else tuple(m.weight.shape)
             records.setdefault(name, LayerRecord(name, w))
         stats, stats_kinds = {}, frozenset()  # statistics a transform pass handed on
+        float_moved = False  # the float stream advances once per block, at the first "cross" statistics
+        if float_inputs is not None and not any("cross" in p.needs and any(map(p.cfg.applies_to, all_layers))
+                                                for p in passes):
+            float_inputs, float_moved = propagate(block, float_inputs, device), True
         for j, p in enumerate(passes):
             layers = {n: m for n, m in _linear_layers(block, block_prefix).items() if p.cfg.applies_to(n)}
             if not layers and not p.needs_block_io:
                 continue
             t = time.perf_counter()
-            work = BlockWork(i, block, block_prefix, model_type, layers, inputs=inputs, device=device)
+            work = BlockWork(i, block, block_prefix, model_type, layers, inputs=inputs, device=device,
+                             float_outputs=float_inputs if float_moved else None)
             if p.needs and not (p.needs <= stats_kinds and set(layers) <= set(stats)):
-                stats, stats_kinds = _collect_stats(block, layers, p.needs, inputs, device), p.needs
+                needs = p.needs - {"cross"} if float_moved else p.needs
+                stats, stats_kinds = _collect_stats(block, layers, needs, inputs, device, float_inputs), needs
+                float_moved = float_moved or "cross" in needs
             work.stats = stats
             with torch.no_grad():
                 p.apply(work, partial(_replace, block, block_prefix))

@@ -173,3 +173,77 @@ def test_statistics_forwards_that_stop_early_equal_full_forwards(smol, data):
     for name in layers:
         torch.testing.assert_close(stats[name].hessian, full[name], rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(sq[name].sq_sum, torch.diagonal(full[name]), rtol=1e-5, atol=1e-3)
+
+
+def _stats_seen_by_gptq(monkeypatch) -> dict:
+    """Record the statistics every GPTQ pass is handed, per layer."""
+    from compress.passes.gptq import GPTQ
+
+    seen, apply = {}, GPTQ.apply
+
+    def recording(self, work, replace):
+        seen.update(work.stats)
+        return apply(self, work, replace)
+
+    monkeypatch.setattr(GPTQ, "apply", recording)
+    return seen
+
+
+def _layer_inputs(model, name, calib):
+    x = []
+    hook = model.get_submodule(name).register_forward_pre_hook(lambda _m, a: x.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for chunk in calib.split(4):
+            model(input_ids=chunk, use_cache=False)
+    hook.remove()
+    return torch.cat(x).double()
+
+
+def test_asymmetric_gptq_targets_the_float_models_outputs(smol, data, monkeypatch):
+    """Block 0 rounded by RTN, block 1 by GPTQ with asymmetric calibration: the cross statistics of
+    block 1 must be X_float^T X of the real activations, and the full-step target weights must fit the
+    float model's layer outputs from the quantized model's inputs better than the weights themselves."""
+    from compress.passes.gptq import float_target
+
+    model, _, _ = smol
+    calib = data[0]
+    seen = _stats_seen_by_gptq(monkeypatch)
+    quantized = compress_copy(model, [{"type": "rtn", "bits": 3, "group_size": 64, "targets": ["model.layers.0.*"]},
+                                      {"type": "gptq", "bits": 3, "group_size": 64, "asymmetric": 0.125,
+                                       "targets": ["model.layers.1.*"]}], calib)
+    name = "model.layers.1.self_attn.q_proj"  # its input does not depend on block 1's own quantized layers
+    x_float, x = _layer_inputs(model, name, calib), _layer_inputs(quantized, name, calib)
+    stats = seen[name]
+    assert stats.tokens == len(x)
+    torch.testing.assert_close(stats.mean_cross().double(), x_float.t() @ x / len(x), rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(stats.mean_cross(), stats.mean_hessian(), rtol=1e-3, atol=1e-4)  # the streams differ
+
+    w = model.get_submodule(name).weight.detach().double()
+    target = float_target(w.float(), stats, 1e-4, 1.0).double()
+    misfit = lambda v: float(((x_float @ w.t() - x @ v.t()) ** 2).sum())  # noqa: E731
+    assert misfit(target) < 0.9 * misfit(w)
+
+
+def test_tuning_keeps_the_codes_and_lowers_the_held_out_block_error(smol, data):
+    from compress.pipeline import plan
+
+    model, _, _ = smol
+    calib = data[0]
+    q = {"type": "gptq", "bits": 3, "group_size": 64, "targets": ["model.layers.[0-1].*"]}
+    plain = compress_copy(model, [q], calib)
+    m = copy.deepcopy(model)
+    tune = {"type": "tune", "targets": ["model.layers.[0-1].*"]}
+    result = run_passes(m, plan(parse_recipe({"passes": [q, tune]}).passes), calib, "cpu")
+    notes = {n: r.notes for n, r in result.layers.items() if "tuned" in r.notes}
+    assert len(notes) == 14  # every quantized layer of the two blocks
+    changed = 0
+    for name, note in notes.items():
+        a, b = plain.get_submodule(name).fmt, m.get_submodule(name).fmt
+        if ".layers.0." in name:  # block 1's inputs, and so its codes, moved with block 0's tuning
+            assert torch.equal(a.codes, b.codes) and torch.equal(a.zeros, b.zeros)
+            changed += not torch.equal(a.scales, b.scales)
+        if note["tuned"]:
+            assert note["block_error_after"] < note["block_error_before"]
+    assert changed == 7 and notes["model.layers.0.mlp.down_proj"]["tuned"], "block 0 keeps tuned scales"
+    with pytest.raises(Exception, match="no quantizing pass before it"):
+        plan(parse_recipe({"passes": [{"type": "tune"}, q]}).passes)

@@ -50,9 +50,13 @@ class LayerStats:
     hessian: torch.Tensor | None = None  # sum of x x^T over tokens  [in, in]
     sq_sum: torch.Tensor | None = None   # sum of x^2 per input channel [in]
     x_sum: torch.Tensor | None = None    # sum of x per input channel [in]
+    cross: torch.Tensor | None = None    # sum of x_float x^T: float model's input vs this one's [in, in]
 
     def mean_hessian(self) -> torch.Tensor:
         return self.hessian / max(self.tokens, 1)
+
+    def mean_cross(self) -> torch.Tensor | None:
+        return None if self.cross is None else self.cross / max(self.tokens, 1)
 
     def input_norm(self) -> torch.Tensor:
         """L2 norm of each input channel over the calibration tokens (Wanda's ||X_j||)."""
@@ -71,6 +75,7 @@ class BlockWork:
     layers: dict[str, nn.Module]               # full name -> Linear / CompressedLinear
     stats: dict[str, LayerStats] = field(default_factory=dict)
     inputs: list | None = None                 # [(hidden_states, kwargs)] the block reads
+    float_outputs: list | None = None          # the float model's outputs of this block, batch by batch
     device: torch.device | str = "cpu"
     notes: dict[str, dict] = field(default_factory=dict)  # per layer, what the pass reports
 
@@ -93,13 +98,14 @@ class Pass:
     name: ClassVar[str]
     stage: ClassVar[str]
     Config: ClassVar[type[PassConfig]]
-    needs: ClassVar[frozenset[str]] = frozenset()  # subset of {"hessian", "sq_sum", "x_sum"}
+    needs: ClassVar[frozenset[str]] = frozenset()  # subset of {"hessian", "sq_sum", "x_sum", "cross"}
     needs_global_plan: bool = False  # wants a model-wide look before compressing (see pipeline)
     plan_needs: ClassVar[frozenset[str]] = frozenset({"hessian"})  # statistics of that look
     plan_uses_fisher: ClassVar[bool] = False
     plan_samples: int = 16  # calibration sequences of that look
     preserves_stats: ClassVar[bool] = False  # the block's statistics stay valid after this pass
     needs_block_io: ClassVar[bool] = False  # wants the block's calibration inputs (BlockWork.inputs)
+    needs_float_outputs: ClassVar[bool] = False  # wants the float model's block outputs (BlockWork.float_outputs)
 
     def __init__(self, cfg: PassConfig):
         self.cfg = cfg

@@ -35,6 +35,9 @@ class GPTQConfig(QuantOptions):
     damp: float = Field(0.01, gt=0, le=1, description="dampening, fraction of the mean Hessian diagonal")
     block_size: int = Field(128, ge=1, description="columns per lazy batch update")
     act_order: bool = Field(True, description="quantize columns by decreasing activation energy")
+    asymmetric: float = Field(0.0, ge=0, le=1, description="GPTQv2's asymmetric calibration: the share "
+                              "of the step towards the float model's layer outputs (0 = off; 0.125 is what "
+                              "helped on SmolLM2; larger steps over-fit the calibration tokens)")
     refit_scales: bool = Field(True, description="after the sweep, re-fit each group's scale by least "
                                "squares on the layer output error with the codes fixed")
 
@@ -43,6 +46,24 @@ def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
     """Relative output error ||(W - Wq) X||^2 / ||W X||^2 = tr(D H D^T) / tr(W H W^T)."""
     d = w - wq
     return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp_min(1e-12))
+
+
+def float_target(w: torch.Tensor, stats, damp: float, strength: float) -> torch.Tensor:
+    """GPTQv2's asymmetric calibration ("GPTQv2: Efficient Finetuning-Free Quantization with
+    Asymmetric Calibration", Li et al., 2025) in closed form. The weights whose outputs on this
+    model's inputs ``X`` best match the float model's outputs ``W X_float`` are
+    ``W + W (X_float^T X - X^T X) (X^T X + damp)^-1``; GPTQ of those under ``H = X^T X`` minimises
+    ``||W X_float - Q X||^2``. The correction is estimated from the calibration tokens and its full
+    step over-fits them (SmolLM2-135M AWQ + GPTQ 3-bit g64, 32 x 512 tokens: perplexity 19.59 with
+    no step, 18.50 at 0.125, 18.78 at 0.25, 21.61 at 0.5, 271 at 1), so only ``strength`` of it is
+    taken, as the paper's code scales it by 0.25. Without cross statistics: ``w`` unchanged."""
+    cross = stats.mean_cross() if stats is not None else None
+    if cross is None or strength == 0:
+        return w
+    h = stats.mean_hessian().cpu().double()
+    delta = cross.cpu().double() - h
+    h.diagonal().add_(damp * h.diagonal().mean() + 1e-12)
+    return (w.double() + strength * torch.linalg.solve(h, (w.double() @ delta).t()).t()).float()
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size: int = 128,
@@ -135,7 +156,10 @@ def refit_scales(w, h, codes, scale, zero, gs: int) -> torch.Tensor:
 class GPTQ(QuantizingPass):
     name = "gptq"
     Config = GPTQConfig
-    needs = frozenset({"hessian"})
+
+    @property
+    def needs(self):
+        return frozenset({"hessian", "cross"}) if self.cfg.asymmetric > 0 else frozenset({"hessian"})
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -165,7 +189,7 @@ class GPTQ(QuantizingPass):
 
     def _quantize_together(self, names: list[str], work) -> list[tuple]:
         cfg, h = self.cfg.for_layer(names[0]), work.stats[names[0]].mean_hessian().cpu()
-        weights = [current_weight(work.layers[n]) for n in names]
+        weights = [float_target(current_weight(work.layers[n]), work.stats[n], cfg.damp, cfg.asymmetric) for n in names]
         stacked = gptq_quantize(torch.cat(weights), h, self.layer_spec(names[0], cfg), cfg.block_size,
                                 cfg.damp, cfg.act_order, refit=cfg.refit_scales)
         parts = stacked.split_rows([len(w) for w in weights])
@@ -175,7 +199,7 @@ class GPTQ(QuantizingPass):
     def compress_layer(self, name, module, stats, cfg):
         if name in self.done:
             return module.fmt, {"format": module.fmt.describe(), "quantized_by": self.done[name]}
-        w, mask = current_weight(module), current_mask(module)
+        w, mask = float_target(current_weight(module), stats, cfg.damp, cfg.asymmetric), current_mask(module)
         h = stats.mean_hessian().cpu()
         values = gptq_quantize(w, h, self.layer_spec(name, cfg), cfg.block_size, cfg.damp, cfg.act_order, mask,
                                cfg.refit_scales)

@@ -1,0 +1,141 @@
+"""Block-wise tuning of quantization scales (and norm gains) against the float model.
+
+After a block's layers are quantized (RTN, GPTQ), their codes stay fixed and what remains free is
+tuned by Adam so that the block's output on this model's own calibration inputs matches the float
+model's output on the float model's inputs: every group scale of the quantized layers (as a factor
+``exp(t)`` on the stored scale) and the gains of the block's norms. This is block-wise
+reconstruction with the step sizes as the only quantizer parameters, the "Block-AP" stage of
+"EfficientQAT: Efficient Quantization-Aware Training for Large Language Models" (Chen et al., 2024)
+with codes and float weights frozen, plus the norm gains of "Norm Tweaking: High-performance Low-bit
+Quantization of Large Language Models" (Li et al., 2024). Errors made upstream are compensated too,
+since the target is the float model's activation, not the block's own float output.
+
+The last calibration batch is held out: the tuned values are kept only when they lower its error.
+Put the pass after the quantizing pass it tunes. Each epoch costs about three calibration forwards
+of the block. Measured on SmolLM2-135M, AWQ + GPTQ 3-bit g64 (asymmetric 0.125), 32 x 512 tokens,
+2 epochs at lr 2e-3: held-out block error -3 to -9% per block, model KL vs base 0.243 -> 0.217,
+perplexity 18.50 -> 18.36, compression 250 -> 450 s. lr 1e-2 overshot (block 0 got worse).
+"""
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..errors import PlanError
+from ..formats import QuantizedWeight
+from ..modules import CompressedLinear
+from ..quant import decode, pad_to_groups
+from .base import Pass, PassConfig
+from .registry import register
+
+
+class TuneConfig(PassConfig):
+    type: Literal["tune"] = "tune"
+    epochs: int = Field(2, ge=1, le=100, description="passes over the calibration batches per block")
+    lr: float = Field(2e-3, gt=0, le=0.1, description="Adam step size (of log-scales and relative norm gains)")
+    norms: bool = Field(True, description="also tune the gains of the block's norms")
+
+
+class _TunedScales:
+    """A quantized layer whose group scales are ``stored * exp(t)``, ``t`` trainable."""
+
+    def __init__(self, module: CompressedLinear):
+        self.module, self.fmt = module, module.fmt
+        codes, scale, zero = self.fmt.unpacked()
+        out, k = self.fmt.shape
+        self.gs = self.fmt.spec.group_size or k
+        self.codes = pad_to_groups(codes, self.gs).reshape(out, -1, self.gs).to(module._device)
+        self.scale = scale.to(module._device)
+        self.zero = zero.to(module._device) if zero is not None else None
+        self.log_factor = nn.Parameter(torch.zeros_like(self.scale))
+
+    def scales(self) -> torch.Tensor:
+        return self.scale * self.log_factor.exp()
+
+    def install(self):
+        """Point the layer's forward at the differentiable weight for this step."""
+        out, k = self.fmt.shape
+        w = decode(self.codes, self.scales(), self.zero, self.fmt.spec).reshape(out, -1)[:, :k]
+        self.module._cached_weight = w.to(self.module.compute_dtype)
+
+    def finish(self, keep: bool) -> QuantizedWeight:
+        self.module._cached_weight = None
+        if not keep:
+            return self.fmt
+        return QuantizedWeight(self.fmt.codes, self.scales().detach().cpu().half(), self.fmt.zeros, self.fmt.spec,
+                               self.fmt.shape)
+
+
+def _norms(block: nn.Module) -> list[nn.Parameter]:
+    """The gain vectors of the block's norms (RMSNorm / LayerNorm weights)."""
+    return [m.weight for n, m in block.named_modules()
+            if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), nn.Parameter)]
+
+
+@register
+class Tune(Pass):
+    name = "tune"
+    stage = "quantize"
+    Config = TuneConfig
+    needs_block_io = True
+    needs_float_outputs = True
+
+    def check_plan(self, passes):
+        mine = passes.index(self)
+        if not any(p.stage == "quantize" and p is not self for p in passes[:mine]):
+            raise PlanError("the tune pass has no quantizing pass before it",
+                            "put `type: tune` after an rtn or gptq pass")
+
+    def apply(self, work, replace):
+        tuned = [_TunedScales(m) for m in work.layers.values()
+                 if isinstance(m, CompressedLinear) and isinstance(m.fmt, QuantizedWeight)]
+        if not tuned or work.float_outputs is None or len(work.inputs) < 2:
+            return
+        gains = _norms(work.block) if self.cfg.norms else []
+        originals = [g.detach().clone() for g in gains]
+        params = [t.log_factor for t in tuned] + gains
+        for p in params:
+            p.requires_grad_(True)
+        train, held = list(range(len(work.inputs) - 1)), len(work.inputs) - 1
+        optimizer = torch.optim.Adam([{"params": [t.log_factor for t in tuned]},
+                                      {"params": gains, "lr": self.cfg.lr * float(
+                                          torch.cat([g.detach().abs().flatten() for g in gains]).mean())
+                                       if gains else self.cfg.lr}], lr=self.cfg.lr)
+        before = self._error(work, tuned, held)
+        with torch.enable_grad():
+            for _ in range(self.cfg.epochs):
+                for k in train:
+                    optimizer.zero_grad(set_to_none=True)
+                    self._loss(work, tuned, k).backward()
+                    optimizer.step()
+        after = self._error(work, tuned, held)
+        for p in params:
+            p.requires_grad_(False)
+        keep = after < before
+        if not keep:
+            with torch.no_grad():
+                for g, o in zip(gains, originals, strict=True):
+                    g.copy_(o)
+        names = {id(m): n for n, m in work.layers.items()}
+        for t in tuned:
+            name = names[id(t.module)]
+            replace(name, CompressedLinear.from_module(t.module, t.finish(keep)))
+            work.notes[name] = {"tuned": keep, "block_error_before": before, "block_error_after": after}
+
+    def _loss(self, work, tuned, k) -> torch.Tensor:
+        """Squared error of the block's output against the float model's, relative to the latter."""
+        from ..pipeline import _to
+
+        for t in tuned:
+            t.install()
+        hidden, kwargs = work.inputs[k]
+        out = work.block(hidden.to(work.device), **_to(kwargs, work.device))
+        out = out[0] if isinstance(out, tuple) else out
+        target = work.float_outputs[k][0].to(work.device)
+        return ((out - target) ** 2).mean() / (target ** 2).mean()
+
+    @torch.no_grad()
+    def _error(self, work, tuned, k) -> float:
+        return float(self._loss(work, tuned, k))
