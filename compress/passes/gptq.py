@@ -157,13 +157,10 @@ class GPTQ(QuantizingPass):
     name = "gptq"
     Config = GPTQConfig
 
-    @property
-    def needs(self):
-        return frozenset({"hessian", "cross"}) if self.cfg.asymmetric > 0 else frozenset({"hessian"})
-
     def __init__(self, cfg):
         super().__init__(cfg)
         self.done: dict[str, str] = {}  # layers a joint SparseGPT sweep already quantized
+        self.needs = frozenset({"hessian", "cross"}) if cfg.asymmetric > 0 else frozenset({"hessian"})
 
     def apply(self, work, replace):
         """Layers that read the same input (q/k/v, gate/up) share one Hessian and, GPTQ being
