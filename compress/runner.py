@@ -161,7 +161,8 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
         t = time.perf_counter()
         comp, _ = _quality(model, tokenizer, windows, dev, recipe, progress, "compressed", log, reference)
         eval_s += time.perf_counter() - t
-    del reference
+    if reference is not None:
+        reference.close()
 
     content = checkpoint_content(model, recipe.export.dense_dtype)
     report = _build_report(recipe, info, model, content, base, comp, result, dev,

@@ -82,6 +82,26 @@ def test_quality_orders_by_bits(smol):
     assert ppl[2] > 3 * ppl[3] and ppl[4] < 1.6 * base.perplexity
 
 
+def test_base_log_probs_wait_on_disk_not_in_memory(smol):
+    """The base model's log-probs (kept for KL) are spilled to a temporary folder, read back exactly,
+    and the folder is gone once closed: KL against them equals KL against the in-memory values."""
+    model, tokenizer, _ = smol
+    windows = evaluation_windows("pydoc", tokenizer, 128, 4, "pydoc")
+    _, ref = evaluate(model, windows, keep_logprobs=True)
+    folder = Path(ref._dir.name)
+    assert len(ref) == 2 and sorted(p.name for p in folder.iterdir()) == ["0.pt", "1.pt"]
+    in_memory = [ref[i] for i in range(len(ref))]
+    assert in_memory[0].dtype == torch.float16 and in_memory[0].shape[:2] == (2, 127)
+    with pytest.raises(IndexError):
+        ref[2]
+    shifted = windows.roll(1, dims=1)  # a different "model output": evaluate other text against the same base
+    a, _ = evaluate(model, shifted, reference=ref)
+    b, _ = evaluate(model, shifted, reference=in_memory)
+    assert a.kl_divergence == b.kl_divergence > 0
+    ref.close()
+    assert not folder.exists()
+
+
 def test_budget_missed_exits_1_and_leaves_nothing(tmp_path, smol):
     out = tmp_path / "missed"
     result = cli("run", RECIPES / "w4-rtn.yaml", "smollm2-135m", "--out", out, "--json",
