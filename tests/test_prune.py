@@ -210,6 +210,8 @@ def test_sparsegpt_then_gptq_runs_as_one_sweep(smol, data):
     assert evaluate(joint, windows, reference=ref)[0].kl_divergence < 0.5
     nm = plan(parse_recipe({"passes": [{**passes[0], "pattern": "2:4"}, passes[1]]}).passes)
     assert nm[0].joint is None and nm[1].needs  # N:M keeps two sweeps (see sparsegpt.py)
+    asym = plan(parse_recipe({"passes": [passes[0], {**passes[1], "asymmetric": 0.125}]}).passes)
+    assert asym[0].joint is None and asym[1].needs == {"hessian", "cross"}  # gptq keeps its asymmetric calibration
     default = plan(parse_recipe({"passes": [{k: v for k, v in passes[0].items() if k != "joint_quantization"},
                                             passes[1]]}).passes)
     assert default[0].joint is None and default[1].needs  # two sweeps unless asked

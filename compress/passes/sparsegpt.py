@@ -159,6 +159,7 @@ class SparseGPT(PruningPass):
         nxt = following[0] if following else None
         if (self.cfg.joint_quantization and nxt is not None and nxt.name == "gptq" and not self.cfg.pattern
                 and nxt.cfg.target_bits_per_weight is None
+                and nxt.cfg.asymmetric == 0  # the joint sweep has no asymmetric calibration: gptq runs its own
                 and nxt.cfg.targets == self.cfg.targets and nxt.cfg.exclude == self.cfg.exclude
                 and not nxt.cfg.overrides and not self.cfg.overrides):
             self.joint = nxt
