@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,11 +63,11 @@ class SpilledLogprobs:
 
 
 @torch.no_grad()
-def evaluate(model, windows: torch.Tensor, device="cpu", reference: list | None = None,
+def evaluate(model, windows: torch.Tensor, device="cpu", reference: Sequence[torch.Tensor] | None = None,
              keep_logprobs: bool = False, progress: Progress | None = None, label: str = "evaluating"):
     """Evaluate ``model`` on ``windows`` [n, seq_len].
 
-    ``reference``: the base model's log-probs per batch (from ``keep_logprobs=True``), to measure
+    ``reference``: the base model's log-probs per batch (from ``keep_logprobs=True``, or a list), to measure
     KL(base || model) and top-1 agreement. Returns (EvalResult, kept log-probs or None); kept
     log-probs are spilled to disk (:class:`SpilledLogprobs`).
     """
