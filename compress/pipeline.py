@@ -26,6 +26,7 @@ from .modules import CompressedLinear, dequantized_weights
 from .passes.base import STAGES, BlockWork, LayerStats, Pass
 from .passes.registry import get_pass
 from .progress import Progress
+from .residency import release_file_pages
 from .sensitivity import output_fisher
 
 CHUNK = 4  # calibration sequences per forward (GPTQ, 32 x 512: 112 s and 1138 MB vs 117 s and 1193 MB with 8)
@@ -259,6 +260,7 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
     for i, block in enumerate(blocks):
         block_prefix = f"{prefix}.{i}"
         original_device = next(block.parameters()).device
+        loaded_weights = [p.data for p in block.parameters()]  # before a move to the compute device
         block.to(device)
         all_layers = _linear_layers(block, block_prefix)
         for name, m in all_layers.items():
@@ -297,6 +299,8 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
         if inputs is not None and i + 1 < len(blocks):  # the last block's outputs feed nothing
             inputs = propagate(block, inputs, device)
         block.to(original_device)
+        _release_replaced(block, loaded_weights)
+        del loaded_weights
         _return_freed_memory()
         if task is not None:
             progress.advance(task)
@@ -306,6 +310,14 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
             records = _renumber(records, prefix, info.pop("kept_blocks", None))
             allocation[f"{j}:{p.name}"] = info
     return PipelineResult(records, seconds, calib_s, allocation)
+
+
+def _release_replaced(block: nn.Module, loaded_weights: list[torch.Tensor]) -> None:
+    """Give back the pages of the block's loaded weights that no parameter uses any more (layers
+    replaced by their compressed form, or weights rewritten into new tensors): with a memory-mapped
+    checkpoint they would otherwise stay resident to the end (GPTQ on SmolLM2, 128 x 512: 425 MB)."""
+    in_use = {p.data_ptr() for p in block.parameters()}
+    release_file_pages([w for w in loaded_weights if w.data_ptr() not in in_use])
 
 
 @cache
