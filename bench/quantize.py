@@ -22,15 +22,14 @@ def rows(llmc_python: str | None):
     yield "GPTQ (compress)", 4, 64, q("gptq", 4, 64)
     yield "GPTQ (compress)", 3, 64, q("gptq", 3, 64)
     yield "GPTQ (compress)", 2, 32, q("gptq", 2, 32)
-    yield "AWQ+GPTQ (compress)", 4, 64, [{"type": "awq"}] + q("gptq", 4, 64)
-    yield "AWQ+GPTQ no refit (compress)", 4, 64, [{"type": "awq"}] + q("gptq", 4, 64, refit_scales=False)
-    yield "AWQ+GPTQ (compress)", 3, 64, [{"type": "awq"}] + q("gptq", 3, 64)
-    yield "AWQ+GPTQ asym 0.125 (compress)", 4, 64, [{"type": "awq"}] + q("gptq", 4, 64, asymmetric=0.125)
-    yield "AWQ+GPTQ asym 0.125 (compress)", 3, 64, [{"type": "awq"}] + q("gptq", 3, 64, asymmetric=0.125)
-    yield "AWQ+GPTQ asym+tune (compress)", 3, 64, [{"type": "awq"}] + q("gptq", 3, 64, asymmetric=0.125) + [
-        {"type": "tune"}]
-    yield "AWQ+GPTQ (compress)", 2, 32, [{"type": "awq"}] + q("gptq", 2, 32)
+    awq, tune = [{"type": "awq"}], [{"type": "tune"}]
+    for b, g in ((4, 64), (3, 64), (2, 32)):
+        yield "AWQ+GPTQ (compress)", b, g, awq + q("gptq", b, g)
+    for b, g in ((4, 64), (3, 64), (2, 32)):  # recipes/w{4,3,2}-gptq-tuned.yaml
+        yield "AWQ+GPTQ asym 0.125+tune (compress)", b, g, awq + q("gptq", b, g, asymmetric=0.125) + tune
     yield "mixed 3.25 (compress)", "mix", "mix", [{"type": "gptq", "target_bits_per_weight": 3.25}]
+    yield "AWQ+mixed 3.25 asym 0.125+tune (compress)", "mix", "mix", awq + [
+        {"type": "gptq", "target_bits_per_weight": 3.25, "asymmetric": 0.125}] + tune
     if llmc_python:
         for b, g in ((4, 64), (3, 64), (2, 32)):
             yield "GPTQ (llm-compressor)", b, g, ("llmc", "gptq", [b, g])
