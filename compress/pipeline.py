@@ -26,7 +26,7 @@ from .modules import CompressedLinear, dequantized_weights
 from .passes.base import STAGES, BlockWork, LayerStats, Pass
 from .passes.registry import get_pass
 from .progress import Progress
-from .residency import release_file_pages
+from .residency import release_clean_pages, release_file_pages
 from .sensitivity import output_fisher
 
 CHUNK = 4  # calibration sequences per forward (GPTQ, 32 x 512: 112 s and 1138 MB vs 117 s and 1193 MB with 8)
@@ -250,6 +250,9 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
     t0 = time.perf_counter()
     allocation = plan_globally(model, blocks, prefix, passes, calibration, device, progress)
     inputs = capture_block_inputs(model, blocks, calibration, device) if needs_data else None
+    # until each block's turn, no weight is read: an evaluation before, or the embeddings just now, made
+    # them resident (SmolLM2: 113 MB of embeddings, 538 MB after an evaluation); the file has them
+    release_clean_pages([p.data for p in model.parameters()])
     # the float model's activations, for passes that match its outputs (GPTQ's asymmetric calibration)
     float_inputs = [(h.clone(), kw) for h, kw in inputs] \
         if any("cross" in p.needs or p.needs_float_outputs for p in passes) else None
@@ -314,10 +317,12 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
 
 def _release_replaced(block: nn.Module, loaded_weights: list[torch.Tensor]) -> None:
     """Give back the pages of the block's loaded weights that no parameter uses any more (layers
-    replaced by their compressed form, or weights rewritten into new tensors): with a memory-mapped
-    checkpoint they would otherwise stay resident to the end (GPTQ on SmolLM2, 128 x 512: 425 MB)."""
+    replaced by their compressed form, or weights rewritten into new tensors), and the unchanged pages
+    of those it keeps: with a memory-mapped checkpoint they would otherwise stay resident to the end
+    (GPTQ on SmolLM2, 128 x 512: 425 MB)."""
     in_use = {p.data_ptr() for p in block.parameters()}
     release_file_pages([w for w in loaded_weights if w.data_ptr() not in in_use])
+    release_clean_pages([p.data for p in block.parameters()])  # kept unchanged: read again from the file
 
 
 @cache

@@ -6,7 +6,9 @@ in-place change (AWQ's folded scales) turns it into a private anonymous copy. Wh
 layer with its compressed form, the old weight's pages stay resident for the life of the mapping,
 that is of the whole model: on SmolLM2-135M every block's float weights, 425 MB, pile up during a
 GPTQ run. :func:`release_file_pages` hands such pages back (``madvise(MADV_DONTNEED)``); a later
-read would fault them in again from the file, so nothing can read garbage.
+read would fault them in again from the file, so nothing can read garbage. :func:`release_clean_pages`
+does the same for weights still in use but not needed for a while (the embeddings during the block
+loop, the float blocks an evaluation touched), keeping any page changed in place.
 
 Only ranges inside a file mapping are touched: the heap (a model loaded from GGUF, or weights a pass
 rewrote into fresh tensors) is left to the allocator. Linux only; elsewhere a no-op.
@@ -22,6 +24,7 @@ from functools import cache
 import torch
 
 MADV_DONTNEED = 4
+PAGE = mmap.PAGESIZE
 
 
 @cache
@@ -51,41 +54,76 @@ def file_mappings() -> list[tuple[int, int]]:
     return out
 
 
+def _page_range(t: torch.Tensor) -> tuple[int, int]:
+    """First and end page numbers of the whole pages inside CPU tensor ``t``."""
+    start = t.data_ptr()
+    return -(-start // PAGE), (start + t.numel() * t.element_size()) // PAGE
+
+
+def _pagemap(lo: int, hi: int) -> list[int] | None:
+    """This process's page-map entries of pages [lo, hi) (bit 63: in memory, bit 61: a page of the
+    file, not a private copy); None where they cannot be read."""
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(lo * 8)
+            raw = f.read((hi - lo) * 8)
+    except OSError:
+        return None
+    return [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)]
+
+
+def _mapped_from_file(t: torch.Tensor, maps: list[tuple[int, int]]) -> bool:
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    return (t.device.type == "cpu" and t.numel() > 0 and t.is_contiguous()
+            and any(a <= start and end <= b for a, b in maps))
+
+
 def release_file_pages(tensors: list[torch.Tensor]) -> int:
     """Drop the resident pages that lie wholly inside ``tensors`` (CPU tensors that are views of a
-    file mapping and that nothing will read again). Returns the bytes handed back."""
+    file mapping and that nothing will read again; changes made in place are lost). Returns the
+    bytes handed back."""
     madvise = _madvise()
     if madvise is None:
         return 0
     maps = file_mappings()
-    page = mmap.PAGESIZE
     released = 0
     for t in tensors:
-        if t.device.type != "cpu" or t.numel() == 0:
-            continue
-        start = t.data_ptr()
-        end = start + t.numel() * t.element_size()
-        if not t.is_contiguous() or not any(a <= start and end <= b for a, b in maps):
-            continue
-        lo, hi = -(-start // page) * page, end // page * page  # whole pages only
-        if hi > lo and madvise(lo, hi - lo, MADV_DONTNEED) == 0:
-            released += hi - lo
+        lo, hi = _page_range(t)
+        if hi > lo and _mapped_from_file(t, maps) and madvise(lo * PAGE, (hi - lo) * PAGE, MADV_DONTNEED) == 0:
+            released += (hi - lo) * PAGE
+    return released
+
+
+def release_clean_pages(tensors: list[torch.Tensor]) -> int:
+    """Drop the resident pages of ``tensors`` (still in use) that hold the file's own bytes, as the
+    kernel's reclaim would: a later read faults them back in from the file. Pages changed in place
+    (private copies) stay. Returns the bytes handed back."""
+    madvise = _madvise()
+    if madvise is None:
+        return 0
+    maps = file_mappings()
+    released = 0
+    clean = (1 << 63) | (1 << 61)
+    for t in tensors:
+        lo, hi = _page_range(t)
+        entries = _pagemap(lo, hi) if hi > lo and _mapped_from_file(t, maps) else None
+        run = None  # first page of the current run of clean resident pages
+        for k, e in enumerate([*(entries or []), 0]):
+            if e & clean == clean:
+                run = k if run is None else run
+            elif run is not None:
+                if madvise((lo + run) * PAGE, (k - run) * PAGE, MADV_DONTNEED) == 0:
+                    released += (k - run) * PAGE
+                run = None
     return released
 
 
 def resident_bytes(t: torch.Tensor) -> int:
-    """Bytes of the whole pages inside CPU tensor ``t`` that are in this process's memory now
-    (``/proc/self/pagemap``, bit 63 of each page's entry); -1 where that cannot be read."""
-    page = mmap.PAGESIZE
-    start = t.data_ptr()
-    lo, hi = -(-start // page), (start + t.numel() * t.element_size()) // page
+    """Bytes of the whole pages inside CPU tensor ``t`` that are in this process's memory now;
+    -1 where that cannot be read."""
+    lo, hi = _page_range(t)
     if hi <= lo:
         return 0
-    try:
-        with open("/proc/self/pagemap", "rb") as f:
-            f.seek(lo * 8)
-            entries = f.read((hi - lo) * 8)
-    except OSError:
-        return -1
-    present = sum(int.from_bytes(entries[i:i + 8], "little") >> 63 for i in range(0, len(entries), 8))
-    return present * page
+    entries = _pagemap(lo, hi)
+    return -1 if entries is None else sum(e >> 63 for e in entries) * PAGE
