@@ -211,6 +211,27 @@ def _on_device(fmt, device) -> KernelPlan | None:
     return plan
 
 
+def _args(*args) -> tuple:
+    """Kernel arguments for CuPy: a torch tensor goes as its device pointer (CuPy takes no torch tensors)."""
+    import numpy as np
+
+    return tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _torch_stream(device):
+    """CuPy's handle on torch's current stream, so kernels queue behind torch's work (and into its graphs)."""
+    import cupy
+
+    handle = torch.cuda.current_stream(device).cuda_stream
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        try:
+            return from_external(torch.cuda.current_stream(device))
+        except Exception:  # noqa: BLE001 - older CuPy: fall back to the raw handle
+            pass
+    return cupy.cuda.ExternalStream(handle)
+
+
 def compressed_matmul(fmt, x: torch.Tensor) -> torch.Tensor | None:
     """``x @ W.T`` for a compressed weight and fp16/bf16 activations on a GPU, or None (use torch)."""
     if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and cupy_available()):
@@ -230,17 +251,17 @@ def compressed_matmul(fmt, x: torch.Tensor) -> torch.Tensor | None:
     grid, block = ((plan.rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,), (WARPS_PER_BLOCK * 32,)
     weight = [bufs[name] for name in BUFFERS] + [bufs["dims"]]
     n, k = np.int32(plan.rows), np.int32(plan.cols)
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream):
+    with _torch_stream(x.device):
         for start in range(0, total, MAX_M):
             xs, ys = x2[start:start + MAX_M], y[start:start + MAX_M]
             m = np.int32(xs.shape[0])
             if plan.bitmap is not None:
-                gemv(grid, block, (xs, *weight, bufs["bitmap"], np.int32(plan.bitmap.shape[1]), ys, m, n, k))
+                gemv(grid, block, _args(xs, *weight, bufs["bitmap"], np.int32(plan.bitmap.shape[1]), ys, m, n, k))
             else:
-                gemv(grid, block, (xs, *weight, ys, m, n, k, np.int32(plan.kept)))
+                gemv(grid, block, _args(xs, *weight, ys, m, n, k, np.int32(plan.kept)))
             if plan.outliers is not None:
                 add = module.get_function("csr_add_" + DTYPE_NAMES[x.dtype])
-                add(grid, block, (xs, *bufs["outliers"], ys, m, n, k))
+                add(grid, block, _args(xs, *bufs["outliers"], ys, m, n, k))
     return y.reshape(*x.shape[:-1], plan.rows)
 
 
@@ -256,7 +277,7 @@ def kmeans_assign(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor
     t, n = values.shape
     codes = torch.empty(t, n, dtype=torch.uint8, device=values.device)
     kernel = cuda_module("kmeans_assign.cu").get_function("kmeans_assign")
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream(values.device).cuda_stream):
-        kernel((min(64, (n + 255) // 256), t), (256,), (values, centroids, codes, np.int32(n),
-                                                         np.int32(centroids.shape[1])))
+    with _torch_stream(values.device):
+        kernel((min(64, (n + 255) // 256), t), (256,), _args(values, centroids, codes, np.int32(n),
+                                                               np.int32(centroids.shape[1])))
     return codes

@@ -22,7 +22,13 @@
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#ifdef __CUDACC_RTC__  // NVRTC (CuPy) has no C library headers
+typedef unsigned char uint8_t;
+typedef unsigned int uint32_t;
+typedef unsigned long long uint64_t;
+#else
 #include <stdint.h>
+#endif
 
 #define WARPS_PER_BLOCK 4
 #define MAX_M 16

@@ -5,6 +5,7 @@ NVIDIA GPU and CuPy: `pytest -m gpu`)."""
 
 import shutil
 import subprocess
+from functools import cache
 
 import pytest
 import torch
@@ -52,6 +53,11 @@ def formats(rows: int, cols: int, seed: int = 0):
 
 
 SHAPES = [(37, 100), (64, 576), (9, 1000)]
+
+
+@cache
+def cached_formats(rows: int, cols: int):
+    return formats(rows, cols)
 
 
 @pytest.mark.parametrize("rows,cols", SHAPES)
@@ -129,7 +135,7 @@ def _need_gpu():
 def test_kernels_match_the_reference(rows, cols, batch, dtype):
     _need_gpu()
     x = torch.randn(batch, cols, device="cuda", dtype=dtype)
-    for name, fmt in formats(rows, cols):
+    for name, fmt in cached_formats(rows, cols):
         got = kernels.compressed_matmul(fmt, x)
         assert got is not None, name
         want = (x.float() @ fmt.dequantize().cuda().T)
