@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 CUDA_DIR = Path(__file__).resolve().parent.parent / "cuda"
-SOURCES = ("compressed_gemv.cu", "kmeans_assign.cu")
+SOURCES = ("quant_gemv.cu", "compressed_gemv.cu", "kmeans_assign.cu")
 INT_ASYM, INT_SYM, GRID, LUT, DENSE = range(5)
 COL_DENSE, COL_NM = 0, 1
 MAX_M = 16            # activation rows per launch (cuda/compressed_gemv.cu)
@@ -47,7 +47,34 @@ def cuda_module(source: str):
     """The compiled CuPy module of ``cuda/<source>`` (compiled once per process, cached by CuPy on disk)."""
     import cupy
 
-    return cupy.RawModule(code=(CUDA_DIR / source).read_text(), options=("-std=c++17",))
+    return cupy.RawModule(code=(CUDA_DIR / source).read_text(), options=NVRTC_OPTIONS)
+
+
+NVRTC_OPTIONS = ("-std=c++17", f"-I{CUDA_DIR}")
+QUANT_BITS = (2, 3, 4, 8)          # widths cuda/quant_gemv.cu takes
+QUANT_TILES = (1, 2, 4, 8, 16)     # activation rows per launch it is compiled for
+CUDA_TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+
+
+@cache
+def quant_kernel(dtype: torch.dtype, value_mode: int, bits: int, rows: int, tile: int):
+    """One instance of the ``quant_gemv`` template (compiled on first use, cached by CuPy on disk)."""
+    import cupy
+
+    name = f"quant_gemv<{CUDA_TYPES[dtype]}, {value_mode}, {bits}, {rows}, {tile}>"
+    module = cupy.RawModule(code=(CUDA_DIR / "quant_gemv.cu").read_text(), options=NVRTC_OPTIONS,
+                            name_expressions=[name])
+    return module.get_function(name)
+
+
+def takes_fast_path(plan: KernelPlan) -> bool:
+    """True when cuda/quant_gemv.cu serves the plan: dense columns, 2/3/4/8-bit codes, K a multiple of 32
+    and whole 32-code chunks per group."""
+    d = plan.dims
+    return (plan.value_mode in (INT_ASYM, INT_SYM, GRID, LUT) and plan.col_mode == COL_DENSE
+            and plan.bitmap is None and plan.cols % 32 == 0 and d["bits"] in QUANT_BITS
+            and d["row_bytes"] == plan.cols * d["bits"] // 8
+            and (plan.value_mode == LUT or d["group_size"] % 32 == 0))
 
 
 @dataclass
@@ -239,7 +266,6 @@ def compressed_matmul(fmt, x: torch.Tensor) -> torch.Tensor | None:
     plan = _on_device(fmt, x.device)
     if plan is None:
         return None
-    import cupy
     import numpy as np
 
     bufs = plan._device[x.device]
@@ -251,11 +277,21 @@ def compressed_matmul(fmt, x: torch.Tensor) -> torch.Tensor | None:
     grid, block = ((plan.rows + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,), (WARPS_PER_BLOCK * 32,)
     weight = [bufs[name] for name in BUFFERS] + [bufs["dims"]]
     n, k = np.int32(plan.rows), np.int32(plan.cols)
+    fast = takes_fast_path(plan) and x2.data_ptr() % 16 == 0
+    d = plan.dims
     with _torch_stream(x.device):
         for start in range(0, total, MAX_M):
             xs, ys = x2[start:start + MAX_M], y[start:start + MAX_M]
             m = np.int32(xs.shape[0])
-            if plan.bitmap is not None:
+            if fast:
+                tile = next(t for t in QUANT_TILES if t >= xs.shape[0])
+                rows = 4 if tile <= 4 else 2
+                kernel = quant_kernel(x.dtype, plan.value_mode, d["bits"], rows, tile)
+                kernel(((plan.rows + rows - 1) // rows,), (128,),
+                       _args(xs, bufs["codes"], bufs["scales"], bufs["zeros"], bufs["lut"], ys, m, n, k,
+                             *(np.int32(d[name]) for name in ("group_size", "groups", "zero_row_bytes",
+                                                              "rows_per_table"))))
+            elif plan.bitmap is not None:
                 gemv(grid, block, _args(xs, *weight, bufs["bitmap"], np.int32(plan.bitmap.shape[1]), ys, m, n, k))
             else:
                 gemv(grid, block, _args(xs, *weight, ys, m, n, k, np.int32(plan.kept)))
@@ -270,7 +306,6 @@ def kmeans_assign(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor
     uint8 codes; None when the kernel does not apply."""
     if not (values.is_cuda and cupy_available() and centroids.shape[1] <= 256):
         return None
-    import cupy
     import numpy as np
 
     values, centroids = values.float().contiguous(), centroids.float().contiguous()

@@ -20,34 +20,13 @@
 // (one per activation row), reduced with shuffles at the end. Batches larger than MAX_M are
 // launched in slices of MAX_M rows of x. Scales are fp16; accumulation is fp32.
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#ifdef __CUDACC_RTC__  // NVRTC (CuPy) has no C library headers
-typedef unsigned char uint8_t;
-typedef unsigned int uint32_t;
-typedef unsigned long long uint64_t;
-#else
-#include <stdint.h>
-#endif
+#include "common.cuh"
 
 #define WARPS_PER_BLOCK 4
 #define MAX_M 16
 
 enum Value { INT_ASYM = 0, INT_SYM = 1, GRID = 2, LUT = 3, DENSE = 4 };
 enum Cols { COL_DENSE = 0, COL_NM = 1 };
-
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
-
-// `bits`-bit field number `index` of a row-packed byte stream (fields may straddle bytes).
-__device__ __forceinline__ uint32_t packed_field(const uint8_t* row, int index, int bits) {
-    int bit = index * bits;
-    const uint8_t* p = row + (bit >> 3);
-    uint32_t window = p[0] | ((uint32_t)p[1] << 8);  // bits <= 8: two bytes always cover it
-    return (window >> (bit & 7)) & ((1u << bits) - 1u);
-}
 
 // Eight codes starting at code 8*chunk of a row: b bytes, fewer at the end of the row.
 __device__ __forceinline__ uint64_t load_chunk(const uint8_t* row, int chunk, int bits, int row_bytes) {
@@ -100,8 +79,7 @@ __device__ __forceinline__ void store_sums(float* acc, T* y, int M, int N, int n
 #pragma unroll
     for (int m = 0; m < MAX_M; ++m) {
         if (m >= M) break;
-        float s = acc[m];
-        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        float s = warp_sum(acc[m]);
         if (lane == 0) store(&y[(size_t)m * N + n], s);
     }
 }
@@ -204,7 +182,7 @@ __device__ void csr_add(const T* __restrict__ x, const int* __restrict__ row_sta
     for (int m = 0; m < M; ++m) {
         float s = 0.f;
         for (int i = row_start[n] + lane; i < row_start[n + 1]; i += 32) s += delta[i] * to_float(x[(size_t)m * K + cols[i]]);
-        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        s = warp_sum(s);
         if (lane == 0) store(&y[(size_t)m * N + n], to_float(y[(size_t)m * N + n]) + s);
     }
 }

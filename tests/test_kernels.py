@@ -3,6 +3,7 @@ reads for each format) compute the format's product when emulated in torch; no C
 back to torch. The `gpu` tests compare the kernels themselves with the torch reference (needs an
 NVIDIA GPU and CuPy: `pytest -m gpu`)."""
 
+import re
 import shutil
 import subprocess
 from functools import cache
@@ -81,6 +82,9 @@ def test_plan_kinds():
     assert kinds["bitmap + palette + outliers"].kernel(torch.float16) == "bitmap_gemv_f16_v3"
     assert kinds["palette3 + outliers"].outliers is not None
     assert kernels.kernel_plan(DenseWeight(torch.randn(4, 8))) is None  # dense stays with cuBLAS
+    fast = {name for name, plan in kinds.items() if kernels.takes_fast_path(plan)}
+    assert fast == {name for name in kinds if not name.startswith(("2:4", "bitmap"))}
+    assert not any(kernels.takes_fast_path(kernels.kernel_plan(fmt)) for _, fmt in formats(8, 100))  # K % 32 != 0
 
 
 def test_every_kernel_name_a_plan_can_ask_for_exists_in_the_source():
@@ -103,10 +107,34 @@ NVCC = shutil.which("nvcc")
 @pytest.mark.parametrize("source", kernels.SOURCES)
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_sources_compile(source, arch, tmp_path):
-    result = subprocess.run([NVCC, "-std=c++17", f"-arch={arch}", "-c", str(kernels.CUDA_DIR / source),
+    result = subprocess.run([NVCC, "-std=c++17", f"-arch={arch}", f"-I{kernels.CUDA_DIR}", "-c",
+                             str(kernels.CUDA_DIR / source),
                              "-o", str(tmp_path / "out.o")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "out.o").stat().st_size > 1000
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_every_quant_gemv_instance_compiles(arch, tmp_path):
+    """quant_gemv.cu is a template: compile each instance the launcher can ask for (value mode x bits,
+    both activation types, the smallest and largest tile)."""
+    signature = "const T*, const uint8_t*, const __half*, const uint8_t*, const float*, T*" + ", int" * 7
+    lines = ['#include "quant_gemv.cu"']
+    for t in kernels.CUDA_TYPES.values():
+        for value in (kernels.INT_ASYM, kernels.INT_SYM, kernels.GRID, kernels.LUT):
+            for bits in kernels.QUANT_BITS:
+                for rows, tile in ((4, 1), (2, 16)):
+                    lines.append(f"template __global__ void quant_gemv<{t}, {value}, {bits}, {rows}, {tile}>"
+                                 f"({signature.replace('T*', t + '*')});")
+    wrapper = tmp_path / "instances.cu"
+    wrapper.write_text("\n".join(lines) + "\n")
+    result = subprocess.run([NVCC, "-std=c++17", f"-arch={arch}", f"-I{kernels.CUDA_DIR}", "-Xptxas", "-v", "-c",
+                             str(wrapper), "-o", str(tmp_path / "out.o")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("Compiling entry function") == len(lines) - 1
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", result.stderr)]
+    assert max(spills) <= 8, max(spills)  # registers hold the tile (one 8-bit code-book instance spills 4 B)
 
 
 def test_cpu_and_no_cupy_fall_back_to_torch(monkeypatch):
