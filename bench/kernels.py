@@ -84,11 +84,16 @@ def main():
     ap.add_argument("--peak-gbs", type=float, default=3350.0)
     ap.add_argument("--copies", type=int, default=8)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="e.g. 4096x4096,11008x4096")
+    ap.add_argument("--rows-per-block", default="", help="override tile:rows, e.g. 1:2,4:2 (kernels.ROWS_PER_BLOCK)")
     a = ap.parse_args()
+    for item in filter(None, a.rows_per_block.split(",")):
+        tile, rows = map(int, item.split(":"))
+        kernels.ROWS_PER_BLOCK[tile] = rows
     if not (torch.cuda.is_available() and kernels.cupy_available()):
         sys.exit("bench/kernels.py needs an NVIDIA GPU and CuPy (pip install 'compress[cuda]')")
     rows = []
-    for n, k in SHAPES:
+    for n, k in (map(int, shape.split("x")) for shape in a.shapes.split(",")):
         dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(a.copies)]
         first = make_formats(dense[0].float().cpu())  # distinct objects, so distinct device buffers
         fmts = [first] + [copy.deepcopy(first) for _ in range(a.copies - 1)]
@@ -105,7 +110,7 @@ def main():
                              "speed-up vs fp16": t_fp16 / t})
                 print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
     print(f"{torch.cuda.get_device_name()}; peak bandwidth taken as {a.peak_gbs:.0f} GB/s; {a.copies} weight copies "
-          f"cycled; median of {a.iters}")
+          f"cycled; median of {a.iters}; rows per block by tile {kernels.ROWS_PER_BLOCK}")
     common.print_table(["shape", "batch", "format", "us", "GB/s", "% peak", "fp16 us", "speed-up vs fp16"], rows)
 
 

@@ -54,6 +54,7 @@ NVRTC_OPTIONS = ("-std=c++17", f"-I{CUDA_DIR}")
 QUANT_BITS = (2, 3, 4, 8)          # widths cuda/quant_gemv.cu takes
 QUANT_TILES = (1, 2, 4, 8, 16)     # activation rows per launch it is compiled for
 CUDA_TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+ROWS_PER_BLOCK = {1: 4, 2: 4, 4: 4, 8: 2, 16: 2}  # tile -> output rows per block (registers: rows x tile sums)
 
 
 @cache
@@ -285,7 +286,7 @@ def compressed_matmul(fmt, x: torch.Tensor) -> torch.Tensor | None:
             m = np.int32(xs.shape[0])
             if fast:
                 tile = next(t for t in QUANT_TILES if t >= xs.shape[0])
-                rows = 4 if tile <= 4 else 2
+                rows = ROWS_PER_BLOCK[tile]
                 kernel = quant_kernel(x.dtype, plan.value_mode, d["bits"], rows, tile)
                 kernel(((plan.rows + rows - 1) // rows,), (128,),
                        _args(xs, bufs["codes"], bufs["scales"], bufs["zeros"], bufs["lut"], ys, m, n, k,

@@ -68,21 +68,49 @@ __device__ __forceinline__ void load_x8(const __nv_bfloat16* p, float* f) {
     }
 }
 
+// Codes a and b of pair p (0..15) of a 32-code chunk. For 2/4/8 bits both sit in one word, 16 bits apart,
+// so one shift and one mask put both into a half2; other widths pair neighbours.
+template <int BITS>
+struct Pair {
+    static constexpr bool SAME_WORD = BITS == 2 || BITS == 4 || BITS == 8;
+    static constexpr int PER_WORD = 32 / BITS;
+    __device__ static constexpr int a(int p) { return SAME_WORD ? p / (PER_WORD / 2) * PER_WORD + p % (PER_WORD / 2) : 2 * p; }
+    __device__ static constexpr int b(int p) { return SAME_WORD ? a(p) + PER_WORD / 2 : 2 * p + 1; }
+};
+
+// (1024 + code a, 1024 + code b) as fp16 bits: 0x6400 is 1024.0, whose last mantissa bit is 1.
+template <int BITS>
+__device__ __forceinline__ __half2 magic_pair(const uint32_t* w, int p) {
+    uint32_t bits;
+    if constexpr (Pair<BITS>::SAME_WORD) {
+        constexpr uint32_t MASK = (1u << BITS) - 1u;
+        int a = Pair<BITS>::a(p), word = a * BITS / 32, off = a * BITS % 32;
+        bits = ((w[word] >> off) & (MASK | MASK << 16)) | 0x64006400u;
+    } else {
+        bits = code_at<BITS>(w, Pair<BITS>::a(p)) | code_at<BITS>(w, Pair<BITS>::b(p)) << 16 | 0x64006400u;
+    }
+    return *reinterpret_cast<__half2*>(&bits);
+}
+
+template <typename T> struct IsHalf { static constexpr bool value = false; };
+template <> struct IsHalf<__half> { static constexpr bool value = true; };
+
 template <typename T, int VALUE, int BITS, int R, int MT>
 __global__ void __launch_bounds__(THREADS)
 quant_gemv(const T* __restrict__ x, const uint8_t* __restrict__ codes, const __half* __restrict__ scales,
            const uint8_t* __restrict__ zeros, const float* __restrict__ lut, T* __restrict__ y, int M, int N, int K,
            int group_size, int groups, int zero_row_bytes, int rows_per_table) {
     constexpr int SIZE = 1 << BITS;
+    constexpr bool HALF = IsHalf<T>::value;
     constexpr float MAGIC = 8388608.f;  // 2^23
-    __shared__ float tables[(VALUE == 3 ? R : 1) * SIZE];
+    __shared__ float tables[(VALUE >= 2 ? (VALUE == 3 ? R : 1) : 0) * SIZE + 1];
     __shared__ float partial[THREADS / 32][R * MT];
     const int row0 = blockIdx.x * R;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int rows[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) rows[r] = min(row0 + r, N - 1);  // past the end: recompute the last row, not stored
-    if (VALUE == 2 || VALUE == 3) {
+    if (VALUE >= 2) {
         for (int i = threadIdx.x; i < (VALUE == 3 ? R : 1) * SIZE; i += THREADS) {
             int row = min(row0 + i / SIZE, N - 1);
             tables[i] = VALUE == 3 ? lut[(size_t)(row / rows_per_table) * SIZE + i % SIZE] : lut[i];
@@ -98,39 +126,91 @@ quant_gemv(const T* __restrict__ x, const uint8_t* __restrict__ codes, const __h
 
     for (int c = threadIdx.x; c < chunks; c += THREADS) {
         uint32_t words[R][BITS];
-        float scale[R], offset[R];
+        float scale[R], zero[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) load_words<BITS>(codes + (size_t)rows[r] * row_bytes + c * 4 * BITS, words[r]);
         const int g = c * 32 / group_size;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             scale[r] = VALUE == 3 ? 1.f : __half2float(scales[(size_t)rows[r] * groups + g]);
-            float zero = VALUE == 0 ? (float)packed_field(zeros + (size_t)rows[r] * zero_row_bytes, g, BITS)
-                                    : (float)(SIZE / 2);
-            offset[r] = MAGIC + (VALUE <= 1 ? zero : 0.f);
+            zero[r] = VALUE == 0 ? (float)packed_field(zeros + (size_t)rows[r] * zero_row_bytes, g, BITS) : SIZE / 2;
         }
+        if constexpr (HALF) {
+            // fp16 activations: weights decoded two at a time into half2 (scaled, so partial sums stay small),
+            // 32 products summed in half2, then added to the fp32 sums.
+            __half2 w2[R][16];
 #pragma unroll
-        for (int sub = 0; sub < 4; ++sub) {
-            float v[R][8];
+            for (int r = 0; r < R; ++r) {
+                const __half2 s2 = __float2half2_rn(scale[r]);
+                const __half2 z2 = __float2half2_rn(1024.f + zero[r]);
 #pragma unroll
-            for (int r = 0; r < R; ++r)
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    uint32_t q = code_at<BITS>(words[r], sub * 8 + j);
-                    if (VALUE <= 1) v[r][j] = (__uint_as_float(0x4B000000u | q) - offset[r]) * scale[r];
-                    else if (VALUE == 2) v[r][j] = tables[q] * scale[r];
-                    else v[r][j] = tables[r * SIZE + q];
+                for (int p = 0; p < 16; ++p) {
+                    if constexpr (VALUE <= 1) {
+                        w2[r][p] = __hmul2(__hsub2(magic_pair<BITS>(words[r], p), z2), s2);
+                    } else {
+                        const float* t = tables + (VALUE == 3 ? r * SIZE : 0);
+                        __half2 v = __floats2half2_rn(t[code_at<BITS>(words[r], Pair<BITS>::a(p))],
+                                                      t[code_at<BITS>(words[r], Pair<BITS>::b(p))]);
+                        w2[r][p] = VALUE == 2 ? __hmul2(v, s2) : v;
+                    }
                 }
+            }
 #pragma unroll
             for (int m = 0; m < MT; ++m) {
                 if (m >= M) break;
-                float xf[8];
-                load_x8(x + (size_t)m * K + c * 32 + sub * 8, xf);
+                uint4 raw[4];
+                const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * K + c * 32);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) raw[i] = xp[i];
+                const __half* xh = reinterpret_cast<const __half*>(raw);
+                __half2 sum[R];
+#pragma unroll
+                for (int r = 0; r < R; ++r) sum[r] = __float2half2_rn(0.f);
+#pragma unroll
+                for (int p = 0; p < 16; ++p) {
+                    const __half2 xv = __halves2half2(xh[Pair<BITS>::a(p)], xh[Pair<BITS>::b(p)]);
+#pragma unroll
+                    for (int r = 0; r < R; ++r) sum[r] = __hfma2(w2[r][p], xv, sum[r]);
+                }
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    float2 f = __half22float2(sum[r]);
+                    acc[r][m] += f.x + f.y;
+                }
+            }
+        } else {
+            // bf16 activations: fp32 throughout; (code - zero) from the 2^23 mantissa trick, the scale once per chunk.
+            float part[R][MT];
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int m = 0; m < MT; ++m) part[r][m] = 0.f;
+#pragma unroll
+            for (int sub = 0; sub < 4; ++sub) {
+                float v[R][8];
 #pragma unroll
                 for (int r = 0; r < R; ++r)
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[r][m] = fmaf(v[r][j], xf[j], acc[r][m]);
+                    for (int j = 0; j < 8; ++j) {
+                        uint32_t q = code_at<BITS>(words[r], sub * 8 + j);
+                        if (VALUE <= 1) v[r][j] = __uint_as_float(0x4B000000u | q) - (MAGIC + zero[r]);
+                        else v[r][j] = tables[(VALUE == 3 ? r * SIZE : 0) + q];
+                    }
+#pragma unroll
+                for (int m = 0; m < MT; ++m) {
+                    if (m >= M) break;
+                    float xf[8];
+                    load_x8(x + (size_t)m * K + c * 32 + sub * 8, xf);
+#pragma unroll
+                    for (int r = 0; r < R; ++r)
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) part[r][m] = fmaf(v[r][j], xf[j], part[r][m]);
+                }
             }
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(scale[r], part[r][m], acc[r][m]);
         }
     }
 #pragma unroll
