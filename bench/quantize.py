@@ -10,6 +10,8 @@ perplexity, KL vs base, top-1 agreement, compression time, peak memory.
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
@@ -25,8 +27,9 @@ def rows(llmc_python: str | None):
     awq, tune = [{"type": "awq"}], [{"type": "tune"}]
     for b, g in ((4, 64), (3, 64), (2, 32)):
         yield "AWQ+GPTQ (compress)", b, g, awq + q("gptq", b, g)
-    for b, g in ((4, 64), (3, 64), (2, 32)):  # recipes/w{4,3,2}-gptq-tuned.yaml
-        yield "AWQ+GPTQ asym 0.125+tune (compress)", b, g, awq + q("gptq", b, g, asymmetric=0.125) + tune
+    for b, g in ((4, 64), (3, 64), (2, 32)):
+        tuned = yaml.safe_load((common.ROOT / f"recipes/w{b}-gptq-tuned.yaml").read_text())["passes"]
+        yield f"w{b}-gptq-tuned.yaml (compress)", b, g, tuned
     yield "mixed 3.25 (compress)", "mix", "mix", [{"type": "gptq", "target_bits_per_weight": 3.25}]
     yield "AWQ+mixed 3.25 asym 0.125+tune (compress)", "mix", "mix", awq + [
         {"type": "gptq", "target_bits_per_weight": 3.25, "asymmetric": 0.125}] + tune

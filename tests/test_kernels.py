@@ -179,7 +179,9 @@ def test_compressed_linear_uses_the_kernel_on_cuda():
     layer = CompressedLinear(fmt, compute_dtype=torch.float16).cuda().half()
     x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
     assert kernels.compressed_matmul(fmt, x) is not None
-    torch.testing.assert_close(layer(x).float(), x.float() @ fmt.dequantize().cuda().T, rtol=1e-2, atol=1e-2)
+    want = x.float() @ fmt.dequantize().cuda().T
+    # outputs near 20-60 have an fp16 spacing of 0.016-0.03: compare to the output scale, as above
+    assert (layer(x).float() - want).abs().max() / want.abs().max() < 4e-3
 
 
 @gpu
