@@ -79,12 +79,21 @@ def timed(fn, iters: int, copies: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def copy_bandwidth() -> float:
+    """GB/s (bytes read + written) of a large device-to-device copy: what this GPU's memory really gives."""
+    src = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = timed(lambda i: dst.copy_(src), 20, 1)
+    return 2 * src.numel() / t / 1e9
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--peak-gbs", type=float, default=3350.0)
     ap.add_argument("--copies", type=int, default=8)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="e.g. 4096x4096,11008x4096")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="e.g. 1,4")
     ap.add_argument("--rows-per-block", default="", help="override tile:rows, e.g. 1:2,4:2 (kernels.ROWS_PER_BLOCK)")
     a = ap.parse_args()
     for item in filter(None, a.rows_per_block.split(",")):
@@ -92,12 +101,13 @@ def main():
         kernels.ROWS_PER_BLOCK[tile] = rows
     if not (torch.cuda.is_available() and kernels.cupy_available()):
         sys.exit("bench/kernels.py needs an NVIDIA GPU and CuPy (pip install 'compress[cuda]')")
+    copy_gbs = copy_bandwidth()
     rows = []
     for n, k in (map(int, shape.split("x")) for shape in a.shapes.split(",")):
         dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(a.copies)]
         first = make_formats(dense[0].float().cpu())  # distinct objects, so distinct device buffers
         fmts = [first] + [copy.deepcopy(first) for _ in range(a.copies - 1)]
-        for batch in BATCHES:
+        for batch in map(int, a.batches.split(",")):
             x = torch.randn(batch, k, device="cuda", dtype=torch.float16)
             t_fp16 = timed(lambda i, x=x, dense=dense: x @ dense[i % a.copies].T, a.iters, a.copies)
             for name in fmts[0]:
@@ -110,7 +120,8 @@ def main():
                              "speed-up vs fp16": t_fp16 / t})
                 print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
     print(f"{torch.cuda.get_device_name()}; peak bandwidth taken as {a.peak_gbs:.0f} GB/s; {a.copies} weight copies "
-          f"cycled; median of {a.iters}; rows per block by tile {kernels.ROWS_PER_BLOCK}")
+          f"cycled; median of {a.iters}; rows per block by tile {kernels.ROWS_PER_BLOCK}; a 256 MB device-to-device "
+          f"copy moves {copy_gbs:.0f} GB/s (read + write)")
     common.print_table(["shape", "batch", "format", "us", "GB/s", "% peak", "fp16 us", "speed-up vs fp16"], rows)
 
 
