@@ -3,13 +3,7 @@
 // found by binary search over the midpoints between neighbours (ties go to the lower centroid, as
 // torch.searchsorted(mids, v) does). One block per table row; the row's midpoints sit in shared memory.
 
-#ifdef __CUDACC_RTC__  // NVRTC (CuPy) has no C library headers
-typedef unsigned char uint8_t;
-typedef unsigned int uint32_t;
-typedef unsigned long long uint64_t;
-#else
-#include <stdint.h>
-#endif
+#include "common.cuh"
 
 extern "C" __global__ void kmeans_assign(const float* __restrict__ values,     // [T, n]
                                          const float* __restrict__ centroids,  // [T, k], sorted per row

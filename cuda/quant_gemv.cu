@@ -48,16 +48,7 @@ __device__ __forceinline__ uint32_t code_at(const uint32_t* w, int j) {
     return v & ((1u << BITS) - 1u);
 }
 
-// Eight activations x[k0 .. k0+8) as floats, from one 16-byte load.
-__device__ __forceinline__ void load_x8(const __half* p, float* f) {
-    uint4 v = *reinterpret_cast<const uint4*>(p);
-    const __half2* h = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        float2 t = __half22float2(h[i]);
-        f[2 * i] = t.x; f[2 * i + 1] = t.y;
-    }
-}
+// Eight bf16 activations x[k0 .. k0+8) as floats, from one 16-byte load (fp16 takes the half2 path).
 __device__ __forceinline__ void load_x8(const __nv_bfloat16* p, float* f) {
     uint4 v = *reinterpret_cast<const uint4*>(p);
     const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
