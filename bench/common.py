@@ -109,7 +109,12 @@ def worker(kind: str, p: dict) -> dict:
 def bench_main(rows, columns: list[str], to_row, note: str = ""):
     """The shared driver of the benches: parse the common options, run every row of ``rows(llmc_python)``
     (tuples whose first item is the method name and last item its passes, or ("llmc", kind, args))
-    in a fresh process, and print the table with ``to_row(item, result)`` for each."""
+    in a fresh process, and print the table with ``to_row(item, result)`` for each.
+
+    Every measured row is appended to a results file (``--results``, JSON lines) keyed by the row, its
+    passes and the calibration / evaluation sizes, with the commit it was measured at; a later run
+    reuses rows already there (``--fresh`` re-measures), so a table too long for one sitting can be
+    completed over several and still printed whole, each row's commit listed under it."""
     import argparse
 
     ap = argparse.ArgumentParser()
@@ -119,25 +124,63 @@ def bench_main(rows, columns: list[str], to_row, note: str = ""):
     ap.add_argument("--llmc-python", default=None, help="python of an environment with llmcompressor")
     ap.add_argument("--only", default=None, help="run only rows whose leading fields joined by spaces "
                     "start with this, e.g. 'Wanda unstructured 0.5'")
+    ap.add_argument("--results", type=Path, default=None, help="JSON-lines file of measured rows "
+                    "(default bench/results/<bench>.jsonl)")
+    ap.add_argument("--fresh", action="store_true", help="re-measure rows already in the results file")
+    ap.add_argument("--cached-only", action="store_true", help="print the table of stored rows, measure none")
     a = ap.parse_args()
-    calib = calibration_file(a.samples, a.seq_len)
-    out, r = [], None
+    results = a.results or ROOT / "bench" / "results" / f"{Path(sys.argv[0]).stem}.jsonl"
+    stored = {} if a.fresh else _load_results(results)
+    calib = None
+    out, commits, base = [], {}, None
     for item in rows(a.llmc_python):
         spec = item[-1]
         if a.only and not " ".join(map(str, item[:-1])).startswith(a.only):
             continue
-        if isinstance(spec, tuple):
-            r = in_subprocess("llmc", {"kind": spec[1], "args": spec[2], "calib": str(calib),
-                                       "windows": a.windows, "python": a.llmc_python})
-        else:
-            r = in_subprocess("ours", {"passes": spec, "calib": str(calib), "windows": a.windows})
-        out.append(to_row(item, r))
+        key = json.dumps({"row": list(map(str, item[:-1])), "spec": spec, "samples": a.samples,
+                          "seq_len": a.seq_len, "windows": a.windows}, sort_keys=True, default=list)
+        r = stored.get(key)
+        if r is None and a.cached_only:
+            continue
+        if r is None:
+            calib = calib or calibration_file(a.samples, a.seq_len)
+            if isinstance(spec, tuple):
+                r = in_subprocess("llmc", {"kind": spec[1], "args": spec[2], "calib": str(calib),
+                                           "windows": a.windows, "python": a.llmc_python})
+            else:
+                r = in_subprocess("ours", {"passes": spec, "calib": str(calib), "windows": a.windows})
+            r = {**r, "commit": _commit(), "measured": time.strftime("%Y-%m-%d %H:%M")}
+            _append_result(results, key, r)
+        out.append(to_row(item, dict(r)))
+        commits.setdefault(r.get("commit", "?"), []).append(len(out))
+        base = r["base_perplexity"]
         print(f"done: {out[-1]}", file=sys.stderr, flush=True)
-    if r is None:
+    if base is None:
         return
-    print(f"SmolLM2-135M, base perplexity {r['base_perplexity']:.4g}; calibration {a.samples} x {a.seq_len} "
+    print(f"SmolLM2-135M, base perplexity {base:.4g}; calibration {a.samples} x {a.seq_len} "
           f"tokens of pydoc; evaluation {a.windows} x 512 held-out tokens; 2 CPU cores{note}")
     print_table(columns, out)
+    print("\nMeasured at " + "; ".join(f"{c} (rows {', '.join(map(str, n))})" for c, n in commits.items()))
+
+
+def _commit() -> str:
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return (git.stdout.strip() or "unknown") + ("+changes" if dirty else "")
+
+
+def _load_results(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {rec["key"]: rec["result"] for rec in records}  # a later line for the same key wins
+
+
+def _append_result(path: Path, key: str, result: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"key": key, "result": result}) + "\n")
 
 
 def print_table(columns: list[str], rows: list[dict]):
