@@ -95,7 +95,10 @@ def main():
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="e.g. 4096x4096,11008x4096")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="e.g. 1,4")
     ap.add_argument("--rows-per-block", default="", help="override tile:rows, e.g. 1:2,4:2 (kernels.ROWS_PER_BLOCK)")
+    ap.add_argument("--gemv-max-rows", type=int, default=kernels.GEMV_MAX_ROWS,
+                    help="batches above this decode W on the GPU and use cuBLAS (kernels.GEMV_MAX_ROWS)")
     a = ap.parse_args()
+    kernels.GEMV_MAX_ROWS = a.gemv_max_rows
     for item in filter(None, a.rows_per_block.split(",")):
         tile, rows = map(int, item.split(":"))
         kernels.ROWS_PER_BLOCK[tile] = rows
@@ -120,7 +123,8 @@ def main():
                              "speed-up vs fp16": t_fp16 / t})
                 print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
     print(f"{torch.cuda.get_device_name()}; peak bandwidth taken as {a.peak_gbs:.0f} GB/s; {a.copies} weight copies "
-          f"cycled; median of {a.iters}; rows per block by tile {kernels.ROWS_PER_BLOCK}; a 256 MB device-to-device "
+          f"cycled; median of {a.iters}; rows per block by tile {kernels.ROWS_PER_BLOCK}; batches over "
+          f"{kernels.GEMV_MAX_ROWS}: GPU decode + cuBLAS; a 256 MB device-to-device "
           f"copy moves {copy_gbs:.0f} GB/s (read + write)")
     common.print_table(["shape", "batch", "format", "us", "GB/s", "% peak", "fp16 us", "speed-up vs fp16"], rows)
 

@@ -55,6 +55,8 @@ QUANT_BITS = (2, 3, 4, 8)          # widths cuda/quant_gemv.cu takes
 QUANT_TILES = (1, 2, 4, 8, 16)     # activation rows per launch it is compiled for
 CUDA_TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 ROWS_PER_BLOCK = {1: 4, 2: 4, 4: 4, 8: 2, 16: 2}  # tile -> output rows per block (registers: rows x tile sums)
+GEMV_MAX_ROWS = 8  # larger batches: decode W on the GPU (quant_dequant), then a dense matmul (cuBLAS)
+OUT_TYPES = {**CUDA_TYPES, torch.float32: "float"}
 
 
 @cache
@@ -63,6 +65,17 @@ def quant_kernel(dtype: torch.dtype, value_mode: int, bits: int, rows: int, tile
     import cupy
 
     name = f"quant_gemv<{CUDA_TYPES[dtype]}, {value_mode}, {bits}, {rows}, {tile}>"
+    module = cupy.RawModule(code=(CUDA_DIR / "quant_gemv.cu").read_text(), options=NVRTC_OPTIONS,
+                            name_expressions=[name])
+    return module.get_function(name)
+
+
+@cache
+def dequant_kernel(dtype: torch.dtype, value_mode: int, bits: int):
+    """One instance of the ``quant_dequant`` template (W in ``dtype``: fp16, bf16 or fp32)."""
+    import cupy
+
+    name = f"quant_dequant<{OUT_TYPES[dtype]}, {value_mode}, {bits}>"
     module = cupy.RawModule(code=(CUDA_DIR / "quant_gemv.cu").read_text(), options=NVRTC_OPTIONS,
                             name_expressions=[name])
     return module.get_function(name)
@@ -261,17 +274,23 @@ def _torch_stream(device):
 
 
 def compressed_matmul(fmt, x: torch.Tensor) -> torch.Tensor | None:
-    """``x @ W.T`` for a compressed weight and fp16/bf16 activations on a GPU, or None (use torch)."""
+    """``x @ W.T`` for a compressed weight and fp16/bf16 activations on a GPU, or None (use torch).
+    Up to GEMV_MAX_ROWS activation rows per launch the weights are decoded inside the GEMV; larger
+    batches of the fast-path layouts decode W on the GPU once and multiply with cuBLAS."""
     if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and cupy_available()):
         return None
     plan = _on_device(fmt, x.device)
     if plan is None:
         return None
+    x2 = x.reshape(-1, plan.cols)
+    total = x2.shape[0]
+    if total > GEMV_MAX_ROWS and takes_fast_path(plan):
+        y = x2 @ _decode(plan, x.device, x.dtype).T
+        return y.reshape(*x.shape[:-1], plan.rows)
     import numpy as np
 
     bufs = plan._device[x.device]
-    x2 = x.reshape(-1, plan.cols).contiguous()
-    total = x2.shape[0]
+    x2 = x2.contiguous()
     y = torch.empty(total, plan.rows, dtype=x.dtype, device=x.device)
     module = cuda_module("compressed_gemv.cu")
     gemv = module.get_function(plan.kernel(x.dtype))
@@ -279,7 +298,6 @@ def compressed_matmul(fmt, x: torch.Tensor) -> torch.Tensor | None:
     weight = [bufs[name] for name in BUFFERS] + [bufs["dims"]]
     n, k = np.int32(plan.rows), np.int32(plan.cols)
     fast = takes_fast_path(plan) and x2.data_ptr() % 16 == 0
-    d = plan.dims
     with _torch_stream(x.device):
         for start in range(0, total, MAX_M):
             xs, ys = x2[start:start + MAX_M], y[start:start + MAX_M]
@@ -287,11 +305,10 @@ def compressed_matmul(fmt, x: torch.Tensor) -> torch.Tensor | None:
             if fast:
                 tile = next(t for t in QUANT_TILES if t >= xs.shape[0])
                 rows = ROWS_PER_BLOCK[tile]
-                kernel = quant_kernel(x.dtype, plan.value_mode, d["bits"], rows, tile)
+                kernel = quant_kernel(x.dtype, plan.value_mode, plan.dims["bits"], rows, tile)
                 kernel(((plan.rows + rows - 1) // rows,), (128,),
                        _args(xs, bufs["codes"], bufs["scales"], bufs["zeros"], bufs["lut"], ys, m, n, k,
-                             *(np.int32(d[name]) for name in ("group_size", "groups", "zero_row_bytes",
-                                                              "rows_per_table"))))
+                             *_layout_args(plan)))
             elif plan.bitmap is not None:
                 gemv(grid, block, _args(xs, *weight, bufs["bitmap"], np.int32(plan.bitmap.shape[1]), ys, m, n, k))
             else:
@@ -300,6 +317,43 @@ def compressed_matmul(fmt, x: torch.Tensor) -> torch.Tensor | None:
                 add = module.get_function("csr_add_" + DTYPE_NAMES[x.dtype])
                 add(grid, block, _args(xs, *bufs["outliers"], ys, m, n, k))
     return y.reshape(*x.shape[:-1], plan.rows)
+
+
+def _layout_args(plan: KernelPlan) -> tuple:
+    import numpy as np
+
+    return tuple(np.int32(plan.dims[name]) for name in ("group_size", "groups", "zero_row_bytes", "rows_per_table"))
+
+
+def dequantize(fmt, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """The dense weight ``[out, in]`` in ``dtype`` (fp16, bf16 or fp32) decoded on the GPU, or None when
+    no GPU kernel decodes this format (the caller dequantizes with torch)."""
+    device = torch.device(device)
+    if not (device.type == "cuda" and dtype in OUT_TYPES and cupy_available()):
+        return None
+    plan = _on_device(fmt, device)
+    if plan is None or not takes_fast_path(plan):
+        return None
+    return _decode(plan, device, dtype)
+
+
+def _decode(plan: KernelPlan, device, dtype: torch.dtype) -> torch.Tensor:
+    """W of a fast-path plan in ``dtype`` on ``device`` (one thread per 32 codes), outliers added."""
+    import numpy as np
+
+    bufs = plan._device[device]
+    w = torch.empty(plan.rows, plan.cols, dtype=dtype, device=device)
+    threads = plan.rows * (plan.cols // 32)
+    kernel = dequant_kernel(dtype, plan.value_mode, plan.dims["bits"])
+    with _torch_stream(device):
+        kernel(((threads + 255) // 256,), (256,),
+               _args(bufs["codes"], bufs["scales"], bufs["zeros"], bufs["lut"], w, np.int32(plan.rows),
+                     np.int32(plan.cols), *_layout_args(plan)))
+    if plan.outliers is not None:
+        row_start, cols, delta = bufs["outliers"]
+        rows = torch.repeat_interleave(torch.arange(plan.rows, device=device), (row_start[1:] - row_start[:-1]).long())
+        w.index_put_((rows, cols.long()), delta.to(dtype), accumulate=True)
+    return w
 
 
 def kmeans_assign(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor | None:

@@ -38,7 +38,8 @@ class CompressedLinear(nn.Module):
         """The weight the format represents, in the compute dtype, on the module's device."""
         if self._cached_weight is not None:
             return self._cached_weight
-        return self.fmt.dequantize().to(self._device, self.compute_dtype)
+        on_gpu = kernels.dequantize(self.fmt, self._device, self.compute_dtype)  # None off the GPU
+        return on_gpu if on_gpu is not None else self.fmt.dequantize().to(self._device, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self._cached_weight is None:
@@ -65,7 +66,7 @@ def dequantized_weights(model: nn.Module):
     layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
     try:
         for m in layers:
-            m._cached_weight = m.fmt.dequantize().to(m._device, m.compute_dtype)
+            m._cached_weight = m.dense_weight()
         yield
     finally:
         for m in layers:

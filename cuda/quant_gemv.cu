@@ -222,3 +222,53 @@ quant_gemv(const T* __restrict__ x, const uint8_t* __restrict__ codes, const __h
         }
     }
 }
+
+// W[n, k] in O (fp16, bf16 or fp32) for the same layouts: one thread per 32-code chunk of a row, its BITS
+// words in one wide load, 32 values out in 16-byte stores. Batches too large for the GEMV (prefill) and
+// float32 activations go through this and a dense matmul (cuBLAS), so the weights are never decoded on
+// the CPU or kept dense between calls.
+__device__ __forceinline__ void store_vec(__half* p, const float* v) {
+    uint4 out[4];
+    __half2* h = reinterpret_cast<__half2*>(out);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(p)[i] = out[i];
+}
+__device__ __forceinline__ void store_vec(__nv_bfloat16* p, const float* v) {
+    uint4 out[4];
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(out);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(p)[i] = out[i];
+}
+__device__ __forceinline__ void store_vec(float* p, const float* v) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) reinterpret_cast<float4*>(p)[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+}
+
+template <typename O, int VALUE, int BITS>
+__global__ void __launch_bounds__(256)
+quant_dequant(const uint8_t* __restrict__ codes, const __half* __restrict__ scales, const uint8_t* __restrict__ zeros,
+              const float* __restrict__ lut, O* __restrict__ w, int N, int K, int group_size, int groups,
+              int zero_row_bytes, int rows_per_table) {
+    constexpr int SIZE = 1 << BITS;
+    const int chunks = K / 32;
+    const size_t index = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= (size_t)N * chunks) return;
+    const int row = index / chunks, c = index % chunks, g = c * 32 / group_size;
+    uint32_t words[BITS];
+    load_words<BITS>(codes + (size_t)row * (K / 8 * BITS) + c * 4 * BITS, words);
+    float scale = 1.f, zero = SIZE / 2;
+    if (VALUE != 3) scale = __half2float(scales[(size_t)row * groups + g]);
+    if (VALUE == 0) zero = (float)packed_field(zeros + (size_t)row * zero_row_bytes, g, BITS);
+    const float* table = lut + (VALUE == 3 ? (size_t)(row / rows_per_table) * SIZE : 0);
+    float v[32];
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+        uint32_t q = code_at<BITS>(words, j);
+        v[j] = VALUE <= 1 ? ((float)q - zero) * scale : VALUE == 2 ? table[q] * scale : table[q];
+    }
+    store_vec(w + (size_t)row * K + c * 32, v);
+}

@@ -117,16 +117,20 @@ def test_cuda_sources_compile(source, arch, tmp_path):
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_every_quant_gemv_instance_compiles(arch, tmp_path):
-    """quant_gemv.cu is a template: compile each instance the launcher can ask for (value mode x bits,
-    both activation types, the smallest and largest tile)."""
+    """quant_gemv.cu holds templates: compile each instance the launchers can ask for (value mode x bits,
+    both activation types, the smallest and largest tile; the decoder for fp16 / bf16 / fp32 weights)."""
     signature = "const T*, const uint8_t*, const __half*, const uint8_t*, const float*, T*" + ", int" * 7
+    decoder = "const uint8_t*, const __half*, const uint8_t*, const float*, O*" + ", int" * 6
     lines = ['#include "quant_gemv.cu"']
-    for t in kernels.CUDA_TYPES.values():
-        for value in (kernels.INT_ASYM, kernels.INT_SYM, kernels.GRID, kernels.LUT):
-            for bits in kernels.QUANT_BITS:
+    for value in (kernels.INT_ASYM, kernels.INT_SYM, kernels.GRID, kernels.LUT):
+        for bits in kernels.QUANT_BITS:
+            for t in kernels.CUDA_TYPES.values():
                 for rows, tile in ((4, 1), (2, 16)):
                     lines.append(f"template __global__ void quant_gemv<{t}, {value}, {bits}, {rows}, {tile}>"
                                  f"({signature.replace('T*', t + '*')});")
+            for o in kernels.OUT_TYPES.values():
+                lines.append(f"template __global__ void quant_dequant<{o}, {value}, {bits}>"
+                             f"({decoder.replace('O*', o + '*')});")
     wrapper = tmp_path / "instances.cu"
     wrapper.write_text("\n".join(lines) + "\n")
     result = subprocess.run([NVCC, "-std=c++17", f"-arch={arch}", f"-I{kernels.CUDA_DIR}", "-Xptxas", "-v", "-c",
@@ -140,6 +144,7 @@ def test_every_quant_gemv_instance_compiles(arch, tmp_path):
 def test_cpu_and_no_cupy_fall_back_to_torch(monkeypatch):
     fmt = quantize_rtn(torch.randn(32, 64), QuantSpec(4, 32))
     assert kernels.compressed_matmul(fmt, torch.randn(2, 64)) is None  # CPU tensor
+    assert kernels.dequantize(fmt, torch.device("cpu"), torch.float32) is None
     monkeypatch.setattr(kernels, "cupy_available", lambda: False)
     layer = CompressedLinear(fmt)
     x = torch.randn(2, 64)
@@ -182,6 +187,39 @@ def test_compressed_linear_uses_the_kernel_on_cuda():
     want = x.float() @ fmt.dequantize().cuda().T
     # outputs near 20-60 have an fp16 spacing of 0.016-0.03: compare to the output scale, as above
     assert (layer(x).float() - want).abs().max() / want.abs().max() < 4e-3
+
+
+@gpu
+@pytest.mark.parametrize("rows,cols", [(64, 576), (11008, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_decoder_matches_the_format(rows, cols, dtype):
+    """quant_dequant (prefill batches, float32 activations) gives the format's own weights, to the rounding
+    of the type (float32: the same arithmetic; outliers are added as corrections, one rounding)."""
+    _need_gpu()
+    decoded = 0
+    for name, fmt in cached_formats(rows, cols):
+        got = kernels.dequantize(fmt, torch.device("cuda"), dtype)
+        if got is None:  # sparse layouts: the torch path
+            assert not kernels.takes_fast_path(kernels.kernel_plan(fmt)), name
+            continue
+        decoded += 1
+        want = fmt.dequantize().cuda()
+        assert got.dtype == dtype and got.shape == want.shape, name
+        tol = {torch.float32: 2 ** -23, torch.float16: 2 ** -11, torch.bfloat16: 2 ** -8}[dtype]
+        assert ((got.float() - want).abs() <= tol * want.abs() + 1e-7).all(), name
+    assert decoded >= 14  # every dense integer / code-book / palette layout, outliers included
+
+
+@gpu
+def test_compressed_linear_float32_on_cuda_decodes_on_the_gpu(monkeypatch):
+    _need_gpu()
+    fmt = quantize_rtn(torch.randn(256, 512), QuantSpec(3, 64))
+    layer = CompressedLinear(fmt).cuda()
+    monkeypatch.setattr(type(fmt), "dequantize", lambda self: pytest.fail("decoded with torch on the CPU"))
+    x = torch.randn(5, 512, device="cuda")
+    got = layer(x)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, x @ fmt.dequantize().cuda().T, rtol=1e-4, atol=1e-4)
 
 
 @gpu
