@@ -97,8 +97,10 @@ def main():
     ap.add_argument("--rows-per-block", default="", help="override tile:rows, e.g. 1:2,4:2 (kernels.ROWS_PER_BLOCK)")
     ap.add_argument("--gemv-max-rows", type=int, default=kernels.GEMV_MAX_ROWS,
                     help="batches above this decode W on the GPU and use cuBLAS (kernels.GEMV_MAX_ROWS)")
+    ap.add_argument("--sparse-gemv-max-rows", type=int, default=kernels.SPARSE_GEMV_MAX_ROWS,
+                    help="the same for sparse layouts (kernels.SPARSE_GEMV_MAX_ROWS)")
     a = ap.parse_args()
-    kernels.GEMV_MAX_ROWS = a.gemv_max_rows
+    kernels.GEMV_MAX_ROWS, kernels.SPARSE_GEMV_MAX_ROWS = a.gemv_max_rows, a.sparse_gemv_max_rows
     for item in filter(None, a.rows_per_block.split(",")):
         tile, rows = map(int, item.split(":"))
         kernels.ROWS_PER_BLOCK[tile] = rows
@@ -124,8 +126,8 @@ def main():
                 print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
     print(f"{torch.cuda.get_device_name()}; peak bandwidth taken as {a.peak_gbs:.0f} GB/s; {a.copies} weight copies "
           f"cycled; median of {a.iters}; rows per block by tile {kernels.ROWS_PER_BLOCK}; batches over "
-          f"{kernels.GEMV_MAX_ROWS}: GPU decode + cuBLAS; a 256 MB device-to-device "
-          f"copy moves {copy_gbs:.0f} GB/s (read + write)")
+          f"{kernels.GEMV_MAX_ROWS} ({kernels.SPARSE_GEMV_MAX_ROWS} sparse): GPU decode + cuBLAS; a 256 MB "
+          f"device-to-device copy moves {copy_gbs:.0f} GB/s (read + write)")
     common.print_table(["shape", "batch", "format", "us", "GB/s", "% peak", "fp16 us", "speed-up vs fp16"], rows)
 
 

@@ -55,7 +55,12 @@ QUANT_BITS = (2, 3, 4, 8)          # widths cuda/quant_gemv.cu takes
 QUANT_TILES = (1, 2, 4, 8, 16)     # activation rows per launch it is compiled for
 CUDA_TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 ROWS_PER_BLOCK = {1: 4, 2: 4, 4: 4, 8: 2, 16: 2}  # tile -> output rows per block (registers: rows x tile sums)
-GEMV_MAX_ROWS = 8  # larger batches: decode W on the GPU (quant_dequant), then a dense matmul (cuBLAS)
+# Larger batches decode W on the GPU, then a dense matmul (cuBLAS). Measured on an H100 (bench/kernels.py):
+# decode + cuBLAS costs about 2x fp16's matmul at any batch; quant_gemv beats that up to 8 rows, the
+# one-warp-per-row sparse kernel up to about 32 (the sparse decode scatters positions with torch: ~425 us
+# for 4096x4096, 2:4 or bitmap).
+GEMV_MAX_ROWS = 8
+SPARSE_GEMV_MAX_ROWS = 32
 OUT_TYPES = {**CUDA_TYPES, torch.float32: "float"}
 
 
@@ -84,10 +89,19 @@ def dequant_kernel(dtype: torch.dtype, value_mode: int, bits: int):
 def takes_fast_path(plan: KernelPlan) -> bool:
     """True when cuda/quant_gemv.cu serves the plan: dense columns, 2/3/4/8-bit codes, K a multiple of 32
     and whole 32-code chunks per group."""
+    return (plan.col_mode == COL_DENSE and plan.bitmap is None and plan.value_mode != DENSE
+            and decodable(plan))
+
+
+def decodable(plan: KernelPlan) -> bool:
+    """True when the GPU can decode the plan's kept values (fp16 values, or codes the ``quant_dequant``
+    template reads: 2/3/4/8 bits, a multiple of 32 kept per row, whole 32-code chunks per group); the
+    positions of sparse layouts are then scattered with torch."""
     d = plan.dims
-    return (plan.value_mode in (INT_ASYM, INT_SYM, GRID, LUT) and plan.col_mode == COL_DENSE
-            and plan.bitmap is None and plan.cols % 32 == 0 and d["bits"] in QUANT_BITS
-            and d["row_bytes"] == plan.cols * d["bits"] // 8
+    if plan.value_mode == DENSE:
+        return True
+    return (plan.value_mode in (INT_ASYM, INT_SYM, GRID, LUT) and plan.kept % 32 == 0 and d["bits"] in QUANT_BITS
+            and d["row_bytes"] == plan.kept * d["bits"] // 8
             and (plan.value_mode == LUT or d["group_size"] % 32 == 0))
 
 
@@ -275,8 +289,8 @@ def _torch_stream(device):
 
 def compressed_matmul(fmt, x: torch.Tensor) -> torch.Tensor | None:
     """``x @ W.T`` for a compressed weight and fp16/bf16 activations on a GPU, or None (use torch).
-    Up to GEMV_MAX_ROWS activation rows per launch the weights are decoded inside the GEMV; larger
-    batches of the fast-path layouts decode W on the GPU once and multiply with cuBLAS."""
+    Up to GEMV_MAX_ROWS activation rows (SPARSE_GEMV_MAX_ROWS for sparse layouts) the weights are decoded
+    inside a GEMV; larger batches decode W on the GPU once and multiply with cuBLAS."""
     if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and cupy_available()):
         return None
     plan = _on_device(fmt, x.device)
@@ -284,7 +298,7 @@ def compressed_matmul(fmt, x: torch.Tensor) -> torch.Tensor | None:
         return None
     x2 = x.reshape(-1, plan.cols)
     total = x2.shape[0]
-    if total > GEMV_MAX_ROWS and takes_fast_path(plan):
+    if decodable(plan) and total > (GEMV_MAX_ROWS if takes_fast_path(plan) else SPARSE_GEMV_MAX_ROWS):
         y = x2 @ _decode(plan, x.device, x.dtype).T
         return y.reshape(*x.shape[:-1], plan.rows)
     import numpy as np
@@ -332,27 +346,50 @@ def dequantize(fmt, device: torch.device, dtype: torch.dtype) -> torch.Tensor | 
     if not (device.type == "cuda" and dtype in OUT_TYPES and cupy_available()):
         return None
     plan = _on_device(fmt, device)
-    if plan is None or not takes_fast_path(plan):
+    if plan is None or not decodable(plan):
         return None
     return _decode(plan, device, dtype)
 
 
 def _decode(plan: KernelPlan, device, dtype: torch.dtype) -> torch.Tensor:
-    """W of a fast-path plan in ``dtype`` on ``device`` (one thread per 32 codes), outliers added."""
-    import numpy as np
+    """W ``[out, in]`` of a decodable plan in ``dtype`` on ``device``: kept values (one thread per 32 codes),
+    scattered to their columns when sparse, outliers added."""
+    from .packing import unpack_rows
 
     bufs = plan._device[device]
-    w = torch.empty(plan.rows, plan.cols, dtype=dtype, device=device)
-    threads = plan.rows * (plan.cols // 32)
+    decoded = torch.float32 if plan.outliers is not None else dtype  # outliers: correct before rounding
+    values = _decode_values(plan, bufs, device, decoded)
+    d = plan.dims
+    if plan.bitmap is not None:
+        mask = unpack_rows(bufs["bitmap"][:plan.bitmap.numel()].view(plan.bitmap.shape), 1, plan.cols).bool()
+        w = torch.zeros(plan.rows, plan.cols, dtype=decoded, device=device).masked_scatter_(mask, values)
+    elif plan.col_mode == COL_NM:
+        index = bufs["nm_index"][:plan.buffers["nm_index"].numel()].view(plan.buffers["nm_index"].shape)
+        k = torch.arange(plan.kept, device=device)
+        columns = (k // d["nm_keep"] * d["nm_group"])[None, :] + unpack_rows(index, d["index_bits"], plan.kept).long()
+        w = torch.zeros(plan.rows, plan.cols, dtype=decoded, device=device).scatter_(1, columns, values)
+    else:
+        w = values
+    if plan.outliers is None:
+        return w
+    row_start, cols, delta = bufs["outliers"]
+    rows = torch.repeat_interleave(torch.arange(plan.rows, device=device), (row_start[1:] - row_start[:-1]).long())
+    return w.index_put_((rows, cols.long()), delta, accumulate=True).to(dtype)
+
+
+def _decode_values(plan: KernelPlan, bufs: dict, device, dtype: torch.dtype) -> torch.Tensor:
+    """The kept values ``[out, kept]`` in ``dtype``."""
+    import numpy as np
+
+    if plan.value_mode == DENSE:
+        return bufs["values"].reshape(plan.rows, plan.kept).to(dtype)
+    w = torch.empty(plan.rows, plan.kept, dtype=dtype, device=device)
+    threads = plan.rows * (plan.kept // 32)
     kernel = dequant_kernel(dtype, plan.value_mode, plan.dims["bits"])
     with _torch_stream(device):
         kernel(((threads + 255) // 256,), (256,),
                _args(bufs["codes"], bufs["scales"], bufs["zeros"], bufs["lut"], w, np.int32(plan.rows),
-                     np.int32(plan.cols), *_layout_args(plan)))
-    if plan.outliers is not None:
-        row_start, cols, delta = bufs["outliers"]
-        rows = torch.repeat_interleave(torch.arange(plan.rows, device=device), (row_start[1:] - row_start[:-1]).long())
-        w.index_put_((rows, cols.long()), delta.to(dtype), accumulate=True)
+                     np.int32(plan.kept), *_layout_args(plan)))
     return w
 
 

@@ -151,6 +151,29 @@ def test_cpu_and_no_cupy_fall_back_to_torch(monkeypatch):
     torch.testing.assert_close(layer(x), x @ fmt.dequantize().T)
 
 
+def test_decoder_positions_and_outliers_on_cpu(monkeypatch):
+    """What the GPU decoder does after decoding the kept values (scatter to a bitmap's or an N:M index's
+    columns, outlier corrections), run on the CPU with the values decoded by torch."""
+    from compress.palette import OutlierWeight
+
+    def values_format(fmt):
+        inner = fmt.values if isinstance(fmt, SparseWeight) else fmt
+        return inner.inner if isinstance(inner, OutlierWeight) else inner
+
+    checked = set()
+    for name, fmt in cached_formats(64, 576):
+        plan = kernels._on_device(fmt, torch.device("cpu"))
+        if plan is None or not kernels.decodable(plan):
+            continue
+        decode = values_format(fmt).dequantize
+        monkeypatch.setattr(kernels, "_decode_values", lambda plan, bufs, device, dtype, f=decode: f().to(dtype))
+        torch.testing.assert_close(kernels._decode(plan, torch.device("cpu"), torch.float32), fmt.dequantize(),
+                                   rtol=1e-6, atol=1e-7, msg=name)
+        checked.add("bitmap" if plan.bitmap is not None else plan.col_mode)
+        checked.add("outliers" if plan.outliers is not None else "exact")
+    assert checked == {"bitmap", kernels.COL_NM, kernels.COL_DENSE, "outliers", "exact"}
+
+
 # ---- on a GPU ---------------------------------------------------------------------------------------------
 
 gpu = pytest.mark.gpu
@@ -199,15 +222,15 @@ def test_gpu_decoder_matches_the_format(rows, cols, dtype):
     decoded = 0
     for name, fmt in cached_formats(rows, cols):
         got = kernels.dequantize(fmt, torch.device("cuda"), dtype)
-        if got is None:  # sparse layouts: the torch path
-            assert not kernels.takes_fast_path(kernels.kernel_plan(fmt)), name
+        if got is None:  # codes the decoder does not read (16-wide groups, kept count not a multiple of 32)
+            assert not kernels.decodable(kernels.kernel_plan(fmt)), name
             continue
         decoded += 1
         want = fmt.dequantize().cuda()
         assert got.dtype == dtype and got.shape == want.shape, name
         tol = {torch.float32: 2 ** -23, torch.float16: 2 ** -11, torch.bfloat16: 2 ** -8}[dtype]
         assert ((got.float() - want).abs() <= tol * want.abs() + 1e-7).all(), name
-    assert decoded >= 14  # every dense integer / code-book / palette layout, outliers included
+    assert decoded >= 16  # every dense integer / code-book / palette layout, outliers, sparse fp16 values
 
 
 @gpu
