@@ -1,14 +1,15 @@
 """Decode speed on a GPU: tokens/s of greedy decoding, fp16 model vs compressed checkpoints whose layers
 run through the CuPy kernels (needs an NVIDIA GPU and CuPy).
 
-    python bench/decode.py MODEL CHECKPOINT [CHECKPOINT ...] [--tokens 128]
+    python bench/decode.py MODEL CHECKPOINT [CHECKPOINT ...] [--tokens 128] [--prefill 512]
 
 MODEL is any model spec (smollm2-135m, a .gguf, a folder) loaded in fp16; each CHECKPOINT is an output
 folder of `compress run`, loaded in fp16 (its compressed layers stay compressed). The prompt is 32 held-out
 pydoc tokens. Two timings per row: "eager" (one Python forward per token, what `generate` does) and
 "graph" (the decode step captured once in a CUDA graph over a static KV cache, then replayed: launch costs
 gone, so the weights' bytes and the kernels decide). "agree" is the share of greedy tokens equal to the
-fp16 model's.
+fp16 model's. "prefill ms" is one forward over a --prefill-token prompt (batches of rows that large
+decode the weights on the GPU and use cuBLAS).
 """
 
 from __future__ import annotations
@@ -86,10 +87,24 @@ def graph_decode(model, prompt: torch.Tensor, n: int) -> tuple[list[int], float]
     return tokens, (n - 1) / (time.perf_counter() - start)
 
 
+@torch.no_grad()
+def prefill_ms(model, prompt: torch.Tensor, repeats: int = 5) -> float:
+    """Median wall time of one forward over the whole prompt (batch 1), in milliseconds."""
+    times = []
+    for _ in range(repeats + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(input_ids=prompt, use_cache=False)
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return sorted(times[1:])[repeats // 2]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("specs", nargs="+", help="MODEL (fp16 baseline) then compressed checkpoints")
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--prefill", type=int, default=512, help="prompt length of the prefill timing")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/decode.py needs a CUDA GPU")
@@ -97,6 +112,8 @@ def main():
     for spec in a.specs:
         model, tok = load(spec)
         prompt = evaluation_windows("pydoc", tok, 32, 1, calibration_spec="pydoc")[0][None].cuda()
+        long_prompt = evaluation_windows("pydoc", tok, a.prefill, 1, calibration_spec="pydoc")[0][None].cuda()
+        prefill = prefill_ms(model, long_prompt)
         torch.cuda.reset_peak_memory_stats()
         eager_tokens, eager = eager_decode(model, prompt, a.tokens)
         try:
@@ -108,7 +125,7 @@ def main():
         weights = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
             m.fmt.nbytes() for m in model.modules() if hasattr(m, "fmt"))
         rows.append({"model": Path(spec).name, "weights MB": weights / 1e6,
-                     "eager tok/s": eager, "graph tok/s": graph,
+                     "prefill ms": prefill, "eager tok/s": eager, "graph tok/s": graph,
                      "agree": sum(x == y for x, y in zip(eager_tokens, reference, strict=True)) / len(reference),
                      "graph = eager": graph_tokens == eager_tokens,
                      "peak GPU MB": torch.cuda.max_memory_allocated() / 1e6})
@@ -119,9 +136,10 @@ def main():
     for r in rows:
         r["eager vs fp16"] = r["eager tok/s"] / base["eager tok/s"]
         r["graph vs fp16"] = r["graph tok/s"] / base["graph tok/s"]
-    print(f"{torch.cuda.get_device_name()}; greedy decoding of {a.tokens} tokens after a 32-token prompt, batch 1")
-    common.print_table(["model", "weights MB", "eager tok/s", "graph tok/s", "eager vs fp16", "graph vs fp16",
-                        "agree", "graph = eager", "peak GPU MB"], rows)
+    print(f"{torch.cuda.get_device_name()}; greedy decoding of {a.tokens} tokens after a 32-token prompt, batch 1; "
+          f"prefill: one forward over {a.prefill} tokens (median of 5)")
+    common.print_table(["model", "weights MB", "prefill ms", "eager tok/s", "graph tok/s", "eager vs fp16",
+                        "graph vs fp16", "agree", "graph = eager", "peak GPU MB"], rows)
 
 
 if __name__ == "__main__":
