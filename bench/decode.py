@@ -105,7 +105,13 @@ def main():
     ap.add_argument("specs", nargs="+", help="MODEL (fp16 baseline) then compressed checkpoints")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prefill", type=int, default=512, help="prompt length of the prefill timing")
+    ap.add_argument("--gemv-max-rows", type=int, default=None, help="override kernels.GEMV_MAX_ROWS and "
+                    "SPARSE_GEMV_MAX_ROWS (e.g. 100000: every batch through the GEMV kernels, no GPU decode)")
     a = ap.parse_args()
+    if a.gemv_max_rows is not None:
+        from compress import kernels
+
+        kernels.GEMV_MAX_ROWS = kernels.SPARSE_GEMV_MAX_ROWS = a.gemv_max_rows
     if not torch.cuda.is_available():
         sys.exit("bench/decode.py needs a CUDA GPU")
     rows, reference = [], None
