@@ -9,8 +9,13 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
-import torch
+# Python puts this script's folder first on sys.path, where bench/kernels.py and bench/onnx.py would
+# shadow the `kernels` and `onnx` packages transformers imports (PreTrainedModel then fails to import).
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
 
 
 def main():
