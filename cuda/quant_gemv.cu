@@ -227,25 +227,26 @@ quant_gemv(const T* __restrict__ x, const uint8_t* __restrict__ codes, const __h
 // words in one wide load, 32 values out in 16-byte stores. Batches too large for the GEMV (prefill) and
 // float32 activations go through this and a dense matmul (cuBLAS), so the weights are never decoded on
 // the CPU or kept dense between calls.
-__device__ __forceinline__ void store_vec(__half* p, const float* v) {
-    uint4 out[4];
-    __half2* h = reinterpret_cast<__half2*>(out);
-#pragma unroll
-    for (int i = 0; i < 16; ++i) h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(p)[i] = out[i];
+__device__ __forceinline__ __half2 pack2(const __half*, float a, float b) { return __floats2half2_rn(a, b); }
+__device__ __forceinline__ __nv_bfloat162 pack2(const __nv_bfloat16*, float a, float b) {
+    return __floats2bfloat162_rn(a, b);
 }
-__device__ __forceinline__ void store_vec(__nv_bfloat16* p, const float* v) {
-    uint4 out[4];
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(out);
+
+// v[0..32) stored at p (64-byte aligned) as O: four 16-byte stores for fp16 / bf16, eight for fp32.
+template <typename O>
+__device__ __forceinline__ void store_vec(O* p, const float* v) {
+    if constexpr (sizeof(O) == 4) {
 #pragma unroll
-    for (int i = 0; i < 16; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+        for (int i = 0; i < 8; ++i)
+            reinterpret_cast<float4*>(p)[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+    } else {
+        uint4 out[4];
+        auto* pairs = reinterpret_cast<decltype(pack2(p, 0.f, 0.f))*>(out);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(p)[i] = out[i];
-}
-__device__ __forceinline__ void store_vec(float* p, const float* v) {
+        for (int i = 0; i < 16; ++i) pairs[i] = pack2(p, v[2 * i], v[2 * i + 1]);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) reinterpret_cast<float4*>(p)[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+        for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(p)[i] = out[i];
+    }
 }
 
 template <typename O, int VALUE, int BITS>
