@@ -33,6 +33,6 @@ def obq_sweep(w: torch.Tensor, hinv: torch.Tensor, round_column, block_size: int
         for i in range(i2 - i1):
             rounded = round_column(i1 + i, w1[:, i:])
             e = (w1[:, i] - rounded) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1)  # in place: no rows x block temporary per column
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
