@@ -10,7 +10,7 @@ from compress.data import calibration_batches, evaluation_windows
 from compress.evaluate import evaluate
 from compress.passes.gptq import gptq_quantize, output_error
 from compress.pipeline import find_blocks, plan, run_passes
-from compress.quant import QuantSpec
+from compress.quant import FIT_ROWS, QuantSpec, fit_params, pad_to_groups
 from compress.recipe import parse_recipe
 
 
@@ -28,6 +28,19 @@ def real_hessian(model, tokens):
     """Input Hessian of layer 0's projections: RMS-normed real embeddings of real text."""
     x = model.model.layers[0].input_layernorm(model.model.embed_tokens(tokens.flatten())).detach()
     return x.t() @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(3, 64, clip_search=True), QuantSpec(4, 64, grid="nf", clip_search=True)])
+def test_clip_search_in_row_chunks_fits_every_row_as_alone(smol, spec):
+    mlp = smol[0].model.layers[0].mlp
+    w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().float()  # the rows GPTQ fits in one go
+    assert w.shape[0] > 2 * FIT_ROWS
+    groups = pad_to_groups(w, 64).reshape(w.shape[0], -1, 64)
+    scale, zero = fit_params(groups, spec)
+    for rows in (slice(0, 7), slice(FIT_ROWS - 3, FIT_ROWS + 3), slice(w.shape[0] - 40, w.shape[0])):
+        s, z = fit_params(groups[rows], spec)
+        assert torch.equal(scale[rows], s)
+        assert (zero is None) == (z is None) and (zero is None or torch.equal(zero[rows], z))
 
 
 def test_gptq_beats_rtn_at_3_bits(smol, data):
