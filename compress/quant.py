@@ -107,10 +107,8 @@ def fit_params(x: torch.Tensor, spec: QuantSpec, steps: int = 20, max_shrink: fl
 
     Rows are fitted ``FIT_ROWS`` at a time (each row's fit is independent): the search over a whole
     3072-row GPTQ batch of SmolLM2 at once raised the process's peak by ~80 MB."""
-    if x.shape[0] > FIT_ROWS:
-        parts = [_fit_rows(rows, spec, steps, max_shrink) for rows in x.split(FIT_ROWS)]
-        return torch.cat([s for s, _ in parts]), None if parts[0][1] is None else torch.cat([z for _, z in parts])
-    return _fit_rows(x, spec, steps, max_shrink)
+    parts = [_fit_rows(rows, spec, steps, max_shrink) for rows in x.split(FIT_ROWS)]
+    return torch.cat([s for s, _ in parts]), None if parts[0][1] is None else torch.cat([z for _, z in parts])
 
 
 def _fit_rows(x: torch.Tensor, spec: QuantSpec, steps: int, max_shrink: float):
