@@ -10,9 +10,8 @@ import compress
 from compress.data import calibration_batches, evaluation_windows
 from compress.errors import PlanError, RecipeError
 from compress.evaluate import evaluate
-from compress.formats import SparseWeight, format_from_saved
+from compress.formats import OutlierWeight, PalettizedWeight, SparseWeight, format_from_saved
 from compress.kmeans import kmeans_pp_init, lloyd, weighted_kmeans
-from compress.palette import OutlierWeight, PalettizedWeight
 from compress.passes.kmeans import KMeansConfig, palettize
 from compress.pipeline import plan
 from compress.recipe import load_recipe

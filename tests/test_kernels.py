@@ -154,7 +154,7 @@ def test_cpu_and_no_cupy_fall_back_to_torch(monkeypatch):
 def test_decoder_positions_and_outliers_on_cpu(monkeypatch):
     """What the GPU decoder does after decoding the kept values (scatter to a bitmap's or an N:M index's
     columns, outlier corrections), run on the CPU with the values decoded by torch."""
-    from compress.palette import OutlierWeight
+    from compress.formats import OutlierWeight
 
     def values_format(fmt):
         inner = fmt.values if isinstance(fmt, SparseWeight) else fmt
@@ -162,13 +162,13 @@ def test_decoder_positions_and_outliers_on_cpu(monkeypatch):
 
     checked = set()
     for name, fmt in cached_formats(64, 576):
-        plan = kernels._on_device(fmt, torch.device("cpu"))
+        plan = kernels.launch.device_plan(fmt, torch.device("cpu"))
         if plan is None or not kernels.decodable(plan):
             continue
         decode = values_format(fmt).dequantize
-        monkeypatch.setattr(kernels, "_decode_values", lambda plan, bufs, device, dtype, f=decode: f().to(dtype))
-        torch.testing.assert_close(kernels._decode(plan, torch.device("cpu"), torch.float32), fmt.dequantize(),
-                                   rtol=1e-6, atol=1e-7, msg=name)
+        monkeypatch.setattr(kernels.launch, "_decode_values", lambda plan, bufs, device, dtype, f=decode: f().to(dtype))
+        decoded = kernels.launch.decode_plan(plan, torch.device("cpu"), torch.float32)
+        torch.testing.assert_close(decoded, fmt.dequantize(), rtol=1e-6, atol=1e-7, msg=name)
         checked.add("bitmap" if plan.bitmap is not None else plan.col_mode)
         checked.add("outliers" if plan.outliers is not None else "exact")
     assert checked == {"bitmap", kernels.COL_NM, kernels.COL_DENSE, "outliers", "exact"}

@@ -152,7 +152,7 @@ def test_in_graph_unpacking_equals_the_packing_module(bits):
     from onnx import TensorProto
 
     from compress.export.graph import Graph
-    from compress.export.weights import unpack_codes
+    from compress.formats.onnx_ops import unpack_codes
     from compress.packing import pack_rows, unpack_rows
 
     codes = torch.randint(0, 1 << bits, (5, 37), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)

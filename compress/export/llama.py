@@ -21,8 +21,9 @@ from onnx import TensorProto
 
 from ..errors import ExportError
 from ..formats import DenseWeight
+from ..formats.onnx_ops import as_float, torch_initializer
 from .graph import FLOAT, INT64, Graph
-from .weights import LayerExport, WeightLowering, as_float, torch_initializer
+from .weights import LayerExport, WeightLowering
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 

@@ -28,10 +28,9 @@ import torch
 from pydantic import Field, field_validator
 
 from ..errors import PlanError
-from ..formats import SparseWeight, compact
+from ..formats import OutlierWeight, PalettizedWeight, SparseWeight, compact, stored_table
 from ..hessian import obq_sweep, prepare_inverse_hessian
 from ..kmeans import nearest, weighted_kmeans
-from ..palette import OutlierWeight, PalettizedWeight, stored_table
 from .base import Pass, PassConfig, current_mask, current_weight
 from .gptq import output_error
 from .registry import register

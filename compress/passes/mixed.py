@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..packing import packed_row_bytes
+from ..formats import QuantizedWeight
 from ..quant import QuantSpec, fake_quantize
 
 
@@ -35,14 +35,6 @@ class Candidate(BaseModel):
 DEFAULT_CANDIDATES = [Candidate(bits=b, group_size=g) for b, g in
                       [(2, 32), (2, 64), (3, 32), (3, 64), (3, 128), (4, 32), (4, 64), (4, 128), (5, 128), (6, 128),
                        (8, 128)]]
-
-
-def format_bytes(shape, spec: QuantSpec) -> int:
-    """Bytes a QuantizedWeight of ``shape`` stores with ``spec`` (codes, scales, zeros)."""
-    out, k = shape
-    groups = spec.groups(k)
-    zeros = out * packed_row_bytes(groups, spec.bits) if spec.has_zeros else 0
-    return out * packed_row_bytes(k, spec.bits) + out * groups * 2 + zeros
 
 
 @dataclass
@@ -62,7 +54,7 @@ def score_layer(name: str, w: torch.Tensor, h: torch.Tensor, specs: list[QuantSp
     for spec in specs:
         d = fake_quantize(w, spec) - w
         errors.append(float((f * (d @ h) * d).sum()))
-    return LayerOptions(name, w.numel(), specs, errors, [format_bytes(w.shape, s) for s in specs])
+    return LayerOptions(name, w.numel(), specs, errors, [QuantizedWeight.stored_bytes(w.shape, s) for s in specs])
 
 
 def allocate(layers: list[LayerOptions], target_bits_per_weight: float) -> dict[str, int]:

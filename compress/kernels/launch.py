@@ -1,34 +1,26 @@
-"""Compressed matmuls on the GPU through CuPy raw CUDA kernels (``cuda/*.cu``), with a torch fallback.
+"""Launching the CuPy raw CUDA kernels (``cuda/*.cu``) on a format's plan, with a torch fallback.
 
 Importing this module never needs CuPy or a GPU. :func:`compressed_matmul` returns None when no
 kernel applies (no CuPy, no GPU, float32 activations, or a format without a kernel) and
-``CompressedLinear`` then takes the torch reference path (dequantize + matmul).
-
-The kernels read the checkpoint's own layouts. :func:`kernel_plan` turns a format into what a
-launch needs (kernel name, byte buffers, an int32 ``dims`` array, and for outliers a CSR correction);
-it is plain torch, and :func:`emulate` computes a plan's product in torch the way the kernels do,
-so the plans are tested on machines without a GPU. Device copies of a plan's buffers are made once
+``CompressedLinear`` then takes the torch reference path (dequantize + matmul). The plan of a format
+comes from the format itself (``compress.kernels.plan``); device copies of its buffers are made once
 per format object and kept while it lives.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
 
-CUDA_DIR = Path(__file__).resolve().parent.parent / "cuda"
+from .plan import COL_NM, DENSE, DIMS, DTYPE_NAMES, KernelPlan, decodable, takes_fast_path
+
+CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
 SOURCES = ("quant_gemv.cu", "compressed_gemv.cu", "kmeans_assign.cu")
-INT_ASYM, INT_SYM, GRID, LUT, DENSE = range(5)
-COL_DENSE, COL_NM = 0, 1
 MAX_M = 16            # activation rows per launch (cuda/compressed_gemv.cu)
 WARPS_PER_BLOCK = 4
-DIMS = ("bits", "group_size", "groups", "row_bytes", "zero_row_bytes", "rows_per_table", "value_cols",
-        "nm_keep", "nm_group", "index_bits", "index_row_bytes")
-DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16"}
 BUFFERS = ("codes", "scales", "zeros", "lut", "values", "nm_index")
 
 
@@ -51,7 +43,6 @@ def cuda_module(source: str):
 
 
 NVRTC_OPTIONS = ("-std=c++17", f"-I{CUDA_DIR}")
-QUANT_BITS = (2, 3, 4, 8)          # widths cuda/quant_gemv.cu takes
 QUANT_TILES = (1, 2, 4, 8, 16)     # activation rows per launch it is compiled for
 CUDA_TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 ROWS_PER_BLOCK = {1: 4, 2: 4, 4: 4, 8: 2, 16: 2}  # tile -> output rows per block (registers: rows x tile sums)
@@ -86,170 +77,17 @@ def dequant_kernel(dtype: torch.dtype, value_mode: int, bits: int):
     return module.get_function(name)
 
 
-def takes_fast_path(plan: KernelPlan) -> bool:
-    """True when cuda/quant_gemv.cu serves the plan: dense columns, 2/3/4/8-bit codes, K a multiple of 32
-    and whole 32-code chunks per group."""
-    return (plan.col_mode == COL_DENSE and plan.bitmap is None and plan.value_mode != DENSE
-            and decodable(plan))
-
-
-def decodable(plan: KernelPlan) -> bool:
-    """True when the GPU can decode the plan's kept values (fp16 values, or codes the ``quant_dequant``
-    template reads: 2/3/4/8 bits, a multiple of 32 kept per row, whole 32-code chunks per group); the
-    positions of sparse layouts are then scattered with torch."""
-    d = plan.dims
-    if plan.value_mode == DENSE:
-        return True
-    return (plan.value_mode in (INT_ASYM, INT_SYM, GRID, LUT) and plan.kept % 32 == 0 and d["bits"] in QUANT_BITS
-            and d["row_bytes"] == plan.kept * d["bits"] // 8
-            and (plan.value_mode == LUT or d["group_size"] % 32 == 0))
-
-
-@dataclass
-class KernelPlan:
-    value_mode: int
-    col_mode: int
-    rows: int
-    cols: int                     # K of the activations
-    kept: int                     # values per row the kernel walks (K, or the kept count when sparse)
-    dims: dict[str, int]
-    buffers: dict[str, torch.Tensor]
-    bitmap: torch.Tensor | None = None          # [N, ceil(K/8)] keep mask (unstructured sparsity)
-    outliers: tuple | None = None               # (row_start int32 [N+1], cols int32, delta float32)
-    _device: dict = field(default_factory=dict)
-
-    def kernel(self, dtype: torch.dtype) -> str:
-        t = DTYPE_NAMES[dtype]
-        if self.bitmap is not None:
-            return f"bitmap_gemv_{t}_v{self.value_mode}"
-        return f"gemv_{t}_v{self.value_mode}_c{self.col_mode}"
-
-
-def _value_plan(fmt, rows: int, kept: int) -> tuple[int, dict, dict, tuple | None]:
-    """(value mode, dims, buffers, outlier spec in this format's coordinates) of a kept-values format."""
-    from .formats import DenseWeight, QuantizedWeight
-    from .palette import OutlierWeight, PalettizedWeight
-    from .quant import grid_values
-
-    dims = dict.fromkeys(DIMS, 0)
-    if isinstance(fmt, OutlierWeight):
-        mode, dims, buffers, _ = _value_plan(fmt.inner, rows, kept)
-        r, c = fmt.positions()
-        delta = fmt.values.float() - fmt.inner.dequantize()[r, c]
-        return mode, dims, buffers, (r, c, delta)
-    if isinstance(fmt, QuantizedWeight):
-        s = fmt.spec
-        dims.update(bits=s.bits, group_size=s.group_size or kept, groups=s.groups(kept), row_bytes=fmt.codes.shape[1])
-        buffers = {"codes": fmt.codes, "scales": fmt.scales}
-        if s.grid != "int":
-            buffers["lut"] = grid_values(s.grid, s.bits).float()
-            return GRID, dims, buffers, None
-        if s.has_zeros:
-            buffers["zeros"] = fmt.zeros
-            dims["zero_row_bytes"] = fmt.zeros.shape[1]
-            return INT_ASYM, dims, buffers, None
-        return INT_SYM, dims, buffers, None
-    if isinstance(fmt, PalettizedWeight):
-        dims.update(bits=fmt.bits, row_bytes=fmt.indices.shape[1], rows_per_table=fmt.rows_per_table)
-        return LUT, dims, {"codes": fmt.indices, "lut": fmt.tables().reshape(-1)}, None
-    if isinstance(fmt, DenseWeight):
-        dims["value_cols"] = kept
-        return DENSE, dims, {"values": fmt.weight.half()}, None
-    raise TypeError(type(fmt).__name__)
-
-
-def kernel_plan(fmt) -> KernelPlan | None:
-    """How the kernels compute with ``fmt``, or None when no kernel takes it (dense weights: cuBLAS)."""
-    from .formats import DenseWeight, SparseWeight, nm_pattern
-
-    rows, cols = fmt.shape
-    try:
-        if isinstance(fmt, DenseWeight):
-            return None
-        if not isinstance(fmt, SparseWeight):
-            mode, dims, buffers, outliers = _value_plan(fmt, rows, cols)
-            return KernelPlan(mode, COL_DENSE, rows, cols, cols, dims, buffers, outliers=_csr(outliers, rows))
-        kept = int(fmt.mask[0].sum())
-        mode, dims, buffers, outliers = _value_plan(fmt.values, rows, kept)
-        kept_cols = fmt.mask.nonzero()[:, 1].reshape(rows, kept)
-        if outliers is not None:  # compacted column -> column of the activations
-            r, c, delta = outliers
-            outliers = (r, kept_cols[r, c], delta)
-        nm = nm_pattern(fmt.pattern)
-        if nm is None:
-            from .packing import pack_rows
-
-            return KernelPlan(mode, COL_DENSE, rows, cols, kept, dims, buffers,
-                              bitmap=pack_rows(fmt.mask.to(torch.uint8), 1), outliers=_csr(outliers, rows))
-        n, m = nm
-        index = fmt._position_tensors()["indices"]
-        dims.update(nm_keep=n, nm_group=m, index_bits=(m - 1).bit_length(), index_row_bytes=index.shape[1])
-        buffers["nm_index"] = index
-        return KernelPlan(mode, COL_NM, rows, cols, kept, dims, buffers, outliers=_csr(outliers, rows))
-    except TypeError:
-        return None
-
-
-def _csr(outliers, rows: int):
-    if outliers is None:
-        return None
-    r, c, delta = outliers
-    order = torch.argsort(r * (int(c.max()) + 1 if c.numel() else 1) + c)
-    counts = torch.bincount(r, minlength=rows)
-    row_start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-    return row_start.int(), c[order].int(), delta[order].float()
-
-
-def emulate(plan: KernelPlan, x: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` computed from a plan's buffers the way the kernels read them (float32, on CPU)."""
-    from .packing import unpack_rows
-
-    d, b = plan.dims, plan.buffers
-    rows, kept = plan.rows, plan.kept
-    k = torch.arange(kept)
-    if plan.value_mode == DENSE:
-        values = b["values"].float()
-    else:
-        codes = unpack_rows(b["codes"], d["bits"], kept).long()
-        if plan.value_mode == LUT:
-            size = 1 << d["bits"]
-            values = b["lut"][(torch.arange(rows) // d["rows_per_table"] * size)[:, None] + codes]
-        else:
-            scale = b["scales"].float()[:, k // d["group_size"]]
-            if plan.value_mode == GRID:
-                values = b["lut"][codes] * scale
-            elif plan.value_mode == INT_SYM:
-                values = (codes - (1 << (d["bits"] - 1))) * scale
-            else:
-                zero = unpack_rows(b["zeros"], d["bits"], d["groups"]).float()[:, k // d["group_size"]]
-                values = (codes - zero) * scale
-    if plan.bitmap is not None:
-        mask = unpack_rows(plan.bitmap, 1, plan.cols).bool()
-        columns = mask.nonzero()[:, 1].reshape(rows, kept)
-    elif plan.col_mode == COL_NM:
-        index = unpack_rows(b["nm_index"], d["index_bits"], kept).long()
-        columns = (k // d["nm_keep"] * d["nm_group"])[None, :] + index
-    else:
-        columns = k.expand(rows, kept)
-    w = torch.zeros(rows, plan.cols).scatter_(1, columns, values.float())
-    if plan.outliers is not None:
-        row_start, cols, delta = plan.outliers
-        r = torch.repeat_interleave(torch.arange(rows), (row_start[1:] - row_start[:-1]).long())
-        w.index_put_((r, cols.long()), delta, accumulate=True)
-    return x.float() @ w.T
-
-
 _device_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _on_device(fmt, device) -> KernelPlan | None:
+def device_plan(fmt, device) -> KernelPlan | None:
     plan = _device_plans.get(fmt, False)
     if plan is False:
-        plan = kernel_plan(fmt)
+        plan = fmt.kernel_plan()
         _device_plans[fmt] = plan
     if plan is None:
         return None
-    if device not in plan._device:
+    if device not in plan.device_buffers:
         pad = torch.zeros(8, dtype=torch.uint8)  # kernels may read 8 bytes past a row (see the .cu)
 
         def put(t):
@@ -262,7 +100,7 @@ def _on_device(fmt, device) -> KernelPlan | None:
             bufs["bitmap"] = put(plan.bitmap)
         if plan.outliers is not None:
             bufs["outliers"] = tuple(t.to(device) for t in plan.outliers)
-        plan._device[device] = bufs
+        plan.device_buffers[device] = bufs
     return plan
 
 
@@ -293,17 +131,17 @@ def compressed_matmul(fmt, x: torch.Tensor) -> torch.Tensor | None:
     inside a GEMV; larger batches decode W on the GPU once and multiply with cuBLAS."""
     if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and cupy_available()):
         return None
-    plan = _on_device(fmt, x.device)
+    plan = device_plan(fmt, x.device)
     if plan is None:
         return None
     x2 = x.reshape(-1, plan.cols)
     total = x2.shape[0]
     if decodable(plan) and total > (GEMV_MAX_ROWS if takes_fast_path(plan) else SPARSE_GEMV_MAX_ROWS):
-        y = x2 @ _decode(plan, x.device, x.dtype).T
+        y = x2 @ decode_plan(plan, x.device, x.dtype).T
         return y.reshape(*x.shape[:-1], plan.rows)
     import numpy as np
 
-    bufs = plan._device[x.device]
+    bufs = plan.device_buffers[x.device]
     x2 = x2.contiguous()
     y = torch.empty(total, plan.rows, dtype=x.dtype, device=x.device)
     module = cuda_module("compressed_gemv.cu")
@@ -345,18 +183,18 @@ def dequantize(fmt, device: torch.device, dtype: torch.dtype) -> torch.Tensor | 
     device = torch.device(device)
     if not (device.type == "cuda" and dtype in OUT_TYPES and cupy_available()):
         return None
-    plan = _on_device(fmt, device)
+    plan = device_plan(fmt, device)
     if plan is None or not decodable(plan):
         return None
-    return _decode(plan, device, dtype)
+    return decode_plan(plan, device, dtype)
 
 
-def _decode(plan: KernelPlan, device, dtype: torch.dtype) -> torch.Tensor:
+def decode_plan(plan: KernelPlan, device, dtype: torch.dtype) -> torch.Tensor:
     """W ``[out, in]`` of a decodable plan in ``dtype`` on ``device``: kept values (one thread per 32 codes),
     scattered to their columns when sparse, outliers added."""
-    from .packing import unpack_rows
+    from ..packing import unpack_rows
 
-    bufs = plan._device[device]
+    bufs = plan.device_buffers[device]
     decoded = torch.float32 if plan.outliers is not None else dtype  # outliers: correct before rounding
     values = _decode_values(plan, bufs, device, decoded)
     d = plan.dims

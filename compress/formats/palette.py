@@ -1,20 +1,16 @@
-"""Formats of clustered weights: look-up tables + indices, and dense-and-sparse outliers.
-
-``PalettizedWeight`` (the coremltools / eDKM "palettization" layout): every weight is a ``bits``-bit
+"""Palettized weights (the coremltools / eDKM "palettization" layout): every weight is a ``bits``-bit
 index into a table of ``2^bits`` centroids. One table serves ``rows_per_table`` consecutive output
 channels: all of them (per tensor), one (per channel) or a group of channels.
-
-``OutlierWeight`` (SqueezeLLM's dense-and-sparse decomposition): any inner format plus a few
-weights kept exactly in float16 in a compressed-sparse-row side matrix, which replace the inner
-format's values at their positions.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .formats import WeightFormat, format_from_saved, register_format
-from .packing import pack_rows, unpack_rows
+from ..kernels.plan import LUT, ValuePlan, empty_dims
+from ..packing import pack_rows, unpack_rows
+from .base import WeightFormat, register_format
+from .onnx_ops import TensorProto, as_float, torch_initializer, unpack_codes
 
 TABLE_DTYPES = ("float16", "int8")
 
@@ -87,61 +83,21 @@ class PalettizedWeight(WeightFormat):
         table = " int8 table" if self.table_scale is not None else ""
         return f"{self.bits}-bit palette per {per}{table}"
 
+    def kernel_values(self, kept):
+        dims = empty_dims()
+        dims.update(bits=self.bits, row_bytes=self.indices.shape[1], rows_per_table=self.rows_per_table)
+        return ValuePlan(LUT, dims, {"codes": self.indices, "lut": self.tables().reshape(-1)})
 
-def _index_dtype(limit: int) -> torch.dtype:
-    """The smallest unsigned dtype safetensors holds for integers below ``limit``."""
-    return torch.uint8 if limit <= (1 << 8) else torch.uint16 if limit <= (1 << 16) else torch.int32
-
-
-@register_format
-class OutlierWeight(WeightFormat):
-    """An inner format with some weights replaced by exact float16 values, stored row by row:
-    ``counts`` ``[out]`` (outliers per row), ``columns`` ``[nnz]`` and ``values`` float16 ``[nnz]``;
-    counts and columns take the smallest of uint8 / uint16 / int32 that holds them."""
-
-    kind = "outliers"
-
-    def __init__(self, inner: WeightFormat, counts, columns, values):
-        self.inner, self.shape = inner, inner.shape
-        self.counts, self.columns, self.values = counts, columns, values
-
-    @classmethod
-    def from_mask(cls, inner: WeightFormat, w: torch.Tensor, outlier: torch.Tensor) -> OutlierWeight:
-        """Keep ``w`` exactly where ``outlier[out, in]`` is True (row-major order)."""
-        rows, cols = outlier.nonzero(as_tuple=True)
-        counts = outlier.sum(1)
-        counts = counts.to(_index_dtype(int(counts.max()) + 1 if counts.numel() else 1))
-        return cls(inner, counts, cols.to(_index_dtype(outlier.shape[1])), w[rows, cols].half())
-
-    def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.repeat_interleave(torch.arange(self.shape[0]), self.counts.long())
-        return rows, self.columns.long()
-
-    def outlier_mask(self) -> torch.Tensor:
-        mask = torch.zeros(self.shape, dtype=torch.bool)
-        mask[self.positions()] = True
-        return mask
-
-    def dequantize(self):
-        w = self.inner.dequantize()
-        w[self.positions()] = self.values.float()
-        return w
-
-    def tensors(self):
-        t = {"counts": self.counts, "columns": self.columns, "values": self.values}
-        t.update({f"inner.{k}": v for k, v in self.inner.tensors().items()})
-        return t
-
-    def meta(self):
-        return {"kind": self.kind, "shape": list(self.shape), "outliers": int(self.values.numel()),
-                "inner": self.inner.meta()}
-
-    @classmethod
-    def from_saved(cls, meta, tensors):
-        inner = {k[len("inner."):]: v for k, v in tensors.items() if k.startswith("inner.")}
-        return cls(format_from_saved(meta["inner"], inner), tensors["counts"], tensors["columns"],
-                   tensors["values"])
-
-    def describe(self):
-        share = self.values.numel() / self.numel
-        return f"{self.inner.describe()} + {share:.2%} fp16 outliers"
+    def onnx_weight(self, g, prefix):
+        """Indices unpacked from their bytes, offset to their row's table, gathered from the flat tables."""
+        rows, cols = self.shape
+        codes = unpack_codes(g, torch_initializer(g, f"{prefix}.indices", self.indices), rows, cols, self.bits,
+                             TensorProto.INT32)
+        table = as_float(g, f"{prefix}.table", self.table)
+        if self.table_scale is not None:
+            scale = g.op("Unsqueeze", as_float(g, f"{prefix}.table_scale", self.table_scale), g.const([1]))
+            table = g.op("Mul", table, scale)
+        size = 1 << self.bits
+        offsets = g.op("Cast", g.op("Unsqueeze", g.arange(rows, self.rows_per_table, size), g.const([1])),
+                       to=TensorProto.INT32)
+        return g.op("Gather", g.op("Reshape", table, g.const([-1])), g.op("Add", codes, offsets))

@@ -1,0 +1,13 @@
+"""Compressed weight formats, one module per family, each owning its layout, exact bytes, decode, GPU
+launch plan and ONNX lowering (see ``base``). Importing this package registers every format."""
+
+from .base import FORMATS, NoKernel, WeightFormat, format_from_saved, register_format
+from .dense import DenseWeight
+from .grid import QuantizedWeight, quantize_rtn
+from .outliers import OutlierWeight
+from .palette import TABLE_DTYPES, PalettizedWeight, quantize_table, stored_table
+from .sparse import SparseWeight, compact, nm_pattern
+
+__all__ = ["FORMATS", "NoKernel", "WeightFormat", "format_from_saved", "register_format", "DenseWeight",
+           "QuantizedWeight", "quantize_rtn", "OutlierWeight", "TABLE_DTYPES", "PalettizedWeight", "quantize_table",
+           "stored_table", "SparseWeight", "compact", "nm_pattern"]

@@ -1,0 +1,111 @@
+"""What every weight format declares, and the registry that reads checkpoints back.
+
+A format is one object that owns everything about its layout:
+
+- ``tensors()`` / ``meta()`` / ``from_saved()``: the exact tensors it writes and how to read them back;
+  its size is the bytes of exactly those tensors, so the report's numbers are what the file holds;
+- ``dequantize()``: the float32 weight, the torch reference path;
+- ``kernel_values(kept)``: how the CUDA kernels read its values (``compress.kernels.plan``);
+  ``kernel_plan()`` the whole launch plan (sparse layouts add their column positions);
+- ``onnx_weight(g, prefix)``: an ONNX subgraph computing the float32 weight from its stored bytes;
+  ``onnx_matmul(lowering, x, name)``: a runtime operator that reads the bytes directly, when one exists.
+
+Formats are registered by ``kind`` (``@register_format``) so a checkpoint reads back without knowing which
+pass wrote it. Formats compose: a sparse format wraps the format of its kept values, outliers wrap an
+inner format.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+FORMATS: dict[str, type[WeightFormat]] = {}
+
+
+def register_format(cls):
+    FORMATS[cls.kind] = cls
+    return cls
+
+
+class NoKernel(TypeError):
+    """The GPU kernels have no plan for this format (the torch path serves it)."""
+
+
+class WeightFormat:
+    """A weight matrix ``[out_features, in_features]`` in some stored representation."""
+
+    kind: ClassVar[str]
+    shape: tuple[int, int]
+
+    def dequantize(self) -> torch.Tensor:  # float32 [out, in]
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def meta(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_saved(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> WeightFormat:
+        raise NotImplementedError
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def bytes_by_part(self) -> dict[str, int]:
+        return {k: t.numel() * t.element_size() for k, t in self.tensors().items()}
+
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes() / self.numel
+
+    def describe(self) -> str:
+        return self.kind
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """Boolean keep-mask when the format is sparse, else None."""
+        return None
+
+    # --- GPU: how the kernels of cuda/ read this format (see compress.kernels.plan) ---
+    def kernel_values(self, kept: int):
+        """The ``ValuePlan`` of this format as the kept values of ``kept`` columns per row."""
+        raise NoKernel(self.kind)
+
+    def kernel_plan(self):
+        """The ``KernelPlan`` of a launch on this format; None when no kernel takes it (cuBLAS or torch)."""
+        from ..kernels.plan import COL_DENSE, KernelPlan
+
+        rows, cols = self.shape
+        try:
+            v = self.kernel_values(cols)
+        except NoKernel:
+            return None
+        return KernelPlan(v.mode, COL_DENSE, rows, cols, cols, v.dims, v.buffers, outliers=v.csr(rows))
+
+    # --- ONNX: how the exporter stores and computes with this format (see compress.export.weights) ---
+    def onnx_weight(self, g, prefix: str) -> str:
+        """A float32 ``[out, in]`` value computed in graph ``g`` from the format's stored tensors."""
+        from .onnx_ops import UnsupportedFormat
+
+        raise UnsupportedFormat(f"no ONNX lowering for weight format '{self.kind}'")
+
+    def onnx_matmul(self, lowering, x: str, name: str) -> tuple[str, str] | None:
+        """(description, ``x @ W.T``) through a runtime operator that reads the stored bytes, or None
+        (the exporter then multiplies by :meth:`onnx_weight`, which onnxruntime folds at load)."""
+        return None
+
+
+def format_from_saved(meta: dict, tensors: dict[str, torch.Tensor]) -> WeightFormat:
+    return FORMATS[meta["kind"]].from_saved(meta, tensors)
+
+
+def inner_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a wrapped format, stored under ``prefix.`` by the format that wraps it."""
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
