@@ -47,7 +47,7 @@ def ours(passes: list[dict], calib: Path, windows: int) -> dict:
     run_passes(model, plan(parse_recipe({"passes": passes}).passes), tokens, "cpu")
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    from compress.pipeline import find_blocks
+    from compress.families import find_blocks
 
     nbytes = numel = 0
     for m in find_blocks(model)[1].modules():  # every linear layer of the blocks, compressed or fp16

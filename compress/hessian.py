@@ -1,4 +1,5 @@
-"""The Optimal Brain Surgeon preparation GPTQ and SparseGPT share."""
+"""What the Hessian-based passes share (GPTQ, SparseGPT, k-means with error feedback): the Optimal Brain
+Surgeon preparation, the lazy column sweep, and the relative output error of a compressed layer."""
 
 import torch
 
@@ -36,3 +37,9 @@ def obq_sweep(w: torch.Tensor, hinv: torch.Tensor, round_column, block_size: int
             w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1)  # in place: no rows x block temporary per column
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+
+def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
+    """Relative output error ||(W - Wq) X||^2 / ||W X||^2 = tr(D H D^T) / tr(W H W^T)."""
+    d = w - wq
+    return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp_min(1e-12))

@@ -1,7 +1,7 @@
 """The pass manager: plan the passes, then run them block by block through the decoder.
 
 For each decoder block i:
-  1. for each pass, when it asks for statistics (``Pass.needs``), run the block on its captured
+  1. for each pass, when it asks for statistics (``Pass.requirements``), run the block on its captured
      inputs with hooks on the targeted linear layers to accumulate them (layers that read the
      same tensor, such as q/k/v, share one accumulator);
   2. let the pass compress the block's targeted layers;
@@ -20,7 +20,9 @@ from functools import partial
 import torch
 from torch import nn
 
+from .blocks import run_block
 from .errors import PlanError
+from .families import find_blocks
 from .modules import CompressedLinear, dequantized_weights
 from .passes.base import STAGES, BlockWork, LayerStats, Pass
 from .passes.registry import get_pass
@@ -32,7 +34,8 @@ CHUNK = 4  # calibration sequences per forward (GPTQ, 32 x 512: 112 s and 1138 M
 
 
 def plan(pass_configs) -> list[Pass]:
-    """Instantiate the passes and check their order before any compute."""
+    """Instantiate the passes, check their order and decide which consecutive passes fuse, before any
+    compute (``Pass.fuses_with``: the first then does the second's work on the layers it finishes)."""
     passes = [get_pass(cfg.type)(cfg) for cfg in pass_configs]
     for i, (a, b) in enumerate(zip(passes, passes[1:], strict=False)):
         if STAGES.index(b.stage) < STAGES.index(a.stage):
@@ -44,23 +47,14 @@ def plan(pass_configs) -> list[Pass]:
     return passes
 
 
+def fused_pairs(passes: list[Pass]) -> dict[int, Pass]:
+    """Pass index -> the following pass it is fused with."""
+    return {i: b for i, (a, b) in enumerate(zip(passes, passes[1:], strict=False)) if a.fuses_with(b)}
+
+
 def needs_calibration(passes: list[Pass]) -> bool:
-    """Whether any pass reads calibration data (statistics, block inputs, or a global plan)."""
-    return any(p.needs or p.needs_block_io or p.needs_global_plan for p in passes)
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: the longest ModuleList whose items are all of one class."""
-    best = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1:
-            if any(isinstance(m, nn.Linear | CompressedLinear) for m in mod[0].modules()):
-                if best is None or len(mod) > len(best[1]):
-                    best = (name, mod)
-    if best is None:
-        raise PlanError(f"no decoder blocks found in {type(model).__name__}",
-                        "compress supports decoder-only models with a list of transformer blocks")
-    return best
+    """Whether any pass reads calibration data (statistics, block inputs, or a model plan)."""
+    return any(p.requirements().calibration for p in passes)
 
 
 @dataclass
@@ -85,16 +79,6 @@ class _Captured(Exception):
 
 class _StatsDone(Exception):
     """Raised by the statistics hooks once a batch reached every hooked layer."""
-
-
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple | list):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
 
 
 def capture_block_inputs(model, blocks, tokens: torch.Tensor, device) -> list[tuple]:
@@ -134,8 +118,8 @@ def propagate(block, inputs, device) -> list[tuple]:
     with dequantized_weights(block):  # decode each compressed layer once, not once per chunk
         for k, (hidden, kwargs) in enumerate(inputs):
             return_freed_heap()
-            out = block(hidden.to(device), **_to(kwargs, device))
-            inputs[k] = ((out[0] if isinstance(out, tuple) else out).detach(), kwargs)
+            out = run_block(block, (hidden, kwargs), device)
+            inputs[k] = (out.detach(), kwargs)
             del hidden, out
     return inputs
 
@@ -214,7 +198,7 @@ def _collect_stats(block, layers, needs, inputs, device, float_inputs=None) -> d
                 collector.paused = False
                 float_inputs[k] = (out, float_inputs[k][1])
             try:
-                block(hidden.to(device), **_to(kwargs, device))
+                run_block(block, (hidden, kwargs), device)
             except _StatsDone:
                 pass
             collector.end_batch()
@@ -230,12 +214,11 @@ def _layer_inputs(block, layers, batch, device) -> tuple[dict[str, torch.Tensor]
     handles = [m.register_forward_pre_hook(lambda _m, args, n=n: seen.__setitem__(n, args[0].detach()))
                for n, m in layers.items()]
     try:
-        hidden, kwargs = batch
-        out = block(hidden.to(device), **_to(kwargs, device))
+        out = run_block(block, batch, device)
     finally:
         for h in handles:
             h.remove()
-    return seen, (out[0] if isinstance(out, tuple) else out).detach()
+    return seen, out.detach()
 
 
 def _linear_layers(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
@@ -250,7 +233,9 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     records: dict[str, LayerRecord] = {}
     seconds = {f"{i}:{p.name}": 0.0 for i, p in enumerate(passes)}
-    needs_data = needs_calibration(passes)
+    reqs = [p.requirements() for p in passes]
+    fused = fused_pairs(passes)
+    needs_data = any(r.calibration for r in reqs)
     t0 = time.perf_counter()
     allocation = plan_globally(model, blocks, prefix, passes, calibration, device, progress)
     inputs = capture_block_inputs(model, blocks, calibration, device) if needs_data else None
@@ -259,7 +244,7 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
     release_clean_pages([p.data for p in model.parameters()])
     # the float model's activations, for passes that match its outputs (GPTQ's asymmetric calibration)
     float_inputs = [(h.clone(), kw) for h, kw in inputs] \
-        if any("cross" in p.needs or p.needs_float_outputs for p in passes) else None
+        if any("cross" in r.stats or r.float_outputs for r in reqs) else None
     calib_s = time.perf_counter() - t0
     for p in passes:
         p.prepare(model)
@@ -275,29 +260,37 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
             records.setdefault(name, LayerRecord(name, w))
         stats, stats_kinds = {}, frozenset()  # statistics a transform pass handed on
         float_moved = False  # the float stream advances once per block, at the first "cross" statistics
-        if float_inputs is not None and not any("cross" in p.needs and any(map(p.cfg.applies_to, all_layers))
-                                                for p in passes):
+        if float_inputs is not None and not any("cross" in r.stats and any(map(p.cfg.applies_to, all_layers))
+                                                for p, r in zip(passes, reqs, strict=True)):
             float_inputs, float_moved = propagate(block, float_inputs, device), True
-        for j, p in enumerate(passes):
-            layers = {n: m for n, m in _linear_layers(block, block_prefix).items() if p.cfg.applies_to(n)}
-            if not layers and not p.needs_block_io:
+        finished: set[str] = set()  # layers the previous pass, fused with this one, already did
+        for j, (p, req) in enumerate(zip(passes, reqs, strict=True)):
+            layers = {n: m for n, m in _linear_layers(block, block_prefix).items()
+                      if p.cfg.applies_to(n) and n not in finished}
+            for name in finished:
+                records[name].passes.append(p.name)
+                records[name].notes.update({"quantized_by": f"joint sweep with {passes[j - 1].name}"})
+            finished = set()
+            if not layers and not req.block_io:
                 continue
             t = time.perf_counter()
             work = BlockWork(i, block, block_prefix, model_type, layers, inputs=inputs, device=device,
-                             float_outputs=float_inputs if float_moved else None)
-            if p.needs and not (p.needs <= stats_kinds and set(layers) <= set(stats)):
-                needs = p.needs - {"cross"} if float_moved else p.needs
+                             float_outputs=float_inputs if float_moved else None, fused=fused.get(j))
+            if req.stats and not (req.stats <= stats_kinds and set(layers) <= set(stats)):
+                needs = req.stats - {"cross"} if float_moved else req.stats
                 stats, stats_kinds = _collect_stats(block, layers, needs, inputs, device, float_inputs), needs
                 float_moved = float_moved or "cross" in needs
             work.stats = stats
             with torch.no_grad():
                 p.apply(work, partial(_replace, block, block_prefix))
-            if not p.preserves_stats:
+            if not req.preserves_stats:
                 stats, stats_kinds = {}, frozenset()
             seconds[f"{j}:{p.name}"] += time.perf_counter() - t
             for name, note in work.notes.items():
                 records[name].passes.append(p.name)
                 records[name].notes.update(note)
+            if work.fused is not None:
+                finished = work.finished
         for name, m in _linear_layers(block, block_prefix).items():  # structured pruning shrinks layers
             records[name].shape = m.fmt.shape if isinstance(m, CompressedLinear) else tuple(m.weight.shape)
         for m in block.modules():  # dense copies kept for mask refinement live one block only
@@ -346,29 +339,30 @@ def _renumber(records: dict, prefix: str, kept: dict | None) -> dict:
 def plan_globally(model, blocks, prefix, passes, calibration, device, progress) -> dict:
     """A float sweep over a few calibration sequences for passes that decide per layer from a
     model-wide view (mixed precision): score every targeted layer, then let the pass choose."""
-    planners = [p for p in passes if p.needs_global_plan]
+    planners = [(p, p.requirements().model_plan) for p in passes]
+    planners = [(p, mp) for p, mp in planners if mp is not None]
     if not planners:
         return {}
-    samples = max(p.plan_samples for p in planners)
+    samples = max(mp.samples for _, mp in planners)
     targeted = [n for i, b in enumerate(blocks) for n in _linear_layers(b, f"{prefix}.{i}")
-                if any(p.cfg.applies_to(n) for p in planners)]
+                if any(p.cfg.applies_to(n) for p, _ in planners)]
     fisher = output_fisher(model, targeted, calibration[:samples], device) \
-        if any(p.plan_uses_fisher for p in planners) else {}
+        if any(mp.fisher for _, mp in planners) else {}
     inputs = capture_block_inputs(model, blocks, calibration[:samples], device)
-    scored = {id(p): [] for p in planners}
+    scores: dict[int, dict] = {id(p): {} for p, _ in planners}
     task = progress.add("ranking layers", total=len(blocks)) if progress else None
     for i, block in enumerate(blocks):
         original_device = next(block.parameters()).device
         block.to(device)
-        for p in planners:
+        for p, mp in planners:
             layers = {n: m for n, m in _linear_layers(block, f"{prefix}.{i}").items() if p.cfg.applies_to(n)}
-            stats = _collect_stats(block, layers, p.plan_needs, inputs, device)
-            scored[id(p)] += [p.score(n, m, stats[n], fisher.get(n)) for n, m in layers.items()]
+            stats = _collect_stats(block, layers, mp.stats, inputs, device)
+            scores[id(p)].update({n: p.score_layer(n, m, stats.get(n), fisher.get(n)) for n, m in layers.items()})
         inputs = propagate(block, inputs, device)
         block.to(original_device)
         if task is not None:
             progress.advance(task)
-    return {f"{passes.index(p)}:{p.name}": p.set_global_plan(scored[id(p)]) for p in planners}
+    return {f"{passes.index(p)}:{p.name}": p.plan_model(scores[id(p)]) for p, _ in planners}
 
 
 def _replace(block: nn.Module, block_prefix: str, name: str, new: nn.Module):

@@ -24,9 +24,10 @@ from .checkpoint import DTYPES, checkpoint_content, round_to_storage, save_check
 from .data import calibration_batches, evaluation_windows, resolve_source
 from .errors import CompressError, OutputError
 from .evaluate import decode_latency, evaluate
+from .families import find_blocks
 from .models import check_spec, resolve
 from .modules import parameter_count
-from .pipeline import find_blocks, needs_calibration, plan, run_passes
+from .pipeline import needs_calibration, plan, run_passes
 from .progress import Progress
 from .recipe import load_recipe
 from .report import REPORT_SCHEMA_VERSION, write_reports

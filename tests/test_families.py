@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from compress.checkpoint import load_checkpoint, save_checkpoint
+from compress.families import find_blocks
 from compress.models import prepare_for_compression
 from compress.modules import CompressedLinear
-from compress.pipeline import find_blocks, plan, run_passes
+from compress.pipeline import plan, run_passes
 from compress.recipe import parse_recipe
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -63,3 +64,29 @@ def test_blocks_found_and_every_linear_compressed(tiny, tmp_path, monkeypatch):
     with torch.no_grad():
         again = loaded(input_ids=tokens[:1]).logits
     assert torch.allclose(after, again, atol=1e-5)
+
+
+def test_the_family_table_is_what_the_code_does(tiny):
+    """compress/families.py is the one table of family support: AWQ folds exactly where it lists scaling
+    groups, structured pruning and the ONNX builder accept exactly the families it marks."""
+    from compress.errors import ExportError, PlanError
+    from compress.export.llama import check_exportable
+    from compress.families import family, scaling_groups
+
+    name, model = tiny
+    fam = family(model.config.model_type)
+    assert fam.model_type == name
+    _, blocks = find_blocks(model)
+    assert bool(scaling_groups(name, blocks[0])) == bool(fam.scaling), name
+    if fam.onnx_export:
+        check_exportable(model)
+    else:
+        with pytest.raises(ExportError, match=name):
+            check_exportable(model)
+    recipe = parse_recipe({"passes": [{"type": "structured", "mlp_sparsity": 0.25}]})
+    tokens = torch.randint(0, 96, (2, 16))  # shapes only
+    if fam.structured_pruning:
+        run_passes(model, plan(recipe.passes), tokens, "cpu")
+    else:
+        with pytest.raises(PlanError, match=name):
+            run_passes(model, plan(recipe.passes), tokens, "cpu")

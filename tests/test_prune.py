@@ -14,7 +14,7 @@ from compress.evaluate import evaluate
 from compress.formats import SparseWeight, format_from_saved
 from compress.passes.pruning import select_mask
 from compress.passes.sparsegpt import sparsegpt_prune
-from compress.pipeline import plan, run_passes
+from compress.pipeline import fused_pairs, plan, run_passes
 from compress.recipe import load_recipe, parse_recipe
 
 
@@ -168,7 +168,8 @@ def test_joint_sparsegpt_quantization_in_one_sweep(smol, data, pattern, sparsity
     """SparseGPT's joint mode prunes and quantizes in one sweep: exact pattern, codes decode to the
     kept weights, and the layer's output error is below pruning then quantizing the kept weights."""
     from compress.formats import compact as compact_kept
-    from compress.passes.gptq import gptq_quantize, output_error
+    from compress.hessian import output_error
+    from compress.passes.gptq import gptq_quantize
     from compress.passes.sparsegpt import joint_block_size
     from compress.quant import QuantSpec
 
@@ -200,18 +201,21 @@ def test_sparsegpt_then_gptq_runs_as_one_sweep(smol, data):
     passes = [{"type": "sparsegpt", "sparsity": 0.5, "joint_quantization": True, **p},
               {"type": "gptq", "bits": 4, "group_size": 64, **p}]
     steps = plan(parse_recipe({"passes": passes}).passes)
-    assert steps[0].joint is steps[1] and not steps[1].needs
+    assert fused_pairs(steps) == {0: steps[1]}
     joint = copy.deepcopy(model)
     result = run_passes(joint, steps, calib, "cpu")
     notes = result.layers["model.layers.0.mlp.up_proj"].notes
     assert notes.get("joint_quantization") and "50% sparse + 4-bit g64" in notes["format"]
+    assert result.layers["model.layers.0.mlp.up_proj"].passes == ["sparsegpt", "gptq"]
+    assert notes["quantized_by"] == "joint sweep with sparsegpt"
     fmt = joint.model.layers[0].mlp.up_proj.fmt
     assert isinstance(fmt, SparseWeight) and (fmt.dequantize()[~fmt.mask] == 0).all()
     assert evaluate(joint, windows, reference=ref)[0].kl_divergence < 0.5
     nm = plan(parse_recipe({"passes": [{**passes[0], "pattern": "2:4"}, passes[1]]}).passes)
-    assert nm[0].joint is None and nm[1].needs  # N:M keeps two sweeps (see sparsegpt.py)
+    assert fused_pairs(nm) == {}  # N:M keeps two sweeps (see sparsegpt.py)
     asym = plan(parse_recipe({"passes": [passes[0], {**passes[1], "asymmetric": 0.125}]}).passes)
-    assert asym[0].joint is None and asym[1].needs == {"hessian", "cross"}  # gptq keeps its asymmetric calibration
+    assert fused_pairs(asym) == {}  # gptq keeps its asymmetric calibration
+    assert asym[1].requirements().stats == {"hessian", "cross"}
     default = plan(parse_recipe({"passes": [{k: v for k, v in passes[0].items() if k != "joint_quantization"},
                                             passes[1]]}).passes)
-    assert default[0].joint is None and default[1].needs  # two sweeps unless asked
+    assert fused_pairs(default) == {}  # two sweeps unless asked

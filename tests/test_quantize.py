@@ -8,8 +8,10 @@ from conftest import FIRST_BLOCKS, compress_copy
 
 from compress.data import calibration_batches, evaluation_windows
 from compress.evaluate import evaluate
-from compress.passes.gptq import gptq_quantize, output_error
-from compress.pipeline import find_blocks, plan, run_passes
+from compress.families import find_blocks
+from compress.hessian import output_error
+from compress.passes.gptq import gptq_quantize
+from compress.pipeline import plan, run_passes
 from compress.quant import FIT_ROWS, QuantSpec, fit_params, pad_to_groups
 from compress.recipe import parse_recipe
 

@@ -8,8 +8,9 @@ import torch
 from conftest import compress_copy
 
 from compress.data import calibration_batches, evaluation_windows
+from compress.families import find_blocks
 from compress.models import resolve
-from compress.pipeline import find_blocks, plan, run_passes
+from compress.pipeline import plan, run_passes
 from compress.recipe import parse_recipe
 from compress.residency import release_clean_pages, release_file_pages, resident_bytes
 

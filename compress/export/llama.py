@@ -20,18 +20,17 @@ import torch
 from onnx import TensorProto
 
 from ..errors import ExportError
+from ..families import family, supporting
 from ..formats import DenseWeight
 from ..formats.onnx_ops import as_float, torch_initializer
 from .graph import FLOAT, INT64, Graph
 from .weights import LayerExport, WeightLowering
 
-SUPPORTED = ("llama", "mistral", "qwen2")
-
 
 def check_exportable(model) -> None:
     cfg = model.config
-    if cfg.model_type not in SUPPORTED:
-        raise ExportError(f"ONNX export supports Llama-like decoders ({', '.join(SUPPORTED)}), not "
+    if not family(cfg.model_type).onnx_export:
+        raise ExportError(f"ONNX export supports Llama-like decoders ({', '.join(supporting('onnx_export'))}), not "
                           f"'{cfg.model_type}'", "export the compressed checkpoint with another tool, or open an issue")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ExportError(f"ONNX export: activation '{cfg.hidden_act}' is not supported", "only SiLU MLPs")

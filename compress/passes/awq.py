@@ -18,10 +18,10 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..adapters import NORM_OFFSET, consumer_channels, scaling_groups
 from ..errors import PlanError
+from ..families import consumer_channels, family, scaling_groups
 from ..quant import QuantSpec, fake_quantize
-from .base import Pass, PassConfig
+from .base import Pass, PassConfig, Requirements
 from .registry import register
 
 
@@ -68,8 +68,10 @@ class AWQ(Pass):
     name = "awq"
     stage = "transform"
     Config = AWQConfig
-    needs = frozenset({"hessian"})
-    preserves_stats = True  # it rescales the Hessians it changes, so the next pass reuses them
+
+    def requirements(self):
+        # it rescales the Hessians it changes, so the next pass reuses them
+        return Requirements(stats=frozenset({"hessian"}), preserves_stats=True)
 
     def check_plan(self, passes):
         following = [p for p in passes[passes.index(self) + 1:] if p.stage == "quantize"]
@@ -102,7 +104,7 @@ class AWQ(Pass):
                 m.weight.data.mul_(s_in)
             prod = work.block.get_submodule(producer)
             if kind == "norm":
-                offset = NORM_OFFSET.get(model_type, 0.0)
+                offset = family(model_type).norm_offset
                 prod.weight.data.copy_((prod.weight.data + offset) / s - offset)
                 if getattr(prod, "bias", None) is not None:
                     prod.bias.data.div_(s)

@@ -78,6 +78,8 @@ class BlockWork:
     float_outputs: list | None = None          # the float model's outputs of this block, batch by batch
     device: torch.device | str = "cpu"
     notes: dict[str, dict] = field(default_factory=dict)  # per layer, what the pass reports
+    fused: Pass | None = None                  # the following pass this one was fused with by the planner
+    finished: set[str] = field(default_factory=set)  # layers whose result includes the fused pass's work
 
 
 def current_weight(module: nn.Module) -> torch.Tensor:
@@ -91,27 +93,74 @@ def current_mask(module: nn.Module) -> torch.Tensor | None:
     return module.fmt.mask if isinstance(module, CompressedLinear) else None
 
 
+@dataclass(frozen=True)
+class ModelPlan:
+    """A model-wide look before the first block: a float sweep over ``samples`` calibration sequences that
+    collects ``stats`` of every targeted layer (and the Fisher of their outputs when ``fisher``), for
+    :meth:`Pass.score_layer` and :meth:`Pass.plan_model`."""
+
+    stats: frozenset[str] = frozenset({"hessian"})
+    fisher: bool = False
+    samples: int = 16
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a pass needs from the pipeline, declared in one object (see :meth:`Pass.requirements`).
+
+    ``stats``: statistics of the targeted layers' inputs, a subset of {"hessian", "sq_sum", "x_sum",
+    "cross"} ("cross": against the float model's inputs of the same layers); ``block_io``: the block's
+    calibration inputs (``BlockWork.inputs``); ``float_outputs``: the float model's outputs of the block
+    (``BlockWork.float_outputs``); ``preserves_stats``: the block's statistics stay valid after this pass
+    (the next pass reuses them); ``model_plan``: a model-wide look before the first block, or None."""
+
+    stats: frozenset[str] = frozenset()
+    block_io: bool = False
+    float_outputs: bool = False
+    preserves_stats: bool = False
+    model_plan: ModelPlan | None = None
+
+    @property
+    def calibration(self) -> bool:
+        """Whether the pass reads calibration data at all."""
+        return bool(self.stats or self.block_io or self.model_plan)
+
+
 class Pass:
     """A compression pass. Subclasses set ``name``, ``stage``, ``Config`` and a docstring naming
-    their paper, and implement :meth:`compress_layer` (or :meth:`apply` for whole-block work)."""
+    their paper, declare what they need in :meth:`requirements`, and implement :meth:`compress_layer`
+    (or :meth:`apply` for whole-block work). A pass never changes another pass: what two passes do
+    together is decided by the planner (:meth:`fuses_with`)."""
 
     name: ClassVar[str]
     stage: ClassVar[str]
     Config: ClassVar[type[PassConfig]]
-    needs: ClassVar[frozenset[str]] = frozenset()  # subset of {"hessian", "sq_sum", "x_sum", "cross"}
-    needs_global_plan: bool = False  # wants a model-wide look before compressing (see pipeline)
-    plan_needs: ClassVar[frozenset[str]] = frozenset({"hessian"})  # statistics of that look
-    plan_uses_fisher: ClassVar[bool] = False
-    plan_samples: int = 16  # calibration sequences of that look
-    preserves_stats: ClassVar[bool] = False  # the block's statistics stay valid after this pass
-    needs_block_io: ClassVar[bool] = False  # wants the block's calibration inputs (BlockWork.inputs)
-    needs_float_outputs: ClassVar[bool] = False  # wants the float model's block outputs (BlockWork.float_outputs)
 
     def __init__(self, cfg: PassConfig):
         self.cfg = cfg
 
+    def requirements(self) -> Requirements:
+        """What this pass needs from the pipeline (none by default: a data-free pass)."""
+        return Requirements()
+
     def check_plan(self, passes: list[Pass]) -> None:
         """Raise PlanError when this pass cannot run in this plan (called before any compute)."""
+
+    def fuses_with(self, following: Pass) -> bool:
+        """Whether this pass can also do ``following``'s work (the pass right after it) on the layers it
+        compresses. The planner asks once, before any compute; when fused, :meth:`apply` receives
+        ``work.fused`` and lists in ``work.finished`` the layers whose result already includes
+        ``following``'s, and the pipeline does not hand those layers to ``following``."""
+        return False
+
+    def score_layer(self, name: str, module: nn.Module, stats: LayerStats, fisher: torch.Tensor | None):
+        """With a model plan: this layer's entry of it (a value of this pass's own type)."""
+        raise NotImplementedError
+
+    def plan_model(self, scores: dict[str, Any]) -> dict:
+        """With a model plan: decide per-layer settings from every targeted layer's score (layer name ->
+        :meth:`score_layer`'s value); returns what the report shows of the decision."""
+        raise NotImplementedError
 
     def prepare(self, model) -> None:
         """Look at the whole model once before the first block (e.g. to turn a model-wide target

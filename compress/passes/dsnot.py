@@ -22,7 +22,7 @@ from pydantic import Field
 
 from ..errors import PlanError
 from ..formats import DenseWeight, SparseWeight, compact
-from .base import Pass, PassConfig
+from .base import Pass, PassConfig, Requirements
 from .registry import register
 
 
@@ -65,7 +65,9 @@ class DSnoT(Pass):
     name = "dsnot"
     stage = "prune"
     Config = DSnoTConfig
-    needs = frozenset({"hessian"})
+
+    def requirements(self):
+        return Requirements(stats=frozenset({"hessian"}))
 
     def check_plan(self, passes):
         i = passes.index(self)

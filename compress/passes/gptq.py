@@ -21,10 +21,10 @@ import torch
 from pydantic import Field
 
 from ..formats import QuantizedWeight, compact
-from ..hessian import obq_sweep, prepare_inverse_hessian
+from ..hessian import obq_sweep, output_error, prepare_inverse_hessian
 from ..modules import CompressedLinear
 from ..quant import QuantSpec, decode, encode, fit_params, pad_to_groups
-from .base import current_mask, current_weight
+from .base import Requirements, current_mask, current_weight
 from .quantizing import QuantizingPass, QuantOptions
 from .registry import register
 
@@ -40,12 +40,6 @@ class GPTQConfig(QuantOptions):
                               "helped on SmolLM2; larger steps over-fit the calibration tokens)")
     refit_scales: bool = Field(True, description="after the sweep, re-fit each group's scale by least "
                                "squares on the layer output error with the codes fixed")
-
-
-def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
-    """Relative output error ||(W - Wq) X||^2 / ||W X||^2 = tr(D H D^T) / tr(W H W^T)."""
-    d = w - wq
-    return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp_min(1e-12))
 
 
 def float_target(w: torch.Tensor, stats, damp: float, strength: float) -> torch.Tensor:
@@ -157,10 +151,9 @@ class GPTQ(QuantizingPass):
     name = "gptq"
     Config = GPTQConfig
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.done: dict[str, str] = {}  # layers a joint SparseGPT sweep already quantized
-        self.needs = frozenset({"hessian", "cross"}) if cfg.asymmetric > 0 else frozenset({"hessian"})
+    def requirements(self):
+        stats = {"hessian", "cross"} if self.cfg.asymmetric > 0 else {"hessian"}
+        return Requirements(stats=frozenset(stats), model_plan=self.mixed_precision_plan())
 
     def apply(self, work, replace):
         """Layers that read the same input (q/k/v, gate/up) share one Hessian and, GPTQ being
@@ -169,7 +162,7 @@ class GPTQ(QuantizingPass):
         batches: dict[tuple, list[str]] = {}
         for name, module in work.layers.items():
             cfg, stats = self.cfg.for_layer(name), work.stats.get(name)
-            alone = name in self.done or current_mask(module) is not None or stats is None
+            alone = current_mask(module) is not None or stats is None
             key = (name,) if alone else (id(stats), self.layer_spec(name, cfg), cfg.block_size, cfg.damp,
                                           cfg.act_order)
             batches.setdefault(key, []).append(name)
@@ -194,8 +187,6 @@ class GPTQ(QuantizingPass):
                 for name, w, fmt in zip(names, weights, parts, strict=True)]
 
     def compress_layer(self, name, module, stats, cfg):
-        if name in self.done:
-            return module.fmt, {"format": module.fmt.describe(), "quantized_by": self.done[name]}
         w, mask = float_target(current_weight(module), stats, cfg.damp, cfg.asymmetric), current_mask(module)
         h = stats.mean_hessian().cpu()
         values = gptq_quantize(w, h, self.layer_spec(name, cfg), cfg.block_size, cfg.damp, cfg.act_order, mask,

@@ -29,10 +29,9 @@ from pydantic import Field, field_validator
 
 from ..errors import PlanError
 from ..formats import OutlierWeight, PalettizedWeight, SparseWeight, compact, stored_table
-from ..hessian import obq_sweep, prepare_inverse_hessian
+from ..hessian import obq_sweep, output_error, prepare_inverse_hessian
 from ..kmeans import nearest, weighted_kmeans
-from .base import Pass, PassConfig, current_mask, current_weight
-from .gptq import output_error
+from .base import ModelPlan, Pass, PassConfig, Requirements, current_mask, current_weight
 from .registry import register
 
 
@@ -150,32 +149,23 @@ class KMeans(Pass):
     name = "kmeans"
     stage = "cluster"
     Config = KMeansConfig
-    plan_uses_fisher = True
-    plan_needs = frozenset()
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.fisher: dict[str, torch.Tensor] = {}
 
-    @property
-    def needs(self):
-        if self.cfg.error_feedback or any(v.get("error_feedback") for v in self.cfg.overrides.values()):
-            return frozenset({"hessian"})
-        return frozenset({"sq_sum"})
+    def requirements(self):
+        feedback = self.cfg.error_feedback or any(v.get("error_feedback") for v in self.cfg.overrides.values())
+        plan = ModelPlan(stats=frozenset(), fisher=True, samples=self.cfg.fisher_samples) \
+            if self.cfg.sensitivity == "fisher" else None
+        return Requirements(stats=frozenset({"hessian" if feedback else "sq_sum"}), model_plan=plan)
 
-    @property
-    def needs_global_plan(self) -> bool:
-        return self.cfg.sensitivity == "fisher"
+    def score_layer(self, name, module, stats, fisher):
+        """The Fisher of the layer's outputs (weights the sensitivity of every output channel)."""
+        return fisher
 
-    @property
-    def plan_samples(self) -> int:
-        return self.cfg.fisher_samples
-
-    def score(self, name, module, stats, fisher=None):
-        self.fisher[name] = fisher
-        return name
-
-    def set_global_plan(self, scored) -> dict:
+    def plan_model(self, scores) -> dict:
+        self.fisher = dict(scores)
         return {}
 
     def check_plan(self, passes):

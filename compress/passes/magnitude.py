@@ -3,7 +3,7 @@ baseline of "Learning both Weights and Connections for Efficient Neural Networks
 
 from typing import Literal
 
-from .base import current_weight
+from .base import Requirements, current_weight
 from .pruning import PruneOptions, PruningPass, check_shape, select_mask
 from .registry import register
 
@@ -16,6 +16,9 @@ class MagnitudeConfig(PruneOptions):
 class Magnitude(PruningPass):
     name = "magnitude"
     Config = MagnitudeConfig
+
+    def requirements(self):
+        return Requirements(model_plan=self.owl_plan())
 
     def compress_layer(self, name, module, stats, cfg):
         w = current_weight(module)

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import PlanError
 from ..formats import DenseWeight, SparseWeight, compact, nm_pattern
-from .base import Pass, PassConfig
+from .base import ModelPlan, Pass, PassConfig, current_weight
 
 
 class PruneOptions(PassConfig):
@@ -99,29 +99,25 @@ class PruningPass(Pass):
     so block sparsities average the target: the model-wide sparsity is unchanged."""
 
     stage = "prune"
-    plan_needs = frozenset({"sq_sum"})
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.block_sparsity: dict[str, float] = {}
 
-    @property
-    def needs_global_plan(self) -> bool:
-        return self.cfg.layerwise == "owl"
+    def owl_plan(self) -> ModelPlan | None:
+        """With ``layerwise: owl``: a model-wide look at every layer's Wanda scores."""
+        if self.cfg.layerwise != "owl":
+            return None
+        return ModelPlan(stats=frozenset({"sq_sum"}), samples=self.cfg.owl_samples)
 
-    @property
-    def plan_samples(self) -> int:
-        return self.cfg.owl_samples
-
-    def score(self, name, module, stats, fisher=None):
-        from .base import current_weight
-
+    def score_layer(self, name, module, stats, fisher):
+        """(outliers, weights) of the layer: Wanda scores above ``owl_m`` times their mean."""
         s = current_weight(module).abs() * stats.input_norm().cpu().unsqueeze(0)
-        return name, int((s > self.cfg.owl_m * s.mean()).sum()), s.numel()
+        return int((s > self.cfg.owl_m * s.mean()).sum()), s.numel()
 
-    def set_global_plan(self, scored) -> dict:
+    def plan_model(self, scores) -> dict:
         blocks: dict[str, list[int]] = {}
-        for name, outliers, numel in scored:
+        for name, (outliers, numel) in scores.items():
             acc = blocks.setdefault(name.rsplit(".", 2)[0], [0, 0])
             acc[0] += outliers
             acc[1] += numel

@@ -7,7 +7,7 @@ from pydantic import Field, model_validator
 
 from ..formats import SparseWeight
 from ..quant import QuantSpec
-from .base import Pass, PassConfig, current_weight
+from .base import ModelPlan, Pass, PassConfig, Requirements, current_weight
 from .mixed import DEFAULT_CANDIDATES, Candidate, LayerOptions, allocate, score_layer
 
 
@@ -62,28 +62,29 @@ class QuantOptions(PassConfig):
 
 class QuantizingPass(Pass):
     stage = "quantize"
-    plan_uses_fisher = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.plan: dict[str, QuantSpec] = {}
 
-    @property
-    def needs_global_plan(self) -> bool:
-        return self.cfg.target_bits_per_weight is not None
+    def mixed_precision_plan(self) -> ModelPlan | None:
+        """With ``target_bits_per_weight``: Hessians and output Fisher of every layer, to rank them."""
+        if self.cfg.target_bits_per_weight is None:
+            return None
+        return ModelPlan(stats=frozenset({"hessian"}), fisher=True, samples=self.cfg.sensitivity_samples)
 
-    @property
-    def plan_samples(self) -> int:
-        return self.cfg.sensitivity_samples
+    def requirements(self):
+        return Requirements(model_plan=self.mixed_precision_plan())
 
     def candidate_specs(self) -> list[QuantSpec]:
         return [self.cfg.spec(c.bits, c.group_size) for c in self.cfg.mixed_candidates()]
 
-    def score(self, name, module, stats, fisher=None) -> LayerOptions:
+    def score_layer(self, name, module, stats, fisher) -> LayerOptions:
         h = stats.mean_hessian().cpu()
         return score_layer(name, current_weight(module), h, self.candidate_specs(), fisher)
 
-    def set_global_plan(self, scored: list[LayerOptions]) -> dict[str, dict]:
+    def plan_model(self, scores: dict[str, LayerOptions]) -> dict[str, dict]:
+        scored = list(scores.values())
         choice = allocate(scored, self.cfg.target_bits_per_weight)
         self.plan = {x.name: x.specs[choice[x.name]] for x in scored}
         return {name: {"bits": s.bits, "group_size": s.group_size} for name, s in self.plan.items()}

@@ -27,9 +27,10 @@ import torch
 from pydantic import Field
 
 from ..formats import QuantizedWeight, SparseWeight, compact, nm_pattern
-from ..hessian import prepare_inverse_hessian
+from ..hessian import output_error, prepare_inverse_hessian
+from ..modules import CompressedLinear
 from ..quant import QuantSpec, decode, encode, fit_params, pad_to_groups
-from .base import current_weight
+from .base import Requirements, current_weight
 from .pruning import PruneOptions, PruningPass, check_shape, prune_count
 from .registry import register
 
@@ -147,40 +148,43 @@ def sparsegpt_prune(w, h, sparsity, pattern=None, block_size=128, damp=0.01, spe
 class SparseGPT(PruningPass):
     name = "sparsegpt"
     Config = SparseGPTConfig
-    needs = frozenset({"hessian"})
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.joint = None  # the gptq pass whose quantization this sweep does too
+    def requirements(self):
+        return Requirements(stats=frozenset({"hessian"}), model_plan=self.owl_plan())
 
-    def check_plan(self, passes):
-        super().check_plan(passes)
-        following = passes[passes.index(self) + 1:passes.index(self) + 2]
-        nxt = following[0] if following else None
-        if (self.cfg.joint_quantization and nxt is not None and nxt.name == "gptq" and not self.cfg.pattern
-                and nxt.cfg.target_bits_per_weight is None
-                and nxt.cfg.asymmetric == 0  # the joint sweep has no asymmetric calibration: gptq runs its own
-                and nxt.cfg.targets == self.cfg.targets and nxt.cfg.exclude == self.cfg.exclude
-                and not nxt.cfg.overrides and not self.cfg.overrides):
-            self.joint = nxt
-            spec = nxt.cfg.spec()
-            if self.cfg.layerwise == "uniform" and joint_block_size(self.cfg.sparsity, self.cfg.pattern,
-                                                                   spec.group_size, 1 << 30) is not None:
-                nxt.needs = frozenset()  # every layer gets quantized here: no statistics for gptq
+    def fuses_with(self, following):
+        """The paper's joint mode: with ``joint_quantization``, an unstructured sweep also quantizes for a
+        ``gptq`` pass right after it on the same layers (plain GPTQ: no mixed precision, no asymmetric
+        calibration, no overrides)."""
+        c, f = self.cfg, following.cfg
+        return (c.joint_quantization and following.name == "gptq" and not c.pattern
+                and f.target_bits_per_weight is None and f.asymmetric == 0
+                and f.targets == c.targets and f.exclude == c.exclude and not f.overrides and not c.overrides)
+
+    def apply(self, work, replace):
+        for name, module in work.layers.items():
+            cfg = self.cfg.for_layer(name)
+            fmt, note = self._prune(name, module, work.stats.get(name), cfg, work.fused)
+            replace(name, CompressedLinear.from_module(module, fmt))
+            work.notes[name] = note
+            if note.get("joint_quantization"):
+                work.finished.add(name)
 
     def compress_layer(self, name, module, stats, cfg):
+        return self._prune(name, module, stats, cfg, None)
+
+    def _prune(self, name, module, stats, cfg, joint):
+        """Prune one layer; with ``joint`` (the fused gptq pass) quantize its kept weights in the same sweep
+        when a lazy block size holds whole groups."""
         w = current_weight(module)
         check_shape(name, w.shape[1], cfg.pattern)
         sparsity, h = self.layer_sparsity(name, cfg), stats.mean_hessian().cpu()
-        spec = self.joint.layer_spec(name, self.joint.cfg.for_layer(name)) if self.joint else None
+        spec = joint.layer_spec(name, joint.cfg.for_layer(name)) if joint is not None else None
         block = joint_block_size(sparsity, cfg.pattern, spec.group_size, w.shape[1]) if spec else None
         if block is None:  # no joint sweep: prune now, the quantization pass follows as usual
             pruned, mask, _ = sparsegpt_prune(w, h, sparsity, cfg.pattern, cfg.block_size, cfg.damp)
             return self.sparse_result(pruned, mask, cfg, origin=w)
         pruned, mask, values = sparsegpt_prune(w, h, sparsity, cfg.pattern, block, cfg.damp, spec)
-        self.joint.done[name] = "joint sweep with sparsegpt"
         fmt = SparseWeight(mask, values, cfg.pattern)
-        from .gptq import output_error
-
         return fmt, {"format": fmt.describe(), "sparsity": 1 - mask.float().mean().item(),
                      "output_error": output_error(w, fmt.dequantize(), h), "joint_quantization": True}

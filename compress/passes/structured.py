@@ -23,11 +23,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from ..blocks import run_block
 from ..errors import PlanError
-from .base import Pass, PassConfig
+from ..families import family, supporting
+from .base import Pass, PassConfig, Requirements
 from .registry import register
-
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class StructuredConfig(PassConfig):
@@ -76,8 +76,9 @@ class Structured(Pass):
     name = "structured"
     stage = "prune"
     Config = StructuredConfig
-    needs = frozenset({"sq_sum"})
-    needs_block_io = True
+
+    def requirements(self):
+        return Requirements(stats=frozenset({"sq_sum"}), block_io=True)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -94,8 +95,9 @@ class Structured(Pass):
                             "remove targets/exclude/overrides from the structured pass")
 
     def apply(self, work, replace):
-        if work.model_type not in LLAMA_LIKE:
-            raise PlanError(f"structured pruning supports {', '.join(LLAMA_LIKE)} blocks, not '{work.model_type}'",
+        if not family(work.model_type).structured_pruning:
+            raise PlanError(f"structured pruning supports {', '.join(supporting('structured_pruning'))} blocks, "
+                            f"not '{work.model_type}'",
                             "use an unstructured or N:M pruning pass for this family")
         block, cfg = work.block, self.cfg
         if cfg.drop_layers:
@@ -182,13 +184,10 @@ class Structured(Pass):
 @torch.no_grad()
 def block_influence(block: nn.Module, inputs: list, device) -> float:
     """ShortGPT's Block Influence: 1 - mean cosine similarity of the block's input and output states."""
-    from ..pipeline import _to
-
     total, count = 0.0, 0
     for hidden, kwargs in inputs:
         x = hidden.to(device)
-        out = block(x, **_to(kwargs, device))
-        y = out[0] if isinstance(out, tuple) else out
+        y = run_block(block, (x, kwargs), device)
         cos = nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
         total += float((1 - cos).sum())
         count += cos.numel()

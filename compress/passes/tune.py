@@ -23,11 +23,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..blocks import run_block
 from ..errors import PlanError
 from ..formats import QuantizedWeight
 from ..modules import CompressedLinear
 from ..quant import decode, pad_to_groups
-from .base import Pass, PassConfig
+from .base import Pass, PassConfig, Requirements
 from .registry import register
 
 
@@ -79,8 +80,9 @@ class Tune(Pass):
     name = "tune"
     stage = "quantize"
     Config = TuneConfig
-    needs_block_io = True
-    needs_float_outputs = True
+
+    def requirements(self):
+        return Requirements(block_io=True, float_outputs=True)
 
     def check_plan(self, passes):
         mine = passes.index(self)
@@ -126,13 +128,9 @@ class Tune(Pass):
 
     def _loss(self, work, tuned, k) -> torch.Tensor:
         """Squared error of the block's output against the float model's, relative to the latter."""
-        from ..pipeline import _to
-
         for t in tuned:
             t.install()
-        hidden, kwargs = work.inputs[k]
-        out = work.block(hidden.to(work.device), **_to(kwargs, work.device))
-        out = out[0] if isinstance(out, tuple) else out
+        out = run_block(work.block, work.inputs[k], work.device)
         target = work.float_outputs[k][0].to(work.device)
         return ((out - target) ** 2).mean() / (target ** 2).mean()
 

@@ -4,7 +4,7 @@ channel over the calibration tokens, compared within each output row. No weight 
 
 from typing import Literal
 
-from .base import current_weight
+from .base import Requirements, current_weight
 from .pruning import PruneOptions, PruningPass, check_shape, select_mask
 from .registry import register
 
@@ -21,7 +21,9 @@ def wanda_score(w, input_norm):
 class Wanda(PruningPass):
     name = "wanda"
     Config = WandaConfig
-    needs = frozenset({"sq_sum"})
+
+    def requirements(self):
+        return Requirements(stats=frozenset({"sq_sum"}), model_plan=self.owl_plan())
 
     def compress_layer(self, name, module, stats, cfg):
         w = current_weight(module)
