@@ -88,14 +88,14 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
     """Read a compressed checkpoint -> (model, tokenizer). Compressed layers stay compressed."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .models import _quiet_transformers, prepare_for_compression
+    from .models import prepare_for_compression, quiet_transformers
 
     path = Path(path)
     for needed in (WEIGHTS, META, "config.json"):
         if not (path / needed).is_file():
             raise CheckpointError(f"{path} is not a compressed checkpoint: {needed} is missing",
                                   "pass the output folder of `compress run`")
-    _quiet_transformers()
+    quiet_transformers()
     try:
         meta = json.loads((path / META).read_text())
         tensors = load_file(str(path / WEIGHTS))

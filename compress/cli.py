@@ -223,7 +223,7 @@ def compare(
     json_: Annotated[bool, typer.Option("--json", help="print the table as JSON")] = False,
 ):
     """Compare runs: a table (size, perplexity, KL, budgets) and a size-vs-perplexity Pareto plot."""
-    from .compare import COLUMNS, compare_rows, load_runs, mismatched_bases, write_comparison
+    from .report.compare import COLUMNS, compare_rows, load_runs, mismatched_bases, write_comparison
 
     with user_errors(json_):
         loaded = load_runs([str(r) for r in runs])
@@ -248,8 +248,8 @@ def compare(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="output folder of `compress run`")]):
     """Write report.md and report.html again from a run's report.json."""
-    from .compare import load_runs
     from .report import write_reports
+    from .report.compare import load_runs
 
     with user_errors():
         r = load_runs([str(run_dir)])[0]["report"]

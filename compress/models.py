@@ -59,7 +59,7 @@ def check_spec(spec: str) -> str:
 
 def resolve(spec: str, dtype: torch.dtype = torch.float32):
     """Load MODEL -> (model in eval mode, tokenizer, ModelInfo)."""
-    _quiet_transformers()
+    quiet_transformers()
     kind = check_spec(spec)
     if kind == "alias":
         folder = _alias_folder(spec, dtype)
@@ -98,7 +98,7 @@ def _looks_like_path(spec: str) -> bool:
         (".safetensors", ".bin", ".pt"))
 
 
-def _quiet_transformers():
+def quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

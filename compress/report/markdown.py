@@ -1,28 +1,8 @@
-"""report.json (versioned schema), report.md and report.html of a run, and the short Markdown
-summary CI systems show (GitHub's step summary)."""
+"""report.md of a run, and the short Markdown summary CI systems show (GitHub's step summary)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-REPORT_SCHEMA_VERSION = 1
-
-
-def write_reports(report: dict, folder: Path) -> None:
-    from .html_report import render
-
-    (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (folder / "report.md").write_text(markdown(report))
-    (folder / "report.html").write_text(render(report))
-
-
-def fmt_number(v, digits=4):
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return str(v)
+from .cells import fmt_number, onnx_rows
 
 
 def _verdict(r: dict) -> str:
@@ -62,27 +42,6 @@ def step_summary(r: dict) -> str:
               f"smaller than fp16); compressed layers {size['compressed_layers_bits_per_weight']:.3f} bits/weight.",
               ""]
     return "\n".join(lines)
-
-
-def onnx_rows(r: dict) -> list[list[str]]:
-    """What the ONNX section of the reports shows (empty when the run exported no ONNX)."""
-    o = r.get("onnx")
-    if not o:
-        return []
-    s = o["size"]
-    rows = [["ONNX file (graph + external data)", f"{s['file_bytes'] / 1e6:.2f} MB, "
-             f"{s['file_bytes'] / r['size']['checkpoint_bytes']:.3f}x the checkpoint"],
-            ["weights", f"{o['weights']}, opset {o['opset']}: " +
-             ", ".join(f"{n} x {k}" for k, n in o["lowerings"].items())]]
-    v = o.get("validation")
-    if v:
-        rows += [["validation vs PyTorch", f"{'passed' if v['passed'] else 'FAILED'} on {v['windows']} x "
-                  f"{v['seq_len']} tokens + {v['decode_steps']} KV-cache steps"],
-                 ["max abs logit diff (prefill / decode)", f"{v['max_logit_diff']:.2e} / "
-                  f"{v['decode_max_logit_diff']:.2e} (limit {v['tolerance']['max_logit_diff']})"],
-                 ["top-1 agreement", f"{v['top1_agreement']:.4f}"],
-                 ["perplexity onnxruntime / PyTorch", f"{v['perplexity_onnx']:.4f} / {v['perplexity_torch']:.4f}"]]
-    return rows
 
 
 def markdown(r: dict) -> str:

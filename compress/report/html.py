@@ -10,7 +10,7 @@ import html
 import io
 import re
 
-from .report import fmt_number, onnx_rows
+from .cells import fmt_number, onnx_rows
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
@@ -106,7 +106,7 @@ def timing_plot(report: dict) -> str:
     return svg(fig)
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -123,13 +123,13 @@ def render(r: dict) -> str:
     quality_rows = [["base", fmt_number(base["perplexity"]), "-", "-", fmt_number(base.get("latency_ms"))],
                     ["compressed", fmt_number(comp["perplexity"]), fmt_number(comp.get("kl_divergence")),
                      fmt_number(comp.get("top1_agreement")), fmt_number(comp.get("latency_ms"))]]
-    parts += ["<h2>Quality</h2>", _table(["model", "perplexity", "KL vs base", "top-1 agreement",
+    parts += ["<h2>Quality</h2>", table(["model", "perplexity", "KL vs base", "top-1 agreement",
                                           "decode ms/token"], quality_rows),
               f"<p>{base['tokens']} held-out tokens ({base['windows']} windows of {base['seq_len']}).</p>"]
     if comp.get("tasks"):
-        parts.append(_table(["task", "base", "compressed"], [[e(t), fmt_number(base["tasks"].get(t)),
+        parts.append(table(["task", "base", "compressed"], [[e(t), fmt_number(base["tasks"].get(t)),
                                                                fmt_number(a)] for t, a in comp["tasks"].items()]))
-    parts += ["<h2>Size</h2>", _table(["", "bytes", "MB", "bits per weight"], [
+    parts += ["<h2>Size</h2>", table(["", "bytes", "MB", "bits per weight"], [
         ["base (float16)", size["base_fp16_bytes"], f"{size['base_fp16_bytes'] / 1e6:.2f}", "16"],
         ["compressed checkpoint", size["checkpoint_bytes"], f"{size['checkpoint_bytes'] / 1e6:.2f}",
          f"{size['model_bits_per_weight']:.3f}"],
@@ -142,9 +142,9 @@ def render(r: dict) -> str:
     parts.append(f"<figure id='plot-size'>{size_quality_plot(points)}<figcaption>Perplexity against checkpoint "
                  "size</figcaption></figure>")
     if r.get("onnx"):
-        parts += ["<h2>ONNX export</h2>", _table(["", ""], [[e(a), e(b)] for a, b in onnx_rows(r)])]
+        parts += ["<h2>ONNX export</h2>", table(["", ""], [[e(a), e(b)] for a, b in onnx_rows(r)])]
     if r["budgets"]:
-        parts += ["<h2>Budgets</h2>", _table(["budget", "limit", "actual", "result"], [
+        parts += ["<h2>Budgets</h2>", table(["budget", "limit", "actual", "result"], [
             [e(b["name"]), fmt_number(b["limit"]), fmt_number(b["actual"]),
              "<span class='pass'>pass</span>" if b["passed"] else "<span class='fail'>FAIL</span>"]
             for b in r["budgets"]])]
@@ -153,7 +153,7 @@ def render(r: dict) -> str:
         parts.append(f"<figure id='plot-layers-{i}'>{plot}<figcaption>{e(caption)}</figcaption></figure>")
     parts += ["<h2>Passes and time</h2>", f"<figure id='plot-time'>{timing_plot(r)}<figcaption>Where the "
               f"{r['timing']['total_seconds']:.0f} s went</figcaption></figure>",
-              _table(["#", "pass", "seconds", "options"], [
+              table(["#", "pass", "seconds", "options"], [
                   [p["index"], e(p["type"]), f"{p['seconds']:.1f}", e(_options(r, p["index"]))] for p in r["passes"]])]
     if r.get("allocation"):
         parts.append("<details><summary>Per-layer choices of planning passes</summary><pre>" +
@@ -161,7 +161,7 @@ def render(r: dict) -> str:
     layer_rows = [[e(x["name"]), f"{x['shape'][0]}x{x['shape'][1]}", e(x["format"]), x["bytes"],
                    f"{x['bits_per_weight']:.3f}", fmt_number(x.get("output_error"))] for x in r["layers"]]
     parts += ["<details><summary>All layers</summary>",
-              _table(["layer", "shape", "format", "bytes", "bits/weight", "output error"], layer_rows), "</details>",
+              table(["layer", "shape", "format", "bytes", "bits/weight", "output error"], layer_rows), "</details>",
               "<h2>Run</h2><p>peak memory {:.0f} MB · device {} · {}</p>".format(
                   r["peak_memory_mb"], e(r["device"]), e(", ".join(f"{k} {v}" for k, v in r["versions"].items())))]
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>compress report: "

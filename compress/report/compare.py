@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .cells import fmt_number
 from .errors import OutputError
-from .html_report import CSS, _table, size_quality_plot
-from .report import fmt_number
+from .html import CSS, size_quality_plot, table
 
 COLUMNS = ["run", "recipe", "bits/weight", "size MB", "perplexity", "ppl increase", "KL vs base", "top-1",
            "budgets", "pareto"]
@@ -81,10 +81,10 @@ def write_comparison(runs: list[dict], rows: list[dict], out_dir: Path) -> list[
     md = (f"# compress compare: {len(rows)} runs on {base['model']['spec']}\n\n"
           f"Base perplexity {base['base']['perplexity']:.4g} on {base['base']['tokens']} held-out tokens.\n\n"
           + markdown_table(rows) + "\n![size vs perplexity](compare.svg)\n")
-    table = _table(COLUMNS, [[("yes" if row[c] else "") if c == "pareto" else fmt_number(row[c]) for c in COLUMNS]
-                             for row in rows])
+    rows_html = table(COLUMNS, [[("yes" if row[c] else "") if c == "pareto" else fmt_number(row[c]) for c in COLUMNS]
+                                 for row in rows])
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>compress compare</title>"
-            f"<style>{CSS}</style></head><body><h1>compress compare: {len(rows)} runs</h1>{table}"
+            f"<style>{CSS}</style></head><body><h1>compress compare: {len(rows)} runs</h1>{rows_html}"
             f"<figure id='plot-pareto'>{plot}</figure></body></html>\n")
     paths = [out_dir / "compare.md", out_dir / "compare.svg", out_dir / "compare.html"]
     for path, text in zip(paths, (md, plot, page), strict=True):
