@@ -2,42 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 from .recipe import Budgets
+from .report.model import BudgetCheck, Report
 
 
-@dataclass
-class BudgetCheck:
-    name: str
-    limit: float
-    actual: float | None
-    passed: bool
-    kind: str  # "max" | "min"
-
-    def to_dict(self):
-        return asdict(self)
-
-
-def _metrics(report: dict) -> dict:
-    base, comp, size = report["base"], report["compressed"], report["size"]
-    lat, lat_base = comp.get("latency_ms"), base.get("latency_ms")
-    tasks = comp.get("tasks") or {}
+def _metrics(report: Report) -> dict:
+    base, comp, size = report.base, report.compressed, report.size
+    lat, lat_base = comp.latency_ms, base.latency_ms
+    tasks = comp.tasks or {}
     return {
-        "min_compression_ratio": size["compression_ratio_vs_fp16"],
+        "min_compression_ratio": size.compression_ratio_vs_fp16,
         "max_latency_ms": lat,
         "max_latency_increase": lat / lat_base - 1 if lat is not None and lat_base else None,
         "min_task_accuracy": sum(tasks.values()) / len(tasks) if tasks else None,
-        "max_size_mb": size["checkpoint_bytes"] / 1e6,
-        "max_bits_per_weight": size["compressed_layers_bits_per_weight"],
-        "max_ppl": comp["perplexity"],
-        "max_ppl_increase": comp["perplexity"] / base["perplexity"] - 1,
-        "max_kl_divergence": comp.get("kl_divergence"),
-        "min_top1_agreement": comp.get("top1_agreement"),
+        "max_size_mb": size.checkpoint_bytes / 1e6,
+        "max_bits_per_weight": size.compressed_layers_bits_per_weight,
+        "max_ppl": comp.perplexity,
+        "max_ppl_increase": comp.perplexity / base.perplexity - 1,
+        "max_kl_divergence": comp.kl_divergence,
+        "min_top1_agreement": comp.top1_agreement,
     }
 
 
-def check_budgets(budgets: Budgets, report: dict) -> list[BudgetCheck]:
+def check_budgets(budgets: Budgets, report: Report) -> list[BudgetCheck]:
     metrics = _metrics(report)
     checks = []
     for name, limit in budgets.model_dump().items():
@@ -46,7 +33,7 @@ def check_budgets(budgets: Budgets, report: dict) -> list[BudgetCheck]:
         actual = metrics[name]
         kind = "min" if name.startswith("min_") else "max"
         passed = actual is not None and (actual >= limit if kind == "min" else actual <= limit)
-        checks.append(BudgetCheck(name, limit, actual, passed, kind))
+        checks.append(BudgetCheck(name=name, limit=limit, actual=actual, passed=passed, kind=kind))
     return checks
 
 

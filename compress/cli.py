@@ -109,25 +109,25 @@ def _summary(outcome) -> dict:
     r = outcome.report
     return {"status": "passed" if outcome.passed else "budget_missed", "exit_code": 0 if outcome.passed else 1,
             "out_dir": str(outcome.out_dir) if outcome.out_dir else None,
-            "base_perplexity": r["base"]["perplexity"], "perplexity": r["compressed"]["perplexity"],
-            "kl_divergence": r["compressed"]["kl_divergence"], "top1_agreement": r["compressed"]["top1_agreement"],
-            "checkpoint_bytes": r["size"]["checkpoint_bytes"],
-            "bits_per_weight": r["size"]["compressed_layers_bits_per_weight"],
-            "onnx_file_bytes": r["size"].get("onnx_file_bytes"),
+            "base_perplexity": r.base.perplexity, "perplexity": r.compressed.perplexity,
+            "kl_divergence": r.compressed.kl_divergence, "top1_agreement": r.compressed.top1_agreement,
+            "checkpoint_bytes": r.size.checkpoint_bytes,
+            "bits_per_weight": r.size.compressed_layers_bits_per_weight,
+            "onnx_file_bytes": r.size.onnx_file_bytes,
             "onnx_validation": (r.get("onnx") or {}).get("validation"),
-            "budgets": r["budgets"], "seconds": r["timing"]["total_seconds"]}
+            "budgets": [c.model_dump() for c in r.budgets], "seconds": r.timing.total_seconds}
 
 
 def _print_summary(outcome):
     r = outcome.report
-    t = Table(title=f"{r['recipe']['name']} on {r['model']['spec']}", show_edge=False)
+    t = Table(title=f"{r.name} on {r.model.spec}", show_edge=False)
     for col in ("", "perplexity", "KL vs base", "top-1 agree", "size MB", "bits/weight"):
         t.add_column(col, justify="right")
-    s = r["size"]
-    t.add_row("base", f"{r['base']['perplexity']:.3f}", "", "", f"{s['base_fp16_bytes'] / 1e6:.1f}", "16 (fp16)")
-    c = r["compressed"]
-    t.add_row("compressed", f"{c['perplexity']:.3f}", _num(c["kl_divergence"]), _num(c["top1_agreement"]),
-              f"{s['checkpoint_bytes'] / 1e6:.1f}", f"{s['compressed_layers_bits_per_weight']:.3f} (layers)")
+    s = r.size
+    t.add_row("base", f"{r.base.perplexity:.3f}", "", "", f"{s.base_fp16_bytes / 1e6:.1f}", "16 (fp16)")
+    c = r.compressed
+    t.add_row("compressed", f"{c.perplexity:.3f}", _num(c.kl_divergence), _num(c.top1_agreement),
+              f"{s.checkpoint_bytes / 1e6:.1f}", f"{s.compressed_layers_bits_per_weight:.3f} (layers)")
     out.print(t)
     if outcome.checks:
         b = Table(title="budgets", show_edge=False)
@@ -137,16 +137,16 @@ def _print_summary(outcome):
             b.add_row(chk.name, _num(chk.limit), _num(chk.actual),
                       "[green]pass[/]" if chk.passed else "[red]FAIL[/]")
         out.print(b)
-    o = r.get("onnx")
-    if o and o.get("validation"):
-        v, nbytes = o["validation"], o["size"]["file_bytes"]
-        diff = max(v["max_logit_diff"], v["decode_max_logit_diff"])
-        out.print(f"onnx: {nbytes / 1e6:.1f} MB ({nbytes / s['checkpoint_bytes']:.3f}x the checkpoint), matches "
-                  f"PyTorch on {v['windows']}x{v['seq_len']} tokens: max |logit diff| {diff:.1e}, top-1 "
-                  f"{v['top1_agreement']:.4f}, perplexity {v['perplexity_onnx']:.3f} vs {v['perplexity_torch']:.3f}",
+    o = r.onnx
+    if o and o.validation:
+        v, nbytes = o.validation, o.size["file_bytes"]
+        diff = max(v.max_logit_diff, v.decode_max_logit_diff)
+        out.print(f"onnx: {nbytes / 1e6:.1f} MB ({nbytes / s.checkpoint_bytes:.3f}x the checkpoint), matches "
+                  f"PyTorch on {v.windows}x{v.seq_len} tokens: max |logit diff| {diff:.1e}, top-1 "
+                  f"{v.top1_agreement:.4f}, perplexity {v.perplexity_onnx:.3f} vs {v.perplexity_torch:.3f}",
                   markup=False, soft_wrap=True)
     if outcome.out_dir:
-        out.print(f"wrote {outcome.out_dir} in {r['timing']['total_seconds']:.0f} s", markup=False)
+        out.print(f"wrote {outcome.out_dir} in {r.timing.total_seconds:.0f} s", markup=False)
 
 
 @app.command()
@@ -252,7 +252,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="output folder of `compr
     from .report.compare import load_runs
 
     with user_errors():
-        r = load_runs([str(run_dir)])[0]["report"]
+        r = load_runs([str(run_dir)])[0].report
     write_reports(r, run_dir)
     out.print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.html'}", markup=False)
 

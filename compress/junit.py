@@ -9,22 +9,24 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from .report.model import Report
 
-def budgets_xml(report: dict) -> str:
-    checks = report["budgets"]
-    failures = sum(not c["passed"] for c in checks)
-    name = f"compress budgets: {report['recipe']['name']} on {report['model']['spec']}"
+
+def budgets_xml(report: Report) -> str:
+    checks = report.budgets
+    failures = sum(not c.passed for c in checks)
+    name = f"compress budgets: {report.name} on {report.model.spec}"
     suite = ET.Element("testsuite", name=name, tests=str(len(checks)), failures=str(failures), errors="0",
-                       time=f"{report['timing']['total_seconds']:.1f}")
+                       time=f"{report.timing.total_seconds:.1f}")
     for c in checks:
-        case = ET.SubElement(suite, "testcase", classname="compress.budgets", name=c["name"])
-        relation = ">=" if c["kind"] == "min" else "<="
-        if not c["passed"]:
-            actual = "not measured" if c["actual"] is None else f"{c['actual']:.6g}"
-            failure = ET.SubElement(case, "failure", message=f"{c['name']}: {actual}, needs {relation} {c['limit']}")
-            failure.text = f"actual {actual}, limit {relation} {c['limit']}"
+        case = ET.SubElement(suite, "testcase", classname="compress.budgets", name=c.name)
+        relation = ">=" if c.kind == "min" else "<="
+        if not c.passed:
+            actual = "not measured" if c.actual is None else f"{c.actual:.6g}"
+            failure = ET.SubElement(case, "failure", message=f"{c.name}: {actual}, needs {relation} {c.limit}")
+            failure.text = f"actual {actual}, limit {relation} {c.limit}"
         else:
-            ET.SubElement(case, "system-out").text = f"actual {c['actual']:.6g}, limit {relation} {c['limit']}"
+            ET.SubElement(case, "system-out").text = f"actual {c.actual:.6g}, limit {relation} {c.limit}"
     return _serialize(ET.Element("testsuites"), suite)
 
 

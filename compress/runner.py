@@ -31,13 +31,14 @@ from .pipeline import needs_calibration, plan, run_passes
 from .progress import Progress
 from .recipe import load_recipe
 from .report import REPORT_SCHEMA_VERSION, write_reports
+from .report.model import Layer, ModelInfo, OnnxReport, PassTime, Quality, Report, Size, Timing
 from .staging import staged_folder
 from .tasks import check_tasks_available, task_accuracy
 
 
 @dataclass
 class RunOutcome:
-    report: dict
+    report: Report
     out_dir: Path | None       # None when nothing was kept (budget missed)
     checks: list[BudgetCheck]
 
@@ -170,30 +171,30 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
                            dict(base_parameters=base_params, load_seconds=load_s,
                                 compress_seconds=compress_s, evaluate_seconds=eval_s))
     checks = check_budgets(recipe.budgets, report)
-    report["budgets"] = [c.to_dict() for c in checks]
-    report["budgets_passed"] = all(c.passed for c in checks)
-    report["timing"]["total_seconds"] = time.perf_counter() - t_start
+    report.budgets = checks
+    report.budgets_passed = all(c.passed for c in checks)
+    report.timing.total_seconds = time.perf_counter() - t_start
     for c in checks:
         log(f"budget {c.name}: {'pass' if c.passed else 'FAIL'} (actual {c.actual}, limit {c.limit})")
 
-    keep = report["budgets_passed"] or keep_failed
+    keep = report.budgets_passed or keep_failed
     if not keep:
         return RunOutcome(report, None, checks)
     with staged_folder(out_dir) as tmp:
         if recipe.export.checkpoint:
             save_checkpoint(model, tokenizer, tmp, recipe.export.dense_dtype, content=content,
                             extra={"recipe_hash": recipe.digest(), "compress_version": __version__})
-            report["size"]["checkpoint_file_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
+            report.size.checkpoint_file_bytes = sum(f.stat().st_size for f in tmp.iterdir())
         if recipe.export.onnx is not None:
-            report["onnx"] = _export_onnx(model, tokenizer, tmp / "onnx", recipe, windows, log)
-            report["size"]["onnx_file_bytes"] = report["onnx"]["size"]["file_bytes"]
+            report.onnx = _export_onnx(model, tokenizer, tmp / "onnx", recipe, windows, log)
+            report.size.onnx_file_bytes = report.onnx.size["file_bytes"]
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         write_reports(report, tmp)
         (tmp / "run.log").write_text(log.text())
     return RunOutcome(report, out_dir, checks)
 
 
-def _export_onnx(model, tokenizer, folder, recipe, windows, log) -> dict:
+def _export_onnx(model, tokenizer, folder, recipe, windows, log) -> OnnxReport:
     from .export.onnx import Tolerance, export_onnx
 
     cfg = recipe.export.onnx
@@ -202,15 +203,15 @@ def _export_onnx(model, tokenizer, folder, recipe, windows, log) -> dict:
     check = windows[: cfg.windows, : cfg.seq_len] if cfg.validation else None
     info = export_onnx(model, tokenizer, folder, check, cfg.weights, 4 if cfg.int8_activations else 0,
                        DTYPES[recipe.export.dense_dtype], tol, log)
-    return {k: info[k] for k in ("size", "lowerings", "opset", "weights", "timing")} | \
-        {"validation": info.get("validation")}
+    return OnnxReport.model_validate({k: info[k] for k in ("size", "lowerings", "opset", "weights", "timing")} |
+                                     {"validation": info.get("validation")})
 
 
 def _short(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _build_report(recipe, info, model, content, base, comp, result, dev, timing) -> dict:
+def _build_report(recipe, info, model, content, base, comp, result, dev, timing) -> Report:
     _, blocks = find_blocks(model)
     layers = []
     compressed_bytes = compressed_numel = 0
@@ -223,39 +224,39 @@ def _build_report(recipe, info, model, content, base, comp, result, dev, timing)
         if fmt is not None:
             compressed_bytes += nbytes
             compressed_numel += numel
-        layers.append({"name": name, "shape": list(rec.shape), "passes": rec.passes,
-                       "format": fmt.describe() if fmt is not None else f"dense {recipe.export.dense_dtype}",
-                       "bytes": nbytes, "bits_per_weight": 8 * nbytes / numel, **rec.notes})
+        layers.append(Layer.model_validate({
+            "name": name, "shape": list(rec.shape), "passes": rec.passes,
+            "format": fmt.describe() if fmt is not None else f"dense {recipe.export.dense_dtype}",
+            "bytes": nbytes, "bits_per_weight": 8 * nbytes / numel, **rec.notes}))
     base_params = timing.pop("base_parameters")
     total_bytes = content.nbytes()
-    return {
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "compress_version": __version__,
-        "recipe": recipe.to_dict(),
-        "recipe_hash": recipe.digest(),
-        "model": {"spec": info.spec, "source": info.source, "path": info.path, "family": info.family,
-                  "blocks": len(blocks), "parameters": base_params,
-                  "parameters_after": parameter_count(model)},
-        "device": str(dev),
-        "base": base,
-        "compressed": comp,
-        "size": {
-            "base_fp16_bytes": base_params * 2,
-            "checkpoint_bytes": total_bytes,
-            "model_bits_per_weight": 8 * total_bytes / base_params,
-            "compressed_layers_bytes": compressed_bytes,
-            "compressed_layers_params": compressed_numel,
-            "compressed_layers_bits_per_weight": 8 * compressed_bytes / compressed_numel if compressed_numel else 16.0,
-            "compression_ratio_vs_fp16": base_params * 2 / total_bytes,
-        },
-        "passes": [{"index": int(k.split(":")[0]), "type": k.split(":")[1], "seconds": v}
-                   for k, v in result.pass_seconds.items()],
-        "layers": layers,
-        "allocation": result.allocation,
-        "timing": {**timing, "calibration_capture_seconds": result.calibration_seconds},
-        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "versions": _versions(),
-    }
+    return Report(
+        schema_version=REPORT_SCHEMA_VERSION,
+        compress_version=__version__,
+        recipe=recipe.to_dict(),
+        recipe_hash=recipe.digest(),
+        model=ModelInfo(spec=info.spec, source=info.source, path=str(info.path), family=info.family,
+                        blocks=len(blocks), parameters=base_params, parameters_after=parameter_count(model)),
+        device=str(dev),
+        base=Quality(**base),
+        compressed=Quality(**comp),
+        size=Size(
+            base_fp16_bytes=base_params * 2,
+            checkpoint_bytes=total_bytes,
+            model_bits_per_weight=8 * total_bytes / base_params,
+            compressed_layers_bytes=compressed_bytes,
+            compressed_layers_params=compressed_numel,
+            compressed_layers_bits_per_weight=8 * compressed_bytes / compressed_numel if compressed_numel else 16.0,
+            compression_ratio_vs_fp16=base_params * 2 / total_bytes,
+        ),
+        passes=[PassTime(index=int(k.split(":")[0]), type=k.split(":")[1], seconds=v)
+                for k, v in result.pass_seconds.items()],
+        layers=layers,
+        allocation=result.allocation,
+        timing=Timing(**timing, calibration_capture_seconds=result.calibration_seconds),
+        peak_memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        versions=_versions(),
+    )
 
 
 def _versions() -> dict:

@@ -23,6 +23,7 @@ from .onnx_ops import (
     unpack_codes,
 )
 
+NBITS_KERNEL_BITS = (2, 4, 8)  # widths onnxruntime's MatMulNBits reads
 
 @register_format
 class QuantizedWeight(WeightFormat):
@@ -137,16 +138,13 @@ class QuantizedWeight(WeightFormat):
     def onnx_matmul(self, lowering, x, name):
         """2/4/8-bit integer grids run from their codes: ``MatMulNBits`` (``weights: fast``) or a blocked
         ``DequantizeLinear`` (``weights: portable``, standard ops only)."""
-        from . import onnx_grid
-
-        if self.spec.grid != "int" or self.spec.bits not in onnx_grid.NBITS_KERNEL_BITS:
+        if self.spec.grid != "int" or self.spec.bits not in NBITS_KERNEL_BITS:
             return None
-        block = onnx_grid.kernel_block(self.spec.group_size or self.shape[1])
+        block = _nbits_block(self.spec.group_size or self.shape[1])
         if lowering.weights == "fast" and block is not None:
-            return f"MatMulNBits {self.spec.bits}-bit block {block}", onnx_grid.matmul_nbits(lowering, x, self, block,
-                                                                                            name)
+            return f"MatMulNBits {self.spec.bits}-bit block {block}", _matmul_nbits(lowering, x, self, block, name)
         if lowering.weights == "portable":
-            return onnx_grid.dequantize_linear(lowering, x, self, name)
+            return _dequantize_linear(lowering, x, self, name)
         return None
 
     def describe(self):

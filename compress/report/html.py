@@ -11,6 +11,7 @@ import io
 import re
 
 from .cells import fmt_number, onnx_rows
+from .model import Layer, Report
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
@@ -45,24 +46,24 @@ def _figure():
     return plt
 
 
-def layer_plots(layers: list[dict]) -> list[tuple[str, str]]:
+def layer_plots(layers: list[Layer]) -> list[tuple[str, str]]:
     """(caption, svg) of per-layer bits per weight, sparsity and reconstruction error."""
     plt = _figure()
-    kinds = sorted({layer["name"].rsplit(".", 1)[-1] for layer in layers})
+    kinds = sorted({layer.name.rsplit(".", 1)[-1] for layer in layers})
     colors = {k: plt.cm.tab10(i % 10) for i, k in enumerate(kinds)}
     x = range(len(layers))
-    c = [colors[layer["name"].rsplit(".", 1)[-1]] for layer in layers]
+    c = [colors[layer.name.rsplit(".", 1)[-1]] for layer in layers]
     out = []
     series = [("bits_per_weight", "bits per weight", "Bits per weight of every layer (tables, scales, "
                "indices and outliers included)")]
-    if any("sparsity" in layer for layer in layers):
+    if any(layer.note("sparsity") is not None for layer in layers):
         series.append(("sparsity", "sparsity", "Share of pruned weights per layer"))
-    if any("output_error" in layer for layer in layers):
+    if any(layer.note("output_error") is not None for layer in layers):
         series.append(("output_error", "relative output error", "Reconstruction error per layer: "
                        "||(W - Wc) X||^2 / ||W X||^2 on calibration inputs"))
     for key, label, caption in series:
         fig, ax = plt.subplots(figsize=(11, 2.8))
-        ax.bar(x, [layer.get(key, 0) or 0 for layer in layers], color=c, width=1.0)
+        ax.bar(x, [layer.note(key) or 0 for layer in layers], color=c, width=1.0)
         ax.set_ylabel(label)
         ax.set_xlabel("layer (in model order)")
         ax.set_xlim(-0.5, len(layers) - 0.5)
@@ -95,11 +96,11 @@ def size_quality_plot(points: list[dict], title: str = "") -> str:
     return svg(fig)
 
 
-def timing_plot(report: dict) -> str:
+def timing_plot(report: Report) -> str:
     plt = _figure()
-    t = report["timing"]
-    items = [("load", t["load_seconds"]), ("evaluate", t["evaluate_seconds"])]
-    items += [(f"{p['index']}: {p['type']}", p["seconds"]) for p in report["passes"]]
+    t = report.timing
+    items = [("load", t.load_seconds), ("evaluate", t.evaluate_seconds)]
+    items += [(f"{p.index}: {p.type}", p.seconds) for p in report.passes]
     fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(items) + 1))
     ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="#8250df")
     ax.set_xlabel("seconds")
@@ -112,65 +113,64 @@ def table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render(r: dict) -> str:
+def render(r: Report) -> str:
     e = html.escape
-    base, comp, size = r["base"], r["compressed"], r["size"]
-    ok = r["budgets_passed"]
-    parts = [f"<h1>compress report: {e(r['recipe']['name'])} on {e(r['model']['spec'])}</h1>",
+    base, comp, size = r.base, r.compressed, r.size
+    ok = r.budgets_passed
+    parts = [f"<h1>compress report: {e(r.name)} on {e(r.model.spec)}</h1>",
              f"<p><span class='badge {'ok' if ok else 'bad'}' id='verdict'>budgets {'passed' if ok else 'FAILED'}"
-             f"</span> recipe hash <code>{e(r['recipe_hash'])}</code> · seed {r['recipe']['seed']} · "
-             f"{e(r['model']['family'])}, {r['model']['parameters']:,} parameters</p>"]
-    quality_rows = [["base", fmt_number(base["perplexity"]), "-", "-", fmt_number(base.get("latency_ms"))],
-                    ["compressed", fmt_number(comp["perplexity"]), fmt_number(comp.get("kl_divergence")),
-                     fmt_number(comp.get("top1_agreement")), fmt_number(comp.get("latency_ms"))]]
+             f"</span> recipe hash <code>{e(r.recipe_hash)}</code> · seed {r.recipe['seed']} · "
+             f"{e(r.model.family)}, {r.model.parameters:,} parameters</p>"]
+    quality_rows = [["base", fmt_number(base.perplexity), "-", "-", fmt_number(base.latency_ms)],
+                    ["compressed", fmt_number(comp.perplexity), fmt_number(comp.kl_divergence),
+                     fmt_number(comp.top1_agreement), fmt_number(comp.latency_ms)]]
     parts += ["<h2>Quality</h2>", table(["model", "perplexity", "KL vs base", "top-1 agreement",
                                           "decode ms/token"], quality_rows),
-              f"<p>{base['tokens']} held-out tokens ({base['windows']} windows of {base['seq_len']}).</p>"]
-    if comp.get("tasks"):
-        parts.append(table(["task", "base", "compressed"], [[e(t), fmt_number(base["tasks"].get(t)),
-                                                               fmt_number(a)] for t, a in comp["tasks"].items()]))
+              f"<p>{base.tokens} held-out tokens ({base.windows} windows of {base.seq_len}).</p>"]
+    if comp.tasks:
+        parts.append(table(["task", "base", "compressed"], [[e(t), fmt_number(base.tasks.get(t)),
+                                                               fmt_number(a)] for t, a in comp.tasks.items()]))
     parts += ["<h2>Size</h2>", table(["", "bytes", "MB", "bits per weight"], [
-        ["base (float16)", size["base_fp16_bytes"], f"{size['base_fp16_bytes'] / 1e6:.2f}", "16"],
-        ["compressed checkpoint", size["checkpoint_bytes"], f"{size['checkpoint_bytes'] / 1e6:.2f}",
-         f"{size['model_bits_per_weight']:.3f}"],
-        ["compressed layers", size["compressed_layers_bytes"], f"{size['compressed_layers_bytes'] / 1e6:.2f}",
-         f"{size['compressed_layers_bits_per_weight']:.3f}"]])]
-    points = [{"label": "base fp16", "size_mb": size["base_fp16_bytes"] / 1e6, "perplexity": base["perplexity"],
+        ["base (float16)", size.base_fp16_bytes, f"{size.base_fp16_bytes / 1e6:.2f}", "16"],
+        ["compressed checkpoint", size.checkpoint_bytes, f"{size.checkpoint_bytes / 1e6:.2f}",
+         f"{size.model_bits_per_weight:.3f}"],
+        ["compressed layers", size.compressed_layers_bytes, f"{size.compressed_layers_bytes / 1e6:.2f}",
+         f"{size.compressed_layers_bits_per_weight:.3f}"]])]
+    points = [{"label": "base fp16", "size_mb": size.base_fp16_bytes / 1e6, "perplexity": base.perplexity,
                "base": True},
-              {"label": r["recipe"]["name"], "size_mb": size["checkpoint_bytes"] / 1e6,
-               "perplexity": comp["perplexity"], "pareto": True}]
+              {"label": r.name, "size_mb": size.checkpoint_bytes / 1e6,
+               "perplexity": comp.perplexity, "pareto": True}]
     parts.append(f"<figure id='plot-size'>{size_quality_plot(points)}<figcaption>Perplexity against checkpoint "
                  "size</figcaption></figure>")
-    if r.get("onnx"):
+    if r.onnx:
         parts += ["<h2>ONNX export</h2>", table(["", ""], [[e(a), e(b)] for a, b in onnx_rows(r)])]
-    if r["budgets"]:
+    if r.budgets:
         parts += ["<h2>Budgets</h2>", table(["budget", "limit", "actual", "result"], [
-            [e(b["name"]), fmt_number(b["limit"]), fmt_number(b["actual"]),
-             "<span class='pass'>pass</span>" if b["passed"] else "<span class='fail'>FAIL</span>"]
-            for b in r["budgets"]])]
+            [e(b.name), fmt_number(b.limit), fmt_number(b.actual),
+             "<span class='pass'>pass</span>" if b.passed else "<span class='fail'>FAIL</span>"]
+            for b in r.budgets])]
     parts += ["<h2>Layers</h2>"]
-    for i, (caption, plot) in enumerate(layer_plots(r["layers"])):
+    for i, (caption, plot) in enumerate(layer_plots(r.layers)):
         parts.append(f"<figure id='plot-layers-{i}'>{plot}<figcaption>{e(caption)}</figcaption></figure>")
     parts += ["<h2>Passes and time</h2>", f"<figure id='plot-time'>{timing_plot(r)}<figcaption>Where the "
-              f"{r['timing']['total_seconds']:.0f} s went</figcaption></figure>",
+              f"{r.timing.total_seconds:.0f} s went</figcaption></figure>",
               table(["#", "pass", "seconds", "options"], [
-                  [p["index"], e(p["type"]), f"{p['seconds']:.1f}", e(_options(r, p["index"]))] for p in r["passes"]])]
-    if r.get("allocation"):
+                  [p.index, e(p.type), f"{p.seconds:.1f}", e(_options(r, p.index))] for p in r.passes])]
+    if r.allocation:
         parts.append("<details><summary>Per-layer choices of planning passes</summary><pre>" +
-                     e(_json(r["allocation"])) + "</pre></details>")
-    layer_rows = [[e(x["name"]), f"{x['shape'][0]}x{x['shape'][1]}", e(x["format"]), x["bytes"],
-                   f"{x['bits_per_weight']:.3f}", fmt_number(x.get("output_error"))] for x in r["layers"]]
+                     e(_json(r.allocation)) + "</pre></details>")
+    layer_rows = [[e(x.name), f"{x.shape[0]}x{x.shape[1]}", e(x.format), x.bytes,
+                   f"{x.bits_per_weight:.3f}", fmt_number(x.note("output_error"))] for x in r.layers]
     parts += ["<details><summary>All layers</summary>",
               table(["layer", "shape", "format", "bytes", "bits/weight", "output error"], layer_rows), "</details>",
               "<h2>Run</h2><p>peak memory {:.0f} MB · device {} · {}</p>".format(
-                  r["peak_memory_mb"], e(r["device"]), e(", ".join(f"{k} {v}" for k, v in r["versions"].items())))]
+                  r.peak_memory_mb, e(r.device), e(", ".join(f"{k} {v}" for k, v in r.versions.items())))]
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>compress report: "
-            f"{e(r['recipe']['name'])}</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+            f"{e(r.name)}</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
-def _options(r: dict, index: int) -> str:
-    p = dict(r["recipe"]["passes"][index])
-    p.pop("type", None)
+def _options(r: Report, index: int) -> str:
+    p = r.pass_options(index)
     return ", ".join(f"{k}={v}" for k, v in p.items() if v is not None and v not in (["*"], [], {}))
 
 
