@@ -153,11 +153,13 @@ def _print_summary(outcome):
 def validate(recipe: RecipeArg, set_: SetOpt = None):
     """Check a recipe (schema, pass options, pass order) without loading a model."""
     from .pipeline import plan
-    from .recipe import load_recipe
+    from .recipe import deprecations, load_recipe
 
     with user_errors():
         r = load_recipe(recipe, set_ or [])
         passes = plan(r.passes)
+    for line in deprecations(r):
+        err.print(f"deprecated: {line}", markup=False, soft_wrap=True)
     out.print(f"{recipe}: valid, {len(passes)} pass(es): " +
               (" -> ".join(p.name for p in passes) or "none"), markup=False)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .errors import RecipeError
 from .passes.registry import get_pass
@@ -95,6 +95,7 @@ class Recipe(Section):
     seed: int = Field(0, description="seed of calibration sampling and any randomized pass")
     calibration: CalibrationConfig = CalibrationConfig()
     passes: list[Any] = Field(default=[], description="ordered list of passes")
+    _deprecations: list[str] = PrivateAttr(default_factory=list)  # old option names this recipe used
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
     budgets: Budgets = Budgets()
@@ -157,12 +158,26 @@ def parse_recipe(raw: dict, source: str = "<recipe>", lines: dict | None = None)
         try:
             cfg = cls.Config.model_validate(p)
             for _pattern, values in cfg.overrides.items():  # check overrides now, not mid-run
-                cls.Config.model_validate({**cfg.model_dump(), **values, "overrides": {}})
+                cfg.with_options(values)
         except ValidationError as e:
             raise _friendly(e, ("passes", i), source, lines, cls.Config) from None
         configs.append(cfg)
+        recipe._deprecations += _renamed_options(p, cls.Config.renamed, i, source, lines)
     recipe.passes = configs
     return recipe
+
+
+def deprecations(recipe: Recipe) -> list[str]:
+    """One line per old option name the recipe used (still read; the line names the new one)."""
+    return list(recipe._deprecations)
+
+
+def _renamed_options(raw: dict, renamed: dict[str, str], i: int, source: str, lines: dict) -> list[str]:
+    found = [((k,), k) for k in raw if k in renamed]
+    found += [(("overrides", pattern, k), k) for pattern, values in (raw.get("overrides") or {}).items()
+              if isinstance(values, dict) for k in values if k in renamed]
+    return [f"{_where(source, lines, ('passes', i, *loc))}passes.{i}.{'.'.join(map(str, loc))} is now "
+            f"'{renamed[old]}' (the old name still works)" for loc, old in found]
 
 
 def _pass_class(name, source, lines, i):

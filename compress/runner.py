@@ -29,7 +29,7 @@ from .models import check_spec, resolve
 from .modules import parameter_count
 from .pipeline import needs_calibration, plan, run_passes
 from .progress import Progress
-from .recipe import load_recipe
+from .recipe import deprecations, load_recipe
 from .report import REPORT_SCHEMA_VERSION, write_reports
 from .report.model import Layer, ModelInfo, OnnxReport, PassTime, Quality, Report, Size, Timing
 from .staging import staged_folder
@@ -150,6 +150,8 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
         eval_s = time.perf_counter() - t
 
         t = time.perf_counter()
+        for line in deprecations(recipe):
+            log(f"deprecated: {line}")
         log(f"running {len(passes)} pass(es): {', '.join(p.name for p in passes) or 'none'}")
         result = run_passes(model, passes, calibration, dev, progress)
         round_to_storage(model, recipe.export.dense_dtype)

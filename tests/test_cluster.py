@@ -75,7 +75,7 @@ def test_sensitivity_weighting_lowers_the_output_error(layer):
 
 @pytest.mark.parametrize("options", [
     {"granularity": "tensor", "bits": 6},
-    {"granularity": "group", "group_size": 7, "table_dtype": "int8"},  # 1536 rows: a shorter last group
+    {"granularity": "group", "channels_per_table": 7, "table_dtype": "int8"},  # 1536 rows: a shorter last group
     {"outliers": "0.5%", "error_feedback": True},
 ])
 def test_tables_indices_and_outliers_round_trip_exactly(layer, options):

@@ -213,7 +213,7 @@ def test_sparsegpt_then_gptq_runs_as_one_sweep(smol, data):
     assert evaluate(joint, windows, reference=ref)[0].kl_divergence < 0.5
     nm = plan(parse_recipe({"passes": [{**passes[0], "pattern": "2:4"}, passes[1]]}).passes)
     assert fused_pairs(nm) == {}  # N:M keeps two sweeps (see sparsegpt.py)
-    asym = plan(parse_recipe({"passes": [passes[0], {**passes[1], "asymmetric": 0.125}]}).passes)
+    asym = plan(parse_recipe({"passes": [passes[0], {**passes[1], "float_target_strength": 0.125}]}).passes)
     assert fused_pairs(asym) == {}  # gptq keeps its asymmetric calibration
     assert asym[1].requirements().stats == {"hessian", "cross"}
     default = plan(parse_recipe({"passes": [{k: v for k, v in passes[0].items() if k != "joint_quantization"},

@@ -94,7 +94,8 @@ def test_refitting_scales_lowers_the_output_error_of_every_row(smol, data):
 def test_awq_scaling_keeps_the_float_model_exact(smol, data):
     model, _, _ = smol
     calib, windows, _, _ = data
-    scaled = compress_copy(model, [{"type": "awq", "bits": 3, "group_size": 64, "targets": FIRST_BLOCKS}], calib)
+    awq = {"type": "awq", "search_bits": 3, "search_group_size": 64, "targets": FIRST_BLOCKS}
+    scaled = compress_copy(model, [awq], calib)
     changed = (scaled.model.layers[0].input_layernorm.weight - model.model.layers[0].input_layernorm.weight).abs()
     assert changed.max() > 1e-3, "AWQ chose no scaling at all"
     # grouped-query attention (9 query heads, 3 KV heads): v_proj -> o_proj is scaled too, tied per KV head
@@ -224,7 +225,7 @@ def test_asymmetric_gptq_targets_the_float_models_outputs(smol, data, monkeypatc
     calib = data[0]
     seen = _stats_seen_by_gptq(monkeypatch)
     quantized = compress_copy(model, [{"type": "rtn", "bits": 3, "group_size": 64, "targets": ["model.layers.0.*"]},
-                                      {"type": "gptq", "bits": 3, "group_size": 64, "asymmetric": 0.125,
+                                      {"type": "gptq", "bits": 3, "group_size": 64, "float_target_strength": 0.125,
                                        "targets": ["model.layers.1.*"]}], calib)
     name = "model.layers.1.self_attn.q_proj"  # its input does not depend on block 1's own quantized layers
     x_float, x = _layer_inputs(model, name, calib), _layer_inputs(quantized, name, calib)

@@ -134,3 +134,29 @@ def test_awq_without_a_quantization_pass_is_a_plan_error(write_recipe):
     recipe = load_recipe(write_recipe("passes:\n  - type: awq\n"))
     with pytest.raises(PlanError, match="awq needs"):
         plan(recipe.passes)
+
+
+RENAMED = [("awq", "group_size", 64, "search_group_size"), ("awq", "bits", 3, "search_bits"),
+           ("gptq", "asymmetric", 0.125, "float_target_strength"), ("kmeans", "group_size", 8, "channels_per_table")]
+
+
+@pytest.mark.parametrize("pass_type, old, value, new", RENAMED)
+def test_old_option_names_still_read_with_a_deprecation_line(write_recipe, pass_type, old, value, new):
+    """One meaning per option name: the renamed options read as their new names, and the recipe says so."""
+    from compress.recipe import deprecations
+
+    after = "  - type: gptq\n" if pass_type == "awq" else ""
+    path = write_recipe(f"passes:\n  - type: {pass_type}\n    {old}: {value}\n{after}")
+    recipe = load_recipe(path)
+    assert getattr(recipe.passes[0], new) == value
+    assert recipe.passes[0] == load_recipe(write_recipe(f"passes:\n  - type: {pass_type}\n    {new}: {value}\n{after}",
+                                                        "new.yaml")).passes[0]
+    assert deprecations(recipe) == [f"{path}:3: passes.0.{old} is now '{new}' (the old name still works)"]
+    result = cli("validate", path)
+    assert result.exit_code == 0 and f"passes.0.{old} is now '{new}'" in result.stderr
+
+
+def test_old_and_new_option_name_together_is_refused(write_recipe):
+    path = write_recipe("passes:\n  - type: gptq\n    asymmetric: 0.25\n    float_target_strength: 0.1\n")
+    result = cli("validate", path)
+    assert result.exit_code == 2 and "'asymmetric' is the old name of 'float_target_strength'" in result.stderr

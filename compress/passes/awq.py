@@ -28,8 +28,12 @@ from .registry import register
 class AWQConfig(PassConfig):
     type: Literal["awq"] = "awq"
     grid_points: int = Field(20, ge=2, le=100, description="alpha values tried in [0, 1)")
-    bits: int | None = Field(None, ge=2, le=8, description="bits assumed in the search (default: next quantize pass)")
-    group_size: int | None = Field(None, ge=1, description="group size assumed (default: next quantize pass)")
+    search_bits: int | None = Field(None, ge=2, le=8, description="bits of the quantization the scale search "
+                                    "simulates (default: the next quantizing pass's)")
+    search_group_size: int | None = Field(None, ge=1, description="inputs per scale of the quantization the search "
+                                          "simulates (default: the next quantizing pass's)")
+
+    renamed = {"bits": "search_bits", "group_size": "search_group_size"}  # AWQ stores no codes: both are assumptions
 
 
 def awq_search(weights: list[torch.Tensor], h: torch.Tensor, spec: QuantSpec, grid_points: int = 20,
@@ -75,12 +79,13 @@ class AWQ(Pass):
 
     def check_plan(self, passes):
         following = [p for p in passes[passes.index(self) + 1:] if p.stage == "quantize"]
-        if not following and (self.cfg.bits is None or self.cfg.group_size is None):
-            raise PlanError("awq needs a quantization pass after it (or its own bits and group_size)",
+        if not following and (self.cfg.search_bits is None or self.cfg.search_group_size is None):
+            raise PlanError("awq needs a quantization pass after it (or its own search_bits and "
+                            "search_group_size)",
                             "add e.g. `- type: gptq` after it")
         q = following[0].cfg if following else None
-        bits = self.cfg.bits or q.bits
-        group = self.cfg.group_size or getattr(q, "group_size", None)
+        bits = self.cfg.search_bits or q.bits
+        group = self.cfg.search_group_size or getattr(q, "group_size", None)
         grid = getattr(q, "grid", "int")
         self.spec = QuantSpec(bits, group, grid != "int" or getattr(q, "symmetric", False), grid)
 

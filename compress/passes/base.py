@@ -13,7 +13,7 @@ from fnmatch import fnmatchcase
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from ..formats import WeightFormat
@@ -31,6 +31,21 @@ class PassConfig(BaseModel):
     overrides: dict[str, dict[str, Any]] = Field(
         default={}, description="glob -> options replacing this pass's options for matching layers")
 
+    # old option name -> its new name: the old spelling is still read (recipe.py notes it as deprecated)
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_renamed_options(cls, data):
+        if not isinstance(data, dict):
+            return data
+        for old, new in cls.renamed.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"'{old}' is the old name of '{new}': give '{new}' only")
+                data = {(new if k == old else k): v for k, v in data.items()}
+        return data
+
     def applies_to(self, name: str) -> bool:
         return any(fnmatchcase(name, p) for p in self.targets) and not any(
             fnmatchcase(name, p) for p in self.exclude)
@@ -38,8 +53,13 @@ class PassConfig(BaseModel):
     def for_layer(self, name: str) -> PassConfig:
         for pattern, values in self.overrides.items():
             if fnmatchcase(name, pattern):
-                return self.model_validate({**self.model_dump(), **values, "overrides": {}})
+                return self.with_options(values)
         return self
+
+    def with_options(self, values: dict[str, Any]) -> PassConfig:
+        """This config with ``values`` replacing its options (old option names read as their new ones)."""
+        values = {self.renamed.get(k, k): v for k, v in values.items()}
+        return self.model_validate({**self.model_dump(), **values, "overrides": {}})
 
 
 @dataclass

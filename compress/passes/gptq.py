@@ -35,11 +35,13 @@ class GPTQConfig(QuantOptions):
     damp: float = Field(0.01, gt=0, le=1, description="dampening, fraction of the mean Hessian diagonal")
     block_size: int = Field(128, ge=1, description="columns per lazy batch update")
     act_order: bool = Field(True, description="quantize columns by decreasing activation energy")
-    asymmetric: float = Field(0.0, ge=0, le=1, description="GPTQv2's asymmetric calibration: the share "
+    float_target_strength: float = Field(0.0, ge=0, le=1, description="GPTQv2's asymmetric calibration: the share "
                               "of the step towards the float model's layer outputs (0 = off; 0.125 is what "
                               "helped on SmolLM2; larger steps over-fit the calibration tokens)")
     refit_scales: bool = Field(True, description="after the sweep, re-fit each group's scale by least "
                                "squares on the layer output error with the codes fixed")
+
+    renamed = {"asymmetric": "float_target_strength"}  # a strength, not a grid's (a)symmetry
 
 
 def float_target(w: torch.Tensor, stats, damp: float, strength: float) -> torch.Tensor:
@@ -152,7 +154,7 @@ class GPTQ(QuantizingPass):
     Config = GPTQConfig
 
     def requirements(self):
-        stats = {"hessian", "cross"} if self.cfg.asymmetric > 0 else {"hessian"}
+        stats = {"hessian", "cross"} if self.cfg.float_target_strength > 0 else {"hessian"}
         return Requirements(stats=frozenset(stats), model_plan=self.mixed_precision_plan())
 
     def apply(self, work, replace):
@@ -179,7 +181,8 @@ class GPTQ(QuantizingPass):
 
     def _quantize_together(self, names: list[str], work) -> list[tuple]:
         cfg, h = self.cfg.for_layer(names[0]), work.stats[names[0]].mean_hessian().cpu()
-        weights = [float_target(current_weight(work.layers[n]), work.stats[n], cfg.damp, cfg.asymmetric) for n in names]
+        weights = [float_target(current_weight(work.layers[n]), work.stats[n], cfg.damp, cfg.float_target_strength)
+                   for n in names]
         stacked = gptq_quantize(torch.cat(weights), h, self.layer_spec(names[0], cfg), cfg.block_size,
                                 cfg.damp, cfg.act_order, refit=cfg.refit_scales)
         parts = stacked.split_rows([len(w) for w in weights])
@@ -187,7 +190,8 @@ class GPTQ(QuantizingPass):
                 for name, w, fmt in zip(names, weights, parts, strict=True)]
 
     def compress_layer(self, name, module, stats, cfg):
-        w, mask = float_target(current_weight(module), stats, cfg.damp, cfg.asymmetric), current_mask(module)
+        w = float_target(current_weight(module), stats, cfg.damp, cfg.float_target_strength)
+        mask = current_mask(module)
         h = stats.mean_hessian().cpu()
         values = gptq_quantize(w, h, self.layer_spec(name, cfg), cfg.block_size, cfg.damp, cfg.act_order, mask,
                                cfg.refit_scales)

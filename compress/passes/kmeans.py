@@ -40,7 +40,7 @@ class KMeansConfig(PassConfig):
     bits: int = Field(4, ge=1, le=8, description="index bits: 2^bits centroids per table (1-8)")
     granularity: Literal["tensor", "channel", "group"] = Field(
         "channel", description="one table per tensor, per output channel, or per group of channels")
-    group_size: int = Field(16, ge=1, description="output channels sharing a table (granularity: group)")
+    channels_per_table: int = Field(16, ge=1, description="output channels sharing a table (granularity: group)")
     sensitivity: Literal["none", "hessian", "fisher"] = Field(
         "hessian", description="weight the k-means: none; hessian = input energy H_jj; fisher = H_jj x "
         "output-gradient Fisher (SqueezeLLM)")
@@ -56,6 +56,8 @@ class KMeansConfig(PassConfig):
     block_size: int = Field(128, ge=1, description="error feedback: columns per lazy batch update")
     fisher_samples: int = Field(16, ge=1, description="sensitivity fisher: calibration sequences of the backward")
 
+    renamed = {"group_size": "channels_per_table"}  # group_size means inputs per scale in quantizing passes
+
     @field_validator("outliers", mode="before")
     @classmethod
     def _percent(cls, v):
@@ -67,7 +69,7 @@ class KMeansConfig(PassConfig):
         return v
 
     def rows_per_table(self, rows: int) -> int:
-        return {"tensor": rows, "channel": 1, "group": self.group_size}[self.granularity]
+        return {"tensor": rows, "channel": 1, "group": self.channels_per_table}[self.granularity]
 
 
 def palettize(w: torch.Tensor, cfg: KMeansConfig, importance: torch.Tensor | None = None,

@@ -158,7 +158,7 @@ class SparseGPT(PruningPass):
         calibration, no overrides)."""
         c, f = self.cfg, following.cfg
         return (c.joint_quantization and following.name == "gptq" and not c.pattern
-                and f.target_bits_per_weight is None and f.asymmetric == 0
+                and f.target_bits_per_weight is None and f.float_target_strength == 0
                 and f.targets == c.targets and f.exclude == c.exclude and not f.overrides and not c.overrides)
 
     def apply(self, work, replace):
