@@ -2,7 +2,7 @@
 # Both install what they need first; torch is pinned to the CPU wheel the CI machines carry.
 PY ?= python3
 
-.PHONY: setup setup-browser demo test test-slow test-gpu lint reports
+.PHONY: setup setup-browser demo test test-slow test-gpu lint check reports
 
 setup:
 	$(PY) -m pip install -q torch==2.13.0
@@ -27,8 +27,16 @@ test-slow: setup
 test-gpu: setup
 	$(PY) -m pytest -m gpu
 
+# ruff, the type checker on compress/, and the fast tests (tiny models, schemas, layouts, the code's shape)
 lint:
 	ruff check .
+	$(PY) -m mypy
+
+FAST_TESTS = tests/test_architecture.py tests/test_recipe.py tests/test_packing.py tests/test_formats.py \
+	tests/test_families.py
+
+check: setup lint
+	$(PY) -m pytest -q $(FAST_TESTS)
 
 # The committed example reports of the offline default model (reports/examples/): reports only (no
 # checkpoints), 32 calibration sequences to keep it near 18 minutes on 2 cores, then a comparison.

@@ -43,7 +43,10 @@ class CheckpointContent:
 
 def checkpoint_content(model: nn.Module, dense_dtype: str = "float16") -> CheckpointContent:
     dtype = DTYPES[dense_dtype]
-    tensors, layers, aliases, by_ptr = {}, {}, {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    aliases: dict[str, str] = {}
+    by_ptr: dict[tuple, str] = {}
     compressed = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
     for name, module in compressed.items():
         layers[name] = module.fmt.meta()

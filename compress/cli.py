@@ -345,7 +345,7 @@ def generate(
             model, tok = _load_any(path, "cpu")
             runtime = "pytorch"
 
-            def run_greedy(ids, n, eos):
+            def run_greedy(ids, n, eos):  # type: ignore[misc]  # the PyTorch twin of lm.greedy
                 return torch_greedy(model, ids, n, eos)
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True) if chat else prompt

@@ -72,7 +72,7 @@ def evaluate(model, windows: torch.Tensor, device="cpu", reference: Sequence[tor
     log-probs are spilled to disk (:class:`SpilledLogprobs`).
     """
     t0 = time.perf_counter()
-    nll_sum, count, kl_sum, agree = 0.0, 0, 0.0, 0
+    nll_sum, count, kl_sum, agree = 0.0, 0, 0.0, 0.0
     kept = SpilledLogprobs() if keep_logprobs else None
     task = progress.add(label, total=windows.shape[0]) if progress else None
     with dequantized_weights(model):
@@ -89,7 +89,7 @@ def evaluate(model, windows: torch.Tensor, device="cpu", reference: Sequence[tor
                 agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
             if kept is not None:
                 kept.append(logp.half().cpu())
-            if task is not None:
+            if progress is not None and task is not None:
                 progress.advance(task, batch.shape[0])
     nll = nll_sum / count
     result = EvalResult(perplexity=math.exp(nll), nll=nll, tokens=count, windows=windows.shape[0],

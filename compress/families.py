@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import PlanError
-from .modules import CompressedLinear
+from .modules import CompressedLinear, linear_weight
 
 LLAMA_SCALING = (
     ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "norm"),
@@ -95,8 +95,9 @@ def scaling_groups(model_type: str, block: nn.Module) -> list[tuple[str, list[st
             cons = [block.get_submodule(c) for c in consumers]
         except AttributeError:
             continue
-        width = prod.weight.shape[0]
-        if all(c.weight.shape[1] == width for c in cons) or consumer_channels(block, producer, cons) is not None:
+        width = linear_weight(prod).shape[0]
+        one_to_one = all(linear_weight(c).shape[1] == width for c in cons)
+        if one_to_one or consumer_channels(block, producer, cons) is not None:
             out.append((producer, consumers, kind))
     return out
 
@@ -104,12 +105,12 @@ def scaling_groups(model_type: str, block: nn.Module) -> list[tuple[str, list[st
 def consumer_channels(block: nn.Module, producer: str, consumers: list[nn.Module]):
     """For v_proj -> o_proj under grouped-query attention: the value channel each o_proj input
     channel reads (query head ``h`` reads KV head ``h // groups``), else None (one to one)."""
-    width = block.get_submodule(producer).weight.shape[0]
+    width = linear_weight(block.get_submodule(producer)).shape[0]
     attn = getattr(block, "self_attn", None)
     head_dim, groups = getattr(attn, "head_dim", None), getattr(attn, "num_key_value_groups", 1)
     if not producer.endswith("v_proj") or head_dim is None or groups <= 1:
         return None
-    if any(c.weight.shape[1] != width * groups for c in consumers):
+    if any(linear_weight(c).shape[1] != width * groups for c in consumers):
         return None
     j = torch.arange(width * groups)
     return (j // head_dim) // groups * head_dim + j % head_dim

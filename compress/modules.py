@@ -30,8 +30,9 @@ class CompressedLinear(nn.Module):
             new = cls(fmt, module.bias, module.compute_dtype)
             new._device = module._device
         else:
-            new = cls(fmt, module.bias, module.weight.dtype)
-            new._device = module.weight.device
+            weight = linear_weight(module)
+            new = cls(fmt, module.bias if isinstance(module.bias, torch.Tensor) else None, weight.dtype)
+            new._device = weight.device
         return new
 
     def dense_weight(self) -> torch.Tensor:
@@ -56,6 +57,14 @@ class CompressedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.fmt.describe()}"
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The ``weight`` tensor of a linear-like module (``nn.Linear`` and friends)."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return weight
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from torch import nn
 from .blocks import run_block
 from .errors import PlanError
 from .families import find_blocks
-from .modules import CompressedLinear, dequantized_weights
+from .modules import CompressedLinear, dequantized_weights, linear_weight
 from .passes.base import STAGES, BlockWork, LayerStats, Pass
 from .passes.registry import get_pass
 from .progress import Progress
@@ -163,6 +163,7 @@ class StatsCollector:
             h = x.t() @ x
             st.hessian = h if st.hessian is None else st.hessian.add_(h)
         if "cross" in self.needs:
+            assert reference is not None, "cross statistics need the float model's inputs"
             c = reference.reshape(-1, x.shape[-1]).float().t() @ x
             st.cross = c if st.cross is None else st.cross.add_(c)
         elif "sq_sum" in self.needs:
@@ -210,7 +211,7 @@ def _collect_stats(block, layers, needs, inputs, device, float_inputs=None) -> d
 
 def _layer_inputs(block, layers, batch, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Run ``block`` on one batch: (the input of every layer in ``layers``, the block's output)."""
-    seen = {}
+    seen: dict[str, torch.Tensor] = {}
     handles = [m.register_forward_pre_hook(lambda _m, args, n=n: seen.__setitem__(n, args[0].detach()))
                for n, m in layers.items()]
     try:
@@ -219,6 +220,14 @@ def _layer_inputs(block, layers, batch, device) -> tuple[dict[str, torch.Tensor]
         for h in handles:
             h.remove()
     return seen, out.detach()
+
+
+def _shape(layer: nn.Module) -> tuple[int, int]:
+    """[out, in] of a linear layer, compressed or not."""
+    if isinstance(layer, CompressedLinear):
+        return layer.fmt.shape
+    w = linear_weight(layer)
+    return int(w.shape[0]), int(w.shape[1])
 
 
 def _linear_layers(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
@@ -238,13 +247,14 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
     needs_data = any(r.calibration for r in reqs)
     t0 = time.perf_counter()
     allocation = plan_globally(model, blocks, prefix, passes, calibration, device, progress)
-    inputs = capture_block_inputs(model, blocks, calibration, device) if needs_data else None
+    inputs = capture_block_inputs(model, blocks, calibration, device) \
+        if needs_data and calibration is not None else None
     # until each block's turn, no weight is read: an evaluation before, or the embeddings just now, made
     # them resident (SmolLM2: 113 MB of embeddings, 538 MB after an evaluation); the file has them
     release_clean_pages([p.data for p in model.parameters()])
     # the float model's activations, for passes that match its outputs (GPTQ's asymmetric calibration)
     float_inputs = [(h.clone(), kw) for h, kw in inputs] \
-        if any("cross" in r.stats or r.float_outputs for r in reqs) else None
+        if inputs is not None and any("cross" in r.stats or r.float_outputs for r in reqs) else None
     calib_s = time.perf_counter() - t0
     for p in passes:
         p.prepare(model)
@@ -256,9 +266,10 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
         block.to(device)
         all_layers = _linear_layers(block, block_prefix)
         for name, m in all_layers.items():
-            w = m.fmt.shape if isinstance(m, CompressedLinear) else tuple(m.weight.shape)
-            records.setdefault(name, LayerRecord(name, w))
-        stats, stats_kinds = {}, frozenset()  # statistics a transform pass handed on
+            records.setdefault(name, LayerRecord(name, _shape(m)))
+        # statistics a transform pass handed on
+        stats: dict[str, LayerStats] = {}
+        stats_kinds: frozenset[str] = frozenset()
         float_moved = False  # the float stream advances once per block, at the first "cross" statistics
         if float_inputs is not None and not any("cross" in r.stats and any(map(p.cfg.applies_to, all_layers))
                                                 for p, r in zip(passes, reqs, strict=True)):
@@ -292,17 +303,17 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
             if work.fused is not None:
                 finished = work.finished
         for name, m in _linear_layers(block, block_prefix).items():  # structured pruning shrinks layers
-            records[name].shape = m.fmt.shape if isinstance(m, CompressedLinear) else tuple(m.weight.shape)
-        for m in block.modules():  # dense copies kept for mask refinement live one block only
-            if hasattr(getattr(m, "fmt", None), "dense_origin"):
-                del m.fmt.dense_origin
+            records[name].shape = _shape(m)
+        for m in block.modules():  # e.g. dense copies kept for mask refinement live one block only
+            if isinstance(m, CompressedLinear):
+                m.fmt.drop_block_scratch()
         if inputs is not None and i + 1 < len(blocks):  # the last block's outputs feed nothing
             inputs = propagate(block, inputs, device)
         block.to(original_device)
         _release_replaced(block, loaded_weights)
         del loaded_weights
         return_freed_heap()
-        if task is not None:
+        if progress is not None and task is not None:
             progress.advance(task)
     for j, p in enumerate(passes):
         info = p.finalize(model)

@@ -86,6 +86,7 @@ def encode(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec
         # nearest code book entry through the midpoints of the sorted grid
         mids = (grid[1:] + grid[:-1]) / 2
         return torch.bucketize((x / s).contiguous(), mids).to(torch.uint8)
+    assert zero is not None, "integer grids have zero points"
     z = zero.unsqueeze(-1) if x.dim() > zero.dim() else zero
     return torch.clamp(torch.round(x / s) + z, 0, spec.maxq).to(torch.uint8)
 
@@ -95,6 +96,7 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
     s = scale.unsqueeze(-1) if codes.dim() > scale.dim() else scale
     if spec.grid != "int":
         return grid_values(spec.grid, spec.bits).to(codes.device)[codes.long()] * s
+    assert zero is not None, "integer grids have zero points"
     z = zero.unsqueeze(-1) if codes.dim() > zero.dim() else zero
     return (codes.float() - z) * s
 

@@ -40,7 +40,7 @@ class EvaluateConfig(Section):
                           "and compressed; on whenever a max_latency_ms budget is set")
     latency_tokens: int = Field(32, ge=1, le=4096, description="tokens generated when measuring latency")
     tasks: list[str] = Field(default=[], description="zero-shot tasks through lm-eval (optional extra "
-                             "`compress[lm-eval]`; needs its datasets), e.g. [hellaswag, arc_easy]")
+                             "`compress-lm[lm-eval]`; needs its datasets), e.g. [hellaswag, arc_easy]")
     tasks_limit: int | None = Field(None, ge=1, description="lm-eval: examples per task at most")
 
 
@@ -118,11 +118,11 @@ class Recipe(Section):
         return d
 
 
-SECTIONS = {"calibration": CalibrationConfig, "evaluate": EvaluateConfig, "export": ExportConfig,
-            "budgets": Budgets}
+SECTIONS: dict[str, type[BaseModel]] = {"calibration": CalibrationConfig, "evaluate": EvaluateConfig,
+                                         "export": ExportConfig, "budgets": Budgets}
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}", "check the path; ready recipes are in recipes/")
@@ -173,7 +173,7 @@ def deprecations(recipe: Recipe) -> list[str]:
 
 
 def _renamed_options(raw: dict, renamed: dict[str, str], i: int, source: str, lines: dict) -> list[str]:
-    found = [((k,), k) for k in raw if k in renamed]
+    found: list[tuple[tuple, str]] = [((k,), k) for k in raw if k in renamed]
     found += [(("overrides", pattern, k), k) for pattern, values in (raw.get("overrides") or {}).items()
               if isinstance(values, dict) for k in values if k in renamed]
     return [f"{_where(source, lines, ('passes', i, *loc))}passes.{i}.{'.'.join(map(str, loc))} is now "

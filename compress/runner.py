@@ -123,7 +123,7 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
     resolve_source(recipe.evaluate.dataset)
     check_tasks_available(recipe.evaluate.tasks)
     check_spec(model_spec)
-    out_dir = Path(out) if out else default_out_dir(recipe.name, model_spec)
+    out_dir = Path(out) if out else default_out_dir(recipe.name or Path(recipe_path).stem, model_spec)
     if out_dir.exists() and not force:
         raise OutputError(f"output folder {out_dir} already exists", "pass --force to replace it, or --out DIR")
     dev = pick_device(device)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 
-def output_fisher(model: nn.Module, layer_names: list[str], tokens: torch.Tensor, device="cpu",
+def output_fisher(model, layer_names: list[str], tokens: torch.Tensor, device="cpu",
                   chunk: int = 1) -> dict[str, torch.Tensor]:
     """Per-layer ``F_c`` over ``tokens`` ([sequences, length]), ``chunk`` sequences per backward.
 

@@ -15,7 +15,7 @@ from .modules import dequantized_weights
 def check_tasks_available(tasks: list[str]) -> None:
     if tasks and importlib.util.find_spec("lm_eval") is None:
         raise DataError(f"evaluate.tasks {tasks} needs lm-eval, which is not installed",
-                        "pip install 'compress[lm-eval]', or remove evaluate.tasks")
+                        "pip install 'compress-lm[lm-eval]', or remove evaluate.tasks")
 
 
 def task_accuracy(model, tokenizer, tasks: list[str], limit: int | None, device) -> dict[str, float]:

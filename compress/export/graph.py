@@ -6,6 +6,8 @@ reads like the computation it builds: ``y = g.op("MatMul", x, w)``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -26,7 +28,8 @@ class Graph:
         return f"{hint}_{self._count}"
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", name: str | None = None,
-           **attrs) -> str | list[str]:
+           **attrs) -> Any:
+        """Append one node; its output name (a list of names when ``outputs`` > 1)."""
         base = name or self.name(op_type.lower())
         outs = [base] if outputs == 1 else [f"{base}:{i}" for i in range(outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, domain=domain or None, **attrs))

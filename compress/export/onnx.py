@@ -21,6 +21,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -118,7 +119,7 @@ def validate(lm: OnnxCausalLM, model, windows: torch.Tensor, tol: Tolerance) -> 
     max_diff = decode_diff = 0.0
     agree = count = 0
     nll = {"onnx": 0.0, "torch": 0.0}
-    first_ref = None
+    first_ref: np.ndarray | None = None
     with dequantized_weights(model):
         for row in windows:
             ids = row.reshape(1, -1)
@@ -134,15 +135,17 @@ def validate(lm: OnnxCausalLM, model, windows: torch.Tensor, tol: Tolerance) -> 
         ids = windows[0].reshape(1, -1).numpy()
         split = ids.shape[1] - DECODE_STEPS
         logits, cache = lm.forward(ids[:, :split], lm.empty_cache(1))
+        assert first_ref is not None, "validation needs at least one window"
         for step in range(DECODE_STEPS):
             logits, cache = lm.forward(ids[:, split + step: split + step + 1], cache)
             decode_diff = max(decode_diff, float(np.abs(logits[0, -1] - first_ref[0, split + step]).max()))
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     ppl_onnx, ppl_torch = math.exp(nll["onnx"] / tokens), math.exp(nll["torch"] / tokens)
-    result = {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "decode_steps": DECODE_STEPS,
-              "max_logit_diff": max_diff, "decode_max_logit_diff": decode_diff,
-              "top1_agreement": agree / count, "perplexity_onnx": ppl_onnx, "perplexity_torch": ppl_torch,
-              "tolerance": asdict(tol)}
+    result: dict[str, Any] = {
+        "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "decode_steps": DECODE_STEPS,
+        "max_logit_diff": max_diff, "decode_max_logit_diff": decode_diff,
+        "top1_agreement": agree / count, "perplexity_onnx": ppl_onnx, "perplexity_torch": ppl_torch,
+        "tolerance": asdict(tol)}
     failures = []
     if max(max_diff, decode_diff) > tol.max_logit_diff:
         failures.append(f"max |logit diff| {max(max_diff, decode_diff):.3g} > {tol.max_logit_diff}")

@@ -91,7 +91,8 @@ class OnnxCausalLM:
         logits, *present = self.session.run(None, feed)
         return logits, present
 
-    def greedy(self, prompt: list[int], max_new_tokens: int, eos: set[int] = frozenset()) -> Generation:
+    def greedy(self, prompt: list[int], max_new_tokens: int,
+               eos: frozenset[int] | set[int] = frozenset()) -> Generation:
         t = time.perf_counter()
         logits, cache = self.forward(np.array([prompt]), self.empty_cache(1))
         gen = Generation([], time.perf_counter() - t)
@@ -107,7 +108,7 @@ class OnnxCausalLM:
 
 
 @torch.no_grad()
-def torch_greedy(model, prompt: list[int], max_new_tokens: int, eos: set[int] = frozenset(),
+def torch_greedy(model, prompt: list[int], max_new_tokens: int, eos: frozenset[int] | set[int] = frozenset(),
                  device="cpu") -> Generation:
     """The same greedy loop as :meth:`OnnxCausalLM.greedy`, on a PyTorch model with its KV cache."""
     with dequantized_weights(model):

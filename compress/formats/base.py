@@ -73,6 +73,9 @@ class WeightFormat:
         """Boolean keep-mask when the format is sparse, else None."""
         return None
 
+    def drop_block_scratch(self) -> None:
+        """Drop what the passes of the current block kept beside the stored tensors (never saved)."""
+
     # --- GPU: how the kernels of cuda/ read this format (see compress.kernels.plan) ---
     def kernel_values(self, kept: int):
         """The ``ValuePlan`` of this format as the kept values of ``kept`` columns per row."""

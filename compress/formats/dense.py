@@ -15,7 +15,7 @@ class DenseWeight(WeightFormat):
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.float16):
         self.weight = weight.detach().to(dtype).contiguous()
-        self.shape = tuple(self.weight.shape)
+        self.shape = (int(self.weight.shape[0]), int(self.weight.shape[1]))
 
     def dequantize(self):
         return self.weight.float()

@@ -37,9 +37,12 @@ class SparseWeight(WeightFormat):
     """
 
     kind = "sparse"
+    # the float weight before pruning, kept while its block is compressed so that a pass refining the mask
+    # (DSnoT) can use it; never stored
+    dense_origin: torch.Tensor | None = None
 
     def __init__(self, mask: torch.Tensor, values: WeightFormat, pattern: str | None = None):
-        self.shape = tuple(mask.shape)
+        self.shape = (int(mask.shape[0]), int(mask.shape[1]))
         self._mask = mask.bool()
         self.values = values
         self.pattern = pattern or "unstructured"
@@ -47,6 +50,9 @@ class SparseWeight(WeightFormat):
     @property
     def mask(self):
         return self._mask
+
+    def drop_block_scratch(self) -> None:
+        self.dense_origin = None
 
     @property
     def kept_per_row(self) -> int:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from ..formats import WeightFormat
-from ..modules import CompressedLinear
+from ..modules import CompressedLinear, linear_weight
 
 STAGES = ("transform", "prune", "cluster", "quantize")  # the order passes must come in
 
@@ -73,6 +73,7 @@ class LayerStats:
     cross: torch.Tensor | None = None    # sum of x_float x^T: float model's input vs this one's [in, in]
 
     def mean_hessian(self) -> torch.Tensor:
+        assert self.hessian is not None, "the pass did not declare 'hessian' in its requirements"
         return self.hessian / max(self.tokens, 1)
 
     def mean_cross(self) -> torch.Tensor | None:
@@ -80,7 +81,7 @@ class LayerStats:
 
     def input_norm(self) -> torch.Tensor:
         """L2 norm of each input channel over the calibration tokens (Wanda's ||X_j||)."""
-        sq = self.sq_sum if self.sq_sum is not None else torch.diagonal(self.hessian)
+        sq = self.sq_sum if self.sq_sum is not None else torch.diagonal(self.mean_hessian() * max(self.tokens, 1))
         return sq.clamp_min(0).sqrt()
 
 
@@ -106,7 +107,7 @@ def current_weight(module: nn.Module) -> torch.Tensor:
     """The float32 weight a layer computes with now, whatever its format."""
     if isinstance(module, CompressedLinear):
         return module.fmt.dequantize()
-    return module.weight.detach().float().cpu()
+    return linear_weight(module).detach().float().cpu()
 
 
 def current_mask(module: nn.Module) -> torch.Tensor | None:
@@ -157,7 +158,7 @@ class Pass:
     Config: ClassVar[type[PassConfig]]
 
     def __init__(self, cfg: PassConfig):
-        self.cfg = cfg
+        self.cfg: Any = cfg  # an instance of this pass's own Config (its options are the subclass's fields)
 
     def requirements(self) -> Requirements:
         """What this pass needs from the pipeline (none by default: a data-free pass)."""

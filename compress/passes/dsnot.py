@@ -78,7 +78,7 @@ class DSnoT(Pass):
 
     def compress_layer(self, name, module, stats, cfg):
         fmt = getattr(module, "fmt", None)
-        origin = getattr(fmt, "dense_origin", None)
+        origin = fmt.dense_origin if isinstance(fmt, SparseWeight) else None
         if not isinstance(fmt, SparseWeight) or origin is None:
             raise PlanError(f"dsnot: layer {name} was not pruned by the pass before it", "target the same layers")
         h = stats.mean_hessian().cpu()

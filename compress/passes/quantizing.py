@@ -45,8 +45,10 @@ class QuantOptions(PassConfig):
     def mixed_candidates(self) -> list[Candidate]:
         if self.candidates is not None:
             return self.candidates
-        least = max(2, min(int(self.target_bits_per_weight), 4))
-        if min(self._approx_bpw(c) for c in DEFAULT_CANDIDATES if c.bits == least) > self.target_bits_per_weight:
+        target = self.target_bits_per_weight
+        assert target is not None, "candidates are chosen for a bits-per-weight target"
+        least = max(2, min(int(target), 4))
+        if min(self._approx_bpw(c) for c in DEFAULT_CANDIDATES if c.bits == least) > target:
             least = max(2, least - 1)  # nothing of floor(target) bits fits: allow one bit less
         return [c for c in DEFAULT_CANDIDATES if c.bits >= least]
 

@@ -83,7 +83,7 @@ class Structured(Pass):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.influence: dict[int, float] = {}
-        self.widths: dict[str, int] = {}
+        self.widths: dict[int, int] = {}  # MLP width -> channels kept
 
     def check_plan(self, passes):
         before = passes[:passes.index(self)]
@@ -165,7 +165,7 @@ class Structured(Pass):
         c.num_attention_heads = first.self_attn.q_proj.out_features // hd
         keep = list(range(len(layers)))
         if self.cfg.drop_layers:
-            order = sorted(self.influence, key=self.influence.get)
+            order = sorted(self.influence, key=lambda i: self.influence[i])
             dropped = set(order[:self.cfg.drop_layers])
             keep = [i for i in keep if i not in dropped]
             model.model.layers = nn.ModuleList([layers[i] for i in keep])

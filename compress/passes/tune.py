@@ -43,6 +43,7 @@ class _TunedScales:
     """A quantized layer whose group scales are ``stored * exp(t)``, ``t`` trainable."""
 
     def __init__(self, module: CompressedLinear):
+        assert isinstance(module.fmt, QuantizedWeight), "tune takes integer-grid layers"
         self.module, self.fmt = module, module.fmt
         codes, scale, zero = self.fmt.unpacked()
         out, k = self.fmt.shape

@@ -128,7 +128,7 @@ def render(r: Report) -> str:
                                           "decode ms/token"], quality_rows),
               f"<p>{base.tokens} held-out tokens ({base.windows} windows of {base.seq_len}).</p>"]
     if comp.tasks:
-        parts.append(table(["task", "base", "compressed"], [[e(t), fmt_number(base.tasks.get(t)),
+        parts.append(table(["task", "base", "compressed"], [[e(t), fmt_number((base.tasks or {}).get(t)),
                                                                fmt_number(a)] for t, a in comp.tasks.items()]))
     parts += ["<h2>Size</h2>", table(["", "bytes", "MB", "bits per weight"], [
         ["base (float16)", size.base_fp16_bytes, f"{size.base_fp16_bytes / 1e6:.2f}", "16"],

@@ -23,7 +23,7 @@ def _quality_and_budgets(r: Report, heading: str) -> list[str]:
              ""]
     if comp.tasks:
         lines += ["| task | base | compressed |", "|---|---|---|"]
-        lines += [f"| {t} | {fmt_number(base.tasks.get(t))} | {fmt_number(a)} |" for t, a in comp.tasks.items()]
+        lines += [f"| {t} | {fmt_number((base.tasks or {}).get(t))} | {fmt_number(a)} |" for t, a in comp.tasks.items()]
         lines.append("")
     if r.budgets:
         lines += [f"{heading} Budgets", "", "| budget | limit | actual | result |", "|---|---|---|---|"]
