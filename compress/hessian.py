@@ -19,18 +19,22 @@ def prepare_inverse_hessian(w: torch.Tensor, h: torch.Tensor, damp: float):
     return w, torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
-def obq_sweep(w: torch.Tensor, hinv: torch.Tensor, round_column, block_size: int = 128) -> None:
+def obq_sweep(w: torch.Tensor, hinv: torch.Tensor, round_column, block_size: int = 128, start_block=None) -> None:
     """The Optimal Brain Quantization column sweep in GPTQ's lazy-batch form, in place on ``w``.
 
     Column ``j`` is replaced by ``round_column(j, rest)`` (its stored value; ``rest`` is the
     not-yet-rounded part of the current lazy block from column ``j`` on, updated so far), and the
-    error is spread over the later columns through the Cholesky factor ``hinv`` of ``H^-1``."""
+    error is spread over the later columns through the Cholesky factor ``hinv`` of ``H^-1``.
+    ``start_block(i1, i2, w1, hinv1)``, when given, sees each lazy block first (its columns as updated
+    so far and its part of the factor): SparseGPT chooses the block's mask there."""
     cols = w.shape[1]
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
+        if start_block is not None:
+            start_block(i1, i2, w1, hinv1)
         for i in range(i2 - i1):
             rounded = round_column(i1 + i, w1[:, i:])
             e = (w1[:, i] - rounded) / hinv1[i, i]

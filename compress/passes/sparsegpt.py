@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 
 from ..formats import QuantizedWeight, SparseWeight, compact, nm_pattern
-from ..hessian import output_error, prepare_inverse_hessian
+from ..hessian import obq_sweep, output_error, prepare_inverse_hessian
 from ..modules import CompressedLinear
 from ..quant import QuantSpec, decode, encode, fit_params, pad_to_groups
 from .base import Requirements, current_weight
@@ -78,16 +78,19 @@ def _block_mask(w1, hinv1, sparsity, nm, k):
 def sparsegpt_prune(w, h, sparsity, pattern=None, block_size=128, damp=0.01, spec: QuantSpec | None = None):
     """-> (reconstructed weights with zeros at pruned places, keep-mask, quantized kept values or None).
 
-    With ``spec`` the sweep also quantizes (joint mode) and the third item is the QuantizedWeight of
-    the kept values (rows' kept weights in order); ``block_size`` must then come from
-    :func:`joint_block_size`."""
+    The OBS sweep of :func:`compress.hessian.obq_sweep`, in which each lazy block first chooses its mask
+    (``start_block``) and each column is pruned where the mask says (and, for N:M, the mask of every group
+    of M is chosen as the sweep reaches it). With ``spec`` the sweep also quantizes (joint mode) and the
+    third item is the QuantizedWeight of the kept values (rows' kept weights in order); ``block_size`` must
+    then come from :func:`joint_block_size`."""
     original = w.float()
     w, hinv = prepare_inverse_hessian(w, h, damp)
     rows, cols = w.shape
     nm = nm_pattern(pattern)
     if nm and spec is None:
         block_size = max(nm[1], block_size // nm[1] * nm[1])
-    mask = torch.ones(rows, cols, dtype=torch.bool)
+    prune = torch.zeros(rows, cols, dtype=torch.bool)
+    final = torch.zeros(rows, cols)  # every column's value once the sweep passed it
     if spec is not None:
         kept_total = cols - prune_count(cols, sparsity) if nm is None else cols // nm[1] * nm[0]
         gs = spec.group_size or kept_total
@@ -99,49 +102,47 @@ def sparsegpt_prune(w, h, sparsity, pattern=None, block_size=128, damp=0.01, spe
             scale[:, 0] = s
             if zero is not None:
                 zero[:, 0] = z
-        kept_before = 0
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
+    block: dict = {"kept_before": 0}  # the current lazy block: its start, factor and (joint) groups
+
+    def start_block(i1, i2, w1, hinv1):
+        block.update(i1=i1, hinv1=hinv1)
         joint_nm = nm is not None and spec is not None
-        prune1 = _block_mask(w1, hinv1, sparsity, nm if joint_nm else None,
-                             0 if nm else prune_count(i2, sparsity) - prune_count(i1, sparsity))
+        prune[:, i1:i2] = _block_mask(w1, hinv1, sparsity, nm if joint_nm else None,
+                                      0 if nm else prune_count(i2, sparsity) - prune_count(i1, sparsity))
         if spec is not None:
-            keep1 = ~prune1
-            group1 = kept_before // gs + (keep1.cumsum(1) - 1).clamp_min(0) // gs
+            keep1 = ~prune[:, i1:i2]
+            kept_before = block["kept_before"]
+            block["group"] = kept_before // gs + (keep1.cumsum(1) - 1).clamp_min(0) // gs
             if spec.group_size is not None:
-                kept1 = compact(w1, keep1)
-                s, z = fit_params(pad_to_groups(kept1, gs).reshape(rows, -1, gs), spec)
+                s, z = fit_params(pad_to_groups(compact(w1, keep1), gs).reshape(rows, -1, gs), spec)
                 first = kept_before // gs
                 scale[:, first:first + s.shape[1]] = s
                 if zero is not None:
                     zero[:, first:first + s.shape[1]] = z
-            kept_before += int(keep1[0].sum())
-        for i in range(i2 - i1):
-            if nm is not None and spec is None and i % nm[1] == 0:
-                n, m = nm
-                saliency = w1[:, i:i + m].pow(2) / torch.diagonal(hinv1)[i:i + m].pow(2).unsqueeze(0)
-                prune1[:, i:i + m].scatter_(1, saliency.topk(m - n, dim=1, largest=False).indices, True)
-            col = w1[:, i]
-            if spec is None:
-                q = col.masked_fill(prune1[:, i], 0)
-            else:
-                g = group1[:, i:i + 1]
-                s_col = scale.gather(1, g).squeeze(1)
-                z_col = zero.gather(1, g).squeeze(1) if zero is not None else None
-                codes[:, i1 + i] = encode(col, s_col, z_col, spec)
-                q = decode(codes[:, i1 + i], s_col, z_col, spec).masked_fill(prune1[:, i], 0)
-            e = (col - q) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            w1[:, i] = q
-            err1[:, i] = e
-        w[:, i1:i2] = w1
-        mask[:, i1:i2] = ~prune1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            block["kept_before"] = kept_before + int(keep1[0].sum())
+
+    def round_column(j, rest):
+        i = j - block["i1"]
+        if nm is not None and spec is None and i % nm[1] == 0:
+            n, m = nm
+            saliency = rest[:, :m].pow(2) / torch.diagonal(block["hinv1"])[i:i + m].pow(2).unsqueeze(0)
+            prune[:, j:j + m].scatter_(1, saliency.topk(m - n, dim=1, largest=False).indices, True)
+        col = rest[:, 0]
+        if spec is None:
+            q = col.masked_fill(prune[:, j], 0)
+        else:
+            g = block["group"][:, i:i + 1]
+            s_col = scale.gather(1, g).squeeze(1)
+            z_col = zero.gather(1, g).squeeze(1) if zero is not None else None
+            codes[:, j] = encode(col, s_col, z_col, spec)
+            q = decode(codes[:, j], s_col, z_col, spec).masked_fill(prune[:, j], 0)
+        final[:, j] = q
+        return q
+
+    obq_sweep(w, hinv, round_column, block_size, start_block)
+    mask = ~prune
     quantized = QuantizedWeight.from_codes(compact(codes, mask), scale, zero, spec) if spec is not None else None
-    return w * mask, mask, quantized
+    return final * mask, mask, quantized
 
 
 @register
