@@ -79,3 +79,53 @@ def test_no_module_imports_another_modules_private_names():
             private = [n for n in names if n.startswith("_") and not n.startswith("__")]
             offenders += [f"{_module_name(path)} imports {target}.{n}" for n in private]
     assert not offenders, offenders
+
+
+def test_a_new_pass_is_one_class():
+    """DESIGN.md's promise: a pass written in one place (here) is found by recipes, gets exactly the statistics
+    its Requirements declare, and replaces layers, with no change to the pipeline."""
+    from typing import Literal
+
+    import torch
+    import transformers
+
+    from compress.formats import quantize_rtn
+    from compress.modules import CompressedLinear
+    from compress.passes.base import Pass, PassConfig, Requirements, current_weight
+    from compress.passes.registry import PASSES, register
+    from compress.pipeline import plan, run_passes
+    from compress.quant import QuantSpec
+    from compress.recipe import parse_recipe
+
+    seen = {}
+
+    class ProbeConfig(PassConfig):
+        type: Literal["test-probe"] = "test-probe"
+        bits: int = 4
+
+    @register
+    class Probe(Pass):
+        """Round to nearest, recording the statistics it was handed (a test pass)."""
+
+        name, stage, Config = "test-probe", "quantize", ProbeConfig
+
+        def requirements(self):
+            return Requirements(stats=frozenset({"sq_sum"}))
+
+        def compress_layer(self, name, module, stats, cfg):
+            seen[name] = stats
+            return quantize_rtn(current_weight(module), QuantSpec(cfg.bits, 32)), {"probe": True}
+
+    try:
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        recipe = parse_recipe({"passes": [{"type": "test-probe", "bits": 3, "targets": ["*.mlp.*"]}]})
+        result = run_passes(model, plan(recipe.passes), torch.randint(0, 96, (2, 16)), "cpu")  # shapes only
+        assert set(seen) == {f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")}
+        assert all(s.sq_sum is not None and s.hessian is None and s.tokens == 32 for s in seen.values())
+        assert isinstance(model.model.layers[1].mlp.down_proj, CompressedLinear)
+        assert result.layers["model.layers.0.mlp.up_proj"].notes == {"probe": True}
+    finally:
+        PASSES.pop("test-probe", None)

@@ -63,3 +63,68 @@ def test_dense_weight_round_trip():
     fmt = DenseWeight(w)
     assert fmt.nbytes() == 80 and isinstance(format_from_saved(fmt.meta(), fmt.tensors()), DenseWeight)
     assert QuantizedWeight.kind != DenseWeight.kind
+
+
+def test_a_new_format_is_one_class(weight, tmp_path):
+    """DESIGN.md's promise: a format written in one place (here, in this test) is saved, read back, counted,
+    run by CompressedLinear and exported to ONNX (onnxruntime computes x @ W.T) with no other change."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from compress.export.graph import Graph
+    from compress.export.weights import WeightLowering
+    from compress.formats import FORMATS, WeightFormat, register_format
+    from compress.formats.onnx_ops import as_float
+    from compress.modules import CompressedLinear
+
+    @register_format
+    class RowScaledInt8(WeightFormat):
+        """int8 codes with one float16 scale per output row."""
+
+        kind = "test-row-int8"
+
+        def __init__(self, codes, scales):
+            self.codes, self.scales, self.shape = codes, scales, tuple(codes.shape)
+
+        @classmethod
+        def quantize(cls, w):
+            scales = (w.abs().amax(1) / 127).clamp_min(1e-8).half()
+            return cls(torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8), scales)
+
+        def dequantize(self):
+            return self.codes.float() * self.scales.float()[:, None]
+
+        def tensors(self):
+            return {"codes": self.codes, "scales": self.scales}
+
+        def meta(self):
+            return {"kind": self.kind, "shape": list(self.shape)}
+
+        @classmethod
+        def from_saved(cls, meta, tensors):
+            return cls(tensors["codes"], tensors["scales"])
+
+        def onnx_weight(self, g, prefix):
+            scale = g.op("Unsqueeze", as_float(g, f"{prefix}.scales", self.scales), g.const([1]))
+            return g.op("Mul", g.op("Cast", g.tensor(f"{prefix}.codes", self.codes.numpy()), to=TensorProto.FLOAT),
+                        scale)
+
+    try:
+        fmt = RowScaledInt8.quantize(weight)
+        again = format_from_saved(fmt.meta(), fmt.tensors())
+        assert torch.equal(again.dequantize(), fmt.dequantize())
+        assert fmt.nbytes() == weight.numel() + 2 * weight.shape[0]
+        assert fmt.kernel_plan() is None  # no GPU kernel declared: CompressedLinear takes the torch path
+        x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        want = x @ fmt.dequantize().T
+        torch.testing.assert_close(CompressedLinear(fmt)(x), want)
+        g = Graph()
+        low = WeightLowering(g)
+        y = low.linear(g.input("x", TensorProto.FLOAT, [3, weight.shape[1]]), fmt, None, "layer")
+        g.output(y, "y", TensorProto.FLOAT, [3, weight.shape[0]])
+        got = ort.InferenceSession(g.model(21).SerializeToString()).run(None, {"x": x.numpy()})[0]
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+        assert low.layers["layer"].lowering.startswith("in-graph decode")
+    finally:
+        FORMATS.pop("test-row-int8", None)
