@@ -32,7 +32,7 @@ def rows(llmc_python: str | None):
         yield f"w{b}-gptq-tuned.yaml (compress)", b, g, tuned
     yield "mixed 3.25 (compress)", "mix", "mix", [{"type": "gptq", "target_bits_per_weight": 3.25}]
     yield "AWQ+mixed 3.25 asym 0.125+tune (compress)", "mix", "mix", awq + [
-        {"type": "gptq", "target_bits_per_weight": 3.25, "asymmetric": 0.125}] + tune
+        {"type": "gptq", "target_bits_per_weight": 3.25, "float_target_strength": 0.125}] + tune
     # the w3 tuned recipe with its uniform 3 bits g64 replaced by a 3.25 bits-per-weight target
     tuned3 = yaml.safe_load((common.ROOT / "recipes/w3-gptq-tuned.yaml").read_text())["passes"]
     mixed3 = [{k: v for k, v in p.items() if k not in ("bits", "group_size")} | {"target_bits_per_weight": 3.25}
