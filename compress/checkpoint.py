@@ -4,14 +4,20 @@ Folder layout::
 
     model.safetensors   packed codes / tables / masks of compressed layers, plus every other
                         tensor (embeddings, norms, biases) in ``dense_dtype``
-    compress.json       format of each compressed layer, tied-weight aliases, versions
+    compress.json       format of each compressed layer, tied-weight aliases, versions, and the SHA-256 of
+                        every tensor in model.safetensors (checked when the checkpoint is read)
     config.json, generation_config.json, tokenizer files   as transformers writes them
 
 The size the report gives is the byte count of exactly the tensors written here.
+
+Reading verifies by default: every tensor's hash against the one recorded at save, and every compressed
+layer's tensors against what its format's metadata declares (names, dtypes, shapes, value ranges). Any
+mismatch is a one-line CheckpointError naming the layer (exit 2); ``verify=False`` skips both.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +29,10 @@ from torch import nn
 
 from .errors import CheckpointError
 from .formats import format_from_saved
+from .formats.base import LayoutError
 from .modules import CompressedLinear
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensor hashes; palettes record their table dtype
 WEIGHTS = "model.safetensors"
 META = "compress.json"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -74,7 +81,8 @@ def save_checkpoint(model, tokenizer, folder: Path, dense_dtype: str = "float16"
     # written in a random order and two identical runs would differ in their header bytes.
     save_file(content.tensors, str(folder / WEIGHTS), metadata={"format": f"compress-{FORMAT_VERSION}"})
     meta = {"format_version": FORMAT_VERSION, "dense_dtype": dense_dtype, "layers": content.layers,
-            "aliases": content.aliases, **(extra or {})}
+            "aliases": content.aliases, "tensor_sha256": {k: tensor_hash(t) for k, t in content.tensors.items()},
+            **(extra or {})}
     (folder / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
@@ -83,12 +91,29 @@ def save_checkpoint(model, tokenizer, folder: Path, dense_dtype: str = "float16"
     return content
 
 
+def tensor_hash(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes as stored."""
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def verify_hashes(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    recorded = meta.get("tensor_sha256")
+    if not isinstance(recorded, dict) or set(recorded) != set(tensors):
+        raise CheckpointError(f"{path}: {META} does not list the hash of every tensor in {WEIGHTS}",
+                              "the checkpoint was changed; re-run `compress run`, or load it with --no-verify")
+    for name, t in tensors.items():
+        if tensor_hash(t) != recorded[name]:
+            raise CheckpointError(f"{path}: tensor {name} does not match the hash recorded when it was saved",
+                                  "the file was changed or damaged; re-run `compress run`, or load it with --no-verify")
+
+
 def is_checkpoint(path) -> bool:
     return (Path(path) / META).is_file()
 
 
-def load_checkpoint(path, device="cpu", dtype=torch.float32):
-    """Read a compressed checkpoint -> (model, tokenizer). Compressed layers stay compressed."""
+def load_checkpoint(path, device="cpu", dtype=torch.float32, verify: bool = True):
+    """Read a compressed checkpoint -> (model, tokenizer). Compressed layers stay compressed. With ``verify``
+    (the default) every tensor's hash and every layer's layout are checked first."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .models import prepare_for_compression, quiet_transformers
@@ -104,16 +129,23 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
         tensors = load_file(str(path / WEIGHTS))
     except (json.JSONDecodeError, SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: corrupted checkpoint ({e})", "re-run `compress run`") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')} is not supported",
-                              f"this compress reads format {FORMAT_VERSION}")
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: checkpoint format {version} is not supported",
+                              f"this compress reads format {FORMAT_VERSION}; re-run `compress run`")
+    if verify:
+        verify_hashes(path, meta, tensors)
     config = AutoConfig.from_pretrained(path)
     model = prepare_for_compression(AutoModelForCausalLM.from_config(config, dtype=dtype))
     for name, layer_meta in meta["layers"].items():
         parts = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
         bias = parts.pop("bias", None)
         old = model.get_submodule(name)
-        fmt = format_from_saved(layer_meta, parts)
+        try:
+            fmt = format_from_saved(layer_meta, parts, verify)
+        except LayoutError as e:
+            raise CheckpointError(f"{path}: layer {name}: {e}", "the checkpoint's metadata and tensors disagree; "
+                                  "re-run `compress run`") from None
         new = CompressedLinear(fmt, bias.to(dtype) if bias is not None else None, dtype)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)

@@ -41,6 +41,8 @@ def user_errors(json_mode: bool = False, on_error=None):
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="read a checkpoint without checking its tensor "
+                                           "hashes and layer layouts")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a recipe value: KEY=VALUE "
                                                   "(e.g. passes.0.bits=3); repeatable")]
 
@@ -193,6 +195,7 @@ def eval_(
     max_windows: Annotated[int, typer.Option(help="windows evaluated at most")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     json_: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    no_verify: NoVerifyOpt = False,
 ):
     """Perplexity of a compressed checkpoint or a model on held-out text."""
     from .checkpoint import is_checkpoint, load_checkpoint
@@ -205,7 +208,7 @@ def eval_(
         dev = pick_device(device)
         resolve_source(data)
         if is_checkpoint(path):
-            model, tok = load_checkpoint(path, device=dev)
+            model, tok = load_checkpoint(path, device=dev, verify=not no_verify)
         else:
             model, tok, _ = resolve(path)
             model.to(dev)
@@ -259,13 +262,13 @@ def report(run_dir: Annotated[Path, typer.Argument(help="output folder of `compr
     out.print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.html'}", markup=False)
 
 
-def _load_any(path: str, device):
+def _load_any(path: str, device, verify: bool = True):
     """(model, tokenizer): a compressed checkpoint, or any model spec (hub id, folder, .gguf)."""
     from .checkpoint import is_checkpoint, load_checkpoint
     from .models import resolve
 
     if is_checkpoint(path):
-        return load_checkpoint(path, device=device)
+        return load_checkpoint(path, device=device, verify=verify)
     model, tok, _ = resolve(path)
     return model.to(device), tok
 
@@ -283,6 +286,7 @@ def export(
     max_logit_diff: Annotated[float, typer.Option(help="validation: max |logit difference|")] = 0.05,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
     json_: Annotated[bool, typer.Option("--json", help="print export.json's summary as JSON")] = False,
+    no_verify: NoVerifyOpt = False,
 ):
     """Export a checkpoint (or a plain model) to ONNX with its compression kept, and check it in
     onnxruntime against PyTorch. Exit codes: 2 bad input or unsupported model, 3 ONNX and PyTorch
@@ -302,7 +306,7 @@ def export(
             from .errors import ExportError
 
             raise ExportError(f"unknown --weights '{weights}'", "use fast or portable")
-        model, tok = _load_any(path, "cpu")
+        model, tok = _load_any(path, "cpu", not no_verify)
         dense = DTYPES[json.loads((Path(path) / "compress.json").read_text())["dense_dtype"]] \
             if is_checkpoint(path) else torch.float32
         data = evaluation_windows("pydoc", tok, seq_len, windows, calibration_spec="pydoc") if validation else None
@@ -327,6 +331,7 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt in the tokenizer's chat template")] = False,
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads")] = None,
     json_: Annotated[bool, typer.Option("--json", help="print tokens and timings as JSON")] = False,
+    no_verify: NoVerifyOpt = False,
 ):
     """Greedy generation: with onnxruntime and the exported KV cache when PATH holds model.onnx,
     else with PyTorch."""
@@ -342,7 +347,7 @@ def generate(
             runtime = "onnxruntime"
             run_greedy = lm.greedy
         else:
-            model, tok = _load_any(path, "cpu")
+            model, tok = _load_any(path, "cpu", not no_verify)
             runtime = "pytorch"
 
             def run_greedy(ids, n, eos):  # type: ignore[misc]  # the PyTorch twin of lm.greedy

@@ -4,6 +4,8 @@ A format is one object that owns everything about its layout:
 
 - ``tensors()`` / ``meta()`` / ``from_saved()``: the exact tensors it writes and how to read them back;
   its size is the bytes of exactly those tensors, so the report's numbers are what the file holds;
+- ``layout(meta)`` / ``check_values()``: the dtype and shape of every tensor its metadata implies, and the
+  value ranges it relies on, checked whenever a saved format is read (:func:`format_from_saved`);
 - ``dequantize()``: the float32 weight, the torch reference path;
 - ``kernel_values(kept)``: how the CUDA kernels read its values (``compress.kernels.plan``);
   ``kernel_plan()`` the whole launch plan (sparse layouts add their column positions);
@@ -33,6 +35,13 @@ class NoKernel(TypeError):
     """The GPU kernels have no plan for this format (the torch path serves it)."""
 
 
+class LayoutError(ValueError):
+    """Saved tensors disagree with what their format's metadata declares."""
+
+
+Layout = dict[str, tuple[tuple[torch.dtype, ...], tuple[int, ...]]]  # tensor name -> (allowed dtypes, shape)
+
+
 class WeightFormat:
     """A weight matrix ``[out_features, in_features]`` in some stored representation."""
 
@@ -51,6 +60,14 @@ class WeightFormat:
     @classmethod
     def from_saved(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> WeightFormat:
         raise NotImplementedError
+
+    @classmethod
+    def layout(cls, meta: dict) -> Layout:
+        """Every tensor ``meta`` implies: name -> (allowed dtypes, exact shape)."""
+        raise NotImplementedError
+
+    def check_values(self) -> None:
+        """Raise LayoutError when a stored value is out of the range the format relies on."""
 
     @property
     def numel(self) -> int:
@@ -105,8 +122,43 @@ class WeightFormat:
         return None
 
 
-def format_from_saved(meta: dict, tensors: dict[str, torch.Tensor]) -> WeightFormat:
-    return FORMATS[meta["kind"]].from_saved(meta, tensors)
+def format_from_saved(meta: dict, tensors: dict[str, torch.Tensor], verify: bool = True) -> WeightFormat:
+    """The format ``meta`` names, built from ``tensors``; with ``verify`` the tensors must be exactly what the
+    metadata declares (names, dtypes, shapes, value ranges), else LayoutError says what differs."""
+    cls = FORMATS.get(str(meta.get("kind"))) if isinstance(meta, dict) else None
+    if cls is None:
+        raise LayoutError(f"unknown weight format {meta.get('kind') if isinstance(meta, dict) else meta!r}")
+    if verify:
+        try:
+            expected = cls.layout(meta)
+        except (KeyError, TypeError, ValueError) as e:
+            raise LayoutError(f"metadata of a '{cls.kind}' layer is incomplete or wrong ({e!r})") from None
+        check_layout(expected, tensors)
+    fmt = cls.from_saved(meta, tensors)
+    if verify:
+        fmt.check_values()
+    return fmt
+
+
+def check_layout(expected: Layout, tensors: dict[str, torch.Tensor]) -> None:
+    if set(expected) != set(tensors):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise LayoutError(f"tensors {', '.join(missing) or '-'} missing, {', '.join(extra) or '-'} unexpected")
+    for name, (dtypes, shape) in expected.items():
+        t = tensors[name]
+        if t.dtype not in dtypes or tuple(t.shape) != tuple(shape):
+            want = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise LayoutError(f"tensor {name} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, its metadata "
+                              f"says {want} {list(shape)}")
+
+
+def prefixed(layout: Layout, prefix: str) -> Layout:
+    """The layout of a wrapped format, under its wrapper's ``prefix.``."""
+    return {f"{prefix}.{k}": v for k, v in layout.items()}
+
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_TYPES = (torch.uint8, torch.uint16, torch.int32)
 
 
 def inner_tensors(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import WeightFormat, register_format
+from .base import FLOATS, WeightFormat, register_format
 
 
 @register_format
@@ -30,6 +30,10 @@ class DenseWeight(WeightFormat):
     def from_saved(cls, meta, tensors):
         w = tensors["weight"]
         return cls(w, w.dtype)
+
+    @classmethod
+    def layout(cls, meta):
+        return {"weight": (FLOATS, tuple(meta["shape"]))}
 
     def describe(self):
         return f"dense {str(self.weight.dtype).removeprefix('torch.')}"

@@ -11,7 +11,7 @@ import torch
 from ..kernels.plan import GRID, INT_ASYM, INT_SYM, ValuePlan, empty_dims
 from ..packing import pack_rows, packed_row_bytes, unpack_rows
 from ..quant import QuantSpec, decode, encode, fit_params, grid_values, pad_to_groups
-from .base import WeightFormat, register_format
+from .base import LayoutError, WeightFormat, register_format
 from .onnx_ops import (
     FLOAT,
     MS_DOMAIN,
@@ -93,6 +93,23 @@ class QuantizedWeight(WeightFormat):
     def from_saved(cls, meta, tensors):
         spec = QuantSpec(meta["bits"], meta["group_size"], meta["symmetric"], meta["grid"])
         return cls(tensors["codes"], tensors["scales"], tensors.get("zeros"), spec, meta["shape"])
+
+    @classmethod
+    def layout(cls, meta):
+        out, k = meta["shape"]
+        spec = QuantSpec(int(meta["bits"]), meta["group_size"], bool(meta["symmetric"]), meta["grid"])
+        if not 1 <= spec.bits <= 8 or (spec.group_size is not None and spec.group_size < 1):
+            raise ValueError(f"bits {spec.bits}, group_size {spec.group_size}")
+        groups = spec.groups(k)
+        t = {"codes": ((torch.uint8,), (out, packed_row_bytes(k, spec.bits))),
+             "scales": ((torch.float16,), (out, groups))}
+        if spec.has_zeros:
+            t["zeros"] = ((torch.uint8,), (out, packed_row_bytes(groups, spec.bits)))
+        return t
+
+    def check_values(self):
+        if not torch.isfinite(self.scales).all():
+            raise LayoutError("scales hold inf or nan")
 
     @staticmethod
     def stored_bytes(shape, spec: QuantSpec) -> int:

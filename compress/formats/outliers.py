@@ -7,7 +7,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import WeightFormat, format_from_saved, inner_tensors, register_format
+from .base import (
+    FORMATS,
+    INDEX_TYPES,
+    LayoutError,
+    WeightFormat,
+    format_from_saved,
+    inner_tensors,
+    prefixed,
+    register_format,
+)
 from .onnx_ops import TensorProto, as_float, scalar, torch_initializer
 
 
@@ -54,6 +63,27 @@ class OutlierWeight(WeightFormat):
         t = {"counts": self.counts, "columns": self.columns, "values": self.values}
         t.update({f"inner.{k}": v for k, v in self.inner.tensors().items()})
         return t
+
+    @classmethod
+    def layout(cls, meta):
+        inner = meta["inner"]
+        if list(inner["shape"]) != list(meta["shape"]):
+            raise ValueError(f"inner shape {inner['shape']} vs {meta['shape']}")
+        nnz = int(meta["outliers"])
+        return {"counts": (INDEX_TYPES, (meta["shape"][0],)), "columns": (INDEX_TYPES, (nnz,)),
+                "values": ((torch.float16,), (nnz,)), **prefixed(FORMATS[inner["kind"]].layout(inner), "inner")}
+
+    def check_values(self):
+        counts, cols = self.counts.long(), self.columns.long()
+        if int(counts.sum()) != cols.numel():
+            raise LayoutError(f"outlier counts add up to {int(counts.sum())}, {cols.numel()} are stored")
+        if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= self.shape[1]):
+            raise LayoutError(f"an outlier column lies outside 0..{self.shape[1] - 1}")
+        rows = torch.repeat_interleave(torch.arange(self.shape[0]), counts)
+        if cols.numel() > 1 and not bool(((rows[1:] > rows[:-1]) | (cols[1:] > cols[:-1])).all()):
+            raise LayoutError("outlier columns are not in increasing order within their rows")
+        if not torch.isfinite(self.values).all():
+            raise LayoutError("outlier values hold inf or nan")
 
     def meta(self):
         return {"kind": self.kind, "shape": list(self.shape), "outliers": int(self.values.numel()),

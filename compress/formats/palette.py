@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from ..kernels.plan import LUT, ValuePlan, empty_dims
-from ..packing import pack_rows, unpack_rows
-from .base import WeightFormat, register_format
+from ..packing import pack_rows, packed_row_bytes, unpack_rows
+from .base import LayoutError, WeightFormat, register_format
 from .onnx_ops import TensorProto, as_float, torch_initializer, unpack_codes
 
 TABLE_DTYPES = ("float16", "int8")
@@ -68,13 +68,29 @@ class PalettizedWeight(WeightFormat):
         return t
 
     def meta(self):
+        table_dtype = "int8" if self.table_scale is not None else "float16"
         return {"kind": self.kind, "shape": list(self.shape), "bits": self.bits,
-                "rows_per_table": self.rows_per_table}
+                "rows_per_table": self.rows_per_table, "table_dtype": table_dtype}
 
     @classmethod
     def from_saved(cls, meta, tensors):
         return cls(tensors["indices"], tensors["table"], tensors.get("table_scale"), meta["bits"],
                    meta["rows_per_table"], meta["shape"])
+
+    @classmethod
+    def layout(cls, meta):
+        out, k = meta["shape"]
+        bits, per = int(meta["bits"]), int(meta["rows_per_table"])
+        tables = -(-out // per)
+        t = {"indices": ((torch.uint8,), (out, packed_row_bytes(k, bits))),
+             "table": ((torch.int8 if meta["table_dtype"] == "int8" else torch.float16,), (tables, 1 << bits))}
+        if meta["table_dtype"] == "int8":
+            t["table_scale"] = ((torch.float16,), (tables,))
+        return t
+
+    def check_values(self):
+        if not torch.isfinite(self.tables()).all():
+            raise LayoutError("the look-up table holds inf or nan")
 
     def describe(self):
         rows = self.shape[0]

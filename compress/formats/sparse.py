@@ -6,8 +6,17 @@ import numpy as np
 import torch
 
 from ..kernels.plan import COL_DENSE, COL_NM, KernelPlan
-from ..packing import pack_rows, unpack_rows
-from .base import NoKernel, WeightFormat, format_from_saved, inner_tensors, register_format
+from ..packing import pack_rows, packed_row_bytes, unpack_rows
+from .base import (
+    FORMATS,
+    LayoutError,
+    NoKernel,
+    WeightFormat,
+    format_from_saved,
+    inner_tensors,
+    prefixed,
+    register_format,
+)
 from .onnx_ops import TensorProto, scalar, torch_initializer, unpack_codes
 
 
@@ -96,6 +105,30 @@ class SparseWeight(WeightFormat):
             cols = (torch.arange(meta["kept_per_row"]) // n * m).expand(rows, -1) + idx
             mask = torch.zeros(rows, k, dtype=torch.bool).scatter_(1, cols, True)
         return cls(mask, values, meta["pattern"])
+
+    @classmethod
+    def layout(cls, meta):
+        rows, k = meta["shape"]
+        kept, inner = int(meta["kept_per_row"]), meta["values"]
+        if list(inner["shape"]) != [rows, kept] or not 0 <= kept <= k:
+            raise ValueError(f"kept values {inner['shape']} for {kept} kept of {k} per row")
+        nm = nm_pattern(meta["pattern"])
+        if nm is None:
+            positions = {"mask": ((torch.uint8,), (rows, packed_row_bytes(k, 1)))}
+        else:
+            n, m = nm
+            if k % m or kept != k // m * n:
+                raise ValueError(f"{kept} kept of {k} is not {n}:{m}")
+            positions = {"indices": ((torch.uint8,), (rows, packed_row_bytes(kept, (m - 1).bit_length())))}
+        return {**positions, **prefixed(FORMATS[inner["kind"]].layout(inner), "values")}
+
+    def check_values(self):
+        kept = self._mask.sum(1)
+        if not bool((kept == self.kept_per_row).all()):
+            raise LayoutError(f"rows keep {int(kept.min())}..{int(kept.max())} weights, not {self.kept_per_row} each")
+        nm = nm_pattern(self.pattern)
+        if nm is not None and not bool((self._mask.reshape(self.shape[0], -1, nm[1]).sum(-1) == nm[0]).all()):
+            raise LayoutError(f"a group of {nm[1]} does not keep exactly {nm[0]} weights (repeated indices)")
 
     def describe(self):
         sparsity = 1 - self._mask.float().mean().item()
