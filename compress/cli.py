@@ -21,10 +21,24 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so staging folders and locks are cleaned on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 @contextmanager
 def user_errors(json_mode: bool = False, on_error=None):
     """Print a CompressError as one line with its hint and exit with its code; no traceback.
-    ``on_error(error)`` runs first (e.g. to write a JUnit file saying why the run stopped)."""
+    ``on_error(error)`` runs first (e.g. to write a JUnit file saying why the run stopped).
+    Ctrl-C exits 130 and SIGTERM 143, after the staging folder and the output lock are removed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         yield
     except CompressError as e:
@@ -38,6 +52,9 @@ def user_errors(json_mode: bool = False, on_error=None):
     except KeyboardInterrupt:
         err.print("interrupted: nothing was written", markup=False)
         raise typer.Exit(130) from None
+    except Terminated:
+        err.print("terminated: nothing was written", markup=False)
+        raise typer.Exit(143) from None
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]

@@ -32,7 +32,7 @@ from .progress import Progress
 from .recipe import deprecations, load_recipe
 from .report import REPORT_SCHEMA_VERSION, write_reports
 from .report.model import Layer, ModelInfo, OnnxReport, PassTime, Quality, Report, Size, Timing
-from .staging import staged_folder
+from .staging import output_lock, staged_folder
 from .tasks import check_tasks_available, task_accuracy
 
 
@@ -124,8 +124,14 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
     check_tasks_available(recipe.evaluate.tasks)
     check_spec(model_spec)
     out_dir = Path(out) if out else default_out_dir(recipe.name or Path(recipe_path).stem, model_spec)
-    if out_dir.exists() and not force:
-        raise OutputError(f"output folder {out_dir} already exists", "pass --force to replace it, or --out DIR")
+    with output_lock(out_dir):  # one run writes an output folder at a time
+        if out_dir.exists() and not force:
+            raise OutputError(f"output folder {out_dir} already exists", "pass --force to replace it, or --out DIR")
+        return _execute(recipe, passes, needs_data, model_spec, out_dir, device, quiet, keep_failed, log, t_start)
+
+
+def _execute(recipe, passes, needs_data, model_spec, out_dir, device, quiet, keep_failed, log, t_start) -> RunOutcome:
+    """Load, compress, evaluate, gate and write: the work of :func:`run` once its input was checked."""
     dev = pick_device(device)
     seed_everything(recipe.seed)
 
