@@ -114,9 +114,9 @@ def is_checkpoint(path) -> bool:
 def load_checkpoint(path, device="cpu", dtype=torch.float32, verify: bool = True):
     """Read a compressed checkpoint -> (model, tokenizer). Compressed layers stay compressed. With ``verify``
     (the default) every tensor's hash and every layer's layout are checked first."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from .models import prepare_for_compression, quiet_transformers
+    from .models import quiet_transformers
 
     path = Path(path)
     for needed in (WEIGHTS, META, "config.json"):
@@ -127,14 +127,35 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, verify: bool = True
     try:
         meta = json.loads((path / META).read_text())
         tensors = load_file(str(path / WEIGHTS))
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: corrupted checkpoint ({e})", "re-run `compress run`") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise CheckpointError(f"{path}: checkpoint format {version} is not supported",
                               f"this compress reads format {FORMAT_VERSION}; re-run `compress run`")
+    layers, aliases = meta.get("layers"), meta.get("aliases")
+    if not (isinstance(layers, dict) and all(isinstance(v, dict) for v in layers.values())
+            and isinstance(aliases, dict) and all(isinstance(v, str) for v in aliases.values())):
+        raise CheckpointError(f"{path}: {META} is damaged (layers or aliases are not what it writes)",
+                              "re-run `compress run`")
     if verify:
         verify_hashes(path, meta, tensors)
+    try:
+        model = _build(path, meta, tensors, dtype, verify)
+    except (AttributeError, KeyError, RuntimeError, TypeError, ValueError) as e:  # names or shapes off
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: the checkpoint does not fit its model ({first})",
+                              "the checkpoint may be damaged; re-run `compress run`") from None
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.to(device).eval(), tokenizer
+
+
+def _build(path: Path, meta: dict, tensors: dict[str, torch.Tensor], dtype, verify: bool) -> nn.Module:
+    """The model of ``config.json`` with the checkpoint's compressed layers and tensors in place."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import prepare_for_compression
+
     config = AutoConfig.from_pretrained(path)
     model = prepare_for_compression(AutoModelForCausalLM.from_config(config, dtype=dtype))
     for name, layer_meta in meta["layers"].items():
@@ -160,8 +181,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, verify: bool = True
     if missing or unexpected:
         raise CheckpointError(f"{path}: tensors do not match the model (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})", "the checkpoint may be corrupted")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.to(device).eval(), tokenizer
+    return model
 
 
 @torch.no_grad()

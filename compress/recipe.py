@@ -126,7 +126,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}", "check the path; ready recipes are in recipes/")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start})", "save the recipe as UTF-8") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read it ({e.strerror or e})", "check the path and permissions") from None
     try:
         raw = yaml.safe_load(text)
         lines = _key_lines(yaml.compose(text))
@@ -252,5 +257,9 @@ def _apply_override(raw: dict, item: str) -> None:
             else:
                 node = node[p]
         node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise RecipeError(f"--set {key}: the value is not valid YAML ({problem})",
+                          "quote text values, e.g. --set 'name=\"my run\"'") from None
     except (IndexError, KeyError, TypeError):
         raise RecipeError(f"--set {key}: no such place in the recipe", "list indices start at 0") from None

@@ -62,11 +62,18 @@ class OnnxCausalLM:
                                       "pass the onnx/ folder of a run, or the output of `compress export`")
         try:
             self.meta = json.loads((folder / EXPORT_META).read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{folder / EXPORT_META}: corrupted ({e})", "export it again") from None
+            self.layers, self.kv_heads, self.head_dim = (int(self.meta["io"][k])
+                                                         for k in ("layers", "kv_heads", "head_dim"))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{folder / EXPORT_META}: corrupted ({type(e).__name__}: {e})",
+                                  "export it again") from None
         self.folder = folder
-        self.session = session(folder / ONNX_FILE, threads, self.meta.get("accuracy_level", 0))
-        self.layers, self.kv_heads, self.head_dim = (self.meta["io"][k] for k in ("layers", "kv_heads", "head_dim"))
+        try:
+            self.session = session(folder / ONNX_FILE, threads, self.meta.get("accuracy_level", 0))
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for any damage it finds
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{folder / ONNX_FILE}: onnxruntime cannot load it ({first[:200]})",
+                                  "export it again") from None
 
     @classmethod
     def from_session(cls, sess, io: dict):
