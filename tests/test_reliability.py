@@ -164,3 +164,19 @@ def test_a_run_that_cannot_fit_is_refused_before_loading_with_the_numbers(tmp_pa
     monkeypatch.setattr(compress.runner, "resolve", reached)
     result = cli("run", RECIPES / "w4-rtn.yaml", "smollm2-135m", "--out", out, "--quiet", "--ignore-resource-check")
     assert result.exit_code == 2 and "loading reached" in result.stderr and _leftovers(out) == []
+
+
+@pytest.mark.slow
+def test_runs_converting_the_default_model_at_once_share_the_cache_safely(tmp_path):
+    """Three processes convert the offline model into one empty cache at the same time: all succeed and the
+    cache holds one complete copy (each writes a private folder renamed into place)."""
+    code = "from compress.models import resolve; m, t, i = resolve('smollm2-135m'); print(i.path)"
+    env = {**os.environ, "COMPRESS_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(3)]
+    results = [(p.wait(timeout=900), p.stdout.read().strip(), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _, _ in results), [err[-500:] for _, _, err in results]
+    folder = tmp_path / "cache" / "models" / "smollm2-135m"
+    assert {out for _, out, _ in results} == {str(folder)}
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["smollm2-135m"]  # no leftover temporary copies
+    assert (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
