@@ -7,30 +7,15 @@ import math
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .modules import dequantized_weights
 from .progress import Progress
+from .report.model import Quality
 
 EVAL_BATCH = 2  # windows per forward
-
-
-@dataclass
-class EvalResult:
-    perplexity: float
-    nll: float
-    tokens: int
-    windows: int
-    seq_len: int
-    seconds: float
-    kl_divergence: float | None = None
-    top1_agreement: float | None = None
-
-    def to_dict(self):
-        return asdict(self)
 
 
 class SpilledLogprobs:
@@ -68,7 +53,7 @@ def evaluate(model, windows: torch.Tensor, device="cpu", reference: Sequence[tor
     """Evaluate ``model`` on ``windows`` [n, seq_len].
 
     ``reference``: the base model's log-probs per batch (from ``keep_logprobs=True``, or a list), to measure
-    KL(base || model) and top-1 agreement. Returns (EvalResult, kept log-probs or None); kept
+    KL(base || model) and top-1 agreement. Returns (Quality, kept log-probs or None); kept
     log-probs are spilled to disk (:class:`SpilledLogprobs`).
     """
     t0 = time.perf_counter()
@@ -92,11 +77,11 @@ def evaluate(model, windows: torch.Tensor, device="cpu", reference: Sequence[tor
             if progress is not None and task is not None:
                 progress.advance(task, batch.shape[0])
     nll = nll_sum / count
-    result = EvalResult(perplexity=math.exp(nll), nll=nll, tokens=count, windows=windows.shape[0],
-                        seq_len=windows.shape[1], seconds=time.perf_counter() - t0)
-    if reference is not None:
-        result.kl_divergence = kl_sum / count
-        result.top1_agreement = agree / count
+    compared = reference is not None
+    result = Quality(perplexity=math.exp(nll), nll=nll, tokens=count, windows=windows.shape[0],
+                     seq_len=windows.shape[1], seconds=time.perf_counter() - t0,
+                     kl_divergence=kl_sum / count if compared else None,
+                     top1_agreement=agree / count if compared else None)
     return result, kept
 
 

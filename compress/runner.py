@@ -31,7 +31,7 @@ from .pipeline import needs_calibration, plan, run_passes
 from .progress import Progress
 from .recipe import deprecations, load_recipe
 from .report import REPORT_SCHEMA_VERSION, write_reports
-from .report.model import Layer, ModelInfo, OnnxReport, PassTime, Quality, Report, Size, Timing
+from .report.model import Layer, ModelInfo, OnnxReport, PassTime, Report, Size, Timing
 from .resources import check_resources
 from .staging import output_lock, staged_folder
 from .tasks import check_tasks_available, task_accuracy
@@ -97,16 +97,15 @@ def _quality(model, tokenizer, windows, dev, recipe, progress, label, log, refer
     ev = recipe.evaluate
     result, logprobs = evaluate(model, windows, dev, reference=reference, keep_logprobs=ev.kl and reference is None,
                                 progress=progress, label=f"evaluating {label}")
-    extra = {}
     if measures_latency(recipe):
-        extra["latency_ms"] = decode_latency(model, windows[0, :64], ev.latency_tokens, dev)
+        result.latency_ms = decode_latency(model, windows[0, :64], ev.latency_tokens, dev)
     if ev.tasks:
-        extra["tasks"] = task_accuracy(model, tokenizer, ev.tasks, ev.tasks_limit, dev)
+        result.tasks = task_accuracy(model, tokenizer, ev.tasks, ev.tasks_limit, dev)
     log(f"{label}: perplexity {result.perplexity:.4f}" +
         (f", KL {result.kl_divergence:.4f}" if result.kl_divergence is not None else "") +
-        (f", {extra['latency_ms']:.2f} ms/token" if "latency_ms" in extra else "") +
-        (f", tasks {extra['tasks']}" if "tasks" in extra else ""))
-    return {**result.to_dict(), **extra}, logprobs
+        (f", {result.latency_ms:.2f} ms/token" if result.latency_ms is not None else "") +
+        (f", tasks {result.tasks}" if result.tasks else ""))
+    return result, logprobs
 
 
 def run(recipe_path, model_spec: str, out: str | None = None, device: str = "auto", overrides=(),
@@ -253,8 +252,8 @@ def _build_report(recipe, info, model, content, base, comp, result, dev, timing)
         model=ModelInfo(spec=info.spec, source=info.source, path=str(info.path), family=info.family,
                         blocks=len(blocks), parameters=base_params, parameters_after=parameter_count(model)),
         device=str(dev),
-        base=Quality(**base),
-        compressed=Quality(**comp),
+        base=base,
+        compressed=comp,
         size=Size(
             base_fp16_bytes=base_params * 2,
             checkpoint_bytes=total_bytes,

@@ -25,6 +25,13 @@ def compress_copy(model, passes: list[dict], calibration):
 
 
 @pytest.fixture(scope="session")
+def rtn_first_block(smol):
+    """SmolLM2 with its first block quantized by 4-bit RTN g64 (data-free): a small real compressed model."""
+    return compress_copy(smol[0], [{"type": "rtn", "bits": 4, "group_size": 64, "targets": ["model.layers.0.*"]}],
+                         None)
+
+
+@pytest.fixture(scope="session")
 def smol():
     """The offline default model, converted once into the cache (about 25 s the first time)."""
     from compress.models import resolve

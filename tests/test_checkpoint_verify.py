@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import cli, compress_copy
+from conftest import cli
 
 import compress
 from compress.checkpoint import META, WEIGHTS, save_checkpoint
@@ -16,13 +16,11 @@ LAYER = "model.layers.0.mlp.up_proj"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(smol, tmp_path_factory):
+def checkpoint(smol, rtn_first_block, tmp_path_factory):
     """4-bit RTN on the first block (data-free), saved as a checkpoint, with the logits it computes."""
-    model, tok, _ = smol
-    compressed = compress_copy(model, [{"type": "rtn", "bits": 4, "group_size": 64, "targets": ["model.layers.0.*"]}],
-                               None)
     folder = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(compressed, tok, folder, "float16")
+    save_checkpoint(rtn_first_block, smol[1], folder, "float16")
+    tok = smol[1]
     loaded, _ = compress.load(folder)
     ids = tok("def f(x): return x", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -11,7 +11,7 @@ import string
 
 import pytest
 import yaml
-from conftest import RECIPES, cli, compress_copy
+from conftest import RECIPES, cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -118,18 +118,15 @@ def test_set_strings_never_escape(capsys, examples):
 # ---- damaged outputs ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def outputs(smol, tmp_path_factory):
+def outputs(smol, rtn_first_block, tmp_path_factory):
     """A real checkpoint (4-bit RTN of the first block) and its ONNX export."""
     from compress.checkpoint import save_checkpoint
     from compress.export.onnx import export_to_folder
 
-    model, tok, _ = smol
-    compressed = compress_copy(model, [{"type": "rtn", "bits": 4, "group_size": 64, "targets": ["model.layers.0.*"]}],
-                               None)
     folder = tmp_path_factory.mktemp("outputs")
     (folder / "ckpt").mkdir()
-    save_checkpoint(compressed, tok, folder / "ckpt", "float16")
-    export_to_folder(compressed, tok, folder / "onnx", windows=None, log=lambda m: None)
+    save_checkpoint(rtn_first_block, smol[1], folder / "ckpt", "float16")
+    export_to_folder(rtn_first_block, smol[1], folder / "onnx", windows=None, log=lambda m: None)
     return folder
 
 

@@ -33,6 +33,10 @@ class Quality(_Part):
     latency_ms: float | None = None             # decode ms/token, when measured
     tasks: dict[str, float] | None = None       # lm-eval task accuracies, when asked
 
+    def to_dict(self) -> dict:
+        """What was measured (fields never set, such as an unmeasured latency, left out)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
 
 class ModelInfo(_Part):
     spec: str
