@@ -55,6 +55,10 @@ def fingerprint(recipe: Path, model: str, work: Path) -> dict:
     row["kl_divergence"] = report["compressed"].get("kl_divergence")
     row["onnx_validation"] = (report.get("onnx") or {}).get("validation")
     row["hashes"] = {name: sha256(out / name) for name in HASHED if (out / name).exists()}
+    if (out / "compress.json").exists():  # the layers' formats and aliases, without the hash of the recipe's text
+        meta = json.loads((out / "compress.json").read_text())
+        kept = {k: v for k, v in meta.items() if k not in ("recipe_hash", "compress_version")}
+        row["compress_json_layers"] = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
     return row
 
 
