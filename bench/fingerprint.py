@@ -63,22 +63,32 @@ def fingerprint(recipe: Path, model: str, work: Path) -> dict:
 
 
 def compare(before: list[dict], after: list[dict], rtol: float) -> bool:
+    """One row per recipe: which output files are byte-identical, and the perplexity change. compress.json may
+    differ only in its recipe hash (a renamed option changes the resolved recipe's text, not the model)."""
     old = {r["recipe"]: r for r in before}
     ok = True
-    print(f"{'recipe':24} {'bytes':10} {'perplexity before':>18} {'after':>12} {'rel':>9}  onnx")
+    print(f"{'recipe':22} {'weights':8} {'compress.json':16} {'onnx':6} {'ppl before':>12} {'after':>12} {'rel':>9}")
     for r in after:
         b = old.get(r["recipe"])
         if b is None or "perplexity" not in b or "perplexity" not in r:
-            print(f"{r['recipe']:24} {'missing or failed':10}")
+            print(f"{r['recipe']:22} missing or failed")
             ok = False
             continue
-        same = b["hashes"] == r["hashes"]
+
+        def same(name, b=b, r=r):
+            x, y = b["hashes"].get(name), r["hashes"].get(name)
+            return "-" if x is None and y is None else "same" if x == y else "DIFFERENT"
+
+        meta = same("compress.json")
+        if meta == "DIFFERENT" and b.get("compress_json_layers") and \
+                b.get("compress_json_layers") == r.get("compress_json_layers"):
+            meta = "recipe hash only"
+        onnx = "same" if all(same(n) in ("same", "-") for n in HASHED if n.startswith("onnx/")) else "DIFFERENT"
+        onnx = "-" if not any(n.startswith("onnx/") for n in r["hashes"]) else onnx
         rel = abs(r["perplexity"] - b["perplexity"]) / b["perplexity"]
-        ok &= same and rel <= rtol
-        onnx = (r.get("onnx_validation") or {}).get("passed", "-") if isinstance(r.get("onnx_validation"), dict) \
-            else ("-" if r.get("onnx_validation") is None else "yes")
-        print(f"{r['recipe']:24} {'same' if same else 'DIFFERENT':10} {b['perplexity']:18.6f} "
-              f"{r['perplexity']:12.6f} {rel:9.2e}  {onnx}")
+        ok &= same("model.safetensors") == "same" and meta != "DIFFERENT" and onnx != "DIFFERENT" and rel <= rtol
+        print(f"{r['recipe']:22} {same('model.safetensors'):8} {meta:16} {onnx:6} {b['perplexity']:12.6f} "
+              f"{r['perplexity']:12.6f} {rel:9.2e}")
     return ok
 
 
