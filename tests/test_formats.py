@@ -66,8 +66,9 @@ def test_dense_weight_round_trip():
 
 
 def test_a_new_format_is_one_class(weight, tmp_path):
-    """DESIGN.md's promise: a format written in one place (here, in this test) is saved, read back, counted,
-    run by CompressedLinear and exported to ONNX (onnxruntime computes x @ W.T) with no other change."""
+    """DESIGN.md's promise: a format written in one place (here, in this test) is saved, read back and verified
+    against its declared layout, counted, run by CompressedLinear and exported to ONNX (onnxruntime computes
+    x @ W.T) with no other change."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto
@@ -75,6 +76,7 @@ def test_a_new_format_is_one_class(weight, tmp_path):
     from compress.export.graph import Graph
     from compress.export.weights import WeightLowering
     from compress.formats import FORMATS, WeightFormat, register_format
+    from compress.formats.base import LayoutError
     from compress.formats.onnx_ops import as_float
     from compress.modules import CompressedLinear
 
@@ -105,6 +107,11 @@ def test_a_new_format_is_one_class(weight, tmp_path):
         def from_saved(cls, meta, tensors):
             return cls(tensors["codes"], tensors["scales"])
 
+        @classmethod
+        def layout(cls, meta):
+            rows, cols = meta["shape"]
+            return {"codes": ((torch.int8,), (rows, cols)), "scales": ((torch.float16,), (rows,))}
+
         def onnx_weight(self, g, prefix):
             scale = g.op("Unsqueeze", as_float(g, f"{prefix}.scales", self.scales), g.const([1]))
             return g.op("Mul", g.op("Cast", g.tensor(f"{prefix}.codes", self.codes.numpy()), to=TensorProto.FLOAT),
@@ -114,6 +121,8 @@ def test_a_new_format_is_one_class(weight, tmp_path):
         fmt = RowScaledInt8.quantize(weight)
         again = format_from_saved(fmt.meta(), fmt.tensors())
         assert torch.equal(again.dequantize(), fmt.dequantize())
+        with pytest.raises(LayoutError, match="tensor scales is float32"):
+            format_from_saved(fmt.meta(), {**fmt.tensors(), "scales": fmt.scales.float()})
         assert fmt.nbytes() == weight.numel() + 2 * weight.shape[0]
         assert fmt.kernel_plan() is None  # no GPU kernel declared: CompressedLinear takes the torch path
         x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
