@@ -138,7 +138,7 @@ def _summary(outcome) -> dict:
             "checkpoint_bytes": r.size.checkpoint_bytes,
             "bits_per_weight": r.size.compressed_layers_bits_per_weight,
             "onnx_file_bytes": r.size.onnx_file_bytes,
-            "onnx_validation": (r.get("onnx") or {}).get("validation"),
+            "onnx_validation": r.onnx.validation.model_dump() if r.onnx and r.onnx.validation else None,
             "budgets": [c.model_dump() for c in r.budgets], "seconds": r.timing.total_seconds}
 
 

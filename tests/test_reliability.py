@@ -85,6 +85,7 @@ def test_a_second_run_on_the_same_output_fails_naming_the_first(tmp_path, smol):
     assert _leftovers(out) == ["run"]
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_on_one_output_exactly_one_wins(tmp_path, smol):
     out = tmp_path / "run"
     procs = [_start(out, *SMALL, "--set", "export.onnx=null") for _ in range(2)]
