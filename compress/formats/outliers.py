@@ -74,6 +74,7 @@ class OutlierWeight(WeightFormat):
                 "values": ((torch.float16,), (nnz,)), **prefixed(FORMATS[inner["kind"]].layout(inner), "inner")}
 
     def check_values(self):
+        self.inner.check_values()  # its layout was checked with this format's (prefixed)
         counts, cols = self.counts.long(), self.columns.long()
         if int(counts.sum()) != cols.numel():
             raise LayoutError(f"outlier counts add up to {int(counts.sum())}, {cols.numel()} are stored")
@@ -91,7 +92,7 @@ class OutlierWeight(WeightFormat):
 
     @classmethod
     def from_saved(cls, meta, tensors):
-        inner = format_from_saved(meta["inner"], inner_tensors(tensors, "inner"))
+        inner = format_from_saved(meta["inner"], inner_tensors(tensors, "inner"), verify=False)
         return cls(inner, tensors["counts"], tensors["columns"], tensors["values"])
 
     def describe(self):
