@@ -34,8 +34,8 @@ CHUNK = 4  # calibration sequences per forward (GPTQ, 32 x 512: 112 s and 1138 M
 
 
 def plan(pass_configs) -> list[Pass]:
-    """Instantiate the passes, check their order and decide which consecutive passes fuse, before any
-    compute (``Pass.fuses_with``: the first then does the second's work on the layers it finishes)."""
+    """Instantiate the passes and check their order before any compute (which of them fuse is decided
+    from the plan by :func:`fused_pairs`)."""
     passes = [get_pass(cfg.type)(cfg) for cfg in pass_configs]
     for i, (a, b) in enumerate(zip(passes, passes[1:], strict=False)):
         if STAGES.index(b.stage) < STAGES.index(a.stage):
@@ -48,7 +48,8 @@ def plan(pass_configs) -> list[Pass]:
 
 
 def fused_pairs(passes: list[Pass]) -> dict[int, Pass]:
-    """Pass index -> the following pass it is fused with."""
+    """Pass index -> the following pass it is fused with (``Pass.fuses_with``: the first then does the second's
+    work on the layers it finishes, and the pipeline hands those layers to the second no more)."""
     return {i: b for i, (a, b) in enumerate(zip(passes, passes[1:], strict=False)) if a.fuses_with(b)}
 
 
