@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ModelError
 from .formats import format_from_saved
 from .formats.base import LayoutError
 from .modules import CompressedLinear
+from .shards import DEFAULT_MAX_SHARD, open_weights, write_shards
 
 FORMAT_VERSION = 2  # 2: tensor hashes; palettes record their table dtype
 WEIGHTS = "model.safetensors"
@@ -48,41 +48,45 @@ class CheckpointContent:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-def checkpoint_content(model: nn.Module, dense_dtype: str = "float16") -> CheckpointContent:
+def checkpoint_content(model: nn.Module, dense_dtype: str = "float16", prefix: str = "") -> CheckpointContent:
+    """What the checkpoint stores of ``model`` (or of one block of it, its names under ``prefix``): each
+    compressed layer's format tensors and meta, every other tensor in ``dense_dtype``, tied tensors once."""
     dtype = DTYPES[dense_dtype]
+    lead = f"{prefix}." if prefix else ""
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
     aliases: dict[str, str] = {}
     by_ptr: dict[tuple, str] = {}
     compressed = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
     for name, module in compressed.items():
-        layers[name] = module.fmt.meta()
+        layers[lead + name] = module.fmt.meta()
         for part, t in module.fmt.tensors().items():
-            tensors[f"{name}.{part}"] = t.detach().cpu().contiguous()
+            tensors[f"{lead}{name}.{part}"] = t.detach().cpu().contiguous()
     for key, t in model.state_dict(keep_vars=False).items():
         owner = key.rpartition(".")[0]
         if owner in compressed and key.rpartition(".")[2] != "bias":
             continue
         ptr = (t.data_ptr(), t.shape, t.dtype)
         if ptr in by_ptr:
-            aliases[key] = by_ptr[ptr]
+            aliases[lead + key] = lead + by_ptr[ptr]
             continue
         by_ptr[ptr] = key
         t = t.detach().cpu()
-        tensors[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+        tensors[lead + key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
     return CheckpointContent(tensors, layers, aliases)
 
 
 def save_checkpoint(model, tokenizer, folder: Path, dense_dtype: str = "float16", extra: dict | None = None,
-                    content: CheckpointContent | None = None) -> CheckpointContent:
-    """Write the checkpoint into ``folder`` (which the caller later renames into place)."""
+                    content: CheckpointContent | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD
+                    ) -> CheckpointContent:
+    """Write the checkpoint into ``folder`` (which the caller later renames into place), one tensor at a time,
+    as shards of at most ``max_shard_bytes``."""
     content = content or checkpoint_content(model, dense_dtype)
     # One metadata key only: safetensors keeps metadata in a hash map, so several keys would be
     # written in a random order and two identical runs would differ in their header bytes.
-    save_file(content.tensors, str(folder / WEIGHTS), metadata={"format": f"compress-{FORMAT_VERSION}"})
+    hashes = write_shards(content.tensors, folder, max_shard_bytes, metadata={"format": f"compress-{FORMAT_VERSION}"})
     meta = {"format_version": FORMAT_VERSION, "dense_dtype": dense_dtype, "layers": content.layers,
-            "aliases": content.aliases, "tensor_sha256": {k: tensor_hash(t) for k, t in content.tensors.items()},
-            **(extra or {})}
+            "aliases": content.aliases, "tensor_sha256": hashes, **(extra or {})}
     (folder / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
@@ -119,14 +123,16 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, verify: bool = True
     from .models import quiet_transformers
 
     path = Path(path)
-    for needed in (WEIGHTS, META, "config.json"):
+    for needed in (META, "config.json"):
         if not (path / needed).is_file():
             raise CheckpointError(f"{path} is not a compressed checkpoint: {needed} is missing",
                                   "pass the output folder of `compress run`")
     quiet_transformers()
     try:
         meta = json.loads((path / META).read_text())
-        tensors = load_file(str(path / WEIGHTS))
+        tensors = open_weights(path)
+    except ModelError as e:
+        raise CheckpointError(str(e.message), e.hint) from None
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: corrupted checkpoint ({e})", "re-run `compress run`") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
@@ -190,5 +196,5 @@ def round_to_storage(model: nn.Module, dense_dtype: str) -> None:
     model evaluated in the run is exactly the one a later ``load`` gives back."""
     dtype = DTYPES[dense_dtype]
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
+        if t.is_floating_point() and t.dtype != dtype:  # already stored (a staged block): nothing to round
             t.copy_(t.to(dtype).to(t.dtype))

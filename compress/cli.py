@@ -57,6 +57,21 @@ def user_errors(json_mode: bool = False, on_error=None):
         raise typer.Exit(143) from None
 
 
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+              "GIB": 2**30}
+
+
+def parse_size(text: str, option: str) -> int:
+    """'5GB', '500MB', '1.5GiB', '1000000' -> bytes (at least one)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in SIZE_UNITS or float(m.group(1)) * SIZE_UNITS[unit] < 1:
+        raise CompressError(f"{option} {text!r} is not a size", "write it as e.g. 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * SIZE_UNITS[unit])
+
+
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
 NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="read a checkpoint without checking its tensor "
                                            "hashes and layer layouts")]
@@ -83,6 +98,12 @@ def run(
     json_: Annotated[bool, typer.Option("--json", help="print a machine-readable summary on stdout")] = False,
     junit: Annotated[Path | None, typer.Option("--junit", help="write the budgets as JUnit XML test cases "
                                                "to this file")] = None,
+    dtype: Annotated[str, typer.Option(help="dtype the model is read in: auto (the checkpoint's own; weights stay "
+                                       "memory-mapped), float32, bfloat16 or float16")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="continue a stopped run from its last finished block "
+                                         "(same recipe, model and options)")] = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="largest checkpoint file, e.g. 5GB, "
+                                                "500MB")] = "5GB",
 ):
     """Compress MODEL with RECIPE, evaluate it, write checkpoint + report, and check budgets.
 
@@ -92,6 +113,7 @@ def run(
     """
     from .junit import budgets_xml, error_xml, write_atomically
     from .report import step_summary
+    from .runner import LoadOptions
     from .runner import run as run_recipe
 
     def log(msg):
@@ -103,9 +125,9 @@ def run(
             write_atomically(junit, error_xml(str(e), f"{recipe} on {model}"))
 
     with user_errors(json_, junit_error):
+        options = LoadOptions(dtype, resume, parse_size(max_shard_size, "--max-shard-size"), allow_pickle)
         outcome = run_recipe(recipe, model, out_dir, device, set_ or [], seed, force, quiet or json_,
-                             keep_failed, log, allow_pickle=allow_pickle,
-                             ignore_resource_check=ignore_resource_check)
+                             keep_failed, log, ignore_resource_check=ignore_resource_check, options=options)
     if junit:
         write_atomically(junit, budgets_xml(outcome.report))
     if os.environ.get("GITHUB_STEP_SUMMARY"):
@@ -232,8 +254,7 @@ def eval_(
         if is_checkpoint(path):
             model, tok = load_checkpoint(path, device=dev, verify=not no_verify)
         else:
-            model, tok, _ = resolve(path)
-            model.to(dev)
+            model, tok, _ = resolve(path)  # evaluated block by block: one block at a time on the device
         windows = evaluation_windows(data, tok, seq_len, max_windows, calibration_spec="pydoc")
         result, _ = evaluate(model, windows, dev)
     if json_:
@@ -291,7 +312,9 @@ def _load_any(path: str, device, verify: bool = True):
 
     if is_checkpoint(path):
         return load_checkpoint(path, device=device, verify=verify)
-    model, tok, _ = resolve(path)
+    import torch
+
+    model, tok, _ = resolve(path, dtype=torch.float32)
     return model.to(device), tok
 
 

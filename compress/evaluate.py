@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .blocks import after_blocks, capture_block_inputs, on_compute, propagate, returns_tuple
+from .families import find_blocks
 from .modules import dequantized_weights
 from .progress import Progress
 from .report.model import Quality
@@ -50,32 +52,48 @@ class SpilledLogprobs:
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, device="cpu", reference: Sequence[torch.Tensor] | None = None,
              keep_logprobs: bool = False, progress: Progress | None = None, label: str = "evaluating"):
-    """Evaluate ``model`` on ``windows`` [n, seq_len].
+    """Evaluate ``model`` on ``windows`` [n, seq_len], one decoder block at a time: every window passes through
+    block 0, then block 1, ... (as calibration does), so evaluating needs the memory of one block and the
+    windows' activations, not of the model; what follows the last block runs through the model's own forward
+    (:func:`blocks.after_blocks`).
 
     ``reference``: the base model's log-probs per batch (from ``keep_logprobs=True``, or a list), to measure
     KL(base || model) and top-1 agreement. Returns (Quality, kept log-probs or None); kept
     log-probs are spilled to disk (:class:`SpilledLogprobs`).
     """
     t0 = time.perf_counter()
+    _, blocks = find_blocks(model)
+    task = progress.add(label, total=len(blocks) + 1) if progress else None
+    hidden = capture_block_inputs(model, blocks, windows, EVAL_BATCH)
+    as_tuple = False
+    for i, block in enumerate(blocks):
+        with on_compute(block, device):
+            if i == len(blocks) - 1:
+                as_tuple = returns_tuple(block, hidden[0], device)
+            hidden = propagate(block, hidden, device)
+        if progress is not None and task is not None:
+            progress.advance(task)
     nll_sum, count, kl_sum, agree = 0.0, 0, 0.0, 0.0
     kept = SpilledLogprobs() if keep_logprobs else None
-    task = progress.add(label, total=windows.shape[0]) if progress else None
-    with dequantized_weights(model):
+    embeddings = model.get_input_embeddings()
+    tied = embeddings.weight is getattr(model.get_output_embeddings(), "weight", None)
+    with after_blocks(blocks, [h for h, _ in hidden], as_tuple), \
+            on_compute(model, device, skip=() if tied else (embeddings,)):
+        del hidden
         for b, batch in enumerate(windows.split(EVAL_BATCH)):
-            batch = batch.to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            logits = model(input_ids=batch.to(_input_device(model)), use_cache=False).logits[:, :-1].float()
             logp = torch.log_softmax(logits, dim=-1)
-            targets = batch[:, 1:]
+            targets = batch[:, 1:].to(logp.device)
             nll_sum -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
             count += targets.numel()
             if reference is not None:
-                ref = reference[b].to(device).float()
+                ref = reference[b].to(logp.device).float()
                 kl_sum += (ref.exp() * (ref - logp)).sum().item()
                 agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
             if kept is not None:
                 kept.append(logp.half().cpu())
-            if progress is not None and task is not None:
-                progress.advance(task, batch.shape[0])
+    if progress is not None and task is not None:
+        progress.advance(task)
     nll = nll_sum / count
     compared = reference is not None
     result = Quality(perplexity=math.exp(nll), nll=nll, tokens=count, windows=windows.shape[0],
@@ -83,6 +101,10 @@ def evaluate(model, windows: torch.Tensor, device="cpu", reference: Sequence[tor
                      kl_divergence=kl_sum / count if compared else None,
                      top1_agreement=agree / count if compared else None)
     return result, kept
+
+
+def _input_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
 
 
 @torch.no_grad()

@@ -14,8 +14,9 @@ import json
 import struct
 from pathlib import Path
 
-from .errors import ModelError
+from .errors import CompressError, ModelError
 
+INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 MAX_HEADER = 100 << 20  # safetensors caps its own header at 100 MB
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -23,8 +24,10 @@ DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2
 
 
 def check_model_folder(folder: Path, allow_pickle: bool) -> bool:
-    """Refuse what must not be loaded; returns whether the folder's weights are safetensors."""
+    """Refuse what must not be loaded; returns whether the folder's weights are safetensors. Every shard a
+    ``model.safetensors.index.json`` names must be there."""
     safetensors = sorted(folder.glob("*.safetensors"))
+    indexed_shards(folder)
     pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and "training_args" not in p.name]
     if not safetensors and pickles and not allow_pickle:
         raise ModelError(f"{folder} holds only pickle weights ({pickles[0].name}), which can run code when read",
@@ -34,7 +37,29 @@ def check_model_folder(folder: Path, allow_pickle: bool) -> bool:
     return bool(safetensors)
 
 
+def indexed_shards(folder: Path, error: type[CompressError] = ModelError) -> list[str] | None:
+    """The shard files ``model.safetensors.index.json`` names, each checked to be there (else ``error``);
+    None when the folder has no index."""
+    index = folder / INDEX
+    if not index.is_file():
+        return None
+    try:
+        named = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise error(f"{index} is damaged (it has no weight_map)", "copy or download the model again") from None
+    for name in named:
+        if not isinstance(name, str) or "/" in name or not (folder / name).is_file():
+            raise error(f"{folder}: shard {name} named in {INDEX} is missing",
+                        "copy or download every shard of the model")
+    return named
+
+
 def check_safetensors_header(path: Path) -> None:
+    read_safetensors_header(path)
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header, checked against the file's size, and where its data starts."""
     size = path.stat().st_size
     bad = f"{path}: not a valid safetensors file"
     with open(path, "rb") as f:
@@ -71,6 +96,7 @@ def check_safetensors_header(path: Path) -> None:
     spans.sort()
     if any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)):
         raise ModelError(f"{bad} (tensors overlap)", "the file is damaged")
+    return header, 8 + length
 
 
 def check_gguf_header(path: Path) -> None:

@@ -7,6 +7,7 @@ cache (``$COMPRESS_CACHE``, default ``~/.cache/compress``), which later runs loa
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -58,18 +59,34 @@ def check_spec(spec: str) -> str:
     return "hub"
 
 
-def resolve(spec: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
+DTYPE_NAMES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str):
+    """``--dtype`` -> what transformers takes (``"auto"``: the checkpoint's own dtype)."""
+    if name not in DTYPE_NAMES:
+        raise ModelError(f"unknown --dtype '{name}'", f"use one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[name]
+
+
+def resolve(spec: str, dtype: torch.dtype | str = "auto", allow_pickle: bool = False):
     """Load MODEL -> (model in eval mode, tokenizer, ModelInfo). Pickle weights are refused unless
-    ``allow_pickle`` (see ``model_files``)."""
+    ``allow_pickle`` (see ``model_files``).
+
+    Safetensors weights loaded in their own dtype (``"auto"``, the default) stay memory-mapped views of the files:
+    nothing is read until a block uses it, so the pipeline's memory is that of one block. A GGUF file is
+    converted once into the cache as a float safetensors folder (``$COMPRESS_CACHE/models``) and read from there."""
     quiet_transformers()
     kind = check_spec(spec)
     if kind == "alias":
-        folder = _alias_folder(spec, dtype)
+        package, _ = ALIASES[spec]
+        folder = _converted_gguf(packaged_gguf(package), spec)
         model, tok = _load_folder(folder, dtype, allow_pickle)
         return model, tok, ModelInfo(spec, "alias", str(folder), model.config.model_type)
     path = Path(spec).expanduser()
     if kind == "gguf":
-        model, tok = _load_gguf(path, dtype)
+        folder = _converted_gguf(path, f"gguf-{_file_key(path)}")
+        model, tok = _load_folder(folder, dtype, allow_pickle)
         return model, tok, ModelInfo(spec, "gguf", str(path), model.config.model_type)
     if kind == "local":
         model, tok = _load_folder(path, dtype, allow_pickle)
@@ -164,15 +181,20 @@ def _load_gguf(path: Path, dtype):
     return prepare_for_compression(model.eval()), tok
 
 
-def _alias_folder(alias: str, dtype) -> Path:
-    package, name = ALIASES[alias]
-    folder = cache_dir() / "models" / alias
+def _file_key(path: Path) -> str:
+    """A name for a file's conversion: its resolved path, size and modification time, hashed."""
+    st = path.resolve().stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _converted_gguf(gguf: Path, name: str) -> Path:
+    """The cache folder holding ``gguf`` converted to float32 safetensors (made on first use, atomically)."""
+    folder = cache_dir() / "models" / name
     if (folder / "config.json").is_file():
         return folder
-    gguf = packaged_gguf(package)
-    model, tok = _load_gguf(gguf, dtype)
+    model, tok = _load_gguf(gguf, torch.float32)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -20,7 +20,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .blocks import run_block
+from .blocks import capture_block_inputs, on_compute, propagate, run_block
 from .errors import PlanError
 from .families import find_blocks
 from .modules import CompressedLinear, dequantized_weights, linear_weight
@@ -29,6 +29,7 @@ from .passes.registry import get_pass
 from .progress import Progress
 from .residency import release_clean_pages, release_file_pages, return_freed_heap
 from .sensitivity import output_fisher
+from .stage import RunStage
 
 CHUNK = 4  # calibration sequences per forward (GPTQ, 32 x 512: 112 s and 1138 MB vs 117 s and 1193 MB with 8)
 
@@ -53,6 +54,18 @@ def fused_pairs(passes: list[Pass]) -> dict[int, Pass]:
     return {i: b for i, (a, b) in enumerate(zip(passes, passes[1:], strict=False)) if a.fuses_with(b)}
 
 
+def check_resumable(passes: list[Pass]) -> None:
+    """A resumed run recomputes the float model's activations through the float blocks; that gives the
+    uninterrupted run's bytes only when the first pass to read them ("cross" statistics) sees the block as
+    loaded, i.e. comes first."""
+    crossing = [i for i, p in enumerate(passes) if "cross" in p.requirements().stats]
+    if crossing and crossing[0] > 0:
+        p = passes[crossing[0]]
+        raise PlanError(f"--resume cannot rebuild the float activations pass {crossing[0] + 1} ({p.name}) reads "
+                        f"after pass 1 ({passes[0].name}) changed the block",
+                        "run again without --resume (it starts over)")
+
+
 def needs_calibration(passes: list[Pass]) -> bool:
     """Whether any pass reads calibration data (statistics, block inputs, or a model plan)."""
     return any(p.requirements().calibration for p in passes)
@@ -74,55 +87,8 @@ class PipelineResult:
     allocation: dict = field(default_factory=dict)  # pass -> layer -> chosen options
 
 
-class _Captured(Exception):
-    pass
-
-
 class _StatsDone(Exception):
     """Raised by the statistics hooks once a batch reached every hooked layer."""
-
-
-def capture_block_inputs(model, blocks, tokens: torch.Tensor, device) -> list[tuple]:
-    """Run the model up to the first block; return [(hidden_states, kwargs)] per chunk."""
-    captured = []
-
-    def grab(_module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
-        kwargs["use_cache"] = False
-        captured.append((hidden.detach(), kwargs))
-        raise _Captured
-
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for chunk in tokens.split(CHUNK):
-            try:
-                model(input_ids=chunk.to(device), use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-@torch.no_grad()
-def propagate(block, inputs, device) -> list[tuple]:
-    """Run the block on its inputs; its outputs (with the same kwargs) feed the next block.
-
-    Each chunk is replaced by its outputs in place, so only one copy of the calibration
-    activations is alive at a time (128 x 512 tokens of a 576-wide model: 151 MB saved). The heap
-    is trimmed before every chunk: the freed temporaries of the pass that just ran, and of each
-    chunk's attention and MLP, otherwise leave holes the next outputs do not fit, and the process
-    grows by ~130 MB over one block (SmolLM2, 128 x 512: peak 996 -> 867 MB over three blocks, for
-    ~7 ms a chunk)."""
-    with dequantized_weights(block):  # decode each compressed layer once, not once per chunk
-        for k, (hidden, kwargs) in enumerate(inputs):
-            return_freed_heap()
-            out = run_block(block, (hidden, kwargs), device)
-            inputs[k] = (out.detach(), kwargs)
-            del hidden, out
-    return inputs
 
 
 class StatsCollector:
@@ -237,18 +203,19 @@ def _linear_layers(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
 
 
 def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, device,
-               progress: Progress | None = None) -> PipelineResult:
-    """Apply ``passes`` to ``model`` in place, block by block."""
+               progress: Progress | None = None, stage: RunStage | None = None) -> PipelineResult:
+    """Apply ``passes`` to ``model`` in place, block by block. With a ``stage``, each finished block is written
+    there and its tensors become views of the written file (memory holds one block), and blocks the stage
+    already holds (a resumed run) are read back instead of compressed again."""
     prefix, blocks = find_blocks(model)
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     records: dict[str, LayerRecord] = {}
     seconds = {f"{i}:{p.name}": 0.0 for i, p in enumerate(passes)}
     reqs = [p.requirements() for p in passes]
-    fused = fused_pairs(passes)
     needs_data = any(r.calibration for r in reqs)
     t0 = time.perf_counter()
     allocation = plan_globally(model, blocks, prefix, passes, calibration, device, progress)
-    inputs = capture_block_inputs(model, blocks, calibration, device) \
+    inputs = capture_block_inputs(model, blocks, calibration, CHUNK) \
         if needs_data and calibration is not None else None
     # until each block's turn, no weight is read: an evaluation before, or the embeddings just now, made
     # them resident (SmolLM2: 113 MB of embeddings, 538 MB after an evaluation); the file has them
@@ -262,55 +229,23 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
     task = progress.add("compressing blocks", total=len(blocks)) if progress else None
     for i, block in enumerate(blocks):
         block_prefix = f"{prefix}.{i}"
-        original_device = next(block.parameters()).device
-        loaded_weights = [p.data for p in block.parameters()]  # before a move to the compute device
-        block.to(device)
-        all_layers = _linear_layers(block, block_prefix)
-        for name, m in all_layers.items():
-            records.setdefault(name, LayerRecord(name, _shape(m)))
-        # statistics a transform pass handed on
-        stats: dict[str, LayerStats] = {}
-        stats_kinds: frozenset[str] = frozenset()
-        float_moved = False  # the float stream advances once per block, at the first "cross" statistics
-        if float_inputs is not None and not any("cross" in r.stats and any(map(p.cfg.applies_to, all_layers))
-                                                for p, r in zip(passes, reqs, strict=True)):
-            float_inputs, float_moved = propagate(block, float_inputs, device), True
-        finished: set[str] = set()  # layers the previous pass, fused with this one, already did
-        for j, (p, req) in enumerate(zip(passes, reqs, strict=True)):
-            layers = {n: m for n, m in _linear_layers(block, block_prefix).items()
-                      if p.cfg.applies_to(n) and n not in finished}
-            for name in finished:
-                records[name].passes.append(p.name)
-                records[name].notes.update({"quantized_by": f"joint sweep with {passes[j - 1].name}"})
-            finished = set()
-            if not layers and not req.block_io:
-                continue
-            t = time.perf_counter()
-            work = BlockWork(i, block, block_prefix, model_type, layers, inputs=inputs, device=device,
-                             float_outputs=float_inputs if float_moved else None, fused=fused.get(j))
-            if req.stats and not (req.stats <= stats_kinds and set(layers) <= set(stats)):
-                needs = req.stats - {"cross"} if float_moved else req.stats
-                stats, stats_kinds = _collect_stats(block, layers, needs, inputs, device, float_inputs), needs
-                float_moved = float_moved or "cross" in needs
-            work.stats = stats
-            with torch.no_grad():
-                p.apply(work, partial(_replace, block, block_prefix))
-            if not req.preserves_stats:
-                stats, stats_kinds = {}, frozenset()
-            seconds[f"{j}:{p.name}"] += time.perf_counter() - t
-            for name, note in work.notes.items():
-                records[name].passes.append(p.name)
-                records[name].notes.update(note)
-            if work.fused is not None:
-                finished = work.finished
-        for name, m in _linear_layers(block, block_prefix).items():  # structured pruning shrinks layers
-            records[name].shape = _shape(m)
-        for m in block.modules():  # e.g. dense copies kept for mask refinement live one block only
-            if isinstance(m, CompressedLinear):
-                m.fmt.drop_block_scratch()
+        loaded_weights = [p.data for p in block.parameters()]
+        done = stage.finished(i) if stage is not None else None
+        if done is not None:  # a resumed run: the stage holds this block
+            if float_inputs is not None:
+                with on_compute(block, device):
+                    float_inputs = propagate(block, float_inputs, device)
+            stage.load(i, block)
+            _restore_block(done, passes, i, records, seconds)
+        else:
+            with on_compute(block, device):
+                float_inputs = _compress_block(i, block, block_prefix, model_type, passes, reqs, records, seconds,
+                                               inputs, float_inputs, device)
+            if stage is not None:
+                stage.commit(i, block, block_prefix, _block_entry(block_prefix, passes, i, records, seconds))
         if inputs is not None and i + 1 < len(blocks):  # the last block's outputs feed nothing
-            inputs = propagate(block, inputs, device)
-        block.to(original_device)
+            with on_compute(block, device):
+                inputs = propagate(block, inputs, device)
         _release_replaced(block, loaded_weights)
         del loaded_weights
         return_freed_heap()
@@ -322,6 +257,74 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
             records = _renumber(records, prefix, info.pop("kept_blocks", None))
             allocation[f"{j}:{p.name}"] = info
     return PipelineResult(records, seconds, calib_s, allocation)
+
+
+def _compress_block(i, block, block_prefix, model_type, passes, reqs, records, seconds, inputs, float_inputs,
+                    device):
+    """Run every pass on block ``i`` (on the compute device); returns the float stream, moved past the block
+    when a pass needed it."""
+    fused = fused_pairs(passes)
+    all_layers = _linear_layers(block, block_prefix)
+    for name, m in all_layers.items():
+        records.setdefault(name, LayerRecord(name, _shape(m)))
+    # statistics a transform pass handed on
+    stats: dict[str, LayerStats] = {}
+    stats_kinds: frozenset[str] = frozenset()
+    float_moved = False  # the float stream advances once per block, at the first "cross" statistics
+    if float_inputs is not None and not any("cross" in r.stats and any(map(p.cfg.applies_to, all_layers))
+                                            for p, r in zip(passes, reqs, strict=True)):
+        float_inputs, float_moved = propagate(block, float_inputs, device), True
+    finished: set[str] = set()  # layers the previous pass, fused with this one, already did
+    for j, (p, req) in enumerate(zip(passes, reqs, strict=True)):
+        layers = {n: m for n, m in _linear_layers(block, block_prefix).items()
+                  if p.cfg.applies_to(n) and n not in finished}
+        for name in finished:
+            records[name].passes.append(p.name)
+            records[name].notes.update({"quantized_by": f"joint sweep with {passes[j - 1].name}"})
+        finished = set()
+        if not layers and not req.block_io:
+            continue
+        t = time.perf_counter()
+        work = BlockWork(i, block, block_prefix, model_type, layers, inputs=inputs, device=device,
+                         float_outputs=float_inputs if float_moved else None, fused=fused.get(j))
+        if req.stats and not (req.stats <= stats_kinds and set(layers) <= set(stats)):
+            needs = req.stats - {"cross"} if float_moved else req.stats
+            stats, stats_kinds = _collect_stats(block, layers, needs, inputs, device, float_inputs), needs
+            float_moved = float_moved or "cross" in needs
+        work.stats = stats
+        with torch.no_grad():
+            p.apply(work, partial(_replace, block, block_prefix))
+        if not req.preserves_stats:
+            stats, stats_kinds = {}, frozenset()
+        seconds[f"{j}:{p.name}"] += time.perf_counter() - t
+        for name, note in work.notes.items():
+            records[name].passes.append(p.name)
+            records[name].notes.update(note)
+        if work.fused is not None:
+            finished = work.finished
+    for name, m in _linear_layers(block, block_prefix).items():  # structured pruning shrinks layers
+        records[name].shape = _shape(m)
+    for m in block.modules():  # e.g. dense copies kept for mask refinement live one block only
+        if isinstance(m, CompressedLinear):
+            m.fmt.drop_block_scratch()
+    return float_inputs
+
+
+def _block_entry(block_prefix: str, passes: list[Pass], i: int, records: dict, seconds: dict) -> dict:
+    """What the stage keeps of a finished block besides its tensors."""
+    return {"records": {n: {"shape": list(r.shape), "passes": r.passes, "notes": r.notes}
+                        for n, r in records.items() if n.startswith(block_prefix + ".")},
+            "seconds": {k: v for k, v in seconds.items()},
+            "pass_state": {str(j): p.block_state(i) for j, p in enumerate(passes)}}
+
+
+def _restore_block(done: dict, passes: list[Pass], i: int, records: dict, seconds: dict) -> None:
+    """A block a resumed run reads back: its records, the passes' seconds so far, and the passes' state."""
+    for n, r in done["records"].items():
+        records[n] = LayerRecord(n, tuple(r["shape"]), list(r["passes"]), dict(r["notes"]))
+    seconds.update(done["seconds"])
+    for j, p in enumerate(passes):
+        p.restore_block_state(i, done["pass_state"].get(str(j), {}))
 
 
 def _release_replaced(block: nn.Module, loaded_weights: list[torch.Tensor]) -> None:
@@ -360,18 +363,17 @@ def plan_globally(model, blocks, prefix, passes, calibration, device, progress) 
                 if any(p.cfg.applies_to(n) for p, _ in planners)]
     fisher = output_fisher(model, targeted, calibration[:samples], device) \
         if any(mp.fisher for _, mp in planners) else {}
-    inputs = capture_block_inputs(model, blocks, calibration[:samples], device)
+    inputs = capture_block_inputs(model, blocks, calibration[:samples], CHUNK)
     scores: dict[int, dict] = {id(p): {} for p, _ in planners}
     task = progress.add("ranking layers", total=len(blocks)) if progress else None
     for i, block in enumerate(blocks):
-        original_device = next(block.parameters()).device
-        block.to(device)
-        for p, mp in planners:
-            layers = {n: m for n, m in _linear_layers(block, f"{prefix}.{i}").items() if p.cfg.applies_to(n)}
-            stats = _collect_stats(block, layers, mp.stats, inputs, device)
-            scores[id(p)].update({n: p.score_layer(n, m, stats.get(n), fisher.get(n)) for n, m in layers.items()})
-        inputs = propagate(block, inputs, device)
-        block.to(original_device)
+        with on_compute(block, device):
+            for p, mp in planners:
+                layers = {n: m for n, m in _linear_layers(block, f"{prefix}.{i}").items() if p.cfg.applies_to(n)}
+                stats = _collect_stats(block, layers, mp.stats, inputs, device)
+                scores[id(p)].update({n: p.score_layer(n, m, stats.get(n), fisher.get(n))
+                                      for n, m in layers.items()})
+            inputs = propagate(block, inputs, device)
         if task is not None:
             progress.advance(task)
     return {f"{passes.index(p)}:{p.name}": p.plan_model(scores[id(p)]) for p, _ in planners}

@@ -19,20 +19,23 @@ import torch
 import yaml
 
 from . import __version__
+from .blocks import on_compute
 from .budgets import BudgetCheck, check_budgets, measures_latency
 from .checkpoint import DTYPES, checkpoint_content, round_to_storage, save_checkpoint
 from .data import calibration_batches, evaluation_windows, resolve_source
 from .errors import CompressError, OutputError
 from .evaluate import decode_latency, evaluate
 from .families import find_blocks
-from .models import check_spec, resolve
+from .models import check_spec, resolve, torch_dtype
 from .modules import parameter_count
-from .pipeline import needs_calibration, plan, run_passes
+from .pipeline import check_resumable, needs_calibration, plan, run_passes
 from .progress import Progress
 from .recipe import deprecations, load_recipe
 from .report import REPORT_SCHEMA_VERSION, write_reports
 from .report.model import Layer, ModelInfo, OnnxReport, PassTime, Report, Size, Timing
 from .resources import check_resources
+from .shards import DEFAULT_MAX_SHARD
+from .stage import RunStage, stage_folder
 from .staging import output_lock, staged_folder
 from .tasks import check_tasks_available, task_accuracy
 
@@ -97,10 +100,12 @@ def _quality(model, tokenizer, windows, dev, recipe, progress, label, log, refer
     ev = recipe.evaluate
     result, logprobs = evaluate(model, windows, dev, reference=reference, keep_logprobs=ev.kl and reference is None,
                                 progress=progress, label=f"evaluating {label}")
-    if measures_latency(recipe):
-        result.latency_ms = decode_latency(model, windows[0, :64], ev.latency_tokens, dev)
-    if ev.tasks:
-        result.tasks = task_accuracy(model, tokenizer, ev.tasks, ev.tasks_limit, dev)
+    if measures_latency(recipe) or ev.tasks:  # these run the whole model at once: it is brought to memory
+        with on_compute(model, dev):
+            if measures_latency(recipe):
+                result.latency_ms = decode_latency(model, windows[0, :64], ev.latency_tokens, dev)
+            if ev.tasks:
+                result.tasks = task_accuracy(model, tokenizer, ev.tasks, ev.tasks_limit, dev)
     log(f"{label}: perplexity {result.perplexity:.4f}" +
         (f", KL {result.kl_divergence:.4f}" if result.kl_divergence is not None else "") +
         (f", {result.latency_ms:.2f} ms/token" if result.latency_ms is not None else "") +
@@ -108,9 +113,21 @@ def _quality(model, tokenizer, windows, dev, recipe, progress, label, log, refer
     return result, logprobs
 
 
+@dataclass
+class LoadOptions:
+    """How the model is read and the output written: ``dtype`` (``auto``: the checkpoint's own), ``resume`` from
+    the stage a stopped run left, ``max_shard_bytes`` of the checkpoint's files."""
+
+    dtype: str = "auto"
+    resume: bool = False
+    max_shard_bytes: int = DEFAULT_MAX_SHARD
+    allow_pickle: bool = False
+
+
 def run(recipe_path, model_spec: str, out: str | None = None, device: str = "auto", overrides=(),
         seed: int | None = None, force: bool = False, quiet: bool = False, keep_failed: bool = False,
-        log=print, allow_pickle: bool = False, ignore_resource_check: bool = False) -> RunOutcome:
+        log=print, allow_pickle: bool = False, ignore_resource_check: bool = False,
+        options: LoadOptions | None = None) -> RunOutcome:
     t_start = time.perf_counter()
     log = RunLog(log)
     recipe = load_recipe(recipe_path, list(overrides))
@@ -123,6 +140,9 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
     resolve_source(recipe.evaluate.dataset)
     check_tasks_available(recipe.evaluate.tasks)
     check_spec(model_spec)
+    options = options or LoadOptions()
+    options.allow_pickle = options.allow_pickle or allow_pickle
+    torch_dtype(options.dtype)
     out_dir = Path(out) if out else default_out_dir(recipe.name or Path(recipe_path).stem, model_spec)
     with output_lock(out_dir):  # one run writes an output folder at a time
         if out_dir.exists() and not force:
@@ -132,20 +152,43 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
             need = check_resources(model_spec, recipe, out_dir, dev, needs_data)
             if need is not None:
                 log(f"estimated need: {need.memory / 1e9:.1f} GB memory, {need.disk / 1e9:.1f} GB disk")
-        return _execute(recipe, passes, needs_data, model_spec, out_dir, dev, quiet, keep_failed, log, t_start,
-                        allow_pickle)
+        if options.resume:
+            check_resumable(passes)
+        stage = RunStage(stage_folder(out_dir), _stage_key(recipe, model_spec, options), recipe.export.dense_dtype,
+                         options.resume)
+        try:
+            outcome = _execute(recipe, passes, needs_data, model_spec, out_dir, dev, quiet, keep_failed, log,
+                               t_start, options, stage)
+        except CompressError:
+            stage.remove()
+            raise
+        except BaseException:  # killed, interrupted, crashed: the finished blocks stay for --resume
+            if stage.blocks:
+                log(f"{len(stage.blocks)} finished block(s) kept in {stage.folder}: run again with --resume")
+            else:
+                stage.remove()
+            raise
+        stage.remove()
+        return outcome
+
+
+def _stage_key(recipe, model_spec: str, options: LoadOptions) -> dict:
+    """What must be equal for a stage to be resumed."""
+    return {"recipe_hash": recipe.digest(), "model": model_spec, "dtype": options.dtype,
+            "compress_version": __version__}
 
 
 def _execute(recipe, passes, needs_data, model_spec, out_dir, dev, quiet, keep_failed, log, t_start,
-             allow_pickle) -> RunOutcome:
+             options: LoadOptions, stage: RunStage) -> RunOutcome:
     """Load, compress, evaluate, gate and write: the work of :func:`run` once its input was checked."""
     seed_everything(recipe.seed)
 
     with Progress(enabled=not quiet) as progress:
         t = time.perf_counter()
-        log(f"loading model {model_spec}")
-        model, tokenizer, info = resolve(model_spec, allow_pickle=allow_pickle)
-        model.to(dev)
+        log(f"loading model {model_spec}" + (f" (resuming after {len(stage.blocks)} finished blocks)"
+                                             if stage.blocks else ""))
+        model, tokenizer, info = resolve(model_spec, dtype=torch_dtype(options.dtype),
+                                         allow_pickle=options.allow_pickle)
         base_params = parameter_count(model)
         load_s = time.perf_counter() - t
 
@@ -165,7 +208,7 @@ def _execute(recipe, passes, needs_data, model_spec, out_dir, dev, quiet, keep_f
         for line in deprecations(recipe):
             log(f"deprecated: {line}")
         log(f"running {len(passes)} pass(es): {', '.join(p.name for p in passes) or 'none'}")
-        result = run_passes(model, passes, calibration, dev, progress)
+        result = run_passes(model, passes, calibration, dev, progress, stage)
         round_to_storage(model, recipe.export.dense_dtype)
         compress_s = time.perf_counter() - t
         for key, sec in result.pass_seconds.items():
@@ -197,10 +240,12 @@ def _execute(recipe, passes, needs_data, model_spec, out_dir, dev, quiet, keep_f
     with staged_folder(out_dir) as tmp:
         if recipe.export.checkpoint:
             save_checkpoint(model, tokenizer, tmp, recipe.export.dense_dtype, content=content,
-                            extra={"recipe_hash": recipe.digest(), "compress_version": __version__})
+                            extra={"recipe_hash": recipe.digest(), "compress_version": __version__},
+                            max_shard_bytes=options.max_shard_bytes)
             report.size.checkpoint_file_bytes = sum(f.stat().st_size for f in tmp.iterdir())
         if recipe.export.onnx is not None:
-            report.onnx = _export_onnx(model, tokenizer, tmp / "onnx", recipe, windows, log)
+            with on_compute(model, "cpu"):
+                report.onnx = _export_onnx(model, tokenizer, tmp / "onnx", recipe, windows, log)
             report.size.onnx_file_bytes = report.onnx.size["file_bytes"]
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         write_reports(report, tmp)

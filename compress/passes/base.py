@@ -192,6 +192,14 @@ class Pass:
         returns what the report shows, with ``kept_blocks`` {old: new index} when blocks moved."""
         return None
 
+    def block_state(self, index: int) -> dict:
+        """What this pass keeps from block ``index`` for later blocks or :meth:`finalize` (plain JSON values): a
+        resumed run hands it back through :meth:`restore_block_state` instead of running the block again."""
+        return {}
+
+    def restore_block_state(self, index: int, state: dict) -> None:
+        """Take back what :meth:`block_state` gave for a block a resumed run does not run again."""
+
     def apply(self, work: BlockWork, replace) -> None:
         """Compress the block's layers; ``replace(name, new_module)`` swaps a layer in."""
         for name, module in work.layers.items():

@@ -94,6 +94,13 @@ class Structured(Pass):
             raise PlanError("structured pruning applies to every block alike (one width in the config)",
                             "remove targets/exclude/overrides from the structured pass")
 
+    def block_state(self, index: int) -> dict:
+        return {"influence": self.influence[index]} if index in self.influence else {}
+
+    def restore_block_state(self, index: int, state: dict) -> None:
+        if "influence" in state:
+            self.influence[index] = state["influence"]
+
     def apply(self, work, replace):
         if not family(work.model_type).structured_pruning:
             raise PlanError(f"structured pruning supports {', '.join(supporting('structured_pruning'))} blocks, "
