@@ -130,7 +130,7 @@ def bench_main(rows, columns: list[str], to_row, note: str = ""):
     ap.add_argument("--cached-only", action="store_true", help="print the table of stored rows, measure none")
     a = ap.parse_args()
     results = a.results or ROOT / "bench" / "results" / f"{Path(sys.argv[0]).stem}.jsonl"
-    stored = {} if a.fresh else _load_results(results)
+    stored = {} if a.fresh else load_results(results)
     calib = None
     out, commits, base = [], {}, None
     for item in rows(a.llmc_python):
@@ -149,8 +149,8 @@ def bench_main(rows, columns: list[str], to_row, note: str = ""):
                                            "windows": a.windows, "python": a.llmc_python})
             else:
                 r = in_subprocess("ours", {"passes": spec, "calib": str(calib), "windows": a.windows})
-            r = {**r, "commit": _commit(), "measured": time.strftime("%Y-%m-%d %H:%M")}
-            _append_result(results, key, r)
+            r = {**r, "commit": current_commit(), "measured": time.strftime("%Y-%m-%d %H:%M")}
+            append_result(results, key, r)
         out.append(to_row(item, dict(r)))
         commits.setdefault(r.get("commit", "?"), []).append(len(out))
         base = r["base_perplexity"]
@@ -163,21 +163,21 @@ def bench_main(rows, columns: list[str], to_row, note: str = ""):
     print("\nMeasured at " + "; ".join(f"{c} (rows {', '.join(map(str, n))})" for c, n in commits.items()))
 
 
-def _commit() -> str:
+def current_commit() -> str:
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                            capture_output=True, text=True).stdout.strip()
     return (git.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 
 
-def _load_results(path: Path) -> dict:
+def load_results(path: Path) -> dict:
     if not path.exists():
         return {}
     records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
     return {rec["key"]: rec["result"] for rec in records}  # a later line for the same key wins
 
 
-def _append_result(path: Path, key: str, result: dict):
+def append_result(path: Path, key: str, result: dict):
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps({"key": key, "result": result}) + "\n")

@@ -50,10 +50,12 @@ def user_errors(json_mode: bool = False, on_error=None):
             err.print(f"error: {e}", markup=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        err.print("interrupted: nothing was written", markup=False)
+        if not os.environ.get("COMPRESS_LAUNCHED"):  # a worker stopped by its launcher, which says why
+            err.print("interrupted: nothing was written", markup=False)
         raise typer.Exit(130) from None
     except Terminated:
-        err.print("terminated: nothing was written", markup=False)
+        if not os.environ.get("COMPRESS_LAUNCHED"):
+            err.print("terminated: nothing was written", markup=False)
         raise typer.Exit(143) from None
 
 
@@ -104,6 +106,9 @@ def run(
                                          "(same recipe, model and options)")] = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="largest checkpoint file, e.g. 5GB, "
                                                 "500MB")] = "5GB",
+    nproc: Annotated[int, typer.Option("--nproc", help="workers on this machine (torch.distributed, gloo): "
+                                       "calibration and evaluation split, statistics summed, layers solved in "
+                                       "parallel")] = 1,
 ):
     """Compress MODEL with RECIPE, evaluate it, write checkpoint + report, and check budgets.
 
@@ -126,8 +131,25 @@ def run(
 
     with user_errors(json_, junit_error):
         options = LoadOptions(dtype, resume, parse_size(max_shard_size, "--max-shard-size"), allow_pickle)
+        if nproc < 1:
+            raise CompressError(f"--nproc {nproc}: a run needs at least one worker", "use --nproc 1 or more")
+        if nproc > 1 and "WORLD_SIZE" not in os.environ:  # start the workers; each runs this command
+            from .distributed import launch
+            from .runner import check_run
+
+            checked = check_run(recipe, model, out_dir, set_ or [], seed, force, options, nproc)
+            argv = ["run", str(recipe), model, "--out", str(checked.out_dir), "--device", device, "--dtype", dtype,
+                    "--max-shard-size", max_shard_size, *[a for s in set_ or [] for a in ("--set", s)],
+                    *(["--seed", str(seed)] if seed is not None else []),
+                    *[flag for flag, on in (("--force", force), ("--keep-failed", keep_failed), ("--quiet", quiet),
+                                            ("--allow-pickle", allow_pickle), ("--resume", resume),
+                                            ("--ignore-resource-check", ignore_resource_check), ("--json", json_))
+                      if on], *(["--junit", str(junit)] if junit else [])]
+            raise typer.Exit(launch(argv, nproc, lambda line: err.print(line, markup=False, soft_wrap=True)))
         outcome = run_recipe(recipe, model, out_dir, device, set_ or [], seed, force, quiet or json_,
                              keep_failed, log, ignore_resource_check=ignore_resource_check, options=options)
+    if outcome.worker != 0:
+        return
     if junit:
         write_atomically(junit, budgets_xml(outcome.report))
     if os.environ.get("GITHUB_STEP_SUMMARY"):

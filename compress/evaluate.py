@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .blocks import after_blocks, capture_block_inputs, on_compute, propagate, returns_tuple
 from .families import find_blocks
 from .modules import dequantized_weights
@@ -64,6 +65,8 @@ def evaluate(model, windows: torch.Tensor, device="cpu", reference: Sequence[tor
     t0 = time.perf_counter()
     _, blocks = find_blocks(model)
     task = progress.add(label, total=len(blocks) + 1) if progress else None
+    total_windows = windows.shape[0]
+    windows = distributed.WORLD.share(windows)  # a distributed run: this worker's windows; the sums are reduced
     hidden = capture_block_inputs(model, blocks, windows, EVAL_BATCH)
     as_tuple = False
     for i, block in enumerate(blocks):
@@ -94,9 +97,13 @@ def evaluate(model, windows: torch.Tensor, device="cpu", reference: Sequence[tor
                 kept.append(logp.half().cpu())
     if progress is not None and task is not None:
         progress.advance(task)
+    sums = torch.tensor([nll_sum, count, kl_sum, agree], dtype=torch.float64)
+    distributed.WORLD.all_reduce([sums], "evaluation")
+    nll_sum, kl_sum, agree = sums[0].item(), sums[2].item(), sums[3].item()
+    count = int(sums[1].item())
     nll = nll_sum / count
     compared = reference is not None
-    result = Quality(perplexity=math.exp(nll), nll=nll, tokens=count, windows=windows.shape[0],
+    result = Quality(perplexity=math.exp(nll), nll=nll, tokens=count, windows=total_windows,
                      seq_len=windows.shape[1], seconds=time.perf_counter() - t0,
                      kl_divergence=kl_sum / count if compared else None,
                      top1_agreement=agree / count if compared else None)

@@ -13,6 +13,7 @@ When no pass needs data, no calibration forward runs at all.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,6 +21,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from . import distributed
 from .blocks import capture_block_inputs, on_compute, propagate, run_block
 from .errors import PlanError
 from .families import find_blocks
@@ -64,6 +66,16 @@ def check_resumable(passes: list[Pass]) -> None:
         raise PlanError(f"--resume cannot rebuild the float activations pass {crossing[0] + 1} ({p.name}) reads "
                         f"after pass 1 ({passes[0].name}) changed the block",
                         "run again without --resume (it starts over)")
+
+
+def check_distributable(passes: list[Pass], workers: int) -> None:
+    """Passes that read a block's whole calibration input (``block_io``) see one worker's share only: refused on a
+    distributed run."""
+    if workers > 1:
+        for i, p in enumerate(passes):
+            if p.requirements().block_io:
+                raise PlanError(f"pass {i + 1} ({p.name}) reads each block's whole calibration input and cannot be "
+                                "spread over workers", "run it with --nproc 1")
 
 
 def needs_calibration(passes: list[Pass]) -> bool:
@@ -172,8 +184,26 @@ def _collect_stats(block, layers, needs, inputs, device, float_inputs=None) -> d
             collector.end_batch()
             collector.reference = {}
     collector.close()
+    _sum_over_workers(collector.stats)
     return_freed_heap()
     return collector.stats
+
+
+def _sum_over_workers(stats: dict[str, LayerStats]) -> None:
+    """On a distributed run, every statistic summed over the workers' calibration shares, in place (each shared
+    accumulator once, in the order of the layers' names, which every worker agrees on)."""
+    world = distributed.WORLD
+    if world.size == 1:
+        return
+    distinct: list[LayerStats] = []
+    for name in sorted(stats):
+        if all(stats[name] is not st for st in distinct):
+            distinct.append(stats[name])
+    tokens = torch.tensor([float(st.tokens) for st in distinct], dtype=torch.float64)
+    world.all_reduce([tokens, *[t for st in distinct for t in (st.hessian, st.sq_sum, st.x_sum, st.cross)
+                                if t is not None]], "statistics")
+    for st, n in zip(distinct, tokens.tolist(), strict=True):
+        st.tokens = int(n)
 
 
 def _layer_inputs(block, layers, batch, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -215,7 +245,7 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
     needs_data = any(r.calibration for r in reqs)
     t0 = time.perf_counter()
     allocation = plan_globally(model, blocks, prefix, passes, calibration, device, progress)
-    inputs = capture_block_inputs(model, blocks, calibration, CHUNK) \
+    inputs = capture_block_inputs(model, blocks, distributed.WORLD.share(calibration), CHUNK) \
         if needs_data and calibration is not None else None
     # until each block's turn, no weight is read: an evaluation before, or the embeddings just now, made
     # them resident (SmolLM2: 113 MB of embeddings, 538 MB after an evaluation); the file has them
@@ -293,7 +323,10 @@ def _compress_block(i, block, block_prefix, model_type, passes, reqs, records, s
             float_moved = float_moved or "cross" in needs
         work.stats = stats
         with torch.no_grad():
-            p.apply(work, partial(_replace, block, block_prefix))
+            if req.layer_parallel and distributed.WORLD.size > 1:
+                _apply_shared(p, work, partial(_replace, block, block_prefix))
+            else:
+                p.apply(work, partial(_replace, block, block_prefix))
         if not req.preserves_stats:
             stats, stats_kinds = {}, frozenset()
         seconds[f"{j}:{p.name}"] += time.perf_counter() - t
@@ -308,6 +341,31 @@ def _compress_block(i, block, block_prefix, model_type, passes, reqs, records, s
         if isinstance(m, CompressedLinear):
             m.fmt.drop_block_scratch()
     return float_inputs
+
+
+def _apply_shared(p: Pass, work: BlockWork, replace) -> None:
+    """A layer-parallel pass on a distributed run: this worker solves its share of the layers (layers that read
+    one input stay together; shares balanced by a solve's cost, rows x columns^2), then every worker takes in
+    every solved layer, its notes and the layers a fused pass finished."""
+    world = distributed.WORLD
+    groups: dict[int, list[str]] = {}
+    for name in work.layers:
+        groups.setdefault(id(work.stats.get(name)) if name in work.stats else id(name), []).append(name)
+    names = list(groups.values())
+    costs = [sum(math.prod(_shape(work.layers[n])) * _shape(work.layers[n])[1] for n in g) for g in names]
+    mine = {n for g in world.assign(names, costs) for n in g}
+    everything = work.layers
+    work.layers = {n: m for n, m in everything.items() if n in mine}
+    solved: dict[str, nn.Module] = {}
+    p.apply(work, lambda name, new: (solved.__setitem__(name, new), replace(name, new)))
+    work.layers = everything
+    for part in world.all_gather((solved, work.notes, work.finished), "layers"):
+        theirs, notes, finished = part
+        for name, new in theirs.items():
+            if name not in mine:
+                replace(name, new)
+        work.notes.update(notes)
+        work.finished |= finished
 
 
 def _block_entry(block_prefix: str, passes: list[Pass], i: int, records: dict, seconds: dict) -> dict:

@@ -2,11 +2,13 @@
 before it is loaded, and a run that cannot fit is refused with the numbers (``--ignore-resource-check`` runs it
 anyway).
 
-The estimate follows how a run holds the model today: the whole float model in float32, plus the
-compression's working set (a block's statistics and copies, the evaluation's batches), plus the calibration
-activations of one block; outputs are at most the float16 model per written format, staged beside the output
-folder. The factors are upper bounds of what ``bench/quantize.py`` measured on SmolLM2 (peak RSS between 1.8x
-and 4.1x the float32 model, mixed precision highest).
+The estimate follows how a run holds the model: its files are memory-mapped and one decoder block at a time
+is brought to float32 (``blocks.on_compute``), so memory is the process itself, a few float32 copies of one
+block (the block, its compressed form decoded, a pass's work), the largest layer's Hessian and its factor, the
+calibration activations (the blocks' inputs and the float model's), the head in float32 and a batch of logits
+while evaluating. Where the blocks cannot be counted (a GGUF before its conversion) the whole model is
+counted in float32. Disk: the finished blocks staged beside the output, and each written format (at most the
+float16 model each).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path
 
 from .errors import CompressError
 
-WORKING_SET = 4.5      # peak RSS / float32 model bytes, upper bound of the measured recipes
+PROCESS = 0.8e9        # Python, torch and transformers with nothing loaded
+BLOCK_COPIES = 4       # float32 copies of one block alive at once (upper bound)
+WHOLE_MODEL = 4.5      # peak RSS / float32 model bytes where blocks are unknown
 GB = 1e9
 
 
@@ -33,19 +37,39 @@ class Need:
     gpu: float
 
 
-def estimate(parameters: int, recipe, hidden_size: int | None, calibrated: bool = True) -> Need:
-    activations = 0.0
-    if hidden_size and calibrated:
-        cal = recipe.calibration
-        activations = 2 * cal.samples * cal.seq_len * hidden_size * 4  # the block's inputs and the float stream
+@dataclass
+class ModelSize:
+    """What the estimate reads of a model, from its config alone."""
+
+    parameters: int
+    hidden: int | None = None
+    block_parameters: int | None = None  # of one decoder block; None: unknown
+    widest_input: int = 0                # the largest in_features of a block's linear layers
+    head_parameters: int = 0
+    vocab: int = 0
+
+
+def estimate(size: ModelSize, recipe, calibrated: bool = True) -> Need:
     outputs = int(recipe.export.checkpoint) + int(recipe.export.onnx is not None)
-    return Need(parameters, parameters * 4 * WORKING_SET + activations, parameters * 2 * outputs,
-                parameters * 4 + activations)
+    disk = size.parameters * 2 * (outputs + 1)  # + the staged blocks
+    activations = 0.0
+    if size.hidden and calibrated:
+        cal = recipe.calibration
+        activations = 2 * cal.samples * cal.seq_len * size.hidden * 4  # the blocks' inputs and the float stream
+    if size.block_parameters is None:
+        memory = size.parameters * 4 * WHOLE_MODEL + activations
+        return Need(size.parameters, memory, disk, size.parameters * 4 + activations)
+    ev = recipe.evaluate
+    block = BLOCK_COPIES * size.block_parameters * 4
+    hessian = 2 * size.widest_input ** 2 * 4 if calibrated else 0
+    evaluation = ev.max_windows * ev.seq_len * (size.hidden or 0) * 4 + 3 * 2 * ev.seq_len * size.vocab * 4
+    memory = PROCESS + block + hessian + activations + size.head_parameters * 4 + evaluation
+    return Need(size.parameters, memory, disk, block + hessian + activations + evaluation)
 
 
-def model_size(spec: str) -> tuple[int, int | None] | None:
-    """(parameters, hidden size) of MODEL from its files without loading the weights; None when unknown
-    (a hub model that is not cached)."""
+def model_size(spec: str) -> ModelSize | None:
+    """The size of MODEL from its files without loading the weights; None when unknown (a hub model that is
+    not cached)."""
     from .models import ALIASES, cache_dir, check_spec
 
     kind = check_spec(spec)
@@ -63,22 +87,32 @@ def model_size(spec: str) -> tuple[int, int | None] | None:
     return None
 
 
-def _from_config(folder: Path) -> tuple[int, int | None] | None:
+def _from_config(folder: Path) -> ModelSize | None:
     import torch
+    from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .families import find_blocks
 
     try:
         config = AutoConfig.from_pretrained(folder)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
+        _, blocks = find_blocks(model)
     except Exception:  # noqa: BLE001 - a model the loader will refuse with its own message
         return None
-    return sum(p.numel() for p in model.parameters()), getattr(config, "hidden_size", None)
+    head = model.get_output_embeddings()
+    return ModelSize(parameters=sum(p.numel() for p in model.parameters()),
+                     hidden=getattr(config, "hidden_size", None),
+                     block_parameters=sum(p.numel() for p in blocks[0].parameters()),
+                     widest_input=max(m.in_features for m in blocks[0].modules() if isinstance(m, nn.Linear)),
+                     head_parameters=head.weight.numel() if head is not None else 0,
+                     vocab=getattr(config, "vocab_size", 0) or 0)
 
 
-def _from_gguf(path: Path) -> tuple[int, int | None]:
+def _from_gguf(path: Path) -> ModelSize:
     """A rough count from the file size: GGUF weights take 4-8 bits each; assume 4.5 (over-counting is safe)."""
-    return int(path.stat().st_size * 8 / 4.5), None
+    return ModelSize(int(path.stat().st_size * 8 / 4.5))
 
 
 def available_memory() -> float:
@@ -112,12 +146,12 @@ def check_resources(spec: str, recipe, out_dir: Path, device, calibrated: bool =
     size = model_size(spec)
     if size is None:
         return None
-    need = estimate(size[0], recipe, size[1], calibrated)
+    need = estimate(size, recipe, calibrated)
     hint = "free some, choose a smaller model, or pass --ignore-resource-check to try anyway"
     have = available_memory()
     if need.memory > have:
         raise ResourceError(f"not enough memory: this run needs about {need.memory / GB:.1f} GB "
-                            f"({need.parameters / 1e9:.2f}B parameters held in float32 while compressing), "
+                            f"({need.parameters / 1e9:.2f}B parameters, one block at a time in float32), "
                             f"{have / GB:.1f} GB is available", hint)
     disk = free_disk(out_dir.parent)
     if need.disk > disk:

@@ -11,6 +11,7 @@ import random
 import re
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import yaml
 
-from . import __version__
+from . import __version__, distributed
 from .blocks import on_compute
 from .budgets import BudgetCheck, check_budgets, measures_latency
 from .checkpoint import DTYPES, checkpoint_content, round_to_storage, save_checkpoint
@@ -28,7 +29,7 @@ from .evaluate import decode_latency, evaluate
 from .families import find_blocks
 from .models import check_spec, resolve, torch_dtype
 from .modules import parameter_count
-from .pipeline import check_resumable, needs_calibration, plan, run_passes
+from .pipeline import check_distributable, check_resumable, needs_calibration, plan, run_passes
 from .progress import Progress
 from .recipe import deprecations, load_recipe
 from .report import REPORT_SCHEMA_VERSION, write_reports
@@ -43,8 +44,9 @@ from .tasks import check_tasks_available, task_accuracy
 @dataclass
 class RunOutcome:
     report: Report
-    out_dir: Path | None       # None when nothing was kept (budget missed)
+    out_dir: Path | None       # None when nothing was kept (budget missed), and on workers other than 0
     checks: list[BudgetCheck]
+    worker: int = 0            # which worker of a distributed run this is (only worker 0 reports)
 
     @property
     def passed(self) -> bool:
@@ -100,7 +102,7 @@ def _quality(model, tokenizer, windows, dev, recipe, progress, label, log, refer
     ev = recipe.evaluate
     result, logprobs = evaluate(model, windows, dev, reference=reference, keep_logprobs=ev.kl and reference is None,
                                 progress=progress, label=f"evaluating {label}")
-    if measures_latency(recipe) or ev.tasks:  # these run the whole model at once: it is brought to memory
+    if (measures_latency(recipe) or ev.tasks) and distributed.WORLD.main:  # the whole model at once, in memory
         with on_compute(model, dev):
             if measures_latency(recipe):
                 result.latency_ms = decode_latency(model, windows[0, :64], ev.latency_tokens, dev)
@@ -124,66 +126,112 @@ class LoadOptions:
     allow_pickle: bool = False
 
 
-def run(recipe_path, model_spec: str, out: str | None = None, device: str = "auto", overrides=(),
-        seed: int | None = None, force: bool = False, quiet: bool = False, keep_failed: bool = False,
-        log=print, allow_pickle: bool = False, ignore_resource_check: bool = False,
-        options: LoadOptions | None = None) -> RunOutcome:
-    t_start = time.perf_counter()
-    log = RunLog(log)
+@dataclass
+class CheckedRun:
+    """A run's inputs once checked (before any model is loaded)."""
+
+    recipe: object
+    passes: list
+    needs_data: bool
+    out_dir: Path
+
+
+def check_run(recipe_path, model_spec: str, out: str | None, overrides=(), seed: int | None = None,
+              force: bool = False, options: LoadOptions | None = None, workers: int = 1) -> CheckedRun:
+    """Every check that needs no model: recipe, plan, data sources, tasks, MODEL's spelling, options, the output
+    folder. A distributed run does them once, before starting its workers."""
     recipe = load_recipe(recipe_path, list(overrides))
     if seed is not None:
         recipe.seed = seed
     passes = plan(recipe.passes)
+    check_distributable(passes, workers)
     needs_data = needs_calibration(passes)
     if needs_data:
         resolve_source(recipe.calibration.dataset)
+        if recipe.calibration.samples < workers:
+            raise CompressError(f"{workers} workers need at least {workers} calibration samples "
+                                f"(the recipe has {recipe.calibration.samples})", "raise calibration.samples")
     resolve_source(recipe.evaluate.dataset)
+    if recipe.evaluate.max_windows < workers:
+        raise CompressError(f"{workers} workers need at least {workers} evaluation windows "
+                            f"(the recipe has {recipe.evaluate.max_windows})", "raise evaluate.max_windows")
     check_tasks_available(recipe.evaluate.tasks)
     check_spec(model_spec)
     options = options or LoadOptions()
-    options.allow_pickle = options.allow_pickle or allow_pickle
     torch_dtype(options.dtype)
+    if options.resume:
+        check_resumable(passes)
     out_dir = Path(out) if out else default_out_dir(recipe.name or Path(recipe_path).stem, model_spec)
-    with output_lock(out_dir):  # one run writes an output folder at a time
-        if out_dir.exists() and not force:
-            raise OutputError(f"output folder {out_dir} already exists", "pass --force to replace it, or --out DIR")
-        dev = pick_device(device)
-        if not ignore_resource_check:
-            need = check_resources(model_spec, recipe, out_dir, dev, needs_data)
-            if need is not None:
-                log(f"estimated need: {need.memory / 1e9:.1f} GB memory, {need.disk / 1e9:.1f} GB disk")
-        if options.resume:
-            check_resumable(passes)
-        stage = RunStage(stage_folder(out_dir), _stage_key(recipe, model_spec, options), recipe.export.dense_dtype,
-                         options.resume)
-        try:
-            outcome = _execute(recipe, passes, needs_data, model_spec, out_dir, dev, quiet, keep_failed, log,
-                               t_start, options, stage)
-        except CompressError:
-            stage.remove()
-            raise
-        except BaseException:  # killed, interrupted, crashed: the finished blocks stay for --resume
-            if stage.blocks:
-                log(f"{len(stage.blocks)} finished block(s) kept in {stage.folder}: run again with --resume")
-            else:
-                stage.remove()
-            raise
+    if out_dir.exists() and not force:
+        raise OutputError(f"output folder {out_dir} already exists", "pass --force to replace it, or --out DIR")
+    return CheckedRun(recipe, passes, needs_data, out_dir)
+
+
+def run(recipe_path, model_spec: str, out: str | None = None, device: str = "auto", overrides=(),
+        seed: int | None = None, force: bool = False, quiet: bool = False, keep_failed: bool = False,
+        log=print, allow_pickle: bool = False, ignore_resource_check: bool = False,
+        options: LoadOptions | None = None) -> RunOutcome:
+    """One worker's run. In a distributed run (the environment torchrun or ``--nproc`` set up) worker 0 takes the
+    output lock, checks resources and writes the outputs; every worker compresses and evaluates its share."""
+    t_start = time.perf_counter()
+    options = options or LoadOptions()
+    options.allow_pickle = options.allow_pickle or allow_pickle
+    world = distributed.join_from_environment()
+    log = RunLog(log if world.main else None)
+    try:
+        checked = check_run(recipe_path, model_spec, out, overrides, seed, force, options, world.size)
+        out_dir = checked.out_dir
+        with output_lock(out_dir) if world.main else nullcontext():  # one run writes an output folder at a time
+            if out_dir.exists() and not force:
+                raise OutputError(f"output folder {out_dir} already exists", "pass --force to replace it, or --out DIR")
+            dev = pick_device(device)
+            if not ignore_resource_check and world.main:
+                need = check_resources(model_spec, checked.recipe, out_dir, dev, checked.needs_data)
+                if need is not None:
+                    log(f"estimated need: {need.memory / 1e9:.1f} GB memory, {need.disk / 1e9:.1f} GB disk")
+            folder = stage_folder(out_dir)
+            if not world.main:
+                folder = folder.with_name(f"{folder.name}-worker{world.rank}")
+            stage = RunStage(folder, _stage_key(checked.recipe, model_spec, options, world.size),
+                             checked.recipe.export.dense_dtype, options.resume)
+            return _staged(stage, lambda: _execute(checked, model_spec, dev, quiet, keep_failed, log, t_start,
+                                                   options, stage), log)
+    finally:
+        distributed.leave()
+
+
+def _staged(stage: RunStage, work, log):
+    """``work()``, keeping the stage's finished blocks when the run is killed, interrupted or crashes (for
+    ``--resume``) and removing them when it ends, or stops on bad input."""
+    try:
+        outcome = work()
+    except CompressError:
         stage.remove()
-        return outcome
+        raise
+    except BaseException:
+        if stage.blocks:
+            log(f"{len(stage.blocks)} finished block(s) kept in {stage.folder}: run again with --resume")
+        else:
+            stage.remove()
+        raise
+    stage.remove()
+    return outcome
 
 
-def _stage_key(recipe, model_spec: str, options: LoadOptions) -> dict:
+def _stage_key(recipe, model_spec: str, options: LoadOptions, workers: int) -> dict:
     """What must be equal for a stage to be resumed."""
-    return {"recipe_hash": recipe.digest(), "model": model_spec, "dtype": options.dtype,
+    return {"recipe_hash": recipe.digest(), "model": model_spec, "dtype": options.dtype, "workers": workers,
             "compress_version": __version__}
 
 
-def _execute(recipe, passes, needs_data, model_spec, out_dir, dev, quiet, keep_failed, log, t_start,
-             options: LoadOptions, stage: RunStage) -> RunOutcome:
+def _execute(checked: CheckedRun, model_spec, dev, quiet, keep_failed, log, t_start, options: LoadOptions,
+             stage: RunStage) -> RunOutcome:
     """Load, compress, evaluate, gate and write: the work of :func:`run` once its input was checked."""
+    recipe, passes, needs_data, out_dir = checked.recipe, checked.passes, checked.needs_data, checked.out_dir
+    world = distributed.WORLD
     seed_everything(recipe.seed)
 
-    with Progress(enabled=not quiet) as progress:
+    with Progress(enabled=not quiet and world.main) as progress:
         t = time.perf_counter()
         log(f"loading model {model_spec}" + (f" (resuming after {len(stage.blocks)} finished blocks)"
                                              if stage.blocks else ""))
@@ -234,9 +282,10 @@ def _execute(recipe, passes, needs_data, model_spec, out_dir, dev, quiet, keep_f
     for c in checks:
         log(f"budget {c.name}: {'pass' if c.passed else 'FAIL'} (actual {c.actual}, limit {c.limit})")
 
+    report.workers, report.communication_bytes = world.size, dict(world.traffic)
     keep = report.budgets_passed or keep_failed
-    if not keep:
-        return RunOutcome(report, None, checks)
+    if not keep or not world.main:
+        return RunOutcome(report, None, checks, world.rank)
     with staged_folder(out_dir) as tmp:
         if recipe.export.checkpoint:
             save_checkpoint(model, tokenizer, tmp, recipe.export.dense_dtype, content=content,

@@ -136,13 +136,14 @@ def test_mixed_precision_never_exceeds_its_target(smol, data, target):
 def test_layers_sharing_an_input_are_quantized_in_one_sweep_with_the_same_result(smol, data):
     """q/k/v and gate/up share a Hessian and go through GPTQ stacked; every layer must get what
     gptq_quantize gives it alone (codes equal up to float-rounding ties, same output error)."""
-    from compress.pipeline import _collect_stats, _linear_layers, capture_block_inputs
+    from compress.blocks import capture_block_inputs
+    from compress.pipeline import _collect_stats, _linear_layers
 
     model, _, _ = smol
     calib = data[0][:4]
     _, blocks = find_blocks(model)
     layers = _linear_layers(blocks[0], "model.layers.0")
-    stats = _collect_stats(blocks[0], layers, frozenset({"hessian"}), capture_block_inputs(model, blocks, calib, "cpu"),
+    stats = _collect_stats(blocks[0], layers, frozenset({"hessian"}), capture_block_inputs(model, blocks, calib, 4),
                            "cpu")
     assert stats["model.layers.0.self_attn.q_proj"] is stats["model.layers.0.self_attn.v_proj"]  # shared input
     spec = QuantSpec(3, 64, clip_search=True)
@@ -163,12 +164,13 @@ def test_layers_sharing_an_input_are_quantized_in_one_sweep_with_the_same_result
 def test_statistics_forwards_that_stop_early_equal_full_forwards(smol, data):
     """Batches after the first stop at the last hooked layer's input: Hessians and squared sums must
     equal hooks on full forwards of the same real block and text."""
-    from compress.pipeline import _collect_stats, _linear_layers, capture_block_inputs
+    from compress.blocks import capture_block_inputs
+    from compress.pipeline import _collect_stats, _linear_layers
 
     model, _, _ = smol
     calib = data[0]
     _, blocks = find_blocks(model)
-    inputs = capture_block_inputs(model, blocks, calib[:4], "cpu") + capture_block_inputs(
+    inputs = capture_block_inputs(model, blocks, calib[:4], 4) + capture_block_inputs(
         model, blocks, calib[4:], "cpu")
     assert len(inputs) == 2  # the early stop only acts from the second batch on
     layers = _linear_layers(blocks[0], "b")

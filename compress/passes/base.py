@@ -133,13 +133,16 @@ class Requirements:
     "cross"} ("cross": against the float model's inputs of the same layers); ``block_io``: the block's
     calibration inputs (``BlockWork.inputs``); ``float_outputs``: the float model's outputs of the block
     (``BlockWork.float_outputs``); ``preserves_stats``: the block's statistics stay valid after this pass
-    (the next pass reuses them); ``model_plan``: a model-wide look before the first block, or None."""
+    (the next pass reuses them); ``model_plan``: a model-wide look before the first block, or None;
+    ``layer_parallel``: each layer's result depends only on that layer and its statistics (layers sharing an
+    input may be solved together), so workers of a distributed run can solve different layers."""
 
     stats: frozenset[str] = frozenset()
     block_io: bool = False
     float_outputs: bool = False
     preserves_stats: bool = False
     model_plan: ModelPlan | None = None
+    layer_parallel: bool = False
 
     @property
     def calibration(self) -> bool:

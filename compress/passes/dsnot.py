@@ -67,7 +67,7 @@ class DSnoT(Pass):
     Config = DSnoTConfig
 
     def requirements(self):
-        return Requirements(stats=frozenset({"hessian"}))
+        return Requirements(stats=frozenset({"hessian"}), layer_parallel=True)
 
     def check_plan(self, passes):
         i = passes.index(self)

@@ -155,7 +155,7 @@ class GPTQ(QuantizingPass):
 
     def requirements(self):
         stats = {"hessian", "cross"} if self.cfg.float_target_strength > 0 else {"hessian"}
-        return Requirements(stats=frozenset(stats), model_plan=self.mixed_precision_plan())
+        return Requirements(stats=frozenset(stats), model_plan=self.mixed_precision_plan(), layer_parallel=True)
 
     def apply(self, work, replace):
         """Layers that read the same input (q/k/v, gate/up) share one Hessian and, GPTQ being

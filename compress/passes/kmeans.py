@@ -160,7 +160,8 @@ class KMeans(Pass):
         feedback = self.cfg.error_feedback or any(v.get("error_feedback") for v in self.cfg.overrides.values())
         plan = ModelPlan(stats=frozenset(), fisher=True, samples=self.cfg.fisher_samples) \
             if self.cfg.sensitivity == "fisher" else None
-        return Requirements(stats=frozenset({"hessian" if feedback else "sq_sum"}), model_plan=plan)
+        return Requirements(stats=frozenset({"hessian" if feedback else "sq_sum"}), model_plan=plan,
+                            layer_parallel=True)
 
     def score_layer(self, name, module, stats, fisher):
         """The Fisher of the layer's outputs (weights the sensitivity of every output channel)."""

@@ -18,7 +18,7 @@ class Magnitude(PruningPass):
     Config = MagnitudeConfig
 
     def requirements(self):
-        return Requirements(model_plan=self.owl_plan())
+        return Requirements(model_plan=self.owl_plan(), layer_parallel=True)
 
     def compress_layer(self, name, module, stats, cfg):
         w = current_weight(module)

@@ -76,7 +76,7 @@ class QuantizingPass(Pass):
         return ModelPlan(stats=frozenset({"hessian"}), fisher=True, samples=self.cfg.sensitivity_samples)
 
     def requirements(self):
-        return Requirements(model_plan=self.mixed_precision_plan())
+        return Requirements(model_plan=self.mixed_precision_plan(), layer_parallel=True)
 
     def candidate_specs(self) -> list[QuantSpec]:
         return [self.cfg.spec(c.bits, c.group_size) for c in self.cfg.mixed_candidates()]

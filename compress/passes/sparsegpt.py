@@ -151,7 +151,7 @@ class SparseGPT(PruningPass):
     Config = SparseGPTConfig
 
     def requirements(self):
-        return Requirements(stats=frozenset({"hessian"}), model_plan=self.owl_plan())
+        return Requirements(stats=frozenset({"hessian"}), model_plan=self.owl_plan(), layer_parallel=True)
 
     def fuses_with(self, following):
         """The paper's joint mode: with ``joint_quantization``, an unstructured sweep also quantizes for a

@@ -23,7 +23,7 @@ class Wanda(PruningPass):
     Config = WandaConfig
 
     def requirements(self):
-        return Requirements(stats=frozenset({"sq_sum"}), model_plan=self.owl_plan())
+        return Requirements(stats=frozenset({"sq_sum"}), model_plan=self.owl_plan(), layer_parallel=True)
 
     def compress_layer(self, name, module, stats, cfg):
         w = current_weight(module)
