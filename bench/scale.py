@@ -6,7 +6,8 @@ memory-mapped model files too.
 
     python bench/scale.py                       # every shape and recipe (8B: about an hour on 2 cores)
     python bench/scale.py --only 1B             # rows whose name starts with 1B
-    python bench/scale.py --cached-only         # the table of stored rows
+    python bench/scale.py --workers             # 1 and 2 workers on SmolLM2 (w4-gptq), about 15 minutes
+    python bench/scale.py --cached-only         # the tables of stored rows
 
 Rows are stored in bench/results/scale.jsonl with the commit they were measured at.
 """
@@ -118,6 +119,52 @@ def measure(model: Path, recipe_name: str, work: Path, device: str) -> dict:
             "model_gb_bf16": 2 * report["model"]["parameters"] / 1e9}
 
 
+def measure_workers(nproc: int, work: Path) -> dict:
+    """recipes/w4-gptq.yaml (AWQ + GPTQ 4-bit g64, 128 x 512 calibration tokens) on SmolLM2 with ``nproc``
+    workers: perplexity, time, and what worker 0 sent."""
+    out = work / f"out-smollm2-w4-gptq-{nproc}"
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    cmd = [sys.executable, "-m", "compress.cli", "run", str(ROOT / "recipes" / "w4-gptq.yaml"), "smollm2-135m",
+           "--out", str(out), "--quiet", "--device", "cpu", "--nproc", str(nproc), "--keep-failed"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if done.returncode not in (0, 1):
+        raise SystemExit(f"--nproc {nproc} failed:\n{done.stderr[-3000:]}")
+    report = json.loads((out / "report.json").read_text())
+    shutil.rmtree(out)
+    blocks = report["model"]["blocks"]
+    sent = report.get("communication_bytes", {})
+    return {"perplexity": report["compressed"]["perplexity"], "base_perplexity": report["base"]["perplexity"],
+            "compress_s": report["timing"]["compress_seconds"], "wall_s": wall,
+            "peak_rss_gb": report["peak_memory_mb"] / 1024, "sent_mb_per_block": {k: v / 1e6 / blocks
+                                                                                    for k, v in sent.items()}}
+
+
+def workers_table(stored: dict, results: Path, a) -> None:
+    rows = []
+    for nproc in (1, 2):
+        key = json.dumps({"row": ["smollm2-135m", "w4-gptq", f"nproc={nproc}"]}, sort_keys=True)
+        r = stored.get(key)
+        if r is None and not a.cached_only:
+            a.models.mkdir(parents=True, exist_ok=True)
+            r = {**measure_workers(nproc, a.models), "commit": current_commit(),
+                 "measured": time.strftime("%Y-%m-%d %H:%M")}
+            append_result(results, key, r)
+            print(f"done: nproc {nproc}: {r}", file=sys.stderr, flush=True)
+        if r is not None:
+            rows.append({"workers": nproc, "perplexity": r["perplexity"], "compress s": r["compress_s"],
+                         "wall s": r["wall_s"], "peak RSS GB (worker 0)": r["peak_rss_gb"],
+                         "sent MB/block (worker 0)": ", ".join(f"{k} {v:.2f}" for k, v in
+                                                               sorted(r["sent_mb_per_block"].items())) or "-",
+                         "commit": r["commit"]})
+    if rows:
+        print("\nSmolLM2-135M, recipes/w4-gptq.yaml (AWQ + GPTQ 4-bit g64, 128 x 512 calibration tokens), "
+              "2 CPU cores shared by all workers")
+        print_table(["workers", "perplexity", "compress s", "wall s", "peak RSS GB (worker 0)",
+                     "sent MB/block (worker 0)", "commit"], rows)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", type=Path, default=Path("/tmp/compress-scale"), help="where the synthetic "
@@ -127,9 +174,13 @@ def main():
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--cached-only", action="store_true")
     ap.add_argument("--keep-models", action="store_true", help="keep the synthetic models after measuring")
+    ap.add_argument("--workers", action="store_true", help="only the table of 1 and 2 workers on SmolLM2")
     a = ap.parse_args()
     results = ROOT / "bench" / "results" / "scale.jsonl"
     stored = {} if a.fresh else load_results(results)
+    if a.workers:
+        workers_table(stored, results, a)
+        return
     rows = []
     for shape in SHAPES:
         for recipe in RECIPES:
@@ -158,6 +209,7 @@ def main():
           "evaluated before and after; GPTQ calibrates on 8 x 256 tokens of pydoc")
     print_table(["shape", "recipe", "params B", "blocks", "bf16 GB", "peak RSS GB", "load s", "compress s",
                  "s/block", "evaluate s", "checkpoint GB", "commit"], rows)
+    workers_table(stored, results, a)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-EXIT_WORKER_DIED = 4
+from .errors import EXIT_WORKER_DIED
 
 
 @dataclass

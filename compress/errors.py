@@ -1,13 +1,14 @@
 """Errors a user can cause. The CLI prints them as one line plus a hint, without a traceback.
 
 Exit codes: 0 success, 1 budget missed, 2 bad input (recipe, model, data, options, output folder),
-3 the ONNX export does not compute what the PyTorch model computes.
+3 the ONNX export does not compute what the PyTorch model computes, 4 a worker of a distributed run died.
 """
 
 EXIT_OK = 0
 EXIT_BUDGET_MISSED = 1
 EXIT_BAD_INPUT = 2
 EXIT_EXPORT_MISMATCH = 3
+EXIT_WORKER_DIED = 4
 
 
 class CompressError(Exception):

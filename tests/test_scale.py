@@ -35,7 +35,7 @@ def sharded_llama(tmp_path_factory, smol):
                                       num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=512, tie_word_embeddings=True)
     model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    model.save_pretrained(folder, max_shard_size="12MB")
+    model.save_pretrained(folder, max_shard_size="4MB")
     smol[1].save_pretrained(folder)
     assert len(list(folder.glob("model-*.safetensors"))) >= 3 and (folder / "model.safetensors.index.json").is_file()
     return folder
@@ -230,3 +230,71 @@ def test_bad_load_options_are_one_line_exit_2(write_recipe, tmp_path, option, va
     recipe = write_recipe("passes:\n  - type: rtn\n    bits: 4\n")
     r = cli("run", recipe, "smollm2-135m", "--out", tmp_path / "out", option, value)
     assert r.exit_code == 2 and needle in r.output and not (tmp_path / "out").exists()
+
+
+def _codes(folder):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    return {k: t for k, t in tensors.items() if k.endswith(".codes")}
+
+
+def test_two_workers_give_the_bytes_of_one_for_rtn_and_the_codes_for_gptq(smol, write_recipe, tmp_path):
+    rtn = write_recipe("passes:\n  - type: rtn\n    bits: 4\n    group_size: 64\n", "rtn.yaml")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli("run", rtn, "smollm2-135m", "--out", one, *SMALL_EVAL).exit_code == 0
+    r = subprocess.run(_run_cmd(rtn, two, "--nproc", "2"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (one / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
+    report = json.loads((two / "report.json").read_text())
+    assert report["workers"] == 2 and report["communication_bytes"]["layers"] > 0
+    ppl = [json.loads((d / "report.json").read_text())["compressed"]["perplexity"] for d in (one, two)]
+    assert abs(ppl[0] - ppl[1]) / ppl[0] < 1e-5  # the same model; the windows are batched differently
+    assert not list(tmp_path.glob(".*partial*"))
+
+    gptq = write_recipe("calibration: {samples: 8, seq_len: 128}\npasses:\n  - type: gptq\n    bits: 4\n"
+                        "    group_size: 64\n    targets: ['model.layers.[0-3].*']\n", "gptq.yaml")
+    one, two = tmp_path / "gptq-one", tmp_path / "gptq-two"
+    assert cli("run", gptq, "smollm2-135m", "--out", one, *SMALL_EVAL).exit_code == 0
+    r = subprocess.run(_run_cmd(gptq, two, "--nproc", "2"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _codes(one), _codes(two)
+    assert len(a) == 4 * 7 and set(a) == set(b)
+    equal = sum((a[k] == b[k]).sum().item() for k in a) / sum(a[k].numel() for k in a)
+    assert equal >= 0.999
+    ppl = [json.loads((d / "report.json").read_text())["compressed"]["perplexity"] for d in (one, two)]
+    assert abs(ppl[0] - ppl[1]) / ppl[0] < 0.005
+    assert json.loads((two / "report.json").read_text())["communication_bytes"]["statistics"] > 0
+
+
+def test_a_worker_that_dies_stops_the_run_in_one_line_and_writes_nothing(smol, write_recipe, tmp_path):
+    recipe = write_recipe("calibration: {samples: 8, seq_len: 128}\npasses:\n  - type: gptq\n    bits: 4\n"
+                          "    group_size: 64\n")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_run_cmd(recipe, out, "--nproc", "2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    state = tmp_path / ".out.partial-worker1" / "stage.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["blocks"]):
+        time.sleep(0.05)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2
+    subprocess.run(["kill", "-9", children[1]])  # worker 1 (started second) is lost
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 4, stderr[-2000:]
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error: worker 1 of 2 died (signal 9)"), stderr[-2000:]
+    assert not out.exists()
+
+
+def test_bad_worker_counts_are_refused_before_any_worker_starts(write_recipe, tmp_path):
+    recipe = write_recipe("passes:\n  - type: rtn\n    bits: 4\n")
+    r = cli("run", recipe, "smollm2-135m", "--out", tmp_path / "out", "--nproc", "0")
+    assert r.exit_code == 2 and "at least one worker" in r.output
+    r = cli("run", recipe, "smollm2-135m", "--out", tmp_path / "out", "--nproc", "3", "--set",
+            "evaluate.max_windows=2")
+    assert r.exit_code == 2 and "3 workers need at least 3 evaluation windows" in r.output
+    tuned = write_recipe("passes:\n  - type: rtn\n    bits: 4\n  - type: tune\n", "tuned.yaml")
+    r = cli("run", tuned, "smollm2-135m", "--out", tmp_path / "out", "--nproc", "2")
+    assert r.exit_code == 2 and "cannot be spread over workers" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "tuned.yaml"]
