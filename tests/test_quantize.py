@@ -170,8 +170,7 @@ def test_statistics_forwards_that_stop_early_equal_full_forwards(smol, data):
     model, _, _ = smol
     calib = data[0]
     _, blocks = find_blocks(model)
-    inputs = capture_block_inputs(model, blocks, calib[:4], 4) + capture_block_inputs(
-        model, blocks, calib[4:], "cpu")
+    inputs = capture_block_inputs(model, blocks, calib[:4], 4) + capture_block_inputs(model, blocks, calib[4:], 4)
     assert len(inputs) == 2  # the early stop only acts from the second batch on
     layers = _linear_layers(blocks[0], "b")
     full = {n: torch.zeros(m.in_features, m.in_features) for n, m in layers.items()}
