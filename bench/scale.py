@@ -26,6 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, append_result, current_commit, load_results, print_table  # noqa: E402
 
+# bench/onnx.py would shadow the onnx package that compress imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 # name -> Llama config fields (the 1B, 3B and 8B shapes are Llama 3.2-1B, 3.2-3B and 3.1-8B)
 SHAPES = {
     "1B-half-depth": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=8, num_attention_heads=32,

@@ -112,8 +112,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(embeddings, "weight", None)
+    get = getattr(model, "get_input_embeddings", None)
+    weight = getattr(get() if callable(get) else None, "weight", None)
     return weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
 
 

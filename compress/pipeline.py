@@ -261,7 +261,7 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
         block_prefix = f"{prefix}.{i}"
         loaded_weights = [p.data for p in block.parameters()]
         done = stage.finished(i) if stage is not None else None
-        if done is not None:  # a resumed run: the stage holds this block
+        if stage is not None and done is not None:  # a resumed run: the stage holds this block
             if float_inputs is not None:
                 with on_compute(block, device):
                     float_inputs = propagate(block, float_inputs, device)
@@ -352,12 +352,17 @@ def _apply_shared(p: Pass, work: BlockWork, replace) -> None:
     for name in work.layers:
         groups.setdefault(id(work.stats.get(name)) if name in work.stats else id(name), []).append(name)
     names = list(groups.values())
-    costs = [sum(math.prod(_shape(work.layers[n])) * _shape(work.layers[n])[1] for n in g) for g in names]
+    costs = [float(sum(math.prod(_shape(work.layers[n])) * _shape(work.layers[n])[1] for n in g)) for g in names]
     mine = {n for g in world.assign(names, costs) for n in g}
     everything = work.layers
     work.layers = {n: m for n, m in everything.items() if n in mine}
     solved: dict[str, nn.Module] = {}
-    p.apply(work, lambda name, new: (solved.__setitem__(name, new), replace(name, new)))
+
+    def keep(name: str, new: nn.Module) -> None:
+        solved[name] = new
+        replace(name, new)
+
+    p.apply(work, keep)
     work.layers = everything
     for part in world.all_gather((solved, work.notes, work.finished), "layers"):
         theirs, notes, finished = part

@@ -31,7 +31,7 @@ from .models import check_spec, resolve, torch_dtype
 from .modules import parameter_count
 from .pipeline import check_distributable, check_resumable, needs_calibration, plan, run_passes
 from .progress import Progress
-from .recipe import deprecations, load_recipe
+from .recipe import Recipe, deprecations, load_recipe
 from .report import REPORT_SCHEMA_VERSION, write_reports
 from .report.model import Layer, ModelInfo, OnnxReport, PassTime, Report, Size, Timing
 from .resources import check_resources
@@ -130,7 +130,7 @@ class LoadOptions:
 class CheckedRun:
     """A run's inputs once checked (before any model is loaded)."""
 
-    recipe: object
+    recipe: Recipe
     passes: list
     needs_data: bool
     out_dir: Path

@@ -118,7 +118,7 @@ def _write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
         f.write(raw)
         for name in order:
             t = tensors[name].detach().cpu().contiguous()
-            data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+            data = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
             f.write(data)
             hashes[name] = hashlib.sha256(data).hexdigest()
             release_clean_pages([t])
