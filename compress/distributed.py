@@ -12,7 +12,8 @@ What each worker does (the :data:`WORLD` of this process says which one it is):
 - perplexity, KL and top-1 agreement are sums over the windows, all-reduced;
 - worker 0 writes the stage, the checkpoint and the reports; the others keep a stage of their own.
 
-The collectives run on gloo over the CPU (activations never travel: only statistics and compressed layers).
+The collectives run on gloo over the CPU, or NCCL between GPUs (activations never travel: only statistics,
+compressed layers and evaluation sums).
 :func:`launch` starts N local workers and watches them: when one dies, the others are stopped and the run
 ends with one line naming it (exit 4); nothing is written to the output, and the finished blocks stay for
 ``--resume``.
@@ -36,6 +37,7 @@ from .errors import EXIT_WORKER_DIED
 class World:
     rank: int = 0
     size: int = 1
+    backend: str = "gloo"
     traffic: dict[str, int] = field(default_factory=dict)  # bytes sent per collective kind, for the report
 
     @property
@@ -51,30 +53,37 @@ class World:
         return rows[lo:hi]
 
     def all_reduce(self, tensors: list[torch.Tensor], kind: str) -> None:
-        """Sum ``tensors`` over the workers, in place (on the CPU; copied back where they live elsewhere)."""
+        """Sum ``tensors`` over the workers, in place (where the backend wants them: the CPU for gloo, this
+        worker's GPU for NCCL; copied back where they live elsewhere)."""
         if self.size == 1:
             return
         import torch.distributed as dist
 
+        where = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
         for t in tensors:
-            host = t.cpu() if t.device.type != "cpu" else t
-            dist.all_reduce(host)
-            if host is not t:
-                t.copy_(host)
-            self._count(kind, host.numel() * host.element_size())
+            moved = t.to(where)
+            dist.all_reduce(moved)
+            if moved is not t:
+                t.copy_(moved)
+            self._count(kind, moved.numel() * moved.element_size())
 
     def all_gather(self, obj, kind: str) -> list:
-        """Every worker's ``obj`` (picklable), in worker order."""
+        """Every worker's ``obj`` (anything ``torch.save`` writes: modules, formats, tensors), in worker order, its
+        tensors on this worker's device (a GPU tensor of worker 1 does not land on worker 0's GPU 1)."""
         if self.size == 1:
             return [obj]
-        import pickle
+        import io
 
         import torch.distributed as dist
 
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
         out: list = [None] * self.size
-        dist.all_gather_object(out, obj)
-        self._count(kind, len(pickle.dumps(obj)))
-        return out
+        dist.all_gather_object(out, buffer.getvalue())
+        self._count(kind, buffer.tell())
+        here = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else "cpu"
+        return [torch.load(io.BytesIO(raw), map_location=here, weights_only=False)  # our own workers' objects
+                for raw in out]
 
     def assign(self, groups: list[list[str]], costs: list[float]) -> list[list[str]]:
         """The groups this worker solves: the costliest first, each to the least loaded worker (the same
@@ -103,9 +112,9 @@ class World:
 WORLD = World()
 
 
-def join_from_environment() -> World:
-    """Join the process group torchrun (or :func:`launch`) described in the environment; a lone process is a
-    world of one."""
+def join_from_environment(device: str = "cpu") -> World:
+    """Join the process group torchrun (or :func:`launch`) described in the environment (NCCL when the run is on
+    GPUs, each worker on GPU ``LOCAL_RANK``; gloo otherwise); a lone process is a world of one."""
     global WORLD
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size > 1 and WORLD.size == 1:
@@ -113,8 +122,11 @@ def join_from_environment() -> World:
 
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=2))
-        WORLD = World(dist.get_rank(), dist.get_world_size())
+        backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
+        WORLD = World(dist.get_rank(), dist.get_world_size(), backend)
     return WORLD
 
 

@@ -54,8 +54,11 @@ class RunOutcome:
 
 
 def pick_device(device: str) -> torch.device:
+    """``auto`` / ``cpu`` / ``cuda``; a worker of a distributed run on GPUs takes GPU ``LOCAL_RANK``."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and torch.cuda.is_available() and distributed.WORLD.size > 1:
+        return torch.device("cuda", torch.cuda.current_device())
     if device == "cuda" and not torch.cuda.is_available():
         raise CompressError("--device cuda was asked for but no CUDA GPU is visible", "use --device cpu or auto")
     if device not in ("cpu", "cuda"):
@@ -176,7 +179,7 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
     t_start = time.perf_counter()
     options = options or LoadOptions()
     options.allow_pickle = options.allow_pickle or allow_pickle
-    world = distributed.join_from_environment()
+    world = distributed.join_from_environment(device)
     log = RunLog(log if world.main else None)
     try:
         checked = check_run(recipe_path, model_spec, out, overrides, seed, force, options, world.size)
