@@ -43,9 +43,9 @@ SHAPES = {
 VOCAB = 128256
 RECIPES = {
     "rtn-w4g64": "passes:\n  - type: rtn\n    bits: 4\n    group_size: 64\n",
-    # GPTQ on block 0 only: its solves cost rows x columns^2 per layer (an 8B block: about 20 minutes on 2 cores,
-    # 11 hours for all 32), while memory peaks the same in every block; the other blocks still run through
-    # calibration, evaluation, staging and writing
+    # GPTQ on block 0 only: its solves cost rows x columns^2 per layer (hours for all blocks of an 8B model on 2
+    # cores), while memory peaks the same in every block; the other blocks still run through calibration,
+    # evaluation, staging and writing
     "gptq-w4g64-block0": "calibration: {samples: 8, seq_len: 256}\npasses:\n  - type: gptq\n    bits: 4\n"
                          "    group_size: 64\n    targets: ['model.layers.0.*']\n",
 }

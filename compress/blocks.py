@@ -46,8 +46,10 @@ def _float_or_same(t: torch.Tensor, dtype) -> torch.Tensor:
 @contextmanager
 def on_compute(module: nn.Module, device, dtype=COMPUTE_DTYPE, skip: tuple[nn.Module, ...] = ()):
     """``module``'s float parameters and buffers on ``device`` in ``dtype`` while the context lasts (a copy only
-    where device or dtype differ); afterwards the original tensors are put back and the pages of the
-    memory-mapped ones handed back to the OS. Tensors of ``skip`` (and of modules inside them) are left alone."""
+    where device or dtype differ, the file pages it was made from handed back at once); afterwards the original
+    tensors are put back, and the pages of every memory-mapped tensor of the module (compressed layers' codes
+    included) handed back to the OS: what a block read from its files does not stay resident after its turn.
+    Tensors of ``skip`` (and of modules inside them) are left alone."""
     skipped = {id(t) for s in skip for t in [*s.parameters(), *s.buffers()]}
     originals: list[tuple[torch.Tensor, torch.Tensor]] = []
     seen: set[int] = set()
@@ -60,6 +62,7 @@ def on_compute(module: nn.Module, device, dtype=COMPUTE_DTYPE, skip: tuple[nn.Mo
         if moved is not data:
             originals.append((t, data))
             t.data = moved
+            release_clean_pages([data])
     tracked = _compressed_devices(module)
     for m in tracked:
         m._device, m.compute_dtype = torch.device(device), dtype
@@ -70,8 +73,9 @@ def on_compute(module: nn.Module, device, dtype=COMPUTE_DTYPE, skip: tuple[nn.Mo
             t.data = data
         for m, (dev, dt) in tracked.items():
             m._device, m.compute_dtype = dev, dt
-        release_clean_pages([d for _, d in originals])
         del originals
+        release_clean_pages([t.data for t in [*module.parameters(), *module.buffers()] if id(t) not in skipped]
+                            + [t for m in _compressed_devices(module) for t in m.fmt.tensors().values()])
         return_freed_heap()
 
 

@@ -166,6 +166,7 @@ def _run_cmd(recipe, out, *extra):
             "--out", str(out), *SMALL_EVAL, *extra]
 
 
+@pytest.mark.slow  # three runs of GPTQ on SmolLM2: about two minutes
 def test_a_killed_run_resumes_from_its_last_finished_block_to_the_same_bytes(smol, write_recipe, tmp_path):
     recipe = write_recipe("calibration: {samples: 4, seq_len: 128}\npasses:\n  - type: gptq\n    bits: 4\n"
                           "    group_size: 64\n    targets: ['model.layers.[0-9].*']\n")
@@ -239,6 +240,7 @@ def _codes(folder):
     return {k: t for k, t in tensors.items() if k.endswith(".codes")}
 
 
+@pytest.mark.slow  # four runs on SmolLM2, two of them with two workers: about a minute
 def test_two_workers_give_the_bytes_of_one_for_rtn_and_the_codes_for_gptq(smol, write_recipe, tmp_path):
     rtn = write_recipe("passes:\n  - type: rtn\n    bits: 4\n    group_size: 64\n", "rtn.yaml")
     one, two = tmp_path / "one", tmp_path / "two"
