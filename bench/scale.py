@@ -6,7 +6,7 @@ memory-mapped model files too.
 
     python bench/scale.py                       # every shape and recipe (8B: about an hour on 2 cores)
     python bench/scale.py --only 1B             # rows whose name starts with 1B
-    python bench/scale.py --workers             # 1 and 2 workers on SmolLM2 (w4-gptq), about 15 minutes
+    python bench/scale.py --workers             # 1 and 2 workers on SmolLM2 (w4-gptq)
     python bench/scale.py --cached-only         # the tables of stored rows
 
 Rows are stored in bench/results/scale.jsonl with the commit they were measured at.
@@ -126,14 +126,18 @@ def measure(model: Path, recipe_name: str, work: Path, device: str) -> dict:
             "model_gb_bf16": 2 * report["model"]["parameters"] / 1e9}
 
 
+WORKERS_SAMPLES = 32
+
+
 def measure_workers(nproc: int, work: Path) -> dict:
-    """recipes/w4-gptq.yaml (AWQ + GPTQ 4-bit g64, 128 x 512 calibration tokens) on SmolLM2 with ``nproc``
+    """recipes/w4-gptq.yaml (AWQ + GPTQ 4-bit g64) with 32 x 512 calibration tokens on SmolLM2 with ``nproc``
     workers: perplexity, time, and what worker 0 sent."""
     out = work / f"out-smollm2-w4-gptq-{nproc}"
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
     cmd = [sys.executable, "-m", "compress.cli", "run", str(ROOT / "recipes" / "w4-gptq.yaml"), "smollm2-135m",
-           "--out", str(out), "--quiet", "--device", "cpu", "--nproc", str(nproc), "--keep-failed"]
+           "--out", str(out), "--quiet", "--device", "cpu", "--nproc", str(nproc), "--keep-failed",
+           "--set", f"calibration.samples={WORKERS_SAMPLES}"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if done.returncode not in (0, 1):
@@ -151,7 +155,8 @@ def measure_workers(nproc: int, work: Path) -> dict:
 def workers_table(stored: dict, results: Path, a) -> None:
     rows = []
     for nproc in (1, 2):
-        key = json.dumps({"row": ["smollm2-135m", "w4-gptq", f"nproc={nproc}"]}, sort_keys=True)
+        key = json.dumps({"row": ["smollm2-135m", "w4-gptq", f"nproc={nproc}"], "samples": WORKERS_SAMPLES},
+                         sort_keys=True)
         r = stored.get(key)
         if r is None and not a.cached_only:
             a.models.mkdir(parents=True, exist_ok=True)
@@ -166,8 +171,8 @@ def workers_table(stored: dict, results: Path, a) -> None:
                                                                sorted(r["sent_mb_per_block"].items())) or "-",
                          "commit": r["commit"]})
     if rows:
-        print("\nSmolLM2-135M, recipes/w4-gptq.yaml (AWQ + GPTQ 4-bit g64, 128 x 512 calibration tokens), "
-              "2 CPU cores shared by all workers")
+        print(f"\nSmolLM2-135M, recipes/w4-gptq.yaml (AWQ + GPTQ 4-bit g64) with {WORKERS_SAMPLES} x 512 "
+              "calibration tokens, 16 x 512 evaluated, 2 CPU cores shared by all workers")
         print_table(["workers", "perplexity", "compress s", "wall s", "peak RSS GB (worker 0)",
                      "sent MB/block (worker 0)", "commit"], rows)
 
@@ -217,7 +222,8 @@ def main():
           "evaluated before and after; GPTQ calibrates on 8 x 256 tokens of pydoc")
     print_table(["shape", "recipe", "params B", "blocks", "bf16 GB", "peak RSS GB", "load s", "compress s",
                  "s/block", "in passes s", "evaluate s", "checkpoint GB", "commit"], rows)
-    workers_table(stored, results, a)
+    if a.only is None:
+        workers_table(stored, results, a)
 
 
 if __name__ == "__main__":
