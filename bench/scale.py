@@ -195,6 +195,7 @@ def main():
         return
     rows = []
     for shape in SHAPES:
+        made = False
         for recipe in RECIPES:
             label = f"{shape} {recipe}"
             if a.only and not label.startswith(a.only):
@@ -204,7 +205,7 @@ def main():
             r = stored.get(key)
             if r is None and not a.cached_only:
                 a.models.mkdir(parents=True, exist_ok=True)
-                model = make_model(shape, a.models)
+                model, made = make_model(shape, a.models), True
                 r = {**measure(model, recipe, a.models, a.device), "commit": current_commit(),
                      "measured": time.strftime("%Y-%m-%d %H:%M")}
                 append_result(results, key, r)
@@ -216,7 +217,7 @@ def main():
                              "in passes s": r.get("pass_s"),
                              "evaluate s": r["evaluate_s"], "checkpoint GB": r["checkpoint_gb"],
                              "commit": r["commit"]})
-        if not a.keep_models and not a.cached_only and (a.models / shape).exists():
+        if made and not a.keep_models:  # a shape this run did not use is left alone
             shutil.rmtree(a.models / shape)
     print(f"Synthetic Llama shapes (random bf16 weights), `compress run` on {a.device}, 2 windows x 256 tokens "
           "evaluated before and after; GPTQ calibrates on 8 x 256 tokens of pydoc")
