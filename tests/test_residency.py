@@ -56,7 +56,9 @@ def test_a_compression_run_gives_back_replaced_weights_and_weights_it_does_not_n
         w.sum()  # make the pages resident, as an evaluation before compressing does
     calibration = calibration_batches("pydoc", tok, 2, 64, seed=0, heldout_spec="pydoc")
     run_passes(model, plan(parse_recipe({"passes": passes}).passes), calibration, "cpu")
-    assert sum(map(resident_bytes, replaced + untouched)) == 0
+    # reading the next block's first tensor may map up to 16 pages around it (the kernel's fault-around, 64 KB)
+    assert all(resident_bytes(w) <= 16 * mmap.PAGESIZE for w in replaced + untouched)
+    assert sum(map(resident_bytes, replaced + untouched)) < 0.01 * sum(w.numel() * 4 for w in replaced + untouched)
     assert resident_bytes(embeddings) < 0.01 * embeddings.numel() * 4
     same_on_the_heap = compress_copy(smol[0], passes, calibration)
     x = evaluation_windows("pydoc", tok, 128, 1, "pydoc")
