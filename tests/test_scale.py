@@ -70,6 +70,7 @@ def test_a_sharded_model_is_compressed_with_one_block_of_float_weights_in_memory
     for ws in source:
         for w in ws:
             w.float().sum()  # resident, as a whole-model pass over the weights would leave them
+    assert _resident_blocks(source) == 6
     resident_at_each_layer = []
 
     class ProbeConfig(PassConfig):
@@ -96,7 +97,8 @@ def test_a_sharded_model_is_compressed_with_one_block_of_float_weights_in_memory
         run_passes(model, plan(recipe.passes), calibration, "cpu", stage=stage)
     finally:
         PASSES.pop("test-residency-probe", None)
-    assert len(resident_at_each_layer) == 6 * 7 and max(resident_at_each_layer) == 1
+    # the block at work is in memory in float32 (its bf16 pages go back as soon as they are copied), the others not
+    assert len(resident_at_each_layer) == 6 * 7 and max(resident_at_each_layer) <= 1
     assert _resident_blocks(source) == 0
     _, blocks = find_blocks(model)
     staged = file_mappings()
