@@ -103,7 +103,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.
         raise _Captured
 
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    device = _model_device(model)
+    device = input_device(model)
     try:
         for part in tokens.split(chunk):
             try:
@@ -115,7 +115,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.
     return captured
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's input embeddings are (token ids go there); the CPU when it has none."""
     get = getattr(model, "get_input_embeddings", None)
     weight = getattr(get() if callable(get) else None, "weight", None)
     return weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .blocks import after_blocks, capture_block_inputs, on_compute, propagate, returns_tuple
+from .blocks import after_blocks, capture_block_inputs, input_device, on_compute, propagate, returns_tuple
 from .families import find_blocks
 from .modules import dequantized_weights
 from .progress import Progress
@@ -84,7 +84,7 @@ def evaluate(model, windows: torch.Tensor, device="cpu", reference: Sequence[tor
             on_compute(model, device, skip=() if tied else (embeddings,)):
         del hidden
         for b, batch in enumerate(windows.split(EVAL_BATCH)):
-            logits = model(input_ids=batch.to(_input_device(model)), use_cache=False).logits[:, :-1].float()
+            logits = model(input_ids=batch.to(input_device(model)), use_cache=False).logits[:, :-1].float()
             logp = torch.log_softmax(logits, dim=-1)
             targets = batch[:, 1:].to(logp.device)
             nll_sum -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
@@ -108,10 +108,6 @@ def evaluate(model, windows: torch.Tensor, device="cpu", reference: Sequence[tor
                      kl_divergence=kl_sum / count if compared else None,
                      top1_agreement=agree / count if compared else None)
     return result, kept
-
-
-def _input_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
 
 
 @torch.no_grad()

@@ -91,7 +91,7 @@ def write_shards(tensors: Mapping[str, torch.Tensor], folder: Path, max_shard_by
         [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
     hashes: dict[str, str] = {}
     for file, names in zip(files, groups, strict=True):
-        hashes.update(_write_file(folder / file, {n: tensors[n] for n in names}, metadata or {}))
+        hashes.update(write_file(folder / file, {n: tensors[n] for n in names}, metadata or {}))
     if len(files) > 1:
         weight_map = {n: f for f, names in zip(files, groups, strict=True) for n in names}
         total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -100,7 +100,9 @@ def write_shards(tensors: Mapping[str, torch.Tensor], folder: Path, max_shard_by
     return hashes
 
 
-def _write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict[str, str]:
+    """One safetensors file holding ``tensors``, written one tensor at a time; returns each tensor's SHA-256."""
+    metadata = metadata or {}
     # widest elements first, so every tensor's offset is a multiple of its element size (views stay aligned)
     order = sorted(tensors, key=lambda n: -tensors[n].element_size())
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}

@@ -28,7 +28,7 @@ from .errors import OutputError
 from .formats import format_from_saved
 from .modules import CompressedLinear
 from .residency import release_file_pages
-from .shards import open_safetensors, write_shards
+from .shards import open_safetensors, write_file
 
 STATE = "stage.json"
 
@@ -79,10 +79,8 @@ class RunStage:
         if content.aliases:
             raise OutputError(f"block {prefix} shares tensors between its layers", "this model cannot be staged")
         tmp = self._file(index).with_suffix(".tmp")
-        tmp.mkdir(exist_ok=True)
-        write_shards(content.tensors, tmp, max_shard_bytes=1 << 62)
-        os.replace(tmp / "model.safetensors", self._file(index))
-        tmp.rmdir()
+        write_file(tmp, content.tensors)
+        os.replace(tmp, self._file(index))  # a killed run never leaves half a block file
         self.blocks[index] = {**entry, "layers": content.layers}
         self._write_state()
         self.load(index, block)
