@@ -103,6 +103,13 @@ class _StatsDone(Exception):
     """Raised by the statistics hooks once a batch reached every hooked layer."""
 
 
+def _add_to_sum(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """``total + part`` in place, ``total`` a float64 sum (created at the first part)."""
+    if total is None:
+        return part.double()
+    return total.add_(part)
+
+
 class StatsCollector:
     """Forward pre-hooks that accumulate input statistics of linear layers.
 
@@ -139,18 +146,14 @@ class StatsCollector:
     def _accumulate(self, st: LayerStats, x: torch.Tensor, reference: torch.Tensor | None):
         st.tokens += x.shape[0]
         if "hessian" in self.needs:
-            h = x.t() @ x
-            st.hessian = h if st.hessian is None else st.hessian.add_(h)
+            st.hessian = _add_to_sum(st.hessian, x.t() @ x)
         if "cross" in self.needs:
             assert reference is not None, "cross statistics need the float model's inputs"
-            c = reference.reshape(-1, x.shape[-1]).float().t() @ x
-            st.cross = c if st.cross is None else st.cross.add_(c)
+            st.cross = _add_to_sum(st.cross, reference.reshape(-1, x.shape[-1]).float().t() @ x)
         elif "sq_sum" in self.needs:
-            s = (x * x).sum(0)
-            st.sq_sum = s if st.sq_sum is None else st.sq_sum.add_(s)
+            st.sq_sum = _add_to_sum(st.sq_sum, (x * x).sum(0))
         if "x_sum" in self.needs:
-            s = x.sum(0)
-            st.x_sum = s if st.x_sum is None else st.x_sum.add_(s)
+            st.x_sum = _add_to_sum(st.x_sum, x.sum(0))
 
     def end_batch(self):
         self._seen.clear()
@@ -185,6 +188,8 @@ def _collect_stats(block, layers, needs, inputs, device, float_inputs=None) -> d
             collector.reference = {}
     collector.close()
     _sum_over_workers(collector.stats)
+    for st in {id(st): st for st in collector.stats.values()}.values():
+        st.settle()
     return_freed_heap()
     return collector.stats
 

@@ -64,24 +64,41 @@ class PassConfig(BaseModel):
 
 @dataclass
 class LayerStats:
-    """Calibration statistics of one linear layer's inputs, accumulated over tokens."""
+    """Calibration statistics of one linear layer's inputs over ``tokens`` tokens.
+
+    While collected they are float64 sums (so a sum over several workers' shares rounds to the same float32
+    values as one worker's sum in another order); :meth:`settle` then makes the matrices float32 means (the
+    form every pass uses, held once: ``mean_hessian`` hands out the tensor itself, not a copy)."""
 
     tokens: int = 0
-    hessian: torch.Tensor | None = None  # sum of x x^T over tokens  [in, in]
+    hessian: torch.Tensor | None = None  # x x^T over tokens  [in, in] (a sum while collecting, then the mean)
     sq_sum: torch.Tensor | None = None   # sum of x^2 per input channel [in]
     x_sum: torch.Tensor | None = None    # sum of x per input channel [in]
-    cross: torch.Tensor | None = None    # sum of x_float x^T: float model's input vs this one's [in, in]
+    cross: torch.Tensor | None = None    # x_float x^T: float model's input vs this one's [in, in] (sum, then mean)
+
+    def settle(self) -> None:
+        """The collected float64 sums -> float32: the matrices as means over the tokens, the vectors as sums."""
+        n = max(self.tokens, 1)
+        if self.hessian is not None:
+            self.hessian = self.hessian.div_(n).float()
+        if self.cross is not None:
+            self.cross = self.cross.div_(n).float()
+        if self.sq_sum is not None:
+            self.sq_sum = self.sq_sum.float()
+        if self.x_sum is not None:
+            self.x_sum = self.x_sum.float()
 
     def mean_hessian(self) -> torch.Tensor:
+        """The mean of x x^T (this object's tensor: callers must not change it in place)."""
         assert self.hessian is not None, "the pass did not declare 'hessian' in its requirements"
-        return self.hessian / max(self.tokens, 1)
+        return self.hessian
 
     def mean_cross(self) -> torch.Tensor | None:
-        return None if self.cross is None else self.cross / max(self.tokens, 1)
+        return self.cross
 
     def input_norm(self) -> torch.Tensor:
         """L2 norm of each input channel over the calibration tokens (Wanda's ||X_j||)."""
-        sq = self.sq_sum if self.sq_sum is not None else torch.diagonal(self.mean_hessian() * max(self.tokens, 1))
+        sq = self.sq_sum if self.sq_sum is not None else torch.diagonal(self.mean_hessian()) * max(self.tokens, 1)
         return sq.clamp_min(0).sqrt()
 
 

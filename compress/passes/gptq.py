@@ -73,8 +73,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size:
     rows, cols = w.shape
     original = w.float()
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols)
-    w, hinv = prepare_inverse_hessian(w[:, perm], h[perm][:, perm], damp)
-    w = w[:, torch.argsort(perm)]  # back to natural order for fitting static groups
+    w = w.float().clone()  # fitted in natural order (static groups); the sweep visits it in ``perm`` order
+    w[:, torch.diagonal(h) == 0] = 0  # inputs that never fired, as the sweep sees them
     width = int(mask[0].sum()) if mask is not None else cols  # columns of the stored code matrix
     gs = spec.group_size or width
     if gs < cols and mask is None:
@@ -91,7 +91,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size:
     # group of every weight: by its column, or by its place among its row's kept weights
     gidx = (mask.cumsum(1) - 1).clamp_min(0) // gs if mask is not None else (torch.arange(cols) // gs).expand(rows, -1)
 
-    w, gidx = w[:, perm], gidx[:, perm]
+    w, hinv = prepare_inverse_hessian(w, h, damp, perm)
+    gidx = gidx[:, perm]
     keep = mask[:, perm] if mask is not None else None
 
     codes = torch.zeros(rows, cols, dtype=torch.uint8)
@@ -115,6 +116,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size:
         return deq * keep[:, j] if keep is not None else deq
 
     obq_sweep(w, hinv, round_column, block_size)
+    del w, hinv
     codes = codes[:, torch.argsort(perm)]
     if mask is None:
         if refit and spec.grid == "int":
@@ -133,7 +135,7 @@ def refit_scales(w, h, codes, scale, zero, gs: int) -> torch.Tensor:
     d = (pad_to_groups(codes.float(), gs).reshape(rows, groups, gs) - zero.unsqueeze(-1)).reshape(rows, -1)
     if pad:
         d[:, cols:] = 0
-    hp = torch.nn.functional.pad(h.float(), (0, pad, 0, pad))
+    hp = torch.nn.functional.pad(h.float(), (0, pad, 0, pad)) if pad else h.float()
     m = torch.stack([((d[:, g * gs:(g + 1) * gs] @ hp[g * gs:(g + 1) * gs]) * d).reshape(rows, groups, gs).sum(-1)
                      for g in range(groups)], 1)
     b = ((torch.nn.functional.pad(w, (0, pad)) @ hp) * d).reshape(rows, groups, gs).sum(-1)

@@ -123,7 +123,7 @@ def _assign_with_feedback(w, hessian, row_tables, cfg, mask, outlier):
         else:
             full_outlier = outlier
     perm = torch.argsort(torch.diagonal(hessian), descending=True)
-    wp, hinv = prepare_inverse_hessian(w[:, perm], hessian[perm][:, perm], cfg.damp)
+    wp, hinv = prepare_inverse_hessian(w, hessian, cfg.damp, perm)
     keep = mask[:, perm] if mask is not None else None
     exact = full_outlier[:, perm]
     codes = torch.zeros(rows, cols, dtype=torch.long)
