@@ -10,7 +10,9 @@ A format is one object that owns everything about its layout:
 - ``kernel_values(kept)``: how the CUDA kernels read its values (``compress.kernels.plan``);
   ``kernel_plan()`` the whole launch plan (sparse layouts add their column positions);
 - ``onnx_weight(g, prefix)``: an ONNX subgraph computing the float32 weight from its stored bytes;
-  ``onnx_matmul(lowering, x, name)``: a runtime operator that reads the bytes directly, when one exists.
+  ``onnx_matmul(lowering, x, name)``: a runtime operator that reads the bytes directly, when one exists;
+- ``integer_grid()``: the weight as integer codes on a uniform grid (:class:`IntegerGrid`), the common form
+  the serving exports (compressed-tensors, GPTQ, GGUF: ``compress.export``) write in their own bytes.
 
 Formats are registered by ``kind`` (``@register_format``) so a checkpoint reads back without knowing which
 pass wrote it. Formats compose: a sparse format wraps the format of its kept values, outliers wrap an
@@ -19,6 +21,7 @@ inner format.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -37,6 +40,34 @@ class NoKernel(TypeError):
 
 class LayoutError(ValueError):
     """Saved tensors disagree with what their format's metadata declares."""
+
+
+class NotAnIntegerGrid(TypeError):
+    """The weight is not integer codes on a uniform grid (a code book, outliers, a bitmap): serving formats
+    that store such codes cannot hold it exactly."""
+
+
+@dataclass
+class IntegerGrid:
+    """A weight ``[out, in]`` as ``(codes - zeros) * scales``, one scale and zero point per row and group of
+    ``group_size`` consecutive inputs (the last group may be shorter).
+
+    ``codes`` uint8 ``[out, in]`` in ``[0, 2^bits)``; ``scales`` float16 ``[out, groups]``; ``zeros`` uint8
+    ``[out, groups]`` (``2^(bits-1)`` everywhere when ``symmetric``); ``sparsity`` names a structure the zeros
+    follow ("2:4"), pruned weights holding their group's zero point."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+    symmetric: bool
+    sparsity: str | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        rows, cols = self.codes.shape
+        at = torch.arange(cols) // self.group_size
+        return (self.codes.float() - self.zeros[:, at].float()) * self.scales[:, at].float()
 
 
 Layout = dict[str, tuple[tuple[torch.dtype, ...], tuple[int, ...]]]  # tensor name -> (allowed dtypes, shape)
@@ -92,6 +123,10 @@ class WeightFormat:
 
     def drop_block_scratch(self) -> None:
         """Drop what the passes of the current block kept beside the stored tensors (never saved)."""
+
+    def integer_grid(self) -> IntegerGrid:
+        """This weight as integer codes on a uniform grid, exactly; NotAnIntegerGrid says why it is not one."""
+        raise NotAnIntegerGrid(f"{self.describe()} is not integer codes on a uniform grid")
 
     # --- GPU: how the kernels of cuda/ read this format (see compress.kernels.plan) ---
     def kernel_values(self, kept: int):

@@ -11,7 +11,7 @@ import torch
 from ..kernels.plan import GRID, INT_ASYM, INT_SYM, ValuePlan, empty_dims
 from ..packing import pack_rows, packed_row_bytes, unpack_rows
 from ..quant import QuantSpec, decode, encode, fit_params, grid_values, pad_to_groups
-from .base import LayoutError, WeightFormat, register_format
+from .base import IntegerGrid, LayoutError, NotAnIntegerGrid, WeightFormat, register_format
 from .onnx_ops import (
     FLOAT,
     MS_DOMAIN,
@@ -118,6 +118,13 @@ class QuantizedWeight(WeightFormat):
         groups = spec.groups(k)
         zeros = out * packed_row_bytes(groups, spec.bits) if spec.has_zeros else 0
         return out * packed_row_bytes(k, spec.bits) + out * groups * 2 + zeros
+
+    def integer_grid(self):
+        if self.spec.grid != "int":
+            raise NotAnIntegerGrid(f"{self.describe()} codes index the {self.spec.grid} code book, not a uniform grid")
+        codes, _, zero = self.unpacked()
+        return IntegerGrid(codes, self.scales, zero.to(torch.uint8), self.spec.bits,
+                           self.spec.group_size or self.shape[1], self.spec.symmetric)
 
     def kernel_values(self, kept):
         s = self.spec

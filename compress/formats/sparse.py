@@ -9,8 +9,10 @@ from ..kernels.plan import COL_DENSE, COL_NM, KernelPlan
 from ..packing import pack_rows, packed_row_bytes, unpack_rows
 from .base import (
     FORMATS,
+    IntegerGrid,
     LayoutError,
     NoKernel,
+    NotAnIntegerGrid,
     WeightFormat,
     format_from_saved,
     inner_tensors,
@@ -135,6 +137,23 @@ class SparseWeight(WeightFormat):
         sparsity = 1 - self._mask.float().mean().item()
         pat = self.pattern if self.pattern != "unstructured" else f"{sparsity:.0%} sparse"
         return f"{pat} + {self.values.describe()}"
+
+    def integer_grid(self):
+        """N:M only: every run of M columns keeps N weights, so a group of ``g`` kept values per row spans exactly
+        the dense columns of ``g * M / N`` inputs, and a pruned weight is its group's zero point."""
+        nm = nm_pattern(self.pattern)
+        inner = self.values.integer_grid()
+        if nm is None:
+            raise NotAnIntegerGrid(f"{self.describe()}: unstructured sparsity has no dense group layout")
+        n, m = nm
+        if (inner.group_size * m) % n or self.shape[1] % (inner.group_size * m // n):
+            raise NotAnIntegerGrid(f"{self.describe()}: its groups of kept values do not span whole dense groups")
+        group = inner.group_size * m // n
+        rows, cols = self.shape
+        zero_at = inner.zeros[:, torch.arange(cols) // group]
+        codes = zero_at.clone()
+        codes[self._mask] = inner.codes.flatten()
+        return IntegerGrid(codes, inner.scales, inner.zeros, inner.bits, group, inner.symmetric, self.pattern)
 
     def kernel_values(self, kept):
         raise NoKernel("a sparse layout inside another format")

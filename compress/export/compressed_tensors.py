@@ -1,0 +1,164 @@
+"""compressed-tensors ``pack-quantized``: the checkpoint format vLLM, SGLang, TensorRT-LLM and
+``transformers.from_pretrained`` (with the ``compressed-tensors`` package) read.
+
+Every integer-grid layer (``WeightFormat.integer_grid``) is written with the very codes, scales and zero points
+the passes chose, never re-quantized. The value of a weight is ``(q - zero_point) * scale`` with ``q`` and the
+zero point signed, ``q = code - 2^(bits-1)``; the bytes:
+
+    NAME.weight_packed       int32 [out, ceil(in * bits / 32)]: each row a little-endian bit stream, weight k at
+                             bits [k*bits, (k+1)*bits) holding q + 2^(bits-1), i.e. our unsigned code (the same
+                             stream as ``compress.packing``, padded to whole 32-bit words)
+    NAME.weight_scale        float16 [out, groups]
+    NAME.weight_zero_point   asymmetric grids only: int32 [ceil(out * bits / 32), groups], the unsigned zero
+                             points packed the same way along the output rows (column by column)
+    NAME.weight_shape        int64 [2]
+
+``config.json`` gets ``quantization_config``: one config group per distinct scheme (``targets: [Linear]`` when
+one scheme covers every compressed layer, else the layers' names), ``ignore`` listing the linear layers kept in
+floating point, and a ``sparsity_config`` describing 2:4 layers (stored dense: pruned weights hold their group's
+zero point). Formats without an integer grid (code books, outliers, unstructured sparsity) are refused, naming
+the layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..formats.base import IntegerGrid, NotAnIntegerGrid
+from ..packing import pack_rows
+from .served import CheckpointLayers, refuse, tied_to_embeddings
+
+TARGET = "compressed-tensors"
+FORMAT = "pack-quantized"
+FORMAT_VERSION = "0.20.0"  # the compressed-tensors release whose reader the tests run
+VLLM_BITS = (4, 8)          # vLLM's WNA16 kernels (Marlin, Machete, Exllama)
+VLLM_GROUPS = (32, 64, 128)  # besides per channel
+
+
+def scheme(grid: IntegerGrid, in_features: int) -> dict:
+    """The ``weights`` quantization arguments of one layer."""
+    channel = grid.group_size >= in_features
+    return {"num_bits": grid.bits, "type": "int", "symmetric": grid.symmetric, "dynamic": False, "actorder": None,
+            "strategy": "channel" if channel else "group", "group_size": None if channel else grid.group_size,
+            "observer": "minmax"}
+
+
+def words(packed: torch.Tensor) -> torch.Tensor:
+    """Row-packed bytes ``[rows, n]`` as little-endian int32 words ``[rows, ceil(n / 4)]`` (zero padded)."""
+    pad = -packed.shape[1] % 4
+    if pad:
+        packed = torch.nn.functional.pad(packed, (0, pad))
+    return packed.contiguous().view(torch.int32)
+
+
+def layer_tensors(grid: IntegerGrid) -> dict[str, torch.Tensor]:
+    rows, cols = grid.codes.shape
+    t = {"weight_packed": words(pack_rows(grid.codes, grid.bits)), "weight_scale": grid.scales.half().contiguous(),
+         "weight_shape": torch.tensor([rows, cols], dtype=torch.int64)}
+    if not grid.symmetric:
+        t["weight_zero_point"] = words(pack_rows(grid.zeros.t(), grid.bits)).t().contiguous()
+    return t
+
+
+def vllm_problem(grid: IntegerGrid, shape: tuple[int, int]) -> str | None:
+    """Why vLLM's kernels would not take this layer, or None."""
+    rows, cols = shape
+    if grid.bits not in VLLM_BITS:
+        return f"{grid.bits}-bit weights (vLLM's kernels take {' or '.join(map(str, VLLM_BITS))} bits)"
+    if grid.group_size < cols and grid.group_size not in VLLM_GROUPS:
+        return f"group size {grid.group_size} (vLLM takes {', '.join(map(str, VLLM_GROUPS))} or per channel)"
+    if grid.group_size < cols and cols % grid.group_size:
+        return f"group size {grid.group_size} does not divide its {cols} inputs"
+    if grid.sparsity is not None and not grid.symmetric:
+        return f"{grid.sparsity} sparsity with zero points (vLLM's 2:4 kernels are symmetric)"
+    return None
+
+
+def linear_names(config: dict) -> list[str]:
+    """Names of every linear layer of the model ``config`` describes (built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def convert(ckpt: CheckpointLayers, vllm: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, config.json) of the export. ``vllm``: also refuse layers vLLM's kernels would not take."""
+    grids: dict[str, IntegerGrid] = {}
+    dense: dict[str, torch.Tensor] = {}
+    for name, fmt in ckpt.layers.items():
+        if fmt.kind == "dense":
+            dense[f"{name}.weight"] = fmt.tensors()["weight"]
+            continue
+        try:
+            grids[name] = fmt.integer_grid()
+        except NotAnIntegerGrid as e:
+            raise refuse(TARGET, name, str(e), "compressed-tensors holds integer grids (RTN, GPTQ, AWQ, mixed "
+                         "precision, 2:4); export this one to ONNX") from None
+        problem = vllm_problem(grids[name], fmt.shape) if vllm else None
+        if problem:
+            raise refuse(f"{TARGET} for vLLM", name, problem, "change the recipe's bits / group_size, or drop "
+                         "`target: vllm`")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, grid in grids.items():
+        tensors.update({f"{name}.{k}": v for k, v in layer_tensors(grid).items()})
+        if name in ckpt.biases:
+            tensors[f"{name}.bias"] = ckpt.biases[name]
+    tensors.update(dense)
+    tensors.update(ckpt.tensors)
+    for alias, original in ckpt.aliases.items():
+        if not tied_to_embeddings(ckpt, alias):
+            tensors[alias] = ckpt.tensors[original]
+    config = dict(ckpt.config)
+    config["dtype"] = ckpt.dense_dtype
+    config.pop("torch_dtype", None)
+    config["quantization_config"] = quantization_config(grids, {n: ckpt.layers[n].shape[1] for n in grids},
+                                                        linear_names(ckpt.config))
+    return tensors, config
+
+
+def quantization_config(grids: dict[str, IntegerGrid], widths: dict[str, int], linears: list[str]) -> dict:
+    groups: dict[str, tuple[dict, list[str]]] = {}
+    for name, grid in grids.items():
+        args = scheme(grid, widths[name])
+        groups.setdefault(repr(sorted(args.items())), (args, []))[1].append(name)
+    single = len(groups) == 1
+    config_groups = {f"group_{i}": {"targets": ["Linear"] if single else names, "weights": args,
+                                    "input_activations": None, "output_activations": None, "format": FORMAT}
+                     for i, (args, names) in enumerate(groups.values())}
+    ignore = [n for n in linears if n not in grids]
+    qc = {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
+          "config_groups": config_groups, "ignore": ignore, "kv_cache_scheme": None, "version": FORMAT_VERSION}
+    sparse = sorted(n for n, g in grids.items() if g.sparsity is not None)
+    if sparse:
+        structures = {grids[n].sparsity for n in sparse}
+        qc["sparsity_config"] = {"format": "dense", "sparsity_structure": structures.pop() if len(structures) == 1
+                                 else "unstructured", "targets": sparse, "ignore": [],
+                                 "global_sparsity": _global_sparsity(grids, sparse)}
+    return qc
+
+
+def _global_sparsity(grids: dict[str, IntegerGrid], sparse: list[str]) -> float:
+    """Share of the quantized weights pruned (N:M layers prune 1 - N/M of theirs)."""
+    def pruned(g: IntegerGrid) -> float:
+        n, m = (int(x) for x in str(g.sparsity).split(":"))
+        return g.codes.numel() * (1 - n / m)
+    return sum(pruned(grids[n]) for n in sparse) / sum(g.codes.numel() for g in grids.values())
+
+
+def read_back(out_dir: Path):
+    """The export as ``transformers`` loads it with the ``compressed-tensors`` package, in float32, weights
+    decompressed at load (``dequantize=True``: transformers' default path, which decompresses at the first
+    forward, sizes asymmetric zero points unpacked and refuses the packed ones vLLM reads)."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        return AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32,
+                                                    quantization_config=CompressedTensorsConfig(dequantize=True)).eval()

@@ -1,0 +1,176 @@
+"""What every export for a serving engine shares: reading a compressed checkpoint layer by layer, the files besides
+the weights (config, generation config, tokenizer), and the check that the engine's own reader computes what our
+model computes.
+
+The writers of each target (``compressed_tensors``, ...) own their bytes and config; they see a checkpoint as
+:class:`CheckpointLayers`: each compressed layer's format, and every other tensor as stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import META, verify_hashes
+from ..errors import CheckpointError, ExportError, ExportMismatch
+from ..formats import format_from_saved
+from ..formats.base import LayoutError, WeightFormat
+from ..shards import open_weights
+
+
+@dataclass
+class CheckpointLayers:
+    """A compressed checkpoint as the serving exports read it (tensors stay memory-mapped)."""
+
+    path: Path
+    layers: dict[str, WeightFormat]         # compressed layer -> its format
+    biases: dict[str, torch.Tensor]         # compressed layer -> its bias (when it has one)
+    tensors: dict[str, torch.Tensor]        # every other tensor, in the checkpoint's dense dtype
+    aliases: dict[str, str]                 # tied tensor -> the tensor it is stored as
+    dense_dtype: str
+    config: dict                            # config.json
+
+
+def read_checkpoint(path: Path, verify: bool = True) -> CheckpointLayers:
+    """``path``'s layers and tensors; with ``verify`` the recorded hashes and every layer's layout are checked."""
+    path = Path(path)
+    if not (path / META).is_file() or not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a compressed checkpoint ({META} or config.json is missing)",
+                              "pass the output folder of `compress run`")
+    try:
+        meta = json.loads((path / META).read_text())
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise CheckpointError(f"{path}: damaged metadata ({e})", "re-run `compress run`") from None
+    tensors = open_weights(path)
+    if verify:
+        verify_hashes(path, meta, tensors)
+    layers, biases = {}, {}
+    for name, layer_meta in meta["layers"].items():
+        parts = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
+        if "bias" in parts:
+            biases[name] = parts.pop("bias")
+        try:
+            layers[name] = format_from_saved(layer_meta, parts, verify)
+        except LayoutError as e:
+            raise CheckpointError(f"{path}: layer {name}: {e}", "re-run `compress run`") from None
+    return CheckpointLayers(path, layers, biases, tensors, meta["aliases"], meta["dense_dtype"], config)
+
+
+def tied_to_embeddings(ckpt: CheckpointLayers, name: str) -> bool:
+    """Whether tensor ``name`` is an alias the model re-ties itself at load (``tie_word_embeddings``)."""
+    return name in ckpt.aliases and bool(ckpt.config.get("tie_word_embeddings", False)) and name.startswith("lm_head")
+
+
+def write_side_files(ckpt: CheckpointLayers, out_dir: Path, config: dict) -> None:
+    """config.json (as given), generation_config.json and the tokenizer files, next to the weights."""
+    from transformers import AutoTokenizer
+
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = ckpt.path / "generation_config.json"
+    if generation.is_file():
+        (out_dir / generation.name).write_bytes(generation.read_bytes())
+    AutoTokenizer.from_pretrained(ckpt.path).save_pretrained(out_dir)
+
+
+@dataclass
+class ServedTolerance:
+    max_perplexity_diff: float = 0.002  # relative; the engine reads the very values we computed
+    min_top1_agreement: float = 0.99
+    max_logit_diff: float = 0.05
+
+
+@torch.no_grad()
+def compare_models(ours, theirs, windows: torch.Tensor, tol: ServedTolerance) -> dict:
+    """Our compressed model and the engine's reading of the export on the same held-out windows: perplexities,
+    top-1 agreement, max |logit difference|; ``passed`` and ``failures`` against ``tol``."""
+    from ..modules import dequantized_weights
+
+    nll = {"ours": 0.0, "theirs": 0.0}
+    max_diff, agree, count = 0.0, 0, 0
+    with dequantized_weights(ours):
+        for row in windows:
+            ids = row.reshape(1, -1)
+            a = ours(input_ids=ids, use_cache=False).logits.float()[0]
+            b = theirs(input_ids=ids, use_cache=False).logits.float()[0]
+            max_diff = max(max_diff, float((a - b).abs().max()))
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            count += a.shape[0]
+            for key, logits in (("ours", a), ("theirs", b)):
+                nll[key] += float(torch.nn.functional.cross_entropy(logits[:-1].double(), ids[0, 1:], reduction="sum"))
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    ppl = {k: math.exp(v / tokens) for k, v in nll.items()}
+    result = {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "perplexity_ours": ppl["ours"],
+              "perplexity_export": ppl["theirs"], "top1_agreement": agree / count, "max_logit_diff": max_diff,
+              "tolerance": asdict(tol)}
+    failures = []
+    if abs(ppl["theirs"] / ppl["ours"] - 1) > tol.max_perplexity_diff:
+        failures.append(f"perplexity {ppl['theirs']:.4f} vs ours {ppl['ours']:.4f}")
+    if result["top1_agreement"] < tol.min_top1_agreement:
+        failures.append(f"top-1 agreement {result['top1_agreement']:.4f} < {tol.min_top1_agreement}")
+    if not np.isfinite(max_diff) or max_diff > tol.max_logit_diff:
+        failures.append(f"max |logit diff| {max_diff:.3g} > {tol.max_logit_diff}")
+    result["passed"] = not failures
+    result["failures"] = "; ".join(failures)
+    return result
+
+
+def check_passed(target: str, validation: dict) -> None:
+    if not validation["passed"]:
+        raise ExportMismatch(f"{target} export read back by its engine differs from the compressed model: "
+                             f"{validation['failures']}", "report it with the export.json; --no-validate keeps it")
+
+
+def refuse(target: str, layer: str, why: str, hint: str) -> ExportError:
+    return ExportError(f"{target} cannot hold layer {layer}: {why}", hint)
+
+
+EXPORT_META = "export.json"
+
+
+def export_for_engine(path: Path, out_dir: Path, target: str, windows: torch.Tensor | None, force: bool = False,
+                      verify: bool = True, engine: str | None = None, max_shard_bytes: int | None = None,
+                      tolerance: ServedTolerance | None = None, log=print) -> dict:
+    """Write checkpoint ``path`` as ``target`` into ``out_dir`` (atomically: nothing is left when a step fails) and,
+    with ``windows``, read it back with the target's own reader and compare with our model on them."""
+    import time
+
+    from ..checkpoint import load_checkpoint
+    from ..errors import OutputError
+    from ..shards import DEFAULT_MAX_SHARD, write_shards
+    from ..staging import staged_folder
+    from . import compressed_tensors
+
+    writers = {compressed_tensors.TARGET: compressed_tensors}
+    if target not in writers:
+        raise ExportError(f"unknown export format '{target}'", f"use one of: onnx, {', '.join(writers)}")
+    writer = writers[target]
+    if out_dir.exists() and not force:
+        raise OutputError(f"output folder {out_dir} already exists", "pass --force to replace it")
+    t0 = time.perf_counter()
+    ckpt = read_checkpoint(path, verify)
+    tensors, config = writer.convert(ckpt, engine == "vllm")
+    info: dict = {"format": target, "source": str(path), "engine": engine, "layers": len(ckpt.layers)}
+    with staged_folder(out_dir) as tmp:
+        write_shards(tensors, tmp, max_shard_bytes or DEFAULT_MAX_SHARD)
+        write_side_files(ckpt, tmp, config)
+        info["size"] = {"file_bytes": sum(f.stat().st_size for f in tmp.glob("*.safetensors"))}
+        info["timing"] = {"write_seconds": time.perf_counter() - t0}
+        if windows is not None:
+            t = time.perf_counter()
+            ours, _ = load_checkpoint(path, verify=False)
+            theirs = writer.read_back(tmp)
+            info["validation"] = compare_models(ours, theirs, windows, tolerance or ServedTolerance())
+            info["timing"]["validation_seconds"] = time.perf_counter() - t
+            v = info["validation"]
+            log(f"{target} read back by its engine: perplexity {v['perplexity_export']:.4f} vs ours "
+                f"{v['perplexity_ours']:.4f}, top-1 agreement {v['top1_agreement']:.4f}, max |logit diff| "
+                f"{v['max_logit_diff']:.2e}")
+            check_passed(target, v)
+        (tmp / EXPORT_META).write_text(json.dumps(info, indent=1) + "\n")
+    return info
