@@ -15,8 +15,13 @@ def packed_row_bytes(num_codes: int, bits: int) -> int:
     return (num_codes * bits + 7) // 8
 
 
+ROWS_AT_ONCE = 2048  # rows packed or unpacked together: the bit streams in between are 8 bytes per code
+
+
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``codes[N, K]`` (integers in ``[0, 2**bits)``) into uint8 ``[N, ceil(K*bits/8)]``."""
+    if codes.dim() == 2 and codes.shape[0] > ROWS_AT_ONCE:
+        return torch.cat([pack_rows(part, bits) for part in codes.split(ROWS_AT_ONCE)])
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     codes = codes.to(torch.uint8)
@@ -37,6 +42,8 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_rows(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
     """Inverse of :func:`pack_rows`: uint8 ``[N, bytes]`` -> uint8 codes ``[N, num_codes]``."""
+    if packed.shape[0] > ROWS_AT_ONCE and bits != 8:
+        return torch.cat([unpack_rows(part, bits, num_codes) for part in packed.split(ROWS_AT_ONCE)])
     if bits == 8:
         return packed[:, :num_codes]
     rows = packed.shape[0]

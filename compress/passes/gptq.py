@@ -85,26 +85,33 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size:
     if static:  # fit every group on the original (kept) weights
         kept = compact(w, mask) if mask is not None else w
         s, z = fit_params(pad_to_groups(kept, gs).reshape(rows, -1, gs), spec)
+        del kept
         scale.copy_(s)
         if zero is not None:
             zero.copy_(z)
-    # group of every weight: by its column, or by its place among its row's kept weights
-    gidx = (mask.cumsum(1) - 1).clamp_min(0) // gs if mask is not None else (torch.arange(cols) // gs).expand(rows, -1)
-
-    w, hinv = prepare_inverse_hessian(w, h, damp, perm)
-    gidx = gidx[:, perm]
+    # the group of every weight in sweep order: by its column, or (pruned rows) by its place among the row's kept
+    # weights; looked up a column at a time (a [rows, in] table of scales would cost as much as the weights)
+    if mask is not None:
+        gidx = ((mask.cumsum(1, dtype=torch.int32) - 1).clamp_min(0) // gs)[:, perm].long()
+    else:
+        gidx = (torch.arange(cols) // gs)[perm]
+    w, hinv = prepare_inverse_hessian(w, h, damp, perm, in_place=True)
     keep = mask[:, perm] if mask is not None else None
-
     codes = torch.zeros(rows, cols, dtype=torch.uint8)
-    # every weight's scale and zero, in sweep order (static groups: known before the sweep)
-    scale_at = scale.gather(1, gidx) if static else None
-    zero_at = zero.gather(1, gidx) if static and zero is not None else None
+
+    def params_at(j):
+        """(scale, zero) of every row's weight in sweep column ``j`` (static groups)."""
+        if gidx.dim() == 1:
+            g = int(gidx[j])
+            return scale[:, g], zero[:, g] if zero is not None else None
+        at = gidx[:, j:j + 1]
+        return scale.gather(1, at)[:, 0], zero.gather(1, at)[:, 0] if zero is not None else None
 
     def round_column(j, rest):
         if static:
-            s_col, z_col = scale_at[:, j], zero_at[:, j] if zero_at is not None else None
+            s_col, z_col = params_at(j)
         else:
-            g = int(gidx[0, j])
+            g = int(gidx[j])
             if j % gs == 0:  # fit the group on the weights as updated so far
                 s, z = fit_params(rest[:, :gs], spec)
                 scale[:, g] = s
@@ -125,17 +132,26 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size:
     return QuantizedWeight.from_codes(compact(codes, mask), scale, zero, spec)
 
 
-def refit_scales(w, h, codes, scale, zero, gs: int) -> torch.Tensor:
+def refit_scales(w, h, codes, scale, zero, gs: int, rows_at_once: int = 1024) -> torch.Tensor:
     """Least-squares group scales for fixed codes and zero points: per row, the scales minimising the
     layer output error ``(w - wq) H (w - wq)^T`` with ``wq = (code - zero) * scale`` (a G x G system per
-    row). Rows where the fp16-rounded result is not better keep their scales."""
+    row). Rows where the fp16-rounded result is not better keep their scales. Rows are independent: they are
+    solved ``rows_at_once`` at a time, so the G x G systems of a tall layer never all sit in memory."""
+    cols = w.shape[1]
+    pad = scale.shape[1] * gs - cols
+    hp = torch.nn.functional.pad(h.float(), (0, pad, 0, pad)) if pad else h.float()
+    return torch.cat([_refit_rows(w[r:r + rows_at_once], h, hp, codes[r:r + rows_at_once],
+                                  scale[r:r + rows_at_once], zero[r:r + rows_at_once], gs)
+                      for r in range(0, w.shape[0], rows_at_once)])
+
+
+def _refit_rows(w, h, hp, codes, scale, zero, gs: int) -> torch.Tensor:
     rows, cols = w.shape
     groups = scale.shape[1]
     pad = groups * gs - cols
     d = (pad_to_groups(codes.float(), gs).reshape(rows, groups, gs) - zero.unsqueeze(-1)).reshape(rows, -1)
     if pad:
         d[:, cols:] = 0
-    hp = torch.nn.functional.pad(h.float(), (0, pad, 0, pad)) if pad else h.float()
     m = torch.stack([((d[:, g * gs:(g + 1) * gs] @ hp[g * gs:(g + 1) * gs]) * d).reshape(rows, groups, gs).sum(-1)
                      for g in range(groups)], 1)
     b = ((torch.nn.functional.pad(w, (0, pad)) @ hp) * d).reshape(rows, groups, gs).sum(-1)
