@@ -343,7 +343,13 @@ def _load_any(path: str, device, verify: bool = True):
 @app.command()
 def export(
     path: Annotated[str, typer.Argument(help="compressed checkpoint folder, or any model (exported as float32)")],
-    out_dir: Annotated[Path, typer.Argument(help="folder to write model.onnx, model.onnx.data, export.json")],
+    out_dir: Annotated[Path, typer.Argument(help="folder to write the export into (model.onnx or safetensors, "
+                                                  "export.json)")],
+    format_: Annotated[str, typer.Option("--format", help="onnx, or compressed-tensors (vLLM, SGLang, "
+                                         "transformers; from a checkpoint)")] = "onnx",
+    target: Annotated[str | None, typer.Option(help="compressed-tensors: vllm refuses layers vLLM's kernels do "
+                                               "not take")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="compressed-tensors: largest safetensors shard")] = "5GB",
     weights: Annotated[str, typer.Option(help="fast (MatMulNBits for 2/4/8-bit) or portable (standard ops)")] = "fast",
     int8_activations: Annotated[bool, typer.Option("--int8-activations", help="MatMulNBits with int8 "
                                                    "activations: faster, less exact")] = False,
@@ -355,9 +361,10 @@ def export(
     json_: Annotated[bool, typer.Option("--json", help="print export.json's summary as JSON")] = False,
     no_verify: NoVerifyOpt = False,
 ):
-    """Export a checkpoint (or a plain model) to ONNX with its compression kept, and check it in
-    onnxruntime against PyTorch. Exit codes: 2 bad input or unsupported model, 3 ONNX and PyTorch
-    disagree beyond the tolerance (nothing is written)."""
+    """Export a checkpoint (or a plain model) to ONNX with its compression kept and check it in onnxruntime
+    against PyTorch; or (--format compressed-tensors) write a checkpoint's codes for vLLM / transformers and
+    check it read back by transformers. Exit codes: 2 bad input or a layer the format cannot hold, 3 the export
+    disagrees with the compressed model beyond the tolerance (nothing is written)."""
     import torch
 
     from .checkpoint import DTYPES, is_checkpoint
@@ -368,6 +375,10 @@ def export(
         if not json_:
             err.print(msg, markup=False)
 
+    if format_ != "onnx":
+        _export_for_engine(path, out_dir, format_, target, parse_size(max_shard_size, "--max-shard-size"),
+                           validation, windows, seq_len, force, json_, no_verify)
+        return
     with user_errors(json_):
         if weights not in ("fast", "portable"):
             from .errors import ExportError
@@ -388,6 +399,38 @@ def export(
     out.print(f"wrote {out_dir}: {s['file_bytes'] / 1e6:.1f} MB (graph {s['graph_bytes'] / 1e6:.2f} MB + data "
               f"{s['data_bytes'] / 1e6:.1f} MB); layers: " +
               ", ".join(f"{n} x {k}" for k, n in info["lowerings"].items()), markup=False)
+
+
+def _export_for_engine(path, out_dir, format_, target, max_shard, validation, windows, seq_len, force, json_,
+                       no_verify):
+    from .data import evaluation_windows
+    from .errors import ExportError
+    from .export.served import export_for_engine
+
+    def log(msg):
+        if not json_:
+            err.print(msg, markup=False)
+
+    with user_errors(json_):
+        if target not in (None, "vllm"):
+            raise ExportError(f"unknown --target '{target}'", "use vllm, or leave it out")
+        data = None
+        if validation:
+            from transformers import AutoTokenizer
+
+            from .checkpoint import is_checkpoint
+
+            if not is_checkpoint(path):
+                raise ExportError(f"{path} is not a compressed checkpoint", "pass the output folder of `compress run`")
+            data = evaluation_windows("pydoc", AutoTokenizer.from_pretrained(path), seq_len, windows,
+                                      calibration_spec="pydoc")
+        info = export_for_engine(Path(path), out_dir, format_, data, force=force, verify=not no_verify,
+                                 engine=target, max_shard_bytes=max_shard, log=log)
+    if json_:
+        print(json.dumps(info, indent=1))
+        return
+    out.print(f"wrote {out_dir}: {info['size']['file_bytes'] / 1e6:.1f} MB ({format_}, {info['layers']} compressed "
+              "layers)", markup=False)
 
 
 @app.command()

@@ -58,20 +58,34 @@ class OnnxConfig(Section):
     max_perplexity_diff: float = Field(0.002, ge=0, description="max relative perplexity difference")
 
 
+class CompressedTensorsExport(Section):
+    target: Literal["vllm"] | None = Field(None, description="vllm: before any compute, refuse a recipe whose "
+                                           "grids vLLM's kernels do not take (bits, group size, 2:4 symmetry)")
+    validation: bool = Field(True, description="read the export back with transformers + compressed-tensors and "
+                             "compare with the compressed model")
+    windows: int = Field(2, ge=1, le=64, description="held-out windows the validation reads")
+    seq_len: int = Field(256, ge=16, le=8192, description="tokens per validation window")
+    max_perplexity_diff: float = Field(0.002, ge=0, description="max relative perplexity difference")
+
+
 class ExportConfig(Section):
     checkpoint: bool = Field(True, description="write the compressed checkpoint (safetensors)")
     dense_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="dtype of tensors no pass compressed (embeddings, norms)")
     onnx: OnnxConfig | None = Field(None, description="also export ONNX into OUT/onnx (`onnx: {}` or "
                                     "`onnx: true` for the defaults), validated in onnxruntime")
+    compressed_tensors: CompressedTensorsExport | None = Field(
+        None, description="also export compressed-tensors pack-quantized (vLLM, SGLang, transformers) into "
+        "OUT/compressed-tensors (`compressed_tensors: {}` for the defaults), read back and compared")
 
     @model_validator(mode="before")
     @classmethod
     def _onnx_shorthand(cls, data):
-        if isinstance(data, dict) and data.get("onnx") is True:
-            data = {**data, "onnx": {}}
-        elif isinstance(data, dict) and data.get("onnx") is False:
-            data = {**data, "onnx": None}
+        for key in ("onnx", "compressed_tensors"):
+            if isinstance(data, dict) and data.get(key) is True:
+                data = {**data, key: {}}
+            elif isinstance(data, dict) and data.get(key) is False:
+                data = {**data, key: None}
         return data
 
 

@@ -23,6 +23,7 @@ the layer.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,6 +61,25 @@ def layer_tensors(grid: IntegerGrid) -> dict[str, torch.Tensor]:
     if not grid.symmetric:
         t["weight_zero_point"] = words(pack_rows(grid.zeros.t(), grid.bits)).t().contiguous()
     return t
+
+
+def check_passes(passes, engine: str | None) -> None:
+    """Before any compute: every pass's codes fit the format (and ``engine``'s kernels), else one ExportError."""
+    from ..errors import ExportError
+
+    for p in passes:
+        try:
+            specs = p.written_grids()
+        except NotAnIntegerGrid as e:
+            raise ExportError(f"{TARGET} export: {e}", "drop export.compressed_tensors or that pass "
+                              "(ONNX holds every format)") from None
+        for spec in specs if engine == "vllm" else []:
+            group = spec.group_size
+            if spec.bits not in VLLM_BITS or (group is not None and group not in VLLM_GROUPS):
+                raise ExportError(f"{TARGET} for vLLM: {p.name} writes {spec.bits}-bit codes in groups of "
+                                  f"{group or 'a row'}; vLLM's kernels take {' or '.join(map(str, VLLM_BITS))} "
+                                  f"bits in groups of {', '.join(map(str, VLLM_GROUPS))} or per channel",
+                                  "change the pass's bits / group_size, or drop `target: vllm`")
 
 
 def vllm_problem(grid: IntegerGrid, shape: tuple[int, int]) -> str | None:
@@ -127,11 +147,11 @@ def quantization_config(grids: dict[str, IntegerGrid], widths: dict[str, int], l
         args = scheme(grid, widths[name])
         groups.setdefault(repr(sorted(args.items())), (args, []))[1].append(name)
     single = len(groups) == 1
-    config_groups = {f"group_{i}": {"targets": ["Linear"] if single else names, "weights": args,
+    config_groups: dict[str, Any] = {f"group_{i}": {"targets": ["Linear"] if single else names, "weights": args,
                                     "input_activations": None, "output_activations": None, "format": FORMAT}
                      for i, (args, names) in enumerate(groups.values())}
     ignore = [n for n in linears if n not in grids]
-    qc = {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
+    qc: dict[str, Any] = {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
           "config_groups": config_groups, "ignore": ignore, "kv_cache_scheme": None, "version": FORMAT_VERSION}
     sparse = sorted(n for n, g in grids.items() if g.sparsity is not None)
     if sparse:

@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,14 +106,15 @@ def compare_models(ours, theirs, windows: torch.Tensor, tol: ServedTolerance) ->
                 nll[key] += float(torch.nn.functional.cross_entropy(logits[:-1].double(), ids[0, 1:], reduction="sum"))
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     ppl = {k: math.exp(v / tokens) for k, v in nll.items()}
-    result = {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "perplexity_ours": ppl["ours"],
-              "perplexity_export": ppl["theirs"], "top1_agreement": agree / count, "max_logit_diff": max_diff,
-              "tolerance": asdict(tol)}
+    result: dict[str, Any] = {
+        "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "perplexity_ours": ppl["ours"],
+        "perplexity_export": ppl["theirs"], "top1_agreement": agree / count, "max_logit_diff": max_diff,
+        "tolerance": asdict(tol)}
     failures = []
     if abs(ppl["theirs"] / ppl["ours"] - 1) > tol.max_perplexity_diff:
         failures.append(f"perplexity {ppl['theirs']:.4f} vs ours {ppl['ours']:.4f}")
-    if result["top1_agreement"] < tol.min_top1_agreement:
-        failures.append(f"top-1 agreement {result['top1_agreement']:.4f} < {tol.min_top1_agreement}")
+    if agree / count < tol.min_top1_agreement:
+        failures.append(f"top-1 agreement {agree / count:.4f} < {tol.min_top1_agreement}")
     if not np.isfinite(max_diff) or max_diff > tol.max_logit_diff:
         failures.append(f"max |logit diff| {max_diff:.3g} > {tol.max_logit_diff}")
     result["passed"] = not failures

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..formats import WeightFormat
 from ..modules import CompressedLinear, linear_weight
+from ..quant import QuantSpec
 
 STAGES = ("transform", "prune", "cluster", "quantize")  # the order passes must come in
 
@@ -186,6 +187,12 @@ class Pass:
 
     def check_plan(self, passes: list[Pass]) -> None:
         """Raise PlanError when this pass cannot run in this plan (called before any compute)."""
+
+    def written_grids(self) -> list[QuantSpec]:
+        """Every integer grid this pass may store a layer's codes on (its own, its overrides', its candidates');
+        raises NotAnIntegerGrid when it stores something else (a code book, unstructured sparsity): what a
+        serving export checks before any compute. A pass that stores no codes (a transform) returns []."""
+        return []
 
     def fuses_with(self, following: Pass) -> bool:
         """Whether this pass can also do ``following``'s work (the pass right after it) on the layers it

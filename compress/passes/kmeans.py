@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 
 from ..errors import PlanError
 from ..formats import OutlierWeight, PalettizedWeight, SparseWeight, compact, stored_table
+from ..formats.base import NotAnIntegerGrid
 from ..hessian import obq_sweep, output_error, prepare_inverse_hessian
 from ..kmeans import nearest, weighted_kmeans
 from .base import ModelPlan, Pass, PassConfig, Requirements, current_mask, current_weight
@@ -155,6 +156,9 @@ class KMeans(Pass):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.fisher: dict[str, torch.Tensor] = {}
+
+    def written_grids(self):
+        raise NotAnIntegerGrid("kmeans stores palette indices into a code book, not an integer grid")
 
     def requirements(self):
         feedback = self.cfg.error_feedback or any(v.get("error_feedback") for v in self.cfg.overrides.values())

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import PlanError
 from ..formats import DenseWeight, SparseWeight, compact, nm_pattern
+from ..formats.base import NotAnIntegerGrid
 from .base import ModelPlan, Pass, PassConfig, current_weight
 
 
@@ -103,6 +104,12 @@ class PruningPass(Pass):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.block_sparsity: dict[str, float] = {}
+
+    def written_grids(self):
+        if any(nm_pattern(c.pattern) is None for c in (self.cfg, *map(self.cfg.with_options,
+                                                                         self.cfg.overrides.values()))):
+            raise NotAnIntegerGrid(f"{self.name} prunes without an N:M pattern: no dense group layout")
+        return []
 
     def owl_plan(self) -> ModelPlan | None:
         """With ``layerwise: owl``: a model-wide look at every layer's Wanda scores."""

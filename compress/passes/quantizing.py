@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..formats import SparseWeight
+from ..formats.base import NotAnIntegerGrid
 from ..quant import QuantSpec
 from .base import ModelPlan, Pass, PassConfig, Requirements, current_weight
 from .mixed import DEFAULT_CANDIDATES, Candidate, LayerOptions, allocate, score_layer
@@ -77,6 +78,18 @@ class QuantizingPass(Pass):
 
     def requirements(self):
         return Requirements(model_plan=self.mixed_precision_plan(), layer_parallel=True)
+
+    def written_grids(self):
+        configs = [self.cfg, *(self.cfg.with_options(v) for v in self.cfg.overrides.values())]
+        specs = []
+        for cfg in configs:
+            if cfg.grid != "int":
+                raise NotAnIntegerGrid(f"{self.name} stores codes of the {cfg.grid} code book")
+            if cfg.target_bits_per_weight is not None:
+                specs += [cfg.spec(c.bits, c.group_size) for c in cfg.mixed_candidates()]
+            else:
+                specs.append(cfg.spec())
+        return specs
 
     def candidate_specs(self) -> list[QuantSpec]:
         return [self.cfg.spec(c.bits, c.group_size) for c in self.cfg.mixed_candidates()]

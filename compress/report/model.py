@@ -145,6 +145,7 @@ class Report(_Part):
     budgets: list[BudgetCheck] = []
     budgets_passed: bool = True
     onnx: OnnxReport | None = None
+    served: dict[str, dict[str, Any]] = {}      # serving exports (compressed-tensors, ...): their export.json
     workers: int = 1                            # torch.distributed workers of the run
     communication_bytes: dict[str, int] = {}    # what worker 0 sent, per collective kind (statistics, layers, ...)
 
