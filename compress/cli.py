@@ -106,6 +106,9 @@ def run(
                                          "(same recipe, model and options)")] = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="largest checkpoint file, e.g. 5GB, "
                                                 "500MB")] = "5GB",
+    revision: Annotated[str | None, typer.Option(help="hub ids: the branch, tag or commit to read")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="run the model's own Python code "
+                                                    "from its folder or hub repository (read it first)")] = False,
     nproc: Annotated[int, typer.Option("--nproc", help="workers on this machine (torch.distributed, gloo): "
                                        "calibration and evaluation split, statistics summed, layers solved in "
                                        "parallel")] = 1,
@@ -130,7 +133,8 @@ def run(
             write_atomically(junit, error_xml(str(e), f"{recipe} on {model}"))
 
     with user_errors(json_, junit_error):
-        options = LoadOptions(dtype, resume, parse_size(max_shard_size, "--max-shard-size"), allow_pickle)
+        options = LoadOptions(dtype, resume, parse_size(max_shard_size, "--max-shard-size"), allow_pickle, revision,
+                              trust_remote_code)
         if nproc < 1:
             raise CompressError(f"--nproc {nproc}: a run needs at least one worker", "use --nproc 1 or more")
         if nproc > 1 and "WORLD_SIZE" not in os.environ:  # start the workers; each runs this command
@@ -140,9 +144,11 @@ def run(
             checked = check_run(recipe, model, out_dir, set_ or [], seed, force, options, nproc)
             argv = ["run", str(recipe), model, "--out", str(checked.out_dir), "--device", device, "--dtype", dtype,
                     "--max-shard-size", max_shard_size, *[a for s in set_ or [] for a in ("--set", s)],
+                    *(["--revision", revision] if revision else []),
                     *(["--seed", str(seed)] if seed is not None else []),
                     *[flag for flag, on in (("--force", force), ("--keep-failed", keep_failed), ("--quiet", quiet),
                                             ("--allow-pickle", allow_pickle), ("--resume", resume),
+                                            ("--trust-remote-code", trust_remote_code),
                                             ("--ignore-resource-check", ignore_resource_check), ("--json", json_))
                       if on], *(["--junit", str(junit)] if junit else [])]
             raise typer.Exit(launch(argv, nproc, lambda line: err.print(line, markup=False, soft_wrap=True)))

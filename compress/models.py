@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -36,6 +37,22 @@ class ModelInfo:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
+
+
+def check_source(spec: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
+    """:func:`check_spec` plus the load options: ``revision`` only for hub ids; a local folder whose config maps
+    to its own Python code (``auto_map``) refused unless ``trust_remote_code``, before transformers reads it."""
+    kind = check_spec(spec)
+    if revision is not None and kind != "hub":
+        raise ModelError(f"--revision applies to hub ids, not to {spec}", "leave --revision out for local files")
+    if kind == "local" and not trust_remote_code:
+        try:
+            config = json.loads((Path(spec).expanduser() / "config.json").read_text())
+        except (OSError, ValueError):
+            return kind  # the loader says what is wrong with it
+        if isinstance(config, dict) and config.get("auto_map"):
+            raise _needs_remote_code(spec)
+    return kind
 
 
 def check_spec(spec: str) -> str:
@@ -69,15 +86,17 @@ def torch_dtype(name: str):
     return DTYPE_NAMES[name]
 
 
-def resolve(spec: str, dtype: torch.dtype | str = "auto", allow_pickle: bool = False):
+def resolve(spec: str, dtype: torch.dtype | str = "auto", allow_pickle: bool = False, revision: str | None = None,
+            trust_remote_code: bool = False):
     """Load MODEL -> (model in eval mode, tokenizer, ModelInfo). Pickle weights are refused unless
-    ``allow_pickle`` (see ``model_files``).
+    ``allow_pickle`` (see ``model_files``); a model that needs its own Python code unless ``trust_remote_code``;
+    ``revision`` (a branch, tag or commit) applies to hub ids.
 
     Safetensors weights loaded in their own dtype (``"auto"``, the default) stay memory-mapped views of the files:
     nothing is read until a block uses it, so the pipeline's memory is that of one block. A GGUF file is
     converted once into the cache as a float safetensors folder (``$COMPRESS_CACHE/models``) and read from there."""
     quiet_transformers()
-    kind = check_spec(spec)
+    kind = check_source(spec, revision, trust_remote_code)
     if kind == "alias":
         package, _ = ALIASES[spec]
         folder = _converted_gguf(packaged_gguf(package), spec)
@@ -89,9 +108,9 @@ def resolve(spec: str, dtype: torch.dtype | str = "auto", allow_pickle: bool = F
         model, tok = _load_folder(folder, dtype, allow_pickle)
         return model, tok, ModelInfo(spec, "gguf", str(path), model.config.model_type)
     if kind == "local":
-        model, tok = _load_folder(path, dtype, allow_pickle)
+        model, tok = _load_folder(path, dtype, allow_pickle, trust_remote_code)
         return model, tok, ModelInfo(spec, "local", str(path), model.config.model_type)
-    return _load_hub(spec, dtype, allow_pickle)
+    return _load_hub(spec, dtype, allow_pickle, revision, trust_remote_code)
 
 
 def prepare_for_compression(model: nn.Module) -> nn.Module:
@@ -125,30 +144,41 @@ def quiet_transformers():
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def _load_folder(folder, dtype, allow_pickle: bool = False):
+def _load_folder(folder, dtype, allow_pickle: bool = False, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     safe = check_model_folder(Path(folder), allow_pickle)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True if safe else None)
-        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True if safe else None,
+                                                     trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         if "trust_remote_code" in str(e):
-            raise ModelError(f"the model in {folder} needs its own Python code (trust_remote_code)",
-                             "compress does not run model code from a checkpoint; use a transformers-native "
-                             "architecture") from None
+            raise _needs_remote_code(str(folder)) from None
         raise ModelError(f"cannot load the model in {folder}: {_first_line(e)}",
                          "is it a causal language model saved with save_pretrained?") from None
     return prepare_for_compression(model.eval()), tok
 
 
-def _load_hub(spec, dtype, allow_pickle: bool = False):
+def _needs_remote_code(where: str) -> ModelError:
+    return ModelError(f"the model {where} needs its own Python code (trust_remote_code)",
+                      "read that code first; pass --trust-remote-code to run it, or use a transformers-native "
+                      "architecture")
+
+
+def _load_hub(spec, dtype, allow_pickle: bool = False, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, use_safetensors=None if allow_pickle else True)
-        tok = AutoTokenizer.from_pretrained(spec)
-    except OSError as e:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, use_safetensors=None if allow_pickle else True,
+                                                     revision=revision, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise _needs_remote_code(spec) from None
+        if isinstance(e, ValueError):
+            raise ModelError(f"cannot load model '{spec}': {_first_line(e)}",
+                             "is it a causal language model?") from None
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(e).lower() \
             or "connect" in str(e).lower() or "resolve" in str(e).lower()
         if offline:

@@ -27,7 +27,7 @@ from .data import calibration_batches, evaluation_windows, resolve_source
 from .errors import CompressError, OutputError
 from .evaluate import decode_latency, evaluate
 from .families import find_blocks
-from .models import check_spec, resolve, torch_dtype
+from .models import check_source, resolve, torch_dtype
 from .modules import parameter_count
 from .pipeline import check_distributable, check_resumable, needs_calibration, plan, run_passes
 from .progress import Progress
@@ -127,6 +127,8 @@ class LoadOptions:
     resume: bool = False
     max_shard_bytes: int = DEFAULT_MAX_SHARD
     allow_pickle: bool = False
+    revision: str | None = None        # hub ids: a branch, tag or commit
+    trust_remote_code: bool = False    # run the model's own Python code (off: such a model is refused)
 
 
 @dataclass
@@ -159,8 +161,8 @@ def check_run(recipe_path, model_spec: str, out: str | None, overrides=(), seed:
         raise CompressError(f"{workers} workers need at least {workers} evaluation windows "
                             f"(the recipe has {recipe.evaluate.max_windows})", "raise evaluate.max_windows")
     check_tasks_available(recipe.evaluate.tasks)
-    check_spec(model_spec)
     options = options or LoadOptions()
+    check_source(model_spec, options.revision, options.trust_remote_code)
     torch_dtype(options.dtype)
     if options.resume:
         check_resumable(passes)
@@ -230,8 +232,8 @@ def _staged(stage: RunStage, work, log):
 
 def _stage_key(recipe, model_spec: str, options: LoadOptions, workers: int) -> dict:
     """What must be equal for a stage to be resumed."""
-    return {"recipe_hash": recipe.digest(), "model": model_spec, "dtype": options.dtype, "workers": workers,
-            "compress_version": __version__}
+    return {"recipe_hash": recipe.digest(), "model": model_spec, "revision": options.revision, "dtype": options.dtype,
+            "workers": workers, "compress_version": __version__}
 
 
 def _execute(checked: CheckedRun, model_spec, dev, quiet, keep_failed, log, t_start, options: LoadOptions,
@@ -246,7 +248,8 @@ def _execute(checked: CheckedRun, model_spec, dev, quiet, keep_failed, log, t_st
         log(f"loading model {model_spec}" + (f" (resuming after {len(stage.blocks)} finished blocks)"
                                              if stage.blocks else ""))
         model, tokenizer, info = resolve(model_spec, dtype=torch_dtype(options.dtype),
-                                         allow_pickle=options.allow_pickle)
+                                         allow_pickle=options.allow_pickle, revision=options.revision,
+                                         trust_remote_code=options.trust_remote_code)
         base_params = parameter_count(model)
         load_s = time.perf_counter() - t
 
