@@ -84,17 +84,27 @@ def evaluate(model, windows: torch.Tensor, device="cpu", reference: Sequence[tor
             on_compute(model, device, skip=() if tied else (embeddings,)):
         del hidden
         for b, batch in enumerate(windows.split(EVAL_BATCH)):
-            logits = model(input_ids=batch.to(input_device(model)), use_cache=False).logits[:, :-1].float()
-            logp = torch.log_softmax(logits, dim=-1)
-            targets = batch[:, 1:].to(logp.device)
-            nll_sum -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
-            count += targets.numel()
-            if reference is not None:
-                ref = reference[b].to(logp.device).float()
-                kl_sum += (ref.exp() * (ref - logp)).sum().item()
-                agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
+            logits = model(input_ids=batch.to(input_device(model)), use_cache=False).logits[:, :-1]
+            ref_batch = reference[b] if reference is not None else None
+            parts = []
+            # one window at a time: over a 128k vocabulary each [seq, vocab] float32 temporary is 130 MB per window
+            for i in range(logits.shape[0]):
+                logp = torch.log_softmax(logits[i].float(), dim=-1)
+                targets = batch[i, 1:].to(logp.device)
+                nll_sum -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+                count += targets.numel()
+                if ref_batch is not None:
+                    ref = ref_batch[i].to(logp.device).float()
+                    agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
+                    diff = ref - logp
+                    kl_sum += ref.exp_().mul_(diff).sum().item()  # sum p_ref (log p_ref - log p)
+                    del ref, diff
+                if kept is not None:
+                    parts.append(logp.half().cpu())
+                del logp
+            del logits
             if kept is not None:
-                kept.append(logp.half().cpu())
+                kept.append(torch.stack(parts))
     if progress is not None and task is not None:
         progress.advance(task)
     sums = torch.tensor([nll_sum, count, kl_sum, agree], dtype=torch.float64)
