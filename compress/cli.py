@@ -411,7 +411,7 @@ def _export_for_engine(path, out_dir, format_, target, max_shard, validation, wi
                        no_verify):
     from .data import evaluation_windows
     from .errors import ExportError
-    from .export.served import export_for_engine
+    from .export.engines import export_for_engine
 
     def log(msg):
         if not json_:

@@ -332,7 +332,8 @@ def _export_onnx(model, tokenizer, folder, recipe, windows, log) -> OnnxReport:
 
 
 def _export_compressed_tensors(checkpoint: Path, recipe, windows, log) -> dict:
-    from .export.served import ServedTolerance, export_for_engine
+    from .export.engines import export_for_engine
+    from .export.served import ServedTolerance
 
     cfg = recipe.export.compressed_tensors
     log(f"exporting compressed-tensors to compressed-tensors/{' for vLLM' if cfg.target else ''}")

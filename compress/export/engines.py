@@ -1,0 +1,54 @@
+"""``compress export --format TARGET`` for serving engines: one folder written atomically from a checkpoint by the
+target's module, then read back by the target's own reader and compared with our model (``served``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_checkpoint
+from ..errors import ExportError, OutputError
+from ..shards import DEFAULT_MAX_SHARD, write_shards
+from ..staging import staged_folder
+from . import compressed_tensors
+from .served import ServedTolerance, check_passed, compare_models, read_checkpoint, write_side_files
+
+WRITERS = {compressed_tensors.TARGET: compressed_tensors}
+EXPORT_META = "export.json"
+
+
+def export_for_engine(path: Path, out_dir: Path, target: str, windows: torch.Tensor | None, force: bool = False,
+                      verify: bool = True, engine: str | None = None, max_shard_bytes: int | None = None,
+                      tolerance: ServedTolerance | None = None, log=print) -> dict:
+    """Write checkpoint ``path`` as ``target`` into ``out_dir`` (atomically: nothing is left when a step fails) and,
+    with ``windows``, read it back with the target's own reader and compare with our model on them."""
+    if target not in WRITERS:
+        raise ExportError(f"unknown export format '{target}'", f"use one of: onnx, {', '.join(WRITERS)}")
+    writer = WRITERS[target]
+    if out_dir.exists() and not force:
+        raise OutputError(f"output folder {out_dir} already exists", "pass --force to replace it")
+    t0 = time.perf_counter()
+    ckpt = read_checkpoint(path, verify)
+    tensors, config = writer.convert(ckpt, engine == "vllm")
+    info: dict = {"format": target, "source": str(path), "engine": engine, "layers": len(ckpt.layers)}
+    with staged_folder(out_dir) as tmp:
+        write_shards(tensors, tmp, max_shard_bytes or DEFAULT_MAX_SHARD)
+        write_side_files(ckpt, tmp, config)
+        info["size"] = {"file_bytes": sum(f.stat().st_size for f in tmp.glob("*.safetensors"))}
+        info["timing"] = {"write_seconds": time.perf_counter() - t0}
+        if windows is not None:
+            t = time.perf_counter()
+            ours, _ = load_checkpoint(path, verify=False)
+            theirs = writer.read_back(tmp)
+            info["validation"] = compare_models(ours, theirs, windows, tolerance or ServedTolerance())
+            info["timing"]["validation_seconds"] = time.perf_counter() - t
+            v = info["validation"]
+            log(f"{target} read back by its engine: perplexity {v['perplexity_export']:.4f} vs ours "
+                f"{v['perplexity_ours']:.4f}, top-1 agreement {v['top1_agreement']:.4f}, max |logit diff| "
+                f"{v['max_logit_diff']:.2e}")
+            check_passed(target, v)
+        (tmp / EXPORT_META).write_text(json.dumps(info, indent=1) + "\n")
+    return info
