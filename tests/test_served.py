@@ -60,8 +60,8 @@ def test_gptq_4bit_goes_to_transformers_with_our_codes(write_recipe, tmp_path):
 @pytest.mark.parametrize("name, passes, groups", [
     ("w3", "  - {type: gptq, bits: 3, group_size: 64}\n", 1),
     ("mixed", "  - {type: rtn, bits: 4, group_size: 64, symmetric: true,\n"
-              "     overrides: {'model.layers.1[0-9].*': {bits: 8, group_size: 128}}}\n", 2),
-    ("sparse-w4", "  - {type: sparsegpt, pattern: '2:4'}\n  - {type: gptq, bits: 4, group_size: 64}\n", 1),
+              "     overrides: {'model.layers.1[0-9].*': {bits: 8}}}\n", 2),
+    ("sparse-w4", "  - {type: sparsegpt, pattern: '2:4'}\n  - {type: gptq, bits: 4, group_size: 32}\n", 1),
 ])
 def test_other_grids_go_to_transformers(write_recipe, tmp_path, name, passes, groups):
     result, out = _run(write_recipe, tmp_path, name, passes)
@@ -72,7 +72,7 @@ def test_other_grids_go_to_transformers(write_recipe, tmp_path, name, passes, gr
     assert len(config["config_groups"]) == groups
     if name == "sparse-w4":
         assert config["sparsity_config"]["sparsity_structure"] == "2:4"
-        assert next(iter(config["config_groups"].values()))["weights"]["group_size"] == 128  # 64 kept of 128
+        assert next(iter(config["config_groups"].values()))["weights"]["group_size"] == 64  # 32 kept of 64
     _check_layer_values(out, out / "compressed-tensors", ["model.layers.2.mlp.up_proj", "model.layers.15.mlp.up_proj"])
 
 

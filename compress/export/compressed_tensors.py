@@ -89,8 +89,6 @@ def vllm_problem(grid: IntegerGrid, shape: tuple[int, int]) -> str | None:
         return f"{grid.bits}-bit weights (vLLM's kernels take {' or '.join(map(str, VLLM_BITS))} bits)"
     if grid.group_size < cols and grid.group_size not in VLLM_GROUPS:
         return f"group size {grid.group_size} (vLLM takes {', '.join(map(str, VLLM_GROUPS))} or per channel)"
-    if grid.group_size < cols and cols % grid.group_size:
-        return f"group size {grid.group_size} does not divide its {cols} inputs"
     if grid.sparsity is not None and not grid.symmetric:
         return f"{grid.sparsity} sparsity with zero points (vLLM's 2:4 kernels are symmetric)"
     return None
@@ -119,6 +117,10 @@ def convert(ckpt: CheckpointLayers, vllm: bool = False) -> tuple[dict[str, torch
         except NotAnIntegerGrid as e:
             raise refuse(TARGET, name, str(e), "compressed-tensors holds integer grids (RTN, GPTQ, AWQ, mixed "
                          "precision, 2:4); export this one to ONNX") from None
+        group = grids[name].group_size
+        if group < fmt.shape[1] and fmt.shape[1] % group:
+            raise refuse(TARGET, name, f"groups of {group} do not divide its {fmt.shape[1]} inputs (the readers "
+                         "size scales as whole groups)", "choose a group size dividing the layer widths, or ONNX")
         problem = vllm_problem(grids[name], fmt.shape) if vllm else None
         if problem:
             raise refuse(f"{TARGET} for vLLM", name, problem, "change the recipe's bits / group_size, or drop "

@@ -146,7 +146,7 @@ class SparseWeight(WeightFormat):
         if nm is None:
             raise NotAnIntegerGrid(f"{self.describe()}: unstructured sparsity has no dense group layout")
         n, m = nm
-        if (inner.group_size * m) % n or self.shape[1] % (inner.group_size * m // n):
+        if inner.group_size % n:  # a group boundary would split the kept weights of one run of M
             raise NotAnIntegerGrid(f"{self.describe()}: its groups of kept values do not span whole dense groups")
         group = inner.group_size * m // n
         rows, cols = self.shape
