@@ -28,7 +28,7 @@ from torch import nn
 
 from .errors import CheckpointError, ModelError
 from .formats import format_from_saved
-from .formats.base import LayoutError
+from .formats.base import LayoutError, WeightFormat
 from .modules import CompressedLinear
 from .shards import DEFAULT_MAX_SHARD, open_weights, write_shards
 
@@ -156,6 +156,23 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, verify: bool = True
     return model.to(device).eval(), tokenizer
 
 
+def read_layers(path: Path, meta: dict, tensors: dict[str, torch.Tensor], verify: bool
+                ) -> tuple[dict[str, WeightFormat], dict[str, torch.Tensor]]:
+    """Each compressed layer's format and bias, taken out of ``tensors`` (what stays is every other tensor); with
+    ``verify`` each layer's tensors must be what its metadata declares (one-line CheckpointError)."""
+    formats, biases = {}, {}
+    for name, layer_meta in meta["layers"].items():
+        parts = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
+        if "bias" in parts:
+            biases[name] = parts.pop("bias")
+        try:
+            formats[name] = format_from_saved(layer_meta, parts, verify)
+        except LayoutError as e:
+            raise CheckpointError(f"{path}: layer {name}: {e}", "the checkpoint's metadata and tensors disagree; "
+                                  "re-run `compress run`") from None
+    return formats, biases
+
+
 def _build(path: Path, meta: dict, tensors: dict[str, torch.Tensor], dtype, verify: bool) -> nn.Module:
     """The model of ``config.json`` with the checkpoint's compressed layers and tensors in place."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -164,15 +181,10 @@ def _build(path: Path, meta: dict, tensors: dict[str, torch.Tensor], dtype, veri
 
     config = AutoConfig.from_pretrained(path)
     model = prepare_for_compression(AutoModelForCausalLM.from_config(config, dtype=dtype))
-    for name, layer_meta in meta["layers"].items():
-        parts = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
-        bias = parts.pop("bias", None)
+    formats, biases = read_layers(path, meta, tensors, verify)
+    for name, fmt in formats.items():
+        bias = biases.get(name)
         old = model.get_submodule(name)
-        try:
-            fmt = format_from_saved(layer_meta, parts, verify)
-        except LayoutError as e:
-            raise CheckpointError(f"{path}: layer {name}: {e}", "the checkpoint's metadata and tensors disagree; "
-                                  "re-run `compress run`") from None
         new = CompressedLinear(fmt, bias.to(dtype) if bias is not None else None, dtype)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)

@@ -14,10 +14,10 @@ from ..errors import ExportError, OutputError
 from ..shards import DEFAULT_MAX_SHARD, write_shards
 from ..staging import staged_folder
 from . import compressed_tensors
+from .runtime import EXPORT_META
 from .served import ServedTolerance, check_passed, compare_models, read_checkpoint, write_side_files
 
 WRITERS = {compressed_tensors.TARGET: compressed_tensors}
-EXPORT_META = "export.json"
 
 
 def export_for_engine(path: Path, out_dir: Path, target: str, windows: torch.Tensor | None, force: bool = False,

@@ -17,10 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import META, verify_hashes
+from ..checkpoint import META, read_layers, verify_hashes
 from ..errors import CheckpointError, ExportError, ExportMismatch
-from ..formats import format_from_saved
-from ..formats.base import LayoutError, WeightFormat
+from ..formats.base import WeightFormat
 from ..shards import open_weights
 
 
@@ -51,15 +50,7 @@ def read_checkpoint(path: Path, verify: bool = True) -> CheckpointLayers:
     tensors = open_weights(path)
     if verify:
         verify_hashes(path, meta, tensors)
-    layers, biases = {}, {}
-    for name, layer_meta in meta["layers"].items():
-        parts = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
-        if "bias" in parts:
-            biases[name] = parts.pop("bias")
-        try:
-            layers[name] = format_from_saved(layer_meta, parts, verify)
-        except LayoutError as e:
-            raise CheckpointError(f"{path}: layer {name}: {e}", "re-run `compress run`") from None
+    layers, biases = read_layers(path, meta, tensors, verify)
     return CheckpointLayers(path, layers, biases, tensors, meta["aliases"], meta["dense_dtype"], config)
 
 

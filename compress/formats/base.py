@@ -64,11 +64,6 @@ class IntegerGrid:
     symmetric: bool
     sparsity: str | None = None
 
-    def dequantize(self) -> torch.Tensor:
-        rows, cols = self.codes.shape
-        at = torch.arange(cols) // self.group_size
-        return (self.codes.float() - self.zeros[:, at].float()) * self.scales[:, at].float()
-
 
 Layout = dict[str, tuple[tuple[torch.dtype, ...], tuple[int, ...]]]  # tensor name -> (allowed dtypes, shape)
 
