@@ -351,11 +351,12 @@ def export(
     path: Annotated[str, typer.Argument(help="compressed checkpoint folder, or any model (exported as float32)")],
     out_dir: Annotated[Path, typer.Argument(help="folder to write the export into (model.onnx or safetensors, "
                                                   "export.json)")],
-    format_: Annotated[str, typer.Option("--format", help="onnx, or compressed-tensors (vLLM, SGLang, "
-                                         "transformers; from a checkpoint)")] = "onnx",
-    target: Annotated[str | None, typer.Option(help="compressed-tensors: vllm refuses layers vLLM's kernels do "
-                                               "not take")] = None,
-    max_shard_size: Annotated[str, typer.Option(help="compressed-tensors: largest safetensors shard")] = "5GB",
+    format_: Annotated[str, typer.Option("--format", help="onnx; or from a checkpoint: "
+                                         "compressed-tensors (vLLM, SGLang, transformers), gptq (transformers, vLLM, "
+                                         "TGI, ExLlama)")] = "onnx",
+    target: Annotated[str | None, typer.Option(help="compressed-tensors, gptq: vllm refuses layers vLLM's kernels "
+                                               "or loaders do not take")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="compressed-tensors, gptq: largest safetensors shard")] = "5GB",
     weights: Annotated[str, typer.Option(help="fast (MatMulNBits for 2/4/8-bit) or portable (standard ops)")] = "fast",
     int8_activations: Annotated[bool, typer.Option("--int8-activations", help="MatMulNBits with int8 "
                                                    "activations: faster, less exact")] = False,
@@ -368,8 +369,8 @@ def export(
     no_verify: NoVerifyOpt = False,
 ):
     """Export a checkpoint (or a plain model) to ONNX with its compression kept and check it in onnxruntime
-    against PyTorch; or (--format compressed-tensors) write a checkpoint's codes for vLLM / transformers and
-    check it read back by transformers. Exit codes: 2 bad input or a layer the format cannot hold, 3 the export
+    against PyTorch; or (--format compressed-tensors / gptq) write a checkpoint's codes for serving engines and
+    check them read back. Exit codes: 2 bad input or a layer the format cannot hold, 3 the export
     disagrees with the compressed model beyond the tolerance (nothing is written)."""
     import torch
 

@@ -51,3 +51,13 @@ def unpack_rows(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor
     stream = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(rows, -1)[:, : num_codes * bits]
     weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device)).to(torch.uint8)
     return (stream.reshape(rows, num_codes, bits) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+
+
+def pack_rows_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack_rows` as little-endian int32 words ``[N, ceil(K * bits / 32)]`` (zero padded): the packing of
+    the GPTQ and compressed-tensors formats."""
+    packed = pack_rows(codes, bits)
+    pad = -packed.shape[1] % 4
+    if pad:
+        packed = torch.nn.functional.pad(packed, (0, pad))
+    return packed.contiguous().view(torch.int32)

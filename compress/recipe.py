@@ -58,11 +58,13 @@ class OnnxConfig(Section):
     max_perplexity_diff: float = Field(0.002, ge=0, description="max relative perplexity difference")
 
 
-class CompressedTensorsExport(Section):
-    target: Literal["vllm"] | None = Field(None, description="vllm: before any compute, refuse a recipe whose "
-                                           "grids vLLM's kernels do not take (bits, group size, 2:4 symmetry)")
-    validation: bool = Field(True, description="read the export back with transformers + compressed-tensors and "
-                             "compare with the compressed model")
+class ServedExport(Section):
+    """A serving engine's export (compressed-tensors, GPTQ) written from the checkpoint into OUT/<format>."""
+
+    target: Literal["vllm"] | None = Field(None, description="vllm: refuse, before any compute where the passes "
+                                           "tell, what vLLM's kernels or loaders do not take")
+    validation: bool = Field(True, description="read the export back with the format's reader and compare with "
+                             "the compressed model")
     windows: int = Field(2, ge=1, le=64, description="held-out windows the validation reads")
     seq_len: int = Field(256, ge=16, le=8192, description="tokens per validation window")
     max_perplexity_diff: float = Field(0.002, ge=0, description="max relative perplexity difference")
@@ -74,14 +76,21 @@ class ExportConfig(Section):
         "float16", description="dtype of tensors no pass compressed (embeddings, norms)")
     onnx: OnnxConfig | None = Field(None, description="also export ONNX into OUT/onnx (`onnx: {}` or "
                                     "`onnx: true` for the defaults), validated in onnxruntime")
-    compressed_tensors: CompressedTensorsExport | None = Field(
+    compressed_tensors: ServedExport | None = Field(
         None, description="also export compressed-tensors pack-quantized (vLLM, SGLang, transformers) into "
         "OUT/compressed-tensors (`compressed_tensors: {}` for the defaults), read back and compared")
+    gptq: ServedExport | None = Field(
+        None, description="also export the GPTQ format (transformers, vLLM, TGI, ExLlama) into OUT/gptq "
+        "(`gptq: {}` for the defaults), read back and compared")
+
+    def served(self) -> dict[str, ServedExport]:
+        """The serving exports asked for: recipe key -> its settings."""
+        return {k: v for k in ("compressed_tensors", "gptq") if (v := getattr(self, k)) is not None}
 
     @model_validator(mode="before")
     @classmethod
     def _onnx_shorthand(cls, data):
-        for key in ("onnx", "compressed_tensors"):
+        for key in ("onnx", "compressed_tensors", "gptq"):
             if isinstance(data, dict) and data.get(key) is True:
                 data = {**data, key: {}}
             elif isinstance(data, dict) and data.get(key) is False:

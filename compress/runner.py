@@ -166,13 +166,12 @@ def check_run(recipe_path, model_spec: str, out: str | None, overrides=(), seed:
     torch_dtype(options.dtype)
     if options.resume:
         check_resumable(passes)
-    if recipe.export.compressed_tensors is not None:
-        from .export.compressed_tensors import check_passes
+    for key, cfg in recipe.export.served().items():
+        from .export.engines import RECIPE_KEYS, WRITERS
 
         if not recipe.export.checkpoint:
-            raise CompressError("export.compressed_tensors is written from the checkpoint",
-                                "set export.checkpoint: true")
-        check_passes(passes, recipe.export.compressed_tensors.target)
+            raise CompressError(f"export.{key} is written from the checkpoint", "set export.checkpoint: true")
+        WRITERS[RECIPE_KEYS[key]].check_passes(passes, cfg.target)
     out_dir = Path(out) if out else default_out_dir(recipe.name or Path(recipe_path).stem, model_spec)
     if out_dir.exists() and not force:
         raise OutputError(f"output folder {out_dir} already exists", "pass --force to replace it, or --out DIR")
@@ -309,9 +308,8 @@ def _execute(checked: CheckedRun, model_spec, dev, quiet, keep_failed, log, t_st
             with on_compute(model, "cpu"):
                 report.onnx = _export_onnx(model, tokenizer, tmp / "onnx", recipe, windows, log)
             report.size.onnx_file_bytes = report.onnx.size["file_bytes"]
-        if recipe.export.compressed_tensors is not None:
-            report.served = {**report.served,  # assigned, not mutated: report.json keeps only fields set
-                             "compressed-tensors": _export_compressed_tensors(tmp, recipe, windows, log)}
+        if recipe.export.served():
+            report.served = _export_served(tmp, recipe, windows, log)  # assigned: report.json keeps fields set
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         write_reports(report, tmp)
         (tmp / "run.log").write_text(log.text())
@@ -331,16 +329,19 @@ def _export_onnx(model, tokenizer, folder, recipe, windows, log) -> OnnxReport:
                                      {"validation": info.get("validation")})
 
 
-def _export_compressed_tensors(checkpoint: Path, recipe, windows, log) -> dict:
-    from .export.engines import export_for_engine
+def _export_served(checkpoint: Path, recipe, windows, log) -> dict:
+    from .export.engines import RECIPE_KEYS, export_for_engine
     from .export.served import ServedTolerance
 
-    cfg = recipe.export.compressed_tensors
-    log(f"exporting compressed-tensors to compressed-tensors/{' for vLLM' if cfg.target else ''}")
-    check = windows[: cfg.windows, : cfg.seq_len] if cfg.validation else None
-    return export_for_engine(checkpoint, checkpoint / "compressed-tensors", "compressed-tensors", check,
-                             verify=False, engine=cfg.target, tolerance=ServedTolerance(cfg.max_perplexity_diff),
-                             log=log)
+    done = {}
+    for key, cfg in recipe.export.served().items():
+        target = RECIPE_KEYS[key]
+        log(f"exporting {target} to {target}/{' for vLLM' if cfg.target else ''}")
+        check = windows[: cfg.windows, : cfg.seq_len] if cfg.validation else None
+        done[target] = export_for_engine(checkpoint, checkpoint / target, target, check, verify=False,
+                                         engine=cfg.target, tolerance=ServedTolerance(cfg.max_perplexity_diff),
+                                         log=log)
+    return done
 
 
 def _short(v):

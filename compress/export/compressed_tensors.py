@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..formats.base import IntegerGrid, NotAnIntegerGrid
-from ..packing import pack_rows
+from ..packing import pack_rows_int32
 from .served import CheckpointLayers, refuse, tied_to_embeddings
 
 TARGET = "compressed-tensors"
@@ -46,20 +46,12 @@ def scheme(grid: IntegerGrid, in_features: int) -> dict:
             "observer": "minmax"}
 
 
-def words(packed: torch.Tensor) -> torch.Tensor:
-    """Row-packed bytes ``[rows, n]`` as little-endian int32 words ``[rows, ceil(n / 4)]`` (zero padded)."""
-    pad = -packed.shape[1] % 4
-    if pad:
-        packed = torch.nn.functional.pad(packed, (0, pad))
-    return packed.contiguous().view(torch.int32)
-
-
 def layer_tensors(grid: IntegerGrid) -> dict[str, torch.Tensor]:
     rows, cols = grid.codes.shape
-    t = {"weight_packed": words(pack_rows(grid.codes, grid.bits)), "weight_scale": grid.scales.half().contiguous(),
+    t = {"weight_packed": pack_rows_int32(grid.codes, grid.bits), "weight_scale": grid.scales.half().contiguous(),
          "weight_shape": torch.tensor([rows, cols], dtype=torch.int64)}
     if not grid.symmetric:
-        t["weight_zero_point"] = words(pack_rows(grid.zeros.t(), grid.bits)).t().contiguous()
+        t["weight_zero_point"] = pack_rows_int32(grid.zeros.t(), grid.bits).t().contiguous()
     return t
 
 

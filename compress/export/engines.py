@@ -13,11 +13,12 @@ from ..checkpoint import load_checkpoint
 from ..errors import ExportError, OutputError
 from ..shards import DEFAULT_MAX_SHARD, write_shards
 from ..staging import staged_folder
-from . import compressed_tensors
+from . import compressed_tensors, gptq
 from .runtime import EXPORT_META
 from .served import ServedTolerance, check_passed, compare_models, read_checkpoint, write_side_files
 
-WRITERS = {compressed_tensors.TARGET: compressed_tensors}
+WRITERS = {compressed_tensors.TARGET: compressed_tensors, gptq.TARGET: gptq}
+RECIPE_KEYS = {"compressed_tensors": compressed_tensors.TARGET, "gptq": gptq.TARGET}  # export section -> target
 
 
 def export_for_engine(path: Path, out_dir: Path, target: str, windows: torch.Tensor | None, force: bool = False,
@@ -37,6 +38,8 @@ def export_for_engine(path: Path, out_dir: Path, target: str, windows: torch.Ten
     with staged_folder(out_dir) as tmp:
         write_shards(tensors, tmp, max_shard_bytes or DEFAULT_MAX_SHARD)
         write_side_files(ckpt, tmp, config)
+        if hasattr(writer, "write_extra"):
+            writer.write_extra(tmp, config)
         info["size"] = {"file_bytes": sum(f.stat().st_size for f in tmp.glob("*.safetensors"))}
         info["timing"] = {"write_seconds": time.perf_counter() - t0}
         if windows is not None:
