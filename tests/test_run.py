@@ -62,6 +62,7 @@ def test_eval_command_reports_the_same_perplexity(w4_run):
     assert json.loads(result.stdout)["perplexity"] == pytest.approx(report["compressed"]["perplexity"], rel=1e-4)
 
 
+@pytest.mark.slow  # three runs of the whole model
 def test_quality_orders_by_bits(smol):
     """2-bit RTN is clearly worse than 3-bit, which is worse than 4-bit (same held-out windows)."""
     import copy
@@ -113,6 +114,7 @@ def test_budget_missed_exits_1_and_leaves_nothing(tmp_path, smol):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # a second whole run
 def test_same_seed_gives_identical_checkpoints(tmp_path, smol, w4_run):
     out = tmp_path / "again"
     result = cli("run", RECIPES / "w4-rtn.yaml", "smollm2-135m", "--out", out, *FAST)

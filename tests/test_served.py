@@ -12,6 +12,7 @@ from compress.checkpoint import load_checkpoint
 
 pytest.importorskip("compressed_tensors")
 
+QUICK = ("--windows", "1", "--seq-len", "128")  # the export commands' check, on less text than their default
 CALIBRATION = "calibration: {samples: 4, seq_len: 256}\nevaluate: {seq_len: 256, max_windows: 2}\n"
 
 
@@ -136,7 +137,7 @@ def test_export_command_symmetric_and_plain_transformers_load(rtn_checkpoint, tm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "ct"
-    result = cli("export", rtn_checkpoint, out, "--format", "compressed-tensors", "--target", "vllm")
+    result = cli("export", rtn_checkpoint, out, "--format", "compressed-tensors", "--target", "vllm", *QUICK)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "export.json").read_text())["validation"]["passed"]
     tok = AutoTokenizer.from_pretrained(out)
@@ -152,7 +153,7 @@ def test_export_command_symmetric_and_plain_transformers_load(rtn_checkpoint, tm
 def test_gptq_export_command(rtn_checkpoint, tmp_path):
     """`compress export --format gptq --target vllm`: symmetric 4-bit is v1 GPTQ; decoded weights are ours."""
     out = tmp_path / "gptq"
-    result = cli("export", rtn_checkpoint, out, "--format", "gptq", "--target", "vllm")
+    result = cli("export", rtn_checkpoint, out, "--format", "gptq", "--target", "vllm", *QUICK)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "export.json").read_text())["validation"]["passed"]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -175,7 +176,7 @@ def test_wrong_bytes_are_caught_by_the_read_back(rtn_checkpoint, tmp_path, monke
 
     monkeypatch.setattr(writer, "layer_tensors", damaged)
     out = tmp_path / "x"
-    result = cli("export", rtn_checkpoint, out, "--format", fmt)
+    result = cli("export", rtn_checkpoint, out, "--format", fmt, *QUICK)
     assert result.exit_code == 3, result.output
     assert not out.exists() and not any(tmp_path.iterdir())
 
@@ -193,7 +194,7 @@ def test_truncated_gptq_tensor_is_caught_by_the_read_back(rtn_checkpoint, tmp_pa
 
     monkeypatch.setattr(gptq, "layer_tensors", truncated)
     out = tmp_path / "x"
-    result = cli("export", rtn_checkpoint, out, "--format", "gptq")
+    result = cli("export", rtn_checkpoint, out, "--format", "gptq", *QUICK)
     assert result.exit_code == 2 and "damaged" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not any(tmp_path.iterdir())
 
@@ -227,3 +228,28 @@ def test_revision_is_for_hub_ids(tmp_path, write_recipe):
     recipe = write_recipe("passes:\n  - {type: rtn, bits: 4}\n")
     result = cli("run", recipe, "smollm2-135m", "--revision", "main", "--out", tmp_path / "out", "--quiet")
     assert result.exit_code == 2 and "--revision" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def _front_matter(readme):
+    import yaml
+
+    text = readme.read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1]), text
+
+
+def test_model_cards_in_the_run_folder_and_the_export(rtn_checkpoint, tmp_path):
+    """Every output folder has a Hub model card: base model, 'quantized', the measured numbers of its report."""
+    from compress.report.model import Report
+
+    report = Report.load(rtn_checkpoint / "report.json")
+    meta, text = _front_matter(rtn_checkpoint / "README.md")
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["base_model_relation"] == "quantized"
+    assert "4-bit" in meta["tags"] and f"{report.compressed.perplexity:.4g}" in text
+    assert "compress.load" in text and "type: rtn" in text
+    out = tmp_path / "gptq"
+    assert cli("export", rtn_checkpoint, out, "--format", "gptq", *QUICK).exit_code == 0
+    meta, text = _front_matter(out / "README.md")
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and "gptq" in meta["tags"]
+    v = json.loads((out / "export.json").read_text())["validation"]
+    assert f"{v['perplexity_export']:.4g}" in text and "vllm serve ." in text

@@ -19,6 +19,7 @@ def kept_rows(small: torch.Tensor, big: torch.Tensor) -> torch.Tensor:
     return torch.tensor([int((big == row).all(1).nonzero()[0]) for row in small])
 
 
+@pytest.mark.slow  # the width25 recipe test covers the default suite
 def test_shrunk_model_computes_what_the_masked_model_computes(smol):
     model, tok, _ = smol
     calib = calibration_batches("pydoc", tok, 4, 256, seed=0, heldout_spec="pydoc")

@@ -29,9 +29,10 @@ import torch
 
 from ..formats.base import IntegerGrid, NotAnIntegerGrid
 from ..packing import pack_rows_int32
-from .served import CheckpointLayers, refuse, tied_to_embeddings
+from .served import CheckpointLayers, linear_names, refuse, tied_to_embeddings
 
 TARGET = "compressed-tensors"
+READER = "transformers + compressed-tensors"
 FORMAT = "pack-quantized"
 FORMAT_VERSION = "0.20.0"  # the compressed-tensors release whose reader the tests run
 VLLM_BITS = (4, 8)          # vLLM's WNA16 kernels (Marlin, Machete, Exllama)
@@ -84,16 +85,6 @@ def vllm_problem(grid: IntegerGrid, shape: tuple[int, int]) -> str | None:
     if grid.sparsity is not None and not grid.symmetric:
         return f"{grid.sparsity} sparsity with zero points (vLLM's 2:4 kernels are symmetric)"
     return None
-
-
-def linear_names(config: dict) -> list[str]:
-    """Names of every linear layer of the model ``config`` describes (built on the meta device)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model(**config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
 def convert(ckpt: CheckpointLayers, vllm: bool = False) -> tuple[dict[str, torch.Tensor], dict]:

@@ -11,6 +11,8 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..errors import ExportError, OutputError
+from ..report.card import export_card
+from ..report.model import Report
 from ..shards import DEFAULT_MAX_SHARD, write_shards
 from ..staging import staged_folder
 from . import compressed_tensors, gptq
@@ -23,7 +25,7 @@ RECIPE_KEYS = {"compressed_tensors": compressed_tensors.TARGET, "gptq": gptq.TAR
 
 def export_for_engine(path: Path, out_dir: Path, target: str, windows: torch.Tensor | None, force: bool = False,
                       verify: bool = True, engine: str | None = None, max_shard_bytes: int | None = None,
-                      tolerance: ServedTolerance | None = None, log=print) -> dict:
+                      tolerance: ServedTolerance | None = None, source_label: str | None = None, log=print) -> dict:
     """Write checkpoint ``path`` as ``target`` into ``out_dir`` (atomically: nothing is left when a step fails) and,
     with ``windows``, read it back with the target's own reader and compare with our model on them."""
     if target not in WRITERS:
@@ -34,7 +36,8 @@ def export_for_engine(path: Path, out_dir: Path, target: str, windows: torch.Ten
     t0 = time.perf_counter()
     ckpt = read_checkpoint(path, verify)
     tensors, config = writer.convert(ckpt, engine == "vllm")
-    info: dict = {"format": target, "source": str(path), "engine": engine, "layers": len(ckpt.layers)}
+    info: dict = {"format": target, "source": source_label or str(path), "engine": engine, "layers": len(ckpt.layers),
+                  "reader": writer.READER}
     with staged_folder(out_dir) as tmp:
         write_shards(tensors, tmp, max_shard_bytes or DEFAULT_MAX_SHARD)
         write_side_files(ckpt, tmp, config)
@@ -54,4 +57,10 @@ def export_for_engine(path: Path, out_dir: Path, target: str, windows: torch.Ten
                 f"{v['max_logit_diff']:.2e}")
             check_passed(target, v)
         (tmp / EXPORT_META).write_text(json.dumps(info, indent=1) + "\n")
+        (tmp / "README.md").write_text(export_card(info, _source_report(path), target))
     return info
+
+
+def _source_report(path: Path) -> Report | None:
+    """The report of the run that wrote checkpoint ``path`` (None when the folder has none, e.g. mid-run)."""
+    return Report.load(path / "report.json") if (path / "report.json").is_file() else None

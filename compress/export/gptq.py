@@ -37,9 +37,10 @@ import torch
 from ..errors import ExportError
 from ..formats.base import IntegerGrid, NotAnIntegerGrid
 from ..packing import pack_rows_int32
-from .served import CheckpointLayers, refuse, tied_to_embeddings
+from .served import CheckpointLayers, linear_names, refuse, tied_to_embeddings
 
 TARGET = "gptq"
+READER = "the documented GPTQ layout (GPTQModel needs torch >= 2.14)"
 BITS = (2, 3, 4, 8)
 VLLM_BITS = BITS  # vLLM's gptq kernels (Marlin for 4/8-bit symmetric, ExLlama / the gptq kernel otherwise)
 
@@ -133,7 +134,7 @@ def convert(ckpt: CheckpointLayers, vllm: bool = False) -> tuple[dict[str, torch
     config = dict(ckpt.config)
     config["dtype"] = "float16"
     config.pop("torch_dtype", None)
-    decoder_dense = [n[: -len(".weight")] for n in dense if ".layers." in n]
+    decoder_dense = [n for n in linear_names(ckpt.config) if n not in grids and not n.startswith("lm_head")]
     config["quantization_config"] = quantization_config(grids, {n: ckpt.layers[n].shape[1] for n in grids},
                                                         decoder_dense, v2)
     return tensors, config

@@ -70,6 +70,16 @@ def write_side_files(ckpt: CheckpointLayers, out_dir: Path, config: dict) -> Non
     AutoTokenizer.from_pretrained(ckpt.path).save_pretrained(out_dir)
 
 
+def linear_names(config: dict) -> list[str]:
+    """Names of every linear layer of the model ``config`` describes (built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
 @dataclass
 class ServedTolerance:
     max_perplexity_diff: float = 0.002  # relative; the engine reads the very values we computed
