@@ -375,7 +375,7 @@ def export(
                                                   "export.json)")],
     format_: Annotated[str, typer.Option("--format", help="onnx; or from a checkpoint: "
                                          "compressed-tensors (vLLM, SGLang, transformers), gptq (transformers, vLLM, "
-                                         "TGI, ExLlama)")] = "onnx",
+                                         "TGI, ExLlama), gguf (llama.cpp, Ollama)")] = "onnx",
     target: Annotated[str | None, typer.Option(help="compressed-tensors, gptq: vllm refuses layers vLLM's kernels "
                                                "or loaders do not take")] = None,
     max_shard_size: Annotated[str, typer.Option(help="compressed-tensors, gptq: largest safetensors shard")] = "5GB",

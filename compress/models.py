@@ -242,6 +242,18 @@ def _converted_gguf(gguf: Path, name: str) -> Path:
     return folder
 
 
+def gguf_tokenizer_pre(info: ModelInfo) -> str | None:
+    """``tokenizer.ggml.pre`` (llama.cpp's pre-tokenizer name) of the GGUF file the model was read from, if any:
+    a GGUF export of the compressed model carries it on."""
+    if info.source not in ("alias", "gguf"):
+        return None
+    from gguf import GGUFReader
+
+    path = packaged_gguf(ALIASES[info.spec][0]) if info.source == "alias" else Path(info.path)
+    field = GGUFReader(path).get_field("tokenizer.ggml.pre")
+    return field.contents() if field is not None else None
+
+
 def packaged_gguf(package: str) -> Path:
     try:
         files = importlib.metadata.files(package) or []

@@ -83,14 +83,18 @@ class ExportConfig(Section):
         None, description="also export the GPTQ format (transformers, vLLM, TGI, ExLlama) into OUT/gptq "
         "(`gptq: {}` for the defaults), read back and compared")
 
+    gguf: ServedExport | None = Field(
+        None, description="also export GGUF (llama.cpp, Ollama, LM Studio) into OUT/gguf/model.gguf (`gguf: {}` "
+        "for the defaults), read back by transformers and compared")
+
     def served(self) -> dict[str, ServedExport]:
         """The serving exports asked for: recipe key -> its settings."""
-        return {k: v for k in ("compressed_tensors", "gptq") if (v := getattr(self, k)) is not None}
+        return {k: v for k in ("compressed_tensors", "gptq", "gguf") if (v := getattr(self, k)) is not None}
 
     @model_validator(mode="before")
     @classmethod
     def _onnx_shorthand(cls, data):
-        for key in ("onnx", "compressed_tensors", "gptq"):
+        for key in ("onnx", "compressed_tensors", "gptq", "gguf"):
             if isinstance(data, dict) and data.get(key) is True:
                 data = {**data, key: {}}
             elif isinstance(data, dict) and data.get(key) is False:

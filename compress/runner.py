@@ -27,7 +27,7 @@ from .data import calibration_batches, evaluation_windows, resolve_source
 from .errors import CompressError, OutputError
 from .evaluate import decode_latency, evaluate
 from .families import find_blocks
-from .models import check_source, resolve, torch_dtype
+from .models import check_source, gguf_tokenizer_pre, resolve, torch_dtype
 from .modules import parameter_count
 from .pipeline import check_distributable, check_resumable, needs_calibration, plan, run_passes
 from .progress import Progress
@@ -302,7 +302,8 @@ def _execute(checked: CheckedRun, model_spec, dev, quiet, keep_failed, log, t_st
     with staged_folder(out_dir) as tmp:
         if recipe.export.checkpoint:
             save_checkpoint(model, tokenizer, tmp, recipe.export.dense_dtype, content=content,
-                            extra={"recipe_hash": recipe.digest(), "compress_version": __version__},
+                            extra={"recipe_hash": recipe.digest(), "compress_version": __version__,
+                                   **({"gguf_tokenizer_pre": pre} if (pre := gguf_tokenizer_pre(info)) else {})},
                             max_shard_bytes=options.max_shard_bytes)
             report.size.checkpoint_file_bytes = sum(f.stat().st_size for f in tmp.iterdir())
         if recipe.export.onnx is not None:

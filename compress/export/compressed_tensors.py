@@ -29,7 +29,7 @@ import torch
 
 from ..formats.base import IntegerGrid, NotAnIntegerGrid
 from ..packing import pack_rows_int32
-from .served import CheckpointLayers, linear_names, refuse, tied_to_embeddings
+from .served import CheckpointLayers, linear_names, refuse, tied_to_embeddings, write_safetensors_export
 
 TARGET = "compressed-tensors"
 READER = "transformers + compressed-tensors"
@@ -85,6 +85,13 @@ def vllm_problem(grid: IntegerGrid, shape: tuple[int, int]) -> str | None:
     if grid.sparsity is not None and not grid.symmetric:
         return f"{grid.sparsity} sparsity with zero points (vLLM's 2:4 kernels are symmetric)"
     return None
+
+
+def write(ckpt: CheckpointLayers, out_dir: Path, engine: str | None, max_shard_bytes: int) -> dict:
+    """Write the export into ``out_dir``: safetensors shards, config.json, tokenizer."""
+    tensors, config = convert(ckpt, engine == "vllm")
+    write_safetensors_export(ckpt, out_dir, tensors, config, max_shard_bytes)
+    return {"checkpoint_format": FORMAT}
 
 
 def convert(ckpt: CheckpointLayers, vllm: bool = False) -> tuple[dict[str, torch.Tensor], dict]:

@@ -13,14 +13,15 @@ from ..checkpoint import load_checkpoint
 from ..errors import ExportError, OutputError
 from ..report.card import export_card
 from ..report.model import Report
-from ..shards import DEFAULT_MAX_SHARD, write_shards
+from ..shards import DEFAULT_MAX_SHARD
 from ..staging import staged_folder
-from . import compressed_tensors, gptq
+from . import compressed_tensors, gguf, gptq
 from .runtime import EXPORT_META
-from .served import ServedTolerance, check_passed, compare_models, read_checkpoint, write_side_files
+from .served import ServedTolerance, check_passed, compare_models, read_checkpoint
 
-WRITERS = {compressed_tensors.TARGET: compressed_tensors, gptq.TARGET: gptq}
-RECIPE_KEYS = {"compressed_tensors": compressed_tensors.TARGET, "gptq": gptq.TARGET}  # export section -> target
+WRITERS = {compressed_tensors.TARGET: compressed_tensors, gptq.TARGET: gptq, gguf.TARGET: gguf}
+WEIGHT_FILES = ("*.safetensors", "*.gguf")  # what an export's size counts
+RECIPE_KEYS = {"compressed_tensors": compressed_tensors.TARGET, "gptq": gptq.TARGET, "gguf": gguf.TARGET}  # section
 
 
 def export_for_engine(path: Path, out_dir: Path, target: str, windows: torch.Tensor | None, force: bool = False,
@@ -35,15 +36,11 @@ def export_for_engine(path: Path, out_dir: Path, target: str, windows: torch.Ten
         raise OutputError(f"output folder {out_dir} already exists", "pass --force to replace it")
     t0 = time.perf_counter()
     ckpt = read_checkpoint(path, verify)
-    tensors, config = writer.convert(ckpt, engine == "vllm")
     info: dict = {"format": target, "source": source_label or str(path), "engine": engine, "layers": len(ckpt.layers),
                   "reader": writer.READER}
     with staged_folder(out_dir) as tmp:
-        write_shards(tensors, tmp, max_shard_bytes or DEFAULT_MAX_SHARD)
-        write_side_files(ckpt, tmp, config)
-        if hasattr(writer, "write_extra"):
-            writer.write_extra(tmp, config)
-        info["size"] = {"file_bytes": sum(f.stat().st_size for f in tmp.glob("*.safetensors"))}
+        info |= writer.write(ckpt, tmp, engine, max_shard_bytes or DEFAULT_MAX_SHARD)
+        info["size"] = {"file_bytes": sum(f.stat().st_size for pattern in WEIGHT_FILES for f in tmp.glob(pattern))}
         info["timing"] = {"write_seconds": time.perf_counter() - t0}
         if windows is not None:
             t = time.perf_counter()

@@ -37,7 +37,7 @@ import torch
 from ..errors import ExportError
 from ..formats.base import IntegerGrid, NotAnIntegerGrid
 from ..packing import pack_rows_int32
-from .served import CheckpointLayers, linear_names, refuse, tied_to_embeddings
+from .served import CheckpointLayers, linear_names, refuse, tied_to_embeddings, write_safetensors_export
 
 TARGET = "gptq"
 READER = "the documented GPTQ layout (GPTQModel needs torch >= 2.14)"
@@ -102,6 +102,15 @@ def _check_layer(name: str, grid: IntegerGrid, shape: tuple[int, int]) -> None:
                      "export compressed-tensors or ONNX")
 
 
+def write(ckpt: CheckpointLayers, out_dir: Path, engine: str | None, max_shard_bytes: int) -> dict:
+    """Write the export into ``out_dir``: safetensors shards, config.json, tokenizer, quantize_config.json for
+    readers of the AutoGPTQ era."""
+    tensors, config = convert(ckpt, engine == "vllm")
+    write_safetensors_export(ckpt, out_dir, tensors, config, max_shard_bytes)
+    (out_dir / "quantize_config.json").write_text(json.dumps(config["quantization_config"], indent=2) + "\n")
+    return {"checkpoint_format": config["quantization_config"]["checkpoint_format"]}
+
+
 def convert(ckpt: CheckpointLayers, vllm: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, config.json) of the export. ``vllm``: refuse what vLLM's gptq loaders would not read (v2 zeros)."""
     grids: dict[str, IntegerGrid] = {}
@@ -154,11 +163,6 @@ def quantization_config(grids: dict[str, IntegerGrid], widths: dict[str, int], k
     if dynamic:
         qc["dynamic"] = dynamic
     return qc
-
-
-def write_extra(out_dir: Path, config: dict) -> None:
-    """``quantize_config.json`` for readers of the AutoGPTQ era."""
-    (out_dir / "quantize_config.json").write_text(json.dumps(config["quantization_config"], indent=2) + "\n")
 
 
 def _scheme_of(name: str, qc: dict) -> dict | None:

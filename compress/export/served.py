@@ -20,7 +20,7 @@ import torch
 from ..checkpoint import META, read_layers, verify_hashes
 from ..errors import CheckpointError, ExportError, ExportMismatch
 from ..formats.base import WeightFormat
-from ..shards import open_weights
+from ..shards import open_weights, write_shards
 
 
 @dataclass
@@ -57,6 +57,13 @@ def read_checkpoint(path: Path, verify: bool = True) -> CheckpointLayers:
 def tied_to_embeddings(ckpt: CheckpointLayers, name: str) -> bool:
     """Whether tensor ``name`` is an alias the model re-ties itself at load (``tie_word_embeddings``)."""
     return name in ckpt.aliases and bool(ckpt.config.get("tie_word_embeddings", False)) and name.startswith("lm_head")
+
+
+def write_safetensors_export(ckpt: CheckpointLayers, out_dir: Path, tensors: dict[str, torch.Tensor], config: dict,
+                             max_shard_bytes: int) -> None:
+    """A transformers-style folder: ``tensors`` in safetensors shards, then :func:`write_side_files`."""
+    write_shards(tensors, out_dir, max_shard_bytes)
+    write_side_files(ckpt, out_dir, config)
 
 
 def write_side_files(ckpt: CheckpointLayers, out_dir: Path, config: dict) -> None:

@@ -22,6 +22,9 @@ LOAD = {  # folder entry -> how to load it (PATH is the folder holding it)
     "gptq": ["```python", "from transformers import AutoModelForCausalLM  # pip install gptqmodel",
              'model = AutoModelForCausalLM.from_pretrained("PATH")', "```",
              "vLLM: `vllm serve PATH`; TGI: `--quantize gptq`."],
+    "gguf": ["`llama-cli -m PATH/model.gguf` or `llama-server -m PATH/model.gguf` (llama.cpp); Ollama: a Modelfile "
+             "with `FROM PATH/model.gguf`; transformers: `AutoModelForCausalLM.from_pretrained(\"PATH\", "
+             "gguf_file=\"model.gguf\")`."],
     "onnx": ["`compress generate PATH \"prompt\"` (onnxruntime with the exported KV cache), or an onnxruntime "
              "session on `PATH/model.onnx`."],
 }
