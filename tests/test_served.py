@@ -12,7 +12,7 @@ from compress.checkpoint import load_checkpoint
 
 pytest.importorskip("compressed_tensors")
 
-QUICK = ("--windows", "1", "--seq-len", "128")  # the export commands' check, on less text than their default
+QUICK = ("--windows", "1", "--seq-len", "128")  # checks of exact exports (GPTQ, GGUF) on less text than the default
 CALIBRATION = "calibration: {samples: 4, seq_len: 256}\nevaluate: {seq_len: 256, max_windows: 2}\n"
 
 
@@ -137,7 +137,7 @@ def test_export_command_symmetric_and_plain_transformers_load(rtn_checkpoint, tm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "ct"
-    result = cli("export", rtn_checkpoint, out, "--format", "compressed-tensors", "--target", "vllm", *QUICK)
+    result = cli("export", rtn_checkpoint, out, "--format", "compressed-tensors", "--target", "vllm")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "export.json").read_text())["validation"]["passed"]
     tok = AutoTokenizer.from_pretrained(out)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..errors import ExportError, OutputError
+from ..errors import ExportError, ExportMismatch, OutputError
 from ..report.card import export_card
 from ..report.model import Report
 from ..shards import DEFAULT_MAX_SHARD
@@ -45,7 +45,12 @@ def export_for_engine(path: Path, out_dir: Path, target: str, windows: torch.Ten
         if windows is not None:
             t = time.perf_counter()
             ours, _ = load_checkpoint(path, verify=False)
-            theirs = writer.read_back(tmp)
+            try:
+                theirs = writer.read_back(tmp)
+            except (ValueError, OSError, RuntimeError, KeyError, IndexError) as e:  # the reader's own complaint
+                raise ExportMismatch(f"{target} export cannot be read back by {writer.READER}: "
+                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                                     "report it with the checkpoint; --no-validate keeps it") from None
             info["validation"] = compare_models(ours, theirs, windows, tolerance or ServedTolerance())
             info["timing"]["validation_seconds"] = time.perf_counter() - t
             v = info["validation"]

@@ -1,0 +1,139 @@
+"""Our GGUF files in llama.cpp itself (llama-cpp-python), side by side with llama.cpp's own quantization of the
+same float model to the same type: perplexity on held-out pydoc windows (the same token ids for every file) and
+decode / prompt speed on this machine's cores.
+
+    python bench/gguf.py                  # measure rows not stored yet, print the table
+    python bench/gguf.py --fresh          # measure everything again
+    python bench/gguf.py --cached-only    # the stored rows
+
+The float model is SmolLM2-135M-Instruct as packaged (GGUF Q4_1: its float weights sit on a Q4_1 grid). llama.cpp's
+row quantizes that file with ``llama_model_quantize`` (requantizing: it decodes Q4_1 to float first, the same
+float weights we read) to the same type, token embeddings kept F16 like ours, so both files have the same size.
+llama-cpp-python's bindings offer no importance-matrix computation, so no imatrix row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, append_result, current_commit, load_results, print_table  # noqa: E402
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+WINDOWS, SEQ = 16, 512
+DECODE_TOKENS = 64
+THREADS = 2
+RECIPES = {"Q4_0": "recipes/w4-gguf.yaml"}
+
+
+def windows():
+    from compress.data import evaluation_windows
+    from compress.models import resolve
+
+    _, tok, _ = resolve("smollm2-135m")
+    return evaluation_windows("pydoc", tok, SEQ, WINDOWS, calibration_spec="pydoc")
+
+
+def llama_cpp_quantize(source: Path, out: Path, kind: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
+    params.allow_requantize = True
+    params.nthread = THREADS
+    params.token_embedding_type = llama_cpp.GGML_TYPE_F16
+    params.output_tensor_type = llama_cpp.GGML_TYPE_F16
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
+        raise SystemExit(f"llama_model_quantize failed on {source}")
+
+
+def measure(path: Path, ids) -> dict:
+    """Perplexity over ``ids`` (each window from a fresh context), prompt and decode tokens/s in llama.cpp."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(str(path), n_ctx=SEQ, n_threads=THREADS, n_batch=SEQ, logits_all=True, verbose=False)
+    nll, count, prompt_s = 0.0, 0, 0.0
+    for row in ids.tolist():
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(row)
+        prompt_s += time.perf_counter() - t
+        logits = np.asarray(llm.scores[: len(row) - 1], dtype=np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(len(row) - 1), row[1:]].sum())
+        count += len(row) - 1
+    llm.reset()
+    llm.eval(ids[0, :16].tolist())
+    t = time.perf_counter()
+    for _ in range(DECODE_TOKENS):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    decode_s = time.perf_counter() - t
+    return {"perplexity": math.exp(nll / count), "prompt_tok_s": ids.numel() / prompt_s,
+            "decode_tok_s": DECODE_TOKENS / decode_s, "file_mb": path.stat().st_size / 1e6}
+
+
+def our_file(kind: str, work: Path) -> tuple[Path, dict]:
+    out = work / f"ours-{kind}"
+    if not (out / "gguf" / "model.gguf").is_file():
+        cmd = [sys.executable, "-m", "compress.cli", "run", str(ROOT / RECIPES[kind]), "smollm2-135m", "--out",
+               str(out), "--force", "--quiet"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode not in (0, 1):
+            raise SystemExit(done.stderr[-3000:])
+    report = json.loads((out / "report.json").read_text())
+    return out / "gguf" / "model.gguf", report
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, default=Path("/tmp/compress-gguf-bench"))
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--cached-only", action="store_true")
+    a = ap.parse_args()
+    results = ROOT / "bench" / "results" / "gguf.jsonl"
+    stored = {} if a.fresh else load_results(results)
+    from compress.models import ALIASES, packaged_gguf
+
+    source = packaged_gguf(ALIASES["smollm2-135m"][0])
+    a.work.mkdir(parents=True, exist_ok=True)
+    ids = None
+    rows = []
+    for kind in RECIPES:
+        for who in ("float (F16)", f"llama.cpp {kind}", f"compress {kind}"):
+            key = json.dumps({"row": who, "windows": WINDOWS, "seq": SEQ, "threads": THREADS})
+            r = stored.get(key)
+            if r is None and not a.cached_only:
+                ids = windows() if ids is None else ids
+                if who.startswith("float"):
+                    path = a.work / "float-f16.gguf"
+                    llama_cpp_quantize(source, path, "F16") if not path.is_file() else None
+                elif who.startswith("llama.cpp"):
+                    path = a.work / f"llama-cpp-{kind}.gguf"
+                    llama_cpp_quantize(source, path, kind)
+                else:
+                    path, report = our_file(kind, a.work)
+                r = {**measure(path, ids), "commit": current_commit(), "measured": time.strftime("%Y-%m-%d %H:%M")}
+                if who.startswith("compress"):
+                    r["perplexity_in_our_report"] = report["compressed"]["perplexity"]
+                append_result(results, key, r)
+                print(f"done: {who}: {r}", file=sys.stderr, flush=True)
+            if r is not None:
+                rows.append({"file": who, "perplexity": r["perplexity"], "file MB": r["file_mb"],
+                             "prompt tok/s": r["prompt_tok_s"], "decode tok/s": r["decode_tok_s"],
+                             "commit": r["commit"]})
+    print(f"SmolLM2-135M-Instruct in llama.cpp (llama-cpp-python), {WINDOWS} x {SEQ} held-out pydoc tokens, "
+          f"{THREADS} threads")
+    print_table(["file", "perplexity", "file MB", "prompt tok/s", "decode tok/s", "commit"], rows)
+
+
+if __name__ == "__main__":
+    main()

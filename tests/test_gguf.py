@@ -1,0 +1,100 @@
+"""GGUF export, judged by the gguf package's block decoder and by transformers' GGUF loader (and llama.cpp itself
+in bench/gguf.py, when llama-cpp-python is installed)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli
+
+from compress.export.gguf import BLOCK, encode, rotary_rows
+from compress.formats.base import IntegerGrid
+
+gguf = pytest.importorskip("gguf")
+
+
+def _grid(bits, symmetric, rows=8, cols=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    groups = cols // BLOCK
+    zeros = torch.full((rows, groups), 1 << (bits - 1), dtype=torch.uint8) if symmetric else \
+        torch.randint(0, 1 << bits, (rows, groups), generator=g, dtype=torch.uint8)
+    return IntegerGrid(torch.randint(0, 1 << bits, (rows, cols), generator=g, dtype=torch.uint8),
+                       (torch.rand(rows, groups, generator=g) / 8 + 1e-3).half(), zeros, bits, BLOCK, symmetric)
+
+
+def _ours(grid):
+    k = torch.arange(grid.codes.shape[1]) // BLOCK
+    return (grid.codes.long() - grid.zeros.long()[:, k]).float() * grid.scales.float()[:, k]
+
+
+@pytest.mark.parametrize("bits, symmetric, kind", [(4, True, "Q4_0"), (8, True, "Q8_0"), (4, False, "Q4_1")])
+def test_blocks_decode_to_our_weights(bits, symmetric, kind):
+    """The gguf package's decoder reads our blocks as our weights: exactly for Q4_0 / Q8_0, up to the float16
+    minimum for Q4_1."""
+    grid = _grid(bits, symmetric)
+    T = getattr(gguf.GGMLQuantizationType, kind)
+    data = encode(grid, T)
+    assert data.shape == (8, 64 // BLOCK * gguf.GGML_QUANT_SIZES[T][1])
+    got = torch.from_numpy(gguf.quants.dequantize(data, T).astype(np.float32))
+    want = _ours(grid)
+    if symmetric:
+        assert torch.equal(got, want)
+    else:
+        assert (got - want).abs().max() <= want.abs().max() * 2 ** -10
+
+
+def test_rotary_rows_interleave_each_heads_halves():
+    t = torch.arange(8).reshape(8, 1)  # 2 heads of 4 rows
+    assert rotary_rows(t, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+CAL = "calibration: {samples: 4, seq_len: 256}\nevaluate: {seq_len: 128, max_windows: 1}\n"
+
+
+def test_gptq_q4_0_file_reads_back_in_transformers(write_recipe, tmp_path):
+    """GPTQ 4-bit symmetric g32 on four blocks: OUT/gguf/model.gguf holds Q4_0 blocks of our codes; transformers'
+    GGUF loader computes our logits; tokenizer and chat template travel in the file."""
+    recipe = write_recipe(f"name: g\n{CAL}passes:\n  - {{type: gptq, bits: 4, group_size: 32, symmetric: true, "
+                          "targets: ['model.layers.[0-3].*']}\nexport:\n  gguf: {windows: 1, seq_len: 128}\n")
+    out = tmp_path / "g"
+    result = cli("run", recipe, "smollm2-135m", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "report.json").read_text())["served"]["gguf"]
+    assert info["validation"]["passed"] and info["validation"]["max_logit_diff"] < 1e-3
+    assert info["types"] == {"Q4_0": 28} and info["tokenizer_pre"] == "smollm"
+    reader = gguf.GGUFReader(out / "gguf" / "model.gguf")
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q4_0" and kinds["blk.5.attn_q.weight"] == "F16"
+    assert kinds["output_norm.weight"] == "F32" and "output.weight" not in kinds  # tied to token_embd
+    assert "im_start" in reader.get_field("tokenizer.chat_template").contents()
+    assert reader.get_field("tokenizer.ggml.pre").contents() == "smollm"
+
+
+def test_grids_gguf_cannot_hold_are_refused_before_any_compute(write_recipe, tmp_path):
+    recipe = write_recipe(f"name: g\n{CAL}passes:\n  - {{type: gptq, bits: 4, group_size: 64}}\n"
+                          "export:\n  gguf: {}\n")
+    result = cli("run", recipe, "smollm2-135m", "--out", tmp_path / "g", "--quiet")
+    assert result.exit_code == 2 and "groups of 32" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "g").exists()
+
+
+def test_truncated_file_is_caught_by_the_read_back(write_recipe, tmp_path, monkeypatch):
+    from compress.export import gguf as writer
+
+    real = writer.write
+
+    def truncated(ckpt, out_dir, *args):
+        info = real(ckpt, out_dir, *args)
+        f = out_dir / writer.FILE
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        return info
+
+    monkeypatch.setattr(writer, "write", truncated)
+    recipe = write_recipe(f"name: g\n{CAL}passes:\n  - {{type: rtn, bits: 8, group_size: 32, symmetric: true, "
+                          "targets: ['model.layers.0.*']}\n")
+    ckpt = tmp_path / "ckpt"
+    assert cli("run", recipe, "smollm2-135m", "--out", ckpt, "--quiet").exit_code == 0
+    result = cli("export", ckpt, tmp_path / "x", "--format", "gguf", "--windows", "1", "--seq-len", "128")
+    assert result.exit_code == 3 and "cannot be read back" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
