@@ -426,7 +426,7 @@ def export(
         dense = DTYPES[json.loads((Path(path) / "compress.json").read_text())["dense_dtype"]] \
             if is_checkpoint(path) else torch.float32
         data = evaluation_windows("pydoc", tok, seq_len, windows, calibration_spec="pydoc") if validation else None
-        info = export_to_folder(model, tok, out_dir, force=force, windows=data, weights=weights,
+        info = export_to_folder(model, tok, out_dir, force=force, source=Path(path), windows=data, weights=weights,
                                 accuracy_level=4 if int8_activations else 0, dense_dtype=dense,
                                 tolerance=Tolerance(max_logit_diff=max_logit_diff), log=log)
     if push_to_hub:

@@ -74,6 +74,8 @@ def test_every_format_exports_and_matches_pytorch(mixed_export, mixed):
     v = info["validation"]
     assert v["passed"], v["failures"]
     assert v["max_logit_diff"] < 0.05 and v["decode_max_logit_diff"] < 0.05 and v["top1_agreement"] > 0.995
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "onnxruntime" in card and f"{v['perplexity_onnx']:.4g}" in card
     layers = info["layers"]
     for i, path in enumerate(FORMATS):
         lowering = layers[f"model.layers.{i}.{path}"]["lowering"]

@@ -165,10 +165,17 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
     return float((logz - logits[np.arange(len(targets)), targets]).sum())
 
 
-def export_to_folder(model, tokenizer, out_dir: Path, force: bool = False, **kwargs) -> dict:
-    """:func:`export_onnx` into a temporary sibling folder renamed into place at the end."""
+def export_to_folder(model, tokenizer, out_dir: Path, force: bool = False, source: Path | None = None,
+                     **kwargs) -> dict:
+    """:func:`export_onnx` into a temporary sibling folder renamed into place at the end, with a model card
+    (``source``: the checkpoint or model exported, whose run report the card quotes when it has one)."""
+    from ..report.card import export_card
+    from ..report.model import Report
+
     if out_dir.exists() and not force:
         raise OutputError(f"output folder {out_dir} already exists", "pass --force to replace it")
     with staged_folder(out_dir) as tmp:
         info = export_onnx(model, tokenizer, tmp, **kwargs)
+        report = Report.load(source / "report.json") if source and (source / "report.json").is_file() else None
+        (tmp / "README.md").write_text(export_card({**info, "source": str(source or "a model")}, report, "onnx"))
     return info

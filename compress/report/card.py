@@ -30,6 +30,9 @@ LOAD = {  # folder entry -> how to load it (PATH is the folder holding it)
 }
 
 
+READERS = {"onnx": "onnxruntime"}  # exports whose info names no reader
+
+
 def _front_matter(base: str | None, tags: list[str]) -> list[str]:
     meta: dict[str, Any] = {}
     if base:
@@ -50,8 +53,10 @@ def _served_rows(served: dict[str, dict]) -> list[str]:
             "|---|---|---|---|---|---|"]
     for fmt, info in served.items():
         v = info.get("validation") or {}
-        rows.append(f"| {fmt} | {info.get('reader', fmt)} | {fmt_number(v.get('perplexity_export'))} | "
-                    f"{fmt_number(v.get('perplexity_ours'))} | {fmt_number(v.get('top1_agreement'))} | "
+        theirs, ours = (v.get(k, v.get(alt)) for k, alt in (("perplexity_export", "perplexity_onnx"),
+                                                                 ("perplexity_ours", "perplexity_torch")))
+        rows.append(f"| {fmt} | {info.get('reader', READERS.get(fmt, fmt))} | {fmt_number(theirs)} | "
+                    f"{fmt_number(ours)} | {fmt_number(v.get('top1_agreement'))} | "
                     f"{info['size']['file_bytes'] / 1e6:.1f} |")
     return rows + [""]
 
