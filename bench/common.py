@@ -143,13 +143,14 @@ def bench_main(rows, columns: list[str], to_row, note: str = ""):
         if r is None and a.cached_only:
             continue
         if r is None:
+            commit = current_commit()  # the code measured: taken before, as edits may land while it runs
             calib = calib or calibration_file(a.samples, a.seq_len)
             if isinstance(spec, tuple):
                 r = in_subprocess("llmc", {"kind": spec[1], "args": spec[2], "calib": str(calib),
                                            "windows": a.windows, "python": a.llmc_python})
             else:
                 r = in_subprocess("ours", {"passes": spec, "calib": str(calib), "windows": a.windows})
-            r = {**r, "commit": current_commit(), "measured": time.strftime("%Y-%m-%d %H:%M")}
+            r = {**r, "commit": commit, "measured": time.strftime("%Y-%m-%d %H:%M")}
             append_result(results, key, r)
         out.append(to_row(item, dict(r)))
         commits.setdefault(r.get("commit", "?"), []).append(len(out))

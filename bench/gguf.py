@@ -112,6 +112,7 @@ def main():
             key = json.dumps({"row": who, "windows": WINDOWS, "seq": SEQ, "threads": THREADS})
             r = stored.get(key)
             if r is None and not a.cached_only:
+                commit = current_commit()  # before measuring: edits may land while it runs
                 ids = windows() if ids is None else ids
                 if who.startswith("float"):
                     path = a.work / "float-f16.gguf"
@@ -121,7 +122,7 @@ def main():
                     llama_cpp_quantize(source, path, kind)
                 else:
                     path, report = our_file(kind, a.work)
-                r = {**measure(path, ids), "commit": current_commit(), "measured": time.strftime("%Y-%m-%d %H:%M")}
+                r = {**measure(path, ids), "commit": commit, "measured": time.strftime("%Y-%m-%d %H:%M")}
                 if who.startswith("compress"):
                     r["perplexity_in_our_report"] = report["compressed"]["perplexity"]
                 append_result(results, key, r)

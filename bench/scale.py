@@ -160,7 +160,8 @@ def workers_table(stored: dict, results: Path, a) -> None:
         r = stored.get(key)
         if r is None and not a.cached_only:
             a.models.mkdir(parents=True, exist_ok=True)
-            r = {**measure_workers(nproc, a.models), "commit": current_commit(),
+            commit = current_commit()  # before measuring: edits may land while it runs
+            r = {**measure_workers(nproc, a.models), "commit": commit,
                  "measured": time.strftime("%Y-%m-%d %H:%M")}
             append_result(results, key, r)
             print(f"done: nproc {nproc}: {r}", file=sys.stderr, flush=True)
@@ -206,7 +207,8 @@ def main():
             if r is None and not a.cached_only:
                 a.models.mkdir(parents=True, exist_ok=True)
                 model, made = make_model(shape, a.models), True
-                r = {**measure(model, recipe, a.models, a.device), "commit": current_commit(),
+                commit = current_commit()  # before measuring: edits may land while it runs
+                r = {**measure(model, recipe, a.models, a.device), "commit": commit,
                      "measured": time.strftime("%Y-%m-%d %H:%M")}
                 append_result(results, key, r)
                 print(f"done: {label}: {r}", file=sys.stderr, flush=True)
