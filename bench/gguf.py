@@ -124,16 +124,18 @@ def main():
                     path, report = our_file(kind, a.work)
                 r = {**measure(path, ids), "commit": commit, "measured": time.strftime("%Y-%m-%d %H:%M")}
                 if who.startswith("compress"):
-                    r["perplexity_in_our_report"] = report["compressed"]["perplexity"]
+                    r["perplexity_in_our_report"] = report["compressed"]["perplexity"]  # PyTorch, same windows
+                    r["base_perplexity_in_our_report"] = report["base"]["perplexity"]
                 append_result(results, key, r)
                 print(f"done: {who}: {r}", file=sys.stderr, flush=True)
             if r is not None:
-                rows.append({"file": who, "perplexity": r["perplexity"], "file MB": r["file_mb"],
+                rows.append({"file": who, "perplexity": r["perplexity"],
+                             "PyTorch (report)": r.get("perplexity_in_our_report"), "file MB": r["file_mb"],
                              "prompt tok/s": r["prompt_tok_s"], "decode tok/s": r["decode_tok_s"],
                              "commit": r["commit"]})
     print(f"SmolLM2-135M-Instruct in llama.cpp (llama-cpp-python), {WINDOWS} x {SEQ} held-out pydoc tokens, "
           f"{THREADS} threads")
-    print_table(["file", "perplexity", "file MB", "prompt tok/s", "decode tok/s", "commit"], rows)
+    print_table(["file", "perplexity", "PyTorch (report)", "file MB", "prompt tok/s", "decode tok/s", "commit"], rows)
 
 
 if __name__ == "__main__":
