@@ -19,8 +19,11 @@ from pathlib import Path
 
 from .errors import CompressError
 
-PROCESS = 0.8e9        # Python, torch and transformers with nothing loaded
-BLOCK_COPIES = 4       # float32 copies of one block alive at once (upper bound)
+PROCESS = 1.0e9        # Python, torch, transformers and onnxruntime with nothing loaded
+SOLVE_BLOCK_COPIES = 2  # float32 copies of one block alive while its layers are solved (the block, the scratch)
+HESSIAN_COPIES = 3     # the widest Hessian: a float64 sum (two float32 sizes) while the float32 mean settles,
+                       # then the solve's permuted copy and factor
+MARGIN = 1.15          # on what the phases hold: allocator slack, resident pages of the memory-mapped files
 WHOLE_MODEL = 4.5      # peak RSS / float32 model bytes where blocks are unknown
 GB = 1e9
 
@@ -59,12 +62,16 @@ def estimate(size: ModelSize, recipe, calibrated: bool = True) -> Need:
     if size.block_parameters is None:
         memory = size.parameters * 4 * WHOLE_MODEL + activations
         return Need(size.parameters, memory, disk, size.parameters * 4 + activations)
+    # the two phases that peak, never at once: solving a block's layers, and evaluating (one block at a time
+    # through the model, then the head in float32 over a window's logits)
     ev = recipe.evaluate
-    block = BLOCK_COPIES * size.block_parameters * 4
-    hessian = 2 * size.widest_input ** 2 * 4 if calibrated else 0
-    evaluation = ev.max_windows * ev.seq_len * (size.hidden or 0) * 4 + 3 * 2 * ev.seq_len * size.vocab * 4
-    memory = PROCESS + block + hessian + activations + size.head_parameters * 4 + evaluation
-    return Need(size.parameters, memory, disk, block + hessian + activations + evaluation)
+    block = size.block_parameters * 4
+    hessian = HESSIAN_COPIES * size.widest_input ** 2 * 4 if calibrated else 0
+    solve = SOLVE_BLOCK_COPIES * block + hessian + activations
+    evaluation = (block + size.head_parameters * 4 + ev.max_windows * ev.seq_len * (size.hidden or 0) * 4 +
+                  3 * 2 * ev.seq_len * size.vocab * 4)
+    phases = MARGIN * max(solve, evaluation)
+    return Need(size.parameters, PROCESS + phases, disk, phases)
 
 
 def model_size(spec: str) -> ModelSize | None:
