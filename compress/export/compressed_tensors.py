@@ -27,9 +27,17 @@ from typing import Any
 
 import torch
 
-from ..formats.base import IntegerGrid, NotAnIntegerGrid
+from ..formats.base import IntegerGrid
 from ..packing import pack_rows_int32
-from .served import CheckpointLayers, linear_names, refuse, tied_to_embeddings, write_safetensors_export
+from .served import (
+    CheckpointLayers,
+    linear_names,
+    refuse,
+    split_layers,
+    with_other_tensors,
+    write_safetensors_export,
+    written_specs,
+)
 
 TARGET = "compressed-tensors"
 READER = "transformers + compressed-tensors"
@@ -60,19 +68,13 @@ def check_passes(passes, engine: str | None) -> None:
     """Before any compute: every pass's codes fit the format (and ``engine``'s kernels), else one ExportError."""
     from ..errors import ExportError
 
-    for p in passes:
-        try:
-            specs = p.written_grids()
-        except NotAnIntegerGrid as e:
-            raise ExportError(f"{TARGET} export: {e}", "drop export.compressed_tensors or that pass "
-                              "(ONNX holds every format)") from None
-        for spec in specs if engine == "vllm" else []:
-            group = spec.group_size
-            if spec.bits not in VLLM_BITS or (group is not None and group not in VLLM_GROUPS):
-                raise ExportError(f"{TARGET} for vLLM: {p.name} writes {spec.bits}-bit codes in groups of "
-                                  f"{group or 'a row'}; vLLM's kernels take {' or '.join(map(str, VLLM_BITS))} "
-                                  f"bits in groups of {', '.join(map(str, VLLM_GROUPS))} or per channel",
-                                  "change the pass's bits / group_size, or drop `target: vllm`")
+    for p, spec in written_specs(passes, TARGET, "compressed_tensors"):
+        group = spec.group_size
+        if engine == "vllm" and (spec.bits not in VLLM_BITS or (group is not None and group not in VLLM_GROUPS)):
+            raise ExportError(f"{TARGET} for vLLM: {p.name} writes {spec.bits}-bit codes in groups of "
+                              f"{group or 'a row'}; vLLM's kernels take {' or '.join(map(str, VLLM_BITS))} "
+                              f"bits in groups of {', '.join(map(str, VLLM_GROUPS))} or per channel",
+                              "change the pass's bits / group_size, or drop `target: vllm`")
 
 
 def vllm_problem(grid: IntegerGrid, shape: tuple[int, int]) -> str | None:
@@ -96,35 +98,23 @@ def write(ckpt: CheckpointLayers, out_dir: Path, engine: str | None, max_shard_b
 
 def convert(ckpt: CheckpointLayers, vllm: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, config.json) of the export. ``vllm``: also refuse layers vLLM's kernels would not take."""
-    grids: dict[str, IntegerGrid] = {}
-    dense: dict[str, torch.Tensor] = {}
-    for name, fmt in ckpt.layers.items():
-        if fmt.kind == "dense":
-            dense[f"{name}.weight"] = fmt.tensors()["weight"]
-            continue
-        try:
-            grids[name] = fmt.integer_grid()
-        except NotAnIntegerGrid as e:
-            raise refuse(TARGET, name, str(e), "compressed-tensors holds integer grids (RTN, GPTQ, AWQ, mixed "
-                         "precision, 2:4); export this one to ONNX") from None
-        group = grids[name].group_size
-        if group < fmt.shape[1] and fmt.shape[1] % group:
-            raise refuse(TARGET, name, f"groups of {group} do not divide its {fmt.shape[1]} inputs (the readers "
-                         "size scales as whole groups)", "choose a group size dividing the layer widths, or ONNX")
-        problem = vllm_problem(grids[name], fmt.shape) if vllm else None
+    def check(name, grid, shape):
+        if grid.group_size < shape[1] and shape[1] % grid.group_size:
+            raise refuse(TARGET, name, f"groups of {grid.group_size} do not divide its {shape[1]} inputs (the "
+                         "readers size scales as whole groups)", "choose a group size dividing the layer widths, or "
+                         "ONNX")
+        problem = vllm_problem(grid, shape) if vllm else None
         if problem:
             raise refuse(f"{TARGET} for vLLM", name, problem, "change the recipe's bits / group_size, or drop "
                          "`target: vllm`")
+
+    grids, dense = split_layers(ckpt, TARGET, "integer grids (RTN, GPTQ, AWQ, mixed precision, 2:4)", check)
     tensors: dict[str, torch.Tensor] = {}
     for name, grid in grids.items():
         tensors.update({f"{name}.{k}": v for k, v in layer_tensors(grid).items()})
         if name in ckpt.biases:
             tensors[f"{name}.bias"] = ckpt.biases[name]
-    tensors.update(dense)
-    tensors.update(ckpt.tensors)
-    for alias, original in ckpt.aliases.items():
-        if not tied_to_embeddings(ckpt, alias):
-            tensors[alias] = ckpt.tensors[original]
+    with_other_tensors(ckpt, tensors, dense)
     config = dict(ckpt.config)
     config["dtype"] = ckpt.dense_dtype
     config.pop("torch_dtype", None)

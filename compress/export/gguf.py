@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from ..errors import ExportError
-from ..formats.base import IntegerGrid, NotAnIntegerGrid
-from .served import CheckpointLayers, refuse, tied_to_embeddings
+from ..formats.base import IntegerGrid
+from .served import CheckpointLayers, refuse, split_layers, with_other_tensors, written_specs
 
 TARGET = "gguf"
 READER = "transformers (gguf_file=) with the gguf package"
@@ -53,18 +53,19 @@ def block_type(grid: IntegerGrid, in_features: int):
 
 def check_passes(passes, engine: str | None) -> None:
     """Before any compute: every pass writes a grid GGUF holds, else one ExportError."""
-    for p in passes:
-        try:
-            specs = p.written_grids()
-        except NotAnIntegerGrid as e:
-            raise ExportError(f"{TARGET} export: {e}", "drop export.gguf or that pass (ONNX holds every format)") \
-                from None
-        for spec in specs:
-            if spec.group_size != BLOCK or spec.bits not in (4, 8) or (spec.bits == 8 and not spec.symmetric):
-                raise ExportError(f"{TARGET} export: {p.name} writes {spec.bits}-bit codes in groups of "
-                                  f"{spec.group_size or 'a row'}{'' if spec.symmetric else ' with zero points'}; "
-                                  "GGUF holds 4-bit in groups of 32 (Q4_0, Q4_1) and 8-bit symmetric in groups of "
-                                  "32 (Q8_0)", "set group_size: 32 and bits 4 or 8")
+    for p, spec in written_specs(passes, TARGET, "gguf"):
+        if spec.group_size != BLOCK or spec.bits not in (4, 8) or (spec.bits == 8 and not spec.symmetric):
+            raise ExportError(f"{TARGET} export: {p.name} writes {spec.bits}-bit codes in groups of "
+                              f"{spec.group_size or 'a row'}{'' if spec.symmetric else ' with zero points'}; "
+                              "GGUF holds 4-bit in groups of 32 (Q4_0, Q4_1) and 8-bit symmetric in groups of "
+                              "32 (Q8_0)", "set group_size: 32 and bits 4 or 8")
+
+
+def _check_layer(name: str, grid: IntegerGrid, shape: tuple[int, int]) -> None:
+    if block_type(grid, shape[1]) is None:
+        raise refuse(TARGET, name, f"{grid.bits}-bit codes in groups of {grid.group_size}"
+                     f"{' (sparse)' if grid.sparsity else ''} are no GGUF block type", "use group_size: 32 with 4 bits "
+                     "(Q4_0, Q4_1) or 8 bits symmetric (Q8_0)")
 
 
 def _fp16_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -135,34 +136,19 @@ def write(ckpt: CheckpointLayers, out_dir: Path, engine: str | None, max_shard_b
     T = gguf.GGMLQuantizationType
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
     writer = gguf.GGUFWriter(out_dir / FILE, arch)
+    grids, dense = split_layers(ckpt, TARGET, "Q4_0 / Q4_1 / Q8_0 grids here", _check_layer)
     counts: dict[str, int] = {}
     tensors: list[tuple[str, np.ndarray, object]] = []
-    for name, fmt in ckpt.layers.items():
+    for name, grid in grids.items():
+        kind = block_type(grid, grid.codes.shape[1])
         heads = _heads_of(name, config)
-        if fmt.kind == "dense":
-            w = fmt.tensors()["weight"]
-            tensors.append((f"{name}.weight", _dense(rotary_rows(w, heads) if heads else w, name), None))
-            continue
-        try:
-            grid = fmt.integer_grid()
-        except NotAnIntegerGrid as e:
-            raise refuse(TARGET, name, str(e), "GGUF holds Q4_0 / Q4_1 / Q8_0 grids here; export this one to "
-                         "ONNX") from None
-        kind = block_type(grid, fmt.shape[1])
-        if kind is None:
-            raise refuse(TARGET, name, f"{grid.bits}-bit codes in groups of {grid.group_size}"
-                         f"{' (sparse)' if grid.sparsity else ''} are no GGUF block type", "use group_size: 32 with "
-                         "4 bits (Q4_0, Q4_1) or 8 bits symmetric (Q8_0)")
         tensors.append((f"{name}.weight", encode(_permuted(grid, heads) if heads else grid, kind), kind))
         counts[kind.name] = counts.get(kind.name, 0) + 1
         if name in ckpt.biases:
             tensors.append((f"{name}.bias", ckpt.biases[name].float().numpy(), None))
-    for name, t in ckpt.tensors.items():
+    for name, t in with_other_tensors(ckpt, {}, dense).items():
         heads = _heads_of(name.rsplit(".", 1)[0], config)
         tensors.append((name, _dense(rotary_rows(t, heads) if heads and t.dim() == 2 else t, name), None))
-    for alias, original in ckpt.aliases.items():
-        if not tied_to_embeddings(ckpt, alias):
-            tensors.append((alias, _dense(ckpt.tensors[original], alias), None))
     _metadata(writer, ckpt, max(counts, key=counts.get) if counts else None)
     for hf_name, data, kind in tensors:
         gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))

@@ -35,9 +35,17 @@ from pathlib import Path
 import torch
 
 from ..errors import ExportError
-from ..formats.base import IntegerGrid, NotAnIntegerGrid
+from ..formats.base import IntegerGrid
 from ..packing import pack_rows_int32
-from .served import CheckpointLayers, linear_names, refuse, tied_to_embeddings, write_safetensors_export
+from .served import (
+    CheckpointLayers,
+    linear_names,
+    refuse,
+    split_layers,
+    with_other_tensors,
+    write_safetensors_export,
+    written_specs,
+)
 
 TARGET = "gptq"
 READER = "the documented GPTQ layout (GPTQModel needs torch >= 2.14)"
@@ -47,16 +55,10 @@ VLLM_BITS = BITS  # vLLM's gptq kernels (Marlin for 4/8-bit symmetric, ExLlama /
 
 def check_passes(passes, engine: str | None) -> None:
     """Before any compute: every pass's codes fit the format, else one ExportError."""
-    for p in passes:
-        try:
-            specs = p.written_grids()
-        except NotAnIntegerGrid as e:
-            raise ExportError(f"{TARGET} export: {e}", "drop export.gptq or that pass (ONNX holds every format)") \
-                from None
-        for spec in specs:
-            if spec.bits not in BITS:
-                raise ExportError(f"{TARGET} export: {p.name} writes {spec.bits}-bit codes; the GPTQ format holds "
-                                  f"{', '.join(map(str, BITS))} bits", "change the pass's bits")
+    for p, spec in written_specs(passes, TARGET, "gptq"):
+        if spec.bits not in BITS:
+            raise ExportError(f"{TARGET} export: {p.name} writes {spec.bits}-bit codes; the GPTQ format holds "
+                              f"{', '.join(map(str, BITS))} bits", "change the pass's bits")
 
 
 def _words_to_codes(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -113,18 +115,8 @@ def write(ckpt: CheckpointLayers, out_dir: Path, engine: str | None, max_shard_b
 
 def convert(ckpt: CheckpointLayers, vllm: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, config.json) of the export. ``vllm``: refuse what vLLM's gptq loaders would not read (v2 zeros)."""
-    grids: dict[str, IntegerGrid] = {}
-    dense: dict[str, torch.Tensor] = {}
-    for name, fmt in ckpt.layers.items():
-        if fmt.kind == "dense":
-            dense[f"{name}.weight"] = fmt.tensors()["weight"]
-            continue
-        try:
-            grids[name] = fmt.integer_grid()
-        except NotAnIntegerGrid as e:
-            raise refuse(TARGET, name, str(e), "GPTQ holds integer grids (RTN, GPTQ, AWQ, mixed precision, "
-                         "2:4 as dense codes); export this one to ONNX") from None
-        _check_layer(name, grids[name], fmt.shape)
+    grids, dense = split_layers(ckpt, TARGET, "integer grids (RTN, GPTQ, AWQ, mixed precision, 2:4 as dense "
+                                "codes)", _check_layer)
     v2 = any(not g.symmetric and bool((g.zeros == 0).any()) for g in grids.values())
     if v2 and vllm:
         zero = next(n for n, g in grids.items() if not g.symmetric and bool((g.zeros == 0).any()))
@@ -135,11 +127,7 @@ def convert(ckpt: CheckpointLayers, vllm: bool = False) -> tuple[dict[str, torch
         tensors.update({f"{name}.{k}": v for k, v in layer_tensors(grid, v2).items()})
         if name in ckpt.biases:
             tensors[f"{name}.bias"] = ckpt.biases[name].half()
-    tensors.update(dense)
-    tensors.update(ckpt.tensors)
-    for alias, original in ckpt.aliases.items():
-        if not tied_to_embeddings(ckpt, alias):
-            tensors[alias] = ckpt.tensors[original]
+    with_other_tensors(ckpt, tensors, dense)
     config = dict(ckpt.config)
     config["dtype"] = "float16"
     config.pop("torch_dtype", None)

@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import META, read_layers, verify_hashes
 from ..errors import CheckpointError, ExportError, ExportMismatch
-from ..formats.base import WeightFormat
+from ..formats.base import IntegerGrid, NotAnIntegerGrid, WeightFormat
 from ..shards import open_weights, write_shards
 
 
@@ -52,6 +52,49 @@ def read_checkpoint(path: Path, verify: bool = True) -> CheckpointLayers:
         verify_hashes(path, meta, tensors)
     layers, biases = read_layers(path, meta, tensors, verify)
     return CheckpointLayers(path, layers, biases, tensors, meta["aliases"], meta["dense_dtype"], config)
+
+
+def written_specs(passes, target: str, recipe_key: str):
+    """(pass, grid spec) for every grid the recipe's passes may store; one ExportError, before any compute, when a
+    pass stores something that is not an integer grid."""
+    for p in passes:
+        try:
+            specs = p.written_grids()
+        except NotAnIntegerGrid as e:
+            raise ExportError(f"{target} export: {e}", f"drop export.{recipe_key} or that pass (ONNX holds every "
+                              "format)") from None
+        yield from ((p, spec) for spec in specs)
+
+
+def split_layers(ckpt: CheckpointLayers, target: str, holds: str, check=None) -> tuple[dict[str, IntegerGrid],
+                                                                                      dict[str, torch.Tensor]]:
+    """The checkpoint's compressed layers as (layer -> integer grid, ``NAME.weight`` -> dense weight of a layer
+    stored dense). A layer without an integer grid is refused naming it (``holds``: what the target holds);
+    ``check(name, grid, shape)`` may refuse more."""
+    grids: dict[str, IntegerGrid] = {}
+    dense: dict[str, torch.Tensor] = {}
+    for name, fmt in ckpt.layers.items():
+        if fmt.kind == "dense":
+            dense[f"{name}.weight"] = fmt.tensors()["weight"]
+            continue
+        try:
+            grids[name] = fmt.integer_grid()
+        except NotAnIntegerGrid as e:
+            raise refuse(target, name, str(e), f"{target} holds {holds}; export this one to ONNX") from None
+        if check is not None:
+            check(name, grids[name], fmt.shape)
+    return grids, dense
+
+
+def with_other_tensors(ckpt: CheckpointLayers, tensors: dict[str, torch.Tensor], dense: dict[str, torch.Tensor]):
+    """``tensors`` plus the dense layers, every tensor no pass compressed, and the tied tensors a reader does not
+    re-tie itself."""
+    tensors.update(dense)
+    tensors.update(ckpt.tensors)
+    for alias, original in ckpt.aliases.items():
+        if not tied_to_embeddings(ckpt, alias):
+            tensors[alias] = ckpt.tensors[original]
+    return tensors
 
 
 def tied_to_embeddings(ckpt: CheckpointLayers, name: str) -> bool:
