@@ -52,14 +52,23 @@ def test_rotary_rows_interleave_each_heads_halves():
 CAL = "calibration: {samples: 4, seq_len: 256}\nevaluate: {seq_len: 128, max_windows: 1}\n"
 
 
-def test_gptq_q4_0_file_reads_back_in_transformers(write_recipe, tmp_path):
-    """GPTQ 4-bit symmetric g32 on four blocks: OUT/gguf/model.gguf holds Q4_0 blocks of our codes; transformers'
-    GGUF loader computes our logits; tokenizer and chat template travel in the file."""
-    recipe = write_recipe(f"name: g\n{CAL}passes:\n  - {{type: gptq, bits: 4, group_size: 32, symmetric: true, "
-                          "targets: ['model.layers.[0-3].*']}\nexport:\n  gguf: {windows: 1, seq_len: 128}\n")
-    out = tmp_path / "g"
+@pytest.fixture(scope="module")
+def q4_0_run(tmp_path_factory):
+    """GPTQ 4-bit symmetric g32 on four blocks with `export: {gguf: ...}`."""
+    folder = tmp_path_factory.mktemp("gguf")
+    recipe = folder / "g.yaml"
+    recipe.write_text(f"name: g\n{CAL}passes:\n  - {{type: gptq, bits: 4, group_size: 32, symmetric: true, "
+                      "targets: ['model.layers.[0-3].*']}\nexport:\n  gguf: {windows: 1, seq_len: 128}\n")
+    out = folder / "g"
     result = cli("run", recipe, "smollm2-135m", "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
+    return out
+
+
+def test_gptq_q4_0_file_reads_back_in_transformers(q4_0_run):
+    """OUT/gguf/model.gguf holds Q4_0 blocks of our codes; transformers' GGUF loader computes our logits;
+    tokenizer and chat template travel in the file."""
+    out = q4_0_run
     info = json.loads((out / "report.json").read_text())["served"]["gguf"]
     assert info["validation"]["passed"] and info["validation"]["max_logit_diff"] < 1e-3
     assert info["types"] == {"Q4_0": 28} and info["tokenizer_pre"] == "smollm"
@@ -79,7 +88,7 @@ def test_grids_gguf_cannot_hold_are_refused_before_any_compute(write_recipe, tmp
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "g").exists()
 
 
-def test_truncated_file_is_caught_by_the_read_back(write_recipe, tmp_path, monkeypatch):
+def test_truncated_file_is_caught_by_the_read_back(q4_0_run, tmp_path, monkeypatch):
     from compress.export import gguf as writer
 
     real = writer.write
@@ -91,10 +100,6 @@ def test_truncated_file_is_caught_by_the_read_back(write_recipe, tmp_path, monke
         return info
 
     monkeypatch.setattr(writer, "write", truncated)
-    recipe = write_recipe(f"name: g\n{CAL}passes:\n  - {{type: rtn, bits: 8, group_size: 32, symmetric: true, "
-                          "targets: ['model.layers.0.*']}\n")
-    ckpt = tmp_path / "ckpt"
-    assert cli("run", recipe, "smollm2-135m", "--out", ckpt, "--quiet").exit_code == 0
-    result = cli("export", ckpt, tmp_path / "x", "--format", "gguf", "--windows", "1", "--seq-len", "128")
+    result = cli("export", q4_0_run, tmp_path / "x", "--format", "gguf", "--windows", "1", "--seq-len", "128")
     assert result.exit_code == 3 and "cannot be read back" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

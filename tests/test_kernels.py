@@ -115,7 +115,7 @@ def test_cuda_sources_compile(source, arch, tmp_path):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", [pytest.param("sm_80", marks=pytest.mark.slow), "sm_90"])  # sm_80: slow
 def test_every_quant_gemv_instance_compiles(arch, tmp_path):
     """quant_gemv.cu holds templates: compile each instance the launchers can ask for (value mode x bits,
     both activation types, the smallest and largest tile; the decoder for fp16 / bf16 / fp32 weights)."""

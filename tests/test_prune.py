@@ -92,6 +92,7 @@ def test_pruned_weights_stay_zero_through_quantization(smol, data):
             assert torch.equal(again.dequantize(), dense)
 
 
+@pytest.mark.slow  # the joint sparse + quantized sweep tests cover the default suite
 def test_sparse_plus_4bit_checkpoint_is_small_and_keeps_zeros(tmp_path, smol):
     out = tmp_path / "s"
     result = cli("run", RECIPES / "2of4-w4.yaml", "smollm2-135m", "--out", out, "--quiet",

@@ -108,6 +108,7 @@ def test_awq_scaling_keeps_the_float_model_exact(smol, data):
     assert (a - b).abs().max() < 1e-3 * a.abs().max()
 
 
+@pytest.mark.slow  # test_awq_scaling_keeps_the_float_model_exact covers the default suite
 def test_awq_then_rtn_beats_rtn(smol, data):
     model, _, _ = smol
     calib, windows, _, ref = data
@@ -124,7 +125,8 @@ def test_mixed_precision_never_exceeds_its_target(smol, data, target):
     calib = data[0]
     m = copy.deepcopy(model)
     result = run_passes(m, plan(parse_recipe({"passes": [
-        {"type": "rtn", "target_bits_per_weight": target, "sensitivity_samples": 4}]}).passes), calib, "cpu")
+        {"type": "rtn", "target_bits_per_weight": target, "sensitivity_samples": 4,
+         "targets": ["model.layers.[0-5].*"]}]}).passes), calib, "cpu")  # six blocks: the sensitivities cost
     fmts = [mod.fmt for mod in find_blocks(m)[1].modules() if hasattr(mod, "fmt")]
     bits = 8 * sum(f.nbytes() for f in fmts) / sum(f.numel for f in fmts)
     assert bits <= target

@@ -10,7 +10,7 @@ import yaml
 
 from ..models import hub_id
 from .cells import fmt_number
-from .markdown import _quality_and_budgets
+from .markdown import quality_and_budgets
 from .model import Report
 
 LOAD = {  # folder entry -> how to load it (PATH is the folder holding it)
@@ -72,7 +72,7 @@ def run_card(r: Report, entries: list[str]) -> str:
               f"recipe below: {size.compressed_layers_bits_per_weight:.3f} bits per weight over the compressed "
               f"layers, a {size.checkpoint_bytes / 1e6:.1f} MB checkpoint ({size.compression_ratio_vs_fp16:.2f}x "
               "smaller than float16).", ""]
-    lines += _quality_and_budgets(r, "##")
+    lines += quality_and_budgets(r, "##")
     lines += [f"Measured on {r.compressed.windows} held-out windows of {r.compressed.seq_len} tokens from "
               f"`{r.recipe['evaluate']['dataset']}` on {r.device}.", ""]
     if r.served:
@@ -92,7 +92,7 @@ def export_card(info: dict, report: Report | None, fmt: str) -> str:
               "written with its very codes and scales by compress, read back by the "
               "format's reader and compared with the compressed model.", ""]
     if report:
-        lines += _quality_and_budgets(report, "##")
+        lines += quality_and_budgets(report, "##")
     if info.get("validation"):
         lines += ["## Read-back check", ""] + _served_rows({fmt: info})
     return "\n".join(lines + _load_section({fmt: "."}))

@@ -11,7 +11,7 @@ def _verdict(r: Report) -> str:
     return f"**Budgets: {status}** · recipe hash `{r.recipe_hash}` · seed {r.recipe['seed']}"
 
 
-def _quality_and_budgets(r: Report, heading: str) -> list[str]:
+def quality_and_budgets(r: Report, heading: str) -> list[str]:
     base, comp = r.base, r.compressed
     lines = [f"{heading} Quality (held-out text)", "",
              "| model | perplexity | KL vs base | top-1 agreement | decode ms/token | tokens |",
@@ -38,7 +38,7 @@ def step_summary(r: Report) -> str:
     """The short Markdown a CI job shows: verdict, quality, size, budgets."""
     size = r.size
     lines = [f"### compress: {r.name} on {r.model.spec}", "", _verdict(r), ""]
-    lines += _quality_and_budgets(r, "####")
+    lines += quality_and_budgets(r, "####")
     lines += [f"Checkpoint {size.checkpoint_bytes / 1e6:.2f} MB ({size.compression_ratio_vs_fp16:.2f}x "
               f"smaller than fp16); compressed layers {size.compressed_layers_bits_per_weight:.3f} bits/weight.",
               ""]
@@ -48,7 +48,7 @@ def step_summary(r: Report) -> str:
 def markdown(r: Report) -> str:
     size = r.size
     lines = [f"# compress report: {r.name} on {r.model.spec}", "", _verdict(r), ""]
-    lines += _quality_and_budgets(r, "##")
+    lines += quality_and_budgets(r, "##")
     lines += ["## Size", "", "| | bytes | MB | bits per weight |", "|---|---|---|---|",
               f"| base (float16) | {size.base_fp16_bytes} | {size.base_fp16_bytes / 1e6:.2f} | 16 |",
               f"| compressed checkpoint | {size.checkpoint_bytes} | {size.checkpoint_bytes / 1e6:.2f} | "
