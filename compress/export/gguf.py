@@ -138,7 +138,7 @@ def write(ckpt: CheckpointLayers, out_dir: Path, engine: str | None, max_shard_b
     writer = gguf.GGUFWriter(out_dir / FILE, arch)
     grids, dense = split_layers(ckpt, TARGET, "Q4_0 / Q4_1 / Q8_0 grids here", _check_layer)
     counts: dict[str, int] = {}
-    tensors: list[tuple[str, np.ndarray, object]] = []
+    tensors: list[tuple[str, np.ndarray, gguf.GGMLQuantizationType | None]] = []
     for name, grid in grids.items():
         kind = block_type(grid, grid.codes.shape[1])
         heads = _heads_of(name, config)
@@ -149,7 +149,7 @@ def write(ckpt: CheckpointLayers, out_dir: Path, engine: str | None, max_shard_b
     for name, t in with_other_tensors(ckpt, {}, dense).items():
         heads = _heads_of(name.rsplit(".", 1)[0], config)
         tensors.append((name, _dense(rotary_rows(t, heads) if heads and t.dim() == 2 else t, name), None))
-    _metadata(writer, ckpt, max(counts, key=counts.get) if counts else None)
+    _metadata(writer, ckpt, max(counts, key=lambda k: counts[k]) if counts else None)
     for hf_name, data, kind in tensors:
         gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gname is None:
