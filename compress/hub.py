@@ -25,11 +25,14 @@ def check_push(repo: str) -> None:
         raise HubError("--push-to-hub while HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE, or leave --push-to-hub out")
     if get_token() is None:
         raise HubError("--push-to-hub needs a Hugging Face token", "run `hf auth login` or set HF_TOKEN")
-    import requests
+    import urllib.error
+    import urllib.request
 
     try:
-        requests.head(constants.ENDPOINT, timeout=REACH_TIMEOUT_S)
-    except requests.RequestException as e:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=REACH_TIMEOUT_S)
+    except urllib.error.HTTPError:
+        pass  # the Hub answered
+    except OSError as e:  # URLError, timeouts, refused connections
         raise HubError(f"cannot reach {constants.ENDPOINT} ({type(e).__name__})",
                        "upload the folder later with `hf upload REPO FOLDER`, or leave --push-to-hub out") from None
 

@@ -15,8 +15,9 @@ RECIPE = ("name: h\nevaluate: {seq_len: 128, max_windows: 1}\n"
 ])
 def test_push_is_refused_before_any_compute(write_recipe, tmp_path, monkeypatch, repo, env, expect):
     import huggingface_hub
+    from huggingface_hub import constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", env.get("offline", False))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", env.get("offline", False))
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: env.get("token", "hf_x"))
     out = tmp_path / "out"
     result = cli("run", write_recipe(RECIPE), "smollm2-135m", "--out", out, "--push-to-hub", repo, "--quiet")
@@ -26,9 +27,10 @@ def test_push_is_refused_before_any_compute(write_recipe, tmp_path, monkeypatch,
 
 def test_unreachable_hub_is_refused_before_any_compute(write_recipe, tmp_path, monkeypatch):
     import huggingface_hub
+    from huggingface_hub import constants
 
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_x")
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens
     out = tmp_path / "out"
     result = cli("run", write_recipe(RECIPE), "smollm2-135m", "--out", out, "--push-to-hub", "me/m", "--quiet")
     assert result.exit_code == 5 and "cannot reach" in result.output and not out.exists(), result.output

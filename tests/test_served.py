@@ -172,7 +172,8 @@ def test_gptq_export_command_and_model_cards(rtn_checkpoint, tmp_path):
     assert f"{v['perplexity_export']:.4g}" in text and "vllm serve ." in text
 
 
-@pytest.mark.parametrize("fmt, tensor", [("compressed-tensors", "weight_scale"), ("gptq", "scales")])
+@pytest.mark.parametrize("fmt, tensor", [("compressed-tensors", "weight_scale"),
+                                         pytest.param("gptq", "scales", marks=pytest.mark.slow)])  # layout tests
 def test_wrong_bytes_are_caught_by_the_read_back(rtn_checkpoint, tmp_path, monkeypatch, fmt, tensor):
     """An export whose bytes do not mean our weights (scales written for the wrong rows) fails its check with
     exit 3, and nothing is left behind."""
