@@ -153,14 +153,25 @@ def _global_sparsity(grids: dict[str, IntegerGrid], sparse: list[str]) -> float:
 
 
 def read_back(out_dir: Path):
-    """The export as ``transformers`` loads it with the ``compressed-tensors`` package, in float32, weights
-    decompressed at load (``dequantize=True``: transformers' default path, which decompresses at the first
-    forward, sizes asymmetric zero points unpacked and refuses the packed ones vLLM reads)."""
+    """The export as ``transformers`` loads it with the ``compressed-tensors`` package, in float32.
+
+    transformers 5.24 has two paths and each reads only part of what vLLM reads: its default path applies each
+    layer's own config group but sizes asymmetric zero points unpacked and refuses the packed ones; its
+    ``dequantize=True`` path reads zero points but decodes every dense layer with the first config group's scheme.
+    So: symmetric grids (any number of groups) go through the default path, one asymmetric group through
+    ``dequantize=True``, and several groups with zero points, which neither path reads, are refused here."""
+    import json
     import warnings
 
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
+    groups = json.loads((out_dir / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    asymmetric = any(not g["weights"]["symmetric"] for g in groups)
+    if asymmetric and len(groups) > 1:
+        raise ValueError("transformers cannot read several config groups with zero points (its dequantize path "
+                         "decodes every layer with the first group's scheme); vLLM reads them: --no-validate "
+                         "keeps the export unchecked")
+    options = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if asymmetric else {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        return AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32,
-                                                    quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+        return AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, **options).eval()
