@@ -58,6 +58,9 @@ class OnnxConfig(Section):
     max_perplexity_diff: float = Field(0.002, ge=0, description="max relative perplexity difference")
 
 
+SERVED_KEYS = ("compressed_tensors", "gptq", "gguf")  # the `export` sections of serving engines
+
+
 class ServedExport(Section):
     """A serving engine's export (compressed-tensors, GPTQ) written from the checkpoint into OUT/<format>."""
 
@@ -89,12 +92,12 @@ class ExportConfig(Section):
 
     def served(self) -> dict[str, ServedExport]:
         """The serving exports asked for: recipe key -> its settings."""
-        return {k: v for k in ("compressed_tensors", "gptq", "gguf") if (v := getattr(self, k)) is not None}
+        return {k: v for k in SERVED_KEYS if (v := getattr(self, k)) is not None}
 
     @model_validator(mode="before")
     @classmethod
     def _onnx_shorthand(cls, data):
-        for key in ("onnx", "compressed_tensors", "gptq", "gguf"):
+        for key in ("onnx", *SERVED_KEYS):
             if isinstance(data, dict) and data.get(key) is True:
                 data = {**data, key: {}}
             elif isinstance(data, dict) and data.get(key) is False:

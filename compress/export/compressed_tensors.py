@@ -40,6 +40,7 @@ from .served import (
 )
 
 TARGET = "compressed-tensors"
+RECIPE_KEY = "compressed_tensors"  # its section under the recipe's `export`
 READER = "transformers + compressed-tensors"
 FORMAT = "pack-quantized"
 FORMAT_VERSION = "0.20.0"  # the compressed-tensors release whose reader the tests run
@@ -68,7 +69,7 @@ def check_passes(passes, engine: str | None) -> None:
     """Before any compute: every pass's codes fit the format (and ``engine``'s kernels), else one ExportError."""
     from ..errors import ExportError
 
-    for p, spec in written_specs(passes, TARGET, "compressed_tensors"):
+    for p, spec in written_specs(passes, TARGET, RECIPE_KEY):
         group = spec.group_size
         if engine == "vllm" and (spec.bits not in VLLM_BITS or (group is not None and group not in VLLM_GROUPS)):
             raise ExportError(f"{TARGET} for vLLM: {p.name} writes {spec.bits}-bit codes in groups of "

@@ -21,7 +21,7 @@ from .served import ServedTolerance, check_passed, compare_models, read_checkpoi
 
 WRITERS = {compressed_tensors.TARGET: compressed_tensors, gptq.TARGET: gptq, gguf.TARGET: gguf}
 WEIGHT_FILES = ("*.safetensors", "*.gguf")  # what an export's size counts
-RECIPE_KEYS = {"compressed_tensors": compressed_tensors.TARGET, "gptq": gptq.TARGET, "gguf": gguf.TARGET}  # section
+RECIPE_KEYS = {w.RECIPE_KEY: target for target, w in WRITERS.items()}  # recipe export section -> target
 
 
 def export_for_engine(path: Path, out_dir: Path, target: str, windows: torch.Tensor | None, force: bool = False,

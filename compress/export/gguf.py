@@ -31,6 +31,7 @@ from ..formats.base import IntegerGrid
 from .served import CheckpointLayers, refuse, split_layers, with_other_tensors, written_specs
 
 TARGET = "gguf"
+RECIPE_KEY = "gguf"  # its section under the recipe's `export`
 READER = "transformers (gguf_file=) with the gguf package"
 FILE = "model.gguf"
 ARCHITECTURES = {"llama": "llama"}  # config.model_type -> GGUF architecture this writer knows
@@ -53,7 +54,7 @@ def block_type(grid: IntegerGrid, in_features: int):
 
 def check_passes(passes, engine: str | None) -> None:
     """Before any compute: every pass writes a grid GGUF holds, else one ExportError."""
-    for p, spec in written_specs(passes, TARGET, "gguf"):
+    for p, spec in written_specs(passes, TARGET, RECIPE_KEY):
         if spec.group_size != BLOCK or spec.bits not in (4, 8) or (spec.bits == 8 and not spec.symmetric):
             raise ExportError(f"{TARGET} export: {p.name} writes {spec.bits}-bit codes in groups of "
                               f"{spec.group_size or 'a row'}{'' if spec.symmetric else ' with zero points'}; "

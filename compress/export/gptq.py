@@ -48,14 +48,14 @@ from .served import (
 )
 
 TARGET = "gptq"
+RECIPE_KEY = "gptq"  # its section under the recipe's `export`
 READER = "the documented GPTQ layout (GPTQModel needs torch >= 2.14)"
 BITS = (2, 3, 4, 8)
-VLLM_BITS = BITS  # vLLM's gptq kernels (Marlin for 4/8-bit symmetric, ExLlama / the gptq kernel otherwise)
 
 
 def check_passes(passes, engine: str | None) -> None:
     """Before any compute: every pass's codes fit the format, else one ExportError."""
-    for p, spec in written_specs(passes, TARGET, "gptq"):
+    for p, spec in written_specs(passes, TARGET, RECIPE_KEY):
         if spec.bits not in BITS:
             raise ExportError(f"{TARGET} export: {p.name} writes {spec.bits}-bit codes; the GPTQ format holds "
                               f"{', '.join(map(str, BITS))} bits", "change the pass's bits")
