@@ -3,6 +3,7 @@ PyTorch, greedy generation through the exported KV cache, the run integration, a
 
 import copy
 import json
+import re
 import shutil
 
 import onnx
@@ -12,24 +13,35 @@ from conftest import RECIPES, cli
 
 from compress.data import evaluation_windows
 from compress.errors import ExportError
-from compress.export.onnx import export_to_folder
-from compress.export.runtime import OnnxCausalLM, eos_ids, torch_greedy
-from compress.formats import DenseWeight, SparseWeight, WeightFormat, compact, quantize_rtn
+from compress.export.onnx import Tolerance, export_to_folder
+from compress.export.runtime import OnnxCausalLM, eos_ids, session_memory, torch_greedy
+from compress.formats import DenseWeight, OutlierWeight, SparseWeight, WeightFormat, compact, quantize_rtn
 from compress.modules import CompressedLinear
 from compress.passes.kmeans import KMeansConfig, palettize
 from compress.quant import QuantSpec
 
-# One format per kind of linear layer, so a single export exercises every lowering.
-FORMATS = {
-    "self_attn.q_proj": lambda w: quantize_rtn(w, QuantSpec(4, 64)),                      # MatMulNBits 4-bit
-    "self_attn.k_proj": lambda w: quantize_rtn(w, QuantSpec(3, None)),                    # 3-bit, in-graph
-    "self_attn.v_proj": lambda w: quantize_rtn(w, QuantSpec(2, 32, symmetric=True)),      # 2-bit symmetric
-    "self_attn.o_proj": lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="nf")),           # NormalFloat
-    "mlp.gate_proj": lambda w: palettize(w, KMeansConfig(type="kmeans", bits=3, outliers=0.005,
-                                                          table_dtype="int8", iterations=10)),
-    "mlp.up_proj": lambda w: _sparse(w, lambda kept: quantize_rtn(kept, QuantSpec(4, 64)), None),
-    "mlp.down_proj": lambda w: _sparse(w, lambda kept: DenseWeight(kept), "2:4"),
-}
+# One format per layer of the model, in turn (layer i gets entry i % 9): a single export exercises every lowering.
+# (layer, format, the lowering the exporter must choose: a runtime kernel on the codes wherever one reads them)
+FORMATS = [
+    ("self_attn.q_proj", lambda w: quantize_rtn(w, QuantSpec(4, 64)), "MatMulNBits 4-bit block 64"),
+    ("self_attn.k_proj", lambda w: quantize_rtn(w, QuantSpec(3, None)),
+     "MatMulNBits 4-bit block 64 (3-bit codes widened)"),
+    ("self_attn.v_proj", lambda w: quantize_rtn(w, QuantSpec(2, 32, symmetric=True)), "MatMulNBits 2-bit block 32"),
+    ("self_attn.o_proj", lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="nf")), "in-graph decode"),
+    ("mlp.gate_proj", lambda w: palettize(w, KMeansConfig(type="kmeans", bits=3, outliers=0.005,
+                                                           table_dtype="int8", iterations=10)), "in-graph decode"),
+    ("mlp.up_proj", lambda w: _sparse(w, lambda kept: quantize_rtn(kept, QuantSpec(4, 64)), None), "in-graph decode"),
+    ("mlp.down_proj", lambda w: _sparse(w, lambda kept: DenseWeight(kept), "2:4"), "in-graph decode"),
+    ("mlp.up_proj", lambda w: _sparse(w, lambda kept: quantize_rtn(kept, QuantSpec(4, 32, symmetric=True)), "2:4"),
+     "MatMulNBits 4-bit block 64"),
+    ("mlp.gate_proj", lambda w: _outliers(quantize_rtn(w, QuantSpec(3, 64, symmetric=True)), w, 0.005),
+     "MatMulNBits 4-bit block 64 (3-bit codes widened) + "),
+]
+
+
+def _outliers(inner, w, share):
+    err = (w - inner.dequantize()).abs()
+    return OutlierWeight.from_mask(inner, w, err >= err.flatten().kthvalue(int(err.numel() * (1 - share))).values)
 
 
 def _sparse(w, inner, pattern):
@@ -43,13 +55,13 @@ def _sparse(w, inner, pattern):
 
 @pytest.fixture(scope="module")
 def mixed(smol):
-    """The real model with one layer of every block compressed, in turn through the seven formats (all
+    """The real model with one layer of every block compressed, in turn through the formats above (all
     seven layers of a block in crude formats without calibration would leave a broken model whose
     logits amplify float rounding); the other layers stay dense float16."""
     model, tok, _ = smol
     model = copy.deepcopy(model)
     for i, layer in enumerate(model.model.layers):
-        path, make = list(FORMATS.items())[i % len(FORMATS)]
+        path, make, _ = FORMATS[i % len(FORMATS)]
         parent, _, child = path.rpartition(".")
         old = layer.get_submodule(path)
         setattr(layer.get_submodule(parent), child, CompressedLinear.from_module(old, make(old.weight.detach())))
@@ -65,7 +77,10 @@ def windows(smol):
 def mixed_export(mixed, windows, tmp_path_factory):
     model, tok = mixed
     out = tmp_path_factory.mktemp("onnx") / "mixed"
-    info = export_to_folder(model, tok, out, windows=windows, dense_dtype=torch.float16, log=lambda m: None)
+    # crude formats without calibration leave near-ties: 2 of 256 positions swap their top-1 at |logit diff| 0.03
+    # (each lowering alone is exact to float32 rounding: test_each_lowering_computes_the_formats_product)
+    info = export_to_folder(model, tok, out, windows=windows, dense_dtype=torch.float16, log=lambda m: None,
+                            tolerance=Tolerance(min_top1_agreement=0.99))
     return out, info
 
 
@@ -73,23 +88,82 @@ def test_every_format_exports_and_matches_pytorch(mixed_export, mixed):
     out, info = mixed_export
     v = info["validation"]
     assert v["passed"], v["failures"]
-    assert v["max_logit_diff"] < 0.05 and v["decode_max_logit_diff"] < 0.05 and v["top1_agreement"] > 0.995
+    assert v["max_logit_diff"] < 0.05 and v["decode_max_logit_diff"] < 0.05 and v["top1_agreement"] >= 0.99
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "onnxruntime" in card and f"{v['perplexity_onnx']:.4g}" in card
     layers = info["layers"]
-    for i, path in enumerate(FORMATS):
+    for i, (path, _, expected) in enumerate(FORMATS):
         lowering = layers[f"model.layers.{i}.{path}"]["lowering"]
-        expected = {0: "MatMulNBits 4-bit block 64", 2: "MatMulNBits 2-bit block 32"}.get(i, "in-graph decode")
         assert lowering.startswith(expected), (path, lowering)
     assert layers["model.layers.0.mlp.up_proj"]["lowering"] == "dense float16"
-    # the file keeps the compression: in-graph decoding stores the checkpoint's bytes; MatMulNBits the same
-    # codes and zero points, with its scales in float32 instead of float16
+    # the file keeps the compression: in-graph decoding stores the checkpoint's bytes; MatMulNBits the codes
+    # (widened to 2/4/8 bits, padded to whole blocks), zero points, float32 scales; outliers float32 corrections
     compressed = {n: m.fmt for n, m in mixed[0].named_modules() if isinstance(m, CompressedLinear)}
     for name, fmt in compressed.items():
-        extra = 2 * fmt.scales.numel() if layers[name]["lowering"].startswith("MatMulNBits") else 0
-        assert fmt.nbytes() <= layers[name]["file_bytes"] <= fmt.nbytes() + extra + 256, (name, fmt.describe())
+        lowering = layers[name]["lowering"]
+        if lowering.startswith("MatMulNBits"):
+            width, block = (int(w) for w in re.match(r"MatMulNBits (\d)-bit block (\d+)", lowering).groups())
+            rows, blocks = fmt.shape[0], -(-fmt.shape[1] // block)
+            expected = rows * blocks * (block * width // 8 + 4) + rows * -(-blocks * width // 8)
+            if isinstance(fmt, OutlierWeight):
+                expected += fmt.columns.nbytes + fmt.counts.nbytes + 4 * fmt.values.numel()
+            assert expected - rows * -(-blocks * width // 8) <= layers[name]["file_bytes"] <= expected + 256, name
+        else:
+            assert fmt.nbytes() <= layers[name]["file_bytes"] <= fmt.nbytes() + 256, (name, fmt.describe())
     on_disk = (out / "model.onnx").stat().st_size + (out / "model.onnx.data").stat().st_size
     assert on_disk == info["size"]["file_bytes"]
+
+
+RUNTIME_FORMATS = [lambda w: quantize_rtn(w, QuantSpec(3, 64)),
+                   lambda w: _sparse(w, lambda kept: quantize_rtn(kept, QuantSpec(4, 32, symmetric=True)), "2:4"),
+                   lambda w: _outliers(quantize_rtn(w, QuantSpec(3, 64, symmetric=True)), w, 0.005),
+                   lambda w: quantize_rtn(w, QuantSpec(4, 128))]
+
+
+def test_runtime_kernels_keep_the_session_compressed(smol, tmp_path):
+    """Every linear layer in a format onnxruntime reads from its codes (3-bit widened, 2:4 over 4-bit as dense
+    codes, outliers over 3-bit, 4-bit): no layer is decoded to float32 when the session loads. Its memory,
+    measured in a child process (numpy and onnxruntime only), stays within 1.5x the file plus the float32 copy
+    of the tied float16 embedding onnxruntime's CPU MatMul makes for the output head."""
+    model, tok, _ = smol
+    model = copy.deepcopy(model)
+    linears = [(n, m) for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]
+    for i, (name, old) in enumerate(linears):
+        parent, _, child = name.rpartition(".")
+        fmt = RUNTIME_FORMATS[i % len(RUNTIME_FORMATS)](old.weight.detach())
+        setattr(model.model.layers.get_submodule(parent), child, CompressedLinear.from_module(old, fmt))
+    info = export_to_folder(model, tok, tmp_path / "kernels", windows=None, dense_dtype=torch.float16,
+                            log=lambda m: None)
+    assert set(info["lowerings"]) == {"MatMulNBits 4-bit block 64", "MatMulNBits 4-bit block 128",
+                                      "tied to model.embed_tokens"}, info["lowerings"]
+    memory = session_memory(tmp_path / "kernels", threads=2, prefill=32, decode=4)
+    head_float32 = 4 * model.model.embed_tokens.weight.numel()  # onnxruntime's float32 copy of the tied head
+    working = 64 * 2**20  # the arena, prepacking buffers and a 32-token prefill's activations
+    assert memory["session_mb"] * 2**20 <= 1.5 * info["size"]["file_bytes"] + head_float32 + working, memory
+    # the bound has room for less than two of the four formats decoded to float32 (half the layers)
+    assert 4 * sum(old.weight.numel() for _, old in linears) / 2 > working + 0.5 * info["size"]["file_bytes"]
+
+
+def test_onnxruntime_genai_generates_our_greedy_tokens(mixed_export, mixed, windows):
+    """onnxruntime-genai opens the export folder (its genai_config.json) and its generator's greedy tokens are
+    PyTorch's."""
+    import onnxruntime_genai as og
+
+    out, _ = mixed_export
+    model, tok = mixed
+    prompt = windows[1, :32].tolist()
+    og_model = og.Model(str(out))
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
+    generator = og.Generator(og_model, params)
+    generator.append_tokens(prompt)
+    got = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        got.append(int(generator.get_next_tokens()[0]))
+    want = torch_greedy(model, prompt, 16, eos_ids(tok)).tokens
+    assert got[: len(want)] == want and len(want) >= 8
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == 30
 
 
 def test_greedy_tokens_match_pytorch_through_the_kv_cache(mixed_export, mixed, windows):
@@ -105,12 +179,13 @@ def test_greedy_tokens_match_pytorch_through_the_kv_cache(mixed_export, mixed, w
 def test_portable_export_uses_standard_ops_only(mixed, windows, tmp_path):
     model, tok = mixed
     info = export_to_folder(model, tok, tmp_path / "portable", windows=windows[:1], weights="portable",
-                            dense_dtype=torch.float16, log=lambda m: None)
+                            dense_dtype=torch.float16, log=lambda m: None, tolerance=Tolerance(min_top1_agreement=0.98))
     assert info["validation"]["passed"], info["validation"]["failures"]
     proto = onnx.load(str(tmp_path / "portable" / "model.onnx"), load_external_data=False)
     assert {o.domain for o in proto.opset_import} == {""} and info["opset"] == 25  # 2-bit DequantizeLinear
     assert not any(n.domain for n in proto.graph.node)
-    assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == 9  # 4-bit q and 2-bit v layers
+    # every integer grid (4-bit q, 3-bit k widened, 2-bit v, 2:4 over 4-bit, outliers over 3-bit): 18 layers
+    assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == 18
 
 
 def test_run_exports_onnx_and_generate_agrees_with_checkpoint(tmp_path):
@@ -216,3 +291,27 @@ def test_every_family_exports_validates_and_generates_like_pytorch(recipe, tmp_p
     model, tok = compress.load(out)
     prompt = evaluation_windows("pydoc", tok, 64, 1, "pydoc")[0, :32].tolist()
     assert OnnxCausalLM(out / "onnx").greedy(prompt, 32).tokens == torch_greedy(model, prompt, 32).tokens
+
+
+@pytest.mark.parametrize("index", range(len(FORMATS)))
+def test_each_lowering_computes_the_formats_product(smol, index):
+    """One layer of the real model in each format, alone in a graph: onnxruntime's product equals
+    ``x @ W.T`` of the format's own decode (float32 rounding only)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from compress.export.graph import FLOAT, Graph
+    from compress.export.weights import WeightLowering
+
+    path, make, expected = FORMATS[index]
+    weight = smol[0].model.layers[0].get_submodule(path).weight.detach().float()
+    fmt = make(weight)
+    g = Graph()
+    low = WeightLowering(g, "fast")
+    y = low.linear(g.input("x", FLOAT, [2, 5, weight.shape[1]]), fmt, None, "layer")
+    g.output(y, "y", FLOAT, [2, 5, weight.shape[0]])
+    assert low.layers["layer"].lowering.startswith(expected)
+    x = torch.randn(2, 5, weight.shape[1], generator=torch.Generator().manual_seed(index))
+    got = ort.InferenceSession(g.model(low.opset).SerializeToString()).run(None, {"x": x.numpy()})[0]
+    want = (x @ fmt.dequantize().T).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (expected, np.abs(got - want).max())

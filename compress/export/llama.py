@@ -80,13 +80,20 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
         past.append([g.input(f"past_key_values.{i}.{kv}", FLOAT, ["batch", kv_heads, "past_sequence", head_dim])
                      for kv in ("key", "value")])
 
-    # embeddings, stored in the checkpoint's dtype; a tied lm_head reads the same initializer
+    # embeddings in the checkpoint's dtype, rows gathered then cast; a tied lm_head reads the same initializer,
+    # stored transposed [hidden, vocab] so that neither needs a second copy in memory
     embed = model.model.embed_tokens.weight.detach()
     if dense_dtype is not None:
         embed = embed.to(dense_dtype)
-    embed_init = torch_initializer(g, "model.embed_tokens.weight", embed)
-    embed_float = embed_init if embed.dtype == torch.float32 else g.op("Cast", embed_init, to=FLOAT)
-    h = g.op("Gather", embed_float, ids)
+    head = model.lm_head
+    tied = getattr(head, "weight", None) is not None and head.weight is model.model.embed_tokens.weight
+    stored = embed.t().contiguous() if tied else embed
+    embed_init = torch_initializer(g, "model.embed_tokens.weight_t" if tied else "model.embed_tokens.weight", stored)
+    if tied:
+        rows = g.op("Transpose", g.op("Gather", embed_init, ids, axis=1), perm=[1, 2, 0])
+    else:
+        rows = g.op("Gather", embed_init, ids)
+    h = rows if embed.dtype == torch.float32 else g.op("Cast", rows, to=FLOAT)
 
     # additive mask [batch, 1, 1, seq, total]: causal over absolute positions, and padding
     total = g.op("Gather", g.op("Shape", mask), g.const(1))
@@ -145,10 +152,11 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
         h = g.op("Add", h, _linear(low, act, mlp.down_proj, f"{p}.mlp.down_proj"))
 
     h = _rms_norm(g, h, model.model.norm, "model.norm")
-    head = model.lm_head
-    tied = getattr(head, "weight", None) is not None and head.weight is model.model.embed_tokens.weight
     if tied:
-        logits = g.op("MatMul", h, g.op("Transpose", embed_float))
+        # float32 weights for an exact head: onnxruntime holds a float32 copy of a float16 table (its CPU MatMul
+        # would convert a float16 one the same way), beside the float16 table the Gather reads
+        head_w = embed_init if embed.dtype == torch.float32 else g.op("Cast", embed_init, to=FLOAT)
+        logits = g.op("MatMul", h, head_w)
         low.layers["lm_head"] = LayerExport("tied to model.embed_tokens", 0)
     else:
         logits = _linear(low, h, head, "lm_head")

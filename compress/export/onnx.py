@@ -6,6 +6,7 @@ Folder layout::
     model.onnx.data   its initializers (external data): packed codes, tables, masks, scales
     export.json       inputs/outputs, how each layer's weight is stored and its bytes, sizes,
                       and the validation against PyTorch
+    genai_config.json what onnxruntime-genai reads (``onnxruntime_genai.Model(folder)``)
     config.json, generation_config.json, tokenizer files
 
 Validation runs every time: the onnxruntime session and the PyTorch model read the same held-out
@@ -30,6 +31,7 @@ import torch
 from ..errors import CheckpointError, ExportError, ExportMismatch, OutputError
 from ..modules import dequantized_weights
 from ..staging import staged_folder
+from .genai import GENAI_CONFIG, genai_config
 from .llama import build_decoder
 from .runtime import EXPORT_META, ONNX_FILE, OnnxCausalLM, session
 from .weights import UnsupportedFormat
@@ -71,6 +73,8 @@ def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, w
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    (out_dir / GENAI_CONFIG).write_text(json.dumps(
+        genai_config(model.config, getattr(model, "generation_config", None), io, ONNX_FILE), indent=1) + "\n")
     graph_bytes = (out_dir / ONNX_FILE).stat().st_size
     data_bytes = (out_dir / DATA_FILE).stat().st_size if (out_dir / DATA_FILE).exists() else 0
     info = {

@@ -114,6 +114,20 @@ class OnnxCausalLM:
         return gen
 
 
+def session_memory(folder: Path, threads: int = 0, prefill: int = 256, decode: int = 8) -> dict:
+    """Resident memory of ``folder``'s onnxruntime session, measured in a fresh interpreter that imports only
+    numpy and onnxruntime (``session_probe.py``): before_mb, loaded_mb, peak_mb, session_mb (peak - before)."""
+    import subprocess
+    import sys
+
+    probe = Path(__file__).with_name("session_probe.py")
+    proc = subprocess.run([sys.executable, str(probe), str(folder), "--threads", str(threads), "--prefill",
+                           str(prefill), "--decode", str(decode)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"session probe failed on {folder}: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @torch.no_grad()
 def torch_greedy(model, prompt: list[int], max_new_tokens: int, eos: frozenset[int] | set[int] = frozenset(),
                  device="cpu") -> Generation:

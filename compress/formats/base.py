@@ -148,8 +148,16 @@ class WeightFormat:
 
     def onnx_matmul(self, lowering, x: str, name: str) -> tuple[str, str] | None:
         """(description, ``x @ W.T``) through a runtime operator that reads the stored bytes, or None
-        (the exporter then multiplies by :meth:`onnx_weight`, which onnxruntime folds at load)."""
-        return None
+        (the exporter then multiplies by :meth:`onnx_weight`, which onnxruntime folds at load).
+
+        Any format that is an integer grid runs as one (``onnx_grid``: MatMulNBits, widened when needed)."""
+        from .onnx_grid import lower_integer_grid
+
+        try:
+            grid = self.integer_grid()
+        except NotAnIntegerGrid:
+            return None
+        return lower_integer_grid(lowering, x, grid, self.shape, name)
 
 
 def format_from_saved(meta: dict, tensors: dict[str, torch.Tensor], verify: bool = True) -> WeightFormat:

@@ -57,6 +57,6 @@ class DenseWeight(WeightFormat):
     def onnx_matmul(self, lowering, x, name):
         from .onnx_ops import as_float
 
-        # stored transposed: MatMul reads [in, out]
+        # stored transposed: MatMul reads [in, out]; float16 is cast to float32 at load (exact activations)
         return f"dense {str(self.weight.dtype).removeprefix('torch.')}", lowering.g.op(
             "MatMul", x, as_float(lowering.g, f"{name}.weight_t", self.weight.t()))

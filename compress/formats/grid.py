@@ -14,8 +14,6 @@ from ..quant import QuantSpec, decode, encode, fit_params, grid_values, pad_to_g
 from .base import IntegerGrid, LayoutError, NotAnIntegerGrid, WeightFormat, register_format
 from .onnx_ops import (
     FLOAT,
-    MS_DOMAIN,
-    SUB_BYTE_TYPES,
     TensorProto,
     as_float,
     per_group,
@@ -23,7 +21,6 @@ from .onnx_ops import (
     unpack_codes,
 )
 
-NBITS_KERNEL_BITS = (2, 4, 8)  # widths onnxruntime's MatMulNBits reads
 
 @register_format
 class QuantizedWeight(WeightFormat):
@@ -159,18 +156,6 @@ class QuantizedWeight(WeightFormat):
             zero = g.const(float((spec.maxq + 1) // 2), np.float32)
         return per_group(g, codes, rows, cols, size, lambda v: g.op("Mul", g.op("Sub", v, zero), scale))
 
-    def onnx_matmul(self, lowering, x, name):
-        """2/4/8-bit integer grids run from their codes: ``MatMulNBits`` (``weights: fast``) or a blocked
-        ``DequantizeLinear`` (``weights: portable``, standard ops only)."""
-        if self.spec.grid != "int" or self.spec.bits not in NBITS_KERNEL_BITS:
-            return None
-        block = _nbits_block(self.spec.group_size or self.shape[1])
-        if lowering.weights == "fast" and block is not None:
-            return f"MatMulNBits {self.spec.bits}-bit block {block}", _matmul_nbits(lowering, x, self, block, name)
-        if lowering.weights == "portable":
-            return _dequantize_linear(lowering, x, self, name)
-        return None
-
     def describe(self):
         s = self.spec
         grid = "" if s.grid == "int" else f" {s.grid}"
@@ -187,63 +172,3 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     scale, zero = fit_params(groups, spec)
     codes = encode(groups, scale, zero, spec).reshape(out, -1)[:, :k]
     return QuantizedWeight.from_codes(codes, scale, zero if zero is not None else None, spec)
-
-
-def _nbits_block(group_size: int) -> int | None:
-    """Block size for MatMulNBits: a power of two in 16..256 that divides the group size."""
-    for block in (256, 128, 64, 32, 16):
-        if block <= group_size and group_size % block == 0:
-            return block
-    return None
-
-
-def _per_block(t: torch.Tensor, blocks: int, repeat: int) -> torch.Tensor:
-    return t[:, torch.arange(blocks) // repeat]
-
-
-def _matmul_nbits(lowering, x: str, fmt: QuantizedWeight, block: int, name: str) -> str:
-    g, spec = lowering.g, fmt.spec
-    rows, cols = fmt.shape
-    repeat = (spec.group_size or cols) // block
-    blocks = -(-cols // block)
-    codes, scale, zero = fmt.unpacked()
-    if cols % block == 0:  # the checkpoint's row-packed bytes are already MatMulNBits' layout
-        packed = fmt.codes.reshape(rows, blocks, block * spec.bits // 8)
-    else:
-        codes = torch.nn.functional.pad(codes, (0, blocks * block - cols))
-        packed = pack_rows(codes, spec.bits).reshape(rows, blocks, block * spec.bits // 8)
-    inputs = [x, g.tensor(f"{name}.qweight", packed.numpy()),
-              g.tensor(f"{name}.scales", _per_block(scale, blocks, repeat).reshape(-1).numpy())]
-    if spec.has_zeros:
-        zp = fmt.zeros.reshape(-1) if repeat == 1 and cols % block == 0 else \
-            pack_rows(_per_block(zero, blocks, repeat).to(torch.uint8), spec.bits).reshape(-1)
-        inputs.append(g.tensor(f"{name}.zero_points", zp.numpy()))
-    return g.op("MatMulNBits", *inputs, domain=MS_DOMAIN, K=cols, N=rows, bits=spec.bits, block_size=block,
-                accuracy_level=lowering.accuracy_level)
-
-def _dequantize_linear(lowering, x: str, fmt: QuantizedWeight, name: str) -> tuple[str, str]:
-    """Blocked DequantizeLinear on the transposed codes ``[in, out]`` (blocks along the inputs) feeding
-    MatMul directly, with float32 scales: the pattern onnxruntime fuses into its low-bit MatMul."""
-    g, spec = lowering.g, fmt.spec
-    codes, scale, zero = fmt.unpacked()
-    signed = not spec.has_zeros
-    if signed:  # symmetric: code - 2^(b-1) in two's complement, no zero point stored
-        codes = codes ^ (1 << (spec.bits - 1))
-    inputs = [_integer_tensor(lowering, f"{name}.qweight", codes.t().contiguous(), spec.bits, signed),
-              g.tensor(f"{name}.scales", scale.t().contiguous().numpy())]
-    if not signed:
-        inputs.append(_integer_tensor(lowering, f"{name}.zero_points", zero.t().contiguous().to(torch.uint8),
-                                           spec.bits, False))
-    w = g.op("DequantizeLinear", *inputs, axis=0, block_size=spec.group_size or fmt.shape[1])
-    kind = {(4, False): "uint4", (4, True): "int4", (2, False): "uint2", (2, True): "int2"}.get(
-        (spec.bits, signed), "int8" if signed else "uint8")
-    return f"DequantizeLinear {kind} g{spec.group_size or 'row'}", g.op("MatMul", x, w)
-
-def _integer_tensor(lowering, name: str, values: torch.Tensor, bits: int, signed: bool) -> str:
-    if bits == 8:
-        arr = values.numpy().view(np.int8) if signed else values.numpy()
-        return lowering.g.tensor(name, arr)
-    if bits == 2:
-        lowering.opset = max(lowering.opset, 25)
-    raw = pack_rows(values.reshape(1, -1), bits).numpy().tobytes()
-    return lowering.g.packed(name, SUB_BYTE_TYPES[(bits, signed)], list(values.shape), raw)

@@ -106,20 +106,38 @@ class OutlierWeight(WeightFormat):
         v.outliers = (r, c, self.values.float() - self.inner.dequantize()[r, c])
         return v
 
-    def onnx_weight(self, g, prefix):
-        """Inner weight with the CSR outliers written over it; row numbers come from the cumulative
-        counts in the graph, so the file holds just counts, columns and values."""
-        rows, cols = self.shape
+    def _onnx_rows(self, g, prefix) -> str:
+        """Each outlier's row (int64 ``[nnz]``) from the stored counts: a 1 where each row's outliers end (one
+        spare slot for the last row), summed up. The file holds just counts, columns and values."""
         nnz = int(self.values.numel())
-        inner = g.op("Reshape", self.inner.onnx_weight(g, f"{prefix}.inner"), g.const([-1]))
         counts = g.op("Cast", torch_initializer(g, f"{prefix}.counts", self.counts), to=TensorProto.INT64)
-        # a 1 where each row's outliers end (one spare slot for the last row), summed up: the row of every outlier
         ends = g.op("CumSum", counts, g.const(0))
         starts = g.op("ConstantOfShape", g.const([nnz + 1]), value=scalar(0, np.int64))
-        ones = g.op("ConstantOfShape", g.const([rows]), value=scalar(1, np.int64))
+        ones = g.op("ConstantOfShape", g.const([self.shape[0]]), value=scalar(1, np.int64))
         marks = g.op("ScatterElements", starts, ends, ones, axis=0, reduction="add")
-        row = g.op("Slice", g.op("CumSum", marks, g.const(0)), g.const([0]), g.const([nnz]), g.const([0]))
+        return g.op("Slice", g.op("CumSum", marks, g.const(0)), g.const([0]), g.const([nnz]), g.const([0]))
+
+    def onnx_weight(self, g, prefix):
+        """Inner weight with the CSR outliers written over it."""
+        rows, cols = self.shape
+        inner = g.op("Reshape", self.inner.onnx_weight(g, f"{prefix}.inner"), g.const([-1]))
         column = g.op("Cast", torch_initializer(g, f"{prefix}.columns", self.columns), to=TensorProto.INT64)
-        flat = g.op("Add", g.op("Mul", row, g.const(cols)), column)
+        flat = g.op("Add", g.op("Mul", self._onnx_rows(g, prefix), g.const(cols)), column)
         values = as_float(g, f"{prefix}.values", self.values)
         return g.op("Reshape", g.op("ScatterElements", inner, flat, values, axis=0), g.const([rows, cols]))
+
+    def onnx_matmul(self, lowering, x, name):
+        """The inner format's runtime operator, plus each outlier's correction (its value minus the inner value
+        there, float32) times its input, scattered into its output: the weight is never decoded. None when the
+        inner format has no runtime operator (the whole weight is then decoded in the graph)."""
+        inner = self.inner.onnx_matmul(lowering, x, f"{name}.inner")
+        if inner is None:
+            return None
+        g = lowering.g
+        rows, cols = self.positions()
+        corrections = self.values.float() - self.inner.dequantize()[rows, cols]
+        column = g.op("Cast", torch_initializer(g, f"{name}.columns", self.columns), to=TensorProto.INT64)
+        update = g.op("Mul", g.op("Gather", x, column, axis=-1), g.tensor(f"{name}.corrections", corrections.numpy()))
+        row = g.op("Expand", self._onnx_rows(g, name), g.op("Shape", update))
+        y = g.op("ScatterElements", inner[1], row, update, axis=-1, reduction="add")
+        return f"{inner[0]} + {self.values.numel()} outliers (scatter-add)", y

@@ -1,0 +1,58 @@
+"""``genai_config.json``: what onnxruntime-genai's ``Model(folder)`` reads to run an ONNX export (its generator
+loop, KV cache and tokenizer) without our code.
+
+The decoder graph (``llama.py``) already has the names and layouts onnxruntime-genai expects of a decoder-only
+model: ``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key|value`` in, ``logits`` and
+``present.{i}.key|value`` out, the cache ``[batch, kv_heads, past, head_dim]`` in float32. The past and present
+tensors are separate (``past_present_share_buffer`` false): the graph concatenates, it does not write in place.
+"""
+
+from __future__ import annotations
+
+GENAI_CONFIG = "genai_config.json"
+
+
+def _ids(value) -> int | list[int] | None:
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value] if len(value) != 1 else int(value[0])
+    return None if value is None else int(value)
+
+
+def genai_config(config, generation_config, io: dict, onnx_file: str) -> dict:
+    """The ``genai_config.json`` of an export of a model with ``config`` (transformers) and ``io`` (export.json's)."""
+    gen = generation_config
+    eos = _ids(getattr(gen, "eos_token_id", None) if gen is not None else None) or _ids(config.eos_token_id)
+    bos = _ids(getattr(gen, "bos_token_id", None) if gen is not None else None) or _ids(config.bos_token_id)
+    pad = getattr(config, "pad_token_id", None)
+    pad = _ids(pad) if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+    context = int(getattr(config, "max_position_embeddings", 2048))
+    return {
+        "model": {
+            "type": config.model_type,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "vocab_size": int(io["vocab_size"]),
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": onnx_file,
+                "head_size": int(io["head_dim"]),
+                "hidden_size": int(config.hidden_size),
+                "num_attention_heads": int(io["heads"]),
+                "num_key_value_heads": int(io["kv_heads"]),
+                "num_hidden_layers": int(io["layers"]),
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {  # greedy by default, as `compress generate`; callers set their own options
+            "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "top_k": 1, "top_p": 1.0,
+            "temperature": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0, "diversity_penalty": 0.0,
+            "no_repeat_ngram_size": 0, "min_length": 0, "max_length": context, "early_stopping": True,
+            "past_present_share_buffer": False,
+        },
+    }

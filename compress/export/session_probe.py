@@ -1,0 +1,64 @@
+"""How much memory an ONNX export's onnxruntime session takes: run as a script in a fresh interpreter (numpy and
+onnxruntime only, no torch), so nothing else counts.
+
+    python session_probe.py FOLDER [--threads N] [--prefill 256] [--decode 8]
+
+Prints one JSON line: the process's resident memory before the session (``before_mb``), its peak while the session
+loads and runs a prefill of ``--prefill`` tokens and ``--decode`` KV-cache steps (``peak_mb``), and the difference
+(``session_mb``: what the session itself needed). :func:`compress.export.runtime.session_memory` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory line in MiB. ``VmHWM`` (peak resident) belongs to this program's own memory
+    map: ``getrusage``'s ``ru_maxrss`` would carry over the parent's resident size from before ``exec``."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def main(argv: list[str]) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("folder")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--prefill", type=int, default=256)
+    ap.add_argument("--decode", type=int, default=8)
+    a = ap.parse_args(argv)
+    import numpy as np
+    import onnxruntime as ort
+
+    folder = Path(a.folder)
+    meta = json.loads((folder / "export.json").read_text())
+    io = meta["io"]
+    before = _status_mb("VmRSS")
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(meta.get("accuracy_level", 0)))
+    options.intra_op_num_threads = a.threads
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    loaded = _status_mb("VmRSS")
+    shape = (1, io["kv_heads"], 0, io["head_dim"])
+    cache = [np.zeros(shape, np.float32)] * (2 * io["layers"])
+    ids = (np.arange(a.prefill, dtype=np.int64) % 1000 + 100)[None]
+    for _ in range(1 + a.decode):
+        past = cache[0].shape[2]
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, past + ids.shape[1]), np.int64),
+                "position_ids": np.arange(past, past + ids.shape[1], dtype=np.int64)[None]}
+        feed.update({f"past_key_values.{i}.{kv}": cache[2 * i + j]
+                     for i in range(io["layers"]) for j, kv in enumerate(("key", "value"))})
+        logits, *cache = sess.run(None, feed)
+        ids = logits[:, -1:].argmax(-1).astype(np.int64)
+    peak = _status_mb("VmHWM")
+    return {"before_mb": before, "loaded_mb": loaded, "peak_mb": peak, "session_mb": peak - before}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1:])))

@@ -1,0 +1,100 @@
+"""Any weight that is an :class:`IntegerGrid` (``WeightFormat.integer_grid``) as an onnxruntime operator that
+runs from its codes, so the session keeps it compressed in memory.
+
+- ``weights: fast``: ``com.microsoft::MatMulNBits`` (onnxruntime's blocked low-bit kernel: float32 scales,
+  packed codes and zero points per block). It reads 2, 4 and 8 bits: a grid of another width is *widened*
+  without loss to the next one it reads (3 -> 4, 5..7 -> 8 bits), its codes and zero points unchanged.
+- ``weights: portable``: a blocked ``DequantizeLinear`` on the transposed codes feeding ``MatMul`` (standard
+  ops, opset 21; 2-bit types opset 25), the pattern onnxruntime fuses into the same low-bit kernel.
+
+Structured sparsity (N:M over an integer grid) arrives here as dense codes with the pruned weights at their
+group's zero point: the 4-bit kernel then reads half the bytes an fp16 copy of the kept values would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..packing import pack_rows
+from .base import IntegerGrid
+from .onnx_ops import MS_DOMAIN, SUB_BYTE_TYPES
+
+KERNEL_BITS = (2, 4, 8)  # the widths MatMulNBits (and sub-byte DequantizeLinear) read
+
+
+def kernel_bits(bits: int) -> int | None:
+    """The narrowest width the kernels read that holds ``bits``-bit codes."""
+    return next((k for k in KERNEL_BITS if k >= bits), None)
+
+
+def nbits_block(group_size: int) -> int | None:
+    """Block size for MatMulNBits: a power of two in 16..256 that divides the group size."""
+    for block in (256, 128, 64, 32, 16):
+        if block <= group_size and group_size % block == 0:
+            return block
+    return None
+
+
+def lower_integer_grid(lowering, x: str, grid: IntegerGrid, shape: tuple[int, int], name: str):
+    """(description, output) of ``x @ W.T`` from ``grid``'s codes, or None when no kernel reads it."""
+    width = kernel_bits(grid.bits)
+    if width is None:
+        return None
+    widened = f" ({grid.bits}-bit codes widened)" if width != grid.bits else ""
+    if lowering.weights == "portable":
+        kind, y = _dequantize_linear(lowering, x, grid, width, name)
+        return f"DequantizeLinear {kind} g{grid.group_size}{widened}", y
+    block = nbits_block(grid.group_size)
+    if block is None:
+        return None
+    return f"MatMulNBits {width}-bit block {block}{widened}", _matmul_nbits(lowering, x, grid, shape, width, block,
+                                                                           name)
+
+
+def _per_block(t: torch.Tensor, blocks: int, repeat: int) -> torch.Tensor:
+    return t[:, torch.arange(blocks) // repeat]
+
+
+def _matmul_nbits(lowering, x: str, grid: IntegerGrid, shape, width: int, block: int, name: str) -> str:
+    g = lowering.g
+    rows, cols = shape
+    repeat, blocks = grid.group_size // block, -(-cols // block)
+    codes = torch.nn.functional.pad(grid.codes, (0, blocks * block - cols))
+    packed = pack_rows(codes, width).reshape(rows, blocks, block * width // 8)
+    inputs = [x, g.tensor(f"{name}.qweight", packed.numpy()),
+              g.tensor(f"{name}.scales", _per_block(grid.scales.float(), blocks, repeat).reshape(-1).numpy())]
+    if not grid.symmetric or width != grid.bits:  # the kernel's default zero point is 2^(width-1)
+        zeros = pack_rows(_per_block(grid.zeros, blocks, repeat).to(torch.uint8), width).reshape(-1)
+        inputs.append(g.tensor(f"{name}.zero_points", zeros.numpy()))
+    return g.op("MatMulNBits", *inputs, domain=MS_DOMAIN, K=cols, N=rows, bits=width, block_size=block,
+                accuracy_level=lowering.accuracy_level)
+
+
+def _dequantize_linear(lowering, x: str, grid: IntegerGrid, width: int, name: str) -> tuple[str, str]:
+    """Blocked DequantizeLinear on the transposed codes ``[in, out]`` (blocks along the inputs) feeding
+    MatMul directly, with float32 scales: the pattern onnxruntime fuses into its low-bit MatMul."""
+    g = lowering.g
+    codes = grid.codes
+    signed = grid.symmetric and width == grid.bits
+    if signed:  # symmetric: code - 2^(b-1) in two's complement, no zero point stored
+        codes = codes ^ (1 << (width - 1))
+    inputs = [_integer_tensor(lowering, f"{name}.qweight", codes.t().contiguous(), width, signed),
+              g.tensor(f"{name}.scales", grid.scales.float().t().contiguous().numpy())]
+    if not signed:
+        inputs.append(_integer_tensor(lowering, f"{name}.zero_points", grid.zeros.t().contiguous().to(torch.uint8),
+                                      width, False))
+    w = g.op("DequantizeLinear", *inputs, axis=0, block_size=grid.group_size)
+    kind = {(4, False): "uint4", (4, True): "int4", (2, False): "uint2", (2, True): "int2"}.get(
+        (width, signed), "int8" if signed else "uint8")
+    return kind, g.op("MatMul", x, w)
+
+
+def _integer_tensor(lowering, name: str, values: torch.Tensor, bits: int, signed: bool) -> str:
+    if bits == 8:
+        arr = values.numpy().view(np.int8) if signed else values.numpy()
+        return lowering.g.tensor(name, arr)
+    if bits == 2:
+        lowering.opset = max(lowering.opset, 25)
+    raw = pack_rows(values.reshape(1, -1), bits).numpy().tobytes()
+    return lowering.g.packed(name, SUB_BYTE_TYPES[(bits, signed)], list(values.shape), raw)
