@@ -1,5 +1,6 @@
 """ONNX Runtime bench on SmolLM2-135M: file size, session load, prefill throughput and decode latency of
-the exported model, fp32 against compressed variants, and whether greedy tokens equal PyTorch's.
+the exported model, fp32 against compressed variants, and whether greedy tokens equal PyTorch's; the same 4-bit
+export and onnxruntime-genai's own model builder (int4) run by onnxruntime-genai's generator.
 
     python bench/onnx.py [--samples 16] [--threads 2] [--only NAME]
 
@@ -15,9 +16,11 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "onnx.jsonl"
 # this file is named like the onnx package: keep its folder off the import path, load common.py by path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
@@ -35,14 +38,88 @@ VARIANTS = {
     "4-bit RTN g128 (MatMulNBits)": [{"type": "rtn", "bits": 4, "group_size": 128}],
     "4-bit RTN g128 (MatMulNBits, int8 activations)": [{"type": "rtn", "bits": 4, "group_size": 128}],
     "4-bit RTN g128 (portable DequantizeLinear)": [{"type": "rtn", "bits": 4, "group_size": 128}],
-    "3-bit RTN g128 (in-graph decode)": [{"type": "rtn", "bits": 3, "group_size": 128}],
+    "3-bit RTN g128 (widened to 4-bit MatMulNBits)": [{"type": "rtn", "bits": 3, "group_size": 128}],
     "2-bit GPTQ g32 (MatMulNBits)": [{"type": "gptq", "bits": 2, "group_size": 32}],
     "2-bit GPTQ g32 (MatMulNBits, int8 activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],
     "4-bit k-means per channel": [{"type": "kmeans", "bits": 4, "granularity": "channel", "sensitivity": "none"}],
     "3-bit k-means per channel + 0.5% outliers": [{"type": "kmeans", "bits": 3, "granularity": "channel",
                                                    "outliers": "0.5%", "table_dtype": "int8"}],
     "2:4 Wanda + 4-bit GPTQ g64": [{"type": "wanda", "pattern": "2:4"}, {"type": "gptq", "bits": 4, "group_size": 64}],
+    # the same exports, run by onnxruntime-genai's generator; and its own model builder's int4 of the float model
+    "onnxruntime-genai: 4-bit RTN g128 (ours)": [{"type": "rtn", "bits": 4, "group_size": 128}],
+    "onnxruntime-genai: builder int4 (float model)": None,
 }
+
+
+def genai_builder_variant(out: Path) -> dict:
+    """onnxruntime-genai's model builder on the float model (int4 weights, its defaults: block 32, symmetric,
+    the head quantized too), from the same weights saved as a transformers folder."""
+    from compress.data import evaluation_windows
+    from compress.models import resolve
+
+    model, tok, _ = resolve("smollm2-135m")
+    hf = Path(tempfile.mkdtemp(prefix="compress-hf-"))
+    model.float().save_pretrained(hf)
+    tok.save_pretrained(hf)
+    log = out.parent / (out.name + ".builder.log")
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                        "-p", "int4", "-e", "cpu", "-c", str(hf / "cache")], stdout=f, stderr=f, check=True)
+    size = sum(p.stat().st_size for p in out.glob("model.onnx*"))
+    prompt = evaluation_windows("pydoc", tok, 256, 2, "pydoc")[1, :32].tolist()
+    from compress.export.runtime import torch_greedy
+
+    return {"file_bytes": size, "accounted_bytes": None, "want": torch_greedy(model, prompt, 32).tokens,
+            "prompt": prompt, "validation": {}}
+
+
+def time_genai(folder: str, prompt: list[int]) -> dict:
+    """onnxruntime-genai's own loop: load, a 256-token prefill, then the median of 32 decode steps after a
+    32-token prompt (greedy), with the process's peak resident memory (VmHWM)."""
+    import onnxruntime_genai as og
+
+    before = _vm_rss_mb()
+    t = time.perf_counter()
+    model = og.Model(folder)
+    load = time.perf_counter() - t
+
+    def run(tokens: list[int], new: int):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(tokens) + new, do_sample=False)
+        generator = og.Generator(model, params)
+        t = time.perf_counter()
+        generator.append_tokens(tokens)
+        prefill = time.perf_counter() - t
+        out, steps = [], []
+        while not generator.is_done():
+            t = time.perf_counter()
+            generator.generate_next_token()
+            steps.append(time.perf_counter() - t)
+            out.append(int(generator.get_next_tokens()[0]))
+        return prefill, out, steps
+
+    long_prompt = list(range(1000, 1256))
+    run(long_prompt, 1)
+    prefill = sorted(run(long_prompt, 1)[0] for _ in range(3))[1]
+    _, tokens, steps = run(prompt, 36)
+    steps = sorted(steps[4:])
+    return {"load_s": load, "prefill_tok_s": 256 / prefill, "decode_ms": 1000 * steps[len(steps) // 2],
+            "tokens": tokens[:32], "rss_mb": _vm_hwm_mb(), "session_mb": _vm_hwm_mb() - before}
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _vm_hwm_mb() -> float:  # peak resident memory of this program (getrusage's would count the parent's too)
+    return _status_mb("VmHWM")
+
+
+def _vm_rss_mb() -> float:
+    return _status_mb("VmRSS")
 
 
 def export_variant(name: str, passes: list, out: Path, samples: int) -> dict:
@@ -76,9 +153,6 @@ def export_variant(name: str, passes: list, out: Path, samples: int) -> dict:
 
 
 def time_variant(folder: str, prompt: list[int], threads: int) -> dict:
-    import resource
-    import time
-
     import numpy as np
 
     from compress.export.runtime import OnnxCausalLM
@@ -96,7 +170,7 @@ def time_variant(folder: str, prompt: list[int], threads: int) -> dict:
     gen = lm.greedy(prompt, 36)
     steps = sorted(gen.decode_seconds[3:])  # first steps warm the kernels
     return {"load_s": load, "prefill_tok_s": 256 / sorted(prefill)[1], "decode_ms": 1000 * steps[len(steps) // 2],
-            "tokens": gen.tokens[:32], "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "tokens": gen.tokens[:32], "rss_mb": _vm_hwm_mb()}
 
 
 def main():
@@ -107,30 +181,55 @@ def main():
     ap.add_argument("--keep", default=None, help="keep the exports in this folder")
     a = ap.parse_args()
     root = Path(a.keep or tempfile.mkdtemp(prefix="compress-onnx-bench-"))
+    common = _load(HERE / "common.py", "bench_common")
+    commit = common.current_commit()  # the code measured: taken before, as edits may land while it runs
     rows = []
     for name, passes in VARIANTS.items():
         if a.only and not name.startswith(a.only):
             continue
         folder = root / "".join(c if c.isalnum() else "_" for c in name)
-        made = run_python("export_variant", name, passes, str(folder), a.samples)
-        timed = run_python("time_variant", str(folder), made["prompt"], a.threads)
+        if passes is None:
+            made = run_python("genai_builder_variant", str(folder))
+        else:
+            made = run_python("export_variant", name, passes, str(folder), a.samples)
+        if name.startswith("onnxruntime-genai"):
+            timed = run_python("time_genai", str(folder), made["prompt"])
+            session_mb = timed["session_mb"]
+        else:
+            timed = run_python("time_variant", str(folder), made["prompt"], a.threads)
+            session_mb = session_memory(folder, a.threads)["session_mb"]
         v = made["validation"]
         rows.append({"variant": name, "ONNX MB": made["file_bytes"] / 1e6,
-                     "ONNX / accounted": made["file_bytes"] / made["accounted_bytes"],
+                     "ONNX / accounted": made["file_bytes"] / made["accounted_bytes"] if made["accounted_bytes"]
+                     else None,
                      "load s": timed["load_s"], "prefill tok/s": timed["prefill_tok_s"],
                      "decode ms/token": timed["decode_ms"], "peak RSS MB": timed["rss_mb"],
-                     "max logit diff": v["max_logit_diff"], "ppl onnx": v["perplexity_onnx"],
+                     "session MB": session_mb, "session / file": session_mb * 2**20 / made["file_bytes"],
+                     "max logit diff": v.get("max_logit_diff"), "ppl onnx": v.get("perplexity_onnx"),
                      "greedy = PyTorch": "yes" if timed["tokens"] == made["want"] else
                      f"{sum(x == y for x, y in zip(timed['tokens'], made['want'], strict=False))}/32"})
+        common.append_result(RESULTS, name, {**rows[-1], "threads": a.threads, "commit": commit,
+                                             "measured": time.strftime("%Y-%m-%d %H:%M")})
         print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
     base = next((r for r in rows if r["variant"] == "fp32"), None)
     for r in rows:
         r["decode speed-up vs fp32"] = base["decode ms/token"] / r["decode ms/token"] if base else None
     print(f"SmolLM2-135M in onnxruntime (CPUExecutionProvider, {a.threads} threads); validation on 2 x 256 held-out "
-          f"pydoc tokens; prefill 256 tokens, decode median of 32 steps after a 32-token prompt")
+          f"pydoc tokens; prefill 256 tokens, decode median of 32 steps after a 32-token prompt; session MB: the "
+          f"session's own resident memory through a 256-token prefill and 8 decode steps (a child process with "
+          f"numpy and onnxruntime only); measured at {commit}, rows in {RESULTS.relative_to(HERE.parent)}")
     columns = ["variant", "ONNX MB", "ONNX / accounted", "load s", "prefill tok/s", "decode ms/token",
-               "decode speed-up vs fp32", "peak RSS MB", "max logit diff", "ppl onnx", "greedy = PyTorch"]
-    _load(HERE / "common.py", "bench_common").print_table(columns, rows)
+               "decode speed-up vs fp32", "session MB", "session / file", "peak RSS MB", "max logit diff",
+               "ppl onnx", "greedy = PyTorch"]
+    common.print_table(columns, rows)
+
+
+def session_memory(folder: Path, threads: int) -> dict:
+    """The session probe (compress/export/session_probe.py) on ``folder``, run by its path (no torch import)."""
+    probe = HERE.parent / "compress" / "export" / "session_probe.py"
+    proc = subprocess.run([sys.executable, str(probe), str(folder), "--threads", str(threads)], capture_output=True,
+                          text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_python(func: str, *args):
