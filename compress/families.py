@@ -49,10 +49,10 @@ class Family:
 
 FAMILIES = {f.model_type: f for f in (
     Family("llama", LLAMA_SCALING, structured_pruning=True, onnx_export=True),
-    Family("mistral", LLAMA_SCALING, structured_pruning=True, onnx_export=True),  # export: no sliding window
+    Family("mistral", LLAMA_SCALING, structured_pruning=True, onnx_export=True),
     Family("qwen2", LLAMA_SCALING, structured_pruning=True, onnx_export=True),
-    Family("qwen3", LLAMA_SCALING, structured_pruning=True),
-    Family("gemma", LLAMA_SCALING, norm_offset=1.0),
+    Family("qwen3", LLAMA_SCALING, structured_pruning=True, onnx_export=True),
+    Family("gemma", LLAMA_SCALING, norm_offset=1.0, onnx_export=True),
     Family("gemma2", LLAMA_SCALING, norm_offset=1.0),
     Family("opt", OPT_SCALING),
     Family("gpt2"),

@@ -252,6 +252,10 @@ def _execute(checked: CheckedRun, model_spec, dev, quiet, keep_failed, log, t_st
                                          trust_remote_code=options.trust_remote_code)
         base_params = parameter_count(model)
         load_s = time.perf_counter() - t
+        if recipe.export.onnx is not None:  # a family the ONNX builder cannot export: refused before any compute
+            from .export.llama import check_exportable
+
+            check_exportable(model)
 
         cal, ev = recipe.calibration, recipe.evaluate
         windows = evaluation_windows(ev.dataset, tokenizer, ev.seq_len, ev.max_windows, cal.dataset)

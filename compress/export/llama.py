@@ -9,8 +9,10 @@ Batch, sequence and past lengths are dynamic; prefill and decode run the same gr
 The graph follows transformers' ``LlamaForCausalLM`` op for op in float32: RMSNorm, rotary
 embedding from the model's own ``inv_freq`` (so rope scaling variants carry over), grouped-query
 attention (query heads grouped by their KV head, no copy of the cache), causal + padding mask,
-SiLU-gated MLP. Standard opset-21 ops only; the weights decide whether contrib ops appear
-(see ``weights.py``).
+SiLU-gated MLP. The families of ``families.py`` marked ``onnx_export`` differ from it in what this
+builder reads from the model: sliding-window layers (Mistral, Qwen2/3: ``layer_windows``), RMSNorm
+per head on queries and keys (Qwen3), Gemma's embedding scale, ``1 + weight`` norms and GELU (tanh)
+MLP. Standard opset-21 ops only; the weights decide whether contrib ops appear (see ``weights.py``).
 """
 
 from __future__ import annotations
@@ -26,17 +28,32 @@ from ..formats.onnx_ops import as_float, torch_initializer
 from .graph import FLOAT, INT64, Graph
 from .weights import LayerExport, WeightLowering
 
+ACTIVATIONS = {"silu": "SiLU", "gelu_pytorch_tanh": "GELU (tanh)"}  # the MLP activations the builder emits
+
+
+def _activation_name(cfg) -> str:
+    return str(getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None) or "silu")
+
 
 def check_exportable(model) -> None:
+    """Refuse, naming the family, a model the builder cannot reproduce (the run calls it before any compute)."""
     cfg = model.config
     if not family(cfg.model_type).onnx_export:
         raise ExportError(f"ONNX export supports Llama-like decoders ({', '.join(supporting('onnx_export'))}), not "
                           f"'{cfg.model_type}'", "export the compressed checkpoint with another tool, or open an issue")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise ExportError(f"ONNX export: activation '{cfg.hidden_act}' is not supported", "only SiLU MLPs")
+    if _activation_name(cfg) not in ACTIVATIONS:
+        raise ExportError(f"ONNX export of '{cfg.model_type}': activation '{_activation_name(cfg)}' is not supported",
+                          f"supported: {', '.join(ACTIVATIONS)}")
+
+
+def layer_windows(cfg) -> list[int | None]:
+    """Each layer's sliding attention window (None: full attention), as transformers builds its masks: per
+    ``layer_types`` when the config has them (Qwen2/3), else one window for every layer (Mistral)."""
     window = getattr(cfg, "sliding_window", None)
-    if window is not None and getattr(cfg, "use_sliding_window", True) and window < cfg.max_position_embeddings:
-        raise ExportError("ONNX export: sliding-window attention is not supported", "use a model without it")
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * cfg.num_hidden_layers
 
 
 def _linear(low: WeightLowering, x: str, module, name: str) -> str:
@@ -46,12 +63,13 @@ def _linear(low: WeightLowering, x: str, module, name: str) -> str:
     return low.linear(x, fmt, module.bias, name)
 
 
-def _rms_norm(g: Graph, x: str, module, name: str) -> str:
-    """HF's RMSNorm: x / sqrt(mean(x^2) + eps) * weight (the pattern onnxruntime fuses)."""
+def _rms_norm(g: Graph, x: str, module, name: str, offset: float = 0.0) -> str:
+    """HF's RMSNorm: x / sqrt(mean(x^2) + eps) * (offset + weight) (the pattern onnxruntime fuses; Gemma's
+    offset is 1)."""
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
     mean = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), g.const([-1]), keepdims=1)
     normed = g.op("Div", x, g.op("Sqrt", g.op("Add", mean, g.const(eps, np.float32))))
-    return g.op("Mul", normed, as_float(g, f"{name}.weight", module.weight.detach().float()))
+    return g.op("Mul", normed, as_float(g, f"{name}.weight", offset + module.weight.detach().float()))
 
 
 def _rotate(g: Graph, x: str, cos: str, sin: str, half: int) -> str:
@@ -71,6 +89,7 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     group = heads // kv_heads
     layers = model.model.layers
+    offset, activation, windows = family(cfg.model_type).norm_offset, _activation_name(cfg), layer_windows(cfg)
 
     ids = g.input("input_ids", INT64, ["batch", "sequence"])
     mask = g.input("attention_mask", INT64, ["batch", "total_sequence"])
@@ -94,6 +113,9 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
     else:
         rows = g.op("Gather", embed_init, ids)
     h = rows if embed.dtype == torch.float32 else g.op("Cast", rows, to=FLOAT)
+    scale = getattr(model.model.embed_tokens, "embed_scale", None)  # Gemma: sqrt(hidden) in the weights' dtype
+    if scale is not None:
+        h = g.op("Mul", h, g.const(float(scale.to(model.model.embed_tokens.weight.dtype)), np.float32))
 
     # additive mask [batch, 1, 1, seq, total]: causal over absolute positions, and padding
     total = g.op("Gather", g.op("Shape", mask), g.const(1))
@@ -102,9 +124,14 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
     query_pos = g.op("Range", g.op("Sub", total, seq), total, g.const(1))
     causal = g.op("LessOrEqual", g.op("Unsqueeze", key_pos, g.const([0])), g.op("Unsqueeze", query_pos, g.const([1])))
     padding = g.op("Unsqueeze", g.op("Cast", mask, to=TensorProto.BOOL), g.const([1, 2, 3]))
-    allowed = g.op("And", causal, padding)
     neg = float(np.finfo(np.float32).min)
-    bias = g.op("Where", allowed, g.const(0.0, np.float32), g.const(neg, np.float32))
+    biases: dict[int | None, str] = {}
+    for window in set(layer_windows(cfg)):
+        allowed = g.op("And", causal, padding)
+        if window is not None:  # transformers' sliding window: a query sees the keys less than `window` behind it
+            distance = g.op("Sub", g.op("Unsqueeze", query_pos, g.const([1])), g.op("Unsqueeze", key_pos, g.const([0])))
+            allowed = g.op("And", allowed, g.op("Less", distance, g.const(window)))
+        biases[window] = g.op("Where", allowed, g.const(0.0, np.float32), g.const(neg, np.float32))
 
     # rotary tables [batch, 1, seq, head_dim]
     rotary = model.model.rotary_emb
@@ -120,7 +147,7 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
     for i, layer in enumerate(layers):
         p = f"model.layers.{i}"
         attn = layer.self_attn
-        x = _rms_norm(g, h, layer.input_layernorm, f"{p}.input_layernorm")
+        x = _rms_norm(g, h, layer.input_layernorm, f"{p}.input_layernorm", offset)
 
         def heads_first(t, n):  # [b, s, n*hd] -> [b, n, s, hd]
             return g.op("Transpose", g.op("Reshape", t, g.const([0, 0, n, head_dim])), perm=[0, 2, 1, 3])
@@ -128,30 +155,36 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
         q = heads_first(_linear(low, x, attn.q_proj, f"{p}.self_attn.q_proj"), heads)
         k = heads_first(_linear(low, x, attn.k_proj, f"{p}.self_attn.k_proj"), kv_heads)
         v = heads_first(_linear(low, x, attn.v_proj, f"{p}.self_attn.v_proj"), kv_heads)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head before the rotation
+            q = _rms_norm(g, q, attn.q_norm, f"{p}.self_attn.q_norm", offset)
+            k = _rms_norm(g, k, attn.k_norm, f"{p}.self_attn.k_norm", offset)
         q = _rotate(g, q, cos, sin, head_dim // 2)
         k = _rotate(g, k, cos, sin, head_dim // 2)
         key = g.op("Concat", past[i][0], k, axis=2)
         value = g.op("Concat", past[i][1], v, axis=2)
         presents += [(key, f"present.{i}.key"), (value, f"present.{i}.value")]
         # query heads grouped by their KV head: [b, kv, group, s, hd] against [b, kv, 1, t, hd]
-        q5 = g.op("Reshape", g.op("Mul", q, g.const(head_dim ** -0.5, np.float32)),
+        q5 = g.op("Reshape", g.op("Mul", q, g.const(float(getattr(attn, "scaling", head_dim ** -0.5)), np.float32)),
                   g.const([0, kv_heads, group, -1, head_dim]))
         k5 = g.op("Unsqueeze", key, g.const([2]))
         v5 = g.op("Unsqueeze", value, g.const([2]))
-        scores = g.op("Add", g.op("MatMul", q5, g.op("Transpose", k5, perm=[0, 1, 2, 4, 3])), bias)
+        scores = g.op("Add", g.op("MatMul", q5, g.op("Transpose", k5, perm=[0, 1, 2, 4, 3])), biases[windows[i]])
         context = g.op("MatMul", g.op("Softmax", scores, axis=-1), v5)
         context = g.op("Reshape", g.op("Transpose", g.op("Reshape", context, g.const([0, heads, -1, head_dim])),
                                        perm=[0, 2, 1, 3]), g.const([0, 0, heads * head_dim]))
         h = g.op("Add", h, _linear(low, context, attn.o_proj, f"{p}.self_attn.o_proj"))
 
-        x = _rms_norm(g, h, layer.post_attention_layernorm, f"{p}.post_attention_layernorm")
+        x = _rms_norm(g, h, layer.post_attention_layernorm, f"{p}.post_attention_layernorm", offset)
         mlp = layer.mlp
         gate = _linear(low, x, mlp.gate_proj, f"{p}.mlp.gate_proj")
         up = _linear(low, x, mlp.up_proj, f"{p}.mlp.up_proj")
-        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+        if activation == "silu":
+            act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+        else:  # gelu_pytorch_tanh
+            act = g.op("Mul", g.op("Gelu", gate, approximate="tanh"), up)
         h = g.op("Add", h, _linear(low, act, mlp.down_proj, f"{p}.mlp.down_proj"))
 
-    h = _rms_norm(g, h, model.model.norm, "model.norm")
+    h = _rms_norm(g, h, model.model.norm, "model.norm", offset)
     if tied:
         # float32 weights for an exact head: onnxruntime holds a float32 copy of a float16 table (its CPU MatMul
         # would convert a float16 one the same way), beside the float16 table the Gather reads

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from ..formats import WeightFormat
+from ..formats.base import NotAnIntegerGrid
+from ..formats.onnx_grid import lower_integer_grid
 from ..formats.onnx_ops import UnsupportedFormat, as_float
 from .graph import Graph
 
@@ -61,9 +63,21 @@ class WeightLowering:
         self.layers[name] = LayerExport(lowering, nbytes)
         return y
 
-    def _matmul(self, x: str, fmt: WeightFormat, name: str) -> tuple[str, str]:
-        """The format's runtime operator when it has one, else its in-graph decode feeding a MatMul."""
+    def runtime_matmul(self, x: str, fmt: WeightFormat, name: str) -> tuple[str, str] | None:
+        """(description, ``x @ W.T``) by an operator that reads the stored bytes: the format's own, else the
+        integer-grid kernels when the format is one exactly (``WeightFormat.integer_grid``); None if neither."""
         direct = fmt.onnx_matmul(self, x, name)
+        if direct is not None:
+            return direct
+        try:
+            grid = fmt.integer_grid()
+        except NotAnIntegerGrid:
+            return None
+        return lower_integer_grid(self, x, grid, fmt.shape, name)
+
+    def _matmul(self, x: str, fmt: WeightFormat, name: str) -> tuple[str, str]:
+        """A runtime operator when one reads the format, else its in-graph decode feeding a MatMul."""
+        direct = self.runtime_matmul(x, fmt, name)
         if direct is not None:
             return direct
         w = fmt.onnx_weight(self.g, name)

@@ -150,14 +150,9 @@ class WeightFormat:
         """(description, ``x @ W.T``) through a runtime operator that reads the stored bytes, or None
         (the exporter then multiplies by :meth:`onnx_weight`, which onnxruntime folds at load).
 
-        Any format that is an integer grid runs as one (``onnx_grid``: MatMulNBits, widened when needed)."""
-        from .onnx_grid import lower_integer_grid
-
-        try:
-            grid = self.integer_grid()
-        except NotAnIntegerGrid:
-            return None
-        return lower_integer_grid(lowering, x, grid, self.shape, name)
+        A format that is an integer grid needs none: the exporter runs its :meth:`integer_grid` through
+        ``onnx_grid`` (MatMulNBits, widened when needed)."""
+        return None
 
 
 def format_from_saved(meta: dict, tensors: dict[str, torch.Tensor], verify: bool = True) -> WeightFormat:

@@ -130,7 +130,7 @@ class OutlierWeight(WeightFormat):
         """The inner format's runtime operator, plus each outlier's correction (its value minus the inner value
         there, float32) times its input, scattered into its output: the weight is never decoded. None when the
         inner format has no runtime operator (the whole weight is then decoded in the graph)."""
-        inner = self.inner.onnx_matmul(lowering, x, f"{name}.inner")
+        inner = lowering.runtime_matmul(x, self.inner, f"{name}.inner")
         if inner is None:
             return None
         g = lowering.g
