@@ -61,6 +61,7 @@ def genai_builder_variant(out: Path) -> dict:
     hf = Path(tempfile.mkdtemp(prefix="compress-hf-"))
     model.float().save_pretrained(hf)
     tok.save_pretrained(hf)
+    out = Path(out)
     log = out.parent / (out.name + ".builder.log")
     with open(log, "w") as f:
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),

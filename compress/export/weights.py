@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats import WeightFormat
-from ..formats.base import NotAnIntegerGrid
+from ..formats.base import IntegerGrid, NotAnIntegerGrid
 from ..formats.onnx_grid import lower_integer_grid
 from ..formats.onnx_ops import UnsupportedFormat, as_float
 from .graph import Graph
@@ -73,7 +73,12 @@ class WeightLowering:
             grid = fmt.integer_grid()
         except NotAnIntegerGrid:
             return None
-        return lower_integer_grid(self, x, grid, fmt.shape, name)
+        return self.grid_matmul(x, grid, fmt.shape, name)
+
+    def grid_matmul(self, x: str, grid: IntegerGrid, shape: tuple[int, int], name: str) -> tuple[str, str] | None:
+        """``x @ W.T`` for ``W`` an integer grid, by onnxruntime's low-bit kernels (``onnx_grid``); None if the
+        grid's group size fits no kernel block."""
+        return lower_integer_grid(self, x, grid, shape, name)
 
     def _matmul(self, x: str, fmt: WeightFormat, name: str) -> tuple[str, str]:
         """A runtime operator when one reads the format, else its in-graph decode feeding a MatMul."""

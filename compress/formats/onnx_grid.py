@@ -3,7 +3,8 @@ runs from its codes, so the session keeps it compressed in memory.
 
 - ``weights: fast``: ``com.microsoft::MatMulNBits`` (onnxruntime's blocked low-bit kernel: float32 scales,
   packed codes and zero points per block). It reads 2, 4 and 8 bits: a grid of another width is *widened*
-  without loss to the next one it reads (3 -> 4, 5..7 -> 8 bits), its codes and zero points unchanged.
+  without loss to the next one it reads (3 -> 4, 5..7 -> 8 bits), its codes and zero points unchanged. With
+  float activations an 8-bit grid runs as two 4-bit kernels on its nibble planes (``_nibble_planes``).
 - ``weights: portable``: a blocked ``DequantizeLinear`` on the transposed codes feeding ``MatMul`` (standard
   ops, opset 21; 2-bit types opset 25), the pattern onnxruntime fuses into the same low-bit kernel.
 
@@ -48,8 +49,21 @@ def lower_integer_grid(lowering, x: str, grid: IntegerGrid, shape: tuple[int, in
     block = nbits_block(grid.group_size)
     if block is None:
         return None
+    if width == 8 and lowering.accuracy_level == 0:
+        return f"2 x MatMulNBits 4-bit block {block} (8-bit codes as two nibble planes)", _nibble_planes(
+            lowering, x, grid, shape, block, name)
     return f"MatMulNBits {width}-bit block {block}{widened}", _matmul_nbits(lowering, x, grid, shape, width, block,
                                                                            name)
+
+
+def _nibble_planes(lowering, x: str, grid: IntegerGrid, shape, block: int, name: str) -> str:
+    """An 8-bit grid as the sum of two 4-bit kernels, exactly: with ``c = 16 h + l`` and ``z = 16 h_z + l_z``,
+    ``s (c - z) = 16 s (h - h_z) + s (l - l_z)``. onnxruntime's 8-bit kernel has no float-activation fast path
+    (it decodes the weight on every call); two 4-bit ones read the same bytes an order of magnitude faster."""
+    high = IntegerGrid(grid.codes >> 4, grid.scales.float() * 16, grid.zeros >> 4, 4, grid.group_size, False)
+    low = IntegerGrid(grid.codes & 15, grid.scales.float(), grid.zeros & 15, 4, grid.group_size, False)
+    return lowering.g.op("Add", _matmul_nbits(lowering, x, high, shape, 4, block, f"{name}.high"),
+                         _matmul_nbits(lowering, x, low, shape, 4, block, f"{name}.low"))
 
 
 def _per_block(t: torch.Tensor, blocks: int, repeat: int) -> torch.Tensor:

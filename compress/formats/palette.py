@@ -9,7 +9,7 @@ import torch
 
 from ..kernels.plan import LUT, ValuePlan, empty_dims
 from ..packing import pack_rows, packed_row_bytes, unpack_rows
-from .base import LayoutError, WeightFormat, register_format
+from .base import IntegerGrid, LayoutError, WeightFormat, register_format
 from .onnx_ops import TensorProto, as_float, torch_initializer, unpack_codes
 
 TABLE_DTYPES = ("float16", "int8")
@@ -103,6 +103,25 @@ class PalettizedWeight(WeightFormat):
         dims = empty_dims()
         dims.update(bits=self.bits, row_bytes=self.indices.shape[1], rows_per_table=self.rows_per_table)
         return ValuePlan(LUT, dims, {"codes": self.indices, "lut": self.tables().reshape(-1)})
+
+    def int8_grid(self) -> IntegerGrid | None:
+        """With int8 tables every weight is ``table_scale * q``, q an int8 table entry: exactly a symmetric
+        8-bit grid (code ``q + 128``, one scale per row), which onnxruntime's 8-bit kernel reads. None with
+        float16 tables (no grid holds arbitrary float16 centroids exactly)."""
+        if self.table_scale is None:
+            return None
+        rows = torch.arange(self.shape[0]) // self.rows_per_table
+        codes = (self.table.to(torch.int16)[rows].gather(1, self.codes().long()) + 128).to(torch.uint8)
+        zeros = torch.full((self.shape[0], 1), 128, dtype=torch.uint8)
+        return IntegerGrid(codes, self.table_scale[rows].unsqueeze(1), zeros, 8, self.shape[1], True)
+
+    def onnx_matmul(self, lowering, x, name):
+        """Int8 tables run as their exact 8-bit grid (:meth:`int8_grid`); float16 tables are decoded in the graph."""
+        grid = self.int8_grid()
+        if grid is None:
+            return None
+        lowered = lowering.grid_matmul(x, grid, self.shape, name)
+        return None if lowered is None else (f"{lowered[0]}, int8-table palette as its 8-bit grid", lowered[1])
 
     def onnx_weight(self, g, prefix):
         """Indices unpacked from their bytes, offset to their row's table, gathered from the flat tables."""
