@@ -42,6 +42,8 @@ VARIANTS = {
     "2-bit GPTQ g32 (MatMulNBits)": [{"type": "gptq", "bits": 2, "group_size": 32}],
     "2-bit GPTQ g32 (MatMulNBits, int8 activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],
     "4-bit k-means per channel": [{"type": "kmeans", "bits": 4, "granularity": "channel", "sensitivity": "none"}],
+    "4-bit k-means per channel, 8-bit table": [{"type": "kmeans", "bits": 4, "granularity": "channel",
+                                               "sensitivity": "none", "table_dtype": "int8"}],
     "3-bit k-means per channel + 0.5% outliers": [{"type": "kmeans", "bits": 3, "granularity": "channel",
                                                    "outliers": "0.5%", "table_dtype": "int8"}],
     "2:4 Wanda + 4-bit GPTQ g64": [{"type": "wanda", "pattern": "2:4"}, {"type": "gptq", "bits": 4, "group_size": 64}],
