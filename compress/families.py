@@ -28,6 +28,12 @@ LLAMA_SCALING = (
     ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"], "norm"),
     ("mlp.up_proj", ["mlp.down_proj"], "linear"),
 )
+GEMMA2_SCALING = (  # Gemma 2/3: the MLP reads pre_feedforward_layernorm (post_attention_layernorm feeds the residual)
+    ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "norm"),
+    ("self_attn.v_proj", ["self_attn.o_proj"], "linear"),
+    ("pre_feedforward_layernorm", ["mlp.gate_proj", "mlp.up_proj"], "norm"),
+    ("mlp.up_proj", ["mlp.down_proj"], "linear"),
+)
 OPT_SCALING = (
     ("self_attn_layer_norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "norm"),
     ("self_attn.v_proj", ["self_attn.out_proj"], "linear"),
@@ -53,7 +59,8 @@ FAMILIES = {f.model_type: f for f in (
     Family("qwen2", LLAMA_SCALING, structured_pruning=True, onnx_export=True),
     Family("qwen3", LLAMA_SCALING, structured_pruning=True, onnx_export=True),
     Family("gemma", LLAMA_SCALING, norm_offset=1.0, onnx_export=True),
-    Family("gemma2", LLAMA_SCALING, norm_offset=1.0),
+    Family("gemma2", GEMMA2_SCALING, norm_offset=1.0, onnx_export=True),
+    Family("gemma3_text", GEMMA2_SCALING, norm_offset=1.0, onnx_export=True),
     Family("opt", OPT_SCALING),
     Family("gpt2"),
 )}

@@ -10,9 +10,11 @@ The graph follows transformers' ``LlamaForCausalLM`` op for op in float32: RMSNo
 embedding from the model's own ``inv_freq`` (so rope scaling variants carry over), grouped-query
 attention (query heads grouped by their KV head, no copy of the cache), causal + padding mask,
 SiLU-gated MLP. The families of ``families.py`` marked ``onnx_export`` differ from it in what this
-builder reads from the model: sliding-window layers (Mistral, Qwen2/3: ``layer_windows``), RMSNorm
-per head on queries and keys (Qwen3), Gemma's embedding scale, ``1 + weight`` norms and GELU (tanh)
-MLP. Standard opset-21 ops only; the weights decide whether contrib ops appear (see ``weights.py``).
+builder reads from the model: sliding-window layers (Mistral, Qwen2/3, Gemma 2/3: ``layer_windows``),
+RMSNorm per head on queries and keys (Qwen3, Gemma 3), Gemma's embedding scale, ``1 + weight`` norms and
+GELU (tanh) MLP, Gemma 2/3's norms after attention and around the MLP, soft-capped attention scores and
+logits (Gemma 2), and a rotary base per layer type (Gemma 3's local and global layers). Standard
+opset-21 ops only; the weights decide whether contrib ops appear (see ``weights.py``).
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ def _rms_norm(g: Graph, x: str, module, name: str, offset: float = 0.0) -> str:
     return g.op("Mul", normed, as_float(g, f"{name}.weight", offset + module.weight.detach().float()))
 
 
+def _soft_cap(g: Graph, x: str, cap: float) -> str:
+    return g.op("Mul", g.op("Tanh", g.op("Div", x, g.const(float(cap), np.float32))), g.const(float(cap), np.float32))
+
+
 def _rotate(g: Graph, x: str, cos: str, sin: str, half: int) -> str:
     first, second = g.op("Split", x, g.const([half, half]), axis=-1, outputs=2)
     rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
@@ -90,6 +96,7 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
     group = heads // kv_heads
     layers = model.model.layers
     offset, activation, windows = family(cfg.model_type).norm_offset, _activation_name(cfg), layer_windows(cfg)
+    types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * len(layers))
 
     ids = g.input("input_ids", INT64, ["batch", "sequence"])
     mask = g.input("attention_mask", INT64, ["batch", "total_sequence"])
@@ -133,15 +140,18 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
             allowed = g.op("And", allowed, g.op("Less", distance, g.const(window)))
         biases[window] = g.op("Where", allowed, g.const(0.0, np.float32), g.const(neg, np.float32))
 
-    # rotary tables [batch, 1, seq, head_dim]
+    # rotary tables [batch, 1, seq, head_dim], one pair per layer type (Gemma 3: local and global bases)
     rotary = model.model.rotary_emb
-    inv_freq = rotary.inv_freq.detach().float().cpu().numpy()
     position = g.op("Unsqueeze", g.op("Cast", positions, to=FLOAT), g.const([-1]))
-    freqs = g.op("Mul", position, g.const(inv_freq, np.float32))
-    angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))
-    scaling = float(getattr(rotary, "attention_scaling", 1.0))
-    cos = g.op("Mul", g.op("Cos", angles), g.const(scaling, np.float32))
-    sin = g.op("Mul", g.op("Sin", angles), g.const(scaling, np.float32))
+    tables: dict[str, tuple[str, str]] = {}
+    for layer_type in set(types):
+        prefix = f"{layer_type}_" if hasattr(rotary, f"{layer_type}_inv_freq") else ""
+        inv_freq = getattr(rotary, f"{prefix}inv_freq").detach().float().cpu().numpy()
+        freqs = g.op("Mul", position, g.const(inv_freq, np.float32))
+        angles = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))
+        scaling = g.const(float(getattr(rotary, f"{prefix}attention_scaling", 1.0)), np.float32)
+        tables[layer_type] = g.op("Mul", g.op("Cos", angles), scaling), g.op("Mul", g.op("Sin", angles), scaling)
+    softcap = getattr(cfg, "attn_logit_softcapping", None)
 
     presents = []
     for i, layer in enumerate(layers):
@@ -158,6 +168,7 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
         if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head before the rotation
             q = _rms_norm(g, q, attn.q_norm, f"{p}.self_attn.q_norm", offset)
             k = _rms_norm(g, k, attn.k_norm, f"{p}.self_attn.k_norm", offset)
+        cos, sin = tables[types[i]]
         q = _rotate(g, q, cos, sin, head_dim // 2)
         k = _rotate(g, k, cos, sin, head_dim // 2)
         key = g.op("Concat", past[i][0], k, axis=2)
@@ -168,13 +179,22 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
                   g.const([0, kv_heads, group, -1, head_dim]))
         k5 = g.op("Unsqueeze", key, g.const([2]))
         v5 = g.op("Unsqueeze", value, g.const([2]))
-        scores = g.op("Add", g.op("MatMul", q5, g.op("Transpose", k5, perm=[0, 1, 2, 4, 3])), biases[windows[i]])
+        scores = g.op("MatMul", q5, g.op("Transpose", k5, perm=[0, 1, 2, 4, 3]))
+        if softcap:  # Gemma 2: cap * tanh(scores / cap)
+            scores = _soft_cap(g, scores, softcap)
+        scores = g.op("Add", scores, biases[windows[i]])
         context = g.op("MatMul", g.op("Softmax", scores, axis=-1), v5)
         context = g.op("Reshape", g.op("Transpose", g.op("Reshape", context, g.const([0, heads, -1, head_dim])),
                                        perm=[0, 2, 1, 3]), g.const([0, 0, heads * head_dim]))
-        h = g.op("Add", h, _linear(low, context, attn.o_proj, f"{p}.self_attn.o_proj"))
+        attended = _linear(low, context, attn.o_proj, f"{p}.self_attn.o_proj")
+        sandwich = getattr(layer, "pre_feedforward_layernorm", None) is not None  # Gemma 2/3: norms around both
+        if sandwich:
+            attended = _rms_norm(g, attended, layer.post_attention_layernorm, f"{p}.post_attention_layernorm", offset)
+        h = g.op("Add", h, attended)
 
-        x = _rms_norm(g, h, layer.post_attention_layernorm, f"{p}.post_attention_layernorm", offset)
+        mlp_norm, mlp_norm_name = ((layer.pre_feedforward_layernorm, "pre_feedforward_layernorm") if sandwich
+                                   else (layer.post_attention_layernorm, "post_attention_layernorm"))
+        x = _rms_norm(g, h, mlp_norm, f"{p}.{mlp_norm_name}", offset)
         mlp = layer.mlp
         gate = _linear(low, x, mlp.gate_proj, f"{p}.mlp.gate_proj")
         up = _linear(low, x, mlp.up_proj, f"{p}.mlp.up_proj")
@@ -182,7 +202,10 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
             act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
         else:  # gelu_pytorch_tanh
             act = g.op("Mul", g.op("Gelu", gate, approximate="tanh"), up)
-        h = g.op("Add", h, _linear(low, act, mlp.down_proj, f"{p}.mlp.down_proj"))
+        out = _linear(low, act, mlp.down_proj, f"{p}.mlp.down_proj")
+        if sandwich:
+            out = _rms_norm(g, out, layer.post_feedforward_layernorm, f"{p}.post_feedforward_layernorm", offset)
+        h = g.op("Add", h, out)
 
     h = _rms_norm(g, h, model.model.norm, "model.norm", offset)
     if tied:
@@ -193,6 +216,8 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
         low.layers["lm_head"] = LayerExport("tied to model.embed_tokens", 0)
     else:
         logits = _linear(low, h, head, "lm_head")
+    if getattr(cfg, "final_logit_softcapping", None):
+        logits = _soft_cap(g, logits, cfg.final_logit_softcapping)
     g.output(logits, "logits", FLOAT, ["batch", "sequence", cfg.vocab_size])
     for value, name in presents:
         g.output(value, name, FLOAT, ["batch", kv_heads, "total_sequence", head_dim])
