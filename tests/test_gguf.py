@@ -103,3 +103,34 @@ def test_truncated_file_is_caught_by_the_read_back(q4_0_run, tmp_path, monkeypat
     result = cli("export", q4_0_run, tmp_path / "x", "--format", "gguf", "--windows", "1", "--seq-len", "128")
     assert result.exit_code == 3 and "cannot be read back" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_families_write_their_own_architecture(family, smol, tmp_path):
+    """A Qwen2 (attention biases) and a Qwen3 (query/key norms) model, tiny and random but with the real
+    tokenizer, RTN Q4_0 through `compress run`: the file names its architecture, keeps HF's row order (NEOX
+    rotary), and transformers' GGUF reader computes our logits."""
+    import transformers
+
+    cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+    tok = smol[1]
+    # transformers' GGUF reader takes Qwen3's head_dim from its config default (128), not from the file
+    config = cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16 if family == "qwen2" else 128,
+                 max_position_embeddings=512,
+                 tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    recipe = tmp_path / "g.yaml"
+    recipe.write_text(f"name: g\n{CAL}passes:\n  - {{type: rtn, bits: 4, group_size: 32, symmetric: true}}\n"
+                      "export:\n  gguf: {windows: 1, seq_len: 128}\n")
+    result = cli("run", recipe, tmp_path / "model", "--out", tmp_path / "out", "--quiet")
+    assert result.exit_code in (0, 1), result.output  # random weights: quality budgets are not the point
+    info = json.loads((tmp_path / "out" / "report.json").read_text())["served"]["gguf"]
+    assert info["validation"]["passed"] and info["validation"]["max_logit_diff"] < 1e-3, info["validation"]
+    reader = gguf.GGUFReader(tmp_path / "out" / "gguf" / "model.gguf")
+    assert reader.get_field("general.architecture").contents() == family
+    names = {t.name for t in reader.tensors}
+    assert ("blk.0.attn_q.bias" in names) == (family == "qwen2")
+    assert ("blk.0.attn_q_norm.weight" in names) == (family == "qwen3")

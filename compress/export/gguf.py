@@ -9,8 +9,10 @@ A layer whose integer grid is exactly a GGUF block type is written with our code
 
 (Q4_0 / Q4_1 nibbles: byte ``j`` of a block holds value ``j`` in its low and value ``j + 16`` in its high half.)
 Other grids are refused, naming the layer. Tensors no pass compressed keep the checkpoint's dense dtype (F16,
-BF16 or F32); norms are F32. Q and K projections are stored with llama.cpp's rotary row order (each head's two
-halves interleaved), which readers undo. Metadata: the llama architecture's hyper-parameters, the BPE
+BF16 or F32); norms are F32. Architectures: llama (Llama, and Mistral without a sliding window), qwen2, qwen3.
+For llama, Q and K projections are stored with llama.cpp's rotary row order (each head's two halves
+interleaved), which readers undo; qwen2/qwen3 rotate NEOX-style and keep the rows as they are. Metadata: the
+architecture's hyper-parameters, the BPE
 vocabulary with merges, special tokens and the chat template. ``tokenizer.ggml.pre`` (llama.cpp's pre-tokenizer)
 is copied from the source GGUF when the model came from one, else "default".
 
@@ -34,7 +36,9 @@ TARGET = "gguf"
 RECIPE_KEY = "gguf"  # its section under the recipe's `export`
 READER = "transformers (gguf_file=) with the gguf package"
 FILE = "model.gguf"
-ARCHITECTURES = {"llama": "llama"}  # config.model_type -> GGUF architecture this writer knows
+# config.model_type -> the GGUF architecture this writer knows (Mistral without a sliding window is llama.cpp's llama)
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ROTARY_ROW_ORDER = {"llama"}  # architectures whose Q/K rows llama.cpp keeps in its own rotary order (others: NEOX)
 BLOCK = 32
 
 
@@ -134,22 +138,28 @@ def write(ckpt: CheckpointLayers, out_dir: Path, engine: str | None, max_shard_b
     if arch is None:
         raise ExportError(f"{TARGET} export: model type '{config.get('model_type')}' is not written yet "
                           f"(knows: {', '.join(ARCHITECTURES)})", "export compressed-tensors or ONNX")
+    window = config.get("sliding_window")
+    if window and (config.get("use_sliding_window", True) and window < config.get("max_position_embeddings", 0)):
+        raise ExportError(f"{TARGET} export: sliding-window attention ({window} tokens) is not written",
+                          "export compressed-tensors or ONNX for this model")
     T = gguf.GGMLQuantizationType
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
     writer = gguf.GGUFWriter(out_dir / FILE, arch)
+    permute = arch in ROTARY_ROW_ORDER
     grids, dense = split_layers(ckpt, TARGET, "Q4_0 / Q4_1 / Q8_0 grids here", _check_layer)
     counts: dict[str, int] = {}
     tensors: list[tuple[str, np.ndarray, gguf.GGMLQuantizationType | None]] = []
     for name, grid in grids.items():
         kind = block_type(grid, grid.codes.shape[1])
-        heads = _heads_of(name, config)
+        heads = _heads_of(name, config) if permute else None
         tensors.append((f"{name}.weight", encode(_permuted(grid, heads) if heads else grid, kind), kind))
         counts[kind.name] = counts.get(kind.name, 0) + 1
         if name in ckpt.biases:
-            tensors.append((f"{name}.bias", ckpt.biases[name].float().numpy(), None))
+            bias = ckpt.biases[name].float()
+            tensors.append((f"{name}.bias", (rotary_rows(bias, heads) if heads else bias).numpy(), None))
     for name, t in with_other_tensors(ckpt, {}, dense).items():
-        heads = _heads_of(name.rsplit(".", 1)[0], config)
-        tensors.append((name, _dense(rotary_rows(t, heads) if heads and t.dim() == 2 else t, name), None))
+        heads = _heads_of(name.rsplit(".", 1)[0], config) if permute else None
+        tensors.append((name, _dense(rotary_rows(t, heads) if heads and "norm" not in name else t, name), None))
     _metadata(writer, ckpt, max(counts, key=lambda k: counts[k]) if counts else None)
     for hf_name, data, kind in tensors:
         gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -194,7 +204,10 @@ def _metadata(writer, ckpt: CheckpointLayers, main_type: str | None) -> None:
     writer.add_head_count_kv(c.get("num_key_value_heads") or heads)
     writer.add_rope_freq_base(_rope_theta(c))
     writer.add_layer_norm_rms_eps(c["rms_norm_eps"])
-    writer.add_rope_dimension_count(c.get("head_dim") or c["hidden_size"] // heads)
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)  # readers take head_dim from here (Qwen3's default is not hidden / heads)
+    writer.add_value_length(head_dim)
     writer.add_vocab_size(c["vocab_size"])
     writer.add_file_type(_file_type(main_type, ckpt.dense_dtype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
