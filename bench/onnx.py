@@ -182,7 +182,11 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None)
     ap.add_argument("--keep", default=None, help="keep the exports in this folder")
+    ap.add_argument("--scale", default=None, metavar="SHAPE", help="instead: session memory of a random-weight "
+                    "model of a bench/scale.py shape (1B, 3B, 8B), 4-bit RTN g64, exported and probed")
     a = ap.parse_args()
+    if a.scale:
+        return scale_row(a.scale, a.threads, Path(a.keep or tempfile.mkdtemp(prefix="compress-onnx-scale-")))
     root = Path(a.keep or tempfile.mkdtemp(prefix="compress-onnx-bench-"))
     common = _load(HERE / "common.py", "bench_common")
     commit = common.current_commit()  # the code measured: taken before, as edits may land while it runs
@@ -225,6 +229,34 @@ def main():
                "decode speed-up vs fp32", "session MB", "session / file", "peak RSS MB", "max logit diff",
                "ppl onnx", "greedy = PyTorch"]
     common.print_table(columns, rows)
+
+
+def scale_row(shape: str, threads: int, work: Path) -> None:
+    """Memory at deployment sizes, where the head is a small share of the file: a random-weight model of
+    ``shape`` (memory only, never quality), RTN 4-bit g64 through `compress run`, `compress export` (validated on
+    one window), and the session probe. Stored as a row of the same results file."""
+    scale = _load(HERE / "scale.py", "bench_scale")
+    common = _load(HERE / "common.py", "bench_common")
+    commit = common.current_commit()
+    model = scale.make_model(shape, Path(tempfile.gettempdir()) / "compress-scale")
+    recipe = work / "rtn.yaml"
+    work.mkdir(parents=True, exist_ok=True)
+    recipe.write_text(scale.COMMON + scale.RECIPES["rtn-w4g64"])
+    ckpt, onnx_dir = work / "ckpt", work / "onnx"
+    for cmd in (["run", str(recipe), str(model), "--out", str(ckpt), "--quiet", "--force"],
+                ["export", str(ckpt), str(onnx_dir), "--windows", "1", "--seq-len", "128", "--force"]):
+        proc = subprocess.run([sys.executable, "-m", "compress.cli", *cmd], capture_output=True, text=True)
+        if proc.returncode not in (0, 1):  # 1: a budget of the recipe (none here)
+            raise RuntimeError(f"compress {cmd[0]} failed:\n{proc.stderr[-2000:]}")
+    size = sum(f.stat().st_size for f in onnx_dir.glob("model.onnx*"))
+    memory = session_memory(onnx_dir, threads)
+    meta = json.loads((onnx_dir / "export.json").read_text())
+    row = {"variant": f"{shape} shape (random weights), 4-bit RTN g64", "ONNX MB": size / 1e6,
+           "session MB": memory["session_mb"], "session / file": memory["session_mb"] * 2**20 / size,
+           "max logit diff": meta["validation"]["max_logit_diff"], "lowerings": meta["lowerings"]}
+    common.append_result(RESULTS, row["variant"], {**row, "threads": threads, "commit": commit,
+                                                   "measured": time.strftime("%Y-%m-%d %H:%M")})
+    common.print_table(["variant", "ONNX MB", "session MB", "session / file", "max logit diff"], [row])
 
 
 def session_memory(folder: Path, threads: int) -> dict:
