@@ -5,7 +5,9 @@ Folder layout::
     model.safetensors   packed codes / tables / masks of compressed layers, plus every other
                         tensor (embeddings, norms, biases) in ``dense_dtype``
     compress.json       format of each compressed layer, tied-weight aliases, versions, and the SHA-256 of
-                        every tensor in model.safetensors (checked when the checkpoint is read)
+                        every tensor in model.safetensors (checked when the checkpoint is read); a layer that
+                        shares another's format (an output head tied to a compressed token embedding) is
+                        recorded as ``{"kind": "tied", "to": NAME}`` and stored once
     config.json, generation_config.json, tokenizer files   as transformers writes them
 
 The size the report gives is the byte count of exactly the tensors written here.
@@ -29,12 +31,13 @@ from torch import nn
 from .errors import CheckpointError, ModelError
 from .formats import format_from_saved
 from .formats.base import LayoutError, WeightFormat
-from .modules import CompressedLinear
+from .modules import FORMAT_MODULES, CompressedEmbedding, CompressedLinear
 from .shards import DEFAULT_MAX_SHARD, open_weights, write_shards
 
 FORMAT_VERSION = 2  # 2: tensor hashes; palettes record their table dtype
 WEIGHTS = "model.safetensors"
 META = "compress.json"
+TIED = "tied"  # a layer's meta kind: it shares the format of the layer named by "to"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -57,8 +60,13 @@ def checkpoint_content(model: nn.Module, dense_dtype: str = "float16", prefix: s
     layers: dict[str, dict] = {}
     aliases: dict[str, str] = {}
     by_ptr: dict[tuple, str] = {}
-    compressed = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    compressed = {n: m for n, m in model.named_modules() if isinstance(m, FORMAT_MODULES)}
+    stored_as: dict[int, str] = {}
     for name, module in compressed.items():
+        if id(module.fmt) in stored_as:
+            layers[lead + name] = {"kind": TIED, "to": stored_as[id(module.fmt)]}
+            continue
+        stored_as[id(module.fmt)] = lead + name
         layers[lead + name] = module.fmt.meta()
         for part, t in module.fmt.tensors().items():
             tensors[f"{lead}{name}.{part}"] = t.detach().cpu().contiguous()
@@ -161,7 +169,10 @@ def read_layers(path: Path, meta: dict, tensors: dict[str, torch.Tensor], verify
     """Each compressed layer's format and bias, taken out of ``tensors`` (what stays is every other tensor); with
     ``verify`` each layer's tensors must be what its metadata declares (one-line CheckpointError)."""
     formats, biases = {}, {}
+    tied = {n: m.get("to") for n, m in meta["layers"].items() if m.get("kind") == TIED}
     for name, layer_meta in meta["layers"].items():
+        if name in tied:
+            continue
         parts = {k[len(name) + 1:]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
         if "bias" in parts:
             biases[name] = parts.pop("bias")
@@ -170,6 +181,11 @@ def read_layers(path: Path, meta: dict, tensors: dict[str, torch.Tensor], verify
         except LayoutError as e:
             raise CheckpointError(f"{path}: layer {name}: {e}", "the checkpoint's metadata and tensors disagree; "
                                   "re-run `compress run`") from None
+    for name, to in tied.items():
+        if to not in formats:
+            raise CheckpointError(f"{path}: layer {name} is tied to {to!r}, which the checkpoint does not store",
+                                  "the checkpoint's metadata is damaged; re-run `compress run`")
+        formats[name] = formats[to]
     return formats, biases
 
 
@@ -185,7 +201,10 @@ def _build(path: Path, meta: dict, tensors: dict[str, torch.Tensor], dtype, veri
     for name, fmt in formats.items():
         bias = biases.get(name)
         old = model.get_submodule(name)
-        new = CompressedLinear(fmt, bias.to(dtype) if bias is not None else None, dtype)
+        if isinstance(old, nn.Embedding):
+            new: nn.Module = CompressedEmbedding(fmt, getattr(old, "embed_scale", None), dtype)
+        else:
+            new = CompressedLinear(fmt, bias.to(dtype) if bias is not None else None, dtype)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
         del old

@@ -14,7 +14,7 @@ import torch
 from . import distributed
 from .blocks import after_blocks, capture_block_inputs, input_device, on_compute, propagate, returns_tuple
 from .families import find_blocks
-from .modules import dequantized_weights
+from .modules import dequantized_weights, embeddings_tied
 from .progress import Progress
 from .report.model import Quality
 
@@ -79,7 +79,7 @@ def evaluate(model, windows: torch.Tensor, device="cpu", reference: Sequence[tor
     nll_sum, count, kl_sum, agree = 0.0, 0, 0.0, 0.0
     kept = SpilledLogprobs() if keep_logprobs else None
     embeddings = model.get_input_embeddings()
-    tied = embeddings.weight is getattr(model.get_output_embeddings(), "weight", None)
+    tied = embeddings_tied(model)
     with after_blocks(blocks, [h for h, _ in hidden], as_tuple), \
             on_compute(model, device, skip=() if tied else (embeddings,)):
         del hidden

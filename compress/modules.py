@@ -1,4 +1,5 @@
-"""CompressedLinear: an ``nn.Linear`` replacement whose weight is a format object."""
+"""CompressedLinear and CompressedEmbedding: ``nn.Linear`` and ``nn.Embedding`` replacements whose weight is a
+format object (a tied output head and token embedding share one)."""
 
 from contextlib import contextmanager
 
@@ -59,6 +60,51 @@ class CompressedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.fmt.describe()}"
 
 
+class CompressedEmbedding(nn.Module):
+    """A token embedding whose table ``[vocab, hidden]`` is a :class:`WeightFormat`: a lookup decodes only the rows
+    of the tokens asked for (``WeightFormat.take_rows``). ``embed_scale`` (Gemma's sqrt(hidden), kept from the
+    module replaced) multiplies the rows as the original module did."""
+
+    def __init__(self, fmt: WeightFormat, embed_scale: torch.Tensor | None = None, compute_dtype=torch.float32):
+        super().__init__()
+        self.fmt = fmt
+        self.num_embeddings, self.embedding_dim = fmt.shape
+        self.compute_dtype = compute_dtype
+        self.embed_scale = embed_scale.detach().clone() if embed_scale is not None else None
+
+    @classmethod
+    def from_module(cls, module: nn.Module, fmt: WeightFormat) -> "CompressedEmbedding":
+        weight = getattr(module, "weight", None)
+        dtype = weight.dtype if isinstance(weight, torch.Tensor) else getattr(module, "compute_dtype", torch.float32)
+        return cls(fmt, getattr(module, "embed_scale", None), dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.fmt.take_rows(input_ids.reshape(-1).cpu()).to(input_ids.device, self.compute_dtype)
+        out = rows.reshape(*input_ids.shape, self.embedding_dim)
+        return out if self.embed_scale is None else out * self.embed_scale.to(out.device, self.compute_dtype)
+
+    def _apply(self, fn, recurse=True):
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.fmt.describe()}"
+
+
+FORMAT_MODULES = (CompressedLinear, CompressedEmbedding)  # modules whose weight is a format object
+
+
+def embeddings_tied(model: nn.Module) -> bool:
+    """Whether the model's output head computes with its token embedding's table (the same tensor, or the same
+    format object once both are compressed)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None:
+        return False
+    if isinstance(emb, CompressedEmbedding) or isinstance(head, CompressedLinear):
+        return getattr(emb, "fmt", None) is getattr(head, "fmt", False)
+    return getattr(emb, "weight", None) is getattr(head, "weight", False)
+
+
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The ``weight`` tensor of a linear-like module (``nn.Linear`` and friends)."""
     weight = module.weight
@@ -85,4 +131,5 @@ def dequantized_weights(model: nn.Module):
 def parameter_count(model: nn.Module) -> int:
     """Weights the model represents: its (deduplicated) parameters plus compressed weights."""
     dense = sum(p.numel() for p in model.parameters())
-    return dense + sum(m.fmt.numel for m in model.modules() if isinstance(m, CompressedLinear))
+    formats = {id(m.fmt): m.fmt for m in model.modules() if isinstance(m, FORMAT_MODULES)}  # a tied one once
+    return dense + sum(f.numel for f in formats.values())

@@ -22,10 +22,18 @@ import torch
 from torch import nn
 
 from . import distributed
-from .blocks import capture_block_inputs, on_compute, propagate, run_block
+from .blocks import (
+    after_blocks,
+    capture_block_inputs,
+    input_device,
+    on_compute,
+    propagate,
+    returns_tuple,
+    run_block,
+)
 from .errors import PlanError
 from .families import find_blocks
-from .modules import CompressedLinear, dequantized_weights, linear_weight
+from .modules import CompressedLinear, dequantized_weights, embeddings_tied, linear_weight
 from .passes.base import STAGES, BlockWork, LayerStats, Pass
 from .passes.registry import get_pass
 from .progress import Progress
@@ -263,6 +271,7 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
     float_inputs = [(h.clone(), kw) for h, kw in inputs] \
         if inputs is not None and any("cross" in r.stats or r.float_outputs for r in reqs) else None
     calib_s = time.perf_counter() - t0
+    wants_head = inputs is not None and any(r.head_inputs for r in reqs)
     for p in passes:
         p.prepare(model)
     task = progress.add("compressing blocks", total=len(blocks)) if progress else None
@@ -282,7 +291,7 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
                                                inputs, float_inputs, device)
             if stage is not None:
                 stage.commit(i, block, block_prefix, _block_entry(block_prefix, passes, i, records, seconds))
-        if inputs is not None and i + 1 < len(blocks):  # the last block's outputs feed nothing
+        if inputs is not None and (i + 1 < len(blocks) or wants_head):  # the last block's outputs feed the head only
             with on_compute(block, device):
                 inputs = propagate(block, inputs, device)
         _release_replaced(block, loaded_weights)
@@ -290,12 +299,54 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
         return_freed_heap()
         if progress is not None and task is not None:
             progress.advance(task)
+    head_stats = _head_input_stats(model, blocks, inputs, calibration, device) if wants_head else None
+    del inputs
+    for j, p in enumerate(passes):
+        t = time.perf_counter()
+        with torch.no_grad():
+            ends = p.compress_ends(model, head_stats)
+        seconds[f"{j}:{p.name}"] += time.perf_counter() - t
+        for name, note in ends.items():
+            records[name] = LayerRecord(name, tuple(model.get_submodule(name).fmt.shape), [p.name], note)
     for j, p in enumerate(passes):
         info = p.finalize(model)
         if info:
             records = _renumber(records, prefix, info.pop("kept_blocks", None))
             allocation[f"{j}:{p.name}"] = info
     return PipelineResult(records, seconds, calib_s, allocation)
+
+
+@torch.no_grad()
+def _head_input_stats(model, blocks, outputs, calibration, device) -> LayerStats:
+    """The Hessian of the output head's inputs over the calibration: the last block's ``outputs`` (chunk by chunk)
+    through what the model's own forward runs after the blocks, stopped at the head (no logits are computed)."""
+    head = model.get_output_embeddings()
+    st = LayerStats()
+
+    def grab(_module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        st.tokens += x.shape[0]
+        st.hessian = _add_to_sum(st.hessian, x.t() @ x)
+        raise _StatsDone
+
+    tokens = distributed.WORLD.share(calibration)
+    with on_compute(blocks[-1], device):
+        as_tuple = returns_tuple(blocks[-1], outputs[0], device)
+    handle = head.register_forward_pre_hook(grab)
+    embeddings = model.get_input_embeddings()
+    try:
+        with after_blocks(blocks, [h for h, _ in outputs], as_tuple), \
+                on_compute(model, device, skip=() if embeddings_tied(model) else (embeddings,)):
+            for part in tokens.split(CHUNK):
+                try:
+                    model(input_ids=part.to(input_device(model)), use_cache=False)
+                except _StatsDone:
+                    pass
+    finally:
+        handle.remove()
+    _sum_over_workers({"head": st})
+    st.settle()
+    return st
 
 
 def _compress_block(i, block, block_prefix, model_type, passes, reqs, records, seconds, inputs, float_inputs,

@@ -27,6 +27,7 @@ from ..errors import ExportError
 from ..families import family, supporting
 from ..formats import DenseWeight
 from ..formats.onnx_ops import as_float, torch_initializer
+from ..modules import embeddings_tied
 from .graph import FLOAT, INT64, Graph
 from .weights import LayerExport, WeightLowering
 
@@ -63,6 +64,32 @@ def _linear(low: WeightLowering, x: str, module, name: str) -> str:
     if fmt is None:  # a plain nn.Linear, stored in the checkpoint's dtype
         fmt = DenseWeight(module.weight, low.dense_dtype or module.weight.dtype)
     return low.linear(x, fmt, module.bias, name)
+
+
+def _embeddings(g: Graph, module, ids: str, tied: bool, dense_dtype) -> tuple[str, torch.dtype, str | None]:
+    """(hidden states of ``ids``, the table's dtype, the dense table's initializer for a tied head to share, or
+    None). A compressed table gathers its stored rows and decodes them (``WeightFormat.onnx_rows``). A dense one
+    stays in the checkpoint's dtype, rows gathered then cast; tied, it is stored transposed [hidden, vocab] so
+    that the head's MatMul reads the same initializer and neither needs a second copy in memory."""
+    fmt = getattr(module, "fmt", None)
+    if fmt is not None:
+        h, dtype, init = fmt.onnx_rows(g, "model.embed_tokens", ids), torch.float32, None
+    else:
+        table = module.weight.detach()
+        if dense_dtype is not None:
+            table = table.to(dense_dtype)
+        dtype = table.dtype
+        init = torch_initializer(g, "model.embed_tokens.weight_t" if tied else "model.embed_tokens.weight",
+                                 table.t().contiguous() if tied else table)
+        rows = g.op("Transpose", g.op("Gather", init, ids, axis=1), perm=[1, 2, 0]) if tied else g.op(
+            "Gather", init, ids)
+        h = rows if dtype == torch.float32 else g.op("Cast", rows, to=FLOAT)
+    scale = getattr(module, "embed_scale", None)  # Gemma: sqrt(hidden) in the weights' dtype
+    if scale is not None:
+        weight = getattr(module, "weight", None)
+        scale_dtype = weight.dtype if weight is not None else module.compute_dtype
+        h = g.op("Mul", h, g.const(float(scale.to(scale_dtype)), np.float32))
+    return h, dtype, init
 
 
 def _rms_norm(g: Graph, x: str, module, name: str, offset: float = 0.0) -> str:
@@ -106,23 +133,9 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
         past.append([g.input(f"past_key_values.{i}.{kv}", FLOAT, ["batch", kv_heads, "past_sequence", head_dim])
                      for kv in ("key", "value")])
 
-    # embeddings in the checkpoint's dtype, rows gathered then cast; a tied lm_head reads the same initializer,
-    # stored transposed [hidden, vocab] so that neither needs a second copy in memory
-    embed = model.model.embed_tokens.weight.detach()
-    if dense_dtype is not None:
-        embed = embed.to(dense_dtype)
-    head = model.lm_head
-    tied = getattr(head, "weight", None) is not None and head.weight is model.model.embed_tokens.weight
-    stored = embed.t().contiguous() if tied else embed
-    embed_init = torch_initializer(g, "model.embed_tokens.weight_t" if tied else "model.embed_tokens.weight", stored)
-    if tied:
-        rows = g.op("Transpose", g.op("Gather", embed_init, ids, axis=1), perm=[1, 2, 0])
-    else:
-        rows = g.op("Gather", embed_init, ids)
-    h = rows if embed.dtype == torch.float32 else g.op("Cast", rows, to=FLOAT)
-    scale = getattr(model.model.embed_tokens, "embed_scale", None)  # Gemma: sqrt(hidden) in the weights' dtype
-    if scale is not None:
-        h = g.op("Mul", h, g.const(float(scale.to(model.model.embed_tokens.weight.dtype)), np.float32))
+    embed_module, head = model.model.embed_tokens, model.lm_head
+    tied = embeddings_tied(model)
+    h, embed_dtype, embed_init = _embeddings(g, embed_module, ids, tied, dense_dtype)
 
     # additive mask [batch, 1, 1, seq, total]: causal over absolute positions, and padding
     total = g.op("Gather", g.op("Shape", mask), g.const(1))
@@ -208,10 +221,10 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
         h = g.op("Add", h, out)
 
     h = _rms_norm(g, h, model.model.norm, "model.norm", offset)
-    if tied:
+    if tied and embed_init is not None:
         # float32 weights for an exact head: onnxruntime holds a float32 copy of a float16 table (its CPU MatMul
         # would convert a float16 one the same way), beside the float16 table the Gather reads
-        head_w = embed_init if embed.dtype == torch.float32 else g.op("Cast", embed_init, to=FLOAT)
+        head_w = embed_init if embed_dtype == torch.float32 else g.op("Cast", embed_init, to=FLOAT)
         logits = g.op("MatMul", h, head_w)
         low.layers["lm_head"] = LayerExport("tied to model.embed_tokens", 0)
     else:
@@ -223,5 +236,5 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
         g.output(value, name, FLOAT, ["batch", kv_heads, "total_sequence", head_dim])
     io = {"layers": len(layers), "kv_heads": kv_heads, "head_dim": head_dim, "heads": heads,
           "vocab_size": cfg.vocab_size, "tied_embeddings": tied,
-          "embedding_dtype": str(embed.dtype).removeprefix("torch.")}
+          "embedding_dtype": str(embed_dtype).removeprefix("torch.")}
     return g.model(low.opset), low, io

@@ -77,6 +77,16 @@ class WeightFormat:
     def dequantize(self) -> torch.Tensor:  # float32 [out, in]
         raise NotImplementedError
 
+    def take_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 ``[len(rows), in]``: the weight's rows ``rows`` (an embedding lookup). This default decodes
+        the whole matrix; formats whose rows are stored apart decode only the rows asked for."""
+        return self.dequantize()[rows]
+
+    def onnx_rows(self, g, prefix: str, ids: str) -> str:
+        """A float32 ``[*ids.shape, in]`` value: the rows ``ids`` of the weight, computed in graph ``g``. This
+        default gathers from the in-graph decode (onnxruntime folds it to float32 at load)."""
+        return g.op("Gather", self.onnx_weight(g, prefix), ids)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

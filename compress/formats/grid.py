@@ -69,11 +69,21 @@ class QuantizedWeight(WeightFormat):
         return parts
 
     def dequantize(self):
-        out, k = self.shape
-        codes, scale, zero = self.unpacked()
+        return self._decode(self.codes, self.scales, self.zeros)
+
+    def take_rows(self, rows):
+        """Only the asked rows are unpacked and decoded (rows are packed independently)."""
+        rows = rows.to(torch.long)
+        return self._decode(self.codes[rows], self.scales[rows], self.zeros[rows] if self.zeros is not None else None)
+
+    def _decode(self, packed, scales, zeros):
+        """float32 weights of the rows whose packed codes, scales and packed zero points are given."""
+        n, k = packed.shape[0], self.shape[1]
+        part = QuantizedWeight(packed, scales, zeros, self.spec, (n, k))
+        codes, scale, zero = part.unpacked()
         gs = self.spec.group_size or k
-        codes = pad_to_groups(codes, gs).reshape(out, -1, gs)
-        return decode(codes, scale, zero, self.spec).reshape(out, -1)[:, :k]
+        codes = pad_to_groups(codes, gs).reshape(n, -1, gs)
+        return decode(codes, scale, zero, self.spec).reshape(n, -1)[:, :k]
 
     def tensors(self):
         t = {"codes": self.codes, "scales": self.scales}
@@ -155,6 +165,31 @@ class QuantizedWeight(WeightFormat):
         else:
             zero = g.const(float((spec.maxq + 1) // 2), np.float32)
         return per_group(g, codes, rows, cols, size, lambda v: g.op("Mul", g.op("Sub", v, zero), scale))
+
+    def onnx_rows(self, g, prefix, ids):
+        """The rows ``ids`` gathered from the packed codes, scales and zero points, then decoded: the session
+        holds the table as stored and decodes only the looked-up rows."""
+        rows, cols = self.shape
+        spec = self.spec
+        flat = g.op("Reshape", ids, g.const([-1]))
+        packed = g.op("Gather", torch_initializer(g, f"{prefix}.codes", self.codes), flat)
+        scale = g.op("Unsqueeze", g.op("Gather", as_float(g, f"{prefix}.scales", self.scales), flat), g.const([-1]))
+        if spec.grid != "int":
+            grid = g.const(grid_values(spec.grid, spec.bits).numpy(), np.float32)
+            values = g.op("Gather", grid, unpack_codes(g, packed, -1, cols, spec.bits, TensorProto.INT32))
+            decoded = per_group(g, values, -1, cols, spec.group_size or cols, lambda v: g.op("Mul", v, scale))
+        else:
+            codes = unpack_codes(g, packed, -1, cols, spec.bits, FLOAT)
+            if spec.has_zeros:
+                zeros = g.op("Gather", torch_initializer(g, f"{prefix}.zeros", self.zeros), flat)
+                zero = g.op("Unsqueeze", unpack_codes(g, zeros, -1, spec.groups(cols), spec.bits, FLOAT),
+                            g.const([-1]))
+            else:
+                zero = g.const(float((spec.maxq + 1) // 2), np.float32)
+            decoded = per_group(g, codes, -1, cols, spec.group_size or cols,
+                                lambda v: g.op("Mul", g.op("Sub", v, zero), scale))
+        shape = g.op("Concat", g.op("Shape", ids), g.const([cols]), axis=0)
+        return g.op("Reshape", decoded, shape)
 
     def describe(self):
         s = self.spec

@@ -31,7 +31,8 @@ def as_float(g, name: str, t: torch.Tensor) -> str:
 
 
 def unpack_codes(g, packed: str, rows: int, count: int, bits: int, to: int = TensorProto.INT64) -> str:
-    """Codes ``[rows, count]`` (as type ``to``) from row-packed bytes (layout of ``compress.packing``).
+    """Codes ``[rows, count]`` (as type ``to``) from row-packed bytes (layout of ``compress.packing``); ``rows``
+    may be -1 (a number known at run time).
 
     Folding keeps every intermediate until the session is built, so the chain is kept short and narrow:
     1/2/4-bit codes are shifted out of single bytes; 3/5/6/7-bit codes come 8 at a time from one
@@ -63,11 +64,13 @@ def unpack_codes(g, packed: str, rows: int, count: int, bits: int, to: int = Ten
 
 
 def per_group(g, values: str, rows: int, cols: int, group_size: int, apply) -> str:
-    """``apply(values [rows, groups, group_size])`` back as ``[rows, cols]`` (the last group padded)."""
+    """``apply(values [rows, groups, group_size])`` back as ``[rows, cols]`` (the last group padded); ``rows`` may
+    be -1 (a number known at run time)."""
     groups = -(-cols // group_size)
     if groups * group_size > cols:
         values = g.op("Pad", values, g.const([0, 0, 0, groups * group_size - cols]))
-    out = g.op("Reshape", apply(g.op("Reshape", values, g.const([rows, groups, group_size]))), g.const([rows, -1]))
+    out = g.op("Reshape", apply(g.op("Reshape", values, g.const([rows, groups, group_size]))),
+               g.const([rows, groups * group_size]))
     return out if groups * group_size == cols else g.op("Slice", out, g.const([0]), g.const([cols]), g.const([1]))
 
 

@@ -153,7 +153,9 @@ class Requirements:
     (``BlockWork.float_outputs``); ``preserves_stats``: the block's statistics stay valid after this pass
     (the next pass reuses them); ``model_plan``: a model-wide look before the first block, or None;
     ``layer_parallel``: each layer's result depends only on that layer and its statistics (layers sharing an
-    input may be solved together), so workers of a distributed run can solve different layers."""
+    input may be solved together), so workers of a distributed run can solve different layers; ``head_inputs``:
+    the statistics ("hessian") of the output head's inputs (the last compressed block's outputs through the final
+    norm) over the calibration, handed to :meth:`Pass.compress_ends`."""
 
     stats: frozenset[str] = frozenset()
     block_io: bool = False
@@ -161,11 +163,12 @@ class Requirements:
     preserves_stats: bool = False
     model_plan: ModelPlan | None = None
     layer_parallel: bool = False
+    head_inputs: bool = False
 
     @property
     def calibration(self) -> bool:
         """Whether the pass reads calibration data at all."""
-        return bool(self.stats or self.block_io or self.model_plan)
+        return bool(self.stats or self.block_io or self.model_plan or self.head_inputs)
 
 
 class Pass:
@@ -194,6 +197,11 @@ class Pass:
         serving export checks before any compute. A pass that stores no codes (a transform) returns []."""
         return []
 
+    def ends_written(self) -> list[str]:
+        """Which of the tables outside the blocks ("embedding", "head") this pass compresses (see
+        :meth:`compress_ends`): what an export that cannot hold them checks before any compute."""
+        return []
+
     def fuses_with(self, following: Pass) -> bool:
         """Whether this pass can also do ``following``'s work (the pass right after it) on the layers it
         compresses. The planner asks once, before any compute; when fused, :meth:`apply` receives
@@ -218,6 +226,13 @@ class Pass:
         """Model-wide changes after the last block (e.g. dropping layers, updating the config);
         returns what the report shows, with ``kept_blocks`` {old: new index} when blocks moved."""
         return None
+
+    def compress_ends(self, model, head_stats: LayerStats | None) -> dict[str, dict]:
+        """After the last block: compress what lies outside the blocks (the token embedding, the output head),
+        replacing modules through ``model.set_input_embeddings`` / ``set_output_embeddings``; ``head_stats`` when
+        :class:`Requirements` asked for ``head_inputs``. Returns what the report shows per module compressed (a
+        tied pair under one name)."""
+        return {}
 
     def block_state(self, index: int) -> dict:
         """What this pass keeps from block ``index`` for later blocks or :meth:`finalize` (plain JSON values): a
