@@ -94,9 +94,9 @@ class CompressedEmbedding(nn.Module):
 FORMAT_MODULES = (CompressedLinear, CompressedEmbedding)  # modules whose weight is a format object
 
 
-def embeddings_tied(model: nn.Module) -> bool:
-    """Whether the model's output head computes with its token embedding's table (the same tensor, or the same
-    format object once both are compressed)."""
+def embeddings_tied(model) -> bool:
+    """Whether the model's (a transformers PreTrainedModel's) output head computes with its token embedding's table
+    (the same tensor, or the same format object once both are compressed)."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is None:
         return False
