@@ -55,7 +55,12 @@ def ours(passes: list[dict], calib: Path, windows: int) -> dict:
             nbytes, numel = nbytes + m.fmt.nbytes(), numel + m.fmt.numel
         elif isinstance(m, torch.nn.Linear):
             nbytes, numel = nbytes + 2 * m.weight.numel(), numel + m.weight.numel()
+    from compress.checkpoint import checkpoint_content
+    from compress.modules import parameter_count
+
+    file_bytes = checkpoint_content(model, "float16").nbytes()  # the whole checkpoint: embeddings, norms included
     return {"seconds": seconds, "peak_memory_mb": peak, "bytes": nbytes, "bits_per_weight": 8 * nbytes / numel,
+            "checkpoint_bytes": file_bytes, "model_bits_per_weight": 8 * file_bytes / parameter_count(model),
             **quality(model, tok, windows)}
 
 

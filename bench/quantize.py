@@ -38,6 +38,10 @@ def rows(llmc_python: str | None):
     mixed3 = [{k: v for k, v in p.items() if k not in ("bits", "group_size")} | {"target_bits_per_weight": 3.25}
               if p["type"] == "gptq" else p for p in tuned3]
     yield "w3-gptq-tuned.yaml at mixed 3.25 (compress)", "mix", "mix", mixed3
+    # the token embedding / output head (tied on SmolLM2) quantized too: the whole file
+    for method in ("gptq", "rtn"):
+        yield f"AWQ+GPTQ + embeddings {method} 4-bit g32 (compress)", 4, 64, awq + q("gptq", 4, 64) + [
+            {"type": "embeddings", "bits": 4, "group_size": 32, "method": method}]
     if llmc_python:
         for b, g in ((4, 64), (3, 64), (2, 32)):
             yield "GPTQ (llm-compressor)", b, g, ("llmc", "gptq", [b, g])
@@ -49,9 +53,10 @@ def to_row(item, r):
         r["bits_per_weight"] = bits + 16 / group + bits / group
     return {"method": method, "bits": bits, "group": group, "bits/weight": r["bits_per_weight"],
             "perplexity": r["perplexity"], "KL vs base": r["kl"], "top-1": r["top1"], "time s": r["seconds"],
-            "peak MB": r["peak_memory_mb"]}
+            "peak MB": r["peak_memory_mb"], "file MB": r["checkpoint_bytes"] / 1e6 if "checkpoint_bytes" in r else None,
+            "model bits/weight": r.get("model_bits_per_weight")}
 
 
 if __name__ == "__main__":
     common.bench_main(rows, ["method", "bits", "group", "bits/weight", "perplexity", "KL vs base", "top-1",
-                             "time s", "peak MB"], to_row)
+                             "time s", "peak MB", "file MB", "model bits/weight"], to_row)

@@ -69,7 +69,7 @@ def check_passes(passes, engine: str | None) -> None:
     """Before any compute: every pass's codes fit the format (and ``engine``'s kernels), else one ExportError."""
     from ..errors import ExportError
 
-    for p, spec in written_specs(passes, TARGET, RECIPE_KEY):
+    for p, spec in written_specs(passes, TARGET, RECIPE_KEY, holds_embeddings=False):
         group = spec.group_size
         if engine == "vllm" and (spec.bits not in VLLM_BITS or (group is not None and group not in VLLM_GROUPS)):
             raise ExportError(f"{TARGET} for vLLM: {p.name} writes {spec.bits}-bit codes in groups of "
@@ -109,7 +109,8 @@ def convert(ckpt: CheckpointLayers, vllm: bool = False) -> tuple[dict[str, torch
             raise refuse(f"{TARGET} for vLLM", name, problem, "change the recipe's bits / group_size, or drop "
                          "`target: vllm`")
 
-    grids, dense = split_layers(ckpt, TARGET, "integer grids (RTN, GPTQ, AWQ, mixed precision, 2:4)", check)
+    grids, dense = split_layers(ckpt, TARGET, "integer grids (RTN, GPTQ, AWQ, mixed precision, 2:4)", check,
+                                holds_embeddings=False)
     tensors: dict[str, torch.Tensor] = {}
     for name, grid in grids.items():
         tensors.update({f"{name}.{k}": v for k, v in layer_tensors(grid).items()})

@@ -55,7 +55,7 @@ BITS = (2, 3, 4, 8)
 
 def check_passes(passes, engine: str | None) -> None:
     """Before any compute: every pass's codes fit the format, else one ExportError."""
-    for p, spec in written_specs(passes, TARGET, RECIPE_KEY):
+    for p, spec in written_specs(passes, TARGET, RECIPE_KEY, holds_embeddings=False):
         if spec.bits not in BITS:
             raise ExportError(f"{TARGET} export: {p.name} writes {spec.bits}-bit codes; the GPTQ format holds "
                               f"{', '.join(map(str, BITS))} bits", "change the pass's bits")
@@ -116,7 +116,7 @@ def write(ckpt: CheckpointLayers, out_dir: Path, engine: str | None, max_shard_b
 def convert(ckpt: CheckpointLayers, vllm: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, config.json) of the export. ``vllm``: refuse what vLLM's gptq loaders would not read (v2 zeros)."""
     grids, dense = split_layers(ckpt, TARGET, "integer grids (RTN, GPTQ, AWQ, mixed precision, 2:4 as dense "
-                                "codes)", _check_layer)
+                                "codes)", _check_layer, holds_embeddings=False)
     v2 = any(not g.symmetric and bool((g.zeros == 0).any()) for g in grids.values())
     if v2 and vllm:
         zero = next(n for n, g in grids.items() if not g.symmetric and bool((g.zeros == 0).any()))

@@ -54,10 +54,15 @@ def read_checkpoint(path: Path, verify: bool = True) -> CheckpointLayers:
     return CheckpointLayers(path, layers, biases, tensors, meta["aliases"], meta["dense_dtype"], config)
 
 
-def written_specs(passes, target: str, recipe_key: str):
+def written_specs(passes, target: str, recipe_key: str, holds_embeddings: bool = True):
     """(pass, grid spec) for every grid the recipe's passes may store; one ExportError, before any compute, when a
-    pass stores something that is not an integer grid."""
+    pass stores something that is not an integer grid, or (``holds_embeddings`` false) quantizes the token
+    embedding."""
     for p in passes:
+        if not holds_embeddings and "embedding" in p.ends_written():
+            raise ExportError(f"{target} export: {p.name} quantizes the token embedding, which {target} readers "
+                              "take only in float", f"set embedding: false (and head: false with tied embeddings) "
+                              f"on that pass for export.{recipe_key}, or export GGUF / ONNX, which hold it")
         try:
             specs = p.written_grids()
         except NotAnIntegerGrid as e:
@@ -66,14 +71,23 @@ def written_specs(passes, target: str, recipe_key: str):
         yield from ((p, spec) for spec in specs)
 
 
-def split_layers(ckpt: CheckpointLayers, target: str, holds: str, check=None) -> tuple[dict[str, IntegerGrid],
-                                                                                      dict[str, torch.Tensor]]:
+def split_layers(ckpt: CheckpointLayers, target: str, holds: str, check=None, holds_embeddings: bool = True
+                 ) -> tuple[dict[str, IntegerGrid], dict[str, torch.Tensor]]:
     """The checkpoint's compressed layers as (layer -> integer grid, ``NAME.weight`` -> dense weight of a layer
-    stored dense). A layer without an integer grid is refused naming it (``holds``: what the target holds);
-    ``check(name, grid, shape)`` may refuse more."""
+    stored dense). A layer without an integer grid is refused naming it (``holds``: what the target holds), and a
+    compressed token embedding unless ``holds_embeddings``; ``check(name, grid, shape)`` may refuse more. An output
+    head tied to the token embedding is left out (the reader ties it again)."""
     grids: dict[str, IntegerGrid] = {}
     dense: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    linears = None if holds_embeddings else set(linear_names(ckpt.config))
     for name, fmt in ckpt.layers.items():
+        if id(fmt) in seen:
+            continue
+        seen.add(id(fmt))
+        if linears is not None and name not in linears:
+            raise refuse(target, name, "a quantized token embedding is read only in float", "drop the embeddings "
+                         "pass for this export, or export GGUF / ONNX, which hold it")
         if fmt.kind == "dense":
             dense[f"{name}.weight"] = fmt.tensors()["weight"]
             continue
