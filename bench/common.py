@@ -94,7 +94,8 @@ def llmc(kind: str, args: list, calib: Path, windows: int, python: str) -> dict:
 def in_subprocess(kind: str, payload: dict) -> dict:
     """Run ``worker`` in a fresh interpreter so peak memory belongs to this row alone."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    code = (f"import json,sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import common; "
+    # bench/ goes last on the path: its onnx.py and kernels.py would shadow the packages compress imports
+    code = (f"import json,sys; sys.path.append({str(ROOT / 'bench')!r}); import common; "
             f"print('RESULT' + json.dumps(common.worker({kind!r}, json.loads(sys.argv[1]))))")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(payload)], capture_output=True, text=True,
                           env=env)
