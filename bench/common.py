@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# A bench script's folder comes first on sys.path, where bench/onnx.py and bench/kernels.py would shadow the packages
+# compress imports: once the scripts have imported this module, the folder leaves the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 
 def calibration_file(samples: int, seq_len: int) -> Path:
