@@ -44,12 +44,15 @@ def _float_or_same(t: torch.Tensor, dtype) -> torch.Tensor:
 
 
 @contextmanager
-def on_compute(module: nn.Module, device, dtype=COMPUTE_DTYPE, skip: tuple[nn.Module, ...] = ()):
+def on_compute(module: nn.Module, device, dtype=COMPUTE_DTYPE, skip: tuple[nn.Module, ...] = (),
+               keep_changes: bool = False):
     """``module``'s float parameters and buffers on ``device`` in ``dtype`` while the context lasts (a copy only
     where device or dtype differ, the file pages it was made from handed back at once); afterwards the original
     tensors are put back, and the pages of every memory-mapped tensor of the module (compressed layers' codes
     included) handed back to the OS: what a block read from its files does not stay resident after its turn.
-    Tensors of ``skip`` (and of modules inside them) are left alone."""
+    Tensors of ``skip`` (and of modules inside them) are left alone. With ``keep_changes`` (a pass at work), a
+    copied tensor whose values changed while the context lasted (a transform rescaling a norm, in place or by a new
+    tensor) is kept, cast back to its own dtype and device, instead of the original."""
     skipped = {id(t) for s in skip for t in [*s.parameters(), *s.buffers()]}
     originals: list[tuple[torch.Tensor, torch.Tensor]] = []
     seen: set[int] = set()
@@ -70,7 +73,11 @@ def on_compute(module: nn.Module, device, dtype=COMPUTE_DTYPE, skip: tuple[nn.Mo
         yield module
     finally:
         for t, data in originals:
-            t.data = data
+            now = t.data
+            if keep_changes and not torch.equal(back := now.to(device=data.device, dtype=data.dtype), data):
+                t.data = back
+            else:
+                t.data = data
         for m, (dev, dt) in tracked.items():
             m._device, m.compute_dtype = dev, dt
         del originals

@@ -34,6 +34,7 @@ GEMMA2_SCALING = (  # Gemma 2/3: the MLP reads pre_feedforward_layernorm (post_a
     ("pre_feedforward_layernorm", ["mlp.gate_proj", "mlp.up_proj"], "norm"),
     ("mlp.up_proj", ["mlp.down_proj"], "linear"),
 )
+LLAMA_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 OPT_SCALING = (
     ("self_attn_layer_norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "norm"),
     ("self_attn.v_proj", ["self_attn.out_proj"], "linear"),
@@ -51,14 +52,17 @@ class Family:
     norm_offset: float = 0.0         # RMSNorm multiplies by (offset + weight): Gemma's 1
     structured_pruning: bool = False  # Llama-shaped MLP and GQA attention: channels and head groups removable
     onnx_export: bool = False        # the decoder builder of export/llama.py reproduces it
+    # the rotate pass: the layers writing into the residual stream, when every block is pre-norm (RMSNorm before
+    # each sub-layer, nothing between a writer and the residual add); () = the stream cannot be rotated
+    residual_writers: tuple = ()
 
 
 FAMILIES = {f.model_type: f for f in (
-    Family("llama", LLAMA_SCALING, structured_pruning=True, onnx_export=True),
-    Family("mistral", LLAMA_SCALING, structured_pruning=True, onnx_export=True),
-    Family("qwen2", LLAMA_SCALING, structured_pruning=True, onnx_export=True),
-    Family("qwen3", LLAMA_SCALING, structured_pruning=True, onnx_export=True),
-    Family("gemma", LLAMA_SCALING, norm_offset=1.0, onnx_export=True),
+    Family("llama", LLAMA_SCALING, structured_pruning=True, onnx_export=True, residual_writers=LLAMA_WRITERS),
+    Family("mistral", LLAMA_SCALING, structured_pruning=True, onnx_export=True, residual_writers=LLAMA_WRITERS),
+    Family("qwen2", LLAMA_SCALING, structured_pruning=True, onnx_export=True, residual_writers=LLAMA_WRITERS),
+    Family("qwen3", LLAMA_SCALING, structured_pruning=True, onnx_export=True, residual_writers=LLAMA_WRITERS),
+    Family("gemma", LLAMA_SCALING, norm_offset=1.0, onnx_export=True, residual_writers=LLAMA_WRITERS),
     Family("gemma2", GEMMA2_SCALING, norm_offset=1.0, onnx_export=True),
     Family("gemma3_text", GEMMA2_SCALING, norm_offset=1.0, onnx_export=True),
     Family("opt", OPT_SCALING),

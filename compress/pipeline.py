@@ -286,7 +286,7 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
             stage.load(i, block)
             _restore_block(done, passes, i, records, seconds)
         else:
-            with on_compute(block, device):
+            with on_compute(block, device, keep_changes=True):  # a transform's changes stay
                 float_inputs = _compress_block(i, block, block_prefix, model_type, passes, reqs, records, seconds,
                                                inputs, float_inputs, device)
             if stage is not None:

@@ -133,3 +133,26 @@ def test_awq_leaves_every_familys_float_model_unchanged(tiny):
     with torch.no_grad():
         after = model(input_ids=tokens[:1]).logits
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4), (name, (before - after).abs().max())
+
+
+def test_awq_folds_into_a_bfloat16_model():
+    """A model loaded in bfloat16 runs each block in a float32 copy: AWQ's division of the norm weights made there
+    is kept (it was lost once, leaving the quantized layers scaled up against unscaled norms)."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=96))
+    model.model.layers[0].input_layernorm.weight.data.uniform_(0.2, 3)  # channels AWQ rescales
+    model = model.to(torch.bfloat16)
+    reference = copy.deepcopy(model).float()
+    tokens = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1))  # shapes only
+    recipe = parse_recipe({"passes": [{"type": "awq", "search_bits": 3, "search_group_size": 16},
+                                      {"type": "rtn", "bits": 8, "group_size": 16}]})
+    result = run_passes(model, plan(recipe.passes), tokens, "cpu")
+    assert any(r.notes.get("awq_alpha") for r in result.layers.values())
+    with torch.no_grad():
+        before, after = reference(input_ids=tokens[:1]).logits, model.float()(input_ids=tokens[:1]).logits
+    assert (before - after).abs().max() < 0.02 * before.abs().max()

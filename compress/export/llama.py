@@ -66,14 +66,16 @@ def _linear(low: WeightLowering, x: str, module, name: str) -> str:
     return low.linear(x, fmt, module.bias, name)
 
 
-def _embeddings(g: Graph, module, ids: str, tied: bool, dense_dtype) -> tuple[str, torch.dtype, str | None]:
+def _embeddings(low: WeightLowering, module, ids: str, tied: bool, dense_dtype) -> tuple[str, torch.dtype, str | None]:
     """(hidden states of ``ids``, the table's dtype, the dense table's initializer for a tied head to share, or
-    None). A compressed table gathers its stored rows and decodes them (``WeightFormat.onnx_rows``). A dense one
+    None). A compressed table gathers its stored rows and decodes them, tied from the head's own initializers
+    (``WeightLowering.rows``). A dense one
     stays in the checkpoint's dtype, rows gathered then cast; tied, it is stored transposed [hidden, vocab] so
     that the head's MatMul reads the same initializer and neither needs a second copy in memory."""
+    g = low.g
     fmt = getattr(module, "fmt", None)
     if fmt is not None:
-        h, dtype, init = fmt.onnx_rows(g, "model.embed_tokens", ids), torch.float32, None
+        h, dtype, init = low.rows(fmt, ids, "model.embed_tokens", "lm_head" if tied else None), torch.float32, None
     else:
         table = module.weight.detach()
         if dense_dtype is not None:
@@ -135,7 +137,7 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
 
     embed_module, head = model.model.embed_tokens, model.lm_head
     tied = embeddings_tied(model)
-    h, embed_dtype, embed_init = _embeddings(g, embed_module, ids, tied, dense_dtype)
+    h, embed_dtype, embed_init = _embeddings(low, embed_module, ids, tied, dense_dtype)
 
     # additive mask [batch, 1, 1, seq, total]: causal over absolute positions, and padding
     total = g.op("Gather", g.op("Shape", mask), g.const(1))

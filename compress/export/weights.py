@@ -25,7 +25,7 @@ import torch
 
 from ..formats import WeightFormat
 from ..formats.base import IntegerGrid, NotAnIntegerGrid
-from ..formats.onnx_grid import lower_integer_grid
+from ..formats.onnx_grid import gather_grid_rows, lower_integer_grid
 from ..formats.onnx_ops import UnsupportedFormat, as_float
 from .graph import Graph
 
@@ -50,6 +50,7 @@ class WeightLowering:
         self.dense_dtype: torch.dtype | None = None  # storage dtype of uncompressed linear layers
         self.layers: dict[str, LayerExport] = {}
         self.opset = 21
+        self.nbits_tensors: dict[str, list[str]] = {}  # layer -> its MatMulNBits initializers (``onnx_grid``)
 
     def linear(self, x: str, fmt: WeightFormat, bias: torch.Tensor | None, name: str) -> str:
         start = len(self.g.initializers)
@@ -79,6 +80,20 @@ class WeightLowering:
         """``x @ W.T`` for ``W`` an integer grid, by onnxruntime's low-bit kernels (``onnx_grid``); None if the
         grid's group size fits no kernel block."""
         return lower_integer_grid(self, x, grid, shape, name)
+
+    def rows(self, fmt: WeightFormat, ids: str, name: str, tied_to: str | None = None) -> str:
+        """float32 rows ``ids`` of ``fmt`` (a token embedding ``name``). Tied to layer ``tied_to`` (the output head,
+        lowered later): gathered from the initializers that layer's MatMulNBits reads when it runs in one, so the
+        table is stored once; else from the format's own stored tensors (``WeightFormat.onnx_rows``)."""
+        if tied_to is not None:
+            try:
+                grid = fmt.integer_grid()
+            except NotAnIntegerGrid:
+                grid = None
+            rows = gather_grid_rows(self, grid, fmt.shape, ids, tied_to) if grid is not None else None
+            if rows is not None:
+                return rows
+        return fmt.onnx_rows(self.g, name, ids)
 
     def _matmul(self, x: str, fmt: WeightFormat, name: str) -> tuple[str, str]:
         """A runtime operator when one reads the format, else its in-graph decode feeding a MatMul."""

@@ -19,7 +19,7 @@ import torch
 
 from ..packing import pack_rows
 from .base import IntegerGrid
-from .onnx_ops import MS_DOMAIN, SUB_BYTE_TYPES
+from .onnx_ops import FLOAT, MS_DOMAIN, SUB_BYTE_TYPES, per_group, unpack_codes
 
 KERNEL_BITS = (2, 4, 8)  # the widths MatMulNBits (and sub-byte DequantizeLinear) read
 
@@ -71,18 +71,65 @@ def _per_block(t: torch.Tensor, blocks: int, repeat: int) -> torch.Tensor:
 
 
 def _matmul_nbits(lowering, x: str, grid: IntegerGrid, shape, width: int, block: int, name: str) -> str:
+    rows, cols = shape
+    return lowering.g.op("MatMulNBits", x, *_nbits_tensors(lowering, grid, shape, width, block, name),
+                         domain=MS_DOMAIN, K=cols, N=rows, bits=width, block_size=block,
+                         accuracy_level=lowering.accuracy_level)
+
+
+def _nbits_tensors(lowering, grid: IntegerGrid, shape, width: int, block: int, name: str) -> list[str]:
+    """MatMulNBits' initializers of ``grid`` (made once per ``name``: a tied embedding's lookup reads the same ones):
+    codes ``[rows, blocks, block * width / 8]``, float32 scales ``[rows * blocks]``, and packed zero points
+    ``[rows * ceil(blocks * width / 8)]`` unless the kernel's default (2^(width-1)) is every zero point."""
+    made = lowering.nbits_tensors.get(name)
+    if made is not None:
+        return made
     g = lowering.g
     rows, cols = shape
     repeat, blocks = grid.group_size // block, -(-cols // block)
     codes = torch.nn.functional.pad(grid.codes, (0, blocks * block - cols))
     packed = pack_rows(codes, width).reshape(rows, blocks, block * width // 8)
-    inputs = [x, g.tensor(f"{name}.qweight", packed.numpy()),
+    inputs = [g.tensor(f"{name}.qweight", packed.numpy()),
               g.tensor(f"{name}.scales", _per_block(grid.scales.float(), blocks, repeat).reshape(-1).numpy())]
     if not grid.symmetric or width != grid.bits:  # the kernel's default zero point is 2^(width-1)
         zeros = pack_rows(_per_block(grid.zeros, blocks, repeat).to(torch.uint8), width).reshape(-1)
         inputs.append(g.tensor(f"{name}.zero_points", zeros.numpy()))
-    return g.op("MatMulNBits", *inputs, domain=MS_DOMAIN, K=cols, N=rows, bits=width, block_size=block,
-                accuracy_level=lowering.accuracy_level)
+    lowering.nbits_tensors[name] = inputs
+    return inputs
+
+
+def gather_grid_rows(lowering, grid: IntegerGrid, shape: tuple[int, int], ids: str, name: str) -> str | None:
+    """Rows ``ids`` of ``grid`` (float32 ``[*ids.shape, cols]``) gathered from the initializers the MatMulNBits of
+    layer ``name`` reads, then decoded: a token embedding tied to that layer (the output head) stores its table
+    once. None when that layer would not run in one 2/4/8-bit MatMulNBits (the caller then stores the table
+    apart)."""
+    width, block = kernel_bits(grid.bits), nbits_block(grid.group_size)
+    if lowering.weights != "fast" or width is None or block is None or (width == 8 and lowering.accuracy_level == 0):
+        return None
+    g = lowering.g
+    rows, cols = shape
+    blocks = -(-cols // block)
+    inputs = _nbits_tensors(lowering, grid, shape, width, block, name)
+    flat = g.op("Reshape", ids, g.const([-1]))
+    packed = g.op("Reshape", g.op("Gather", inputs[0], flat), g.const([-1, blocks * block * width // 8]))
+    codes = unpack_codes(g, packed, -1, blocks * block, width, FLOAT)
+
+    def per_row(values: str, count: int) -> str:  # entries [r * count, (r + 1) * count) of a flat initializer
+        at = g.op("Add", g.op("Mul", g.op("Unsqueeze", flat, g.const([-1])), g.const(count)),
+                  g.const(np.arange(count)))
+        return g.op("Gather", values, at)
+
+    scale = g.op("Unsqueeze", per_row(inputs[1], blocks), g.const([-1]))
+    if len(inputs) > 2:
+        zero_bytes = -(-blocks * width // 8)
+        zero = g.op("Unsqueeze", unpack_codes(g, per_row(inputs[2], zero_bytes), -1, blocks, width, FLOAT),
+                    g.const([-1]))
+    else:
+        zero = g.const(float(1 << (width - 1)), np.float32)
+    decoded = per_group(g, codes, -1, blocks * block, block, lambda v: g.op("Mul", g.op("Sub", v, zero), scale))
+    if blocks * block != cols:
+        decoded = g.op("Slice", decoded, g.const([0]), g.const([cols]), g.const([1]))
+    return g.op("Reshape", decoded, g.op("Concat", g.op("Shape", ids), g.const([cols]), axis=0))
 
 
 def _dequantize_linear(lowering, x: str, grid: IntegerGrid, width: int, name: str) -> tuple[str, str]:
