@@ -261,6 +261,8 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
     reqs = [p.requirements() for p in passes]
     needs_data = any(r.calibration for r in reqs)
     t0 = time.perf_counter()
+    for p in passes:  # model-wide changes (a rotation of the embeddings) come before any calibration forward
+        p.prepare(model)
     allocation = plan_globally(model, blocks, prefix, passes, calibration, device, progress)
     inputs = capture_block_inputs(model, blocks, distributed.WORLD.share(calibration), CHUNK) \
         if needs_data and calibration is not None else None
@@ -272,8 +274,6 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
         if inputs is not None and any("cross" in r.stats or r.float_outputs for r in reqs) else None
     calib_s = time.perf_counter() - t0
     wants_head = inputs is not None and any(r.head_inputs for r in reqs)
-    for p in passes:
-        p.prepare(model)
     task = progress.add("compressing blocks", total=len(blocks)) if progress else None
     for i, block in enumerate(blocks):
         block_prefix = f"{prefix}.{i}"

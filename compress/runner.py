@@ -252,6 +252,8 @@ def _execute(checked: CheckedRun, model_spec, dev, quiet, keep_failed, log, t_st
                                          trust_remote_code=options.trust_remote_code)
         base_params = parameter_count(model)
         load_s = time.perf_counter() - t
+        for p in passes:  # a pass the model's family does not take: refused before any compute
+            p.check_model(model)
         if recipe.export.onnx is not None:  # a family the ONNX builder cannot export: refused before any compute
             from .export.llama import check_exportable
 

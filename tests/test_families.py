@@ -156,3 +156,32 @@ def test_awq_folds_into_a_bfloat16_model():
     with torch.no_grad():
         before, after = reference(input_ids=tokens[:1]).logits, model.float()(input_ids=tokens[:1]).logits
     assert (before - after).abs().max() < 0.02 * before.abs().max()
+
+
+def test_rotation_leaves_every_pre_norm_familys_float_model_unchanged(tiny):
+    """The rotate pass folds a randomized Hadamard rotation into the residual stream (embedding, every layer reading
+    or writing it, the untied head) and one into each head's values: the float model's logits are unchanged to
+    1e-5; families it cannot rotate are refused in one line before any compute."""
+    from compress.errors import PlanError
+    from compress.families import family as family_of
+
+    name, model = tiny
+    model = model.double()  # the folding's arithmetic, not float32 rounding, is under test
+    for m in model.modules():  # norm gains away from 1, so that folding them is tested
+        if "Norm" in type(m).__name__ and getattr(m, "weight", None) is not None:
+            m.weight.data.uniform_(0.5, 1.5)
+    tokens = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))  # shapes only
+    with torch.no_grad():
+        before = model(input_ids=tokens).logits
+    passes = plan(parse_recipe({"passes": [{"type": "rotate"}]}).passes)
+    if not family_of(model.config.model_type).residual_writers:
+        with pytest.raises(PlanError, match="can be rotated"):
+            run_passes(model, passes, tokens, "cpu")
+        return
+    run_passes(model, passes, tokens, "cpu")
+    with torch.no_grad():
+        after = model(input_ids=tokens).logits
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    assert not torch.allclose(q_proj, q_proj[:, :1].expand_as(q_proj))  # rotated, not collapsed
+    assert torch.allclose(before, after, atol=1e-5, rtol=0), (name, (before - after).abs().max())

@@ -191,6 +191,9 @@ class Pass:
     def check_plan(self, passes: list[Pass]) -> None:
         """Raise PlanError when this pass cannot run in this plan (called before any compute)."""
 
+    def check_model(self, model) -> None:
+        """Raise PlanError when this pass cannot run on ``model`` (called once it is loaded, before any compute)."""
+
     def written_grids(self) -> list[QuantSpec]:
         """Every integer grid this pass may store a layer's codes on (its own, its overrides', its candidates');
         raises NotAnIntegerGrid when it stores something else (a code book, unstructured sparsity): what a
@@ -219,8 +222,8 @@ class Pass:
         raise NotImplementedError
 
     def prepare(self, model) -> None:
-        """Look at the whole model once before the first block (e.g. to turn a model-wide target
-        into per-block settings)."""
+        """Look at the whole model once before the first block and before any calibration forward (e.g. to turn a
+        model-wide target into per-block settings, or rotate the embeddings)."""
 
     def finalize(self, model) -> dict | None:
         """Model-wide changes after the last block (e.g. dropping layers, updating the config);

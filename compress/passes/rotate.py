@@ -1,0 +1,128 @@
+"""Incoherence processing: rotations folded into the weights, so that no channel of a layer's input stands out and
+its weights quantize with less error. "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs" (Ashkboos et al.,
+2024); "QuIP#: Even Better LLM Quantization with Hadamard Incoherence and Lattice Codebooks" (Tseng et al., 2024).
+
+- **Residual stream.** Every block of a pre-norm family reads the stream through an RMSNorm, which commutes with an
+  orthogonal ``Q`` once its gain is folded into the layers it feeds (``||x Q|| = ||x||``). So the token embedding
+  becomes ``E Q``, each layer reading the stream ``W diag(g) Q``, each layer writing into it (``o_proj``,
+  ``down_proj``) ``Q^T W`` (and its bias ``b Q``), and the head ``W diag(g_final) Q``: the float model computes the
+  same logits. A head tied to the embedding is untied (it is ``E diag(g) Q``, the lookup ``E Q``).
+- **Values per head.** ``v_proj``'s rows of each key/value head are rotated by ``R^T`` and ``o_proj``'s columns of
+  each query head by ``R`` (``R`` of the head dimension): attention mixes tokens, not channels, so it commutes.
+
+``Q`` and ``R`` are randomized Hadamard transforms (``compress.rotation``; a random orthogonal matrix where no
+Hadamard matrix of the order is built). Everything is folded: no runtime cost. The pass runs first in a recipe; the
+embedding and head are rotated before the calibration inputs are captured, each block when its turn comes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from ..errors import PlanError
+from ..families import family
+from ..modules import linear_weight
+from ..rotation import random_rotation
+from .base import Pass, PassConfig
+from .registry import register
+
+
+class RotateConfig(PassConfig):
+    type: Literal["rotate"] = "rotate"
+    seed: int = Field(0, description="seed of the random signs (or random orthogonal matrices)")
+    values: bool = Field(True, description="also rotate each attention head's values (v_proj rows, o_proj columns)")
+
+    @model_validator(mode="after")
+    def _whole_blocks(self):
+        if self.targets != ["*"] or self.exclude or self.overrides:
+            raise ValueError("rotate turns every block whole (rotating some layers only would change the model): "
+                             "give it no targets, exclude or overrides")
+        return self
+
+
+@register
+class Rotate(Pass):
+    name = "rotate"
+    stage = "transform"
+    Config = RotateConfig
+
+    def check_plan(self, passes):
+        if passes.index(self) != 0:
+            raise PlanError("rotate must be the first pass (the passes before it would see another model)",
+                            "move `- type: rotate` to the top of passes")
+
+    def check_model(self, model) -> None:
+        model_type = model.config.model_type
+        if not family(model_type).residual_writers:
+            raise PlanError(f"rotate: model type '{model_type}' is not a pre-norm family whose residual stream can "
+                            "be rotated", "drop the rotate pass for this model")
+
+    def prepare(self, model) -> None:
+        """Draw the rotations, untie the head, fold the final norm into it, and rotate the token embedding and the
+        head."""
+        self.check_model(model)
+        config = model.config
+        fam = family(config.model_type)
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        self.q, self.kind = random_rotation(config.hidden_size, gen)
+        heads = config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.r, self.values_kind = random_rotation(self.head_dim, gen)
+        self.offset, self.writers = fam.norm_offset, fam.residual_writers
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if head.weight is emb.weight:
+            head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+            config.tie_word_embeddings = False
+            if hasattr(config, "get_text_config"):
+                config.get_text_config().tie_word_embeddings = False
+        norm = model.model.norm
+        _set(head, "weight", _f64(head.weight) * self._gain(norm) @ self.q)
+        _set(norm, "weight", torch.full_like(_f64(norm.weight), 1 - self.offset))
+        _set(emb, "weight", _f64(emb.weight) @ self.q)
+
+    def _gain(self, norm: nn.Module) -> torch.Tensor:
+        return self.offset + _f64(linear_weight(norm))
+
+    def apply(self, work, replace) -> None:
+        block, q = work.block, self.q
+        for norm_name, consumers, kind in family(work.model_type).scaling:  # each norm and the layers reading it
+            if kind != "norm":
+                continue
+            norm = block.get_submodule(norm_name)
+            gain = self._gain(norm)
+            for layer in (block.get_submodule(c) for c in consumers):
+                _set(layer, "weight", _f64(linear_weight(layer)) * gain @ q)
+            _set(norm, "weight", torch.full_like(_f64(norm.weight), 1 - self.offset))
+        if self.cfg.values:
+            self._rotate_values(block)
+        for layer in (block.get_submodule(w) for w in self.writers):
+            _set(layer, "weight", q.t() @ _f64(linear_weight(layer)))
+            if layer.bias is not None:
+                _set(layer, "bias", _f64(layer.bias) @ q)
+        for name in work.layers:
+            work.notes[name] = {"rotation": self.kind}
+
+    def _rotate_values(self, block):
+        attn = block.self_attn
+        hd, r = self.head_dim, self.r
+        v, o = attn.v_proj, attn.o_proj
+        w = _f64(linear_weight(v))
+        _set(v, "weight", (r.t() @ w.reshape(-1, hd, w.shape[1])).reshape(w.shape))
+        if v.bias is not None:
+            _set(v, "bias", (_f64(v.bias).reshape(-1, hd) @ r).reshape(-1))
+        w = _f64(linear_weight(o))
+        _set(o, "weight", (w.reshape(w.shape[0], -1, hd) @ r).reshape(w.shape))
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
+
+
+def _set(module: nn.Module, attr: str, value: torch.Tensor) -> None:
+    """``module.attr`` takes ``value`` in the dtype and device of the tensor it replaces."""
+    old = getattr(module, attr)
+    old.data = value.to(device=old.device, dtype=old.dtype)
