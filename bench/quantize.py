@@ -38,6 +38,12 @@ def rows(llmc_python: str | None):
     mixed3 = [{k: v for k, v in p.items() if k not in ("bits", "group_size")} | {"target_bits_per_weight": 3.25}
               if p["type"] == "gptq" else p for p in tuned3]
     yield "w3-gptq-tuned.yaml at mixed 3.25 (compress)", "mix", "mix", mixed3
+    # incoherence processing: the residual stream and values rotated (folded) before quantizing
+    rot = [{"type": "rotate"}]
+    for b, g in ((4, 64), (3, 64)):
+        yield "rotate+RTN (compress)", b, g, rot + q("rtn", b, g)
+    for b, g in ((3, 64), (2, 32)):
+        yield "rotate+GPTQ (compress)", b, g, rot + q("gptq", b, g)
     # the token embedding / output head (tied on SmolLM2) quantized too: the whole file
     for method in ("gptq", "rtn"):
         yield f"AWQ+GPTQ + embeddings {method} 4-bit g32 (compress)", 4, 64, awq + q("gptq", 4, 64) + [
