@@ -44,6 +44,8 @@ def rows(llmc_python: str | None):
         yield "rotate+RTN (compress)", b, g, rot + q("rtn", b, g)
     for b, g in ((3, 64), (2, 32)):
         yield "rotate+GPTQ (compress)", b, g, rot + q("gptq", b, g)
+    for b, g in ((3, 64), (2, 32)):
+        yield "rotate+AWQ+GPTQ (compress)", b, g, rot + awq + q("gptq", b, g)
     # the token embedding / output head (tied on SmolLM2) quantized too: the whole file
     for method in ("gptq", "rtn"):
         yield f"AWQ+GPTQ + embeddings {method} 4-bit g32 (compress)", 4, 64, awq + q("gptq", 4, 64) + [
