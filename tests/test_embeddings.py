@@ -139,7 +139,9 @@ def test_gguf_holds_the_table_as_token_embd_and_onnx_keeps_it_packed(write_recip
     assert kinds["token_embd.weight"] == "Q4_0" and "output.weight" not in kinds
     onnx_info = json.loads((out / "onnx" / "export.json").read_text())
     assert onnx_info["validation"]["passed"] and onnx_info["io"]["tied_embeddings"]
-    assert onnx_info["layers"]["lm_head"]["lowering"].startswith("MatMulNBits 4-bit")
+    head = onnx_info["layers"]["lm_head"]
+    assert head["lowering"].startswith("MatMulNBits 4-bit") and "shared with the token embedding" in head["lowering"]
+    assert head["file_bytes"] > 49152 * 576 / 2  # the table's codes, counted once, with the head
     # the table is never stored in float: the ONNX file is smaller than the float16 table alone would make it
     table_fp16 = 2 * 49152 * 576
     assert onnx_info["size"]["file_bytes"] < report["size"]["checkpoint_bytes"] + table_fp16 / 2

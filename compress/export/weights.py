@@ -53,6 +53,7 @@ class WeightLowering:
         self.nbits_tensors: dict[str, list[str]] = {}  # layer -> its MatMulNBits initializers (``onnx_grid``)
 
     def linear(self, x: str, fmt: WeightFormat, bias: torch.Tensor | None, name: str) -> str:
+        shared = set(self.nbits_tensors.get(name, ()))  # made before, for a tied embedding's lookup
         start = len(self.g.initializers)
         try:
             lowering, y = self._matmul(x, fmt, name)
@@ -61,6 +62,9 @@ class WeightLowering:
         if bias is not None:
             y = self.g.op("Add", y, as_float(self.g, f"{name}.bias", bias))
         nbytes = sum(len(t.raw_data) for t in self.g.initializers[start:])
+        if shared:
+            nbytes += sum(len(t.raw_data) for t in self.g.initializers[:start] if t.name in shared)
+            lowering += " (its tensors shared with the token embedding)"
         self.layers[name] = LayerExport(lowering, nbytes)
         return y
 
