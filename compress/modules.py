@@ -98,11 +98,7 @@ def embeddings_tied(model) -> bool:
     """Whether the model's (a transformers PreTrainedModel's) output head computes with its token embedding's table
     (the same tensor, or the same format object once both are compressed)."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head is None:
-        return False
-    if isinstance(emb, CompressedEmbedding) or isinstance(head, CompressedLinear):
-        return getattr(emb, "fmt", None) is getattr(head, "fmt", False)
-    return getattr(emb, "weight", None) is getattr(head, "weight", False)
+    return any(getattr(emb, attr, None) is getattr(head, attr, False) for attr in ("fmt", "weight"))
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:

@@ -69,9 +69,9 @@ def _linear(low: WeightLowering, x: str, module, name: str) -> str:
 def _embeddings(low: WeightLowering, module, ids: str, tied: bool, dense_dtype) -> tuple[str, torch.dtype, str | None]:
     """(hidden states of ``ids``, the table's dtype, the dense table's initializer for a tied head to share, or
     None). A compressed table gathers its stored rows and decodes them, tied from the head's own initializers
-    (``WeightLowering.rows``). A dense one
-    stays in the checkpoint's dtype, rows gathered then cast; tied, it is stored transposed [hidden, vocab] so
-    that the head's MatMul reads the same initializer and neither needs a second copy in memory."""
+    (``WeightLowering.rows``). A dense one stays in the checkpoint's dtype, rows gathered then cast; tied, it is
+    stored transposed [hidden, vocab] so that the head's MatMul reads the same initializer and neither needs a
+    second copy in memory."""
     g = low.g
     fmt = getattr(module, "fmt", None)
     if fmt is not None:

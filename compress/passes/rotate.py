@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import PlanError
 from ..families import family
-from ..modules import linear_weight
+from ..modules import embeddings_tied, linear_weight
 from ..rotation import random_rotation
 from .base import Pass, PassConfig
 from .registry import register
@@ -71,32 +71,32 @@ class Rotate(Pass):
         self.q, self.kind = random_rotation(config.hidden_size, gen)
         heads = config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        self.r, self.values_kind = random_rotation(self.head_dim, gen)
+        self.r, _ = random_rotation(self.head_dim, gen)
         self.offset, self.writers = fam.norm_offset, fam.residual_writers
         emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-        if head.weight is emb.weight:
+        if embeddings_tied(model):
             head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
             config.tie_word_embeddings = False
             if hasattr(config, "get_text_config"):
                 config.get_text_config().tie_word_embeddings = False
-        norm = model.model.norm
-        _set(head, "weight", _f64(head.weight) * self._gain(norm) @ self.q)
-        _set(norm, "weight", torch.full_like(_f64(norm.weight), 1 - self.offset))
+        _set(head, "weight", _f64(head.weight) * self._take_gain(model.model.norm) @ self.q)
         _set(emb, "weight", _f64(emb.weight) @ self.q)
 
-    def _gain(self, norm: nn.Module) -> torch.Tensor:
-        return self.offset + _f64(linear_weight(norm))
+    def _take_gain(self, norm: nn.Module) -> torch.Tensor:
+        """The norm's gain (``offset + weight``), which the caller folds into the layers it feeds; the norm's own
+        gain becomes 1."""
+        gain = self.offset + _f64(linear_weight(norm))
+        _set(norm, "weight", torch.full_like(gain, 1 - self.offset))
+        return gain
 
     def apply(self, work, replace) -> None:
         block, q = work.block, self.q
         for norm_name, consumers, kind in family(work.model_type).scaling:  # each norm and the layers reading it
             if kind != "norm":
                 continue
-            norm = block.get_submodule(norm_name)
-            gain = self._gain(norm)
+            gain = self._take_gain(block.get_submodule(norm_name))
             for layer in (block.get_submodule(c) for c in consumers):
                 _set(layer, "weight", _f64(linear_weight(layer)) * gain @ q)
-            _set(norm, "weight", torch.full_like(_f64(norm.weight), 1 - self.offset))
         if self.cfg.values:
             self._rotate_values(block)
         for layer in (block.get_submodule(w) for w in self.writers):
