@@ -47,7 +47,7 @@ def ours(passes: list[dict], calib: Path, windows: int) -> dict:
     model, tok, _ = resolve("smollm2-135m")
     tokens = torch.load(calib)
     t = time.perf_counter()
-    run_passes(model, plan(parse_recipe({"passes": passes}).passes), tokens, "cpu")
+    result = run_passes(model, plan(parse_recipe({"passes": passes}).passes), tokens, "cpu")
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     from compress.families import find_blocks
@@ -64,7 +64,13 @@ def ours(passes: list[dict], calib: Path, windows: int) -> dict:
     file_bytes = checkpoint_content(model, "float16").nbytes()  # the whole checkpoint: embeddings, norms included
     return {"seconds": seconds, "peak_memory_mb": peak, "bytes": nbytes, "bits_per_weight": 8 * nbytes / numel,
             "checkpoint_bytes": file_bytes, "model_bits_per_weight": 8 * file_bytes / parameter_count(model),
+            "pass_seconds": result.pass_seconds, "model_wide": _plain(result.allocation),
             **quality(model, tok, windows)}
+
+
+def _plain(value):
+    """``value`` with only JSON types (the report's per-pass information, which may hold tensors or tuples)."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def quality(model, tok, windows: int) -> dict:

@@ -50,6 +50,12 @@ def rows(llmc_python: str | None):
     for method in ("gptq", "rtn"):
         yield f"AWQ+GPTQ + embeddings {method} 4-bit g32 (compress)", 4, 64, awq + q("gptq", 4, 64) + [
             {"type": "embeddings", "bits": 4, "group_size": 32, "method": method}]
+    # end-to-end tuning of every grid's scales against the float model's top-k distribution (PEQA)
+    peqa = [{"type": "peqa"}]
+    yield "RTN + peqa (compress)", 4, 64, q("rtn", 4, 64) + peqa
+    for b, g in ((4, 64), (3, 64)):
+        yield "AWQ+GPTQ + embeddings gptq 4-bit g32 + peqa (compress)", b, g, awq + q("gptq", b, g) + [
+            {"type": "embeddings", "bits": 4, "group_size": 32}] + peqa
     if llmc_python:
         for b, g in ((4, 64), (3, 64), (2, 32)):
             yield "GPTQ (llm-compressor)", b, g, ("llmc", "gptq", [b, g])

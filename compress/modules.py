@@ -71,6 +71,7 @@ class CompressedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = fmt.shape
         self.compute_dtype = compute_dtype
         self.embed_scale = embed_scale.detach().clone() if embed_scale is not None else None
+        self._cached_weight: torch.Tensor | None = None  # a whole decoded table standing in for the format
 
     @classmethod
     def from_module(cls, module: nn.Module, fmt: WeightFormat) -> "CompressedEmbedding":
@@ -79,8 +80,11 @@ class CompressedEmbedding(nn.Module):
         return cls(fmt, getattr(module, "embed_scale", None), dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.fmt.take_rows(input_ids.reshape(-1).cpu()).to(input_ids.device, self.compute_dtype)
-        out = rows.reshape(*input_ids.shape, self.embedding_dim)
+        if self._cached_weight is not None:
+            out = nn.functional.embedding(input_ids, self._cached_weight)
+        else:
+            rows = self.fmt.take_rows(input_ids.reshape(-1).cpu()).to(input_ids.device, self.compute_dtype)
+            out = rows.reshape(*input_ids.shape, self.embedding_dim)
         return out if self.embed_scale is None else out * self.embed_scale.to(out.device, self.compute_dtype)
 
     def _apply(self, fn, recurse=True):

@@ -40,6 +40,7 @@ from .progress import Progress
 from .residency import release_clean_pages, release_file_pages, return_freed_heap
 from .sensitivity import output_fisher
 from .stage import RunStage
+from .teacher import Teacher
 
 CHUNK = 4  # calibration sequences per forward (GPTQ, 32 x 512: 112 s and 1138 MB vs 117 s and 1193 MB with 8)
 
@@ -77,12 +78,14 @@ def check_resumable(passes: list[Pass]) -> None:
 
 
 def check_distributable(passes: list[Pass], workers: int) -> None:
-    """Passes that read a block's whole calibration input (``block_io``) see one worker's share only: refused on a
-    distributed run."""
+    """Passes that read a block's whole calibration input (``block_io``) or train through the whole model against
+    the teacher (``teacher_top_k``) see one worker's share only: refused on a distributed run."""
     if workers > 1:
         for i, p in enumerate(passes):
-            if p.requirements().block_io:
-                raise PlanError(f"pass {i + 1} ({p.name}) reads each block's whole calibration input and cannot be "
+            req = p.requirements()
+            if req.block_io or req.teacher_top_k:
+                what = "each block's" if req.block_io else "the model's"
+                raise PlanError(f"pass {i + 1} ({p.name}) reads {what} whole calibration input and cannot be "
                                 "spread over workers", "run it with --nproc 1")
 
 
@@ -270,8 +273,9 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
     # them resident (SmolLM2: 113 MB of embeddings, 538 MB after an evaluation); the file has them
     release_clean_pages([p.data for p in model.parameters()])
     # the float model's activations, for passes that match its outputs (GPTQ's asymmetric calibration)
+    teacher_k = max(r.teacher_top_k for r in reqs) if reqs else 0
     float_inputs = [(h.clone(), kw) for h, kw in inputs] \
-        if inputs is not None and any("cross" in r.stats or r.float_outputs for r in reqs) else None
+        if inputs is not None and (teacher_k or any("cross" in r.stats or r.float_outputs for r in reqs)) else None
     calib_s = time.perf_counter() - t0
     wants_head = inputs is not None and any(r.head_inputs for r in reqs)
     task = progress.add("compressing blocks", total=len(blocks)) if progress else None
@@ -301,6 +305,9 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
             progress.advance(task)
     head_stats = _head_input_stats(model, blocks, inputs, calibration, device) if wants_head else None
     del inputs
+    teacher = _teacher(model, blocks, float_inputs, calibration, device, teacher_k) \
+        if teacher_k and float_inputs is not None else None
+    del float_inputs
     for j, p in enumerate(passes):
         t = time.perf_counter()
         with torch.no_grad():
@@ -313,14 +320,35 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
         if info:
             records = _renumber(records, prefix, info.pop("kept_blocks", None))
             allocation[f"{j}:{p.name}"] = info
+    for j, p in enumerate(passes):
+        t = time.perf_counter()
+        info = p.tune_model(model, teacher, device)
+        seconds[f"{j}:{p.name}"] += time.perf_counter() - t
+        if info:
+            allocation[f"{j}:{p.name}"] = info
     return PipelineResult(records, seconds, calib_s, allocation)
+
+
+def _after_blocks(model, blocks, outputs, calibration, device):
+    """The model's forward on each chunk of (this worker's share of) ``calibration`` with the blocks replaced by
+    ``outputs`` (the last block's outputs, chunk by chunk): what the model's own code computes after the blocks,
+    yielded chunk by chunk (a hook may stop a chunk early by raising _StatsDone: None is yielded then)."""
+    with on_compute(blocks[-1], device):
+        as_tuple = returns_tuple(blocks[-1], outputs[0], device)
+    embeddings = model.get_input_embeddings()
+    with after_blocks(blocks, [h for h, _ in outputs], as_tuple), \
+            on_compute(model, device, skip=() if embeddings_tied(model) else (embeddings,)):
+        for part in distributed.WORLD.share(calibration).split(CHUNK):
+            try:
+                yield model(input_ids=part.to(input_device(model)), use_cache=False)
+            except _StatsDone:
+                yield None
 
 
 @torch.no_grad()
 def _head_input_stats(model, blocks, outputs, calibration, device) -> LayerStats:
     """The Hessian of the output head's inputs over the calibration: the last block's ``outputs`` (chunk by chunk)
     through what the model's own forward runs after the blocks, stopped at the head (no logits are computed)."""
-    head = model.get_output_embeddings()
     st = LayerStats()
 
     def grab(_module, args):
@@ -329,24 +357,23 @@ def _head_input_stats(model, blocks, outputs, calibration, device) -> LayerStats
         st.hessian = _add_to_sum(st.hessian, x.t() @ x)
         raise _StatsDone
 
-    tokens = distributed.WORLD.share(calibration)
-    with on_compute(blocks[-1], device):
-        as_tuple = returns_tuple(blocks[-1], outputs[0], device)
-    handle = head.register_forward_pre_hook(grab)
-    embeddings = model.get_input_embeddings()
+    handle = model.get_output_embeddings().register_forward_pre_hook(grab)
     try:
-        with after_blocks(blocks, [h for h, _ in outputs], as_tuple), \
-                on_compute(model, device, skip=() if embeddings_tied(model) else (embeddings,)):
-            for part in tokens.split(CHUNK):
-                try:
-                    model(input_ids=part.to(input_device(model)), use_cache=False)
-                except _StatsDone:
-                    pass
+        for _ in _after_blocks(model, blocks, outputs, calibration, device):
+            pass
     finally:
         handle.remove()
     _sum_over_workers({"head": st})
     st.settle()
     return st
+
+
+@torch.no_grad()
+def _teacher(model, blocks, float_outputs, calibration, device, k: int) -> Teacher:
+    """The float model's top-``k`` next-token distribution over the calibration, from the float stream's last
+    block outputs (before the head is compressed)."""
+    logits = (out.logits.cpu() for out in _after_blocks(model, blocks, float_outputs, calibration, device))
+    return Teacher.from_logits(calibration, logits, k)
 
 
 def _compress_block(i, block, block_prefix, model_type, passes, reqs, records, seconds, inputs, float_inputs,

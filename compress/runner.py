@@ -157,6 +157,11 @@ def check_run(recipe_path, model_spec: str, out: str | None, overrides=(), seed:
         if recipe.calibration.samples < workers:
             raise CompressError(f"{workers} workers need at least {workers} calibration samples "
                                 f"(the recipe has {recipe.calibration.samples})", "raise calibration.samples")
+        for i, p in enumerate(passes):
+            if recipe.calibration.samples < (need := p.requirements().min_samples):
+                raise CompressError(f"pass {i + 1} ({p.name}) needs at least {need} calibration samples (the recipe "
+                                    f"has {recipe.calibration.samples})", "raise calibration.samples or lower the "
+                                    "pass's held-out share")
     resolve_source(recipe.evaluate.dataset)
     if recipe.evaluate.max_windows < workers:
         raise CompressError(f"{workers} workers need at least {workers} evaluation windows "

@@ -45,6 +45,7 @@ def test_clip_search_in_row_chunks_fits_every_row_as_alone(smol, spec):
         assert (zero is None) == (z is None) and (zero is None or torch.equal(zero[rows], z))
 
 
+@pytest.mark.slow  # the layer-level GPTQ tests below and test_embeddings' head test cover the default suite
 def test_gptq_beats_rtn_at_3_bits(smol, data):
     model, _, _ = smol
     calib, windows, base, ref = data
@@ -94,12 +95,12 @@ def test_refitting_scales_lowers_the_output_error_of_every_row(smol, data):
 def test_awq_scaling_keeps_the_float_model_exact(smol, data):
     model, _, _ = smol
     calib, windows, _, _ = data
-    awq = {"type": "awq", "search_bits": 3, "search_group_size": 64, "targets": FIRST_BLOCKS}
+    awq = {"type": "awq", "search_bits": 3, "search_group_size": 64, "targets": ["model.layers.[0-2].*"]}
     scaled = compress_copy(model, [awq], calib)
     changed = (scaled.model.layers[0].input_layernorm.weight - model.model.layers[0].input_layernorm.weight).abs()
     assert changed.max() > 1e-3, "AWQ chose no scaling at all"
     # grouped-query attention (9 query heads, 3 KV heads): v_proj -> o_proj is scaled too, tied per KV head
-    v_scaled = [i for i in range(8) if not torch.equal(scaled.model.layers[i].self_attn.v_proj.weight,
+    v_scaled = [i for i in range(3) if not torch.equal(scaled.model.layers[i].self_attn.v_proj.weight,
                                                        model.model.layers[i].self_attn.v_proj.weight)]
     assert v_scaled, "no v_proj -> o_proj scaling under GQA"
     with torch.no_grad():
@@ -126,7 +127,7 @@ def test_mixed_precision_never_exceeds_its_target(smol, data, target):
     m = copy.deepcopy(model)
     result = run_passes(m, plan(parse_recipe({"passes": [
         {"type": "rtn", "target_bits_per_weight": target, "sensitivity_samples": 4,
-         "targets": ["model.layers.[0-5].*"]}]}).passes), calib, "cpu")  # six blocks: the sensitivities cost
+         "targets": ["model.layers.[0-3].*"]}]}).passes), calib, "cpu")  # four blocks: the sensitivities cost
     fmts = [mod.fmt for mod in find_blocks(m)[1].modules() if hasattr(mod, "fmt")]
     bits = 8 * sum(f.nbytes() for f in fmts) / sum(f.numel for f in fmts)
     assert bits <= target

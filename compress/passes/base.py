@@ -19,6 +19,7 @@ from torch import nn
 from ..formats import WeightFormat
 from ..modules import CompressedLinear, linear_weight
 from ..quant import QuantSpec
+from ..teacher import Teacher
 
 STAGES = ("transform", "prune", "cluster", "quantize")  # the order passes must come in
 
@@ -155,7 +156,10 @@ class Requirements:
     ``layer_parallel``: each layer's result depends only on that layer and its statistics (layers sharing an
     input may be solved together), so workers of a distributed run can solve different layers; ``head_inputs``:
     the statistics ("hessian") of the output head's inputs (the last compressed block's outputs through the final
-    norm) over the calibration, handed to :meth:`Pass.compress_ends`."""
+    norm) over the calibration, handed to :meth:`Pass.compress_ends`; ``teacher_top_k``: when above 0, the float
+    model's next-token distribution over the calibration (each position's ``teacher_top_k`` most likely tokens,
+    :class:`~compress.teacher.Teacher`), handed to :meth:`Pass.tune_model`; ``min_samples``: the calibration
+    sequences the pass needs at least (checked before any compute)."""
 
     stats: frozenset[str] = frozenset()
     block_io: bool = False
@@ -164,11 +168,13 @@ class Requirements:
     model_plan: ModelPlan | None = None
     layer_parallel: bool = False
     head_inputs: bool = False
+    teacher_top_k: int = 0
+    min_samples: int = 1
 
     @property
     def calibration(self) -> bool:
         """Whether the pass reads calibration data at all."""
-        return bool(self.stats or self.block_io or self.model_plan or self.head_inputs)
+        return bool(self.stats or self.block_io or self.model_plan or self.head_inputs or self.teacher_top_k)
 
 
 class Pass:
@@ -236,6 +242,12 @@ class Pass:
         :class:`Requirements` asked for ``head_inputs``. Returns what the report shows per module compressed (a
         tied pair under one name)."""
         return {}
+
+    def tune_model(self, model, teacher: Teacher | None, device) -> dict | None:
+        """After every other change (the blocks, the tables outside them, :meth:`finalize`): train what this pass
+        tunes through the whole model against ``teacher`` (when :class:`Requirements` asked for
+        ``teacher_top_k``); returns what the report shows."""
+        return None
 
     def block_state(self, index: int) -> dict:
         """What this pass keeps from block ``index`` for later blocks or :meth:`finalize` (plain JSON values): a

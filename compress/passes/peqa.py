@@ -1,0 +1,141 @@
+"""End-to-end tuning of quantization scales (and zero points) against the float model's next-token distribution.
+
+"Memory-Efficient Fine-Tuning of Compressed Large Language Models via sub-4-bit Integer Quantization" (PEQA; Kim et
+al., 2023): once the weights are integer codes, only the per-group scales are trained, through the whole model, so
+the result is the same integer-grid format with new scales (no adapter, no extra bytes). The objective here is not
+the paper's task loss but distillation from the float model on the calibration text (KL of the float model's top-k
+next-token distribution against the compressed model's, :mod:`compress.teacher`), as in the end-to-end stage of
+"EfficientQAT" (Chen et al., 2024), which trains the same parameters. With ``zeros``, the zero points of
+asymmetric grids train too, by straight-through rounding (they stay integers the format stores exactly).
+
+Unlike ``tune`` (block by block, against each block's float output), the loss here sees every layer's error at
+once as it reaches the logits, the output head's and the token embedding's tables included when they are integer
+grids (a tied table trains once). The last ``held_out`` share of the calibration sequences is never trained on: the
+tuned scales, rounded to float16 as stored, are kept only when they lower the KL there, and the epoch with the
+lowest held-out KL is the one kept. The whole model runs forward and backward, so its activations for one
+calibration sequence must fit in memory beside it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..blocks import input_device, on_compute
+from ..errors import PlanError
+from ..modules import dequantized_weights
+from ..teacher import Teacher, topk_kl
+from .base import Pass, PassConfig, Requirements
+from .registry import register
+from .trainable_grid import TrainableGrid, trainable_grids
+
+
+class PeqaConfig(PassConfig):
+    type: Literal["peqa"] = "peqa"
+    epochs: int = Field(2, ge=1, le=50, description="passes over the training share of the calibration")
+    lr: float = Field(1e-3, gt=0, le=0.1, description="Adam step size of the log-scales")
+    zeros: bool = Field(False, description="also train the zero points of asymmetric grids (straight-through)")
+    zero_lr: float = Field(0.02, gt=0, le=1, description="Adam step size of the zero points, in grid steps")
+    batch: int = Field(4, ge=1, le=1024, description="calibration sequences per optimizer step")
+    held_out: int = Field(8, ge=1, le=10_000, description="calibration sequences kept out of training, to judge")
+    samples: int | None = Field(64, ge=1, description="calibration sequences trained on (the first ones); "
+                                "null: all but the held-out ones")
+    top_k: int = Field(64, ge=1, le=4096, description="the float model's most likely tokens kept per position")
+
+
+@register
+class Peqa(Pass):
+    name = "peqa"
+    stage = "quantize"
+    Config = PeqaConfig
+
+    def requirements(self) -> Requirements:
+        return Requirements(teacher_top_k=self.cfg.top_k, min_samples=self.cfg.held_out + 1)
+
+    def check_plan(self, passes):
+        mine = passes.index(self)
+        if not any(p.stage == "quantize" and p is not self for p in passes[:mine]):
+            raise PlanError("the peqa pass has no quantizing pass before it",
+                            "put `type: peqa` after the rtn, gptq or embeddings pass whose scales it tunes")
+
+    def apply(self, work, replace) -> None:
+        """Nothing block by block: the tuning runs through the whole model once every block is compressed."""
+
+    def tune_model(self, model, teacher: Teacher | None, device) -> dict | None:
+        cfg = self.cfg
+        grids = trainable_grids({n: m for n, m in model.named_modules() if cfg.applies_to(n)}, device, cfg.zeros)
+        if teacher is None or not grids:
+            return None
+        train, held = _split(len(teacher.tokens), cfg.held_out, cfg.samples)
+        frozen = [p for p in model.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            with on_compute(model, device):
+                return self._train(model, grids, teacher, train, held, device)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _train(self, model, grids: dict[str, TrainableGrid], teacher, train, held, device) -> dict:
+        cfg = self.cfg
+        before = _held_out_kl(model, teacher, held, device)
+        groups = [{"params": [g.log_factor for g in grids.values()], "lr": cfg.lr}]
+        if zeros := [g.zero_shift for g in grids.values() if g.zero_shift is not None]:
+            groups.append({"params": zeros, "lr": cfg.zero_lr})
+        optimizer = torch.optim.Adam(groups)
+        order = torch.Generator().manual_seed(0)
+        best, best_kl, per_epoch = None, before, []
+        for _ in range(cfg.epochs):
+            rows = train[torch.randperm(len(train), generator=order)]
+            for step in rows.split(cfg.batch):
+                optimizer.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    for i in step.tolist():
+                        for g in grids.values():
+                            g.install()
+                        (_kl(model, teacher, [i], device) / len(step)).backward()
+                optimizer.step()
+            results = {name: g.result() for name, g in grids.items()}
+            kl = _held_out_kl_with(model, grids, results, teacher, held, device)
+            per_epoch.append(kl)
+            if kl < best_kl:
+                best, best_kl = results, kl
+        for name, g in grids.items():
+            g.put(best[name] if best is not None else g.fmt)
+        return {"held_out_kl_before": before, "held_out_kl_after": best_kl, "held_out_kl_per_epoch": per_epoch,
+                "kept": best is not None, "tables": len(grids), "held_out_sequences": len(held),
+                "steps": cfg.epochs * math.ceil(len(train) / cfg.batch)}
+
+
+def _split(n: int, held_out: int, samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out sequence indices: the last ``held_out`` are held out, the first ``samples`` of the
+    others (all of them when None) train."""
+    return torch.arange(min(n - held_out, samples or n)), torch.arange(n - held_out, n)
+
+
+def _kl(model, teacher: Teacher, rows: list[int], device) -> torch.Tensor:
+    part = teacher.rows(rows)
+    logits = model(input_ids=part.tokens.to(input_device(model)), use_cache=False).logits
+    return topk_kl(logits, part.indices.to(logits.device), part.logprobs.to(logits.device))
+
+
+@torch.no_grad()
+def _held_out_kl(model, teacher: Teacher, held: torch.Tensor, device) -> float:
+    """The mean top-k KL over the held-out sequences, of the model as its formats store it."""
+    with dequantized_weights(model):
+        return sum(float(_kl(model, teacher, [i], device)) for i in held.tolist()) / len(held)
+
+
+def _held_out_kl_with(model, grids: dict[str, TrainableGrid], results: dict, teacher, held, device) -> float:
+    """:func:`_held_out_kl` with ``results`` (name -> format) in place of the grids' formats, put back after."""
+    for name, g in grids.items():
+        g.put(results[name])
+    try:
+        return _held_out_kl(model, teacher, held, device)
+    finally:
+        for g in grids.values():
+            g.put(g.fmt)

@@ -1,0 +1,85 @@
+"""An integer-grid weight whose quantizer parameters train while its codes stay fixed (the ``tune`` and ``peqa``
+passes): each group scale as ``stored * exp(t)``, and optionally the zero points of an asymmetric grid, moved by
+straight-through rounding (the forward uses the rounded zero point, the gradient passes as if it were not rounded),
+so what trains is always a value the format stores exactly."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats import QuantizedWeight
+from ..modules import CompressedEmbedding, CompressedLinear
+from ..packing import pack_rows
+from ..quant import decode, pad_to_groups
+
+
+class TrainableGrid:
+    """One :class:`QuantizedWeight` and the modules computing with it (a tied table: the head and the embedding)."""
+
+    def __init__(self, fmt: QuantizedWeight, modules: list[CompressedLinear | CompressedEmbedding], device,
+                 zeros: bool = False):
+        self.fmt, self.modules = fmt, modules
+        codes, scale, zero = fmt.unpacked()
+        out, k = fmt.shape
+        gs = fmt.spec.group_size or k
+        self.codes = pad_to_groups(codes, gs).reshape(out, -1, gs).to(device)
+        self.scale = scale.to(device)
+        self.zero = zero.to(device) if zero is not None else None
+        self.log_factor = nn.Parameter(torch.zeros_like(self.scale))
+        self.zero_shift = nn.Parameter(torch.zeros_like(self.scale)) if zeros and fmt.spec.has_zeros else None
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.log_factor] + ([self.zero_shift] if self.zero_shift is not None else [])
+
+    def scales(self) -> torch.Tensor:
+        return self.scale * self.log_factor.exp()
+
+    def zero_points(self) -> torch.Tensor | None:
+        if self.zero is None or self.zero_shift is None:
+            return self.zero
+        moved = self.zero + self.zero_shift
+        stored = moved.detach().round().clamp(0, self.fmt.spec.maxq)
+        return moved + (stored - moved).detach()
+
+    def weight(self) -> torch.Tensor:
+        """The float32 weight the current values give (differentiable in them)."""
+        out, k = self.fmt.shape
+        return decode(self.codes, self.scales(), self.zero_points(), self.fmt.spec).reshape(out, -1)[:, :k]
+
+    def install(self) -> None:
+        """Point the modules' forwards at :meth:`weight` for the next step."""
+        w = self.weight()
+        for m in self.modules:
+            m._cached_weight = w.to(m.compute_dtype)
+
+    def uninstall(self) -> None:
+        for m in self.modules:
+            m._cached_weight = None
+
+    def result(self) -> QuantizedWeight:
+        """The format holding the current values (scales rounded to float16 as stored; codes unchanged)."""
+        zero, spec = self.zero_points(), self.fmt.spec
+        zeros = self.fmt.zeros if self.zero_shift is None or zero is None else \
+            pack_rows(zero.detach().cpu().to(torch.uint8), spec.bits)
+        return QuantizedWeight(self.fmt.codes, self.scales().detach().cpu().half(), zeros, spec, self.fmt.shape)
+
+    def put(self, fmt: QuantizedWeight) -> None:
+        """Make ``fmt`` the modules' weight (kept shared by a tied pair)."""
+        self.uninstall()
+        for m in self.modules:
+            m.fmt = fmt
+
+
+def trainable_grids(modules: dict[str, nn.Module], device, zeros: bool = False) -> dict[str, TrainableGrid]:
+    """A :class:`TrainableGrid` per integer-grid format object among ``modules`` (name -> module), under the first
+    name that computes with it: a table shared by two modules trains once."""
+    grids: dict[int, TrainableGrid] = {}
+    names: dict[int, str] = {}
+    for name, m in modules.items():
+        if isinstance(m, CompressedLinear | CompressedEmbedding) and isinstance(m.fmt, QuantizedWeight):
+            if id(m.fmt) in grids:
+                grids[id(m.fmt)].modules.append(m)
+            else:
+                grids[id(m.fmt)], names[id(m.fmt)] = TrainableGrid(m.fmt, [m], device, zeros), name
+    return {names[key]: g for key, g in grids.items()}

@@ -1,0 +1,115 @@
+"""End-to-end fine-tuning against the float model (the `peqa` pass): the teacher the pipeline builds is the float
+model's own top-k distribution, tuning lowers the held-out KL on the real model and stores it exactly, a result
+that is no better than the input is never stored, and bad plans are refused before any compute."""
+
+import copy
+
+import pytest
+import torch
+from conftest import cli
+
+from compress.data import calibration_batches
+from compress.formats import QuantizedWeight
+from compress.modules import CompressedEmbedding, CompressedLinear
+from compress.passes.peqa import _held_out_kl, _split
+from compress.pipeline import plan, run_passes
+from compress.recipe import parse_recipe
+from compress.teacher import Teacher, topk_kl
+
+# RTN 3-bit on blocks 0-1 (asymmetric g64) and the tied table (4-bit g32 RTN): 12 x 96 tokens of pydoc, 2 held out
+PASSES = [{"type": "rtn", "bits": 3, "group_size": 64, "targets": ["model.layers.[01].*"]},
+          {"type": "embeddings", "method": "rtn", "clip_search": False}]
+PEQA = {"type": "peqa", "epochs": 1, "lr": 0.01, "zeros": True, "batch": 2, "held_out": 2, "top_k": 32,
+        "targets": ["model.layers.[01].*", "lm_head", "model.embed_tokens"]}
+
+
+def _kl_full(student, teacher_logits):
+    p = torch.log_softmax(teacher_logits.double(), -1)
+    return (p.exp() * (p - torch.log_softmax(student.double(), -1))).sum(-1).mean()
+
+
+def test_topk_kl_is_the_full_kl_with_every_token_and_never_above_it_with_fewer():
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(3, 5, 40, generator=g) * 3, torch.randn(3, 5, 40, generator=g) * 3
+    full = _kl_full(student, teacher)
+    every = Teacher.from_logits(torch.zeros(3, 5), [teacher], 40)
+    assert float(topk_kl(student, every.indices, every.logprobs)) == pytest.approx(float(full), rel=1e-5)
+    for k in (1, 8, 39):
+        some = Teacher.from_logits(torch.zeros(3, 5), [teacher], k)
+        assert 0 < float(topk_kl(student, some.indices, some.logprobs)) <= float(full) + 1e-6
+        assert abs(float(topk_kl(teacher, some.indices, some.logprobs))) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def tuned(smol):
+    """SmolLM2 compressed by PASSES then tuned by PEQA through run_passes; the teacher the pass was handed."""
+    model, tok, _ = smol
+    calibration = calibration_batches("pydoc", tok, 12, 96, seed=0, heldout_spec="pydoc")
+    m = copy.deepcopy(model)
+    passes = plan(parse_recipe({"passes": [*PASSES, PEQA]}).passes)
+    handed = {}
+    tune_model = type(passes[-1]).tune_model
+
+    def spy(self, model, teacher, device):
+        handed["teacher"] = teacher
+        handed["formats"] = {n: mod.fmt for n, mod in model.named_modules()
+                             if isinstance(mod, CompressedLinear | CompressedEmbedding)}
+        return tune_model(self, model, teacher, device)
+
+    passes[-1].tune_model = spy.__get__(passes[-1])
+    result = run_passes(m, passes, calibration, "cpu")
+    return m, result.allocation["2:peqa"], handed, calibration
+
+
+def test_the_teacher_is_the_float_models_top_k(tuned, smol):
+    _, _, handed, calibration = tuned
+    teacher = handed["teacher"]
+    with torch.no_grad():
+        logits = smol[0](input_ids=calibration[:4], use_cache=False).logits
+    want = Teacher.from_logits(calibration[:4], [logits], 32)
+    assert teacher.k == 32 and torch.equal(teacher.tokens, calibration)
+    assert (teacher.logprobs[:4] - want.logprobs).abs().max() < 1e-3
+    assert (teacher.indices[:4] == want.indices).float().mean() > 0.99  # ties among near-equal logits may swap
+
+
+def test_tuning_lowers_the_held_out_kl_and_stores_what_it_measured(tuned):
+    model, info, handed, _ = tuned
+    assert info["kept"] and info["tables"] == 15  # 2 blocks x 7 linear layers, and lm_head and the
+    assert info["held_out_kl_after"] < 0.97 * info["held_out_kl_before"]  # embedding are one tied table
+    teacher = handed["teacher"]
+    _, held = _split(len(teacher.tokens), 2)
+    assert _held_out_kl(model, teacher, held, "cpu") == pytest.approx(info["held_out_kl_after"], rel=1e-6)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert emb.fmt is head.fmt  # the tied table is still one format object
+    for name, before in handed["formats"].items():
+        after = model.get_submodule(name).fmt
+        assert isinstance(after, QuantizedWeight) and torch.equal(after.codes, before.codes)  # codes never move
+        if name.startswith("model.layers.1."):
+            assert not torch.equal(after.scales, before.scales)
+
+
+def test_a_result_no_better_than_its_input_is_not_stored(smol):
+    """With the compressed model as its own teacher the KL starts at its minimum: the tuned scales cannot lower it,
+    and the formats stay the very objects they were."""
+    model, tok, _ = smol
+    calibration = calibration_batches("pydoc", tok, 4, 64, seed=0, heldout_spec="pydoc")
+    m = copy.deepcopy(model)
+    passes = plan(parse_recipe({"passes": [PASSES[0], PEQA]}).passes)
+    run_passes(m, passes[:1], None, "cpu")
+    with torch.no_grad():
+        teacher = Teacher.from_logits(calibration, [m(input_ids=calibration, use_cache=False).logits], 32)
+    formats = {n: mod.fmt for n, mod in m.named_modules() if isinstance(mod, CompressedLinear)}
+    info = passes[1].tune_model(m, teacher, "cpu")
+    assert not info["kept"] and info["held_out_kl_after"] == info["held_out_kl_before"]
+    assert all(m.get_submodule(n).fmt is f for n, f in formats.items())
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("passes: [{type: peqa}]", "no quantizing pass before it"),
+    ("passes: [{type: rtn}, {type: peqa, lr: 0}]", "lr"),
+    ("passes: [{type: rtn}, {type: peqa, held_out: 8}]\ncalibration: {samples: 8}", "at least 9 calibration"),
+])
+def test_bad_plans_are_refused_before_any_compute(write_recipe, tmp_path, recipe, message):
+    out = tmp_path / "out"
+    result = cli("run", write_recipe(recipe), "smollm2-135m", "--out", out)
+    assert result.exit_code != 0 and message in result.output and not out.exists()
