@@ -6,9 +6,10 @@ The estimate follows how a run holds the model: its files are memory-mapped and 
 is brought to float32 (``blocks.on_compute``), so memory is the process itself, a few float32 copies of one
 block (the block, its compressed form decoded, a pass's work), the largest layer's Hessian and its factor, the
 calibration activations (the blocks' inputs and the float model's), the head in float32 and a batch of logits
-while evaluating. Where the blocks cannot be counted (a GGUF before its conversion) the whole model is
-counted in float32. Disk: the finished blocks staged beside the output, and each written format (at most the
-float16 model each).
+while evaluating; a pass that trains through the whole model (``peqa``) holds the whole model decoded in float32
+for its backward, one sequence's activations and logits, and the teacher's top-k. Where the blocks cannot be
+counted (a GGUF before its conversion) the whole model is counted in float32. Disk: the finished blocks staged
+beside the output, and each written format (at most the float16 model each).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ HESSIAN_COPIES = 3     # the widest Hessian: a float64 sum (two float32 sizes) w
                        # then the solve's permuted copy and factor
 MARGIN = 1.15          # on what the phases hold: allocator slack, resident pages of the memory-mapped files
 WHOLE_MODEL = 4.5      # peak RSS / float32 model bytes where blocks are unknown
+TUNE_MODEL_COPIES = 2  # whole-model training: the float32 weights decoded from the formats, and the decode's saved
+                       # intermediates for the backward
+TUNE_FLOATS_PER_TOKEN = 40  # per block and hidden channel: the activations one sequence keeps for the backward
+TEACHER_BYTES_PER_POSITION = 64 * 8  # the default top-k: int32 token ids and float32 log-probs
 GB = 1e9
 
 
@@ -52,7 +57,8 @@ class ModelSize:
     vocab: int = 0
 
 
-def estimate(size: ModelSize, recipe, calibrated: bool = True) -> Need:
+def estimate(size: ModelSize, recipe, calibrated: bool = True, tuned_whole: bool = False) -> Need:
+    """``tuned_whole``: a pass trains through the whole model (:attr:`Requirements.teacher_top_k`)."""
     outputs = int(recipe.export.checkpoint) + int(recipe.export.onnx is not None)
     disk = size.parameters * 2 * (outputs + 1)  # + the staged blocks
     activations = 0.0
@@ -70,7 +76,13 @@ def estimate(size: ModelSize, recipe, calibrated: bool = True) -> Need:
     solve = SOLVE_BLOCK_COPIES * block + hessian + activations
     evaluation = (block + size.head_parameters * 4 + ev.max_windows * ev.seq_len * (size.hidden or 0) * 4 +
                   3 * 2 * ev.seq_len * size.vocab * 4)
-    phases = MARGIN * max(solve, evaluation)
+    tuning = 0.0
+    if tuned_whole and calibrated:
+        cal, blocks = recipe.calibration, max(1, (size.parameters - size.head_parameters) // size.block_parameters)
+        tuning = (TUNE_MODEL_COPIES * size.parameters * 4 + activations +
+                  TUNE_FLOATS_PER_TOKEN * cal.seq_len * (size.hidden or 0) * blocks * 4 +
+                  4 * cal.seq_len * size.vocab * 4 + cal.samples * cal.seq_len * TEACHER_BYTES_PER_POSITION)
+    phases = MARGIN * max(solve, evaluation, tuning)
     return Need(size.parameters, PROCESS + phases, disk, phases)
 
 
@@ -147,19 +159,21 @@ def free_gpu_memory(device) -> float:
     return float(free)
 
 
-def check_resources(spec: str, recipe, out_dir: Path, device, calibrated: bool = True) -> Need | None:
+def check_resources(spec: str, recipe, out_dir: Path, device, calibrated: bool = True,
+                    tuned_whole: bool = False) -> Need | None:
     """Refuse a run that cannot fit, with the numbers; returns the estimate (None when the size is unknown).
-    ``calibrated``: whether a pass reads calibration data (its activations then count)."""
+    ``calibrated``: whether a pass reads calibration data (its activations then count); ``tuned_whole``: whether a
+    pass trains through the whole model."""
     size = model_size(spec)
     if size is None:
         return None
-    need = estimate(size, recipe, calibrated)
+    need = estimate(size, recipe, calibrated, tuned_whole)
     hint = "free some, choose a smaller model, or pass --ignore-resource-check to try anyway"
     have = available_memory()
     if need.memory > have:
+        how = "the whole model trained in float32" if tuned_whole else "one block at a time in float32"
         raise ResourceError(f"not enough memory: this run needs about {need.memory / GB:.1f} GB "
-                            f"({need.parameters / 1e9:.2f}B parameters, one block at a time in float32), "
-                            f"{have / GB:.1f} GB is available", hint)
+                            f"({need.parameters / 1e9:.2f}B parameters, {how}), {have / GB:.1f} GB is available", hint)
     disk = free_disk(out_dir.parent)
     if need.disk > disk:
         raise ResourceError(f"not enough disk for {out_dir}: the outputs take up to {need.disk / GB:.1f} GB, "

@@ -203,7 +203,8 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
                 raise OutputError(f"output folder {out_dir} already exists", "pass --force to replace it, or --out DIR")
             dev = pick_device(device)
             if not ignore_resource_check and world.main:
-                need = check_resources(model_spec, checked.recipe, out_dir, dev, checked.needs_data)
+                need = check_resources(model_spec, checked.recipe, out_dir, dev, checked.needs_data,
+                                       any(p.requirements().teacher_top_k for p in checked.passes))
                 if need is not None:
                     log(f"estimated need: {need.memory / 1e9:.1f} GB memory, {need.disk / 1e9:.1f} GB disk")
             folder = stage_folder(out_dir)

@@ -113,3 +113,19 @@ def test_bad_plans_are_refused_before_any_compute(write_recipe, tmp_path, recipe
     out = tmp_path / "out"
     result = cli("run", write_recipe(recipe), "smollm2-135m", "--out", out)
     assert result.exit_code != 0 and message in result.output and not out.exists()
+
+
+def test_the_memory_check_counts_the_whole_model_trained(write_recipe, tmp_path, monkeypatch):
+    """A run with peqa is estimated with the whole model decoded for its backward (refused here with the numbers,
+    before loading), where the same run without it is estimated one block at a time."""
+    import compress.resources
+
+    monkeypatch.setattr(compress.resources, "available_memory", lambda: 0.5e9)
+    needs = {}
+    for name, passes in (("plain", "[{type: rtn}]"), ("tuned", "[{type: rtn}, {type: peqa}]")):
+        result = cli("run", write_recipe(f"passes: {passes}", f"{name}.yaml"), "smollm2-135m", "--out",
+                     tmp_path / name, "--quiet")
+        assert result.exit_code == 2 and not (tmp_path / name).exists(), result.output
+        needs[name] = float(result.stderr.split("needs about ")[1].split(" GB")[0])
+        assert ("the whole model trained in float32" in result.stderr) == (name == "tuned")
+    assert needs["tuned"] > needs["plain"] + 1.0  # two float32 copies of 135M parameters and more

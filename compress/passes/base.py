@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from ..errors import PlanError
 from ..formats import WeightFormat
 from ..modules import CompressedLinear, linear_weight
 from ..quant import QuantSpec
@@ -196,6 +197,11 @@ class Pass:
 
     def check_plan(self, passes: list[Pass]) -> None:
         """Raise PlanError when this pass cannot run in this plan (called before any compute)."""
+
+    def check_follows_a_quantizer(self, passes: list[Pass], hint: str) -> None:
+        """For a pass that tunes what a quantizing pass wrote: raise PlanError unless one comes before it."""
+        if not any(p.stage == "quantize" and p is not self for p in passes[:passes.index(self)]):
+            raise PlanError(f"the {self.name} pass has no quantizing pass before it", hint)
 
     def check_model(self, model) -> None:
         """Raise PlanError when this pass cannot run on ``model`` (called once it is loaded, before any compute)."""

@@ -25,7 +25,6 @@ import torch
 from pydantic import Field
 
 from ..blocks import input_device, on_compute
-from ..errors import PlanError
 from ..modules import dequantized_weights
 from ..teacher import Teacher, topk_kl
 from .base import Pass, PassConfig, Requirements
@@ -56,10 +55,8 @@ class Peqa(Pass):
         return Requirements(teacher_top_k=self.cfg.top_k, min_samples=self.cfg.held_out + 1)
 
     def check_plan(self, passes):
-        mine = passes.index(self)
-        if not any(p.stage == "quantize" and p is not self for p in passes[:mine]):
-            raise PlanError("the peqa pass has no quantizing pass before it",
-                            "put `type: peqa` after the rtn, gptq or embeddings pass whose scales it tunes")
+        self.check_follows_a_quantizer(passes, "put `type: peqa` after the rtn, gptq or embeddings pass whose "
+                                       "scales it tunes")
 
     def apply(self, work, replace) -> None:
         """Nothing block by block: the tuning runs through the whole model once every block is compressed."""

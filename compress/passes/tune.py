@@ -22,7 +22,6 @@ from pydantic import Field
 from torch import nn
 
 from ..blocks import run_block
-from ..errors import PlanError
 from ..modules import CompressedLinear
 from .base import Pass, PassConfig, Requirements
 from .registry import register
@@ -52,10 +51,7 @@ class Tune(Pass):
         return Requirements(block_io=True, float_outputs=True)
 
     def check_plan(self, passes):
-        mine = passes.index(self)
-        if not any(p.stage == "quantize" and p is not self for p in passes[:mine]):
-            raise PlanError("the tune pass has no quantizing pass before it",
-                            "put `type: tune` after an rtn or gptq pass")
+        self.check_follows_a_quantizer(passes, "put `type: tune` after an rtn or gptq pass")
 
     def apply(self, work, replace):
         grids = trainable_grids(work.layers, work.device)
