@@ -26,8 +26,8 @@ HESSIAN_COPIES = 3     # the widest Hessian: a float64 sum (two float32 sizes) w
                        # then the solve's permuted copy and factor
 MARGIN = 1.15          # on what the phases hold: allocator slack, resident pages of the memory-mapped files
 WHOLE_MODEL = 4.5      # peak RSS / float32 model bytes where blocks are unknown
-TUNE_MODEL_COPIES = 2  # whole-model training: the float32 weights decoded from the formats, and the decode's saved
-                       # intermediates for the backward
+TUNE_MODEL_COPIES = 3  # whole-model training: the float32 weights decoded from the formats, the decode's saved
+                       # intermediates for the backward, and (with adapters) the stored weights decoded once
 TUNE_FLOATS_PER_TOKEN = 40  # per block and hidden channel: the activations one sequence keeps for the backward
 TEACHER_BYTES_PER_POSITION = 64 * 8  # the default top-k: int32 token ids and float32 log-probs
 GB = 1e9

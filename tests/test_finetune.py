@@ -9,10 +9,12 @@ import torch
 from conftest import cli
 
 from compress.data import calibration_batches
-from compress.formats import QuantizedWeight
+from compress.formats import QuantizedWeight, quantize_rtn
 from compress.modules import CompressedEmbedding, CompressedLinear
 from compress.passes.peqa import _held_out_kl, _split
+from compress.passes.trainable_grid import TrainableGrid
 from compress.pipeline import plan, run_passes
+from compress.quant import QuantSpec
 from compress.recipe import parse_recipe
 from compress.teacher import Teacher, topk_kl
 
@@ -40,13 +42,15 @@ def test_topk_kl_is_the_full_kl_with_every_token_and_never_above_it_with_fewer()
         assert abs(float(topk_kl(teacher, some.indices, some.logprobs))) < 1e-6
 
 
-@pytest.fixture(scope="module")
-def tuned(smol):
-    """SmolLM2 compressed by PASSES then tuned by PEQA through run_passes; the teacher the pass was handed."""
+@pytest.fixture(scope="module", params=["peqa", "l4q"])
+def tuned(smol, request):
+    """SmolLM2 compressed by PASSES then tuned end to end (PEQA: scales and zero points; L4Q: with rank-4 adapters
+    too) through run_passes; the teacher the pass was handed."""
     model, tok, _ = smol
     calibration = calibration_batches("pydoc", tok, 12, 96, seed=0, heldout_spec="pydoc")
     m = copy.deepcopy(model)
-    passes = plan(parse_recipe({"passes": [*PASSES, PEQA]}).passes)
+    tuner = {**PEQA, "type": request.param} | ({"rank": 4, "adapter_lr": 0.01} if request.param == "l4q" else {})
+    passes = plan(parse_recipe({"passes": [*PASSES, tuner]}).passes)
     handed = {}
     tune_model = type(passes[-1]).tune_model
 
@@ -58,7 +62,7 @@ def tuned(smol):
 
     passes[-1].tune_model = spy.__get__(passes[-1])
     result = run_passes(m, passes, calibration, "cpu")
-    return m, result.allocation["2:peqa"], handed, calibration
+    return m, result.allocation[f"2:{request.param}"], handed, calibration
 
 
 def test_the_teacher_is_the_float_models_top_k(tuned, smol):
@@ -72,8 +76,9 @@ def test_the_teacher_is_the_float_models_top_k(tuned, smol):
     assert (teacher.indices[:4] == want.indices).float().mean() > 0.99  # ties among near-equal logits may swap
 
 
-def test_tuning_lowers_the_held_out_kl_and_stores_what_it_measured(tuned):
+def test_tuning_lowers_the_held_out_kl_and_stores_what_it_measured(tuned, request):
     model, info, handed, _ = tuned
+    merges_adapters = "l4q" in request.node.callspec.id
     assert info["kept"] and info["tables"] == 15  # 2 blocks x 7 linear layers, and lm_head and the
     assert info["held_out_kl_after"] < 0.97 * info["held_out_kl_before"]  # embedding are one tied table
     teacher = handed["teacher"]
@@ -81,11 +86,32 @@ def test_tuning_lowers_the_held_out_kl_and_stores_what_it_measured(tuned):
     assert _held_out_kl(model, teacher, held, "cpu") == pytest.approx(info["held_out_kl_after"], rel=1e-6)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     assert emb.fmt is head.fmt  # the tied table is still one format object
+    moved = []
     for name, before in handed["formats"].items():
         after = model.get_submodule(name).fmt
-        assert isinstance(after, QuantizedWeight) and torch.equal(after.codes, before.codes)  # codes never move
+        assert isinstance(after, QuantizedWeight) and after.spec == before.spec
+        moved.append(not torch.equal(after.codes, before.codes))
         if name.startswith("model.layers.1."):
             assert not torch.equal(after.scales, before.scales)
+    assert any(moved) == merges_adapters  # PEQA never moves a code; L4Q's adapters are merged into them
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(3, 64), QuantSpec(4, 48, symmetric=True), QuantSpec(2, None)],
+                         ids=["3-bit-g64", "4-bit-g48-sym", "2-bit-rows"])
+def test_an_adapter_starts_at_the_stored_codes_and_merges_into_them_exactly(spec):
+    w = torch.randn(40, 120, generator=torch.Generator().manual_seed(1))
+    fmt = quantize_rtn(w, spec)
+    grid = TrainableGrid(fmt, [], "cpu", zeros=True, rank=4)
+    assert torch.equal(grid.weight(), fmt.dequantize()) and torch.equal(grid.result().codes, fmt.codes)
+    with torch.no_grad():
+        grid.lora_b.normal_(0, 0.05)
+        grid.log_factor.normal_(0, 0.1)
+        if grid.zero_shift is not None:
+            grid.zero_shift.normal_(0, 0.5)
+    stored = grid.result()
+    assert not torch.equal(stored.codes, fmt.codes)
+    grid.log_factor.data = (stored.scales.float() / grid.scale).log()  # the scales as stored, exactly
+    torch.testing.assert_close(stored.dequantize(), grid.weight().detach(), rtol=0, atol=1e-6)
 
 
 def test_a_result_no_better_than_its_input_is_not_stored(smol):

@@ -61,9 +61,17 @@ class Peqa(Pass):
     def apply(self, work, replace) -> None:
         """Nothing block by block: the tuning runs through the whole model once every block is compressed."""
 
+    def adapter_rank(self) -> int:
+        """The rank of the low-rank adapter merged into each integer grid's codes (0: scales only)."""
+        return 0
+
+    def adapter_lr(self) -> float:
+        return 0.0
+
     def tune_model(self, model, teacher: Teacher | None, device) -> dict | None:
         cfg = self.cfg
-        grids = trainable_grids({n: m for n, m in model.named_modules() if cfg.applies_to(n)}, device, cfg.zeros)
+        grids = trainable_grids({n: m for n, m in model.named_modules() if cfg.applies_to(n)}, device, cfg.zeros,
+                                self.adapter_rank())
         if teacher is None or not grids:
             return None
         train, held = _split(len(teacher.tokens), cfg.held_out, cfg.samples)
@@ -83,6 +91,8 @@ class Peqa(Pass):
         groups = [{"params": [g.log_factor for g in grids.values()], "lr": cfg.lr}]
         if zeros := [g.zero_shift for g in grids.values() if g.zero_shift is not None]:
             groups.append({"params": zeros, "lr": cfg.zero_lr})
+        if adapters := [p for g in grids.values() for p in g.adapter_parameters()]:
+            groups.append({"params": adapters, "lr": self.adapter_lr()})
         optimizer = torch.optim.Adam(groups)
         order = torch.Generator().manual_seed(0)
         best, best_kl, per_epoch = None, before, []
@@ -136,3 +146,30 @@ def _held_out_kl_with(model, grids: dict[str, TrainableGrid], results: dict, tea
     finally:
         for g in grids.values():
             g.put(g.fmt)
+
+
+class L4qConfig(PeqaConfig):
+    type: Literal["l4q"] = "l4q"  # type: ignore[assignment]
+    rank: int = Field(8, ge=1, le=256, description="rank of each layer's adapter")
+    adapter_lr: float = Field(1e-3, gt=0, le=0.1, description="Adam step size of the adapters")
+
+
+@register
+class L4q(Peqa):
+    """End-to-end quantization-aware tuning with low-rank adapters merged into the codes.
+
+    "L4Q: Parameter Efficient Quantization-Aware Fine-Tuning on Large Language Models" (Jeon et al., 2024): each
+    integer-grid layer computes with ``quantize(W + B A)`` (its stored weight plus a rank-``rank`` adapter, put back
+    on the grid with trainable scales and zero points, straight-through rounding), so the adapter is trained for the
+    grid it ends on and merges into the codes exactly; the scales train as in :class:`Peqa`, whose teacher, loop and
+    held-out rule this pass shares. Layers on other grids (NF4, FP4) train their scales only.
+    """
+
+    name = "l4q"
+    Config = L4qConfig
+
+    def adapter_rank(self) -> int:
+        return self.cfg.rank
+
+    def adapter_lr(self) -> float:
+        return self.cfg.adapter_lr

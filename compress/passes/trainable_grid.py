@@ -1,7 +1,12 @@
-"""An integer-grid weight whose quantizer parameters train while its codes stay fixed (the ``tune`` and ``peqa``
-passes): each group scale as ``stored * exp(t)``, and optionally the zero points of an asymmetric grid, moved by
-straight-through rounding (the forward uses the rounded zero point, the gradient passes as if it were not rounded),
-so what trains is always a value the format stores exactly."""
+"""An integer-grid weight whose quantizer parameters train (the ``tune``, ``peqa`` and ``l4q`` passes): each group
+scale as ``stored * exp(t)``, and optionally the zero points of an asymmetric grid, moved by straight-through
+rounding (the forward uses the rounded zero point, the gradient passes as if it were not rounded), so what trains is
+always a value the format stores exactly.
+
+With a low-rank adapter (``rank``, int grids only) the codes move too: the weight is the stored one plus ``B @ A``,
+quantized again onto the grid with the current scales and zero points in every forward (straight-through
+rounding), as in L4Q; ``B`` starts at zero, so the first forward gives the stored codes back. What the forward
+computes is then always what :meth:`TrainableGrid.result` stores: the adapter is merged into the codes, exactly."""
 
 from __future__ import annotations
 
@@ -18,19 +23,28 @@ class TrainableGrid:
     """One :class:`QuantizedWeight` and the modules computing with it (a tied table: the head and the embedding)."""
 
     def __init__(self, fmt: QuantizedWeight, modules: list[CompressedLinear | CompressedEmbedding], device,
-                 zeros: bool = False):
+                 zeros: bool = False, rank: int = 0):
         self.fmt, self.modules = fmt, modules
         codes, scale, zero = fmt.unpacked()
         out, k = fmt.shape
-        gs = fmt.spec.group_size or k
-        self.codes = pad_to_groups(codes, gs).reshape(out, -1, gs).to(device)
+        self.gs = fmt.spec.group_size or k
+        self.codes = pad_to_groups(codes, self.gs).reshape(out, -1, self.gs).to(device)
         self.scale = scale.to(device)
         self.zero = zero.to(device) if zero is not None else None
         self.log_factor = nn.Parameter(torch.zeros_like(self.scale))
         self.zero_shift = nn.Parameter(torch.zeros_like(self.scale)) if zeros and fmt.spec.has_zeros else None
+        self.lora_a = self.lora_b = None
+        if rank and fmt.spec.grid == "int":
+            g = torch.Generator().manual_seed(out * 7919 + k)
+            self.lora_a = nn.Parameter((torch.randn(rank, k, generator=g) / k ** 0.5).to(device))
+            self.lora_b = nn.Parameter(torch.zeros(out, rank, device=device))
+            self.base = decode(self.codes, self.scale, self.zero, fmt.spec)  # the stored weight, grouped
 
     def parameters(self) -> list[nn.Parameter]:
         return [self.log_factor] + ([self.zero_shift] if self.zero_shift is not None else [])
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_a, self.lora_b] if self.lora_a is not None and self.lora_b is not None else []
 
     def scales(self) -> torch.Tensor:
         return self.scale * self.log_factor.exp()
@@ -42,10 +56,22 @@ class TrainableGrid:
         stored = moved.detach().round().clamp(0, self.fmt.spec.maxq)
         return moved + (stored - moved).detach()
 
+    def current_codes(self, scales: torch.Tensor | None = None) -> torch.Tensor:
+        """The codes [out, groups, group size] (float): the stored ones, or with an adapter the merged weight
+        quantized again (straight-through rounding) with ``scales`` (default: the current ones)."""
+        if self.lora_a is None or self.lora_b is None:
+            return self.codes
+        out, k = self.fmt.shape
+        delta = pad_to_groups(self.lora_b @ self.lora_a, self.gs).reshape(out, -1, self.gs)
+        zero = self.zero_points()
+        assert zero is not None, "integer grids have zero points"
+        x = (self.base + delta) / (self.scales() if scales is None else scales).unsqueeze(-1) + zero.unsqueeze(-1)
+        return x + (x.detach().round().clamp(0, self.fmt.spec.maxq) - x).detach()
+
     def weight(self) -> torch.Tensor:
         """The float32 weight the current values give (differentiable in them)."""
         out, k = self.fmt.shape
-        return decode(self.codes, self.scales(), self.zero_points(), self.fmt.spec).reshape(out, -1)[:, :k]
+        return decode(self.current_codes(), self.scales(), self.zero_points(), self.fmt.spec).reshape(out, -1)[:, :k]
 
     def install(self) -> None:
         """Point the modules' forwards at :meth:`weight` for the next step."""
@@ -62,7 +88,13 @@ class TrainableGrid:
         zero, spec = self.zero_points(), self.fmt.spec
         zeros = self.fmt.zeros if self.zero_shift is None or zero is None else \
             pack_rows(zero.detach().cpu().to(torch.uint8), spec.bits)
-        return QuantizedWeight(self.fmt.codes, self.scales().detach().cpu().half(), zeros, spec, self.fmt.shape)
+        stored = self.scales().detach().half()
+        codes = self.fmt.codes
+        if self.lora_a is not None:  # the merged weight on the grid of the scales as stored
+            out, k = self.fmt.shape
+            merged = self.current_codes(stored.float()).detach().reshape(out, -1)[:, :k].round()
+            codes = pack_rows(merged.cpu().to(torch.uint8), spec.bits)
+        return QuantizedWeight(codes, stored.cpu(), zeros, spec, self.fmt.shape)
 
     def put(self, fmt: QuantizedWeight) -> None:
         """Make ``fmt`` the modules' weight (kept shared by a tied pair)."""
@@ -71,7 +103,8 @@ class TrainableGrid:
             m.fmt = fmt
 
 
-def trainable_grids(modules: dict[str, nn.Module], device, zeros: bool = False) -> dict[str, TrainableGrid]:
+def trainable_grids(modules: dict[str, nn.Module], device, zeros: bool = False, rank: int = 0
+                    ) -> dict[str, TrainableGrid]:
     """A :class:`TrainableGrid` per integer-grid format object among ``modules`` (name -> module), under the first
     name that computes with it: a table shared by two modules trains once."""
     grids: dict[int, TrainableGrid] = {}
@@ -81,5 +114,5 @@ def trainable_grids(modules: dict[str, nn.Module], device, zeros: bool = False) 
             if id(m.fmt) in grids:
                 grids[id(m.fmt)].modules.append(m)
             else:
-                grids[id(m.fmt)], names[id(m.fmt)] = TrainableGrid(m.fmt, [m], device, zeros), name
+                grids[id(m.fmt)], names[id(m.fmt)] = TrainableGrid(m.fmt, [m], device, zeros, rank), name
     return {names[key]: g for key, g in grids.items()}
