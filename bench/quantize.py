@@ -53,6 +53,7 @@ def rows(llmc_python: str | None):
     # end-to-end tuning of every grid's scales against the float model's top-k distribution (PEQA)
     peqa = [{"type": "peqa"}]
     yield "RTN + peqa (compress)", 4, 64, q("rtn", 4, 64) + peqa
+    yield "RTN + l4q (compress)", 4, 64, q("rtn", 4, 64) + [{"type": "l4q"}]
     for b, g in ((4, 64), (3, 64)):
         yield "AWQ+GPTQ + embeddings gptq 4-bit g32 + peqa (compress)", b, g, awq + q("gptq", b, g) + [
             {"type": "embeddings", "bits": 4, "group_size": 32}] + peqa

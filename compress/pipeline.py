@@ -267,15 +267,20 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
     for p in passes:  # model-wide changes (a rotation of the embeddings) come before any calibration forward
         p.prepare(model)
     allocation = plan_globally(model, blocks, prefix, passes, calibration, device, progress)
-    inputs = capture_block_inputs(model, blocks, distributed.WORLD.share(calibration), CHUNK) \
+    captured = capture_block_inputs(model, blocks, distributed.WORLD.share(calibration), CHUNK) \
         if needs_data and calibration is not None else None
     # until each block's turn, no weight is read: an evaluation before, or the embeddings just now, made
     # them resident (SmolLM2: 113 MB of embeddings, 538 MB after an evaluation); the file has them
     release_clean_pages([p.data for p in model.parameters()])
-    # the float model's activations, for passes that match its outputs (GPTQ's asymmetric calibration)
+    # the compressed model's stream, for passes that look at a block's inputs or the head's
+    wants_stream = any(r.stats or r.block_io or r.head_inputs for r in reqs)
+    # the float model's, for passes that match its outputs (GPTQ's asymmetric calibration) and for the teacher
     teacher_k = max(r.teacher_top_k for r in reqs) if reqs else 0
-    float_inputs = [(h.clone(), kw) for h, kw in inputs] \
-        if inputs is not None and (teacher_k or any("cross" in r.stats or r.float_outputs for r in reqs)) else None
+    wants_float = bool(teacher_k) or any("cross" in r.stats or r.float_outputs for r in reqs)
+    inputs = captured if wants_stream else None
+    float_inputs = None if captured is None or not wants_float else \
+        [(h.clone(), kw) for h, kw in captured] if wants_stream else captured
+    del captured
     calib_s = time.perf_counter() - t0
     wants_head = inputs is not None and any(r.head_inputs for r in reqs)
     task = progress.add("compressing blocks", total=len(blocks)) if progress else None
