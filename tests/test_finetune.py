@@ -49,7 +49,9 @@ def tuned(smol, request):
     model, tok, _ = smol
     calibration = calibration_batches("pydoc", tok, 12, 96, seed=0, heldout_spec="pydoc")
     m = copy.deepcopy(model)
-    tuner = {**PEQA, "type": request.param} | ({"rank": 4, "adapter_lr": 0.01} if request.param == "l4q" else {})
+    # L4Q re-rounds every weight when a scale moves: it wants smaller scale steps than PEQA
+    tuner = {**PEQA, "type": request.param} | (
+        {"rank": 4, "lr": 0.001, "adapter_lr": 0.01} if request.param == "l4q" else {})
     passes = plan(parse_recipe({"passes": [*PASSES, tuner]}).passes)
     handed = {}
     tune_model = type(passes[-1]).tune_model
@@ -79,8 +81,9 @@ def test_the_teacher_is_the_float_models_top_k(tuned, smol):
 def test_tuning_lowers_the_held_out_kl_and_stores_what_it_measured(tuned, request):
     model, info, handed, _ = tuned
     merges_adapters = "l4q" in request.node.callspec.id
-    assert info["kept"] and info["tables"] == 15  # 2 blocks x 7 linear layers, and lm_head and the
-    assert info["held_out_kl_after"] < 0.97 * info["held_out_kl_before"]  # embedding are one tied table
+    assert info["kept"] and info["tables"] == 15  # 2 blocks x 7 linear layers, and lm_head with the embedding
+    # (the embedding is one tied table); 5 steps on 10 x 96 tokens
+    assert info["held_out_kl_after"] < (0.99 if merges_adapters else 0.9) * info["held_out_kl_before"]
     teacher = handed["teacher"]
     _, held = _split(len(teacher.tokens), 2)
     assert _held_out_kl(model, teacher, held, "cpu") == pytest.approx(info["held_out_kl_after"], rel=1e-6)
