@@ -101,10 +101,12 @@ class Peqa(Pass):
             for step in rows.split(cfg.batch):
                 optimizer.zero_grad(set_to_none=True)
                 with torch.enable_grad():
-                    for i in step.tolist():
-                        for g in grids.values():
-                            g.install()
-                        (_kl(model, teacher, [i], device) / len(step)).backward()
+                    for g in grids.values():  # decoded once a step; each sequence's backward runs through it
+                        g.install()
+                    rows_of_step = step.tolist()
+                    for n, i in enumerate(rows_of_step, 1):
+                        (_kl(model, teacher, [i], device) / len(step)).backward(
+                            retain_graph=n < len(rows_of_step))
                 optimizer.step()
             results = {name: g.result() for name, g in grids.items()}
             kl = _held_out_kl_with(model, grids, results, teacher, held, device)

@@ -40,9 +40,6 @@ class TrainableGrid:
             self.lora_b = nn.Parameter(torch.zeros(out, rank, device=device))
             self.base = decode(self.codes, self.scale, self.zero, fmt.spec)  # the stored weight, grouped
 
-    def parameters(self) -> list[nn.Parameter]:
-        return [self.log_factor] + ([self.zero_shift] if self.zero_shift is not None else [])
-
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [self.lora_a, self.lora_b] if self.lora_a is not None and self.lora_b is not None else []
 
@@ -84,7 +81,8 @@ class TrainableGrid:
             m._cached_weight = None
 
     def result(self) -> QuantizedWeight:
-        """The format holding the current values (scales rounded to float16 as stored; codes unchanged)."""
+        """The format holding the current values: scales rounded to float16 as stored, and the stored codes (with
+        an adapter, the merged weight put on the grid of those scales)."""
         zero, spec = self.zero_points(), self.fmt.spec
         zeros = self.fmt.zeros if self.zero_shift is None or zero is None else \
             pack_rows(zero.detach().cpu().to(torch.uint8), spec.bits)

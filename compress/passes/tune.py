@@ -12,7 +12,7 @@ since the target is the float model's activation, not the block's own float outp
 
 The last calibration batch is held out: the tuned values are kept only when they lower its error.
 Put the pass after the quantizing pass it tunes. Each epoch costs about three calibration forwards
-of the block (measured effects: the README's results page).
+of the block (measured effects: RESULTS.md).
 """
 
 from typing import Literal
