@@ -2,7 +2,7 @@
 the exported model, fp32 against compressed variants, and whether greedy tokens equal PyTorch's; the same 4-bit
 export and onnxruntime-genai's own model builder (int4) run by onnxruntime-genai's generator.
 
-    python bench/onnx.py [--samples 16] [--threads 2] [--only NAME]
+    python bench/onnx.py [--samples 16] [--threads 2] [--only PREFIX|PREFIX...]
 
 Each variant is compressed in-process (small calibration: speed, not quality, is measured here),
 exported with validation, then timed in a fresh process (clean peak memory): prefill of a 256-token
@@ -47,8 +47,14 @@ VARIANTS = {
     "3-bit k-means per channel + 0.5% outliers": [{"type": "kmeans", "bits": 3, "granularity": "channel",
                                                    "outliers": "0.5%", "table_dtype": "int8"}],
     "2:4 Wanda + 4-bit GPTQ g64": [{"type": "wanda", "pattern": "2:4"}, {"type": "gptq", "bits": 4, "group_size": 64}],
+    "4-bit RTN g32 + 4-bit head (MatMulNBits, int8 activations)": [
+        {"type": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
+        {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn", "symmetric": True}],
     # the same exports, run by onnxruntime-genai's generator; and its own model builder's int4 of the float model
     "onnxruntime-genai: 4-bit RTN g128 (ours)": [{"type": "rtn", "bits": 4, "group_size": 128}],
+    "onnxruntime-genai: 4-bit RTN g32 + 4-bit head (ours, int8 activations)": [
+        {"type": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
+        {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn", "symmetric": True}],
     "onnxruntime-genai: builder int4 (float model)": None,
 }
 
@@ -76,11 +82,16 @@ def genai_builder_variant(out: Path) -> dict:
             "prompt": prompt, "validation": {}}
 
 
-def time_genai(folder: str, prompt: list[int]) -> dict:
+def time_genai(folder: str, prompt: list[int], threads: int) -> dict:
     """onnxruntime-genai's own loop: load, a 256-token prefill, then the median of 32 decode steps after a
-    32-token prompt (greedy), with the process's peak resident memory (VmHWM)."""
+    32-token prompt (greedy), with the process's peak resident memory (VmHWM). Every model runs on ``threads``
+    (its genai_config.json's session options are set so: without them onnxruntime-genai runs one thread)."""
     import onnxruntime_genai as og
 
+    config_file = Path(folder) / "genai_config.json"
+    config = json.loads(config_file.read_text())
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    config_file.write_text(json.dumps(config, indent=1))
     before = _vm_rss_mb()
     t = time.perf_counter()
     model = og.Model(folder)
@@ -180,7 +191,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default=None)
+    ap.add_argument("--only", default=None, help="the variants whose names start with this ('|' between several)")
     ap.add_argument("--keep", default=None, help="keep the exports in this folder")
     ap.add_argument("--scale", default=None, metavar="SHAPE", help="instead: session memory of a random-weight "
                     "model of a bench/scale.py shape (1B, 3B, 8B), 4-bit RTN g64, exported and probed")
@@ -192,7 +203,7 @@ def main():
     commit = common.current_commit()  # the code measured: taken before, as edits may land while it runs
     rows = []
     for name, passes in VARIANTS.items():
-        if a.only and not name.startswith(a.only):
+        if a.only and not any(name.startswith(prefix) for prefix in a.only.split("|")):
             continue
         folder = root / "".join(c if c.isalnum() else "_" for c in name)
         if passes is None:
@@ -200,7 +211,7 @@ def main():
         else:
             made = run_python("export_variant", name, passes, str(folder), a.samples)
         if name.startswith("onnxruntime-genai"):
-            timed = run_python("time_genai", str(folder), made["prompt"])
+            timed = run_python("time_genai", str(folder), made["prompt"], a.threads)
             session_mb = timed["session_mb"]
         else:
             timed = run_python("time_variant", str(folder), made["prompt"], a.threads)

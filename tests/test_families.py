@@ -1,6 +1,7 @@
 """Block discovery and the checkpoint round trip across decoder families, on tiny random-init
 models (shapes only; quality is tested on the real model elsewhere)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,10 +99,12 @@ def test_the_family_table_is_what_the_code_does(tiny):
             run_passes(model, plan(recipe.passes), tokens, "cpu")
 
 
-def test_onnx_export_computes_what_transformers_computes(tiny, tmp_path):
+@pytest.mark.parametrize("weights", ["fast", "portable"])
+def test_onnx_export_computes_what_transformers_computes(tiny, weights, tmp_path):
     """Every family the ONNX builder accepts (sliding windows shorter than the windows checked, Qwen3's head
     norms, Gemma's scaled embeddings and GELU) validates against transformers: prefill and KV-cache decode
-    past the window (random weights and tokens: shapes and arithmetic only)."""
+    past the window (random weights and tokens: shapes and arithmetic only), in onnxruntime's fused attention
+    (fast) and in standard ops (portable)."""
     from compress.export.onnx import Tolerance, export_to_folder
     from compress.families import family
 
@@ -115,10 +118,26 @@ def test_onnx_export_computes_what_transformers_computes(tiny, tmp_path):
 
     windows = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(0))
     # judged on the logits: saturated soft caps tie many top-1 tokens of a random model
-    info = export_to_folder(model, NoTokenizer(), tmp_path / name, windows=windows, log=lambda m: None,
+    info = export_to_folder(model, NoTokenizer(), tmp_path / name, windows=windows, weights=weights, log=lambda m: None,
                             tolerance=Tolerance(max_logit_diff=1e-3, min_top1_agreement=0.0, max_perplexity_diff=1e-4))
     v = info["validation"]
     assert v["passed"] and v["max_logit_diff"] < 1e-3 and v["decode_max_logit_diff"] < 1e-3, v
+
+    # a left-padded batch: the padded row's logits, prefill and one decode step, are its unpadded ones
+    from compress.export.runtime import OnnxCausalLM
+
+    lm, row, pad = OnnxCausalLM(tmp_path / name), windows[0, :20].numpy(), 4
+    alone, cache = lm.forward(row[None], lm.empty_cache(1))
+    step, _ = lm.forward(row[None, :1], cache)
+    batch = np.stack([np.concatenate([np.zeros(pad, np.int64), row[:-pad]]), row])
+    mask = np.ones((2, 20), np.int64)
+    mask[0, :pad] = 0
+    logits, cache = lm.forward(batch, lm.empty_cache(2), mask)
+    assert np.abs(logits[0, pad:] - alone[0, :-pad]).max() < 1e-4 and np.abs(logits[1] - alone[0]).max() < 1e-4
+    first, _ = lm.forward(row[None, -pad:-pad + 1], lm.forward(row[None, :-pad], lm.empty_cache(1))[1])
+    logits, _ = lm.forward(np.stack([row[-pad:-pad + 1], row[:1]]), cache, np.ones((2, 21), np.int64) - (
+        np.arange(21) < pad)[None] * np.array([[1], [0]]))
+    assert np.abs(logits[0] - first[0]).max() < 1e-4 and np.abs(logits[1] - step[0]).max() < 1e-4
 
 
 def test_awq_leaves_every_familys_float_model_unchanged(tiny):
