@@ -2,11 +2,12 @@
 the exported model, fp32 against compressed variants, and whether greedy tokens equal PyTorch's; the same 4-bit
 export and onnxruntime-genai's own model builder (int4) run by onnxruntime-genai's generator.
 
-    python bench/onnx.py [--samples 16] [--threads 2] [--only PREFIX|PREFIX...]
+    python bench/onnx.py [--samples 16] [--threads 2] [--only PREFIX|PREFIX...] [--rounds 5]
 
 Each variant is compressed in-process (small calibration: speed, not quality, is measured here),
-exported with validation, then timed in a fresh process (clean peak memory): prefill of a 256-token
-prompt (tokens/s) and the median of 32 decode steps with the KV cache after a 32-token prompt.
+exported with validation; then every row is timed in a fresh process (clean peak memory), the rows one
+after the other, ``--rounds`` times: prefill of a 256-token prompt (tokens/s) and the median of 32 decode
+steps with the KV cache after a 32-token prompt; the table shows each row's median over the rounds.
 """
 
 from __future__ import annotations
@@ -193,6 +194,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="the variants whose names start with this ('|' between several)")
     ap.add_argument("--keep", default=None, help="keep the exports in this folder")
+    ap.add_argument("--rounds", type=int, default=1, help="time every row this many times, the rows interleaved; "
+                    "the table shows the medians")
     ap.add_argument("--scale", default=None, metavar="SHAPE", help="instead: session memory of a random-weight "
                     "model of a bench/scale.py shape (1B, 3B, 8B), 4-bit RTN g64, exported and probed")
     a = ap.parse_args()
@@ -201,41 +204,43 @@ def main():
     root = Path(a.keep or tempfile.mkdtemp(prefix="compress-onnx-bench-"))
     common = _load(HERE / "common.py", "bench_common")
     commit = common.current_commit()  # the code measured: taken before, as edits may land while it runs
-    rows = []
-    for name, passes in VARIANTS.items():
+    made, folders = {}, {}
+    for name, passes in VARIANTS.items():  # every export first, then the timings in interleaved rounds
         if a.only and not any(name.startswith(prefix) for prefix in a.only.split("|")):
             continue
-        folder = root / "".join(c if c.isalnum() else "_" for c in name)
-        if passes is None:
-            made = run_python("genai_builder_variant", str(folder))
-        else:
-            made = run_python("export_variant", name, passes, str(folder), a.samples)
-        if name.startswith("onnxruntime-genai"):
-            timed = run_python("time_genai", str(folder), made["prompt"], a.threads)
-            session_mb = timed["session_mb"]
-        else:
-            timed = run_python("time_variant", str(folder), made["prompt"], a.threads)
-            session_mb = session_memory(folder, a.threads)["session_mb"]
-        v = made["validation"]
-        rows.append({"variant": name, "ONNX MB": made["file_bytes"] / 1e6,
-                     "ONNX / accounted": made["file_bytes"] / made["accounted_bytes"] if made["accounted_bytes"]
-                     else None,
-                     "load s": timed["load_s"], "prefill tok/s": timed["prefill_tok_s"],
-                     "decode ms/token": timed["decode_ms"], "peak RSS MB": timed["rss_mb"],
-                     "session MB": session_mb, "session / file": session_mb * 2**20 / made["file_bytes"],
+        folders[name] = folder = root / "".join(c if c.isalnum() else "_" for c in name)
+        made[name] = (run_python("genai_builder_variant", str(folder)) if passes is None else
+                      run_python("export_variant", name, passes, str(folder), a.samples))
+    timings: dict[str, list[dict]] = {name: [] for name in made}
+    for _ in range(a.rounds):
+        for name in made:
+            runner = "time_genai" if name.startswith("onnxruntime-genai") else "time_variant"
+            timings[name].append(run_python(runner, str(folders[name]), made[name]["prompt"], a.threads))
+    rows = []
+    for name, m in made.items():
+        timed = timings[name][0]
+        session_mb = (timed["session_mb"] if name.startswith("onnxruntime-genai")
+                      else session_memory(folders[name], a.threads)["session_mb"])
+        v = m["validation"]
+        rows.append({"variant": name, "ONNX MB": m["file_bytes"] / 1e6,
+                     "ONNX / accounted": m["file_bytes"] / m["accounted_bytes"] if m["accounted_bytes"] else None,
+                     "load s": _median(t["load_s"] for t in timings[name]),
+                     "prefill tok/s": _median(t["prefill_tok_s"] for t in timings[name]),
+                     "decode ms/token": _median(t["decode_ms"] for t in timings[name]), "peak RSS MB": timed["rss_mb"],
+                     "session MB": session_mb, "session / file": session_mb * 2**20 / m["file_bytes"],
                      "max logit diff": v.get("max_logit_diff"), "ppl onnx": v.get("perplexity_onnx"),
-                     "greedy = PyTorch": "yes" if timed["tokens"] == made["want"] else
-                     f"{sum(x == y for x, y in zip(timed['tokens'], made['want'], strict=False))}/32"})
-        common.append_result(RESULTS, name, {**rows[-1], "threads": a.threads, "commit": commit,
+                     "greedy = PyTorch": "yes" if timed["tokens"] == m["want"] else
+                     f"{sum(x == y for x, y in zip(timed['tokens'], m['want'], strict=False))}/32"})
+        common.append_result(RESULTS, name, {**rows[-1], "threads": a.threads, "rounds": a.rounds, "commit": commit,
                                              "measured": time.strftime("%Y-%m-%d %H:%M")})
-        print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
     base = next((r for r in rows if r["variant"] == "fp32"), None)
     for r in rows:
         r["decode speed-up vs fp32"] = base["decode ms/token"] / r["decode ms/token"] if base else None
     print(f"SmolLM2-135M in onnxruntime (CPUExecutionProvider, {a.threads} threads); validation on 2 x 256 held-out "
           f"pydoc tokens; prefill 256 tokens, decode median of 32 steps after a 32-token prompt; session MB: the "
           f"session's own resident memory through a 256-token prefill and 8 decode steps (a child process with "
-          f"numpy and onnxruntime only); measured at {commit}, rows in {RESULTS.relative_to(HERE.parent)}")
+          f"numpy and onnxruntime only); timings: median of {a.rounds} interleaved rounds; "
+          f"measured at {commit}, rows in {RESULTS.relative_to(HERE.parent)}")
     columns = ["variant", "ONNX MB", "ONNX / accounted", "load s", "prefill tok/s", "decode ms/token",
                "decode speed-up vs fp32", "session MB", "session / file", "peak RSS MB", "max logit diff",
                "ppl onnx", "greedy = PyTorch"]
@@ -276,6 +281,11 @@ def session_memory(folder: Path, threads: int) -> dict:
     proc = subprocess.run([sys.executable, str(probe), str(folder), "--threads", str(threads)], capture_output=True,
                           text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _median(values) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
 
 
 def run_python(func: str, *args):

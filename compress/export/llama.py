@@ -17,7 +17,8 @@ logits (Gemma 2), and a rotary base per layer type (Gemma 3's local and global l
 
 ``weights: portable`` builds it from standard opset-21 ops only. ``weights: fast`` uses onnxruntime's
 contrib kernels: GroupQueryAttention (``attention.py``), the residual add fused with the next RMSNorm
-(``norms.py``), and the low-bit matmuls (``weights.py``); the same numbers, fewer and faster kernels.
+(``norms.py``), and the low-bit matmuls (``weights.py``), siblings packed into one (``fuse.py``); the same
+numbers, fewer and faster kernels.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..formats import DenseWeight
 from ..formats.onnx_ops import torch_initializer
 from ..modules import embeddings_tied
 from .attention import AttentionContext, attention, cache_lengths, masks, rotary_tables, soft_cap
+from .fuse import pack_sibling_matmuls
 from .graph import FLOAT, INT64, Graph
 from .norms import add_and_norm, rms_norm
 from .weights import LayerExport, WeightLowering
@@ -174,6 +176,8 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
     for i, (key, value) in enumerate(ctx.presents):
         for tensor, kind in ((key, "key"), (value, "value")):
             g.output(tensor, f"present.{i}.{kind}", FLOAT, ["batch", kv_heads, "total_sequence", head_dim])
+    if fused:
+        pack_sibling_matmuls(g)
     io = {"layers": len(layers), "kv_heads": kv_heads, "head_dim": head_dim, "heads": heads,
           "vocab_size": cfg.vocab_size, "tied_embeddings": tied,
           "embedding_dtype": str(embed_dtype).removeprefix("torch.")}

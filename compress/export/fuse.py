@@ -1,0 +1,59 @@
+"""Sibling low-bit matmuls packed into one kernel: the query, key and value projections read the same input,
+as do the gate and up projections of the MLP. When their ``MatMulNBits`` agree on everything but the output
+width, their initializers are concatenated along the output rows (each is stored row by row, so the bytes are
+the same, only joined) and one kernel followed by a ``Split`` replaces them: fewer, larger calls per token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper, numpy_helper
+
+from .graph import Graph
+
+MATMUL_NBITS = ("com.microsoft", "MatMulNBits")
+
+
+def _key(node) -> tuple:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return (node.input[0], len(node.input), attrs["K"], attrs["bits"], attrs["block_size"],
+            attrs.get("accuracy_level", 0))
+
+
+def pack_sibling_matmuls(g: Graph) -> int:
+    """Pack every group of ``MatMulNBits`` in ``g`` that read the same input with the same shape of blocks and
+    whose weights no other node reads. Returns how many groups were packed."""
+    uses: dict[str, int] = {}
+    for node in g.nodes:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    groups: dict[tuple, list] = {}
+    for node in g.nodes:
+        if (node.domain, node.op_type) == MATMUL_NBITS and all(uses.get(t, 0) == 1 for t in node.input[1:]):
+            groups.setdefault(_key(node), []).append(node)
+    initializers = {t.name: t for t in g.initializers}
+    dropped: set[str] = set()
+    packed = 0
+    for nodes in groups.values():
+        if len(nodes) < 2:
+            continue
+        first = nodes[0]
+        widths = [int(helper.get_attribute_value(next(a for a in n.attribute if a.name == "N"))) for n in nodes]
+        tensors = []
+        for position in range(1, len(first.input)):
+            parts = [numpy_helper.to_array(initializers[n.input[position]]) for n in nodes]
+            dropped.update(n.input[position] for n in nodes)
+            tensors.append(g.tensor(f"{first.name}.packed.{position}", np.concatenate(parts, axis=0)))
+        attrs = {a.name: helper.get_attribute_value(a) for a in first.attribute}
+        joined = g.name("packed_matmul")
+        fused = helper.make_node("MatMulNBits", [first.input[0], *tensors], [joined], name=joined,
+                                 domain=first.domain, **{**attrs, "N": sum(widths)})
+        split = helper.make_node("Split", [joined, g.const(widths)], [n.output[0] for n in nodes],
+                                 name=g.name("split"), axis=-1)
+        at = g.nodes.index(first)
+        for n in nodes:
+            g.nodes.remove(n)
+        g.nodes[at:at] = [fused, split]
+        packed += 1
+    g.initializers[:] = [t for t in g.initializers if t.name not in dropped]
+    return packed
