@@ -247,32 +247,41 @@ def main():
     common.print_table(columns, rows)
 
 
+SCALE_VARIANTS = {  # --scale rows: the extra passes after RTN 4-bit g64 (the recipe of bench/scale.py)
+    "4-bit RTN g64": "",
+    "4-bit RTN g64 + 4-bit embeddings (RTN g32)": "  - type: embeddings\n    method: rtn\n",
+}
+
+
 def scale_row(shape: str, threads: int, work: Path) -> None:
     """Memory at deployment sizes, where the head is a small share of the file: a random-weight model of
-    ``shape`` (memory only, never quality), RTN 4-bit g64 through `compress run`, `compress export` (validated on
-    one window), and the session probe. Stored as a row of the same results file."""
+    ``shape`` (memory only, never quality), RTN 4-bit g64 through `compress run`, with and without the embeddings
+    pass, `compress export` (validated on one window), and the session probe. Stored as rows of the same results
+    file."""
     scale = _load(HERE / "scale.py", "bench_scale")
     common = _load(HERE / "common.py", "bench_common")
     commit = common.current_commit()
     model = scale.make_model(shape, Path(tempfile.gettempdir()) / "compress-scale")
-    recipe = work / "rtn.yaml"
     work.mkdir(parents=True, exist_ok=True)
-    recipe.write_text(scale.COMMON + scale.RECIPES["rtn-w4g64"])
-    ckpt, onnx_dir = work / "ckpt", work / "onnx"
-    for cmd in (["run", str(recipe), str(model), "--out", str(ckpt), "--quiet", "--force"],
-                ["export", str(ckpt), str(onnx_dir), "--windows", "1", "--seq-len", "128", "--force"]):
-        proc = subprocess.run([sys.executable, "-m", "compress.cli", *cmd], capture_output=True, text=True)
-        if proc.returncode not in (0, 1):  # 1: a budget of the recipe (none here)
-            raise RuntimeError(f"compress {cmd[0]} failed:\n{proc.stderr[-2000:]}")
-    size = sum(f.stat().st_size for f in onnx_dir.glob("model.onnx*"))
-    memory = session_memory(onnx_dir, threads)
-    meta = json.loads((onnx_dir / "export.json").read_text())
-    row = {"variant": f"{shape} shape (random weights), 4-bit RTN g64", "ONNX MB": size / 1e6,
-           "session MB": memory["session_mb"], "session / file": memory["session_mb"] * 2**20 / size,
-           "max logit diff": meta["validation"]["max_logit_diff"], "lowerings": meta["lowerings"]}
-    common.append_result(RESULTS, row["variant"], {**row, "threads": threads, "commit": commit,
-                                                   "measured": time.strftime("%Y-%m-%d %H:%M")})
-    common.print_table(["variant", "ONNX MB", "session MB", "session / file", "max logit diff"], [row])
+    rows = []
+    for label, extra in SCALE_VARIANTS.items():
+        recipe = work / "recipe.yaml"
+        recipe.write_text(scale.COMMON + scale.RECIPES["rtn-w4g64"] + extra)
+        ckpt, onnx_dir = work / "ckpt", work / "onnx"
+        for cmd in (["run", str(recipe), str(model), "--out", str(ckpt), "--quiet", "--force"],
+                    ["export", str(ckpt), str(onnx_dir), "--windows", "1", "--seq-len", "128", "--force"]):
+            proc = subprocess.run([sys.executable, "-m", "compress.cli", *cmd], capture_output=True, text=True)
+            if proc.returncode not in (0, 1):  # 1: a budget of the recipe (none here)
+                raise RuntimeError(f"compress {cmd[0]} failed:\n{proc.stderr[-2000:]}")
+        size = sum(f.stat().st_size for f in onnx_dir.glob("model.onnx*"))
+        memory = session_memory(onnx_dir, threads)
+        meta = json.loads((onnx_dir / "export.json").read_text())
+        rows.append({"variant": f"{shape} shape (random weights), {label}", "ONNX MB": size / 1e6,
+                     "session MB": memory["session_mb"], "session / file": memory["session_mb"] * 2**20 / size,
+                     "max logit diff": meta["validation"]["max_logit_diff"], "lowerings": meta["lowerings"]})
+        common.append_result(RESULTS, rows[-1]["variant"], {**rows[-1], "threads": threads, "commit": commit,
+                                                             "measured": time.strftime("%Y-%m-%d %H:%M")})
+    common.print_table(["variant", "ONNX MB", "session MB", "session / file", "max logit diff"], rows)
 
 
 def session_memory(folder: Path, threads: int) -> dict:
