@@ -379,7 +379,8 @@ def export(
     target: Annotated[str | None, typer.Option(help="compressed-tensors, gptq: vllm refuses layers vLLM's kernels "
                                                "or loaders do not take")] = None,
     max_shard_size: Annotated[str, typer.Option(help="compressed-tensors, gptq: largest safetensors shard")] = "5GB",
-    weights: Annotated[str, typer.Option(help="fast (MatMulNBits for 2/4/8-bit) or portable (standard ops)")] = "fast",
+    weights: Annotated[str, typer.Option(help="fast (onnxruntime's kernels: MatMulNBits, GroupQueryAttention, fused "
+                                         "norms) or portable (standard ops only)")] = "fast",
     int8_activations: Annotated[bool, typer.Option("--int8-activations", help="MatMulNBits with int8 "
                                                    "activations: faster, less exact")] = False,
     validation: Annotated[bool, typer.Option("--validate/--no-validate", help="compare with PyTorch")] = True,
