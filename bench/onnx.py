@@ -42,6 +42,8 @@ VARIANTS = {
     "3-bit RTN g128 (widened to 4-bit MatMulNBits)": [{"type": "rtn", "bits": 3, "group_size": 128}],
     "2-bit GPTQ g32 (MatMulNBits)": [{"type": "gptq", "bits": 2, "group_size": 32}],
     "2-bit GPTQ g32 (MatMulNBits, int8 activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],
+    "4-bit NF4 RTN g64 (MatMulBnb4)": [{"type": "rtn", "bits": 4, "group_size": 64, "grid": "nf"}],
+    "4-bit FP4 RTN g32 (exact 8-bit grid)": [{"type": "rtn", "bits": 4, "group_size": 32, "grid": "fp4"}],
     "4-bit k-means per channel": [{"type": "kmeans", "bits": 4, "granularity": "channel", "sensitivity": "none"}],
     "4-bit k-means per channel, 8-bit table": [{"type": "kmeans", "bits": 4, "granularity": "channel",
                                                "sensitivity": "none", "table_dtype": "int8"}],

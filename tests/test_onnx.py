@@ -20,14 +20,14 @@ from compress.modules import CompressedLinear
 from compress.passes.kmeans import KMeansConfig, palettize
 from compress.quant import QuantSpec
 
-# One format per layer of the model, in turn (layer i gets entry i % 10): a single export exercises every lowering.
+# One format per layer of the model, in turn (layer i gets entry i % 11): a single export exercises every lowering.
 # (layer, format, the lowering the exporter must choose: a runtime kernel on the codes wherever one reads them)
 FORMATS = [
     ("self_attn.q_proj", lambda w: quantize_rtn(w, QuantSpec(4, 64)), "MatMulNBits 4-bit block 64"),
     ("self_attn.k_proj", lambda w: quantize_rtn(w, QuantSpec(3, None)),
      "MatMulNBits 4-bit block 64 (3-bit codes widened)"),
     ("self_attn.v_proj", lambda w: quantize_rtn(w, QuantSpec(2, 32, symmetric=True)), "MatMulNBits 2-bit block 32"),
-    ("self_attn.o_proj", lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="nf")), "in-graph decode"),
+    ("self_attn.o_proj", lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="nf")), "MatMulBnb4 NF4 block 64"),
     ("mlp.gate_proj", lambda w: palettize(w, KMeansConfig(type="kmeans", bits=3, outliers=0.005,
                                                            table_dtype="int8", iterations=10)),
      "2 x MatMulNBits 4-bit block 64 (8-bit codes as two nibble planes), int8-table palette as its 8-bit grid + "),
@@ -38,6 +38,8 @@ FORMATS = [
     ("mlp.gate_proj", lambda w: _outliers(quantize_rtn(w, QuantSpec(3, 64, symmetric=True)), w, 0.005),
      "MatMulNBits 4-bit block 64 (3-bit codes widened) + "),
     ("mlp.down_proj", lambda w: palettize(w, KMeansConfig(type="kmeans", bits=4, iterations=10)), "in-graph decode"),
+    ("self_attn.o_proj", lambda w: quantize_rtn(w, QuantSpec(4, 32, grid="fp4")),
+     "2 x MatMulNBits 4-bit block 32 (8-bit codes as two nibble planes), FP4 as its exact integer grid"),
 ]
 
 
@@ -112,6 +114,9 @@ def test_every_format_exports_and_matches_pytorch(mixed_export, mixed):
             if isinstance(fmt, OutlierWeight):
                 expected += fmt.columns.nbytes + fmt.counts.nbytes + 4 * fmt.values.numel()
             assert expected - planes * zero_bytes <= layers[name]["file_bytes"] <= expected + 256, name
+        elif "MatMulBnb4" in lowering:  # two codes a byte, a float32 absmax per block (the activation type)
+            rows, cols = fmt.shape
+            assert layers[name]["file_bytes"] == rows * cols // 2 + 4 * rows * cols // fmt.spec.group_size, name
         else:
             assert fmt.nbytes() <= layers[name]["file_bytes"] <= fmt.nbytes() + 256, (name, fmt.describe())
     on_disk = (out / "model.onnx").stat().st_size + (out / "model.onnx.data").stat().st_size
@@ -122,15 +127,17 @@ RUNTIME_FORMATS = [lambda w: quantize_rtn(w, QuantSpec(3, 64)),
                    lambda w: _sparse(w, lambda kept: quantize_rtn(kept, QuantSpec(4, 32, symmetric=True)), "2:4"),
                    lambda w: _outliers(quantize_rtn(w, QuantSpec(3, 64, symmetric=True)), w, 0.005),
                    lambda w: quantize_rtn(w, QuantSpec(4, 128)),
-                   lambda w: palettize(w, KMeansConfig(type="kmeans", bits=4, table_dtype="int8", iterations=5))]
+                   lambda w: palettize(w, KMeansConfig(type="kmeans", bits=4, table_dtype="int8", iterations=5)),
+                   lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="nf")),
+                   lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="fp4"))]
 
 
 def test_runtime_kernels_keep_the_session_compressed(smol, tmp_path):
     """Every linear layer in a format onnxruntime reads from its codes (3-bit widened, 2:4 over 4-bit as dense
-    codes, outliers over 3-bit, 4-bit, an int8-table palette as 8-bit): no layer is decoded to float32 when the
-    session loads. Its memory, measured in a child process (numpy and onnxruntime only), stays within 1.5x the
-    file plus the float32 copy of the tied float16 embedding onnxruntime's CPU MatMul makes for the output head
-    and a working allowance."""
+    codes, outliers over 3-bit, 4-bit, an int8-table palette as 8-bit, NF4 in the bitsandbytes kernel, FP4 as its
+    8-bit integer grid): no layer is decoded to float32 when the session loads. Its memory, measured in a child
+    process (numpy and onnxruntime only), stays within 1.5x the file plus the float32 copy of the tied float16
+    embedding onnxruntime's CPU MatMul makes for the output head and a working allowance."""
     model, tok, _ = smol
     model = copy.deepcopy(model)
     linears = [(n, m) for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -140,8 +147,8 @@ def test_runtime_kernels_keep_the_session_compressed(smol, tmp_path):
         setattr(model.model.layers.get_submodule(parent), child, CompressedLinear.from_module(old, fmt))
     info = export_to_folder(model, tok, tmp_path / "kernels", windows=None, dense_dtype=torch.float16,
                             log=lambda m: None)
-    assert all("MatMulNBits" in k for k in info["lowerings"] if k != "tied to model.embed_tokens"), \
-        info["lowerings"]
+    assert all("MatMulNBits" in k or "MatMulBnb4" in k for k in info["lowerings"]
+               if k != "tied to model.embed_tokens"), info["lowerings"]
     memory = session_memory(tmp_path / "kernels", threads=2, prefill=32, decode=4)
     head_float32 = 4 * model.model.embed_tokens.weight.numel()  # onnxruntime's float32 copy of the tied head
     working = 64 * 2**20  # the arena, prepacking buffers and a 32-token prefill's activations
@@ -190,8 +197,9 @@ def test_portable_export_uses_standard_ops_only(mixed, windows, tmp_path):
     proto = onnx.load(str(tmp_path / "portable" / "model.onnx"), load_external_data=False)
     assert {o.domain for o in proto.opset_import} == {""} and info["opset"] == 25  # 2-bit DequantizeLinear
     assert not any(n.domain for n in proto.graph.node)
-    # every integer grid (4-bit q, 3-bit k widened, 2-bit v, 2:4 over 4-bit, outliers over 3-bit): 18 layers
-    assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == 18
+    # every integer grid (4-bit q, 3-bit k widened, 2-bit v, the int8-table palette, 2:4 over 4-bit, outliers over
+    # 3-bit, FP4 as its integer grid; entries 0, 1, 2, 4, 7, 8, 10 of the 11): 19 of the 30 layers
+    assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == 19
 
 
 def test_run_exports_onnx_and_generate_agrees_with_checkpoint(tmp_path):

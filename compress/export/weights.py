@@ -3,18 +3,16 @@ decides how (``WeightFormat.onnx_matmul`` / ``onnx_weight``, beside its layout i
 
 Two lowerings, chosen per layer (the report lists which one each layer got and its bytes):
 
-- **a runtime kernel** on the packed codes: integer grids of 2, 4 or 8 bits become
-  ``com.microsoft::MatMulNBits`` (``weights: fast``; onnxruntime's blocked low-bit kernel, fp32
-  scales and packed zero points per block) or a standard blocked ``DequantizeLinear`` on
-  ``uint4``/``int4`` (opset 21), ``uint2``/``int2`` (opset 25) or 8-bit tensors with fp16 scales
-  (``weights: portable``, no contrib ops).
-- **in-graph decoding** for everything no runtime op reads natively: 3-bit and other odd widths,
-  NormalFloat / FP4 grids, palettes (look-up tables), outliers and sparse layouts. The file keeps
-  the exact bytes of the compressed checkpoint (row-packed codes, tables, bitmaps / N:M indices,
-  CSR outliers); a small subgraph of standard ops (BitShift, BitwiseAnd, Gather, ScatterElements)
-  rebuilds the float weight. Its inputs are all initializers, so onnxruntime folds it into a
-  float32 constant once when the session loads: the file stays small, inference runs a dense
-  float MatMul (speed and memory of fp32 at run time).
+- **a runtime kernel** on the stored codes: integer grids (any width: 3-bit widened to 4, 5-7 to 8) become
+  ``com.microsoft::MatMulNBits`` (``weights: fast``) or a standard blocked ``DequantizeLinear`` + ``MatMul``
+  (``weights: portable``, the pattern onnxruntime fuses into the same kernel); so do the formats that are
+  exactly an integer grid (N:M sparse codes, int8-table palettes, FP4); NormalFloat-4 runs in
+  ``MatMulBnb4``; outliers add their corrections to the inner kernel's product (``onnx_grid``, ``onnx_nf4``).
+- **in-graph decoding** for everything no runtime op reads: float16-table palettes, other NormalFloat widths,
+  unstructured sparsity. The file keeps the exact bytes of the compressed checkpoint; a small subgraph of
+  standard ops (BitShift, BitwiseAnd, Gather, ScatterElements) rebuilds the float weight. Its inputs are all
+  initializers, so onnxruntime folds it into a float32 constant once when the session loads: the file stays
+  small, inference runs a dense float MatMul (speed and memory of fp32 at run time).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ class IntegerGrid:
     """A weight ``[out, in]`` as ``(codes - zeros) * scales``, one scale and zero point per row and group of
     ``group_size`` consecutive inputs (the last group may be shorter).
 
-    ``codes`` uint8 ``[out, in]`` in ``[0, 2^bits)``; ``scales`` float16 ``[out, groups]``; ``zeros`` uint8
+    ``codes`` uint8 ``[out, in]`` in ``[0, 2^bits)``; ``scales`` float16 (or float32) ``[out, groups]``; ``zeros`` uint8
     ``[out, groups]`` (``2^(bits-1)`` everywhere when ``symmetric``); ``sparsity`` names a structure the zeros
     follow ("2:4"), pruned weights holding their group's zero point."""
 

@@ -12,6 +12,7 @@ from ..kernels.plan import GRID, INT_ASYM, INT_SYM, ValuePlan, empty_dims
 from ..packing import pack_rows, packed_row_bytes, unpack_rows
 from ..quant import QuantSpec, decode, encode, fit_params, grid_values, pad_to_groups
 from .base import IntegerGrid, LayoutError, NotAnIntegerGrid, WeightFormat, register_format
+from .onnx_nf4 import nf4_matmul
 from .onnx_ops import (
     FLOAT,
     TensorProto,
@@ -132,6 +133,28 @@ class QuantizedWeight(WeightFormat):
         codes, _, zero = self.unpacked()
         return IntegerGrid(codes, self.scales, zero.to(torch.uint8), self.spec.bits,
                            self.spec.group_size or self.shape[1], self.spec.symmetric)
+
+    def fp4_integer_grid(self) -> IntegerGrid:
+        """An FP4 (E2M1) grid exactly as an integer grid: every code book value is ``k / 12`` of the group's absmax,
+        ``k`` an integer in -12..12, so the weight is ``(k + 16 - 16) * absmax / 12``: 5-bit codes, zero point 16."""
+        codes, scale, _ = self.unpacked()
+        twelfths = torch.round(grid_values("fp4", 4) * 12).to(torch.int16)
+        zeros = torch.full(scale.shape, 16, dtype=torch.uint8)
+        return IntegerGrid((twelfths[codes.long()] + 16).to(torch.uint8), scale / 12, zeros, 5,
+                           self.spec.group_size or self.shape[1], False)
+
+    def onnx_matmul(self, lowering, x, name):
+        """Non-uniform grids through kernels that read codes: FP4 as its exact integer grid
+        (:meth:`fp4_integer_grid`, widened to 8 bits), NormalFloat-4 in onnxruntime's bitsandbytes kernel
+        (``onnx_nf4``; ``weights: fast`` only). Integer grids need none (``integer_grid``); other code books are
+        decoded in the graph."""
+        if self.spec.grid == "fp4":
+            lowered = lowering.grid_matmul(x, self.fp4_integer_grid(), self.shape, name)
+            return None if lowered is None else (f"{lowered[0]}, FP4 as its exact integer grid", lowered[1])
+        if self.spec.grid == "nf" and self.spec.bits == 4 and lowering.weights == "fast":
+            codes, scale, _ = self.unpacked()
+            return nf4_matmul(lowering, x, codes, scale, self.spec.group_size or self.shape[1], name)
+        return None
 
     def kernel_values(self, kept):
         s = self.spec
