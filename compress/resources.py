@@ -29,7 +29,7 @@ WHOLE_MODEL = 4.5      # peak RSS / float32 model bytes where blocks are unknown
 TUNE_MODEL_COPIES = 3  # whole-model training: the float32 weights decoded from the formats, the decode's saved
                        # intermediates for the backward, and (with adapters) the stored weights decoded once
 TUNE_FLOATS_PER_TOKEN = 40  # per block and hidden channel: the activations one sequence keeps for the backward
-TEACHER_BYTES_PER_POSITION = 64 * 8  # the default top-k: int32 token ids and float32 log-probs
+TEACHER_BYTES_PER_TOKEN = 8  # per position and kept token: an int32 token id and a float32 log-prob
 GB = 1e9
 
 
@@ -57,8 +57,9 @@ class ModelSize:
     vocab: int = 0
 
 
-def estimate(size: ModelSize, recipe, calibrated: bool = True, tuned_whole: bool = False) -> Need:
-    """``tuned_whole``: a pass trains through the whole model (:attr:`Requirements.teacher_top_k`)."""
+def estimate(size: ModelSize, recipe, calibrated: bool = True, teacher_top_k: int = 0) -> Need:
+    """``teacher_top_k``: a pass trains through the whole model against a teacher keeping that many tokens per
+    position (:attr:`Requirements.teacher_top_k`; 0: none does)."""
     outputs = int(recipe.export.checkpoint) + int(recipe.export.onnx is not None)
     disk = size.parameters * 2 * (outputs + 1)  # + the staged blocks
     activations = 0.0
@@ -77,11 +78,12 @@ def estimate(size: ModelSize, recipe, calibrated: bool = True, tuned_whole: bool
     evaluation = (block + size.head_parameters * 4 + ev.max_windows * ev.seq_len * (size.hidden or 0) * 4 +
                   3 * 2 * ev.seq_len * size.vocab * 4)
     tuning = 0.0
-    if tuned_whole and calibrated:
+    if teacher_top_k and calibrated:
         cal, blocks = recipe.calibration, max(1, (size.parameters - size.head_parameters) // size.block_parameters)
         tuning = (TUNE_MODEL_COPIES * size.parameters * 4 + activations +
                   TUNE_FLOATS_PER_TOKEN * cal.seq_len * (size.hidden or 0) * blocks * 4 +
-                  4 * cal.seq_len * size.vocab * 4 + cal.samples * cal.seq_len * TEACHER_BYTES_PER_POSITION)
+                  4 * cal.seq_len * size.vocab * 4 +
+                  cal.samples * cal.seq_len * teacher_top_k * TEACHER_BYTES_PER_TOKEN)
     phases = MARGIN * max(solve, evaluation, tuning)
     return Need(size.parameters, PROCESS + phases, disk, phases)
 
@@ -160,18 +162,18 @@ def free_gpu_memory(device) -> float:
 
 
 def check_resources(spec: str, recipe, out_dir: Path, device, calibrated: bool = True,
-                    tuned_whole: bool = False) -> Need | None:
+                    teacher_top_k: int = 0) -> Need | None:
     """Refuse a run that cannot fit, with the numbers; returns the estimate (None when the size is unknown).
-    ``calibrated``: whether a pass reads calibration data (its activations then count); ``tuned_whole``: whether a
-    pass trains through the whole model."""
+    ``calibrated``: whether a pass reads calibration data (its activations then count); ``teacher_top_k``: the largest
+    teacher a pass that trains through the whole model keeps (0: none does)."""
     size = model_size(spec)
     if size is None:
         return None
-    need = estimate(size, recipe, calibrated, tuned_whole)
+    need = estimate(size, recipe, calibrated, teacher_top_k)
     hint = "free some, choose a smaller model, or pass --ignore-resource-check to try anyway"
     have = available_memory()
     if need.memory > have:
-        how = "the whole model trained in float32" if tuned_whole else "one block at a time in float32"
+        how = "the whole model trained in float32" if teacher_top_k else "one block at a time in float32"
         raise ResourceError(f"not enough memory: this run needs about {need.memory / GB:.1f} GB "
                             f"({need.parameters / 1e9:.2f}B parameters, {how}), {have / GB:.1f} GB is available", hint)
     disk = free_disk(out_dir.parent)

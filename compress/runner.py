@@ -204,7 +204,7 @@ def run(recipe_path, model_spec: str, out: str | None = None, device: str = "aut
             dev = pick_device(device)
             if not ignore_resource_check and world.main:
                 need = check_resources(model_spec, checked.recipe, out_dir, dev, checked.needs_data,
-                                       any(p.requirements().teacher_top_k for p in checked.passes))
+                                       max((p.requirements().teacher_top_k for p in checked.passes), default=0))
                 if need is not None:
                     log(f"estimated need: {need.memory / 1e9:.1f} GB memory, {need.disk / 1e9:.1f} GB disk")
             folder = stage_folder(out_dir)
@@ -284,8 +284,9 @@ def _execute(checked: CheckedRun, model_spec, dev, quiet, keep_failed, log, t_st
         result = run_passes(model, passes, calibration, dev, progress, stage)
         round_to_storage(model, recipe.export.dense_dtype)
         compress_s = time.perf_counter() - t
-        for key, sec in result.pass_seconds.items():
-            log(f"pass {key}: {sec:.1f} s")
+        for key, sec in result.pass_seconds.items():  # with the plain facts a pass reported (held-out KL, ...)
+            facts = {k: v for k, v in result.allocation.get(key, {}).items() if isinstance(v, (bool, int, float, str))}
+            log(f"pass {key}: {sec:.1f} s" + "".join(f", {k.replace('_', ' ')} {_short(v)}" for k, v in facts.items()))
         for name, rec in result.layers.items():
             if rec.notes:
                 log.detail(f"  {name}: " + ", ".join(f"{k} {_short(v)}" for k, v in rec.notes.items()))
