@@ -1,6 +1,7 @@
 """ONNX export on the real model: every weight format's lowering checked in onnxruntime against
 PyTorch, greedy generation through the exported KV cache, the run integration, and bad input."""
 
+import collections
 import copy
 import json
 import re
@@ -211,6 +212,10 @@ def test_run_exports_onnx_and_generate_agrees_with_checkpoint(tmp_path):
     onnx_info = report["onnx"]
     assert onnx_info["validation"]["passed"]
     assert onnx_info["lowerings"]["MatMulNBits 4-bit block 128"] == 210
+    # the fast graph: per block one fused attention, two fused add + norm, q/k/v and gate/up each one kernel
+    ops = collections.Counter(n.op_type for n in onnx.load(str(out / "onnx" / "model.onnx"),
+                                                           load_external_data=False).graph.node)
+    assert (ops["GroupQueryAttention"], ops["SkipSimplifiedLayerNormalization"], ops["MatMulNBits"]) == (30, 60, 120)
     assert report["size"]["onnx_file_bytes"] <= 1.15 * report["size"]["checkpoint_bytes"]
     assert "## ONNX export" in (out / "report.md").read_text()
     prompt = "The import statement combines two operations; it searches for the named module, then"
