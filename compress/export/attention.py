@@ -135,11 +135,15 @@ def _rotate(g: Graph, x: str, cos: str, sin: str, half: int) -> str:
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
 
-def masks(g: Graph, ids: str, mask: str, windows: set[int | None]) -> dict[int | None, str]:
+def total_length(g: Graph, mask: str) -> str:
+    """past + seq as an int64 scalar: the width of ``attention_mask``."""
+    return g.op("Gather", g.op("Shape", mask), g.const(1))
+
+
+def masks(g: Graph, ids: str, mask: str, total: str, windows: set[int | None]) -> dict[int | None, str]:
     """Additive masks [batch, 1, seq, total], one per sliding window (None: full attention): causal over absolute
     positions, padding from ``attention_mask``, and transformers' window (a query sees the keys less than
-    ``window`` behind it)."""
-    total = g.op("Gather", g.op("Shape", mask), g.const(1))
+    ``window`` behind it). ``total``: :func:`total_length`."""
     seq = g.op("Gather", g.op("Shape", ids), g.const(1))
     key_pos = g.op("Range", g.const(0), total, g.const(1))
     query_pos = g.op("Range", g.op("Sub", total, seq), total, g.const(1))
@@ -156,9 +160,8 @@ def masks(g: Graph, ids: str, mask: str, windows: set[int | None]) -> dict[int |
     return out
 
 
-def cache_lengths(g: Graph, ids: str, mask: str) -> tuple[str, str]:
+def cache_lengths(g: Graph, ids: str, total: str) -> tuple[str, str]:
     """(seqlens_k int32 [batch] = total - 1, total_sequence_length int32 scalar) for GroupQueryAttention."""
-    total = g.op("Gather", g.op("Shape", mask), g.const(1))
     batch = g.op("Gather", g.op("Shape", ids), g.const([0]))
     seqlens = g.op("Expand", g.op("Sub", total, g.const(1)), batch)
     return g.op("Cast", seqlens, to=TensorProto.INT32), g.op("Cast", total, to=TensorProto.INT32)

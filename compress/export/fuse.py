@@ -14,8 +14,13 @@ from .graph import Graph
 MATMUL_NBITS = ("com.microsoft", "MatMulNBits")
 
 
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
 def _key(node) -> tuple:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    """What siblings must share: the input, which tensors they read, the input width and the block layout."""
+    attrs = _attrs(node)
     return (node.input[0], len(node.input), attrs["K"], attrs["bits"], attrs["block_size"],
             attrs.get("accuracy_level", 0))
 
@@ -38,13 +43,13 @@ def pack_sibling_matmuls(g: Graph) -> int:
         if len(nodes) < 2:
             continue
         first = nodes[0]
-        widths = [int(helper.get_attribute_value(next(a for a in n.attribute if a.name == "N"))) for n in nodes]
+        widths = [int(_attrs(n)["N"]) for n in nodes]
         tensors = []
         for position in range(1, len(first.input)):
             parts = [numpy_helper.to_array(initializers[n.input[position]]) for n in nodes]
             dropped.update(n.input[position] for n in nodes)
             tensors.append(g.tensor(f"{first.name}.packed.{position}", np.concatenate(parts, axis=0)))
-        attrs = {a.name: helper.get_attribute_value(a) for a in first.attribute}
+        attrs = _attrs(first)
         joined = g.name("packed_matmul")
         fused = helper.make_node("MatMulNBits", [first.input[0], *tensors], [joined], name=joined,
                                  domain=first.domain, **{**attrs, "N": sum(widths)})

@@ -70,14 +70,14 @@ class Graph:
     def output(self, value: str, name: str, elem_type: int, shape: list) -> str:
         """Graph output ``name`` holding ``value``: the node that computes it writes it under that name (an Identity
         would copy it on every run: the KV cache, each step), else an Identity for an input or initializer."""
-        producers = [node for node in self.nodes if value in node.output]
-        if not producers:
+        if not any(value in node.output for node in self.nodes):
             self.op("Identity", value, name=name)
-        for node in self.nodes if producers else ():
-            for names in (node.input, node.output):
-                for i, n in enumerate(names):
-                    if n == value:
-                        names[i] = name
+        else:
+            for node in self.nodes:
+                for names in (node.input, node.output):
+                    for i, n in enumerate(names):
+                        if n == value:
+                            names[i] = name
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
 

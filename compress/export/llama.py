@@ -31,7 +31,7 @@ from ..families import family, supporting
 from ..formats import DenseWeight
 from ..formats.onnx_ops import torch_initializer
 from ..modules import embeddings_tied
-from .attention import AttentionContext, attention, cache_lengths, masks, rotary_tables, soft_cap
+from .attention import AttentionContext, attention, cache_lengths, masks, rotary_tables, soft_cap, total_length
 from .fuse import pack_sibling_matmuls
 from .graph import FLOAT, INT64, Graph
 from .norms import add_and_norm, rms_norm
@@ -125,14 +125,14 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
     tied = embeddings_tied(model)
     h, embed_dtype, embed_init = _embeddings(low, embed_module, ids, tied, dense_dtype)
 
-    fused = weights == "fast"
+    fused, total = weights == "fast", total_length(g, mask)
     rotary, max_positions = model.model.rotary_emb, int(getattr(cfg, "max_position_embeddings", 2048))
     ctx = AttentionContext(g, fused, heads, kv_heads, head_dim, offset, getattr(cfg, "attn_logit_softcapping", None),
-                           masks(g, ids, mask, set(windows)),
+                           masks(g, ids, mask, total, set(windows)),
                            {t: rotary_tables(g, rotary, t, positions, fused, max_positions) for t in set(types)})
     if fused:
         ctx.positions = positions
-        ctx.seqlens, ctx.total = cache_lengths(g, ids, mask)
+        ctx.seqlens, ctx.total = cache_lengths(g, ids, total)
 
     x = rms_norm(g, h, layers[0].input_layernorm, "model.layers.0.input_layernorm", offset)
     for i, layer in enumerate(layers):
