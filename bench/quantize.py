@@ -57,6 +57,12 @@ def rows(llmc_python: str | None):
     for b, g in ((4, 64), (3, 64)):
         yield "AWQ+GPTQ + embeddings gptq 4-bit g32 + peqa (compress)", b, g, awq + q("gptq", b, g) + [
             {"type": "embeddings", "bits": 4, "group_size": 32}] + peqa
+    # vector code books with GPTQ's error feedback (GPTVQ): the group column names the vector length
+    # (code books of 2^(bits x dim) float16 vectors shared by table_weights weights: about 0.06 bits/weight)
+    vq = lambda b, d, t: [{"type": "gptvq", "bits": b, "dim": d, "table_weights": t}]  # noqa: E731
+    for b, d, t in ((2, 2, 16384), (3, 2, 32768), (2, 4, 131072)):
+        yield "GPTVQ (compress)", b, f"d{d}", vq(b, d, t)
+        yield "AWQ+GPTVQ (compress)", b, f"d{d}", awq + vq(b, d, t)
     if llmc_python:
         for b, g in ((4, 64), (3, 64), (2, 32)):
             yield "GPTQ (llm-compressor)", b, g, ("llmc", "gptq", [b, g])

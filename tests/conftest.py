@@ -3,9 +3,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from compress.cli import app
+from compress.data import calibration_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -29,6 +31,21 @@ def rtn_first_block(smol):
     """SmolLM2 with its first block quantized by 4-bit RTN g64 (data-free): a small real compressed model."""
     return compress_copy(smol[0], [{"type": "rtn", "bits": 4, "group_size": 64, "targets": ["model.layers.0.*"]}],
                          None)
+
+
+@pytest.fixture(scope="session")
+def layer(smol):
+    """A real layer (block 3's up_proj), its real input Hessian on pydoc text."""
+    model, tok, _ = smol
+    ids = calibration_batches("pydoc", tok, 4, 256, seed=0, heldout_spec="pydoc")
+    captured = []
+    block = model.model.layers[3]
+    handle = block.mlp.up_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    handle.remove()
+    x = captured[0].reshape(-1, captured[0].shape[-1]).float()
+    return block.mlp.up_proj.weight.detach().float(), x.t() @ x / x.shape[0]
 
 
 @pytest.fixture(scope="session")

@@ -17,21 +17,6 @@ from compress.pipeline import plan
 from compress.recipe import load_recipe
 
 
-@pytest.fixture(scope="module")
-def layer(smol):
-    """A real layer (block 3's up_proj), its real input Hessian on pydoc text."""
-    model, tok, _ = smol
-    ids = calibration_batches("pydoc", tok, 4, 256, seed=0, heldout_spec="pydoc")
-    captured = []
-    block = model.model.layers[3]
-    handle = block.mlp.up_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
-    handle.remove()
-    x = captured[0].reshape(-1, captured[0].shape[-1]).float()
-    return block.mlp.up_proj.weight.detach().float(), x.t() @ x / x.shape[0]
-
-
 def weighted_error(w, fmt, h):
     d = w - fmt.dequantize()
     return float(((d @ h) * d).sum())

@@ -18,10 +18,11 @@ from compress.export.onnx import Tolerance, export_to_folder
 from compress.export.runtime import OnnxCausalLM, eos_ids, session_memory, torch_greedy
 from compress.formats import DenseWeight, OutlierWeight, SparseWeight, WeightFormat, compact, quantize_rtn
 from compress.modules import CompressedLinear
+from compress.passes.gptvq import GPTVQConfig, gptvq_quantize
 from compress.passes.kmeans import KMeansConfig, palettize
 from compress.quant import QuantSpec
 
-# One format per layer of the model, in turn (layer i gets entry i % 11): a single export exercises every lowering.
+# One format per layer of the model, in turn (layer i gets entry i % 12): a single export exercises every lowering.
 # (layer, format, the lowering the exporter must choose: a runtime kernel on the codes wherever one reads them)
 FORMATS = [
     ("self_attn.q_proj", lambda w: quantize_rtn(w, QuantSpec(4, 64)), "MatMulNBits 4-bit block 64"),
@@ -41,6 +42,9 @@ FORMATS = [
     ("mlp.down_proj", lambda w: palettize(w, KMeansConfig(type="kmeans", bits=4, iterations=10)), "in-graph decode"),
     ("self_attn.o_proj", lambda w: quantize_rtn(w, QuantSpec(4, 32, grid="fp4")),
      "2 x MatMulNBits 4-bit block 32 (8-bit codes as two nibble planes), FP4 as its exact integer grid"),
+    ("mlp.up_proj", lambda w: gptvq_quantize(w, torch.eye(w.shape[1]), GPTVQConfig(bits=3, iterations=3,
+                                                                                   codebook_refit=0)),
+     "in-graph decode"),
 ]
 
 
@@ -199,8 +203,8 @@ def test_portable_export_uses_standard_ops_only(mixed, windows, tmp_path):
     assert {o.domain for o in proto.opset_import} == {""} and info["opset"] == 25  # 2-bit DequantizeLinear
     assert not any(n.domain for n in proto.graph.node)
     # every integer grid (4-bit q, 3-bit k widened, 2-bit v, the int8-table palette, 2:4 over 4-bit, outliers over
-    # 3-bit, FP4 as its integer grid; entries 0, 1, 2, 4, 7, 8, 10 of the 11): 19 of the 30 layers
-    assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == 19
+    # 3-bit, FP4 as its integer grid; entries 0, 1, 2, 4, 7, 8, 10 of the 12): 18 of the 30 layers
+    assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == 18
 
 
 def test_run_exports_onnx_and_generate_agrees_with_checkpoint(tmp_path):

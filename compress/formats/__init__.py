@@ -7,7 +7,8 @@ from .grid import QuantizedWeight, quantize_rtn
 from .outliers import OutlierWeight
 from .palette import TABLE_DTYPES, PalettizedWeight, quantize_table, stored_table
 from .sparse import SparseWeight, compact, nm_pattern
+from .vector import VectorWeight
 
 __all__ = ["FORMATS", "NoKernel", "WeightFormat", "format_from_saved", "register_format", "DenseWeight",
            "QuantizedWeight", "quantize_rtn", "OutlierWeight", "TABLE_DTYPES", "PalettizedWeight", "quantize_table",
-           "stored_table", "SparseWeight", "compact", "nm_pattern"]
+           "stored_table", "SparseWeight", "compact", "nm_pattern", "VectorWeight"]

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import PlanError
 from ..formats import WeightFormat
+from ..formats.base import NotAnIntegerGrid
 from ..modules import CompressedLinear, linear_weight
 from ..quant import QuantSpec
 from ..teacher import Teacher
@@ -199,8 +200,9 @@ class Pass:
         """Raise PlanError when this pass cannot run in this plan (called before any compute)."""
 
     def check_follows_a_quantizer(self, passes: list[Pass], hint: str) -> None:
-        """For a pass that tunes what a quantizing pass wrote: raise PlanError unless one comes before it."""
-        if not any(p.stage == "quantize" and p is not self for p in passes[:passes.index(self)]):
+        """For a pass that tunes what a quantizing (or vector-quantizing) pass wrote: raise PlanError unless one
+        comes before it."""
+        if not any((p.writes_block_codes() or p.ends_written()) and p is not self for p in passes[:passes.index(self)]):
             raise PlanError(f"the {self.name} pass has no quantizing pass before it", hint)
 
     def check_model(self, model) -> None:
@@ -211,6 +213,17 @@ class Pass:
         raises NotAnIntegerGrid when it stores something else (a code book, unstructured sparsity): what a
         serving export checks before any compute. A pass that stores no codes (a transform) returns []."""
         return []
+
+    def writes_block_codes(self) -> bool:
+        """Whether this pass stores new codes on the blocks' layers (a quantizer or a clusterer; not a pass that
+        tunes stored values, nor one that compresses only the tables outside the blocks)."""
+        if self.stage not in ("cluster", "quantize"):
+            return False
+        try:
+            grids = self.written_grids()
+        except NotAnIntegerGrid:
+            return True
+        return bool(grids) and not self.ends_written()
 
     def ends_written(self) -> list[str]:
         """Which of the tables outside the blocks ("embedding", "head") this pass compresses (see

@@ -176,7 +176,7 @@ class KMeans(Pass):
         return {}
 
     def check_plan(self, passes):
-        later = [p for p in passes[passes.index(self) + 1:] if p.stage == "quantize"]
+        later = [p for p in passes[passes.index(self) + 1:] if p.writes_block_codes()]
         if later:
             raise PlanError(f"pass {later[0].name} cannot follow kmeans: clustered weights are already "
                             "table indices", "to quantize the look-up tables, set table_dtype: int8 on kmeans")

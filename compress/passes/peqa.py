@@ -29,7 +29,7 @@ from ..modules import dequantized_weights
 from ..teacher import Teacher, topk_kl
 from .base import Pass, PassConfig, Requirements
 from .registry import register
-from .trainable_grid import TrainableGrid, trainable_grids
+from .trainable_grid import TrainableWeight, trainable_grids
 
 
 class PeqaConfig(PassConfig):
@@ -42,6 +42,8 @@ class PeqaConfig(PassConfig):
     held_out: int = Field(8, ge=1, le=10_000, description="calibration sequences kept out of training, to judge")
     samples: int | None = Field(64, ge=1, description="calibration sequences trained on (the first ones); "
                                 "null: all but the held-out ones")
+    codebook_lr: float = Field(1e-3, gt=0, le=0.1, description="Adam step size of vector code book entries "
+                               "(gptvq layers: their row scales train as the grids' scales do)")
     top_k: int = Field(64, ge=1, le=4096, description="the float model's most likely tokens kept per position")
 
 
@@ -85,12 +87,14 @@ class Peqa(Pass):
             for p in frozen:
                 p.requires_grad_(True)
 
-    def _train(self, model, grids: dict[str, TrainableGrid], teacher, train, held, device) -> dict:
+    def _train(self, model, grids: dict[str, TrainableWeight], teacher, train, held, device) -> dict:
         cfg = self.cfg
         before = _held_out_kl(model, teacher, held, device)
         groups = [{"params": [g.log_factor for g in grids.values()], "lr": cfg.lr}]
         if zeros := [g.zero_shift for g in grids.values() if g.zero_shift is not None]:
             groups.append({"params": zeros, "lr": cfg.zero_lr})
+        if books := [p for g in grids.values() for p in g.value_parameters()]:
+            groups.append({"params": books, "lr": cfg.codebook_lr})
         if adapters := [p for g in grids.values() for p in g.adapter_parameters()]:
             groups.append({"params": adapters, "lr": self.adapter_lr()})
         optimizer = torch.optim.Adam(groups)
@@ -139,7 +143,7 @@ def _held_out_kl(model, teacher: Teacher, held: torch.Tensor, device) -> float:
         return sum(float(_kl(model, teacher, [i], device)) for i in held.tolist()) / len(held)
 
 
-def _held_out_kl_with(model, grids: dict[str, TrainableGrid], results: dict, teacher, held, device) -> float:
+def _held_out_kl_with(model, grids: dict[str, TrainableWeight], results: dict, teacher, held, device) -> float:
     """:func:`_held_out_kl` with ``results`` (name -> format) in place of the grids' formats, put back after."""
     for name, g in grids.items():
         g.put(results[name])

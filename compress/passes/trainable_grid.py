@@ -1,4 +1,6 @@
-"""An integer-grid weight whose quantizer parameters train (the ``tune``, ``peqa`` and ``l4q`` passes): each group
+"""Stored weights whose values train (the ``tune``, ``peqa`` and ``l4q`` passes), codes fixed.
+
+An integer grid (:class:`TrainableGrid`) trains each group
 scale as ``stored * exp(t)``, and optionally the zero points of an asymmetric grid, moved by straight-through
 rounding (the forward uses the rounded zero point, the gradient passes as if it were not rounded), so what trains is
 always a value the format stores exactly.
@@ -6,21 +8,64 @@ always a value the format stores exactly.
 With a low-rank adapter (``rank``, int grids only) the codes move too: the weight is the stored one plus ``B @ A``,
 quantized again onto the grid with the current scales and zero points in every forward (straight-through
 rounding), as in L4Q; ``B`` starts at zero, so the first forward gives the stored codes back. What the forward
-computes is then always what :meth:`TrainableGrid.result` stores: the adapter is merged into the codes, exactly."""
+computes is then always what :meth:`TrainableGrid.result` stores: the adapter is merged into the codes, exactly.
+
+A vector code book (:class:`TrainableCodebook`) trains its entries and its row scales."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..formats import QuantizedWeight
+from ..formats import QuantizedWeight, VectorWeight, WeightFormat
 from ..modules import CompressedEmbedding, CompressedLinear
 from ..packing import pack_rows
 from ..quant import decode, pad_to_groups
 
 
-class TrainableGrid:
-    """One :class:`QuantizedWeight` and the modules computing with it (a tied table: the head and the embedding)."""
+class TrainableWeight:
+    """A stored format whose values train, and the modules computing with it (a tied table: the head and the
+    embedding). ``log_factor`` scales its stored scales by ``exp(t)``; :meth:`value_parameters` are the other
+    values it trains; :meth:`weight` is the float32 weight they give, :meth:`result` the format storing them."""
+
+    fmt: WeightFormat
+    modules: list
+    log_factor: nn.Parameter
+    zero_shift: nn.Parameter | None = None
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def result(self):
+        raise NotImplementedError
+
+    def install(self) -> None:
+        """Point the modules' forwards at :meth:`weight` for the next step."""
+        w = self.weight()
+        for m in self.modules:
+            m._cached_weight = w.to(m.compute_dtype)
+
+    def uninstall(self) -> None:
+        for m in self.modules:
+            m._cached_weight = None
+
+    def put(self, fmt) -> None:
+        """Make ``fmt`` the modules' weight (kept shared by a tied pair)."""
+        self.uninstall()
+        for m in self.modules:
+            m.fmt = fmt
+
+
+class TrainableGrid(TrainableWeight):
+    """One :class:`QuantizedWeight` and the modules computing with it."""
+
+    fmt: QuantizedWeight
 
     def __init__(self, fmt: QuantizedWeight, modules: list[CompressedLinear | CompressedEmbedding], device,
                  zeros: bool = False, rank: int = 0):
@@ -70,16 +115,6 @@ class TrainableGrid:
         out, k = self.fmt.shape
         return decode(self.current_codes(), self.scales(), self.zero_points(), self.fmt.spec).reshape(out, -1)[:, :k]
 
-    def install(self) -> None:
-        """Point the modules' forwards at :meth:`weight` for the next step."""
-        w = self.weight()
-        for m in self.modules:
-            m._cached_weight = w.to(m.compute_dtype)
-
-    def uninstall(self) -> None:
-        for m in self.modules:
-            m._cached_weight = None
-
     def result(self) -> QuantizedWeight:
         """The format holding the current values: scales rounded to float16 as stored, and the stored codes (with
         an adapter, the merged weight put on the grid of those scales)."""
@@ -94,23 +129,52 @@ class TrainableGrid:
             codes = pack_rows(merged.cpu().to(torch.uint8), spec.bits)
         return QuantizedWeight(codes, stored.cpu(), zeros, spec, self.fmt.shape)
 
-    def put(self, fmt: QuantizedWeight) -> None:
-        """Make ``fmt`` the modules' weight (kept shared by a tied pair)."""
-        self.uninstall()
-        for m in self.modules:
-            m.fmt = fmt
+
+class TrainableCodebook(TrainableWeight):
+    """One :class:`VectorWeight`: its code book entries train, and its row scales as ``stored * exp(t)``, with the
+    codes fixed (the continuous step of "PV-Tuning: Beyond Straight-Through Estimation for Extreme LLM
+    Compression", Malinovskii et al., 2024, and AQLM's end-to-end code-book tuning)."""
+
+    fmt: VectorWeight
+
+    def __init__(self, fmt: VectorWeight, modules: list, device):
+        self.fmt, self.modules = fmt, modules
+        rows = fmt.shape[0]
+        k = 1 << fmt.index_bits
+        self.slots = ((torch.arange(rows) // fmt.rows_per_table).unsqueeze(1) * k + fmt.codes().long()).to(device)
+        self.book = nn.Parameter(fmt.codebook.float().to(device))
+        self.scale = fmt.row_scale.float().to(device)
+        self.log_factor = nn.Parameter(torch.zeros_like(self.scale))
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        return [self.book]
+
+    def weight(self) -> torch.Tensor:
+        rows, cols = self.fmt.shape
+        vectors = self.book.reshape(-1, self.fmt.dim)[self.slots]  # [rows, in/dim, dim]
+        return vectors.reshape(rows, cols) * (self.scale * self.log_factor.exp()).unsqueeze(1)
+
+    def result(self) -> VectorWeight:
+        """The format holding the current values (rounded to float16 as stored), with the stored codes."""
+        scale = (self.scale * self.log_factor.exp()).detach().half().cpu()
+        return VectorWeight(self.fmt.indices, self.book.detach().half().cpu(), scale, self.fmt.index_bits,
+                            self.fmt.rows_per_table, self.fmt.shape)
 
 
 def trainable_grids(modules: dict[str, nn.Module], device, zeros: bool = False, rank: int = 0
-                    ) -> dict[str, TrainableGrid]:
-    """A :class:`TrainableGrid` per integer-grid format object among ``modules`` (name -> module), under the first
-    name that computes with it: a table shared by two modules trains once."""
-    grids: dict[int, TrainableGrid] = {}
+                    ) -> dict[str, TrainableWeight]:
+    """A :class:`TrainableGrid` per integer-grid format object among ``modules`` (name -> module), and a
+    :class:`TrainableCodebook` per vector code-book one, under the first name that computes with it: a table shared
+    by two modules trains once."""
+    grids: dict[int, TrainableWeight] = {}
     names: dict[int, str] = {}
     for name, m in modules.items():
-        if isinstance(m, CompressedLinear | CompressedEmbedding) and isinstance(m.fmt, QuantizedWeight):
-            if id(m.fmt) in grids:
-                grids[id(m.fmt)].modules.append(m)
-            else:
-                grids[id(m.fmt)], names[id(m.fmt)] = TrainableGrid(m.fmt, [m], device, zeros, rank), name
+        if not isinstance(m, CompressedLinear | CompressedEmbedding):
+            continue
+        if id(m.fmt) in grids:
+            grids[id(m.fmt)].modules.append(m)
+        elif isinstance(m.fmt, QuantizedWeight):
+            grids[id(m.fmt)], names[id(m.fmt)] = TrainableGrid(m.fmt, [m], device, zeros, rank), name
+        elif isinstance(m.fmt, VectorWeight):
+            grids[id(m.fmt)], names[id(m.fmt)] = TrainableCodebook(m.fmt, [m], device), name
     return {names[key]: g for key, g in grids.items()}

@@ -60,11 +60,12 @@ class Tune(Pass):
             return
         gains = _norms(work.block) if self.cfg.norms else []
         originals = [g.detach().clone() for g in gains]
-        params = [t.log_factor for t in tuned] + gains
+        values = [p for t in tuned for p in t.value_parameters()]  # code book entries
+        params = [t.log_factor for t in tuned] + values + gains
         for p in params:
             p.requires_grad_(True)
         train, held = list(range(len(work.inputs) - 1)), len(work.inputs) - 1
-        optimizer = torch.optim.Adam([{"params": [t.log_factor for t in tuned]},
+        optimizer = torch.optim.Adam([{"params": [t.log_factor for t in tuned] + values},
                                       {"params": gains, "lr": self.cfg.lr * float(
                                           torch.cat([g.detach().abs().flatten() for g in gains]).mean())
                                        if gains else self.cfg.lr}], lr=self.cfg.lr)

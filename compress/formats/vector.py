@@ -1,0 +1,102 @@
+"""Vector-quantized weights: every ``dim`` consecutive inputs of a row form one vector, stored as an index into a
+code book of ``2^index_bits`` vectors (GPTVQ's layout, "GPTVQ: The Blessing of Dimensionality for LLM
+Quantization", van Baalen et al., 2024). One code book serves ``rows_per_table`` consecutive output rows; each row
+has a float16 scale, so rows of different magnitude share a code book of unit-scale vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..packing import pack_rows, packed_row_bytes, unpack_rows
+from .base import LayoutError, WeightFormat, register_format
+from .onnx_ops import TensorProto, as_float, torch_initializer, unpack_codes
+
+MAX_INDEX_BITS = 8  # indices are row-packed bytes (pack_rows)
+
+
+@register_format
+class VectorWeight(WeightFormat):
+    """``indices`` uint8 ``[out, ceil(in/dim * index_bits/8)]`` (row-packed), ``codebook`` float16
+    ``[tables, 2^index_bits, dim]``, ``row_scale`` float16 ``[out]``: weight ``[r, v*dim:(v+1)*dim]`` is
+    ``row_scale[r] * codebook[r // rows_per_table, index[r, v]]``."""
+
+    kind = "vector"
+
+    def __init__(self, indices, codebook, row_scale, index_bits: int, rows_per_table: int, shape):
+        self.indices, self.codebook, self.row_scale = indices, codebook, row_scale
+        self.index_bits, self.rows_per_table, self.shape = index_bits, rows_per_table, tuple(shape)
+
+    @property
+    def dim(self) -> int:
+        return int(self.codebook.shape[2])
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, codebook: torch.Tensor, row_scale: torch.Tensor, index_bits: int,
+                   rows_per_table: int) -> VectorWeight:
+        """``codes[out, in/dim]`` indices, ``codebook[tables, K, dim]`` and ``row_scale[out]`` (rounded to float16
+        here: codes must have been chosen against the rounded values, see :func:`stored`)."""
+        dim = codebook.shape[2]
+        shape = (codes.shape[0], codes.shape[1] * dim)
+        return cls(pack_rows(codes.to(torch.uint8), index_bits), codebook.half(), row_scale.half(), index_bits,
+                   rows_per_table, shape)
+
+    def codes(self) -> torch.Tensor:
+        return unpack_rows(self.indices, self.index_bits, self.shape[1] // self.dim)
+
+    def dequantize(self):
+        rows, cols = self.shape
+        table = (torch.arange(rows) // self.rows_per_table).unsqueeze(1)
+        vectors = self.codebook.float()[table, self.codes().long()]  # [out, in/dim, dim]
+        return vectors.reshape(rows, cols) * self.row_scale.float().unsqueeze(1)
+
+    def tensors(self):
+        return {"indices": self.indices, "codebook": self.codebook, "row_scale": self.row_scale}
+
+    def meta(self):
+        return {"kind": self.kind, "shape": list(self.shape), "dim": self.dim, "index_bits": self.index_bits,
+                "rows_per_table": self.rows_per_table}
+
+    @classmethod
+    def from_saved(cls, meta, tensors):
+        return cls(tensors["indices"], tensors["codebook"], tensors["row_scale"], meta["index_bits"],
+                   meta["rows_per_table"], meta["shape"])
+
+    @classmethod
+    def layout(cls, meta):
+        out, k = (int(v) for v in meta["shape"])
+        dim, bits, per = int(meta["dim"]), int(meta["index_bits"]), int(meta["rows_per_table"])
+        if dim < 1 or k % dim or not 1 <= bits <= MAX_INDEX_BITS or per < 1:
+            raise ValueError(f"dim {dim}, index_bits {bits}, rows_per_table {per} for a {out} x {k} weight")
+        return {"indices": ((torch.uint8,), (out, packed_row_bytes(k // dim, bits))),
+                "codebook": ((torch.float16,), (-(-out // per), 1 << bits, dim)),
+                "row_scale": ((torch.float16,), (out,))}
+
+    def check_values(self):
+        if not (torch.isfinite(self.codebook).all() and torch.isfinite(self.row_scale).all()):
+            raise LayoutError("the code book or a row scale holds inf or nan")
+
+    def describe(self):
+        bits = self.index_bits / self.dim
+        return f"{bits:g}-bit vectors of {self.dim}, {1 << self.index_bits}-entry code book per " \
+               f"{self.rows_per_table} rows"
+
+    def onnx_weight(self, g, prefix):
+        """Indices unpacked from their bytes, offset to their row's code book, gathered from the flat code
+        books, scaled per row (onnxruntime folds it to float32 at session load: no operator reads code books)."""
+        rows, cols = self.shape
+        dim = self.dim
+        codes = unpack_codes(g, torch_initializer(g, f"{prefix}.indices", self.indices), rows, cols // dim,
+                             self.index_bits, TensorProto.INT32)
+        size = 1 << self.index_bits
+        offsets = g.op("Cast", g.op("Unsqueeze", g.arange(rows, self.rows_per_table, size), g.const([1])),
+                       to=TensorProto.INT32)
+        book = g.op("Reshape", as_float(g, f"{prefix}.codebook", self.codebook), g.const([-1, dim]))
+        vectors = g.op("Reshape", g.op("Gather", book, g.op("Add", codes, offsets)), g.const([rows, cols]))
+        scale = g.op("Unsqueeze", as_float(g, f"{prefix}.row_scale", self.row_scale), g.const([1]))
+        return g.op("Mul", vectors, scale)
+
+
+def stored(values: torch.Tensor) -> torch.Tensor:
+    """The float32 values a code book or row scale takes after its float16 storage."""
+    return values.half().float()

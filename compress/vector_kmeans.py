@@ -1,0 +1,71 @@
+"""Weighted k-means of ``dim``-dimensional vectors, batched over many code books at once.
+
+Each coordinate of each vector has its own weight (the input energy ``H_jj`` of the column it came from), so
+the distance is ``sum_u w_u (x_u - c_u)^2`` and a centroid is the per-coordinate weighted mean of its vectors:
+the diagonal Hessian-weighted initialisation of GPTVQ ("GPTVQ: The Blessing of Dimensionality for LLM
+Quantization", van Baalen et al., 2024). Initialisation is weighted k-means++ (Arthur & Vassilvitskii, 2007),
+seeded; code books are processed a few at a time so the ``[books, vectors, k]`` distances stay bounded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 24  # distances (vectors x centroids) computed at once
+
+
+def assign(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The nearest centroid of every vector (int64 ``[T, n]``) in the distance ``sum_u w_u (x_u - c_u)^2`` for
+    vectors ``x, w [T, n, d]`` and centroids ``c [T, k, d]`` (its ``sum_u w_u x_u^2`` term is the same for every
+    centroid and left out)."""
+    step = max(1, CHUNK_ELEMENTS // max(x.shape[0] * c.shape[1], 1))
+    ct, c2t = c.transpose(1, 2), (c * c).transpose(1, 2)
+    return torch.cat([(w[:, i:i + step] @ c2t).sub_(2 * (w[:, i:i + step] * x[:, i:i + step]) @ ct).argmin(-1)
+                      for i in range(0, x.shape[1], step)], 1)
+
+
+def kmeans_pp_init(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Weighted k-means++: each next centroid drawn with probability ~ total weight x distance."""
+    t, n, d = x.shape
+    books = torch.arange(t)
+    mass = w.sum(-1)
+    centroids = torch.empty(t, k, d)
+    centroids[:, 0] = x[books, torch.multinomial(mass + 1e-30, 1, generator=gen).squeeze(1)]
+    dist = (w * (x - centroids[:, :1]).pow(2)).sum(-1)
+    for j in range(1, k):
+        p = mass * dist
+        p[p.sum(1) <= 0] = 1.0  # every vector already sits on a centroid: any choice will do
+        centroids[:, j] = x[books, torch.multinomial(p, 1, generator=gen).squeeze(1)]
+        dist = torch.minimum(dist, (w * (x - centroids[:, j:j + 1]).pow(2)).sum(-1))
+    return centroids
+
+
+def weighted_mean_update(x: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, centroids: torch.Tensor):
+    """Each centroid moved to the per-coordinate weighted mean of its vectors (one that has none stays)."""
+    t, n, d = x.shape
+    k = centroids.shape[1]
+    slot = (codes + torch.arange(t).unsqueeze(1) * k).reshape(-1)
+    wsum = torch.zeros(t * k, d, dtype=torch.float64).index_add_(0, slot, w.reshape(-1, d).double())
+    wxsum = torch.zeros(t * k, d, dtype=torch.float64).index_add_(0, slot, (w * x).reshape(-1, d).double())
+    means = (wxsum / wsum.clamp_min(1e-300)).float().reshape(t, k, d)
+    return torch.where(wsum.reshape(t, k, d) > 0, means, centroids)
+
+
+def vector_kmeans(x: torch.Tensor, k: int, w: torch.Tensor | None = None, iterations: int = 50,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster the vectors ``x[T, n, d]`` of each of ``T`` code books into ``k`` centroids.
+
+    -> (centroids ``[T, k, d]`` float32, codes ``[T, n]`` int64). ``w[T, n, d]`` >= 0 weights each coordinate
+    (None: uniform); Lloyd iterations stop early once no assignment changes. Deterministic for a given ``seed``."""
+    x = x.float()
+    w = torch.ones_like(x) if w is None else w.float().clamp_min(0)
+    gen = torch.Generator().manual_seed(seed)
+    centroids = kmeans_pp_init(x, w, k, gen)
+    codes = assign(x, w, centroids)
+    for _ in range(iterations):
+        centroids = weighted_mean_update(x, w, codes, centroids)
+        new = assign(x, w, centroids)
+        if torch.equal(new, codes):
+            break
+        codes = new
+    return centroids, codes
