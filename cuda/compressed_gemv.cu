@@ -10,6 +10,8 @@
 //   INT_SYM   (code - 2^(b-1))   * scale[n, g]
 //   GRID      grid[code]         * scale[n, g]    NormalFloat / FP4 code books
 //   LUT       table[(n / rows_per_table) * 2^b + code]   palettes (k-means), table in shared memory
+//   VLUT      book[((n / rows_per_table) * 2^b + code) * dim + u] * scale[n]   vector code books (GPTVQ): code j
+//             of a row gives the `dim` weights of columns j*dim .. j*dim+dim-1 (small books in shared memory)
 //   DENSE     values[n, k]                        fp16 kept values of a sparse layer
 // Which column a value multiplies (COLS template argument):
 //   COL_DENSE  k
@@ -25,7 +27,7 @@
 #define WARPS_PER_BLOCK 4
 #define MAX_M 16
 
-enum Value { INT_ASYM = 0, INT_SYM = 1, GRID = 2, LUT = 3, DENSE = 4 };
+enum Value { INT_ASYM = 0, INT_SYM = 1, GRID = 2, LUT = 3, DENSE = 4, VLUT = 5 };
 enum Cols { COL_DENSE = 0, COL_NM = 1 };
 
 // Eight codes starting at code 8*chunk of a row: b bytes, fewer at the end of the row.
@@ -43,11 +45,11 @@ struct Weight {
     const uint8_t* codes;      // [N, row_bytes]
     const __half* scales;      // [N, groups]
     const uint8_t* zeros;      // [N, zero_row_bytes] (INT_ASYM)
-    const float* lut;          // GRID: [2^b]; LUT: [tables, 2^b]
+    const float* lut;          // GRID: [2^b]; LUT: [tables, 2^b]; VLUT: [tables, 2^b, dim]
     const __half* values;      // DENSE: [N, value_cols]
     const uint8_t* nm_index;   // COL_NM: [N, index_row_bytes]
     int bits, group_size, groups, row_bytes, zero_row_bytes, rows_per_table, value_cols;
-    int nm_keep, nm_group, index_bits, index_row_bytes;
+    int nm_keep, nm_group, index_bits, index_row_bytes, vector_dim;
 };
 
 template <int VALUE>
@@ -62,12 +64,14 @@ __device__ __forceinline__ float decode(const Weight& w, int n, int k, uint32_t 
     return ((float)code - z) * s;
 }
 
-// The code book this warp's row reads (LUT: its palette's table; GRID: the shared grid), copied to shared memory.
+// The code book this warp's row reads (LUT: its palette's table; GRID: the shared grid; VLUT: its vector code
+// book), copied to shared memory; a vector code book of more than 256 floats is read where it is (global).
 template <int VALUE>
 __device__ __forceinline__ const float* row_table(const Weight& w, int n, float* shared, int lane) {
-    if (VALUE != LUT && VALUE != GRID) return nullptr;
-    int size = 1 << w.bits;
-    const float* src = VALUE == LUT ? w.lut + (size_t)(n / w.rows_per_table) * size : w.lut;
+    if (VALUE != LUT && VALUE != GRID && VALUE != VLUT) return nullptr;
+    int size = (1 << w.bits) * (VALUE == VLUT ? w.vector_dim : 1);
+    const float* src = VALUE == GRID ? w.lut : w.lut + (size_t)(n / w.rows_per_table) * size;
+    if (size > 256) return src;
     for (int i = lane; i < size; i += 32) shared[i] = src[i];
     __syncwarp();
     return shared;
@@ -115,6 +119,18 @@ __device__ void gemv(const T* __restrict__ x, Weight w, T* __restrict__ y, int M
             int k = c * 8 + j;
             if (k >= kept) break;
             uint32_t code = VALUE == DENSE ? 0 : (uint32_t)((word >> (j * w.bits)) & ((1u << w.bits) - 1u));
+            if (VALUE == VLUT) {  // one code, `dim` weights
+                const float* vec = table + code * w.vector_dim;
+                float s = __half2float(w.scales[n]);
+                for (int u = 0; u < w.vector_dim; ++u) {
+                    int col = k * w.vector_dim + u;
+                    float v = vec[u] * s;
+#pragma unroll
+                    for (int m = 0; m < MAX_M; ++m)
+                        if (m < M) acc[m] += v * to_float(x[(size_t)m * K + col]);
+                }
+                continue;
+            }
             float v = decode<VALUE>(w, n, k, code, table);
             int col = COLS == COL_NM ? (k / w.nm_keep) * w.nm_group + (int)packed_field(index_row, k, w.index_bits)
                                      : k;
@@ -197,7 +213,7 @@ __device__ __forceinline__ Weight make_weight(WEIGHT_ARGS) {
     w.codes = codes; w.scales = scales; w.zeros = zeros; w.lut = lut; w.values = values; w.nm_index = nm_index;
     w.bits = dims[0]; w.group_size = dims[1]; w.groups = dims[2]; w.row_bytes = dims[3]; w.zero_row_bytes = dims[4];
     w.rows_per_table = dims[5]; w.value_cols = dims[6]; w.nm_keep = dims[7]; w.nm_group = dims[8];
-    w.index_bits = dims[9]; w.index_row_bytes = dims[10];
+    w.index_bits = dims[9]; w.index_row_bytes = dims[10]; w.vector_dim = dims[11];
     return w;
 }
 #define WEIGHT_PASS make_weight(codes, scales, zeros, lut, values, nm_index, dims)
@@ -215,7 +231,7 @@ __device__ __forceinline__ Weight make_weight(WEIGHT_ARGS) {
 #define ALL_VALUES(T, TNAME)                                                                               \
     GEMV_ENTRY(T, TNAME, 0, 0) GEMV_ENTRY(T, TNAME, 1, 0) GEMV_ENTRY(T, TNAME, 2, 0) GEMV_ENTRY(T, TNAME, 3, 0) \
     GEMV_ENTRY(T, TNAME, 0, 1) GEMV_ENTRY(T, TNAME, 1, 1) GEMV_ENTRY(T, TNAME, 2, 1) GEMV_ENTRY(T, TNAME, 3, 1) \
-    GEMV_ENTRY(T, TNAME, 4, 1)                                                                             \
+    GEMV_ENTRY(T, TNAME, 4, 1) GEMV_ENTRY(T, TNAME, 5, 0)                                                  \
     BITMAP_ENTRY(T, TNAME, 0) BITMAP_ENTRY(T, TNAME, 1) BITMAP_ENTRY(T, TNAME, 2) BITMAP_ENTRY(T, TNAME, 3) \
     BITMAP_ENTRY(T, TNAME, 4)                                                                              \
     extern "C" __global__ void __launch_bounds__(WARPS_PER_BLOCK * 32) csr_add_##TNAME(                   \

@@ -15,6 +15,7 @@ from compress import kernels
 from compress.formats import DenseWeight, SparseWeight, compact, quantize_rtn
 from compress.kmeans import nearest
 from compress.modules import CompressedLinear
+from compress.passes.gptvq import GPTVQConfig, gptvq_quantize
 from compress.passes.kmeans import KMeansConfig, palettize
 from compress.quant import QuantSpec
 
@@ -41,6 +42,9 @@ def formats(rows: int, cols: int, seed: int = 0):
         out.append((f"palette{bits} {granularity}", palettize(w, cfg)))
     out.append(("palette3 + outliers", palettize(w, KMeansConfig(type="kmeans", bits=3, outliers=0.02,
                                                                  table_dtype="int8", iterations=5))))
+    for bits, dim in ((2, 2), (2, 4)):  # a code book in shared memory (16 x 2 floats), one read in place (256 x 4)
+        cfg = GPTVQConfig(bits=bits, dim=dim, table_weights=4 * cols, iterations=3, codebook_refit=0)
+        out.append((f"vq{bits} d{dim}", gptvq_quantize(w, torch.eye(cols), cfg)))
     if cols % 4 == 0:
         m = _mask(w, "2:4")
         out.append(("2:4 fp16", SparseWeight(m, DenseWeight(compact(w, m)), "2:4")))
@@ -81,9 +85,10 @@ def test_plan_kinds():
     assert kinds["2:4 fp16"].kernel(torch.float16) == "gemv_f16_v4_c1"
     assert kinds["bitmap + palette + outliers"].kernel(torch.float16) == "bitmap_gemv_f16_v3"
     assert kinds["palette3 + outliers"].outliers is not None
+    assert kinds["vq2 d2"].kernel(torch.float16) == "gemv_f16_v5_c0" and kinds["vq2 d4"].kept == 16
     assert kernels.kernel_plan(DenseWeight(torch.randn(4, 8))) is None  # dense stays with cuBLAS
     fast = {name for name, plan in kinds.items() if kernels.takes_fast_path(plan)}
-    assert fast == {name for name in kinds if not name.startswith(("2:4", "bitmap"))}
+    assert fast == {name for name in kinds if not name.startswith(("2:4", "bitmap", "vq"))}
     assert not any(kernels.takes_fast_path(kernels.kernel_plan(fmt)) for _, fmt in formats(8, 100))  # K % 32 != 0
 
 

@@ -64,6 +64,7 @@ def test_sparsegpt_exact_pattern_and_reconstruction(smol, data, pattern, sparsit
     assert err(pruned) < err(w * mask)
 
 
+@pytest.mark.slow  # a quality comparison (bench/prune.py measures it); wanda's mechanics: test_cluster, test_run
 def test_wanda_beats_magnitude(smol, data):
     model, _, _ = smol
     calib, windows, ref = data
@@ -167,7 +168,8 @@ def test_dsnot_must_follow_an_unstructured_pruning_pass(write_recipe):
 
 
 @pytest.mark.parametrize("pattern,sparsity,group",
-                         [(None, 0.5, 64), (None, 0.6, 32), (None, 0.5, None)])
+                         [(None, 0.5, 64), pytest.param(None, 0.6, 32, marks=pytest.mark.slow),
+                          pytest.param(None, 0.5, None, marks=pytest.mark.slow)])
 def test_joint_sparsegpt_quantization_in_one_sweep(smol, data, pattern, sparsity, group):
     """SparseGPT's joint mode prunes and quantizes in one sweep: exact pattern, codes decode to the
     kept weights, and the layer's output error is below pruning then quantizing the kept weights."""

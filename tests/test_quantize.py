@@ -95,12 +95,12 @@ def test_refitting_scales_lowers_the_output_error_of_every_row(smol, data):
 def test_awq_scaling_keeps_the_float_model_exact(smol, data):
     model, _, _ = smol
     calib, windows, _, _ = data
-    awq = {"type": "awq", "search_bits": 3, "search_group_size": 64, "targets": ["model.layers.[0-2].*"]}
+    awq = {"type": "awq", "search_bits": 3, "search_group_size": 64, "targets": ["model.layers.[0-1].*"]}
     scaled = compress_copy(model, [awq], calib)
     changed = (scaled.model.layers[0].input_layernorm.weight - model.model.layers[0].input_layernorm.weight).abs()
     assert changed.max() > 1e-3, "AWQ chose no scaling at all"
     # grouped-query attention (9 query heads, 3 KV heads): v_proj -> o_proj is scaled too, tied per KV head
-    v_scaled = [i for i in range(3) if not torch.equal(scaled.model.layers[i].self_attn.v_proj.weight,
+    v_scaled = [i for i in range(2) if not torch.equal(scaled.model.layers[i].self_attn.v_proj.weight,
                                                        model.model.layers[i].self_attn.v_proj.weight)]
     assert v_scaled, "no v_proj -> o_proj scaling under GQA"
     with torch.no_grad():

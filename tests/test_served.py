@@ -98,10 +98,12 @@ def test_other_grids_go_to_their_readers(write_recipe, tmp_path, name, passes, f
     _check_layer_values(out, ["model.layers.2.mlp.up_proj", "model.layers.15.mlp.up_proj"], formats)
 
 
-def test_palette_is_refused_before_any_compute(write_recipe, tmp_path):
-    result, out = _run(write_recipe, tmp_path, "pal", "  - {type: kmeans, bits: 3}\n", "gptq: {}")
+@pytest.mark.parametrize("pass_, needle", [("kmeans, bits: 3", "kmeans stores palette indices"),
+                                           ("gptvq", "gptvq stores indices into vector code books")])
+def test_code_books_are_refused_before_any_compute(write_recipe, tmp_path, pass_, needle):
+    result, out = _run(write_recipe, tmp_path, "pal", f"  - {{type: {pass_}}}\n", "gptq: {}")
     assert result.exit_code == 2
-    assert "kmeans stores palette indices" in result.output and len(result.output.strip().splitlines()) == 1
+    assert needle in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists()
 
 

@@ -81,6 +81,19 @@ class VectorWeight(WeightFormat):
         return f"{bits:g}-bit vectors of {self.dim}, {1 << self.index_bits}-entry code book per " \
                f"{self.rows_per_table} rows"
 
+    def kernel_plan(self):
+        """The vector look-up mode of ``cuda/compressed_gemv.cu``: one code per ``dim`` columns, the row's code book
+        (float32) and scale. The GPU decoder (prefill batches) does not read it: every batch runs the GEMV."""
+        from ..kernels.plan import COL_DENSE, VLUT, KernelPlan, empty_dims
+
+        rows, cols = self.shape
+        dims = empty_dims()
+        dims.update(bits=self.index_bits, row_bytes=self.indices.shape[1], rows_per_table=self.rows_per_table,
+                    vector_dim=self.dim, group_size=cols, groups=1)
+        buffers = {"codes": self.indices, "lut": self.codebook.float().reshape(-1),
+                   "scales": self.row_scale.reshape(-1, 1)}
+        return KernelPlan(VLUT, COL_DENSE, rows, cols, cols // self.dim, dims, buffers)
+
     def onnx_weight(self, g, prefix):
         """Indices unpacked from their bytes, offset to their row's code book, gathered from the flat code
         books, scaled per row (onnxruntime folds it to float32 at session load: no operator reads code books)."""

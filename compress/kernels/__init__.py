@@ -21,6 +21,7 @@ from .plan import (
     INT_SYM,
     LUT,
     QUANT_BITS,
+    VLUT,
     KernelPlan,
     ValuePlan,
     decodable,
@@ -31,4 +32,4 @@ from .plan import (
 
 __all__ = ["CUDA_DIR", "CUDA_TYPES", "OUT_TYPES", "QUANT_TILES", "SOURCES", "compressed_matmul", "cupy_available",
            "dequantize", "kmeans_assign", "COL_DENSE", "COL_NM", "DENSE", "GRID", "INT_ASYM", "INT_SYM", "LUT",
-           "QUANT_BITS", "KernelPlan", "ValuePlan", "decodable", "emulate", "kernel_plan", "takes_fast_path"]
+           "QUANT_BITS", "VLUT", "KernelPlan", "ValuePlan", "decodable", "emulate", "kernel_plan", "takes_fast_path"]

@@ -14,10 +14,10 @@ import torch
 
 from ..packing import unpack_rows
 
-INT_ASYM, INT_SYM, GRID, LUT, DENSE = range(5)   # value modes (cuda/common.cuh)
+INT_ASYM, INT_SYM, GRID, LUT, DENSE, VLUT = range(6)   # value modes (cuda/compressed_gemv.cu)
 COL_DENSE, COL_NM = 0, 1                         # column modes
 DIMS = ("bits", "group_size", "groups", "row_bytes", "zero_row_bytes", "rows_per_table", "value_cols",
-        "nm_keep", "nm_group", "index_bits", "index_row_bytes")
+        "nm_keep", "nm_group", "index_bits", "index_row_bytes", "vector_dim")
 DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16"}
 QUANT_BITS = (2, 3, 4, 8)          # widths cuda/quant_gemv.cu takes
 
@@ -103,7 +103,12 @@ def emulate(plan: KernelPlan, x: torch.Tensor) -> torch.Tensor:
         values = b["values"].float()
     else:
         codes = unpack_rows(b["codes"], d["bits"], kept).long()
-        if plan.value_mode == LUT:
+        if plan.value_mode == VLUT:  # code j: the weights of columns j*dim .. j*dim+dim-1
+            dim, size = d["vector_dim"], 1 << d["bits"]
+            slots = (torch.arange(rows) // d["rows_per_table"] * size)[:, None] + codes
+            values = b["lut"].reshape(-1, dim)[slots].reshape(rows, kept * dim) * b["scales"].float()
+            kept, k = kept * dim, torch.arange(kept * dim)
+        elif plan.value_mode == LUT:
             size = 1 << d["bits"]
             values = b["lut"][(torch.arange(rows) // d["rows_per_table"] * size)[:, None] + codes]
         else:
