@@ -63,6 +63,10 @@ def rows(llmc_python: str | None):
     for b, d, t in ((2, 2, 16384), (3, 2, 32768), (2, 4, 131072)):
         yield "GPTVQ (compress)", b, f"d{d}", vq(b, d, t)
         yield "AWQ+GPTVQ (compress)", b, f"d{d}", awq + vq(b, d, t)
+    emb4 = [{"type": "embeddings", "bits": 4, "group_size": 32}]
+    for b, d, t in ((2, 2, 16384), (3, 2, 32768)):
+        yield "GPTVQ + tune (compress)", b, f"d{d}", vq(b, d, t) + tune
+        yield "GPTVQ + embeddings gptq 4-bit g32 + peqa (compress)", b, f"d{d}", vq(b, d, t) + emb4 + peqa
     if llmc_python:
         for b, g in ((4, 64), (3, 64), (2, 32)):
             yield "GPTQ (llm-compressor)", b, g, ("llmc", "gptq", [b, g])

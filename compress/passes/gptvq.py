@@ -6,9 +6,9 @@ is replaced by the nearest entry of a learned code book, and the error is spread
 quantized through the Cholesky factor of ``H^-1`` (Optimal Brain Quantization over a block of ``dim``
 columns at once). The nearest entry is chosen in the metric of that block's part of the factor, so a vector's
 choice accounts for how its coordinates' errors can be compensated. Code books (one per ``rows_per_table``
-rows, over unit-scale rows: each row keeps a float16 scale) are initialised by k-means weighted by the input
-energy ``H_jj``; ``codebook_refit`` then re-fits them by least squares on the layer output error with the codes
-fixed (conjugate gradients), kept only when the error drops.
+rows, over unit-scale rows: each row keeps a float16 scale) are initialised by k-means weighted by each input's
+saliency ``1 / [H^-1]_jj``; ``codebook_refit`` then re-fits them by least squares on the layer output error with
+the codes fixed (conjugate gradients), kept only when the error drops.
 """
 
 from __future__ import annotations
@@ -59,16 +59,35 @@ def gptvq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTVQConfig, seed: int
     d, k = cfg.dim, 1 << (cfg.bits * cfg.dim)
     rpt = min(cfg.rows_per_table(cols), rows)
     table = torch.arange(rows) // rpt
-    energy = torch.diagonal(h).clamp_min(0)
     scale = stored(w.float().pow(2).mean(1).sqrt().clamp_min(1e-8))
-    books = _initial_books(w.float() / scale.unsqueeze(1), energy, scale, rpt, d, k, cfg.iterations, seed)
-
+    books = _initial_books(w.float() / scale.unsqueeze(1), _saliency(h, cfg.damp), scale, rpt, d, k,
+                           cfg.iterations, seed)
     groups = cols // d
-    group_order = torch.argsort(energy.reshape(groups, d).sum(1), descending=True) if cfg.act_order \
+    group_order = torch.argsort(torch.diagonal(h).reshape(groups, d).sum(1), descending=True) if cfg.act_order \
         else torch.arange(groups)
+    codes = _sweep(w, h, books, scale, table, group_order, cfg)
+    if cfg.codebook_refit:
+        books = refit_codebooks(w.float(), h, codes, books, scale, table, cfg.codebook_refit)
+    return VectorWeight.from_codes(codes, books, scale, cfg.bits * d, rpt)
+
+
+def _saliency(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """``1 / [H^-1]_jj`` (dampened as the sweep dampens ``H``): the output error a unit change of input ``j``'s
+    weight costs once the other weights compensate it (Optimal Brain Surgeon), which weights the k-means."""
+    h = h.double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    return (1 / torch.cholesky_inverse(torch.linalg.cholesky(h)).diagonal()).float()
+
+
+def _sweep(w, h, books, scale, table, group_order, cfg) -> torch.Tensor:
+    """The codes ``[out, in/dim]`` (int64) GPTQ's column sweep chooses a vector at a time in ``group_order``."""
+    rows, cols = w.shape
+    d = cfg.dim
     perm = (group_order.unsqueeze(1) * d + torch.arange(d)).reshape(-1)
     work, hinv = prepare_inverse_hessian(w.float().clone(), h, cfg.damp, perm, in_place=True)
-    codes = torch.zeros(rows, groups, dtype=torch.long)
+    codes = torch.zeros(rows, cols // d, dtype=torch.long)
     step = max(d, cfg.block_size // d * d)
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
@@ -82,20 +101,16 @@ def gptvq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GPTVQConfig, seed: int
             w1[:, v + d:] -= e @ hinv1[v:v + d, v + d:]
             err1[:, v:v + d] = e
         work[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    del work, hinv
-    codes = codes[:, torch.argsort(group_order)]
-    if cfg.codebook_refit:
-        books = refit_codebooks(w.float(), h, codes, books, scale, table, cfg.codebook_refit)
-    return VectorWeight.from_codes(codes, books, scale, cfg.bits * d, rpt)
+    return codes[:, torch.argsort(group_order)]
 
 
-def _initial_books(unit, energy, scale, rpt, d, k, iterations, seed) -> torch.Tensor:
+def _initial_books(unit, saliency, scale, rpt, d, k, iterations, seed) -> torch.Tensor:
     """Code books ``[tables, k, d]`` (float16-rounded) by k-means over each table's unit-scale vectors, every
-    coordinate weighted by its input's energy and its row's squared scale (its share of the output error)."""
+    coordinate weighted by its input's saliency and its row's squared scale (its share of the output error)."""
     rows, cols = unit.shape
     tables = -(-rows // rpt)
     pad = tables * rpt - rows
-    weight = scale.pow(2).unsqueeze(1) * energy.unsqueeze(0)
+    weight = scale.pow(2).unsqueeze(1) * saliency.unsqueeze(0)
     x = torch.cat([unit, unit.new_zeros(pad, cols)]).reshape(tables, -1, d)
     wt = torch.cat([weight, weight.new_zeros(pad, cols)]).reshape(tables, -1, d)
     centroids, _ = vector_kmeans(x, k, wt + 1e-12, iterations, seed)
