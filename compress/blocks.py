@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .residency import release_clean_pages, return_freed_heap
+from .residency import file_mappings, release_clean_pages, return_freed_heap
 
 COMPUTE_DTYPE = torch.float32
 
@@ -56,6 +56,7 @@ def on_compute(module: nn.Module, device, dtype=COMPUTE_DTYPE, skip: tuple[nn.Mo
     skipped = {id(t) for s in skip for t in [*s.parameters(), *s.buffers()]}
     originals: list[tuple[torch.Tensor, torch.Tensor]] = []
     seen: set[int] = set()
+    maps = file_mappings()
     for t in [*module.parameters(), *module.buffers()]:
         if id(t) in seen or id(t) in skipped:
             continue
@@ -65,7 +66,7 @@ def on_compute(module: nn.Module, device, dtype=COMPUTE_DTYPE, skip: tuple[nn.Mo
         if moved is not data:
             originals.append((t, data))
             t.data = moved
-            release_clean_pages([data])
+            release_clean_pages([data], maps)
     tracked = _compressed_devices(module)
     for m in tracked:
         m._device, m.compute_dtype = torch.device(device), dtype

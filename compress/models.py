@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -247,10 +248,16 @@ def gguf_tokenizer_pre(info: ModelInfo) -> str | None:
     a GGUF export of the compressed model carries it on."""
     if info.source not in ("alias", "gguf"):
         return None
+    path = packaged_gguf(ALIASES[info.spec][0]) if info.source == "alias" else Path(info.path)
+    return _gguf_field(str(path), path.stat().st_mtime_ns, "tokenizer.ggml.pre")
+
+
+@cache
+def _gguf_field(path: str, mtime_ns: int, key: str):
+    """A metadata field of a GGUF file (read once per process and file version: the reader parses every field)."""
     from gguf import GGUFReader
 
-    path = packaged_gguf(ALIASES[info.spec][0]) if info.source == "alias" else Path(info.path)
-    field = GGUFReader(path).get_field("tokenizer.ggml.pre")
+    field = GGUFReader(path).get_field(key)
     return field.contents() if field is not None else None
 
 

@@ -22,7 +22,7 @@ import torch
 
 from .errors import CheckpointError
 from .model_files import INDEX, indexed_shards, read_safetensors_header
-from .residency import release_clean_pages
+from .residency import file_mappings, release_clean_pages
 
 SINGLE = "model.safetensors"
 TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
@@ -115,6 +115,7 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     hashes = {}
+    maps = file_mappings()
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
@@ -123,7 +124,7 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
             data = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
             f.write(data)
             hashes[name] = hashlib.sha256(data).hexdigest()
-            release_clean_pages([t])
+            release_clean_pages([t], maps)
         f.flush()
         os.fsync(f.fileno())
     return hashes

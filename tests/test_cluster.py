@@ -120,15 +120,17 @@ def test_palettize_recipe_runs_and_beats_plain_kmeans(tmp_path, smol):
     assert isinstance(loaded.model.layers[0].mlp.up_proj.fmt, PalettizedWeight)
 
 
-@pytest.mark.parametrize("option, needle", [
-    ("bits: 0", "greater than or equal to 1"),
-    ("bits: 9", "less than or equal to 8"),
-    ("outliers: 60%", "less than or equal to 0.1"),
-    ("granularity: row", "tensor"),
+@pytest.mark.parametrize("pass_type, option, needle", [
+    ("kmeans", "bits: 0", "greater than or equal to 1"),
+    ("kmeans", "bits: 9", "less than or equal to 8"),
+    ("kmeans", "outliers: 60%", "less than or equal to 0.1"),
+    ("kmeans", "granularity: row", "tensor"),
+    ("gptvq", "bits: 3\n    dim: 4", "at most 8 bits"),
+    ("gptvq", "dim: 0", "greater than or equal to 1"),
 ])
-def test_bad_clustering_options_are_rejected_at_validation(write_recipe, option, needle):
+def test_bad_clustering_options_are_rejected_at_validation(write_recipe, pass_type, option, needle):
     with pytest.raises(RecipeError) as e:
-        load_recipe(write_recipe(f"passes:\n  - type: kmeans\n    {option}\n"))
+        load_recipe(write_recipe(f"passes:\n  - type: {pass_type}\n    {option}\n"))
     assert needle in e.value.message
 
 
