@@ -105,7 +105,7 @@ def test_truncated_file_is_caught_by_the_read_back(q4_0_run, tmp_path, monkeypat
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", [pytest.param("qwen2", marks=pytest.mark.slow), "qwen3"])  # the same writer
 def test_qwen_families_write_their_own_architecture(family, smol, tmp_path):
     """A Qwen2 (attention biases) and a Qwen3 (query/key norms) model, tiny and random but with the real
     tokenizer, RTN Q4_0 through `compress run`: the file names its architecture, keeps HF's row order (NEOX

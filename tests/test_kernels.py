@@ -110,7 +110,7 @@ NVCC = shutil.which("nvcc")
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("source", kernels.SOURCES)
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", [pytest.param("sm_80", marks=pytest.mark.slow), "sm_90"])  # sm_80: slow
 def test_cuda_sources_compile(source, arch, tmp_path):
     result = subprocess.run([NVCC, "-std=c++17", f"-arch={arch}", f"-I{kernels.CUDA_DIR}", "-c",
                              str(kernels.CUDA_DIR / source),
