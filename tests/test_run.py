@@ -147,7 +147,12 @@ def test_existing_output_needs_force(tmp_path):
 
 
 def test_hub_id_offline_gives_one_line_error(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the hub library reads the variable when first imported (earlier tests did): without this it retries the
+    # unreachable hub five times with backoff (about 25 s) before the same error
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     result = cli("eval", "HuggingFaceTB/SmolLM2-135M")
     assert result.exit_code == 2 and "not cached" in result.stderr
