@@ -37,5 +37,5 @@ def to_row(item, r):
 
 
 if __name__ == "__main__":
-    common.bench_main(lambda _llmc: rows(), ["mode", "bits", "granularity", "outliers", "bits/weight",
+    common.bench_main(rows, ["mode", "bits", "granularity", "outliers", "bits/weight",
                                              "perplexity", "KL vs base", "time s", "peak MB"], to_row)

@@ -1,8 +1,10 @@
 """Shared machinery of the benches: run one method in a fresh process (clean peak memory), time
 compression only, evaluate every result with compress's evaluator on the same held-out windows.
 
-llm-compressor rows run in the Python given by --llmc-python (an environment where
-`pip install llmcompressor` was done; it needs transformers<=5.17), on the same calibration tokens.
+Peers run on the same calibration tokens, each in the Python of its own environment: llm-compressor
+rows in --llmc-python (where `pip install llmcompressor` was done; it needs transformers<=5.17),
+AutoRound rows in --autoround-python (where `pip install auto-round` was done). A peer's script saves a
+fake-quantized float model that compress's evaluator scores on the same held-out windows as ours.
 """
 
 from __future__ import annotations
@@ -87,13 +89,17 @@ def quality(model, tok, windows: int) -> dict:
             "base_perplexity": base.perplexity}
 
 
-def llmc(kind: str, args: list, calib: Path, windows: int, python: str) -> dict:
+# a peer's name in a row's spec -> the script that runs it and the option naming its Python
+PEERS = {"llmc": ("llmc_run.py", "--llmc-python"), "autoround": ("autoround_run.py", "--autoround-python")}
+
+
+def peer(tool: str, args: list, calib: Path, windows: int, python: str) -> dict:
     from compress.models import cache_dir, resolve
 
     resolve("smollm2-135m")
     with tempfile.TemporaryDirectory() as out:
-        cmd = [python, str(ROOT / "bench" / "llmc_run.py"), str(cache_dir() / "models" / "smollm2-135m"),
-               str(calib), out, kind, *map(str, args)]
+        cmd = [python, str(ROOT / "bench" / PEERS[tool][0]), str(cache_dir() / "models" / "smollm2-135m"),
+               str(calib), out, *map(str, args)]
         subprocess.run(cmd, check=True, capture_output=True, cwd=tempfile.gettempdir())
         stats = json.loads((Path(out) / "llmc.json").read_text())
         model, tok, _ = resolve(out)
@@ -118,12 +124,13 @@ def worker(kind: str, p: dict) -> dict:
     calib = Path(p["calib"])
     if kind == "ours":
         return ours(p["passes"], calib, p["windows"])
-    return llmc(p["kind"], p["args"], calib, p["windows"], p["python"])
+    return peer(p["tool"], p["args"], calib, p["windows"], p["python"])
 
 
 def bench_main(rows, columns: list[str], to_row, note: str = ""):
-    """The shared driver of the benches: parse the common options, run every row of ``rows(llmc_python)``
-    (tuples whose first item is the method name and last item its passes, or ("llmc", kind, args))
+    """The shared driver of the benches: parse the common options, run every row of ``rows()``
+    (tuples whose first item is the method name and last item its passes, or a peer's
+    (name in ``PEERS``, *its script's arguments)); a peer row is measured only when its Python is given
     in a fresh process, and print the table with ``to_row(item, result)`` for each.
 
     Every measured row is appended to a results file (``--results``, JSON lines) keyed by the row, its
@@ -136,7 +143,8 @@ def bench_main(rows, columns: list[str], to_row, note: str = ""):
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--llmc-python", default=None, help="python of an environment with llmcompressor")
+    for tool, (_, option) in PEERS.items():
+        ap.add_argument(option, default=None, help=f"python of an environment with {tool} installed")
     ap.add_argument("--only", default=None, help="run only rows whose leading fields joined by spaces "
                     "start with this, e.g. 'Wanda unstructured 0.5'")
     ap.add_argument("--results", type=Path, default=None, help="JSON-lines file of measured rows "
@@ -148,7 +156,7 @@ def bench_main(rows, columns: list[str], to_row, note: str = ""):
     stored = {} if a.fresh else load_results(results)
     calib = None
     out, commits, base = [], {}, None
-    for item in rows(a.llmc_python):
+    for item in rows():
         spec = item[-1]
         if a.only and not " ".join(map(str, item[:-1])).startswith(a.only):
             continue
@@ -158,11 +166,16 @@ def bench_main(rows, columns: list[str], to_row, note: str = ""):
         if r is None and a.cached_only:
             continue
         if r is None:
+            python = getattr(a, PEERS[spec[0]][1][2:].replace("-", "_")) if isinstance(spec, tuple) else None
+            if isinstance(spec, tuple) and python is None:
+                print(f"skipped (not stored; give {PEERS[spec[0]][1]}): {item[:-1]}", file=sys.stderr)
+                continue
             commit = current_commit()  # the code measured: taken before, as edits may land while it runs
             calib = calib or calibration_file(a.samples, a.seq_len)
             if isinstance(spec, tuple):
-                r = in_subprocess("llmc", {"kind": spec[1], "args": spec[2], "calib": str(calib),
-                                           "windows": a.windows, "python": a.llmc_python})
+                args = [a_ for arg in spec[1:] for a_ in (arg if isinstance(arg, list) else [arg])]
+                r = in_subprocess("peer", {"tool": spec[0], "args": args, "calib": str(calib),
+                                           "windows": a.windows, "python": python})
             else:
                 r = in_subprocess("ours", {"passes": spec, "calib": str(calib), "windows": a.windows})
             r = {**r, "commit": commit, "measured": time.strftime("%Y-%m-%d %H:%M")}

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def rows(llmc_python: str | None):
+def rows():
     u = lambda t, s, **kw: [{"type": t, "sparsity": s, **kw}]  # noqa: E731
     nm = lambda t: [{"type": t, "pattern": "2:4"}]  # noqa: E731
     yield "magnitude", "unstructured", 0.5, u("magnitude", 0.5)
@@ -34,10 +34,9 @@ def rows(llmc_python: str | None):
     yield "GPTQ 4-bit g64 (dense reference)", "none", 0.0, gptq4
     yield "structured width", "channels+heads", 0.21, [{"type": "structured", "mlp_sparsity": 0.25,
                                                         "attention_groups": 1}]
-    if llmc_python:
-        for kind, name in (("wanda", "Wanda"), ("sparsegpt", "SparseGPT")):
-            for pattern in ("unstructured", "2:4"):
-                yield f"{name} (llm-compressor)", pattern, 0.5, ("llmc", kind, [0.5, pattern])
+    for kind, name in (("wanda", "Wanda"), ("sparsegpt", "SparseGPT")):
+        for pattern in ("unstructured", "2:4"):
+            yield f"{name} (llm-compressor)", pattern, 0.5, ("llmc", kind, [0.5, pattern])
 
 
 def to_row(item, r):

@@ -1,7 +1,8 @@
 """Quantization bench on SmolLM2-135M: RTN, GPTQ, AWQ+GPTQ, mixed precision, and llm-compressor's
-GPTQ on the same calibration tokens, all scored on the same held-out windows.
+GPTQ and AutoRound on the same calibration tokens, all scored on the same held-out windows.
 
     python bench/quantize.py [--samples 128] [--seq-len 512] [--windows 16] [--llmc-python PY]
+                             [--autoround-python PY] [--only PREFIX]
 
 Prints one Markdown table: method, bits, group, real bits per weight (compressed layers),
 perplexity, KL vs base, top-1 agreement, compression time, peak memory.
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def rows(llmc_python: str | None):
+def rows():
     q = lambda t, b, g, **kw: [{"type": t, "bits": b, "group_size": g, **kw}]  # noqa: E731
     yield "RTN", 4, 64, q("rtn", 4, 64)
     yield "RTN", 3, 64, q("rtn", 3, 64)
@@ -67,14 +68,15 @@ def rows(llmc_python: str | None):
     for b, d, t in ((2, 2, 16384), (3, 2, 32768)):
         yield "GPTVQ + tune (compress)", b, f"d{d}", vq(b, d, t) + tune
         yield "GPTVQ + embeddings gptq 4-bit g32 + peqa (compress)", b, f"d{d}", vq(b, d, t) + emb4 + peqa
-    if llmc_python:
-        for b, g in ((4, 64), (3, 64), (2, 32)):
-            yield "GPTQ (llm-compressor)", b, g, ("llmc", "gptq", [b, g])
+    for b, g in ((4, 64), (3, 64), (2, 32)):
+        yield "GPTQ (llm-compressor)", b, g, ("llmc", "gptq", [b, g])
+    for b, g in ((2, 32), (4, 64), (3, 64)):  # about 2 hours each on 2 cores at AutoRound's 200 steps a block
+        yield "AutoRound (auto-round)", b, g, ("autoround", [b, g])
 
 
 def to_row(item, r):
     method, bits, group, spec = item
-    if isinstance(spec, tuple):  # llm-compressor: int codes + fp16 scale + zero per group
+    if isinstance(spec, tuple):  # the peers' grid: int codes + fp16 scale + zero per group
         r["bits_per_weight"] = bits + 16 / group + bits / group
     return {"method": method, "bits": bits, "group": group, "bits/weight": r["bits_per_weight"],
             "perplexity": r["perplexity"], "KL vs base": r["kl"], "top-1": r["top1"], "time s": r["seconds"],
