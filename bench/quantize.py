@@ -68,6 +68,12 @@ def rows():
     for b, d, t in ((2, 2, 16384), (3, 2, 32768)):
         yield "GPTVQ + tune (compress)", b, f"d{d}", vq(b, d, t) + tune
         yield "GPTVQ + embeddings gptq 4-bit g32 + peqa (compress)", b, f"d{d}", vq(b, d, t) + emb4 + peqa
+    # PV-Tuning: peqa's continuous epochs, each opened by a discrete step on the codes (same 2 epochs)
+    pv = [{"type": "pv_tuning", "epochs": 2}]
+    for b, d, t in ((2, 2, 16384), (3, 2, 32768)):
+        yield "GPTVQ + embeddings gptq 4-bit g32 + pv_tuning (compress)", b, f"d{d}", vq(b, d, t) + emb4 + pv
+    for b, g in ((4, 64), (3, 64)):
+        yield "AWQ+GPTQ + embeddings gptq 4-bit g32 + pv_tuning (compress)", b, g, awq + q("gptq", b, g) + emb4 + pv
     for b, g in ((4, 64), (3, 64), (2, 32)):
         yield "GPTQ (llm-compressor)", b, g, ("llmc", "gptq", [b, g])
     for b, g in ((2, 32), (4, 64), (3, 64)):  # about 2 hours each on 2 cores at AutoRound's 200 steps a block

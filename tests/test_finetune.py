@@ -1,6 +1,7 @@
-"""End-to-end fine-tuning against the float model (the `peqa` pass): the teacher the pipeline builds is the float
-model's own top-k distribution, tuning lowers the held-out KL on the real model and stores it exactly, a result
-that is no better than the input is never stored, and bad plans are refused before any compute."""
+"""End-to-end fine-tuning against the float model (the `peqa`, `l4q` and `pv_tuning` passes): the teacher the
+pipeline builds is the float model's own top-k distribution, tuning lowers the held-out KL on the real model and
+stores it exactly, a result that is no better than the input is never stored, and bad plans are refused before any
+compute."""
 
 import copy
 
@@ -9,10 +10,10 @@ import torch
 from conftest import cli
 
 from compress.data import calibration_batches
-from compress.formats import QuantizedWeight, quantize_rtn
+from compress.formats import QuantizedWeight, VectorWeight, quantize_rtn
 from compress.modules import CompressedEmbedding, CompressedLinear
 from compress.passes.peqa import _held_out_kl, _split
-from compress.passes.trainable_grid import TrainableGrid
+from compress.passes.trainable_grid import TrainableCodebook, TrainableGrid
 from compress.pipeline import plan, run_passes
 from compress.quant import QuantSpec
 from compress.recipe import parse_recipe
@@ -42,10 +43,11 @@ def test_topk_kl_is_the_full_kl_with_every_token_and_never_above_it_with_fewer()
         assert abs(float(topk_kl(teacher, some.indices, some.logprobs))) < 1e-6
 
 
-@pytest.fixture(scope="module", params=["peqa", "l4q"])
+@pytest.fixture(scope="module", params=["peqa", "l4q", "pv_tuning"])
 def tuned(smol, request):
     """SmolLM2 compressed by PASSES then tuned end to end (PEQA: scales and zero points; L4Q: with rank-4 adapters
-    too) through run_passes; the teacher the pass was handed."""
+    too; PV-Tuning: scales, then a discrete step on the codes) through run_passes; the teacher the pass was
+    handed."""
     model, tok, _ = smol
     calibration = calibration_batches("pydoc", tok, 12, 96, seed=0, heldout_spec="pydoc")
     m = copy.deepcopy(model)
@@ -81,6 +83,7 @@ def test_the_teacher_is_the_float_models_top_k(tuned, smol):
 def test_tuning_lowers_the_held_out_kl_and_stores_what_it_measured(tuned, request):
     model, info, handed, _ = tuned
     merges_adapters = "l4q" in request.node.callspec.id
+    moves_codes = merges_adapters or "pv_tuning" in request.node.callspec.id
     assert info["kept"] and info["tables"] == 15  # 2 blocks x 7 linear layers, and lm_head with the embedding
     # (the embedding is one tied table); 5 steps on 10 x 96 tokens
     assert info["held_out_kl_after"] < (0.99 if merges_adapters else 0.9) * info["held_out_kl_before"]
@@ -96,7 +99,57 @@ def test_tuning_lowers_the_held_out_kl_and_stores_what_it_measured(tuned, reques
         moved.append(not torch.equal(after.codes, before.codes))
         if name.startswith("model.layers.1."):
             assert not torch.equal(after.scales, before.scales)
-    assert any(moved) == merges_adapters  # PEQA never moves a code; L4Q's adapters are merged into them
+    assert any(moved) == moves_codes  # PEQA never moves a code; L4Q's adapters are merged into them
+    if "pv_tuning" in request.node.callspec.id:  # the discrete step was kept: it lowered the held-out KL
+        (step,) = info["discrete_steps"]
+        assert step["kept"] and 0 < step["codes_moved"] and step["held_out_kl"] < step["held_out_kl_before"]
+        assert step["held_out_kl_before"] == info["held_out_kl_before"]
+
+
+@pytest.mark.parametrize("kind", ["int-grid", "code-book"])
+def test_the_discrete_step_moves_the_share_of_codes_the_quadratic_model_favours_to_its_minimum(kind):
+    """PV-Tuning's discrete step: each code's candidate is the minimum of ``<g, dw> + lam/2 sum F dw^2`` over every
+    code it could take (checked by brute force), at most the share moves, downhill, none where the curvature is
+    stiff (a column of outlier inputs), and the stored values never change."""
+    gen = torch.Generator().manual_seed(2)
+    if kind == "int-grid":
+        fmt = quantize_rtn(torch.randn(48, 128, generator=gen), QuantSpec(3, 32))
+        make = lambda: TrainableGrid(fmt, [], "cpu")  # noqa: E731
+        codes, scale, zero = fmt.unpacked()
+        values = (torch.arange(8.0) - zero.repeat_interleave(32, 1).unsqueeze(-1)) * scale.repeat_interleave(
+            32, 1).unsqueeze(-1)  # [48, 128, 8]: every level each weight could take
+    else:
+        book = torch.randn(2, 16, 2, generator=gen)
+        fmt = VectorWeight.from_codes(torch.randint(0, 16, (48, 64), generator=gen), book,
+                                      torch.rand(48, generator=gen) + 0.5, 4, 24)
+        values = fmt.codebook.float()[torch.arange(48) // 24].unsqueeze(1) * fmt.row_scale.float()[:, None, None, None]
+        make = lambda: TrainableCodebook(fmt, [], "cpu")  # noqa: E731
+    grad = torch.randn(48, 128, generator=gen) ** 3  # heavy-tailed, as a loss's gradients are
+    curvature = grad.square() + torch.rand(48, 128, generator=gen)
+    curvature[:, 7] *= 1e6  # an outlier input column: the loss is stiff in its weights
+    best, lam0 = make().code_model(grad, curvature)
+    w = fmt.dequantize()
+    for lam in (lam0, 10 * lam0):
+        if kind == "int-grid":  # [48, 128, 8]
+            dw = values - w.unsqueeze(-1)
+            model = grad.unsqueeze(-1) * dw + lam / 2 * curvature.unsqueeze(-1) * dw.square()
+        else:  # [48, 64, 16]
+            dw = values - w.reshape(48, 64, 1, 2)
+            model = (grad.reshape(48, 64, 1, 2) * dw + lam / 2 * curvature.reshape(48, 64, 1, 2) * dw.square()).sum(-1)
+        codes, gain = (t.reshape(48, -1) for t in best(lam))
+        torch.testing.assert_close(gain, -model.min(-1).values, rtol=1e-4, atol=1e-6)
+        assert torch.equal(codes.long(), model.argmin(-1))
+    count = 48 * (128 if kind == "int-grid" else 64)
+    some = make()
+    moved = some.move_codes(grad, curvature, 0.05)
+    assert 0 < moved <= 0.05 * count
+    done = some.result()
+    dw = done.dequantize() - w
+    assert float((grad * dw).sum()) < 0 and (dw != 0).sum() > 0 and not dw[:, 6 if kind == "code-book" else 7].any()
+    stored = lambda f: f.scales if kind == "int-grid" else f.codebook  # noqa: E731
+    assert torch.equal(stored(done), stored(fmt))
+    some.set_code_state(make().code_state())
+    assert torch.equal(some.result().dequantize(), fmt.dequantize())
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(3, 64), QuantSpec(4, 48, symmetric=True), QuantSpec(2, None)],
@@ -136,6 +189,8 @@ def test_a_result_no_better_than_its_input_is_not_stored(smol):
 @pytest.mark.parametrize("recipe, message", [
     ("passes: [{type: peqa}]", "no quantizing pass before it"),
     ("passes: [{type: rtn}, {type: peqa, lr: 0}]", "lr"),
+    ("passes: [{type: rtn}, {type: pv_tuning, code_share: 0}]", "code_share"),
+    ("passes: [{type: pv_tuning}]", "no quantizing pass before it"),
     ("passes: [{type: rtn}, {type: peqa, held_out: 8}]\ncalibration: {samples: 8}", "at least 9 calibration"),
 ])
 def test_bad_plans_are_refused_before_any_compute(write_recipe, tmp_path, recipe, message):

@@ -57,8 +57,8 @@ class Peqa(Pass):
         return Requirements(teacher_top_k=self.cfg.top_k, min_samples=self.cfg.held_out + 1)
 
     def check_plan(self, passes):
-        self.check_follows_a_quantizer(passes, "put `type: peqa` after the rtn, gptq or embeddings pass whose "
-                                       "scales it tunes")
+        self.check_follows_a_quantizer(passes, f"put `type: {self.name}` after the rtn, gptq, gptvq or embeddings "
+                                       "pass whose values it tunes")
 
     def apply(self, work, replace) -> None:
         """Nothing block by block: the tuning runs through the whole model once every block is compressed."""
@@ -101,6 +101,7 @@ class Peqa(Pass):
         order = torch.Generator().manual_seed(0)
         best, best_kl, per_epoch = None, before, []
         for _ in range(cfg.epochs):
+            self.before_epoch(model, grids, teacher, train, held, device, per_epoch[-1] if per_epoch else before)
             rows = train[torch.randperm(len(train), generator=order)]
             for step in rows.split(cfg.batch):
                 optimizer.zero_grad(set_to_none=True)
@@ -121,7 +122,13 @@ class Peqa(Pass):
             g.put(best[name] if best is not None else g.fmt)
         return {"held_out_kl_before": before, "held_out_kl_after": best_kl, "held_out_kl_per_epoch": per_epoch,
                 "kept": best is not None, "tables": len(grids), "held_out_sequences": len(held),
-                "steps": cfg.epochs * math.ceil(len(train) / cfg.batch)}
+                "steps": cfg.epochs * math.ceil(len(train) / cfg.batch), **self.epoch_report()}
+
+    def before_epoch(self, model, grids, teacher, train, held, device, kl: float) -> None:
+        """A step before each epoch's continuous ones (none here), from a state whose held-out KL is ``kl``."""
+
+    def epoch_report(self) -> dict:
+        return {}
 
 
 def _split(n: int, held_out: int, samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

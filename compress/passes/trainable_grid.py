@@ -10,9 +10,15 @@ quantized again onto the grid with the current scales and zero points in every f
 rounding), as in L4Q; ``B`` starts at zero, so the first forward gives the stored codes back. What the forward
 computes is then always what :meth:`TrainableGrid.result` stores: the adapter is merged into the codes, exactly.
 
-A vector code book (:class:`TrainableCodebook`) trains its entries and its row scales."""
+A vector code book (:class:`TrainableCodebook`) trains its entries and its row scales.
+
+Between continuous steps, :meth:`TrainableWeight.move_codes` takes PV-Tuning's discrete step: with the values held,
+the codes a quadratic model of the loss favours most move to that model's minimum (integer grids and code books;
+other grids keep their codes)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -45,6 +51,47 @@ class TrainableWeight:
     def result(self):
         raise NotImplementedError
 
+    def move_codes(self, grad: torch.Tensor, curvature: torch.Tensor, share: float) -> int:
+        """The discrete step of "PV-Tuning: Beyond Straight-Through Estimation for Extreme LLM Compression"
+        (Malinovskii et al., 2024), with the values held. The loss around the current weight is modelled as
+        ``<g, dw> + lam/2 sum F dw^2``, ``g`` its gradient in the float weight and ``F`` (``curvature``) a diagonal
+        curvature (the gradients' mean square over sequences: the empirical Fisher, which grows with a column's
+        input energy as the true curvature does). Each code (a weight's; a vector's) goes to the one minimizing
+        that model, ``lam`` chosen as the smallest for which no more than ``share`` of all codes change: the codes
+        whose move the model favours most. Returns how many moved (0 where this format's codes cannot)."""
+        limit = int(share * self.codes_count())
+        if limit < 1:
+            return 0
+        with torch.no_grad():
+            model = self.code_model(grad, curvature.clamp_min(float(curvature.mean()) * 1e-6 + 1e-30))
+            if model is None:
+                return 0
+            best, lam0 = model
+            lo, hi = -LAMBDA_RANGE, LAMBDA_RANGE  # ln(lam / lam0): a larger lam moves fewer codes
+            for _ in range(LAMBDA_STEPS):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if int((best(lam0 * math.exp(mid))[1] > 0).sum()) > limit else (lo, mid)
+            codes, gain = best(lam0 * math.exp(hi))
+            return self.take_codes(codes, gain > 0)
+
+    def codes_count(self) -> int:
+        return 0
+
+    def code_model(self, grad: torch.Tensor, curvature: torch.Tensor):
+        """``(best, lam0)``: ``best(lam)`` gives each code's model minimum and its gain (the model's decrease),
+        ``lam0`` a typical ``lam``; None where the codes cannot move."""
+        return None
+
+    def take_codes(self, codes: torch.Tensor, where: torch.Tensor) -> int:
+        raise NotImplementedError
+
+    def code_state(self):
+        """What :meth:`move_codes` changes, to put back with :meth:`set_code_state`."""
+        return None
+
+    def set_code_state(self, state) -> None:
+        pass
+
     def install(self) -> None:
         """Point the modules' forwards at :meth:`weight` for the next step."""
         w = self.weight()
@@ -60,7 +107,6 @@ class TrainableWeight:
         self.uninstall()
         for m in self.modules:
             m.fmt = fmt
-
 
 class TrainableGrid(TrainableWeight):
     """One :class:`QuantizedWeight` and the modules computing with it."""
@@ -79,6 +125,7 @@ class TrainableGrid(TrainableWeight):
         self.log_factor = nn.Parameter(torch.zeros_like(self.scale))
         self.zero_shift = nn.Parameter(torch.zeros_like(self.scale)) if zeros and fmt.spec.has_zeros else None
         self.lora_a = self.lora_b = None
+        self.moved = False  # whether move_codes changed the codes
         if rank and fmt.spec.grid == "int":
             g = torch.Generator().manual_seed(out * 7919 + k)
             self.lora_a = nn.Parameter((torch.randn(rank, k, generator=g) / k ** 0.5).to(device))
@@ -87,6 +134,35 @@ class TrainableGrid(TrainableWeight):
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [self.lora_a, self.lora_b] if self.lora_a is not None and self.lora_b is not None else []
+
+    def codes_count(self) -> int:
+        return self.codes.numel()
+
+    def code_model(self, grad: torch.Tensor, curvature: torch.Tensor):
+        if self.fmt.spec.grid != "int" or self.lora_a is not None:
+            return None
+        as_codes = lambda t: pad_to_groups(t.to(self.codes.device, torch.float32), self.gs).reshape(self.codes.shape)  # noqa: E731
+        g, f = as_codes(grad), as_codes(curvature)
+        s, now = self.scales().detach().unsqueeze(-1), self.codes.float()
+        g_level, f_level = g * s, f * s.square()  # the model in grid levels: dw = s dc
+
+        def best(lam: float):
+            codes = (now - g_level / (lam * f_level)).round().clamp(0, self.fmt.spec.maxq)
+            dc = codes - now
+            return codes, -(g_level * dc + lam / 2 * f_level * dc.square())
+
+        return best, float(2 * g_level.abs().mean() / f_level.mean())  # lam at which one level pays, typically
+
+    def take_codes(self, codes: torch.Tensor, where: torch.Tensor) -> int:
+        self.codes = torch.where(where, codes, self.codes.float()).to(self.codes.dtype)
+        self.moved = True
+        return int(where.sum())
+
+    def code_state(self):
+        return self.codes.clone(), self.moved
+
+    def set_code_state(self, state) -> None:
+        self.codes, self.moved = state
 
     def scales(self) -> torch.Tensor:
         return self.scale * self.log_factor.exp()
@@ -123,6 +199,9 @@ class TrainableGrid(TrainableWeight):
             pack_rows(zero.detach().cpu().to(torch.uint8), spec.bits)
         stored = self.scales().detach().half()
         codes = self.fmt.codes
+        if self.moved:  # codes taken by move_codes
+            out, k = self.fmt.shape
+            codes = pack_rows(self.codes.reshape(out, -1)[:, :k].cpu().to(torch.uint8), spec.bits)
         if self.lora_a is not None:  # the merged weight on the grid of the scales as stored
             out, k = self.fmt.shape
             merged = self.current_codes(stored.float()).detach().reshape(out, -1)[:, :k].round()
@@ -139,9 +218,8 @@ class TrainableCodebook(TrainableWeight):
 
     def __init__(self, fmt: VectorWeight, modules: list, device):
         self.fmt, self.modules = fmt, modules
-        rows = fmt.shape[0]
-        k = 1 << fmt.index_bits
-        self.slots = ((torch.arange(rows) // fmt.rows_per_table).unsqueeze(1) * k + fmt.codes().long()).to(device)
+        self.table = (torch.arange(fmt.shape[0]) // fmt.rows_per_table).unsqueeze(1).to(device)  # [rows, 1]
+        self.codes = fmt.codes().long().to(device)  # [rows, in/dim]
         self.book = nn.Parameter(fmt.codebook.float().to(device))
         self.scale = fmt.row_scale.float().to(device)
         self.log_factor = nn.Parameter(torch.zeros_like(self.scale))
@@ -151,14 +229,58 @@ class TrainableCodebook(TrainableWeight):
 
     def weight(self) -> torch.Tensor:
         rows, cols = self.fmt.shape
-        vectors = self.book.reshape(-1, self.fmt.dim)[self.slots]  # [rows, in/dim, dim]
+        vectors = self.book[self.table, self.codes]  # [rows, in/dim, dim]
         return vectors.reshape(rows, cols) * (self.scale * self.log_factor.exp()).unsqueeze(1)
 
     def result(self) -> VectorWeight:
-        """The format holding the current values (rounded to float16 as stored), with the stored codes."""
-        scale = (self.scale * self.log_factor.exp()).detach().half().cpu()
-        return VectorWeight(self.fmt.indices, self.book.detach().half().cpu(), scale, self.fmt.index_bits,
-                            self.fmt.rows_per_table, self.fmt.shape)
+        """The format holding the current values (rounded to float16 as stored) and codes."""
+        scale = (self.scale * self.log_factor.exp()).detach().cpu()
+        return VectorWeight.from_codes(self.codes.cpu(), self.book.detach().cpu(), scale, self.fmt.index_bits,
+                                       self.fmt.rows_per_table)
+
+    def codes_count(self) -> int:
+        return self.codes.numel()
+
+    def code_model(self, grad: torch.Tensor, curvature: torch.Tensor):
+        rows, _ = self.fmt.shape
+        book = self.book.detach()
+        as_vectors = lambda t: t.to(book.device, torch.float32).reshape(rows, -1, 1, self.fmt.dim)  # noqa: E731
+        scale = (self.scale * self.log_factor.exp()).detach().reshape(rows, 1, 1, 1)
+        g, f = as_vectors(grad) * scale, as_vectors(curvature) * scale.square()  # at unit scale: dw = s dv
+        now = book[self.table, self.codes].unsqueeze(2)  # [rows, in/dim, 1, dim]
+        linear = torch.empty(*self.codes.shape, book.shape[1], device=book.device)  # [rows, in/dim, K]
+        quadratic = torch.empty_like(linear)
+        for r in range(0, rows, CODE_SEARCH_ROWS):  # every entry's move, a slice of rows at a time
+            sl = slice(r, r + CODE_SEARCH_ROWS)
+            dv = book[self.table[sl, 0]].unsqueeze(1) - now[sl]  # [slice, in/dim, K, dim]
+            linear[sl], quadratic[sl] = (g[sl] * dv).sum(-1), (f[sl] * dv.square()).sum(-1) / 2
+
+        def best(lam: float):
+            value, codes = (linear + lam * quadratic).min(-1)
+            return codes, -value
+
+        return best, float(2 * g.abs().mean() / (f.mean() * _entry_spacing(book)))
+
+    def take_codes(self, codes: torch.Tensor, where: torch.Tensor) -> int:
+        self.codes = torch.where(where, codes, self.codes)
+        return int(where.sum())
+
+    def code_state(self):
+        return self.codes.clone()
+
+    def set_code_state(self, state) -> None:
+        self.codes = state
+
+
+CODE_SEARCH_ROWS = 64  # rows per code-book search: [rows, in/dim, entries, dim] moves, a few tens of MB
+LAMBDA_RANGE, LAMBDA_STEPS = 14.0, 24  # the bisection on ln(lam / lam0): e^14 either way, to 2e-6
+
+
+def _entry_spacing(book: torch.Tensor) -> float:
+    """The typical distance per coordinate between a code book entry and its nearest other entry."""
+    itself = torch.eye(book.shape[1], dtype=torch.bool, device=book.device)
+    d = torch.cdist(book, book).masked_fill(itself, float("inf"))
+    return float(d.min(-1).values.mean()) / book.shape[2] ** 0.5
 
 
 def trainable_grids(modules: dict[str, nn.Module], device, zeros: bool = False, rank: int = 0

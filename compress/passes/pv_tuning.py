@@ -1,0 +1,86 @@
+"""End-to-end tuning that alternates continuous and discrete updates: PV-Tuning.
+
+"PV-Tuning: Beyond Straight-Through Estimation for Extreme LLM Compression" (Malinovskii et al., 2024): the
+continuous step trains what a format stores as values (a code book's entries and row scales, an integer grid's
+group scales) with the codes fixed, exactly as :class:`~compress.passes.peqa.Peqa` does; the discrete step holds
+those values and moves the codes. Each discrete step takes the gradient of the loss in the decoded float weights
+and its mean square (the empirical Fisher diagonal) over ``code_samples`` training sequences, one at a time, and
+moves at most a ``code_share`` of each layer's codes to the minimum of the quadratic model they give
+(:meth:`~compress.passes.trainable_grid.TrainableWeight.move_codes`), those the model favours most: the paper's
+linearized V-step with its bound on how many codes change. A discrete step opens each epoch, and is kept only when
+it lowers the KL on the held-out sequences; a refused one halves the share for the next. Integer grids and vector
+code books move their codes; other grids (NF4, FP4) train their scales only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from .peqa import Peqa, PeqaConfig, _held_out_kl_with, _kl
+from .registry import register
+
+
+class PvTuningConfig(PeqaConfig):
+    type: Literal["pv_tuning"] = "pv_tuning"  # type: ignore[assignment]
+    epochs: int = Field(4, ge=1, le=50, description="rounds of one discrete step then continuous steps (one pass "
+                        "over the training share of the calibration)")
+    code_share: float = Field(0.003, gt=0, le=1, description="the most a discrete step moves of each layer's "
+                              "codes, as a share of them (halved after a step the held-out KL refuses)")
+    code_samples: int = Field(16, ge=1, le=10_000, description="training sequences whose gradient a discrete "
+                              "step follows")
+
+
+@register
+class PvTuning(Peqa):
+    name = "pv_tuning"
+    Config = PvTuningConfig
+
+    def tune_model(self, model, teacher, device) -> dict | None:
+        self.share, self.discrete = self.cfg.code_share, []
+        return super().tune_model(model, teacher, device)
+
+    def before_epoch(self, model, grids, teacher, train, held, device, kl: float) -> None:
+        cfg = self.cfg
+        saved = {name: g.code_state() for name, g in grids.items()}
+        grads = _weight_gradients(model, grids, teacher, train[:cfg.code_samples].tolist(), device)
+        moved = sum(g.move_codes(*grads[name], self.share) for name, g in grids.items())
+        stepped = {name: g.result() for name, g in grids.items()}
+        after = _held_out_kl_with(model, grids, stepped, teacher, held, device) if moved else kl
+        kept = after < kl
+        self.discrete.append({"codes_moved": moved, "share": self.share, "held_out_kl_before": kl,
+                              "held_out_kl": after, "kept": kept})
+        if not kept:
+            for name, g in grids.items():
+                g.set_code_state(saved[name])
+            self.share /= 2
+
+    def epoch_report(self) -> dict:
+        return {"discrete_steps": self.discrete}
+
+
+def _weight_gradients(model, grids, teacher, rows: list[int], device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each trainable format's (gradient, mean squared gradient) in its decoded float weight: the mean top-k KL's
+    gradient over ``rows``, and the mean over those sequences of each one's gradient squared."""
+    weights = {}
+    for name, g in grids.items():
+        weights[name] = g.weight().detach().requires_grad_(True)
+        for m in g.modules:
+            m._cached_weight = weights[name].to(m.compute_dtype)
+    total = {name: torch.zeros_like(w) for name, w in weights.items()}
+    square = {name: torch.zeros_like(w) for name, w in weights.items()}
+    try:
+        with torch.enable_grad():
+            for i in rows:
+                _kl(model, teacher, [i], device).backward()
+                for name, w in weights.items():
+                    if w.grad is not None:
+                        total[name] += w.grad
+                        square[name] += w.grad.square()
+                        w.grad = None
+    finally:
+        for g in grids.values():
+            g.uninstall()
+    return {name: (total[name] / len(rows), square[name] / len(rows)) for name in weights}
