@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from .peqa import Peqa, PeqaConfig, _held_out_kl_with, _kl
 from .registry import register
+from .trainable_grid import discrete_step
 
 
 class PvTuningConfig(PeqaConfig):
@@ -43,44 +43,13 @@ class PvTuning(Peqa):
         return super().tune_model(model, teacher, device)
 
     def before_epoch(self, model, grids, teacher, train, held, device, kl: float) -> None:
-        cfg = self.cfg
-        saved = {name: g.code_state() for name, g in grids.items()}
-        grads = _weight_gradients(model, grids, teacher, train[:cfg.code_samples].tolist(), device)
-        moved = sum(g.move_codes(*grads[name], self.share) for name, g in grids.items())
-        stepped = {name: g.result() for name, g in grids.items()}
-        after = _held_out_kl_with(model, grids, stepped, teacher, held, device) if moved else kl
-        kept = after < kl
-        self.discrete.append({"codes_moved": moved, "share": self.share, "held_out_kl_before": kl,
-                              "held_out_kl": after, "kept": kept})
-        if not kept:
-            for name, g in grids.items():
-                g.set_code_state(saved[name])
+        rows = train[:self.cfg.code_samples].tolist()
+        step = discrete_step(grids, [lambda i=i: _kl(model, teacher, [i], device) for i in rows], self.share,
+                             lambda: _held_out_kl_with(model, grids, {n: g.result() for n, g in grids.items()},
+                                                       teacher, held, device), kl)
+        self.discrete.append(step)
+        if not step["kept"]:
             self.share /= 2
 
     def epoch_report(self) -> dict:
         return {"discrete_steps": self.discrete}
-
-
-def _weight_gradients(model, grids, teacher, rows: list[int], device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each trainable format's (gradient, mean squared gradient) in its decoded float weight: the mean top-k KL's
-    gradient over ``rows``, and the mean over those sequences of each one's gradient squared."""
-    weights = {}
-    for name, g in grids.items():
-        weights[name] = g.weight().detach().requires_grad_(True)
-        for m in g.modules:
-            m._cached_weight = weights[name].to(m.compute_dtype)
-    total = {name: torch.zeros_like(w) for name, w in weights.items()}
-    square = {name: torch.zeros_like(w) for name, w in weights.items()}
-    try:
-        with torch.enable_grad():
-            for i in rows:
-                _kl(model, teacher, [i], device).backward()
-                for name, w in weights.items():
-                    if w.grad is not None:
-                        total[name] += w.grad
-                        square[name] += w.grad.square()
-                        w.grad = None
-    finally:
-        for g in grids.values():
-            g.uninstall()
-    return {name: (total[name] / len(rows), square[name] / len(rows)) for name in weights}

@@ -19,6 +19,7 @@ other grids keep their codes)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -281,6 +282,48 @@ def _entry_spacing(book: torch.Tensor) -> float:
     itself = torch.eye(book.shape[1], dtype=torch.bool, device=book.device)
     d = torch.cdist(book, book).masked_fill(itself, float("inf"))
     return float(d.min(-1).values.mean()) / book.shape[2] ** 0.5
+
+
+def weight_gradients(grids: dict[str, TrainableWeight], losses: list[Callable[[], torch.Tensor]]
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each format's (gradient, mean squared gradient) in its decoded float weight: the mean over ``losses`` (each
+    a closure computing one loss through the modules) of each one's gradient, and of its square."""
+    weights = {}
+    for name, g in grids.items():
+        weights[name] = g.weight().detach().requires_grad_(True)
+        for m in g.modules:
+            m._cached_weight = weights[name].to(m.compute_dtype)
+    total = {name: torch.zeros_like(w) for name, w in weights.items()}
+    square = {name: torch.zeros_like(w) for name, w in weights.items()}
+    try:
+        with torch.enable_grad():
+            for loss in losses:
+                loss().backward()
+                for name, w in weights.items():
+                    if w.grad is not None:
+                        total[name] += w.grad
+                        square[name] += w.grad.square()
+                        w.grad = None
+    finally:
+        for g in grids.values():
+            g.uninstall()
+    return {name: (total[name] / len(losses), square[name] / len(losses)) for name in weights}
+
+
+def discrete_step(grids: dict[str, TrainableWeight], losses: list[Callable[[], torch.Tensor]], share: float,
+                  held_out: Callable[[], float], before: float) -> dict:
+    """One discrete step (:meth:`TrainableWeight.move_codes`) on every format, from the gradients of ``losses``,
+    kept only when ``held_out()`` (the held-out loss of the formats' current results) drops below ``before``;
+    put back otherwise. Returns what it did."""
+    saved = {name: g.code_state() for name, g in grids.items()}
+    grads = weight_gradients(grids, losses)
+    moved = sum(g.move_codes(*grads[name], share) for name, g in grids.items())
+    after = held_out() if moved else before
+    if not after < before:
+        for name, g in grids.items():
+            g.set_code_state(saved[name])
+    return {"codes_moved": moved, "share": share, "held_out_before": before, "held_out": after,
+            "kept": after < before}
 
 
 def trainable_grids(modules: dict[str, nn.Module], device, zeros: bool = False, rank: int = 0
