@@ -110,11 +110,11 @@ class Peqa(Pass):
                         g.install()
                     rows_of_step = step.tolist()
                     for n, i in enumerate(rows_of_step, 1):
-                        (_kl(model, teacher, [i], device) / len(step)).backward(
+                        (sequence_kl(model, teacher, [i], device) / len(step)).backward(
                             retain_graph=n < len(rows_of_step))
                 optimizer.step()
             results = {name: g.result() for name, g in grids.items()}
-            kl = _held_out_kl_with(model, grids, results, teacher, held, device)
+            kl = held_out_kl_with(model, grids, results, teacher, held, device)
             per_epoch.append(kl)
             if kl < best_kl:
                 best, best_kl = results, kl
@@ -137,7 +137,7 @@ def _split(n: int, held_out: int, samples: int | None = None) -> tuple[torch.Ten
     return torch.arange(min(n - held_out, samples or n)), torch.arange(n - held_out, n)
 
 
-def _kl(model, teacher: Teacher, rows: list[int], device) -> torch.Tensor:
+def sequence_kl(model, teacher: Teacher, rows: list[int], device) -> torch.Tensor:
     part = teacher.rows(rows)
     logits = model(input_ids=part.tokens.to(input_device(model)), use_cache=False).logits
     return topk_kl(logits, part.indices.to(logits.device), part.logprobs.to(logits.device))
@@ -147,10 +147,10 @@ def _kl(model, teacher: Teacher, rows: list[int], device) -> torch.Tensor:
 def _held_out_kl(model, teacher: Teacher, held: torch.Tensor, device) -> float:
     """The mean top-k KL over the held-out sequences, of the model as its formats store it."""
     with dequantized_weights(model):
-        return sum(float(_kl(model, teacher, [i], device)) for i in held.tolist()) / len(held)
+        return sum(float(sequence_kl(model, teacher, [i], device)) for i in held.tolist()) / len(held)
 
 
-def _held_out_kl_with(model, grids: dict[str, TrainableWeight], results: dict, teacher, held, device) -> float:
+def held_out_kl_with(model, grids: dict[str, TrainableWeight], results: dict, teacher, held, device) -> float:
     """:func:`_held_out_kl` with ``results`` (name -> format) in place of the grids' formats, put back after."""
     for name, g in grids.items():
         g.put(results[name])

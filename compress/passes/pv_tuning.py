@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .peqa import Peqa, PeqaConfig, _held_out_kl_with, _kl
+from .peqa import Peqa, PeqaConfig, held_out_kl_with, sequence_kl
 from .registry import register
 from .trainable_grid import discrete_step
 
@@ -44,8 +44,8 @@ class PvTuning(Peqa):
 
     def before_epoch(self, model, grids, teacher, train, held, device, kl: float) -> None:
         rows = train[:self.cfg.code_samples].tolist()
-        step = discrete_step(grids, [lambda i=i: _kl(model, teacher, [i], device) for i in rows], self.share,
-                             lambda: _held_out_kl_with(model, grids, {n: g.result() for n, g in grids.items()},
+        step = discrete_step(grids, [lambda i=i: sequence_kl(model, teacher, [i], device) for i in rows], self.share,
+                             lambda: held_out_kl_with(model, grids, {n: g.result() for n, g in grids.items()},
                                                        teacher, held, device), kl)
         self.discrete.append(step)
         if not step["kept"]:
