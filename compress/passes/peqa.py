@@ -99,7 +99,7 @@ class Peqa(Pass):
             groups.append({"params": adapters, "lr": self.adapter_lr()})
         optimizer = torch.optim.Adam(groups)
         order = torch.Generator().manual_seed(0)
-        best, best_kl, per_epoch = None, before, []
+        best, best_kl, per_epoch = None, before, list[float]()
         for _ in range(cfg.epochs):
             self.before_epoch(model, grids, teacher, train, held, device, per_epoch[-1] if per_epoch else before)
             rows = train[torch.randperm(len(train), generator=order)]

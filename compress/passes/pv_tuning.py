@@ -14,8 +14,10 @@ code books move their codes; other grids (NF4, FP4) train their scales only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from .peqa import Peqa, PeqaConfig, held_out_kl_with, sequence_kl
@@ -39,14 +41,18 @@ class PvTuning(Peqa):
     Config = PvTuningConfig
 
     def tune_model(self, model, teacher, device) -> dict | None:
-        self.share, self.discrete = self.cfg.code_share, []
+        self.share, self.discrete = self.cfg.code_share, list[dict]()
         return super().tune_model(model, teacher, device)
 
     def before_epoch(self, model, grids, teacher, train, held, device, kl: float) -> None:
+        def loss(i: int) -> Callable[[], torch.Tensor]:
+            return lambda: sequence_kl(model, teacher, [i], device)
+
+        def held_out() -> float:
+            return held_out_kl_with(model, grids, {n: g.result() for n, g in grids.items()}, teacher, held, device)
+
         rows = train[:self.cfg.code_samples].tolist()
-        step = discrete_step(grids, [lambda i=i: sequence_kl(model, teacher, [i], device) for i in rows], self.share,
-                             lambda: held_out_kl_with(model, grids, {n: g.result() for n, g in grids.items()},
-                                                       teacher, held, device), kl)
+        step = discrete_step(grids, [loss(i) for i in rows], self.share, held_out, kl)
         self.discrete.append(step)
         if not step["kept"]:
             self.share /= 2
