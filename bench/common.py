@@ -144,7 +144,8 @@ def bench_main(rows, columns: list[str], to_row, note: str = ""):
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=16)
     for tool, (_, option) in PEERS.items():
-        ap.add_argument(option, default=None, help=f"python of an environment with {tool} installed")
+        ap.add_argument(option, dest=f"{tool}_python", default=None,
+                        help=f"python of an environment with {tool} installed")
     ap.add_argument("--only", default=None, help="run only rows whose leading fields joined by spaces "
                     "start with this, e.g. 'Wanda unstructured 0.5'")
     ap.add_argument("--results", type=Path, default=None, help="JSON-lines file of measured rows "
@@ -166,7 +167,7 @@ def bench_main(rows, columns: list[str], to_row, note: str = ""):
         if r is None and a.cached_only:
             continue
         if r is None:
-            python = getattr(a, PEERS[spec[0]][1][2:].replace("-", "_")) if isinstance(spec, tuple) else None
+            python = getattr(a, f"{spec[0]}_python") if isinstance(spec, tuple) else None
             if isinstance(spec, tuple) and python is None:
                 print(f"skipped (not stored; give {PEERS[spec[0]][1]}): {item[:-1]}", file=sys.stderr)
                 continue

@@ -109,6 +109,7 @@ class TrainableWeight:
         for m in self.modules:
             m.fmt = fmt
 
+
 class TrainableGrid(TrainableWeight):
     """One :class:`QuantizedWeight` and the modules computing with it."""
 
@@ -319,11 +320,11 @@ def discrete_step(grids: dict[str, TrainableWeight], losses: list[Callable[[], t
     grads = weight_gradients(grids, losses)
     moved = sum(g.move_codes(*grads[name], share) for name, g in grids.items())
     after = held_out() if moved else before
-    if not after < before:
+    kept = after < before
+    if not kept:
         for name, g in grids.items():
             g.set_code_state(saved[name])
-    return {"codes_moved": moved, "share": share, "held_out_before": before, "held_out": after,
-            "kept": after < before}
+    return {"codes_moved": moved, "share": share, "held_out_before": before, "held_out": after, "kept": kept}
 
 
 def trainable_grids(modules: dict[str, nn.Module], device, zeros: bool = False, rank: int = 0
