@@ -9,6 +9,7 @@ from conftest import FIRST_BLOCKS, compress_copy
 from compress.data import calibration_batches, evaluation_windows
 from compress.evaluate import evaluate
 from compress.families import find_blocks
+from compress.formats import quantize_rtn
 from compress.hessian import output_error
 from compress.passes.gptq import gptq_quantize
 from compress.pipeline import plan, run_passes
@@ -268,3 +269,44 @@ def test_tuning_keeps_the_codes_and_lowers_the_held_out_block_error(smol, data):
     assert changed == 7 and notes["model.layers.0.mlp.down_proj"]["tuned"], "block 0 keeps tuned scales"
     with pytest.raises(Exception, match="no quantizing pass before it"):
         plan(parse_recipe({"passes": [{"type": "tune"}, q]}).passes)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_learned_rounding_stores_exactly_the_weight_it_trains(layer, symmetric):
+    from compress.passes.signround import LearnedRounding
+
+    w, _ = layer
+    spec = QuantSpec(2, 64, symmetric)
+    t = LearnedRounding(w[:, :560], spec, [], "cpu", clip=True)  # 560 columns: a short last group
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a trained state: offsets anywhere in range, ranges clipped
+        t.offset.copy_(torch.rand(t.offset.shape, generator=g) - 0.5)
+        for p in (t.clip_lo, t.clip_hi):
+            p.copy_(0.5 + 0.5 * torch.rand(p.shape, generator=g))
+    trained, stored = t.weight().detach(), t.result()
+    assert torch.equal(stored.dequantize(), trained)
+    assert stored.shape == (w.shape[0], 560) and stored.spec == spec
+    nearest = LearnedRounding(w[:, :560], spec, [], "cpu", clip=True).result()  # the start: round to nearest
+    assert torch.equal(nearest.dequantize(), quantize_rtn(w[:, :560], spec).dequantize())
+
+
+def test_signround_lowers_the_models_error_below_round_to_nearest(smol, data):
+    model, _, _ = smol
+    calib, windows, _, ref = data
+    q = {"bits": 2, "group_size": 64, "targets": ["model.layers.[0-1].*"]}
+    m = copy.deepcopy(model)
+    result = run_passes(m, plan(parse_recipe({"passes": [{"type": "signround", "steps": 12, "checks": 3, **q}]})
+                                .passes), calib, "cpu")
+    notes = {n: r.notes for n, r in result.layers.items() if "block_error" in r.notes}
+    assert len(notes) == 14  # every layer of the two blocks
+    for note in notes.values():
+        assert note["block_error"] < 0.8 * note["block_error_rtn"] and note["best_step"] > 0
+    rtn = compress_copy(model, [{"type": "rtn", **q}], None)
+    assert all(not torch.equal(rtn.get_submodule(n).fmt.codes, m.get_submodule(n).fmt.codes) for n in notes)
+    rounded = evaluate(m, windows, reference=ref)[0]
+    nearest = evaluate(rtn, windows, reference=ref)[0]
+    assert rounded.kl_divergence < 0.8 * nearest.kl_divergence
+    with pytest.raises(Exception, match="rounds float weights"):
+        plan(parse_recipe({"passes": [{"type": "gptq", **q}, {"type": "signround", **q}]}).passes)
+    with pytest.raises(Exception, match="integer grid"):
+        parse_recipe({"passes": [{"type": "signround", "grid": "nf", **q}]})

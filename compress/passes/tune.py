@@ -25,7 +25,7 @@ from ..blocks import run_block
 from ..modules import CompressedLinear
 from .base import Pass, PassConfig, Requirements
 from .registry import register
-from .trainable_grid import trainable_grids
+from .trainable_grid import TrainableWeight, trainable_grids
 
 
 class TuneConfig(PassConfig):
@@ -69,14 +69,16 @@ class Tune(Pass):
                                       {"params": gains, "lr": self.cfg.lr * float(
                                           torch.cat([g.detach().abs().flatten() for g in gains]).mean())
                                        if gains else self.cfg.lr}], lr=self.cfg.lr)
-        before = self._error(work, tuned, held)
+        with torch.no_grad():
+            before = float(block_loss(work, tuned, held))
         with torch.enable_grad():
             for _ in range(self.cfg.epochs):
                 for k in train:
                     optimizer.zero_grad(set_to_none=True)
-                    self._loss(work, tuned, k).backward()
+                    block_loss(work, tuned, k).backward()
                     optimizer.step()
-        after = self._error(work, tuned, held)
+        with torch.no_grad():
+            after = float(block_loss(work, tuned, held))
         for p in params:
             p.requires_grad_(False)
         keep = after < before
@@ -89,14 +91,12 @@ class Tune(Pass):
             replace(name, CompressedLinear.from_module(t.modules[0], t.result() if keep else t.fmt))
             work.notes[name] = {"tuned": keep, "block_error_before": before, "block_error_after": after}
 
-    def _loss(self, work, tuned, k) -> torch.Tensor:
-        """Squared error of the block's output against the float model's, relative to the latter."""
-        for t in tuned:
-            t.install()
-        out = run_block(work.block, work.inputs[k], work.device)
-        target = work.float_outputs[k][0].to(work.device)
-        return ((out - target) ** 2).mean() / (target ** 2).mean()
 
-    @torch.no_grad()
-    def _error(self, work, tuned, k) -> float:
-        return float(self._loss(work, tuned, k))
+def block_loss(work, weights: list[TrainableWeight], k: int) -> torch.Tensor:
+    """The squared error of the block's output on calibration batch ``k`` against the float model's, relative to
+    the latter, with ``weights`` installed in their modules."""
+    for t in weights:
+        t.install()
+    out = run_block(work.block, work.inputs[k], work.device)
+    target = work.float_outputs[k][0].to(work.device)
+    return ((out - target) ** 2).mean() / (target ** 2).mean()
