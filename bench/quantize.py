@@ -1,4 +1,4 @@
-"""Quantization bench on SmolLM2-135M: RTN, GPTQ, AWQ+GPTQ, mixed precision, and llm-compressor's
+"""Quantization bench on SmolLM2-135M: RTN, GPTQ, AWQ+GPTQ, SignRound, mixed precision, and llm-compressor's
 GPTQ and AutoRound on the same calibration tokens, all scored on the same held-out windows.
 
     python bench/quantize.py [--samples 128] [--seq-len 512] [--windows 16] [--llmc-python PY]
@@ -74,6 +74,12 @@ def rows():
         yield "GPTVQ + embeddings gptq 4-bit g32 + pv_tuning (compress)", b, f"d{d}", vq(b, d, t) + emb4 + pv
     for b, g in ((4, 64), (3, 64)):
         yield "AWQ+GPTQ + embeddings gptq 4-bit g32 + pv_tuning (compress)", b, g, awq + q("gptq", b, g) + emb4 + pv
+    # learned rounding and clipping, block by block (SignRound, the method of AutoRound): 200 signed steps a block
+    sr = lambda b, g: [{"type": "signround", "bits": b, "group_size": g}]  # noqa: E731
+    for b, g in ((2, 32), (2, 64), (3, 64), (4, 64)):
+        yield "SignRound (compress)", b, g, sr(b, g)
+    for b, g in ((2, 64), (3, 64)):
+        yield "SignRound + embeddings gptq 4-bit g32 + peqa (compress)", b, g, sr(b, g) + emb4 + peqa
     for b, g in ((4, 64), (3, 64), (2, 32)):
         yield "GPTQ (llm-compressor)", b, g, ("llmc", "gptq", [b, g])
     for b, g in ((2, 32), (4, 64), (3, 64)):  # about 2 hours each on 2 cores at AutoRound's 200 steps a block
