@@ -28,7 +28,7 @@ DOCUMENTS = st.recursive(SCALARS, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8), inner, max_size=5)),
     max_leaves=25)
 PASS_TYPES = st.sampled_from(["rtn", "gptq", "awq", "wanda", "sparsegpt", "magnitude", "kmeans", "dsnot", "tune",
-                              "structured", "rtm"])
+                              "structured", "signround", "rtm"])
 PASS_DOCS = st.fixed_dictionaries({"type": PASS_TYPES}, optional={k: SCALARS | DOCUMENTS for k in KEYS[8:25]})
 RECIPES_DOCS = st.one_of(DOCUMENTS, st.fixed_dictionaries({}, optional={
     "passes": st.lists(PASS_DOCS, max_size=3), "calibration": DOCUMENTS, "budgets": DOCUMENTS, "seed": SCALARS}))
