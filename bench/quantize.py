@@ -78,7 +78,7 @@ def rows():
     sr = lambda b, g: [{"type": "signround", "bits": b, "group_size": g}]  # noqa: E731
     for b, g in ((2, 32), (2, 64), (3, 64), (4, 64)):
         yield "SignRound (compress)", b, g, sr(b, g)
-    for b, g in ((2, 64), (3, 64)):
+    for b, g in ((2, 32), (2, 64), (3, 64)):
         yield "SignRound + embeddings gptq 4-bit g32 + peqa (compress)", b, g, sr(b, g) + emb4 + peqa
     for b, g in ((4, 64), (3, 64), (2, 32)):
         yield "GPTQ (llm-compressor)", b, g, ("llmc", "gptq", [b, g])
