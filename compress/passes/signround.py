@@ -167,7 +167,7 @@ class SignRound(QuantizingPass):
                 rate = lr * (1 - (step - 1) / steps)
                 for p in params:
                     if p.grad is not None:
-                        p -= rate * p.grad.sign()
+                        p.sub_(rate * p.grad.sign())
                         p.grad = None
                 for t in trained:
                     t.keep_in_range()

@@ -15,6 +15,7 @@ Put the pass after the quantizing pass it tunes. Each epoch costs about three ca
 of the block (measured effects: RESULTS.md).
 """
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -92,7 +93,7 @@ class Tune(Pass):
             work.notes[name] = {"tuned": keep, "block_error_before": before, "block_error_after": after}
 
 
-def block_loss(work, weights: list[TrainableWeight], k: int) -> torch.Tensor:
+def block_loss(work, weights: Sequence[TrainableWeight], k: int) -> torch.Tensor:
     """The squared error of the block's output on calibration batch ``k`` against the float model's, relative to
     the latter, with ``weights`` installed in their modules."""
     for t in weights:
