@@ -310,3 +310,5 @@ def test_signround_lowers_the_models_error_below_round_to_nearest(smol, data):
         plan(parse_recipe({"passes": [{"type": "gptq", **q}, {"type": "signround", **q}]}).passes)
     with pytest.raises(Exception, match="integer grid"):
         parse_recipe({"passes": [{"type": "signround", "grid": "nf", **q}]})
+    with pytest.raises(Exception, match="drop clip_search"):
+        parse_recipe({"passes": [{"type": "signround", "clip_search": True, **q}]})

@@ -49,6 +49,8 @@ class SignRoundConfig(QuantOptions):
     def _integer_grid(self):
         if self.grid != "int":
             raise ValueError("signround learns the rounding of an integer grid: use grid: int")
+        if self.clip_search:
+            raise ValueError("signround learns each group's clipping itself (option clip): drop clip_search")
         return self
 
 
