@@ -23,9 +23,9 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import PlanError
-from ..formats import QuantizedWeight, quantize_rtn
+from ..formats import QuantizedWeight
 from ..modules import CompressedLinear
-from ..quant import QuantSpec, pad_to_groups
+from ..quant import QuantSpec, decode, pad_to_groups
 from .base import Requirements, current_weight
 from .quantizing import QuantizingPass, QuantOptions
 from .registry import register
@@ -102,9 +102,8 @@ class LearnedRounding(TrainableWeight):
         return codes, scale, zero
 
     def weight(self) -> torch.Tensor:
-        codes, scale, zero = self.codes()
         out, k = self.shape
-        return ((codes - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(out, -1)[:, :k]
+        return decode(*self.codes(), self.spec).reshape(out, -1)[:, :k]
 
     def result(self) -> QuantizedWeight:
         with torch.no_grad():
@@ -133,10 +132,10 @@ class SignRound(QuantizingPass):
         weights: dict[str, LearnedRounding] = {}
         for name, module in work.layers.items():
             spec = self.layer_spec(name, self.cfg.for_layer(name))
-            w = current_weight(module)
-            start = CompressedLinear.from_module(module, quantize_rtn(w, spec))
-            replace(name, start)
-            weights[name] = LearnedRounding(w, spec, [start], work.device, self.cfg.clip)
+            t = LearnedRounding(current_weight(module), spec, [], work.device, self.cfg.clip)
+            t.modules.append(CompressedLinear.from_module(module, t.result()))  # round to nearest, until trained
+            replace(name, t.modules[0])
+            weights[name] = t
         held = len(work.inputs) - 1
         train = list(range(held)) or [held]  # a single batch trains and checks at once
         report = self._train(work, weights, train, held)
@@ -158,6 +157,9 @@ class SignRound(QuantizingPass):
         with torch.no_grad():
             start = best = float(block_loss(work, trained, held))
         best_step, best_state = 0, [p.detach().clone() for p in params]
+        thawed = [p for p in work.block.parameters() if p.requires_grad]  # the block's own: no gradient wanted
+        for p in thawed:
+            p.requires_grad_(False)
         for step in range(1, steps + 1):
             with torch.enable_grad(), torch.autocast(torch.device(work.device).type, torch.bfloat16,
                                                      enabled=self.cfg.bfloat16):
@@ -177,6 +179,8 @@ class SignRound(QuantizingPass):
                     error = float(block_loss(work, trained, held))
                     if error < best:
                         best, best_step, best_state = error, step, [p.detach().clone() for p in params]
+        for p in thawed:
+            p.requires_grad_(True)
         with torch.no_grad():
             for p, kept in zip(params, best_state, strict=True):
                 p.copy_(kept)
