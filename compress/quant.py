@@ -9,6 +9,9 @@ asymmetric integer grids, one zero point) per row of the group:
   NormalFloat follows QLoRA (Dettmers et al., 2023); FP4 is the E2M1 value set. Both are
   compared against integer grids in "Understanding the Impact of Post-Training Quantization
   on Large Language Models".
+- llama.cpp's k-quants (``gguf-q2_k`` ... ``gguf-q6_k``, see ``compress.kquants``): groups are the type's
+  sub-blocks and their scales (and minima) are integers times one float16 factor per super-block of 256 inputs;
+  for the asymmetric types ``zero`` holds the group's minimum ``m`` and ``x ~= code * s - m``.
 
 Scales are rounded to float16 *before* codes are chosen, so the codes fit the stored scale.
 ``clip_search`` shrinks the range over a small grid and keeps, per row, the shrink with the
@@ -20,7 +23,9 @@ from functools import cache
 
 import torch
 
-GRIDS = ("int", "nf", "fp4")
+from .kquants import KTYPES, ktype, quantize_scales, raw_params
+
+GRIDS = ("int", "nf", "fp4", *KTYPES)
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,9 @@ def grid_values(grid: str, bits: int) -> torch.Tensor:
 
 
 def _params_for_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
+    kt = ktype(spec.grid)
+    if kt is not None:
+        return raw_params(lo, hi, kt)  # rounded per super-block once every group is fitted (fit_params)
     if spec.grid != "int":
         scale = torch.maximum(hi.abs(), lo.abs()).clamp_min(1e-8)
         return scale.half().float(), None
@@ -81,6 +89,12 @@ def _params_for_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
 def encode(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec):
     """Codes (uint8) of ``x[rows, ...]`` given per-row ``scale``/``zero`` (broadcast on the last dim)."""
     s = scale.unsqueeze(-1) if x.dim() > scale.dim() else scale
+    kt = ktype(spec.grid)
+    if kt is not None:
+        z = zero.unsqueeze(-1) if x.dim() > zero.dim() else zero
+        s = torch.where(s == 0, torch.inf, s)  # a sub-block whose scale rounded to 0 holds one value
+        q = torch.round(x / s) + z if kt.symmetric else torch.round((x + z) / s)
+        return torch.clamp(q, 0, spec.maxq).to(torch.uint8)
     if spec.grid != "int":
         grid = grid_values(spec.grid, spec.bits).to(x.device)
         # nearest code book entry through the midpoints of the sorted grid
@@ -94,7 +108,11 @@ def encode(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec
 def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec):
     """Values of ``codes`` (float32), the inverse of :func:`encode` up to rounding."""
     s = scale.unsqueeze(-1) if codes.dim() > scale.dim() else scale
-    if spec.grid != "int":
+    kt = ktype(spec.grid)
+    if kt is not None and not kt.symmetric:
+        z = zero.unsqueeze(-1) if codes.dim() > zero.dim() else zero
+        return codes.float() * s - z
+    if spec.grid not in ("int", *KTYPES):
         return grid_values(spec.grid, spec.bits).to(codes.device)[codes.long()] * s
     assert zero is not None, "integer grids have zero points"
     z = zero.unsqueeze(-1) if codes.dim() > zero.dim() else zero
@@ -110,7 +128,13 @@ def fit_params(x: torch.Tensor, spec: QuantSpec, steps: int = 20, max_shrink: fl
     Rows are fitted ``FIT_ROWS`` at a time (each row's fit is independent): the search over a whole
     3072-row GPTQ batch of SmolLM2 at once raised the process's peak by ~80 MB."""
     parts = [_fit_rows(rows, spec, steps, max_shrink) for rows in x.split(FIT_ROWS)]
-    return torch.cat([s for s, _ in parts]), None if parts[0][1] is None else torch.cat([z for _, z in parts])
+    scale, zero = torch.cat([s for s, _ in parts]), None if parts[0][1] is None else torch.cat([z for _, z in parts])
+    kt = ktype(spec.grid)
+    if kt is not None:
+        if x.dim() != 3 or x.shape[1] * x.shape[2] % 256:
+            raise ValueError(f"{kt.name} fits whole rows of whole super-blocks of 256 inputs, got {list(x.shape)}")
+        scale, zero = quantize_scales(scale, zero, kt)
+    return scale, zero
 
 
 def _fit_rows(x: torch.Tensor, spec: QuantSpec, steps: int, max_shrink: float):
