@@ -44,6 +44,11 @@ class QuantSpec:
     def has_zeros(self) -> bool:
         return self.grid == "int" and not self.symmetric
 
+    @property
+    def is_codebook(self) -> bool:
+        """A non-uniform grid (``nf``, ``fp4``): no zero tensor, the scale is the group's absmax."""
+        return self.grid in ("nf", "fp4")
+
     def groups(self, in_features: int) -> int:
         size = self.group_size or in_features
         return (in_features + size - 1) // size
@@ -91,6 +96,7 @@ def encode(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec
     s = scale.unsqueeze(-1) if x.dim() > scale.dim() else scale
     kt = ktype(spec.grid)
     if kt is not None:
+        assert zero is not None, "k-quants have a zero tensor"
         z = zero.unsqueeze(-1) if x.dim() > zero.dim() else zero
         s = torch.where(s == 0, torch.inf, s)  # a sub-block whose scale rounded to 0 holds one value
         q = torch.round(x / s) + z if kt.symmetric else torch.round((x + z) / s)
@@ -110,6 +116,7 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
     s = scale.unsqueeze(-1) if codes.dim() > scale.dim() else scale
     kt = ktype(spec.grid)
     if kt is not None and not kt.symmetric:
+        assert zero is not None, "k-quants have a zero tensor"
         z = zero.unsqueeze(-1) if codes.dim() > zero.dim() else zero
         return codes.float() * s - z
     if spec.grid not in ("int", *KTYPES):
@@ -133,6 +140,7 @@ def fit_params(x: torch.Tensor, spec: QuantSpec, steps: int = 20, max_shrink: fl
     if kt is not None:
         if x.dim() != 3 or x.shape[1] * x.shape[2] % 256:
             raise ValueError(f"{kt.name} fits whole rows of whole super-blocks of 256 inputs, got {list(x.shape)}")
+        assert zero is not None, "k-quants have a zero tensor"
         scale, zero = quantize_scales(scale, zero, kt)
     return scale, zero
 

@@ -28,10 +28,11 @@ def _ours(grid):
     return (grid.codes.long() - grid.zeros.long()[:, k]).float() * grid.scales.float()[:, k]
 
 
-@pytest.mark.parametrize("bits, symmetric, kind", [(4, True, "Q4_0"), (8, True, "Q8_0"), (4, False, "Q4_1")])
+@pytest.mark.parametrize("bits, symmetric, kind", [(4, True, "Q4_0"), (8, True, "Q8_0"), (4, False, "Q4_1"),
+                                                (5, True, "Q5_0"), (5, False, "Q5_1")])
 def test_blocks_decode_to_our_weights(bits, symmetric, kind):
     """The gguf package's decoder reads our blocks as our weights: exactly for Q4_0 / Q8_0, up to the float16
-    minimum for Q4_1."""
+    minimum for Q4_1 and Q5_1."""
     grid = _grid(bits, symmetric)
     T = getattr(gguf.GGMLQuantizationType, kind)
     data = encode(grid, T)

@@ -6,8 +6,11 @@ A layer whose integer grid is exactly a GGUF block type is written with our code
     8-bit symmetric, groups of 32  -> Q8_0: per block fp16 ``d``, 32 int8; value ``d * q``
     4-bit asymmetric, groups of 32 -> Q4_1: per block fp16 ``d`` and ``m``, 16 bytes; value ``d * q + m`` with
                                       ``m = -zero * scale`` rounded to float16 (the one rounding of this export)
+    5-bit symmetric / asymmetric, groups of 32 -> Q5_0 / Q5_1: as Q4_0 / Q4_1 with the fifth bits of the 32
+                                      codes in 4 bytes after ``d`` (and ``m``), bit ``j`` for code ``j``
+    llama.cpp's k-quants (grids ``gguf-q2_k`` ... ``gguf-q6_k``): the layer's stored super-blocks, copied
 
-(Q4_0 / Q4_1 nibbles: byte ``j`` of a block holds value ``j`` in its low and value ``j + 16`` in its high half.)
+(Q4/Q5 nibbles: byte ``j`` of a block holds value ``j`` in its low and value ``j + 16`` in its high half.)
 Other grids are refused, naming the layer. Tensors no pass compressed keep the checkpoint's dense dtype (F16,
 BF16 or F32); norms are F32. Architectures: llama (Llama, and Mistral without a sliding window), qwen2, qwen3.
 For llama, Q and K projections are stored with llama.cpp's rotary row order (each head's two halves
@@ -23,6 +26,7 @@ The export is read back by ``transformers`` (``gguf_file=``, decoding through th
 from __future__ import annotations
 
 import json
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +34,8 @@ import torch
 
 from ..errors import ExportError
 from ..formats.base import IntegerGrid
+from ..formats.kquant import KQuantWeight
+from ..kquants import ktype
 from .served import CheckpointLayers, refuse, split_layers, with_other_tensors, written_specs
 
 TARGET = "gguf"
@@ -50,27 +56,33 @@ def _types():
 
 def block_type(grid: IntegerGrid, in_features: int):
     """The GGUF type that holds ``grid`` exactly (Q4_1: up to its float16 minimum), or None."""
-    T = _types()
     if grid.group_size != BLOCK or in_features % BLOCK or grid.sparsity is not None:
         return None
-    return {(4, True): T.Q4_0, (8, True): T.Q8_0, (4, False): T.Q4_1}.get((grid.bits, grid.symmetric))
+    return _block_types().get((grid.bits, grid.symmetric))
+
+
+@cache
+def _block_types():
+    """(bits, symmetric) of a grid in groups of 32 -> the GGUF type holding it."""
+    T = _types()
+    return {(4, True): T.Q4_0, (4, False): T.Q4_1, (5, True): T.Q5_0, (5, False): T.Q5_1, (8, True): T.Q8_0}
+
+HOLDS = "4 or 5 bits in groups of 32 (Q4_0, Q4_1, Q5_0, Q5_1), 8-bit symmetric (Q8_0), or a k-quant grid"
 
 
 def check_passes(passes, engine: str | None) -> None:
     """Before any compute: every pass writes a grid GGUF holds, else one ExportError."""
-    for p, spec in written_specs(passes, TARGET, RECIPE_KEY):
-        if spec.group_size != BLOCK or spec.bits not in (4, 8) or (spec.bits == 8 and not spec.symmetric):
+    for p, spec in written_specs(passes, TARGET, RECIPE_KEY, holds_k_quants=True):
+        if ktype(spec.grid) is None and (spec.group_size != BLOCK or (spec.bits, spec.symmetric) not in _block_types()):
             raise ExportError(f"{TARGET} export: {p.name} writes {spec.bits}-bit codes in groups of "
                               f"{spec.group_size or 'a row'}{'' if spec.symmetric else ' with zero points'}; "
-                              "GGUF holds 4-bit in groups of 32 (Q4_0, Q4_1) and 8-bit symmetric in groups of "
-                              "32 (Q8_0)", "set group_size: 32 and bits 4 or 8")
+                              f"GGUF holds {HOLDS}", "set group_size: 32 with bits 4, 5 or 8, or grid: gguf-q4_k")
 
 
 def _check_layer(name: str, grid: IntegerGrid, shape: tuple[int, int]) -> None:
     if block_type(grid, shape[1]) is None:
         raise refuse(TARGET, name, f"{grid.bits}-bit codes in groups of {grid.group_size}"
-                     f"{' (sparse)' if grid.sparsity else ''} are no GGUF block type", "use group_size: 32 with 4 bits "
-                     "(Q4_0, Q4_1) or 8 bits symmetric (Q8_0)")
+                     f"{' (sparse)' if grid.sparsity else ''} are no GGUF block type", f"GGUF holds {HOLDS}")
 
 
 def _fp16_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -86,8 +98,12 @@ def encode(grid: IntegerGrid, kind) -> np.ndarray:
     if kind == T.Q8_0:
         parts.append((codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8))
     else:
-        if kind == T.Q4_1:
+        if kind in (T.Q4_1, T.Q5_1):
             parts.append(_fp16_bytes(-(grid.zeros.float() * grid.scales.float())))
+        if kind in (T.Q5_0, T.Q5_1):  # the fifth bits: byte k holds codes 8k..8k+7's, one a bit
+            high = (codes >> 4).reshape(rows, -1, 4, 8) << torch.arange(8, dtype=torch.uint8)
+            parts.append(high.sum(-1, dtype=torch.uint8))
+            codes = codes & 0xF
         parts.append(codes[..., :16] | (codes[..., 16:] << 4))
     return torch.cat(parts, dim=-1).reshape(rows, -1).numpy()
 
@@ -146,13 +162,20 @@ def write(ckpt: CheckpointLayers, out_dir: Path, engine: str | None, max_shard_b
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
     writer = gguf.GGUFWriter(out_dir / FILE, arch)
     permute = arch in ROTARY_ROW_ORDER
-    grids, dense = split_layers(ckpt, TARGET, "Q4_0 / Q4_1 / Q8_0 grids here", _check_layer)
+    k_quants = {name: fmt for name, fmt in ckpt.layers.items() if isinstance(fmt, KQuantWeight)}
+    grids, dense = split_layers(ckpt, TARGET, HOLDS, _check_layer, skip=set(k_quants))
     counts: dict[str, int] = {}
     tensors: list[tuple[str, np.ndarray, gguf.GGMLQuantizationType | None]] = []
-    for name, grid in grids.items():
-        kind = block_type(grid, grid.codes.shape[1])
+    layers: dict[str, IntegerGrid | KQuantWeight] = {**grids, **k_quants}
+    for name, layer in layers.items():
         heads = _heads_of(name, config) if permute else None
-        tensors.append((f"{name}.weight", encode(_permuted(grid, heads) if heads else grid, kind), kind))
+        if isinstance(layer, KQuantWeight):  # the stored super-blocks are GGUF's own bytes
+            kind = getattr(T, layer.kt.name)
+            data = (rotary_rows(layer.blocks, heads) if heads else layer.blocks).numpy()
+        else:
+            kind = block_type(layer, layer.codes.shape[1])
+            data = encode(_permuted(layer, heads) if heads else layer, kind)
+        tensors.append((f"{name}.weight", data, kind))
         counts[kind.name] = counts.get(kind.name, 0) + 1
         if name in ckpt.biases:
             bias = ckpt.biases[name].float()
@@ -187,7 +210,9 @@ def _file_type(main: str | None, dense_dtype: str):
 
     if main is None:
         return {"float16": F.MOSTLY_F16, "bfloat16": F.MOSTLY_BF16}.get(dense_dtype, F.ALL_F32)
-    return {"Q4_0": F.MOSTLY_Q4_0, "Q4_1": F.MOSTLY_Q4_1, "Q8_0": F.MOSTLY_Q8_0}[main]
+    return {"Q4_0": F.MOSTLY_Q4_0, "Q4_1": F.MOSTLY_Q4_1, "Q5_0": F.MOSTLY_Q5_0, "Q5_1": F.MOSTLY_Q5_1,
+            "Q8_0": F.MOSTLY_Q8_0, "Q2_K": F.MOSTLY_Q2_K, "Q3_K": F.MOSTLY_Q3_K_S, "Q4_K": F.MOSTLY_Q4_K_S,
+            "Q5_K": F.MOSTLY_Q5_K_S, "Q6_K": F.MOSTLY_Q6_K}[main]
 
 
 def _metadata(writer, ckpt: CheckpointLayers, main_type: str | None) -> None:

@@ -20,6 +20,7 @@ import torch
 from ..checkpoint import META, read_layers, verify_hashes
 from ..errors import CheckpointError, ExportError, ExportMismatch
 from ..formats.base import IntegerGrid, NotAnIntegerGrid, WeightFormat
+from ..kquants import ktype
 from ..shards import open_weights, write_shards
 
 
@@ -54,10 +55,10 @@ def read_checkpoint(path: Path, verify: bool = True) -> CheckpointLayers:
     return CheckpointLayers(path, layers, biases, tensors, meta["aliases"], meta["dense_dtype"], config)
 
 
-def written_specs(passes, target: str, recipe_key: str, holds_embeddings: bool = True):
+def written_specs(passes, target: str, recipe_key: str, holds_embeddings: bool = True, holds_k_quants: bool = False):
     """(pass, grid spec) for every grid the recipe's passes may store; one ExportError, before any compute, when a
-    pass stores something that is not an integer grid, or (``holds_embeddings`` false) quantizes the token
-    embedding."""
+    pass stores something that is not an integer grid, a k-quant grid (unless ``holds_k_quants``), or (unless
+    ``holds_embeddings``) quantizes the token embedding."""
     for p in passes:
         if not holds_embeddings and "embedding" in p.ends_written():
             raise ExportError(f"{target} export: {p.name} quantizes the token embedding, which {target} readers "
@@ -68,21 +69,27 @@ def written_specs(passes, target: str, recipe_key: str, holds_embeddings: bool =
         except NotAnIntegerGrid as e:
             raise ExportError(f"{target} export: {e}", f"drop export.{recipe_key} or that pass (ONNX holds every "
                               "format)") from None
-        yield from ((p, spec) for spec in specs)
+        for spec in specs:
+            if ktype(spec.grid) is not None and not holds_k_quants:
+                raise ExportError(f"{target} export: {p.name} writes llama.cpp {spec.grid} super-blocks, whose group "
+                                  "scales are integers times a float16 factor per 256 inputs: only GGUF holds them",
+                                  f"drop export.{recipe_key}, or use grid: int for it")
+            yield p, spec
 
 
-def split_layers(ckpt: CheckpointLayers, target: str, holds: str, check=None, holds_embeddings: bool = True
-                 ) -> tuple[dict[str, IntegerGrid], dict[str, torch.Tensor]]:
+def split_layers(ckpt: CheckpointLayers, target: str, holds: str, check=None, holds_embeddings: bool = True,
+                 skip: set[str] | None = None) -> tuple[dict[str, IntegerGrid], dict[str, torch.Tensor]]:
     """The checkpoint's compressed layers as (layer -> integer grid, ``NAME.weight`` -> dense weight of a layer
     stored dense). A layer without an integer grid is refused naming it (``holds``: what the target holds), and a
     compressed token embedding unless ``holds_embeddings``; ``check(name, grid, shape)`` may refuse more. An output
-    head tied to the token embedding is left out (the reader ties it again)."""
+    head tied to the token embedding is left out (the reader ties it again), and so are the layers in ``skip`` (the
+    target writes their own bytes)."""
     grids: dict[str, IntegerGrid] = {}
     dense: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     linears = None if holds_embeddings else set(linear_names(ckpt.config))
     for name, fmt in ckpt.layers.items():
-        if id(fmt) in seen:
+        if id(fmt) in seen or name in (skip or ()):
             continue
         seen.add(id(fmt))
         if linears is not None and name not in linears:

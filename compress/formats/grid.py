@@ -9,9 +9,11 @@ import numpy as np
 import torch
 
 from ..kernels.plan import GRID, INT_ASYM, INT_SYM, ValuePlan, empty_dims
+from ..kquants import ktype
 from ..packing import pack_rows, packed_row_bytes, unpack_rows
 from ..quant import QuantSpec, decode, encode, fit_params, grid_values, pad_to_groups
 from .base import IntegerGrid, LayoutError, NotAnIntegerGrid, WeightFormat, register_format
+from .kquant import KQuantWeight
 from .onnx_nf4 import nf4_matmul
 from .onnx_ops import (
     FLOAT,
@@ -221,7 +223,7 @@ class QuantizedWeight(WeightFormat):
         return f"{s.bits}-bit{grid} g{s.group_size or 'row'} {sym}"
 
 
-def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> WeightFormat:
     """Round-to-nearest quantization of a whole matrix, group by group."""
     w = w.float()
     out, k = w.shape
@@ -229,4 +231,13 @@ def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     groups = pad_to_groups(w, gs).reshape(out, -1, gs)
     scale, zero = fit_params(groups, spec)
     codes = encode(groups, scale, zero, spec).reshape(out, -1)[:, :k]
-    return QuantizedWeight.from_codes(codes, scale, zero if zero is not None else None, spec)
+    return grid_weight(codes, scale, zero, spec)
+
+
+def grid_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> WeightFormat:
+    """The stored format of codes ``[out, in]`` on ``spec``'s grid with their per-group ``scale``/``zero``: GGUF's
+    super-block bytes for a k-quant, else :class:`QuantizedWeight`."""
+    if ktype(spec.grid) is not None:
+        assert zero is not None, "k-quants have a zero tensor"
+        return KQuantWeight.from_codes(codes, scale, zero, spec)
+    return QuantizedWeight.from_codes(codes, scale, zero, spec)

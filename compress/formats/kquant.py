@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..kquants import SUPER_BLOCK, KTYPES, KType, expand, ktype, split
+from ..kquants import KTYPES, SUPER_BLOCK, KType, expand, ktype, split
 from ..packing import pack_rows
 from ..quant import QuantSpec, decode
 from .base import LayoutError, NotAnIntegerGrid, WeightFormat, register_format
@@ -155,7 +155,10 @@ class KQuantWeight(WeightFormat):
         """(codes ``[out, in]`` uint8, d ``[out, S]`` float16, ints ``[out, groups]``, dmin, mins)."""
         out, k = self.shape
         codes, d, ints, dmin, mins = unpack(self.kt, self.blocks.reshape(-1, TYPE_SIZE[self.kt.name]))
-        rows = (lambda t: None if t is None else t.reshape(out, -1))
+
+        def rows(t):
+            return None if t is None else t.reshape(out, -1)
+
         return codes.reshape(out, k), rows(d), rows(ints), rows(dmin), rows(mins)
 
     def unpacked(self):
@@ -177,8 +180,9 @@ class KQuantWeight(WeightFormat):
         return part.dequantize()
 
     def split_rows(self, sizes: list[int]) -> list[KQuantWeight]:
-        starts = np.cumsum([0, *sizes])
-        return [KQuantWeight(self.blocks[a:b], self.grid, (b - a, self.shape[1])) for a, b in zip(starts, starts[1:])]
+        starts = np.cumsum([0, *sizes]).tolist()
+        return [KQuantWeight(self.blocks[a:b], self.grid, (b - a, self.shape[1]))
+                for a, b in zip(starts, starts[1:], strict=False)]
 
     def tensors(self):
         return {"blocks": self.blocks}

@@ -131,6 +131,12 @@ def current_weight(module: nn.Module) -> torch.Tensor:
     return linear_weight(module).detach().float().cpu()
 
 
+def input_width(module: nn.Module) -> int:
+    """The number of inputs of a linear layer, whatever its format."""
+    width = getattr(module, "in_features", None)
+    return int(width) if width is not None else linear_weight(module).shape[1]
+
+
 def current_mask(module: nn.Module) -> torch.Tensor | None:
     return module.fmt.mask if isinstance(module, CompressedLinear) else None
 

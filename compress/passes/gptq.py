@@ -20,11 +20,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..formats import QuantizedWeight, compact
+from ..formats import QuantizedWeight, compact, grid_weight
 from ..hessian import obq_sweep, output_error, prepare_inverse_hessian
+from ..kquants import ktype
 from ..modules import CompressedLinear
 from ..quant import QuantSpec, decode, encode, fit_params, pad_to_groups
-from .base import Requirements, current_mask, current_weight
+from .base import Requirements, current_mask, current_weight, input_width
 from .quantizing import QuantizingPass, QuantOptions
 from .registry import register
 
@@ -79,9 +80,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size:
     gs = spec.group_size or width
     if gs < cols and mask is None:
         block_size = max(gs, block_size // gs * gs)  # groups never straddle a lazy block
-    static = act_order or gs == width or mask is not None
+    # k-quants fit a super-block of groups at once: static too
+    static = act_order or gs == width or mask is not None or ktype(spec.grid) is not None
     scale = torch.zeros(rows, spec.groups(width))
-    zero = torch.zeros_like(scale) if spec.grid == "int" else None
+    zero = None if spec.is_codebook else torch.zeros_like(scale)
     if static:  # fit every group on the original (kept) weights
         kept = compact(w, mask) if mask is not None else w
         s, z = fit_params(pad_to_groups(kept, gs).reshape(rows, -1, gs), spec)
@@ -128,7 +130,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size:
     if mask is None:
         if refit and spec.grid == "int":
             scale = refit_scales(original, h, codes, scale, zero, gs)
-        return QuantizedWeight.from_codes(codes, scale, zero, spec)
+        return grid_weight(codes, scale, zero, spec)
     return QuantizedWeight.from_codes(compact(codes, mask), scale, zero, spec)
 
 
@@ -183,8 +185,8 @@ class GPTQ(QuantizingPass):
         for name, module in work.layers.items():
             cfg, stats = self.cfg.for_layer(name), work.stats.get(name)
             alone = current_mask(module) is not None or stats is None
-            key = (name,) if alone else (id(stats), self.layer_spec(name, cfg), cfg.block_size, cfg.damp,
-                                          cfg.act_order)
+            key = (name,) if alone else (id(stats), self.layer_spec(name, cfg, input_width(module)), cfg.block_size,
+                                          cfg.damp, cfg.act_order)
             batches.setdefault(key, []).append(name)
         for names in batches.values():
             if len(names) == 1:
@@ -201,7 +203,7 @@ class GPTQ(QuantizingPass):
         cfg, h = self.cfg.for_layer(names[0]), work.stats[names[0]].mean_hessian().cpu()
         weights = [float_target(current_weight(work.layers[n]), work.stats[n], cfg.damp, cfg.float_target_strength)
                    for n in names]
-        stacked = gptq_quantize(torch.cat(weights), h, self.layer_spec(names[0], cfg), cfg.block_size,
+        stacked = gptq_quantize(torch.cat(weights), h, self.layer_spec(names[0], cfg, h.shape[0]), cfg.block_size,
                                 cfg.damp, cfg.act_order, refit=cfg.refit_scales)
         parts = stacked.split_rows([len(w) for w in weights])
         return [(name, fmt, {"format": fmt.describe(), "output_error": output_error(w, fmt.dequantize(), h)})
@@ -211,7 +213,7 @@ class GPTQ(QuantizingPass):
         w = float_target(current_weight(module), stats, cfg.damp, cfg.float_target_strength)
         mask = current_mask(module)
         h = stats.mean_hessian().cpu()
-        values = gptq_quantize(w, h, self.layer_spec(name, cfg), cfg.block_size, cfg.damp, cfg.act_order, mask,
-                               cfg.refit_scales)
+        values = gptq_quantize(w, h, self.layer_spec(name, cfg, w.shape[1]), cfg.block_size, cfg.damp, cfg.act_order,
+                               mask, cfg.refit_scales)
         fmt = self.keep_sparsity(module, values)
         return fmt, {"format": fmt.describe(), "output_error": output_error(w, fmt.dequantize(), h)}

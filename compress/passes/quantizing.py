@@ -5,8 +5,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..errors import PlanError
 from ..formats import SparseWeight
 from ..formats.base import NotAnIntegerGrid
+from ..kquants import FALLBACK_GRIDS, KTYPES, SUPER_BLOCK, ktype
 from ..quant import QuantSpec
 from .base import ModelPlan, Pass, PassConfig, Requirements, current_weight
 from .mixed import DEFAULT_CANDIDATES, Candidate, LayerOptions, allocate, score_layer
@@ -17,8 +19,10 @@ class QuantOptions(PassConfig):
     group_size: int | None = Field(
         128, ge=1, description="inputs sharing one scale; null = one scale per output row")
     symmetric: bool = Field(False, description="symmetric grid (no stored zero point)")
-    grid: Literal["int", "nf", "fp4"] = Field(
-        "int", description="int: uniform; nf: NormalFloat (QLoRA); fp4: E2M1 (4 bits only)")
+    grid: Literal["int", "nf", "fp4", "gguf-q2_k", "gguf-q3_k", "gguf-q4_k", "gguf-q5_k", "gguf-q6_k"] = Field(
+        "int", description="int: uniform; nf: NormalFloat (QLoRA); fp4: E2M1 (4 bits only); gguf-q2_k ... "
+        "gguf-q6_k: llama.cpp's k-quant super-blocks (bits, group size and symmetry are the type's; a layer whose "
+        "inputs are no multiple of 256 gets the 32-group grid llama.cpp falls back to)")
     clip_search: bool = Field(False, description="search a clipping range minimising the error")
     target_bits_per_weight: float | None = Field(
         None, gt=0, le=16, description="mixed precision: choose bits and group size per layer so the "
@@ -28,11 +32,24 @@ class QuantOptions(PassConfig):
         "least floor(target) bits (the second-order estimate is unreliable for much coarser ones)")
     sensitivity_samples: int = Field(16, ge=1, description="calibration sequences used to rank layers")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _k_quant_shape(cls, data):
+        """A k-quant fixes bits, group size and symmetry: they are filled in, and refused when set otherwise."""
+        kt = KTYPES.get(data.get("grid")) if isinstance(data, dict) else None
+        if kt is None:
+            return data
+        implied = {"bits": kt.bits, "group_size": kt.sub_block, "symmetric": kt.symmetric}
+        for key, value in implied.items():
+            if data.get(key, value) != value:
+                raise ValueError(f"grid '{data['grid']}' ({kt.name}) has {key} {value}, not {data[key]}: drop {key}")
+        return {**data, **implied}
+
     @model_validator(mode="after")
     def _check(self):
         if self.grid == "fp4" and self.bits != 4:
             raise ValueError("grid 'fp4' (E2M1) needs bits: 4")
-        if self.grid != "int" and self.bits > 4:
+        if self.grid in ("nf", "fp4") and self.bits > 4:
             raise ValueError(f"grid '{self.grid}' supports 2-4 bits; use grid: int for more")
         if self.target_bits_per_weight is not None:
             if self.grid != "int":
@@ -58,7 +75,7 @@ class QuantOptions(PassConfig):
         return c.bits + 16 / g + (0 if self.symmetric else c.bits / g)
 
     def spec(self, bits=None, group_size=-1) -> QuantSpec:
-        symmetric = self.symmetric or self.grid != "int"
+        symmetric = self.symmetric or self.grid in ("nf", "fp4")
         gs = self.group_size if group_size == -1 else group_size
         return QuantSpec(bits or self.bits, gs, symmetric, self.grid, self.clip_search)
 
@@ -83,7 +100,7 @@ class QuantizingPass(Pass):
         configs = [self.cfg, *(self.cfg.with_options(v) for v in self.cfg.overrides.values())]
         specs = []
         for cfg in configs:
-            if cfg.grid != "int":
+            if cfg.grid in ("nf", "fp4"):
                 raise NotAnIntegerGrid(f"{self.name} stores codes of the {cfg.grid} code book")
             if cfg.target_bits_per_weight is not None:
                 specs += [cfg.spec(c.bits, c.group_size) for c in cfg.mixed_candidates()]
@@ -112,6 +129,22 @@ class QuantizingPass(Pass):
             return SparseWeight(fmt.mask, values, fmt.pattern)
         return values
 
-    def layer_spec(self, name: str, cfg) -> QuantSpec:
-        """The spec of one layer: the mixed-precision choice when planned, else the options."""
-        return self.plan.get(name) or cfg.spec()
+    def layer_spec(self, name: str, cfg, in_features: int) -> QuantSpec:
+        """The spec of one layer: the mixed-precision choice when planned, else the options. A k-quant grid on a
+        layer whose inputs are no multiple of 256 becomes the grid llama.cpp falls back to for that type."""
+        spec = self.plan.get(name) or cfg.spec()
+        kt = ktype(spec.grid)
+        if kt is not None and in_features % SUPER_BLOCK:
+            bits, symmetric = FALLBACK_GRIDS[kt.fallback]
+            return QuantSpec(bits, 32, symmetric, "int", spec.clip_search)
+        return spec
+
+    def check_k_quants_unpruned(self, passes) -> None:
+        """k-quant super-blocks hold every weight of a row: refused after a pruning pass (before any compute)."""
+        grids = {cfg.grid for cfg in (self.cfg, *(self.cfg.with_options(v) for v in self.cfg.overrides.values()))}
+        if any(ktype(g) for g in grids) and any(p.stage == "prune" for p in passes[:passes.index(self)]):
+            raise PlanError(f"the {self.name} pass writes llama.cpp k-quant super-blocks, which hold every weight, "
+                            "after a pruning pass", "drop the pruning pass or use grid: int")
+
+    def check_plan(self, passes):
+        self.check_k_quants_unpruned(passes)

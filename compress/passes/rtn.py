@@ -25,6 +25,6 @@ class RTN(QuantizingPass):
 
     def compress_layer(self, name, module, stats, cfg):
         w, mask = current_weight(module), current_mask(module)
-        values = quantize_rtn(w if mask is None else compact(w, mask), self.layer_spec(name, cfg))
+        values = quantize_rtn(w if mask is None else compact(w, mask), self.layer_spec(name, cfg, w.shape[1]))
         fmt = self.keep_sparsity(module, values)
         return fmt, {"format": fmt.describe()}

@@ -26,7 +26,7 @@ from ..errors import PlanError
 from ..formats import QuantizedWeight
 from ..modules import CompressedLinear
 from ..quant import QuantSpec, decode, pad_to_groups
-from .base import Requirements, current_weight
+from .base import Requirements, current_weight, input_width
 from .quantizing import QuantizingPass, QuantOptions
 from .registry import register
 from .trainable_grid import TrainableWeight
@@ -131,7 +131,7 @@ class SignRound(QuantizingPass):
             return
         weights: dict[str, LearnedRounding] = {}
         for name, module in work.layers.items():
-            spec = self.layer_spec(name, self.cfg.for_layer(name))
+            spec = self.layer_spec(name, self.cfg.for_layer(name), input_width(module))
             t = LearnedRounding(current_weight(module), spec, [], work.device, self.cfg.clip)
             t.modules.append(CompressedLinear.from_module(module, t.result()))  # round to nearest, until trained
             replace(name, t.modules[0])

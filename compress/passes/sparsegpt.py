@@ -30,7 +30,7 @@ from ..formats import QuantizedWeight, SparseWeight, compact, nm_pattern
 from ..hessian import obq_sweep, output_error, prepare_inverse_hessian
 from ..modules import CompressedLinear
 from ..quant import QuantSpec, decode, encode, fit_params, pad_to_groups
-from .base import Requirements, current_weight
+from .base import Requirements, current_weight, input_width
 from .pruning import PruneOptions, PruningPass, check_shape, prune_count
 from .registry import register
 
@@ -180,7 +180,7 @@ class SparseGPT(PruningPass):
         w = current_weight(module)
         check_shape(name, w.shape[1], cfg.pattern)
         sparsity, h = self.layer_sparsity(name, cfg), stats.mean_hessian().cpu()
-        spec = joint.layer_spec(name, joint.cfg.for_layer(name)) if joint is not None else None
+        spec = joint.layer_spec(name, joint.cfg.for_layer(name), input_width(module)) if joint is not None else None
         block = joint_block_size(sparsity, cfg.pattern, spec.group_size, w.shape[1]) if spec else None
         if block is None:  # no joint sweep: prune now, the quantization pass follows as usual
             pruned, mask, _ = sparsegpt_prune(w, h, sparsity, cfg.pattern, cfg.block_size, cfg.damp)
