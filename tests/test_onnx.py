@@ -16,13 +16,14 @@ from compress.data import evaluation_windows
 from compress.errors import ExportError
 from compress.export.onnx import Tolerance, export_to_folder
 from compress.export.runtime import OnnxCausalLM, eos_ids, session_memory, torch_greedy
-from compress.formats import DenseWeight, OutlierWeight, SparseWeight, WeightFormat, compact, quantize_rtn
+from compress.formats import DenseWeight, KQuantWeight, OutlierWeight, SparseWeight, WeightFormat, compact, quantize_rtn
+from compress.formats.kquant import spec_of
 from compress.modules import CompressedLinear
 from compress.passes.gptvq import GPTVQConfig, gptvq_quantize
 from compress.passes.kmeans import KMeansConfig, palettize
 from compress.quant import QuantSpec
 
-# One format per layer of the model, in turn (layer i gets entry i % 12): a single export exercises every lowering.
+# One format per layer of the model, in turn (layer i gets entry i % 14): a single export exercises every lowering.
 # (layer, format, the lowering the exporter must choose: a runtime kernel on the codes wherever one reads them)
 FORMATS = [
     ("self_attn.q_proj", lambda w: quantize_rtn(w, QuantSpec(4, 64)), "MatMulNBits 4-bit block 64"),
@@ -45,6 +46,8 @@ FORMATS = [
     ("mlp.up_proj", lambda w: gptvq_quantize(w, torch.eye(w.shape[1]), GPTVQConfig(bits=3, iterations=3,
                                                                                    codebook_refit=0)),
      "in-graph decode"),
+    ("mlp.down_proj", lambda w: quantize_rtn(w, spec_of("gguf-q3_k")), "in-graph decode"),
+    ("mlp.down_proj", lambda w: quantize_rtn(w, spec_of("gguf-q4_k")), "in-graph decode"),
 ]
 
 
@@ -119,6 +122,11 @@ def test_every_format_exports_and_matches_pytorch(mixed_export, mixed):
             if isinstance(fmt, OutlierWeight):
                 expected += fmt.columns.nbytes + fmt.counts.nbytes + 4 * fmt.values.numel()
             assert expected - planes * zero_bytes <= layers[name]["file_bytes"] <= expected + 256, name
+        elif isinstance(fmt, KQuantWeight):  # codes packed, then a byte per sub-block scale (and minimum)
+            rows, cols = fmt.shape
+            ints = rows * cols // fmt.kt.sub_block * (1 if fmt.kt.symmetric else 2)
+            expected = rows * cols * fmt.kt.bits // 8 + ints + rows * cols // 256 * (2 if fmt.kt.symmetric else 4)
+            assert expected <= layers[name]["file_bytes"] <= expected + 256, name
         elif "MatMulBnb4" in lowering:  # two codes a byte, a float32 absmax per block (the activation type)
             rows, cols = fmt.shape
             assert layers[name]["file_bytes"] == rows * cols // 2 + 4 * rows * cols // fmt.spec.group_size, name
