@@ -9,6 +9,8 @@ decode / prompt speed on this machine's cores.
 The float model is SmolLM2-135M-Instruct as packaged (GGUF Q4_1: its float weights sit on a Q4_1 grid). llama.cpp's
 row quantizes that file with ``llama_model_quantize`` (requantizing: it decodes Q4_1 to float first, the same
 float weights we read) to the same type, token embeddings kept F16 like ours, so both files have the same size.
+Q3_K_S: llama.cpp writes Q3_K where 256 divides a tensor's inputs (SmolLM2's down projections) and falls back to
+Q4_0 elsewhere; ``recipes/w3-gguf.yaml`` (grid ``gguf-q3_k``) gives exactly those types.
 llama-cpp-python's bindings offer no importance-matrix computation, so no imatrix row.
 """
 
@@ -30,7 +32,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 WINDOWS, SEQ = 16, 512
 DECODE_TOKENS = 64
 THREADS = 2
-RECIPES = {"Q4_0": "recipes/w4-gguf.yaml"}
+RECIPES = {"Q4_0": "recipes/w4-gguf.yaml", "Q3_K_S": "recipes/w3-gguf.yaml"}  # llama.cpp's file type -> ours
 
 
 def windows():
@@ -107,32 +109,32 @@ def main():
     a.work.mkdir(parents=True, exist_ok=True)
     ids = None
     rows = []
-    for kind in RECIPES:
-        for who in ("float (F16)", f"llama.cpp {kind}", f"compress {kind}"):
-            key = json.dumps({"row": who, "windows": WINDOWS, "seq": SEQ, "threads": THREADS})
-            r = stored.get(key)
-            if r is None and not a.cached_only:
-                commit = current_commit()  # before measuring: edits may land while it runs
-                ids = windows() if ids is None else ids
-                if who.startswith("float"):
-                    path = a.work / "float-f16.gguf"
-                    llama_cpp_quantize(source, path, "F16") if not path.is_file() else None
-                elif who.startswith("llama.cpp"):
-                    path = a.work / f"llama-cpp-{kind}.gguf"
-                    llama_cpp_quantize(source, path, kind)
-                else:
-                    path, report = our_file(kind, a.work)
-                r = {**measure(path, ids), "commit": commit, "measured": time.strftime("%Y-%m-%d %H:%M")}
-                if who.startswith("compress"):
-                    r["perplexity_in_our_report"] = report["compressed"]["perplexity"]  # PyTorch, same windows
-                    r["base_perplexity_in_our_report"] = report["base"]["perplexity"]
-                append_result(results, key, r)
-                print(f"done: {who}: {r}", file=sys.stderr, flush=True)
-            if r is not None:
-                rows.append({"file": who, "perplexity": r["perplexity"],
-                             "PyTorch (report)": r.get("perplexity_in_our_report"), "file MB": r["file_mb"],
-                             "prompt tok/s": r["prompt_tok_s"], "decode tok/s": r["decode_tok_s"],
-                             "commit": r["commit"]})
+    plan = [("F16", "float (F16)")] + [(kind, f"{who} {kind}") for kind in RECIPES for who in ("llama.cpp", "compress")]
+    for kind, who in plan:
+        key = json.dumps({"row": who, "windows": WINDOWS, "seq": SEQ, "threads": THREADS})
+        r = stored.get(key)
+        if r is None and not a.cached_only:
+            commit = current_commit()  # before measuring: edits may land while it runs
+            ids = windows() if ids is None else ids
+            if who.startswith("float"):
+                path = a.work / "float-f16.gguf"
+                llama_cpp_quantize(source, path, "F16") if not path.is_file() else None
+            elif who.startswith("llama.cpp"):
+                path = a.work / f"llama-cpp-{kind}.gguf"
+                llama_cpp_quantize(source, path, kind)
+            else:
+                path, report = our_file(kind, a.work)
+            r = {**measure(path, ids), "commit": commit, "measured": time.strftime("%Y-%m-%d %H:%M")}
+            if who.startswith("compress"):
+                r["perplexity_in_our_report"] = report["compressed"]["perplexity"]  # PyTorch, same windows
+                r["base_perplexity_in_our_report"] = report["base"]["perplexity"]
+            append_result(results, key, r)
+            print(f"done: {who}: {r}", file=sys.stderr, flush=True)
+        if r is not None:
+            rows.append({"file": who, "perplexity": r["perplexity"],
+                         "PyTorch (report)": r.get("perplexity_in_our_report"), "file MB": r["file_mb"],
+                         "prompt tok/s": r["prompt_tok_s"], "decode tok/s": r["decode_tok_s"],
+                         "commit": r["commit"]})
     print(f"SmolLM2-135M-Instruct in llama.cpp (llama-cpp-python), {WINDOWS} x {SEQ} held-out pydoc tokens, "
           f"{THREADS} threads")
     print_table(["file", "perplexity", "PyTorch (report)", "file MB", "prompt tok/s", "decode tok/s", "commit"], rows)

@@ -48,14 +48,13 @@ class KType:
 
 
 KTYPES = {
-    "gguf-q2_k": KType("Q2_K", 2, 16, False, 4, "Q4_0"),
+    "gguf-q2_k": KType("Q2_K", 2, 16, False, 4, "Q4_0"),  # fallbacks: llama.cpp's llama_tensor_get_type
     "gguf-q3_k": KType("Q3_K", 3, 16, True, 6, "Q4_0"),
     "gguf-q4_k": KType("Q4_K", 4, 32, False, 6, "Q5_0"),
     "gguf-q5_k": KType("Q5_K", 5, 32, False, 6, "Q5_1"),
     "gguf-q6_k": KType("Q6_K", 6, 16, True, 8, "Q8_0"),
 }
-# llama.cpp's fallback types as our integer grids (bits, symmetric), all in groups of 32. Q2_K and Q3_K fall back to
-# IQ4_NL there, a non-uniform 4-bit code book of the same size as Q4_0 (4.5 bits per weight), which we write instead.
+# llama.cpp's fallback types as our integer grids (bits, symmetric), all in groups of 32.
 FALLBACK_GRIDS = {"Q4_0": (4, True), "Q5_0": (5, True), "Q5_1": (5, False), "Q8_0": (8, True)}
 
 
