@@ -11,7 +11,11 @@ row quantizes that file with ``llama_model_quantize`` (requantizing: it decodes 
 float weights we read) to the same type, token embeddings kept F16 like ours, so both files have the same size.
 Q3_K_S: llama.cpp writes Q3_K where 256 divides a tensor's inputs (SmolLM2's down projections) and falls back to
 Q4_0 elsewhere; ``recipes/w3-gguf.yaml`` (grid ``gguf-q3_k``) gives exactly those types.
-llama-cpp-python's bindings offer no importance-matrix computation, so no imatrix row.
+
+The "+ imatrix" rows hand ``llama_model_quantize`` an importance matrix: what llama.cpp's ``llama-imatrix`` collects
+(each block linear's mean squared input per column over calibration text, on the float model), computed here in
+PyTorch on the calibration tokens our recipes use (128 x 512 pydoc tokens, seed 0), since llama-cpp-python ships no
+``llama-imatrix``.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, append_result, current_commit, load_results, print_table  # noqa: E402
+from common import ROOT, append_result, calibration_file, current_commit, load_results, print_table  # noqa: E402
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
@@ -43,7 +49,41 @@ def windows():
     return evaluation_windows("pydoc", tok, SEQ, WINDOWS, calibration_spec="pydoc")
 
 
-def llama_cpp_quantize(source: Path, out: Path, kind: str) -> None:
+def importance_matrix(samples: int = 128, seq_len: int = 512) -> dict[str, np.ndarray]:
+    """Each block linear's mean squared input per column on the float model over the calibration tokens, keyed by
+    its GGUF tensor name (llama-imatrix's statistic)."""
+    import gguf
+    import torch
+
+    from compress.models import resolve
+
+    model, _, _ = resolve("smollm2-135m")
+    calib = torch.load(calibration_file(samples, seq_len))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    sums: dict[str, torch.Tensor] = {}
+    tokens = [0]
+
+    def hook(name):
+        def collect(module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
+        return collect
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    with torch.no_grad():
+        for batch in calib.split(4):
+            model(batch)
+            tokens[0] += batch.numel()
+    for h in handles:
+        h.remove()
+    return {names.get_name(f"{n}.weight", try_suffixes=(".weight",)) + ".weight": (s / tokens[0]).numpy()
+            for n, s in sums.items()}
+
+
+def llama_cpp_quantize(source: Path, out: Path, kind: str, importance: dict | None = None) -> None:
+    import ctypes
+
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -52,6 +92,15 @@ def llama_cpp_quantize(source: Path, out: Path, kind: str) -> None:
     params.nthread = THREADS
     params.token_embedding_type = llama_cpp.GGML_TYPE_F16
     params.output_tensor_type = llama_cpp.GGML_TYPE_F16
+    if importance:  # llama_model_imatrix_data entries, ended by one whose name is NULL
+        entries = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
+        keep = []
+        for entry, (name, values) in zip(entries, importance.items(), strict=False):
+            data = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(data)
+            entry.name, entry.size = name.encode(), data.size
+            entry.data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        params.imatrix = entries
     if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
         raise SystemExit(f"llama_model_quantize failed on {source}")
 
@@ -109,7 +158,10 @@ def main():
     a.work.mkdir(parents=True, exist_ok=True)
     ids = None
     rows = []
-    plan = [("F16", "float (F16)")] + [(kind, f"{who} {kind}") for kind in RECIPES for who in ("llama.cpp", "compress")]
+    plan = [("F16", "float (F16)")] + [(kind, f"{who} {kind}{imatrix}") for kind in RECIPES
+                                        for who, imatrix in (("llama.cpp", ""), ("llama.cpp", " + imatrix"),
+                                                             ("compress", ""))]
+    importance = None
     for kind, who in plan:
         key = json.dumps({"row": who, "windows": WINDOWS, "seq": SEQ, "threads": THREADS})
         r = stored.get(key)
@@ -120,8 +172,10 @@ def main():
                 path = a.work / "float-f16.gguf"
                 llama_cpp_quantize(source, path, "F16") if not path.is_file() else None
             elif who.startswith("llama.cpp"):
-                path = a.work / f"llama-cpp-{kind}.gguf"
-                llama_cpp_quantize(source, path, kind)
+                path = a.work / f"llama-cpp-{kind}{'-imatrix' if 'imatrix' in who else ''}.gguf"
+                if "imatrix" in who:
+                    importance = importance_matrix() if importance is None else importance
+                llama_cpp_quantize(source, path, kind, importance if "imatrix" in who else None)
             else:
                 path, report = our_file(kind, a.work)
             r = {**measure(path, ids), "commit": commit, "measured": time.strftime("%Y-%m-%d %H:%M")}
