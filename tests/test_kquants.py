@@ -112,3 +112,19 @@ def test_k_quant_misuse_is_refused_before_any_compute(write_recipe, tmp_path, re
     result = cli("run", path, "smollm2-135m", "--out", tmp_path / "k", "--quiet")
     assert result.exit_code == 2 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "k").exists()
+
+
+@pytest.mark.parametrize("grid, fallback", [("gguf-q2_k", (4, True)), ("gguf-q3_k", (4, True)),
+                                            ("gguf-q4_k", (5, True)), ("gguf-q5_k", (5, False)),
+                                            ("gguf-q6_k", (8, True))])
+def test_widths_no_multiple_of_256_get_llama_cpps_fallback_grid(grid, fallback):
+    """As llama.cpp's quantizer does: a k-quant on 576 inputs becomes the 32-group type it falls back to; 1536 inputs
+    keep the k-quant, with the type's bits, sub-block and symmetry."""
+    from compress.passes.rtn import RTN, RTNConfig
+
+    rtn = RTN(RTNConfig(grid=grid, clip_search=True))
+    kt = KTYPES[grid]
+    assert rtn.layer_spec("x", rtn.cfg, 1536) == dataclasses.replace(spec_of(grid), clip_search=True)
+    assert (kt.bits, kt.sub_block, kt.symmetric) == (rtn.cfg.bits, rtn.cfg.group_size, rtn.cfg.symmetric)
+    narrow = rtn.layer_spec("x", rtn.cfg, 576)
+    assert (narrow.bits, narrow.group_size, narrow.symmetric, narrow.grid) == (*fallback[:1], 32, fallback[1], "int")

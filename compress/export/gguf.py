@@ -276,11 +276,14 @@ def _pre_tokenizer(ckpt: CheckpointLayers) -> str:
 
 def read_back(out_dir: Path):
     """The export as ``transformers`` loads a GGUF file (dequantized to float32 by the ``gguf`` package)."""
-    from transformers import AutoModelForCausalLM
+    from unittest import mock
+
+    from transformers import AutoModelForCausalLM, modeling_gguf_pytorch_utils
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    try:
-        return AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=FILE, dtype=torch.float32).eval()
+    try:  # its GGUF decoding has a tqdm bar of its own, which the switch above does not reach
+        with mock.patch.object(modeling_gguf_pytorch_utils, "tqdm", lambda items, **_: items):
+            return AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=FILE, dtype=torch.float32).eval()
     finally:
         logging.enable_progress_bar()
