@@ -18,12 +18,14 @@ Scales are rounded to float16 *before* codes are chosen, so the codes fit the st
 least ``|x - q(x)|^2.4`` error (the norm the GPTQ reference uses for its MSE search).
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 from functools import cache
 
 import torch
 
-from .kquants import KTYPES, ktype, quantize_scales, raw_params
+from .kquants import FALLBACK_GRIDS, KTYPES, SUPER_BLOCK, ktype, quantize_scales, raw_params
 
 GRIDS = ("int", "nf", "fp4", *KTYPES)
 
@@ -52,6 +54,15 @@ class QuantSpec:
     def groups(self, in_features: int) -> int:
         size = self.group_size or in_features
         return (in_features + size - 1) // size
+
+    def for_width(self, in_features: int) -> QuantSpec:
+        """This grid on a layer of ``in_features`` inputs: a k-quant on a width no multiple of 256 becomes the grid in
+        groups of 32 that llama.cpp falls back to for its type; every other grid stays."""
+        kt = ktype(self.grid)
+        if kt is None or in_features % SUPER_BLOCK == 0:
+            return self
+        bits, symmetric = FALLBACK_GRIDS[kt.fallback]
+        return QuantSpec(bits, 32, symmetric, "int", self.clip_search)
 
 
 @cache

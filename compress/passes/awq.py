@@ -20,6 +20,7 @@ from pydantic import Field
 
 from ..errors import PlanError
 from ..families import consumer_channels, family, scaling_groups
+from ..kquants import ktype
 from ..quant import QuantSpec, fake_quantize
 from .base import Pass, PassConfig, Requirements
 from .registry import register
@@ -87,7 +88,10 @@ class AWQ(Pass):
         bits = self.cfg.search_bits or q.bits
         group = self.cfg.search_group_size or getattr(q, "group_size", None)
         grid = getattr(q, "grid", "int")
-        self.spec = QuantSpec(bits, group, grid != "int" or getattr(q, "symmetric", False), grid)
+        if ktype(grid) is not None:  # the type fixes bits, groups and symmetry
+            self.spec = q.spec()
+        else:
+            self.spec = QuantSpec(bits, group, grid != "int" or getattr(q, "symmetric", False), grid)
 
     def apply(self, work, replace):
         model_type = work.model_type
@@ -99,8 +103,8 @@ class AWQ(Pass):
             h = work.stats[names[0]].mean_hessian().to(mods[0].weight.device)
             tied = consumer_channels(work.block, producer, mods)
             tied = tied.to(h.device) if tied is not None else None
-            s, alpha, e_scaled, e_plain = awq_search([m.weight.data for m in mods], h, self.spec,
-                                                     self.cfg.grid_points, tied)
+            spec = self.spec.for_width(h.shape[0])
+            s, alpha, e_scaled, e_plain = awq_search([m.weight.data for m in mods], h, spec, self.cfg.grid_points, tied)
             if alpha == 0.0:
                 continue
             s = s.to(mods[0].weight.dtype)

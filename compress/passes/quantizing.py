@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 from ..errors import PlanError
 from ..formats import SparseWeight
 from ..formats.base import NotAnIntegerGrid
-from ..kquants import FALLBACK_GRIDS, KTYPES, SUPER_BLOCK, ktype
+from ..kquants import KTYPES, ktype
 from ..quant import QuantSpec
 from .base import ModelPlan, Pass, PassConfig, Requirements, current_weight
 from .mixed import DEFAULT_CANDIDATES, Candidate, LayerOptions, allocate, score_layer
@@ -132,12 +132,7 @@ class QuantizingPass(Pass):
     def layer_spec(self, name: str, cfg, in_features: int) -> QuantSpec:
         """The spec of one layer: the mixed-precision choice when planned, else the options. A k-quant grid on a
         layer whose inputs are no multiple of 256 becomes the grid llama.cpp falls back to for that type."""
-        spec = self.plan.get(name) or cfg.spec()
-        kt = ktype(spec.grid)
-        if kt is not None and in_features % SUPER_BLOCK:
-            bits, symmetric = FALLBACK_GRIDS[kt.fallback]
-            return QuantSpec(bits, 32, symmetric, "int", spec.clip_search)
-        return spec
+        return (self.plan.get(name) or cfg.spec()).for_width(in_features)
 
     def check_k_quants_unpruned(self, passes) -> None:
         """k-quant super-blocks hold every weight of a row: refused after a pruning pass (before any compute)."""
