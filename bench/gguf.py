@@ -21,6 +21,7 @@ PyTorch on the calibration tokens our recipes use (128 x 512 pydoc tokens, seed 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import subprocess
@@ -38,7 +39,13 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 WINDOWS, SEQ = 16, 512
 DECODE_TOKENS = 64
 THREADS = 2
-RECIPES = {"Q4_0": "recipes/w4-gguf.yaml", "Q3_K_S": "recipes/w3-gguf.yaml"}  # llama.cpp's file type -> ours
+# llama.cpp's file type -> our recipe. Q4_K_M mixes types layer by layer (llama.cpp's heuristics): our run gets
+# per-layer overrides read from llama.cpp's own file, so every tensor has the same type in both files.
+RECIPES = {"Q4_0": "recipes/w4-gguf.yaml", "Q3_K_S": "recipes/w3-gguf.yaml", "Q4_K_M": "recipes/w4-gguf-k.yaml"}
+# a GGUF type in llama.cpp's file -> the grid whose layer gets it: the k-quant itself, or (576-wide layers) the
+# k-quant whose fallback it is
+GRID_OF_TYPE = {"Q2_K": "gguf-q2_k", "Q3_K": "gguf-q3_k", "Q4_K": "gguf-q4_k", "Q5_K": "gguf-q5_k",
+                "Q6_K": "gguf-q6_k", "Q4_0": "gguf-q3_k", "Q5_0": "gguf-q4_k", "Q5_1": "gguf-q5_k", "Q8_0": "gguf-q6_k"}
 
 
 def windows():
@@ -105,12 +112,34 @@ def llama_cpp_quantize(source: Path, out: Path, kind: str, importance: dict | No
         raise SystemExit(f"llama_model_quantize failed on {source}")
 
 
+@contextlib.contextmanager
+def without_repacking():
+    """llama.cpp's extra CPU buffer types (weights repacked for AMX / interleaved kernels) crash its first decode on
+    this machine (a segmentation fault with AMX present, whatever the file); the loader is told not to use them."""
+    import llama_cpp.llama as high_level
+
+    bindings = high_level.llama_cpp
+    default = bindings.llama_model_default_params
+
+    def plain():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = plain
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = default
+
+
 def measure(path: Path, ids) -> dict:
     """Perplexity over ``ids`` (each window from a fresh context), prompt and decode tokens/s in llama.cpp."""
     import llama_cpp
     import numpy as np
 
-    llm = llama_cpp.Llama(str(path), n_ctx=SEQ, n_threads=THREADS, n_batch=SEQ, logits_all=True, verbose=False)
+    with without_repacking():
+        llm = llama_cpp.Llama(str(path), n_ctx=SEQ, n_threads=THREADS, n_batch=SEQ, logits_all=True, verbose=False)
     nll, count, prompt_s = 0.0, 0, 0.0
     for row in ids.tolist():
         llm.reset()
@@ -132,11 +161,38 @@ def measure(path: Path, ids) -> dict:
             "decode_tok_s": DECODE_TOKENS / decode_s, "file_mb": path.stat().st_size / 1e6}
 
 
-def our_file(kind: str, work: Path) -> tuple[Path, dict]:
+def block_types(path: Path) -> dict[str, str]:
+    """GGUF tensor name -> type name of every weight in the blocks of ``path``."""
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors
+            if t.name.startswith("blk.") and t.name.endswith(".weight") and "norm" not in t.name}
+
+
+def recipe_with_types(kind: str, llama_file: Path, work: Path) -> Path:
+    """Our recipe for ``kind`` with one override per layer giving it the type llama.cpp's file has."""
+    import gguf
+    import yaml
+
+    from compress.models import resolve
+
+    model, _, _ = resolve("smollm2-135m")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    hf = {names.get_name(f"{n}.weight", try_suffixes=(".weight",)) + ".weight": n for n, m in model.named_modules()
+          if ".layers." in n and hasattr(m, "weight") and m.weight.dim() == 2}
+    recipe = yaml.safe_load((ROOT / RECIPES[kind]).read_text())
+    quantizer = next(p for p in recipe["passes"] if str(p.get("grid", "")).startswith("gguf-"))
+    quantizer["overrides"] = {hf[t]: {"grid": GRID_OF_TYPE[k]} for t, k in block_types(llama_file).items()}
+    path = work / f"recipe-{kind}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def our_file(kind: str, work: Path, llama_file: Path) -> tuple[Path, dict]:
     out = work / f"ours-{kind}"
     if not (out / "gguf" / "model.gguf").is_file():
-        cmd = [sys.executable, "-m", "compress.cli", "run", str(ROOT / RECIPES[kind]), "smollm2-135m", "--out",
-               str(out), "--force", "--quiet"]
+        cmd = [sys.executable, "-m", "compress.cli", "run", str(recipe_with_types(kind, llama_file, work)),
+               "smollm2-135m", "--out", str(out), "--force", "--quiet"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode not in (0, 1):
             raise SystemExit(done.stderr[-3000:])
@@ -163,7 +219,7 @@ def main():
                                                              ("compress", ""))]
     importance = None
     for kind, who in plan:
-        key = json.dumps({"row": who, "windows": WINDOWS, "seq": SEQ, "threads": THREADS})
+        key = json.dumps({"row": who, "windows": WINDOWS, "seq": SEQ, "threads": THREADS, "repacked": False})
         r = stored.get(key)
         if r is None and not a.cached_only:
             commit = current_commit()  # before measuring: edits may land while it runs
@@ -177,7 +233,11 @@ def main():
                     importance = importance_matrix() if importance is None else importance
                 llama_cpp_quantize(source, path, kind, importance if "imatrix" in who else None)
             else:
-                path, report = our_file(kind, a.work)
+                llama_file = a.work / f"llama-cpp-{kind}.gguf"
+                llama_cpp_quantize(source, llama_file, kind) if not llama_file.is_file() else None
+                path, report = our_file(kind, a.work, llama_file)
+                if block_types(path) != block_types(llama_file):
+                    raise SystemExit(f"{path}: its tensor types differ from llama.cpp's {kind} file")
             r = {**measure(path, ids), "commit": commit, "measured": time.strftime("%Y-%m-%d %H:%M")}
             if who.startswith("compress"):
                 r["perplexity_in_our_report"] = report["compressed"]["perplexity"]  # PyTorch, same windows
