@@ -128,3 +128,16 @@ def test_widths_no_multiple_of_256_get_llama_cpps_fallback_grid(grid, fallback):
     assert (kt.bits, kt.sub_block, kt.symmetric) == (rtn.cfg.bits, rtn.cfg.group_size, rtn.cfg.symmetric)
     narrow = rtn.layer_spec("x", rtn.cfg, 576)
     assert (narrow.bits, narrow.group_size, narrow.symmetric, narrow.grid) == (*fallback[:1], 32, fallback[1], "int")
+
+
+def test_overrides_mix_k_quant_types_layer_by_layer():
+    """llama.cpp's mixes (Q4_K_M: some layers Q6_K) as per-layer overrides: a layer's grid brings its own bits, group
+    size and symmetry, to or from a k-quant."""
+    from compress.passes.gptq import GPTQConfig
+
+    cfg = GPTQConfig(grid="gguf-q4_k", overrides={"*.down_proj": {"grid": "gguf-q6_k"},
+                                                   "*.v_proj": {"grid": "int", "bits": 3}})
+    assert cfg.for_layer("m.down_proj").spec().grid == "gguf-q6_k"
+    assert (cfg.for_layer("m.down_proj").bits, cfg.for_layer("m.down_proj").group_size) == (6, 16)
+    assert (cfg.for_layer("m.v_proj").spec().bits, cfg.for_layer("m.v_proj").spec().group_size) == (3, 128)
+    assert cfg.for_layer("m.q_proj").spec() == dataclasses.replace(spec_of("gguf-q4_k"), clip_search=True)

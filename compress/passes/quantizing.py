@@ -60,6 +60,16 @@ class QuantOptions(PassConfig):
                                  f"candidate format ({floor:.3f} bits/weight)")
         return self
 
+    def with_options(self, values):
+        """As for every pass; an override changing the grid to or from a k-quant does not inherit the bits, group
+        size and symmetry the other grid implied."""
+        values = {self.renamed.get(k, k): v for k, v in values.items()}
+        grid = values.get("grid", self.grid)
+        base = self.model_dump()
+        if grid != self.grid and (ktype(grid) is not None or ktype(self.grid) is not None):
+            base = {k: v for k, v in base.items() if k not in ("bits", "group_size", "symmetric")}
+        return self.model_validate({**base, **values, "overrides": {}})
+
     def mixed_candidates(self) -> list[Candidate]:
         if self.candidates is not None:
             return self.candidates
