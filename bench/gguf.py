@@ -84,7 +84,7 @@ def importance_matrix(samples: int = 128, seq_len: int = 512) -> dict[str, np.nd
             tokens[0] += batch.numel()
     for h in handles:
         h.remove()
-    return {names.get_name(f"{n}.weight", try_suffixes=(".weight",)) + ".weight": (s / tokens[0]).numpy()
+    return {names.get_name(f"{n}.weight", try_suffixes=(".weight",)): (s / tokens[0]).numpy()
             for n, s in sums.items()}
 
 
@@ -170,7 +170,8 @@ def block_types(path: Path) -> dict[str, str]:
 
 
 def recipe_with_types(kind: str, llama_file: Path, work: Path) -> Path:
-    """Our recipe for ``kind`` with one override per layer giving it the type llama.cpp's file has."""
+    """Our recipe for ``kind`` with one override per layer giving it the type llama.cpp's file has (a recipe without
+    k-quants as it is)."""
     import gguf
     import yaml
 
@@ -178,10 +179,12 @@ def recipe_with_types(kind: str, llama_file: Path, work: Path) -> Path:
 
     model, _, _ = resolve("smollm2-135m")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
-    hf = {names.get_name(f"{n}.weight", try_suffixes=(".weight",)) + ".weight": n for n, m in model.named_modules()
+    hf = {names.get_name(f"{n}.weight", try_suffixes=(".weight",)): n for n, m in model.named_modules()
           if ".layers." in n and hasattr(m, "weight") and m.weight.dim() == 2}
     recipe = yaml.safe_load((ROOT / RECIPES[kind]).read_text())
-    quantizer = next(p for p in recipe["passes"] if str(p.get("grid", "")).startswith("gguf-"))
+    quantizer = next((p for p in recipe["passes"] if str(p.get("grid", "")).startswith("gguf-")), None)
+    if quantizer is None:
+        return ROOT / RECIPES[kind]
     quantizer["overrides"] = {hf[t]: {"grid": GRID_OF_TYPE[k]} for t, k in block_types(llama_file).items()}
     path = work / f"recipe-{kind}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
