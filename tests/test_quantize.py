@@ -80,7 +80,7 @@ def test_refitting_scales_lowers_the_output_error_of_every_row(smol, data):
     for spec in (QuantSpec(4, 64, clip_search=True), QuantSpec(3, 100, symmetric=True)):  # 576 = 5 x 100 + 76
         plain = gptq_quantize(w, h, spec, refit=False)
         codes, scale, zero = plain.unpacked()
-        new = refit_scales(w, h, codes, scale, zero, spec.group_size)
+        new = refit_scales(w, h, codes, scale, zero, spec)
         refit = gptq_quantize(w, h, spec, refit=True)
         torch.testing.assert_close(refit.scales.float(), new)
         assert torch.equal(refit.unpacked()[0], codes)

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from ..formats import QuantizedWeight, compact, grid_weight
 from ..hessian import obq_sweep, output_error, prepare_inverse_hessian
-from ..kquants import ktype
+from ..kquants import expand, ktype, split
 from ..modules import CompressedLinear
 from ..quant import QuantSpec, decode, encode, fit_params, pad_to_groups
 from .base import Requirements, current_mask, current_weight, input_width
@@ -128,26 +128,39 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size:
     del w, hinv
     codes = codes[:, torch.argsort(perm)]
     if mask is None:
-        if refit and spec.grid == "int":
-            scale = refit_scales(original, h, codes, scale, zero, gs)
+        if refit and not spec.is_codebook:
+            scale = refit_scales(original, h, codes, scale, zero, spec)
         return grid_weight(codes, scale, zero, spec)
     return QuantizedWeight.from_codes(compact(codes, mask), scale, zero, spec)
 
 
-def refit_scales(w, h, codes, scale, zero, gs: int, rows_at_once: int = 1024) -> torch.Tensor:
+def refit_scales(w, h, codes, scale, zero, spec: QuantSpec, rows_at_once: int = 1024) -> torch.Tensor:
     """Least-squares group scales for fixed codes and zero points: per row, the scales minimising the
     layer output error ``(w - wq) H (w - wq)^T`` with ``wq = (code - zero) * scale`` (a G x G system per
-    row). Rows where the fp16-rounded result is not better keep their scales. Rows are independent: they are
-    solved ``rows_at_once`` at a time, so the G x G systems of a tall layer never all sit in memory."""
+    row), then rounded as the grid stores them (float16; a k-quant's integers times a float16 factor per super-block,
+    whose asymmetric types fit ``w + minimum = code * scale`` with their minima fixed). Rows where the rounded result
+    is not better keep their scales. Rows are independent: they are solved ``rows_at_once`` at a time, so the G x G
+    systems of a tall layer never all sit in memory."""
     cols = w.shape[1]
+    gs = spec.group_size or cols
     pad = scale.shape[1] * gs - cols
     hp = torch.nn.functional.pad(h.float(), (0, pad, 0, pad)) if pad else h.float()
+    kt = ktype(spec.grid)
+    if kt is None:
+        def rounding(s):
+            return s.half().float()
+    else:
+        def rounding(s):
+            return expand(*split(s, kt, kt.symmetric), kt)
+        if not kt.symmetric:
+            w, zero = w + zero.repeat_interleave(gs, 1)[:, :cols], torch.zeros_like(zero)
     return torch.cat([_refit_rows(w[r:r + rows_at_once], h, hp, codes[r:r + rows_at_once],
-                                  scale[r:r + rows_at_once], zero[r:r + rows_at_once], gs)
+                                  scale[r:r + rows_at_once], zero[r:r + rows_at_once], gs, rounding,
+                                  positive=kt is None)
                       for r in range(0, w.shape[0], rows_at_once)])
 
 
-def _refit_rows(w, h, hp, codes, scale, zero, gs: int) -> torch.Tensor:
+def _refit_rows(w, h, hp, codes, scale, zero, gs: int, rounding, positive: bool) -> torch.Tensor:
     rows, cols = w.shape
     groups = scale.shape[1]
     pad = groups * gs - cols
@@ -158,13 +171,15 @@ def _refit_rows(w, h, hp, codes, scale, zero, gs: int) -> torch.Tensor:
                      for g in range(groups)], 1)
     b = ((torch.nn.functional.pad(w, (0, pad)) @ hp) * d).reshape(rows, groups, gs).sum(-1)
     m.diagonal(dim1=1, dim2=2).add_(1e-6 * m.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True) + 1e-12)
-    new = torch.linalg.solve(m, b).half().float()
+    new = rounding(torch.linalg.solve(m, b))
 
     def err(s):
         e = w - (d * s.repeat_interleave(gs, 1))[:, :cols]
         return ((e @ h) * e).sum(1)
 
-    better = (err(new) < err(scale)) & (new > 0).all(1)
+    better = err(new) < err(scale)
+    if positive:
+        better &= (new > 0).all(1)
     return torch.where(better.unsqueeze(1), new, scale)
 
 
