@@ -69,3 +69,18 @@ def write_recipe(tmp_path):
         path.write_text(text)
         return path
     return write
+
+
+SMALL_RUN = "calibration: {samples: 4, seq_len: 256}\nevaluate: {seq_len: 128, max_windows: 1}\n"
+
+
+def gguf_run(folder: Path, quantizer: str) -> Path:
+    """`compress run` of one quantizing pass (YAML flow mapping) on blocks 0-3 of the default model, small calibration,
+    exported as GGUF and checked on one window; the output folder."""
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(f"name: g\n{SMALL_RUN}passes:\n  - {{{quantizer}, targets: ['model.layers.[0-3].*']}}\n"
+                      "export:\n  gguf: {windows: 1, seq_len: 128}\n")
+    out = folder / "out"
+    result = cli("run", recipe, "smollm2-135m", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    return out

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import cli
+from conftest import SMALL_RUN, cli, gguf_run
 
 from compress.export.gguf import BLOCK, encode, rotary_rows
 from compress.formats.base import IntegerGrid
@@ -50,20 +50,10 @@ def test_rotary_rows_interleave_each_heads_halves():
     assert rotary_rows(t, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
-CAL = "calibration: {samples: 4, seq_len: 256}\nevaluate: {seq_len: 128, max_windows: 1}\n"
-
-
 @pytest.fixture(scope="module")
 def q4_0_run(tmp_path_factory):
     """GPTQ 4-bit symmetric g32 on four blocks with `export: {gguf: ...}`."""
-    folder = tmp_path_factory.mktemp("gguf")
-    recipe = folder / "g.yaml"
-    recipe.write_text(f"name: g\n{CAL}passes:\n  - {{type: gptq, bits: 4, group_size: 32, symmetric: true, "
-                      "targets: ['model.layers.[0-3].*']}\nexport:\n  gguf: {windows: 1, seq_len: 128}\n")
-    out = folder / "g"
-    result = cli("run", recipe, "smollm2-135m", "--out", out, "--quiet")
-    assert result.exit_code == 0, result.output
-    return out
+    return gguf_run(tmp_path_factory.mktemp("gguf"), "type: gptq, bits: 4, group_size: 32, symmetric: true")
 
 
 def test_gptq_q4_0_file_reads_back_in_transformers(q4_0_run):
@@ -82,7 +72,7 @@ def test_gptq_q4_0_file_reads_back_in_transformers(q4_0_run):
 
 
 def test_grids_gguf_cannot_hold_are_refused_before_any_compute(write_recipe, tmp_path):
-    recipe = write_recipe(f"name: g\n{CAL}passes:\n  - {{type: gptq, bits: 4, group_size: 64}}\n"
+    recipe = write_recipe(f"name: g\n{SMALL_RUN}passes:\n  - {{type: gptq, bits: 4, group_size: 64}}\n"
                           "export:\n  gguf: {}\n")
     result = cli("run", recipe, "smollm2-135m", "--out", tmp_path / "g", "--quiet")
     assert result.exit_code == 2 and "groups of 32" in result.output, result.output
@@ -124,7 +114,7 @@ def test_qwen_families_write_their_own_architecture(family, smol, tmp_path):
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     recipe = tmp_path / "g.yaml"
-    recipe.write_text(f"name: g\n{CAL}passes:\n  - {{type: rtn, bits: 4, group_size: 32, symmetric: true}}\n"
+    recipe.write_text(f"name: g\n{SMALL_RUN}passes:\n  - {{type: rtn, bits: 4, group_size: 32, symmetric: true}}\n"
                       "export:\n  gguf: {windows: 1, seq_len: 128}\n")
     result = cli("run", recipe, tmp_path / "model", "--out", tmp_path / "out", "--quiet")
     assert result.exit_code in (0, 1), result.output  # random weights: quality budgets are not the point

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import cli
+from conftest import SMALL_RUN, cli, gguf_run
 
 from compress.formats import KQuantWeight, format_from_saved, quantize_rtn
 from compress.formats.kquant import TYPE_SIZE, spec_of
@@ -66,19 +66,9 @@ def test_two_level_scales_split_again_to_the_same_integers(grid):
     assert torch.equal(effective[3], torch.zeros_like(effective[3]))
 
 
-CAL = "calibration: {samples: 4, seq_len: 256}\nevaluate: {seq_len: 128, max_windows: 1}\n"
-
-
 @pytest.fixture(scope="module")
 def q3_k_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("kquant")
-    recipe = folder / "k.yaml"
-    recipe.write_text(f"name: k\n{CAL}passes:\n  - {{type: gptq, grid: gguf-q3_k, targets: ['model.layers.[0-3].*']}}"
-                      "\nexport:\n  gguf: {windows: 1, seq_len: 128}\n")
-    out = folder / "k"
-    result = cli("run", recipe, "smollm2-135m", "--out", out, "--quiet")
-    assert result.exit_code == 0, result.output
-    return out
+    return gguf_run(tmp_path_factory.mktemp("kquant"), "type: gptq, grid: gguf-q3_k")
 
 
 def test_gptq_on_the_q3_k_grid_reads_back_from_gguf_in_transformers(q3_k_run):
@@ -108,7 +98,7 @@ def test_gptq_on_the_q3_k_grid_reads_back_from_gguf_in_transformers(q3_k_run):
     ("passes:\n  - {type: gptq, grid: gguf-q4_k}\nexport:\n  compressed_tensors: {}\n", "only GGUF holds them"),
 ])
 def test_k_quant_misuse_is_refused_before_any_compute(write_recipe, tmp_path, recipe, message):
-    path = write_recipe(f"name: k\n{CAL}{recipe}")
+    path = write_recipe(f"name: k\n{SMALL_RUN}{recipe}")
     result = cli("run", path, "smollm2-135m", "--out", tmp_path / "k", "--quiet")
     assert result.exit_code == 2 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "k").exists()
