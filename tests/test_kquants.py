@@ -96,6 +96,8 @@ def test_gptq_on_the_q3_k_grid_reads_back_from_gguf_in_transformers(q3_k_run):
     ("passes:\n  - {type: gptq, grid: gguf-q3_k, bits: 4}\n", "has bits 3"),
     ("passes:\n  - {type: magnitude, sparsity: 0.5}\n  - {type: gptq, grid: gguf-q4_k}\n", "after a pruning pass"),
     ("passes:\n  - {type: gptq, grid: gguf-q4_k}\nexport:\n  compressed_tensors: {}\n", "only GGUF holds them"),
+    ("passes:\n  - {type: gptq, grid: gguf-q3_k}\n  - {type: peqa}\n", "cannot train the k-quant"),
+    ("passes:\n  - {type: rtn, grid: gguf-q3_k}\n  - {type: tune}\n", "cannot train the k-quant"),
 ])
 def test_k_quant_misuse_is_refused_before_any_compute(write_recipe, tmp_path, recipe, message):
     path = write_recipe(f"name: k\n{SMALL_RUN}{recipe}")

@@ -29,7 +29,7 @@ from ..modules import dequantized_weights
 from ..teacher import Teacher, topk_kl
 from .base import Pass, PassConfig, Requirements
 from .registry import register
-from .trainable_grid import TrainableWeight, trainable_grids
+from .trainable_grid import TrainableWeight, refuse_k_quants_before, trainable_grids
 
 
 class PeqaConfig(PassConfig):
@@ -59,6 +59,7 @@ class Peqa(Pass):
     def check_plan(self, passes):
         self.check_follows_a_quantizer(passes, f"put `type: {self.name}` after the rtn, gptq, gptvq or embeddings "
                                        "pass whose values it tunes")
+        refuse_k_quants_before(self, passes)
 
     def apply(self, work, replace) -> None:
         """Nothing block by block: the tuning runs through the whole model once every block is compressed."""

@@ -24,7 +24,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..errors import PlanError
 from ..formats import QuantizedWeight, VectorWeight, WeightFormat
+from ..formats.base import NotAnIntegerGrid
+from ..kquants import ktype
 from ..modules import CompressedEmbedding, CompressedLinear
 from ..packing import pack_rows
 from ..quant import decode, pad_to_groups
@@ -344,3 +347,16 @@ def trainable_grids(modules: dict[str, nn.Module], device, zeros: bool = False, 
         elif isinstance(m.fmt, VectorWeight):
             grids[id(m.fmt)], names[id(m.fmt)] = TrainableCodebook(m.fmt, [m], device), name
     return {names[key]: g for key, g in grids.items()}
+
+
+def refuse_k_quants_before(tuner, passes) -> None:
+    """A pass training stored grids, after a pass writing llama.cpp's k-quants (whose two-level scales it cannot train
+    yet): one PlanError before any compute, rather than those layers left untrained without a word."""
+    for p in passes[:passes.index(tuner)]:
+        try:
+            specs = p.written_grids()
+        except NotAnIntegerGrid:
+            continue
+        if any(ktype(s.grid) is not None for s in specs):
+            raise PlanError(f"the {tuner.name} pass cannot train the k-quant super-blocks {p.name} writes (their "
+                            "scales are integers times a float16 factor)", f"drop {tuner.name}, or use grid: int")

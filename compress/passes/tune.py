@@ -26,7 +26,7 @@ from ..blocks import run_block
 from ..modules import CompressedLinear
 from .base import Pass, PassConfig, Requirements
 from .registry import register
-from .trainable_grid import TrainableWeight, trainable_grids
+from .trainable_grid import TrainableWeight, refuse_k_quants_before, trainable_grids
 
 
 class TuneConfig(PassConfig):
@@ -53,6 +53,7 @@ class Tune(Pass):
 
     def check_plan(self, passes):
         self.check_follows_a_quantizer(passes, "put `type: tune` after an rtn or gptq pass")
+        refuse_k_quants_before(self, passes)
 
     def apply(self, work, replace):
         grids = trainable_grids(work.layers, work.device)
