@@ -27,7 +27,8 @@ import torch
 
 from .kquants import FALLBACK_GRIDS, KTYPES, SUPER_BLOCK, ktype, quantize_scales, raw_params
 
-GRIDS = ("int", "nf", "fp4", *KTYPES)
+CODEBOOKS = ("nf", "fp4")  # non-uniform grids: a code book scaled by the group's absmax
+GRIDS = ("int", *CODEBOOKS, *KTYPES)
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class QuantSpec:
     @property
     def is_codebook(self) -> bool:
         """A non-uniform grid (``nf``, ``fp4``): no zero tensor, the scale is the group's absmax."""
-        return self.grid in ("nf", "fp4")
+        return self.grid in CODEBOOKS
 
     def groups(self, in_features: int) -> int:
         size = self.group_size or in_features

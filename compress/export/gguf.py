@@ -183,7 +183,9 @@ def write(ckpt: CheckpointLayers, out_dir: Path, engine: str | None, max_shard_b
     for name, t in with_other_tensors(ckpt, {}, dense).items():
         heads = _heads_of(name.rsplit(".", 1)[0], config) if permute else None
         tensors.append((name, _dense(rotary_rows(t, heads) if heads and "norm" not in name else t, name), None))
-    _metadata(writer, ckpt, max(counts, key=lambda k: counts[k]) if counts else None)
+    # the file type llama.cpp shows: the k-quant when there is one (its narrow layers fall back), else the commonest
+    k_types = [kind for kind in counts if kind.endswith("_K")]
+    _metadata(writer, ckpt, max(k_types or counts, key=lambda k: counts[k]) if counts else None)
     for hf_name, data, kind in tensors:
         gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gname is None:

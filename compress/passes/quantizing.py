@@ -9,7 +9,7 @@ from ..errors import PlanError
 from ..formats import SparseWeight
 from ..formats.base import NotAnIntegerGrid
 from ..kquants import KTYPES, ktype
-from ..quant import QuantSpec
+from ..quant import CODEBOOKS, QuantSpec
 from .base import ModelPlan, Pass, PassConfig, Requirements, current_weight
 from .mixed import DEFAULT_CANDIDATES, Candidate, LayerOptions, allocate, score_layer
 
@@ -49,7 +49,7 @@ class QuantOptions(PassConfig):
     def _check(self):
         if self.grid == "fp4" and self.bits != 4:
             raise ValueError("grid 'fp4' (E2M1) needs bits: 4")
-        if self.grid in ("nf", "fp4") and self.bits > 4:
+        if self.grid in CODEBOOKS and self.bits > 4:
             raise ValueError(f"grid '{self.grid}' supports 2-4 bits; use grid: int for more")
         if self.target_bits_per_weight is not None:
             if self.grid != "int":
@@ -85,7 +85,7 @@ class QuantOptions(PassConfig):
         return c.bits + 16 / g + (0 if self.symmetric else c.bits / g)
 
     def spec(self, bits=None, group_size=-1) -> QuantSpec:
-        symmetric = self.symmetric or self.grid in ("nf", "fp4")
+        symmetric = self.symmetric or self.grid in CODEBOOKS
         gs = self.group_size if group_size == -1 else group_size
         return QuantSpec(bits or self.bits, gs, symmetric, self.grid, self.clip_search)
 
@@ -110,7 +110,7 @@ class QuantizingPass(Pass):
         configs = [self.cfg, *(self.cfg.with_options(v) for v in self.cfg.overrides.values())]
         specs = []
         for cfg in configs:
-            if cfg.grid in ("nf", "fp4"):
+            if cfg.grid in CODEBOOKS:
                 raise NotAnIntegerGrid(f"{self.name} stores codes of the {cfg.grid} code book")
             if cfg.target_bits_per_weight is not None:
                 specs += [cfg.spec(c.bits, c.group_size) for c in cfg.mixed_candidates()]
