@@ -26,7 +26,7 @@ def _start(out, *extra):
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_the_run_within_seconds_and_leaves_nothing(tmp_path, smol, sig, code):
     out = tmp_path / "run"
-    proc = _start(out)
+    proc = _start(out, "--set", "evaluate.max_windows=64")  # an evaluation that outlasts the second below
     for line in proc.stderr:  # wait until the model is loaded and the run is working
         if "evaluating on" in line:
             break
