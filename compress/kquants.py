@@ -40,6 +40,11 @@ class KType:
     fallback: str     # the GGML type llama.cpp writes a tensor whose width is no multiple of 256 in
 
     @property
+    def zero_point(self) -> float:
+        """The fixed code of value 0 for the symmetric types (``2^(bits-1)``)."""
+        return float(1 << (self.bits - 1))
+
+    @property
     def scale_range(self) -> tuple[int, int]:
         """The integers a sub-block scale (or minimum) takes."""
         if self.symmetric:
@@ -66,10 +71,9 @@ def raw_params(lo: torch.Tensor, hi: torch.Tensor, kt: KType) -> tuple[torch.Ten
     """Unrounded (scale, zero) of sub-blocks whose values span ``[lo, hi]``: for the symmetric types the scale maps the
     value of largest magnitude to code 0 and ``zero`` is the fixed ``2^(bits-1)``; for the asymmetric ones the codes
     span ``[min(lo, 0), hi]`` and ``zero`` is the minimum's magnitude."""
-    half = float(1 << (kt.bits - 1))
     if kt.symmetric:
         extreme = torch.where(hi.abs() >= lo.abs(), hi, lo)
-        return -extreme / half, torch.full_like(extreme, half)
+        return -extreme / kt.zero_point, torch.full_like(extreme, kt.zero_point)
     lo = torch.minimum(lo, torch.zeros_like(lo))
     return ((hi - lo) / ((1 << kt.bits) - 1)).clamp_min(0), -lo
 
@@ -100,10 +104,12 @@ def expand(factor: torch.Tensor, ints: torch.Tensor, kt: KType) -> torch.Tensor:
     return (factor.float().unsqueeze(-1) * ints.float().reshape(*ints.shape[:-1], -1, n)).reshape(ints.shape)
 
 
+def rounded(values: torch.Tensor, kt: KType, signed: bool) -> torch.Tensor:
+    """``values`` as the type stores them: :func:`split`, then :func:`expand`."""
+    return expand(*split(values, kt, signed), kt)
+
+
 def quantize_scales(scale: torch.Tensor, zero: torch.Tensor, kt: KType) -> tuple[torch.Tensor, torch.Tensor]:
     """Effective (scale, zero) ``[rows, groups]`` the type stores for the raw ones: each super-block's scales (and
     minima) rounded to integers times one float16 factor."""
-    scale = expand(*split(scale, kt, kt.symmetric), kt)
-    if not kt.symmetric:
-        zero = expand(*split(zero, kt, False), kt)
-    return scale, zero
+    return rounded(scale, kt, kt.symmetric), zero if kt.symmetric else rounded(zero, kt, False)

@@ -131,7 +131,7 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
         assert zero is not None, "k-quants have a zero tensor"
         z = zero.unsqueeze(-1) if codes.dim() > zero.dim() else zero
         return codes.float() * s - z
-    if spec.grid not in ("int", *KTYPES):
+    if spec.is_codebook:
         return grid_values(spec.grid, spec.bits).to(codes.device)[codes.long()] * s
     assert zero is not None, "integer grids have zero points"
     z = zero.unsqueeze(-1) if codes.dim() > zero.dim() else zero
@@ -150,7 +150,7 @@ def fit_params(x: torch.Tensor, spec: QuantSpec, steps: int = 20, max_shrink: fl
     scale, zero = torch.cat([s for s, _ in parts]), None if parts[0][1] is None else torch.cat([z for _, z in parts])
     kt = ktype(spec.grid)
     if kt is not None:
-        if x.dim() != 3 or x.shape[1] * x.shape[2] % 256:
+        if x.dim() != 3 or x.shape[1] * x.shape[2] % SUPER_BLOCK:
             raise ValueError(f"{kt.name} fits whole rows of whole super-blocks of 256 inputs, got {list(x.shape)}")
         assert zero is not None, "k-quants have a zero tensor"
         scale, zero = quantize_scales(scale, zero, kt)

@@ -143,12 +143,8 @@ class KQuantWeight(WeightFormat):
         d, ints = split(scale, kt, kt.symmetric)
         dmin, mins = split(zero, kt, False) if not kt.symmetric else (None, None)
         subs = SUPER_BLOCK // kt.sub_block
-
-        def per_block(t):
-            return None if t is None else t.reshape(n, -1)
-
-        blocks = pack(kt, codes.reshape(n, SUPER_BLOCK), per_block(d).reshape(n), ints.reshape(n, subs),
-                      None if dmin is None else dmin.reshape(n), per_block(mins))
+        blocks = pack(kt, codes.reshape(n, SUPER_BLOCK), d.reshape(n), ints.reshape(n, subs),
+                      None if dmin is None else dmin.reshape(n), None if mins is None else mins.reshape(n, subs))
         return cls(blocks.reshape(out, -1), spec.grid, (out, k))
 
     def parts(self):
@@ -167,7 +163,7 @@ class KQuantWeight(WeightFormat):
         codes, d, ints, dmin, mins = self.parts()
         scale = expand(d, ints, self.kt)
         if self.kt.symmetric:
-            return codes, scale, torch.full_like(scale, float(1 << (self.kt.bits - 1)))
+            return codes, scale, torch.full_like(scale, self.kt.zero_point)
         return codes, scale, expand(dmin, mins, self.kt)
 
     def dequantize(self):
@@ -232,7 +228,7 @@ class KQuantWeight(WeightFormat):
         values = unpack_codes(g, packed, rows, cols, self.kt.bits, FLOAT)
         scale = effective("scales", d, ints)
         if self.kt.symmetric:
-            half = g.const(float(1 << (self.kt.bits - 1)), np.float32)
+            half = g.const(self.kt.zero_point, np.float32)
             return per_group(g, values, rows, cols, self.kt.sub_block,
                              lambda v: g.op("Mul", g.op("Sub", v, half), scale))
         minimum = effective("mins", dmin, mins)

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from ..formats import QuantizedWeight, compact, grid_weight
 from ..hessian import obq_sweep, output_error, prepare_inverse_hessian
-from ..kquants import expand, ktype, split
+from ..kquants import ktype, rounded
 from ..modules import CompressedLinear
 from ..quant import QuantSpec, decode, encode, fit_params, pad_to_groups
 from .base import Requirements, current_mask, current_weight, input_width
@@ -151,7 +151,7 @@ def refit_scales(w, h, codes, scale, zero, spec: QuantSpec, rows_at_once: int = 
             return s.half().float()
     else:
         def rounding(s):
-            return expand(*split(s, kt, kt.symmetric), kt)
+            return rounded(s, kt, kt.symmetric)
         if not kt.symmetric:
             w, zero = w + zero.repeat_interleave(gs, 1)[:, :cols], torch.zeros_like(zero)
     return torch.cat([_refit_rows(w[r:r + rows_at_once], h, hp, codes[r:r + rows_at_once],

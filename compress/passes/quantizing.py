@@ -106,10 +106,13 @@ class QuantizingPass(Pass):
     def requirements(self):
         return Requirements(model_plan=self.mixed_precision_plan(), layer_parallel=True)
 
+    def configs(self) -> list:
+        """The pass's options and each override's: every setting a layer may get."""
+        return [self.cfg, *(self.cfg.with_options(v) for v in self.cfg.overrides.values())]
+
     def written_grids(self):
-        configs = [self.cfg, *(self.cfg.with_options(v) for v in self.cfg.overrides.values())]
         specs = []
-        for cfg in configs:
+        for cfg in self.configs():
             if cfg.grid in CODEBOOKS:
                 raise NotAnIntegerGrid(f"{self.name} stores codes of the {cfg.grid} code book")
             if cfg.target_bits_per_weight is not None:
@@ -146,8 +149,8 @@ class QuantizingPass(Pass):
 
     def check_k_quants_unpruned(self, passes) -> None:
         """k-quant super-blocks hold every weight of a row: refused after a pruning pass (before any compute)."""
-        grids = {cfg.grid for cfg in (self.cfg, *(self.cfg.with_options(v) for v in self.cfg.overrides.values()))}
-        if any(ktype(g) for g in grids) and any(p.stage == "prune" for p in passes[:passes.index(self)]):
+        pruned = any(p.stage == "prune" for p in passes[:passes.index(self)])
+        if pruned and any(ktype(cfg.grid) for cfg in self.configs()):
             raise PlanError(f"the {self.name} pass writes llama.cpp k-quant super-blocks, which hold every weight, "
                             "after a pruning pass", "drop the pruning pass or use grid: int")
 
