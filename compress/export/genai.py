@@ -19,14 +19,19 @@ def _ids(value) -> int | list[int] | None:
     return None if value is None else int(value)
 
 
-def genai_config(config, generation_config, io: dict, onnx_file: str) -> dict:
-    """The ``genai_config.json`` of an export of a model with ``config`` (transformers) and ``io`` (export.json's)."""
+def genai_config(config, generation_config, io: dict, onnx_file: str, custom_ops_library: str | None = None) -> dict:
+    """The ``genai_config.json`` of an export of a model with ``config`` (transformers) and ``io`` (export.json's);
+    ``custom_ops_library``: the file name of the operator library the folder ships (``compress.ortops``)."""
     gen = generation_config
     eos = _ids(getattr(gen, "eos_token_id", None) if gen is not None else None) or _ids(config.eos_token_id)
     bos = _ids(getattr(gen, "bos_token_id", None) if gen is not None else None) or _ids(config.bos_token_id)
     pad = getattr(config, "pad_token_id", None)
     pad = _ids(pad) if pad is not None else (eos[0] if isinstance(eos, list) else eos)
     context = int(getattr(config, "max_position_embeddings", 2048))
+    # 0: onnxruntime's own default, a thread per core (left out, onnxruntime-genai runs on one)
+    session_options: dict = {"log_id": "onnxruntime-genai", "provider_options": [], "intra_op_num_threads": 0}
+    if custom_ops_library:
+        session_options["custom_ops_library"] = custom_ops_library
     return {
         "model": {
             "type": config.model_type,
@@ -36,8 +41,7 @@ def genai_config(config, generation_config, io: dict, onnx_file: str) -> dict:
             "vocab_size": int(io["vocab_size"]),
             "context_length": context,
             "decoder": {
-                # 0: onnxruntime's own default, a thread per core (left out, onnxruntime-genai runs on one)
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": [], "intra_op_num_threads": 0},
+                "session_options": session_options,
                 "filename": onnx_file,
                 "head_size": int(io["head_dim"]),
                 "hidden_size": int(config.hidden_size),

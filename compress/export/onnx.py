@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 import onnx
 import torch
 
+from .. import ortops
 from ..errors import CheckpointError, ExportError, ExportMismatch, OutputError
 from ..modules import dequantized_weights
 from ..staging import staged_folder
@@ -65,6 +67,13 @@ def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, w
     if accuracy_level == 0 and any(r.lowering.startswith("MatMulNBits 2-bit") for r in lowering.layers.values()):
         log("note: onnxruntime's 2-bit MatMulNBits is slow with float activations (213 ms/token measured on "
             "SmolLM2-135M vs 24 ms in fp32); int8 activations make it 13 ms")
+    library = None
+    if lowering.custom_ops_used:  # the folder ships the library its graph needs
+        library = out_dir / ortops.LIBRARY_NAME
+        shutil.copyfile(lowering.lut_library, library)
+    elif lowering.lookups_decoded:
+        log("note: look-up weights are decoded in the graph (onnxruntime folds them to float32); build the "
+            "look-up kernel with `python -m compress.ortops` to keep them compressed")
     onnx.save_model(proto, str(out_dir / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
     del proto
@@ -73,12 +82,15 @@ def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, w
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    library_name = None if library is None else library.name
     (out_dir / GENAI_CONFIG).write_text(json.dumps(
-        genai_config(model.config, getattr(model, "generation_config", None), io, ONNX_FILE), indent=1) + "\n")
+        genai_config(model.config, getattr(model, "generation_config", None), io, ONNX_FILE, library_name),
+        indent=1) + "\n")
     graph_bytes = (out_dir / ONNX_FILE).stat().st_size
     data_bytes = (out_dir / DATA_FILE).stat().st_size if (out_dir / DATA_FILE).exists() else 0
     info = {
         "io": io, "weights": weights, "accuracy_level": accuracy_level, "opset": lowering.opset,
+        "custom_ops_library": library_name,
         "layers": {name: asdict(rec) for name, rec in lowering.layers.items()},
         "lowerings": _count_lowerings(lowering.layers),
         "size": {"graph_bytes": graph_bytes, "data_bytes": data_bytes, "file_bytes": graph_bytes + data_bytes,
@@ -88,7 +100,7 @@ def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, w
     if windows is not None:
         t = time.perf_counter()
         try:
-            sess = session(out_dir / ONNX_FILE, accuracy_level=accuracy_level)
+            sess = session(out_dir / ONNX_FILE, accuracy_level=accuracy_level, custom_ops=library)
         except CheckpointError as e:  # a graph we just wrote that onnxruntime refuses is our bug
             raise ExportError(f"onnxruntime cannot load the exported graph: {e.message}",
                               "please report it with the model and recipe") from None

@@ -18,8 +18,18 @@ ONNX_FILE = "model.onnx"
 EXPORT_META = "export.json"
 
 
-def session(path: Path, threads: int | None = None, accuracy_level: int = 0):
-    """An onnxruntime CPU session; a missing, truncated or corrupted file is a one-line error.
+def custom_ops_library(folder: Path) -> Path | None:
+    """The custom-operator library an export folder ships (``export.json``'s ``custom_ops_library``), or None."""
+    try:
+        name = json.loads((folder / EXPORT_META).read_text()).get("custom_ops_library")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return folder / name if name else None
+
+
+def session(path: Path, threads: int | None = None, accuracy_level: int = 0, custom_ops: Path | None = None):
+    """An onnxruntime CPU session; a missing, truncated or corrupted file is a one-line error. ``custom_ops``: the
+    library of our operators the graph uses (default: the one its folder's ``export.json`` names).
 
     onnxruntime fuses a blocked DequantizeLinear + MatMul (``weights: portable``) into its low-bit
     MatMul with int8 activations unless told otherwise: the session is told the export's own
@@ -31,6 +41,12 @@ def session(path: Path, threads: int | None = None, accuracy_level: int = 0):
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    library = custom_ops or custom_ops_library(Path(path).parent)
+    if library is not None:
+        if not library.is_file():
+            raise CheckpointError(f"{library}: the custom-operator library of this export is missing",
+                                  "export it again, or copy the library back into the folder")
+        options.register_custom_ops_library(str(library))
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)

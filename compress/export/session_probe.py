@@ -43,6 +43,8 @@ def main(argv: list[str]) -> dict:
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(meta.get("accuracy_level", 0)))
     options.intra_op_num_threads = a.threads
     options.log_severity_level = 3
+    if meta.get("custom_ops_library"):
+        options.register_custom_ops_library(str(folder / meta["custom_ops_library"]))
     sess = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     loaded = _status_mb("VmRSS")
     shape = (1, io["kv_heads"], 0, io["head_dim"])

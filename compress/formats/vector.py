@@ -10,6 +10,7 @@ import torch
 
 from ..packing import pack_rows, packed_row_bytes, unpack_rows
 from .base import LayoutError, WeightFormat, register_format
+from .onnx_lut import lut_matmul
 from .onnx_ops import TensorProto, as_float, torch_initializer, unpack_codes
 
 MAX_INDEX_BITS = 8  # indices are row-packed bytes (pack_rows)
@@ -94,9 +95,15 @@ class VectorWeight(WeightFormat):
                    "scales": self.row_scale.reshape(-1, 1)}
         return KernelPlan(VLUT, COL_DENSE, rows, cols, cols // self.dim, dims, buffers)
 
+    def onnx_matmul(self, lowering, x, name):
+        """The look-up kernel on the stored codes, code books and row scales (``onnx_lut``), when built."""
+        y = lut_matmul(lowering, x, name, self.indices, self.codebook, self.row_scale, self.index_bits, self.dim,
+                       self.rows_per_table, self.shape)
+        return None if y is None else (f"LutMatMul {self.describe()}", y)
+
     def onnx_weight(self, g, prefix):
         """Indices unpacked from their bytes, offset to their row's code book, gathered from the flat code
-        books, scaled per row (onnxruntime folds it to float32 at session load: no operator reads code books)."""
+        books, scaled per row (onnxruntime folds it to float32 at session load)."""
         rows, cols = self.shape
         dim = self.dim
         codes = unpack_codes(g, torch_initializer(g, f"{prefix}.indices", self.indices), rows, cols // dim,

@@ -1,0 +1,112 @@
+"""Our onnxruntime custom-operator library: ``compress::LutMatMul`` (``lut_matmul.c``), the matmul of weights
+stored as look-up codes (palettes with float16 or int8 tables, vector code books), run from their stored bytes
+so a session never holds them as float.
+
+``python -m compress.ortops`` builds it (``make setup`` does): onnxruntime's C API header comes from Debian's
+``libonnxruntime-dev`` package (the PyPI wheels ship the library without headers; the C API is stable, so a
+library built against these headers loads in every later onnxruntime), checked against its SHA-256, and the C
+compiler of the machine (``$CC``, else ``cc``) builds ``libcompress_ortops.so`` beside this file. Without it the
+exporter decodes those weights in the graph (onnxruntime then folds them to float32) and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import lzma
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LIBRARY_NAME = "libcompress_ortops.so"
+LIBRARY = HERE / LIBRARY_NAME
+SOURCES = [HERE / "lut_matmul.c"]
+DOMAIN = "compress"
+
+HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
+               "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
+HEADER = "onnxruntime_c_api.h"
+
+
+class BuildError(RuntimeError):
+    """The library could not be built (no network for the header, no compiler, a compile error)."""
+
+
+def library() -> Path | None:
+    """The built library, or None (``python -m compress.ortops`` builds it). Stale when older than its sources."""
+    if not LIBRARY.is_file():
+        return None
+    built = LIBRARY.stat().st_mtime
+    return LIBRARY if all(src.stat().st_mtime <= built for src in SOURCES) else None
+
+
+def _cache() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return root / "compress" / "onnxruntime-headers-1.21.0"
+
+
+def _ar_members(data: bytes) -> dict[str, bytes]:
+    """The members of a ``.deb`` (an ``ar`` archive)."""
+    if not data.startswith(b"!<arch>\n"):
+        raise BuildError("the downloaded header package is not a Debian archive")
+    members, pos = {}, 8
+    while pos + 60 <= len(data):
+        header = data[pos:pos + 60]
+        name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58].decode().strip())
+        members[name] = data[pos + 60:pos + 60 + size]
+        pos += 60 + size + (size & 1)
+    return members
+
+
+def headers() -> Path:
+    """The folder holding ``onnxruntime_c_api.h``: downloaded once into the user's cache."""
+    folder = _cache()
+    if (folder / HEADER).is_file():
+        return folder
+    url, sha256 = HEADERS_DEB
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except OSError as e:
+        raise BuildError(f"cannot download onnxruntime's C API header from {url} ({e})") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise BuildError(f"{url} does not have the expected SHA-256")
+    payload = _ar_members(data).get("data.tar.xz")
+    if payload is None:
+        raise BuildError("the header package holds no data.tar.xz")
+    with tarfile.open(fileobj=io.BytesIO(lzma.decompress(payload))) as tar:
+        wanted = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("./usr/include/onnxruntime/")
+                  and "/" not in m.name.removeprefix("./usr/include/onnxruntime/")]
+        staging = Path(tempfile.mkdtemp(prefix="ort-headers-"))
+        for member in wanted:
+            source = tar.extractfile(member)
+            assert source is not None
+            (staging / Path(member.name).name).write_bytes(source.read())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return folder
+
+
+def build(force: bool = False) -> Path:
+    """Build the library (when missing or older than its sources); its path."""
+    if not force and library() is not None:
+        return LIBRARY
+    include = headers()
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise BuildError("no C compiler (set CC, or install gcc)")
+    partial = LIBRARY.with_suffix(".so.partial")
+    cmd = [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-std=c11", "-Wall", "-I", str(include),
+           *map(str, SOURCES), "-o", str(partial)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise BuildError(f"compiling {', '.join(s.name for s in SOURCES)} failed:\n{done.stderr.strip()}")
+    partial.replace(LIBRARY)
+    return LIBRARY
