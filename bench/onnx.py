@@ -44,9 +44,14 @@ VARIANTS = {
     "2-bit GPTQ g32 (MatMulNBits, int8 activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],
     "4-bit NF4 RTN g64 (MatMulBnb4)": [{"type": "rtn", "bits": 4, "group_size": 64, "grid": "nf"}],
     "4-bit FP4 RTN g32 (exact 8-bit grid)": [{"type": "rtn", "bits": 4, "group_size": 32, "grid": "fp4"}],
-    "4-bit k-means per channel": [{"type": "kmeans", "bits": 4, "granularity": "channel", "sensitivity": "none"}],
-    "4-bit k-means per channel, 8-bit table": [{"type": "kmeans", "bits": 4, "granularity": "channel",
-                                               "sensitivity": "none", "table_dtype": "int8"}],
+    "4-bit k-means per channel (LutMatMul)": [{"type": "kmeans", "bits": 4, "granularity": "channel",
+                                              "sensitivity": "none"}],
+    "4-bit k-means per channel, 8-bit table (LutMatMul)": [{"type": "kmeans", "bits": 4, "granularity": "channel",
+                                                           "sensitivity": "none", "table_dtype": "int8"}],
+    "3-bit k-means per channel (LutMatMul)": [{"type": "kmeans", "bits": 3, "granularity": "channel",
+                                              "sensitivity": "none"}],
+    "2-bit GPTVQ, vectors of 2 (LutMatMul)": [{"type": "gptvq", "bits": 2, "dim": 2, "iterations": 5,
+                                              "codebook_refit": 0}],
     "3-bit k-means per channel + 0.5% outliers": [{"type": "kmeans", "bits": 3, "granularity": "channel",
                                                    "outliers": "0.5%", "table_dtype": "int8"}],
     "2:4 Wanda + 4-bit GPTQ g64": [{"type": "wanda", "pattern": "2:4"}, {"type": "gptq", "bits": 4, "group_size": 64}],
@@ -58,6 +63,8 @@ VARIANTS = {
     "onnxruntime-genai: 4-bit RTN g32 + 4-bit head (ours, int8 activations)": [
         {"type": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
         {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn", "symmetric": True}],
+    "onnxruntime-genai: 4-bit k-means per channel (ours, LutMatMul)": [
+        {"type": "kmeans", "bits": 4, "granularity": "channel", "sensitivity": "none"}],
     "onnxruntime-genai: builder int4 (float model)": None,
 }
 
