@@ -29,6 +29,7 @@ import torch
 from ..errors import ExportError
 from ..families import family, supporting
 from ..formats import DenseWeight
+from ..formats.onnx_custom import half_matmul
 from ..formats.onnx_ops import torch_initializer
 from ..modules import embeddings_tied
 from .attention import AttentionContext, attention, cache_lengths, masks, rotary_tables, soft_cap, total_length
@@ -72,6 +73,11 @@ def _linear(low: WeightLowering, x: str, module, name: str) -> str:
     return low.linear(x, fmt, module.bias, name)
 
 
+def _head_reads_float16(low: WeightLowering, dtype: torch.dtype) -> bool:
+    """A tied float16 table multiplied as float16 by our operator (no float32 copy of it in the session)."""
+    return dtype == torch.float16 and low.custom_ops is not None
+
+
 def _embeddings(low: WeightLowering, module, ids: str, tied: bool, dense_dtype) -> tuple[str, torch.dtype, str | None]:
     """(hidden states of ``ids``, the table's dtype, the dense table's initializer for a tied head to share, or
     None). A compressed table gathers its stored rows and decodes them, tied from the head's own initializers
@@ -87,9 +93,10 @@ def _embeddings(low: WeightLowering, module, ids: str, tied: bool, dense_dtype) 
         if dense_dtype is not None:
             table = table.to(dense_dtype)
         dtype = table.dtype
-        init = torch_initializer(g, "model.embed_tokens.weight_t" if tied else "model.embed_tokens.weight",
-                                 table.t().contiguous() if tied else table)
-        rows = g.op("Transpose", g.op("Gather", init, ids, axis=1), perm=[1, 2, 0]) if tied else g.op(
+        transposed = tied and not _head_reads_float16(low, dtype)
+        init = torch_initializer(g, "model.embed_tokens.weight_t" if transposed else "model.embed_tokens.weight",
+                                 table.t().contiguous() if transposed else table)
+        rows = g.op("Transpose", g.op("Gather", init, ids, axis=1), perm=[1, 2, 0]) if transposed else g.op(
             "Gather", init, ids)
         h = rows if dtype == torch.float32 else g.op("Cast", rows, to=FLOAT)
     scale = getattr(module, "embed_scale", None)  # Gemma: sqrt(hidden) in the weights' dtype
@@ -162,7 +169,10 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
                                 else (layers[i + 1].input_layernorm, f"model.layers.{i + 1}.input_layernorm"))
         x, h = add_and_norm(g, h, out, next_norm, next_name, offset, fused)
     h = x
-    if tied and embed_init is not None:
+    if tied and embed_init is not None and _head_reads_float16(low, embed_dtype):
+        logits = half_matmul(low, h, "lm_head", embed_init, (cfg.vocab_size, cfg.hidden_size))
+        low.layers["lm_head"] = LayerExport("tied to model.embed_tokens, HalfMatMul float16", 0)
+    elif tied and embed_init is not None:
         # float32 weights for an exact head: onnxruntime holds a float32 copy of a float16 table (its CPU MatMul
         # would convert a float16 one the same way), beside the float16 table the Gather reads
         head_w = embed_init if embed_dtype == torch.float32 else g.op("Cast", embed_init, to=FLOAT)

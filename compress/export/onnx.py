@@ -70,7 +70,7 @@ def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, w
     library = None
     if lowering.custom_ops_used:  # the folder ships the library its graph needs
         library = out_dir / ortops.LIBRARY_NAME
-        shutil.copyfile(lowering.lut_library, library)
+        shutil.copyfile(lowering.custom_ops, library)
     elif lowering.lookups_decoded:
         log("note: look-up weights are decoded in the graph (onnxruntime folds them to float32); build the "
             "look-up kernel with `python -m compress.ortops` to keep them compressed")

@@ -8,13 +8,13 @@ Two lowerings, chosen per layer (the report lists which one each layer got and i
   (``weights: portable``, the pattern onnxruntime fuses into the same kernel); so do the formats that are
   exactly an integer grid (N:M sparse codes, int8-table palettes, FP4); NormalFloat-4 runs in
   ``MatMulBnb4``; outliers add their corrections to the inner kernel's product (``onnx_grid``, ``onnx_nf4``).
-- **our look-up kernel** ``compress::LutMatMul`` (``compress.ortops``, ``weights: fast``) for palettes and
-  vector code books: it reads the stored codes and tables (``onnx_lut``).
+- **our operators** (``compress.ortops``, ``weights: fast``, ``onnx_custom``): ``compress::LutMatMul`` reads
+  palettes and vector code books from their stored codes and tables, ``compress::HalfMatMul`` float16 layers.
 - **in-graph decoding** for everything no runtime op reads: other NormalFloat widths, unstructured sparsity,
-  and palettes / code books when the look-up kernel is not built. The file keeps the exact bytes of the compressed checkpoint; a small subgraph of
-  standard ops (BitShift, BitwiseAnd, Gather, ScatterElements) rebuilds the float weight. Its inputs are all
-  initializers, so onnxruntime folds it into a float32 constant once when the session loads: the file stays
-  small, inference runs a dense float MatMul (speed and memory of fp32 at run time).
+  and palettes / code books when our library is not built. The file keeps the exact bytes of the compressed
+  checkpoint; a small subgraph of standard ops (BitShift, BitwiseAnd, Gather, ScatterElements) rebuilds the
+  float weight. Its inputs are all initializers, so onnxruntime folds it into a float32 constant once when the
+  session loads: the file stays small, inference runs a dense float MatMul (speed and memory of fp32 at run time).
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ class WeightLowering:
         self.layers: dict[str, LayerExport] = {}
         self.opset = 21
         self.nbits_tensors: dict[str, list[str]] = {}  # layer -> its MatMulNBits initializers (``onnx_grid``)
-        # our look-up kernel (``compress.ortops``, ``onnx_lut``): fast exports only, when built
-        self.lut_library = ortops.library() if weights == "fast" else None
+        # our look-up kernel (``compress.ortops``, ``onnx_custom``): fast exports only, when built
+        self.custom_ops = ortops.library() if weights == "fast" else None
         self.custom_ops_used = False
         self.lookups_decoded = 0  # look-up layers of a fast export decoded in the graph (the library not built)
 

@@ -55,8 +55,13 @@ class DenseWeight(WeightFormat):
         return as_float(g, f"{prefix}.weight", self.weight)
 
     def onnx_matmul(self, lowering, x, name):
+        from .onnx_custom import half_matmul
         from .onnx_ops import as_float
 
+        dtype = str(self.weight.dtype).removeprefix("torch.")
+        if self.weight.dtype == torch.float16:  # read as float16 by our operator, when built
+            y = half_matmul(lowering, x, name, self.weight, self.shape)
+            if y is not None:
+                return f"HalfMatMul {dtype}", y
         # stored transposed: MatMul reads [in, out]; float16 is cast to float32 at load (exact activations)
-        return f"dense {str(self.weight.dtype).removeprefix('torch.')}", lowering.g.op(
-            "MatMul", x, as_float(lowering.g, f"{name}.weight_t", self.weight.t()))
+        return f"dense {dtype}", lowering.g.op("MatMul", x, as_float(lowering.g, f"{name}.weight_t", self.weight.t()))

@@ -10,7 +10,7 @@ import torch
 from ..kernels.plan import LUT, ValuePlan, empty_dims
 from ..packing import pack_rows, packed_row_bytes, unpack_rows
 from .base import IntegerGrid, LayoutError, WeightFormat, register_format
-from .onnx_lut import lut_matmul
+from .onnx_custom import lut_matmul
 from .onnx_ops import TensorProto, as_float, torch_initializer, unpack_codes
 
 TABLE_DTYPES = ("float16", "int8")
@@ -117,11 +117,12 @@ class PalettizedWeight(WeightFormat):
         return IntegerGrid(codes, self.table_scale[rows].unsqueeze(1), zeros, 8, self.shape[1], True)
 
     def onnx_matmul(self, lowering, x, name):
-        """The look-up kernel on the stored codes and table (``onnx_lut``); without it, int8 tables run as their
+        """The look-up kernel on the stored codes and table (``onnx_custom``); without it, int8 tables run as their
         exact 8-bit grid (:meth:`int8_grid`) and float16 tables are decoded in the graph."""
         rows = torch.arange(self.shape[0]) // self.rows_per_table
         scale = None if self.table_scale is None else self.table_scale[rows]
-        y = lut_matmul(lowering, x, name, self.indices, self.table, scale, self.bits, 1, self.rows_per_table, self.shape)
+        y = lut_matmul(lowering, x, name, self.indices, self.table, scale, self.bits, 1, self.rows_per_table,
+                       self.shape)
         if y is not None:
             return f"LutMatMul {self.describe()}", y
         grid = self.int8_grid()

@@ -10,7 +10,7 @@ import torch
 
 from ..packing import pack_rows, packed_row_bytes, unpack_rows
 from .base import LayoutError, WeightFormat, register_format
-from .onnx_lut import lut_matmul
+from .onnx_custom import lut_matmul
 from .onnx_ops import TensorProto, as_float, torch_initializer, unpack_codes
 
 MAX_INDEX_BITS = 8  # indices are row-packed bytes (pack_rows)
@@ -96,7 +96,7 @@ class VectorWeight(WeightFormat):
         return KernelPlan(VLUT, COL_DENSE, rows, cols, cols // self.dim, dims, buffers)
 
     def onnx_matmul(self, lowering, x, name):
-        """The look-up kernel on the stored codes, code books and row scales (``onnx_lut``), when built."""
+        """The look-up kernel on the stored codes, code books and row scales (``onnx_custom``), when built."""
         y = lut_matmul(lowering, x, name, self.indices, self.codebook, self.row_scale, self.index_bits, self.dim,
                        self.rows_per_table, self.shape)
         return None if y is None else (f"LutMatMul {self.describe()}", y)

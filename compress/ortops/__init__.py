@@ -1,6 +1,8 @@
-"""Our onnxruntime custom-operator library: ``compress::LutMatMul`` (``lut_matmul.c``), the matmul of weights
-stored as look-up codes (palettes with float16 or int8 tables, vector code books), run from their stored bytes
-so a session never holds them as float.
+"""Our onnxruntime custom-operator library (``ops.c``): ``compress::LutMatMul``, the matmul of weights stored as
+look-up codes (palettes with float16 or int8 tables, vector code books), and ``compress::HalfMatMul``, the matmul
+of a float16 weight (the tied output head), both run from their stored bytes so a session never holds them as
+float32. Each decodes a row while it multiplies (``decode.c``, AVX2, AVX-512 where the CPU has it) inside a
+shared row-by-row / tiled matmul (``rows.c``).
 
 ``python -m compress.ortops`` builds it (``make setup`` does): onnxruntime's C API header comes from Debian's
 ``libonnxruntime-dev`` package (the PyPI wheels ship the library without headers; the C API is stable, so a
@@ -25,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 LIBRARY_NAME = "libcompress_ortops.so"
 LIBRARY = HERE / LIBRARY_NAME
-SOURCES = [HERE / "lut_matmul.c"]
+SOURCES = [HERE / name for name in ("ops.c", "rows.c", "decode.c", "ops.h")]
 DOMAIN = "compress"
 
 HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
@@ -103,7 +105,7 @@ def build(force: bool = False) -> Path:
         raise BuildError("no C compiler (set CC, or install gcc)")
     partial = LIBRARY.with_suffix(".so.partial")
     cmd = [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-std=c11", "-Wall", "-I", str(include),
-           *map(str, SOURCES), "-o", str(partial)]
+           *(str(s) for s in SOURCES if s.suffix == ".c"), "-o", str(partial)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         partial.unlink(missing_ok=True)

@@ -1,0 +1,51 @@
+"""Our own onnxruntime operators (``compress/ortops``), for what onnxruntime's kernels cannot read as stored:
+
+- ``compress::LutMatMul``: weights stored as look-up codes (palettes, vector code books). The file holds the
+  checkpoint's row-packed codes and tables as they are, and the operator decodes each row from them while it
+  multiplies, so the session keeps them compressed.
+- ``compress::HalfMatMul``: a float16 weight (a dense layer, the tied output head) multiplied from its float16
+  bytes; onnxruntime's CPU MatMul would hold a float32 copy.
+
+Used with ``weights: fast`` when the library is built (``python -m compress.ortops``); the export then ships the
+library in its folder and names it in ``export.json`` and ``genai_config.json``. Without it look-up formats are
+decoded in the graph (folded to float32 by onnxruntime when the session loads) and float16 weights cast to float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .onnx_ops import torch_initializer
+
+
+def lut_matmul(lowering, x: str, name: str, indices: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None,
+               bits: int, dim: int, rows_per_table: int, shape: tuple[int, int]) -> str | None:
+    """``x @ W.T`` for ``W[n, c*dim + j] = scale[n] * table[n // rows_per_table, code(n, c), j]``; ``indices`` uint8
+    row-packed ``bits``-bit codes, ``table`` float16 or int8 ``[tables, 2^bits(, dim)]``, ``scale`` float16 ``[out]``
+    or None. None when the lowering has no look-up kernel (``portable``, or the library is not built)."""
+    if lowering.custom_ops is None:
+        lowering.lookups_decoded += lowering.weights == "fast"
+        return None
+    from ..ortops import DOMAIN
+
+    g = lowering.g
+    rows, cols = shape
+    inputs = [x, torch_initializer(g, f"{name}.indices", indices), torch_initializer(g, f"{name}.table", table)]
+    if scale is not None:
+        inputs.append(torch_initializer(g, f"{name}.scale", scale.half()))
+    lowering.custom_ops_used = True
+    return g.op("LutMatMul", *inputs, domain=DOMAIN, K=cols, N=rows, bits=bits, dim=dim,
+                rows_per_table=rows_per_table)
+
+
+def half_matmul(lowering, x: str, name: str, weight: torch.Tensor | str, shape: tuple[int, int]) -> str | None:
+    """``x @ W.T`` for ``W`` ``[out, in]`` float16: a tensor (stored here as ``name.weight``) or the name of an
+    initializer already holding it (a tied table). None without the library."""
+    if lowering.custom_ops is None:
+        return None
+    from ..ortops import DOMAIN
+
+    if isinstance(weight, torch.Tensor):
+        weight = torch_initializer(lowering.g, f"{name}.weight", weight.half())
+    lowering.custom_ops_used = True
+    return lowering.g.op("HalfMatMul", x, weight, domain=DOMAIN, K=shape[1], N=shape[0])

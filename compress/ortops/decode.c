@@ -1,0 +1,283 @@
+/* Row decoders (ops.h): look-up codes (LutMatMul) and float16 rows (HalfMatMul), eight weights per vector step. */
+#include <immintrin.h>
+#include <string.h>
+
+#include "ops.h"
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+/* Codes 8g .. 8g+7 of a row: they fill exactly `bits` bytes from byte g*bits. Eight bytes are read from there
+   (one load) unless that would pass `end`, the end of the indices. */
+static inline __m256i eight_codes(const uint8_t *row, int64_t g, int bits, const uint8_t *end, __m256i shifts,
+                                  __m256i mask) {
+  const uint8_t *p = row + g * bits;
+  uint64_t word = 0;
+  if (p + 8 <= end)
+    memcpy(&word, p, 8);
+  else
+    memcpy(&word, p, (size_t)bits);
+  if (bits == 8) return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)word));
+  if (bits <= 4) return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts), mask);
+  /* 5-7 bits: codes 0-3 and 4-7 shifted out of the 64-bit word, their low halves gathered into eight lanes */
+  const __m256i wide = _mm256_set1_epi64x((long long)word);
+  const __m256i low_halves = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+  __m256i first = _mm256_srlv_epi64(wide, _mm256_setr_epi64x(0, bits, 2 * bits, 3 * bits));
+  __m256i second = _mm256_srlv_epi64(wide, _mm256_setr_epi64x(4 * bits, 5 * bits, 6 * bits, 7 * bits));
+  first = _mm256_permutevar8x32_epi32(first, low_halves);
+  second = _mm256_permutevar8x32_epi32(second, low_halves);
+  return _mm256_and_si256(_mm256_blend_epi32(first, second, 0xF0), mask);
+}
+
+static inline int code_at(const uint8_t *row, int64_t i, int bits) {
+  int64_t bit = i * bits;
+  uint32_t word = 0;
+  int64_t first = bit >> 3;
+  int span = (int)(((bit & 7) + bits + 7) >> 3);
+  memcpy(&word, row + first, (size_t)span);
+  return (int)((word >> (bit & 7)) & ((1u << bits) - 1));
+}
+
+/* The eight weights of eight codes of a palette (dim 1): from one (up to 3 bits) or two (4 bits) registers
+   holding the table, else gathered. */
+static inline __m256 look_up(__m256i idx, int bits, __m256 lo, __m256 hi, const float *tab) {
+  if (bits <= 3) return _mm256_permutevar8x32_ps(lo, idx);
+  if (bits == 4) {
+    const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), upper);
+  }
+  return _mm256_i32gather_ps(tab, idx, 4);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VBMI__)
+#define WIDE_LOOKUPS
+/* Palettes of up to 16 entries, 16 weights a step: the 16 codes of 2*bits bytes cut out of one 64-bit word
+   (multishift), looked up in the 16-float table register (permutexvar reads an index's low 4 bits). Covers
+   `pairs` pairs of 8-code groups; returns the 8-code groups done. Stores into w, or adds the dot products with
+   the M rows of x into sums. */
+static inline __attribute__((always_inline)) int64_t palette_sixteen(const uint8_t *row, const uint8_t *end, int bits,
+                                                                     int64_t pairs, const float *tab, float *w,
+                                                                     const float *x, int64_t M, int64_t K,
+                                                                     float *sums) {
+  static const uint8_t offsets[4][64] = {
+      {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+      {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+      {0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 42, 45},
+      {0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60}}; /* bit offset of code j, per width */
+  const __m512i fields = _mm512_loadu_si512(offsets[bits - 1]), mask = _mm512_set1_epi32((1 << bits) - 1);
+  const __m512 table = _mm512_loadu_ps(tab);
+  __m512 acc[2][4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()},
+                      {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
+  for (int64_t i = 0; i < pairs; i += 2) { /* two steps at a time: two sets of accumulators */
+    for (int half = 0; half < 2 && i + half < pairs; half++) {
+      const int64_t step = i + half;
+      const uint8_t *p = row + step * 2 * bits;
+      uint64_t word = 0;
+      if (p + 8 <= end)
+        memcpy(&word, p, 8);
+      else
+        memcpy(&word, p, (size_t)(2 * bits));
+      const __m512i bytes = _mm512_multishift_epi64_epi8(fields, _mm512_set1_epi64((long long)word));
+      const __m512i idx = _mm512_and_si512(_mm512_cvtepu8_epi32(_mm512_castsi512_si128(bytes)), mask);
+      const __m512 v = _mm512_permutexvar_ps(idx, table);
+      if (w) {
+        _mm512_storeu_ps(w + 16 * step, v);
+      } else {
+        for (int64_t m = 0; m < M; m++)
+          acc[half][m] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + m * K + 16 * step), acc[half][m]);
+      }
+    }
+  }
+  if (!w)
+    for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
+  return 2 * pairs;
+}
+#endif
+
+/* Table t of the call in float32 (cached in the scratch while the rows share it). */
+static const float *table_of(const Call *c, Scratch *s, int64_t n) {
+  const int64_t t = n / c->rows_per_table, count = ((int64_t)1 << c->bits) * c->dim;
+  if (t != s->table) {
+    int64_t i = 0;
+    if (c->table_is_int8) {
+      const int8_t *src = (const int8_t *)c->table + t * count;
+      for (; i + 8 <= count; i += 8)
+        _mm256_storeu_ps(s->tab + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(src + i)))));
+      for (; i < count; i++) s->tab[i] = (float)src[i];
+    } else {
+      const uint16_t *src = (const uint16_t *)c->table + t * count;
+      for (; i + 8 <= count; i += 8) _mm256_storeu_ps(s->tab + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+      for (; i < count; i++) s->tab[i] = half_to_float(src[i]);
+    }
+    s->table = t;
+  }
+  return s->tab;
+}
+
+int64_t table_floats(const Call *c) { return ((int64_t)1 << c->bits) * c->dim + 8; /* 4-bit lookups read 16 */ }
+
+/* Eight weights v starting at weight k: stored into w, or multiplied into the M token accumulators `into`
+   (two sets, `acc` and `acc2`, alternate so that consecutive multiply-adds do not wait for each other). */
+#define CONSUME_INTO(v, k, into)                                                                 \
+  do {                                                                                           \
+    if (w) {                                                                                     \
+      _mm256_storeu_ps(w + (k), (v));                                                            \
+    } else {                                                                                     \
+      for (int64_t m_ = 0; m_ < M; m_++)                                                         \
+        into[m_] = _mm256_fmadd_ps((v), _mm256_loadu_ps(x + m_ * K + (k)), into[m_]);            \
+    }                                                                                            \
+  } while (0)
+#define CONSUME(v, k) CONSUME_INTO(v, k, acc)
+#define CONSUME2(v, k) CONSUME_INTO(v, k, acc2)
+
+/* Walks row n of a LutMatMul weight eight weights at a time: into w (w != NULL), or its dot products with the
+   M <= 4 rows of x into out. Inlined into each caller, so each gets the loop it needs. */
+static inline __attribute__((always_inline)) void lut_row(const Call *c, Scratch *s, int64_t n, float *w,
+                                                          const float *x, int64_t M, float *out) {
+  const float *tab = table_of(c, s, n);
+  const int bits = (int)c->bits, dim = (int)c->dim;
+  const int64_t K = c->K, codes = K / dim, groups = codes / 8;
+  const uint8_t *row = c->codes + n * c->row_bytes, *end = c->codes + c->N * c->row_bytes;
+  const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
+  const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256 acc2[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  float wide[4] = {0, 0, 0, 0}; /* the 16-wide loop's sums */
+  if (dim == 1) {
+    const __m256 lo = _mm256_loadu_ps(tab), hi = bits >= 4 ? _mm256_loadu_ps(tab + 8) : lo;
+#define PALETTE_LOOP(B)                                                                                   \
+  do {                                                                                                    \
+    int64_t g = wide_groups;                                                                              \
+    for (; g + 2 <= groups; g += 2) {                                                                     \
+      CONSUME(look_up(eight_codes(row, g, B, end, shifts, mask), B, lo, hi, tab), 8 * g);                 \
+      CONSUME2(look_up(eight_codes(row, g + 1, B, end, shifts, mask), B, lo, hi, tab), 8 * g + 8);        \
+    }                                                                                                     \
+    if (g < groups) CONSUME(look_up(eight_codes(row, g, B, end, shifts, mask), B, lo, hi, tab), 8 * g);   \
+  } while (0)
+    int64_t wide_groups = 0; /* groups of eight done 16 codes at a time (AVX-512) */
+#ifdef WIDE_LOOKUPS
+    if (bits <= 4) wide_groups = palette_sixteen(row, end, bits, groups / 2, tab, w, x, M, K, wide);
+#endif
+    /* one loop per width the lookups differ by, the width a constant in each */
+    switch (bits) {
+      case 1: PALETTE_LOOP(1); break;
+      case 2: PALETTE_LOOP(2); break;
+      case 3: PALETTE_LOOP(3); break;
+      case 4: PALETTE_LOOP(4); break;
+      case 8: PALETTE_LOOP(8); break;
+      default: PALETTE_LOOP(bits); break;
+    }
+#undef PALETTE_LOOP
+  } else {
+    int32_t idx[8];
+    for (int64_t g = 0; g < groups; g++) {
+      _mm256_storeu_si256((__m256i *)idx, eight_codes(row, g, bits, end, shifts, mask));
+      const int64_t k = 8 * g * dim;
+      if (dim == 2) {
+        for (int i = 0; i < 2; i++) {
+          const __m128i four = _mm_loadu_si128((const __m128i *)(idx + 4 * i));
+          const __m256 v = _mm256_castsi256_ps(_mm256_i32gather_epi64((const long long *)tab, four, 8));
+          if (i) CONSUME2(v, k + 8 * i); else CONSUME(v, k + 8 * i);
+        }
+      } else if (dim == 4) {
+        for (int i = 0; i < 4; i++) {
+          const __m256 v = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(tab + 4 * idx[2 * i])),
+                                                _mm_loadu_ps(tab + 4 * idx[2 * i + 1]), 1);
+          if (i & 1) CONSUME2(v, k + 8 * i); else CONSUME(v, k + 8 * i);
+        }
+      } else if (dim == 8) {
+        for (int i = 0; i < 8; i += 2) {
+          CONSUME(_mm256_loadu_ps(tab + 8 * idx[i]), k + 8 * i);
+          CONSUME2(_mm256_loadu_ps(tab + 8 * idx[i + 1]), k + 8 * i + 8);
+        }
+      } else {
+        float vectors[8 * 8];
+        for (int i = 0; i < 8; i++) memcpy(vectors + i * dim, tab + (int64_t)idx[i] * dim, sizeof(float) * (size_t)dim);
+        for (int i = 0; i < dim; i++) CONSUME(_mm256_loadu_ps(vectors + 8 * i), k + 8 * i);
+      }
+    }
+  }
+  float total[4] = {0, 0, 0, 0};
+  for (int64_t i = groups * 8; i < codes; i++) { /* the last codes, one at a time */
+    const float *vector = tab + (int64_t)code_at(row, i, bits) * dim;
+    for (int j = 0; j < dim; j++) {
+      if (w)
+        w[i * dim + j] = vector[j];
+      else
+        for (int64_t m = 0; m < M; m++) total[m] += vector[j] * x[m * K + i * dim + j];
+    }
+  }
+  if (!w)
+    for (int64_t m = 0; m < M; m++) out[m] = hsum(_mm256_add_ps(acc[m], acc2[m])) + total[m] + wide[m];
+}
+
+/* Row n of a LutMatMul weight: each code looked up in the row's table (dim floats per code). */
+void decode_lut_row(const Call *c, Scratch *s, int64_t n, float *w) { lut_row(c, s, n, w, NULL, 0, NULL); }
+
+/* One copy of the loop per token count, so the accumulators stay in registers. */
+void lut_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {
+  switch (c->M) {
+    case 1: lut_row(c, s, n, NULL, c->x, 1, out); break;
+    case 2: lut_row(c, s, n, NULL, c->x, 2, out); break;
+    case 3: lut_row(c, s, n, NULL, c->x, 3, out); break;
+    default: lut_row(c, s, n, NULL, c->x, 4, out); break;
+  }
+}
+
+/* Row n of a HalfMatMul weight: float16 [N, K] widened to float32, into w or dotted with x. */
+static inline __attribute__((always_inline)) void half_row(const Call *c, int64_t n, float *w, const float *x,
+                                                           int64_t M, float *out) {
+  const uint16_t *row = (const uint16_t *)c->table + n * c->K;
+  const int64_t K = c->K;
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256 acc2[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t k = 0;
+  float wide[4] = {0, 0, 0, 0};
+#ifdef WIDE_LOOKUPS
+  {
+    __m512 acc16[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (; k + 16 <= K; k += 16) {
+      const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + k)));
+      if (w)
+        _mm512_storeu_ps(w + k, v);
+      else
+        for (int64_t m = 0; m < M; m++) acc16[m] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + m * K + k), acc16[m]);
+    }
+    if (!w)
+      for (int64_t m = 0; m < M; m++) wide[m] = _mm512_reduce_add_ps(acc16[m]);
+  }
+#endif
+  for (; k + 16 <= K; k += 16) {
+    CONSUME(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + k))), k);
+    CONSUME2(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + k + 8))), k + 8);
+  }
+  for (; k + 8 <= K; k += 8) CONSUME(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + k))), k);
+  float total[4] = {0, 0, 0, 0};
+  for (; k < K; k++) {
+    if (w)
+      w[k] = half_to_float(row[k]);
+    else
+      for (int64_t m = 0; m < M; m++) total[m] += half_to_float(row[k]) * x[m * K + k];
+  }
+  if (!w)
+    for (int64_t m = 0; m < M; m++) out[m] = hsum(_mm256_add_ps(acc[m], acc2[m])) + total[m] + wide[m];
+}
+
+void decode_half_row(const Call *c, Scratch *s, int64_t n, float *w) {
+  (void)s;
+  half_row(c, n, w, NULL, 0, NULL);
+}
+
+void half_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {
+  (void)s;
+  switch (c->M) {
+    case 1: half_row(c, n, NULL, c->x, 1, out); break;
+    case 2: half_row(c, n, NULL, c->x, 2, out); break;
+    case 3: half_row(c, n, NULL, c->x, 3, out); break;
+    default: half_row(c, n, NULL, c->x, 4, out); break;
+  }
+}

@@ -1,0 +1,266 @@
+/* The onnxruntime operators of libcompress_ortops (domain "compress"), y = x @ W^T with W kept as stored:
+
+   LutMatMul(x, indices, table[, scale])  W[n, c*dim + j] = scale[n] * table[n / rows_per_table, code(n, c), j]
+       x float32 [..., K]; indices uint8 [N, ceil(K / dim * bits / 8)], the row-packed codes of
+       compress/packing.py (code i of a row at bits [i*bits, (i+1)*bits) of its little-endian bit stream);
+       table float16 or int8 [T, 2^bits, dim]; scale float16 [N] (optional).
+       Attributes K, N, bits (1..8), dim (weights per code: 1 for a palette, the vector length of a code book),
+       rows_per_table.
+   HalfMatMul(x, weight)                   W = weight, float16 [N, K] (attributes K, N)
+       a float16 layer (the tied output head) multiplied without a float32 copy of it.
+
+   y float32 [..., N]. Rows are decoded while they are used (rows.c), never ahead of time. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "onnxruntime_c_api.h"
+#include "ops.h"
+
+static const OrtApi *ort;
+
+typedef struct {
+  int lut; /* LutMatMul, else HalfMatMul */
+  int64_t K, N, bits, dim, rows_per_table;
+} Kernel;
+
+#define CHECK(expr)              \
+  do {                           \
+    OrtStatus *status_ = (expr); \
+    if (status_) return status_; \
+  } while (0)
+
+static int parallel_for(void *context, void (*fn)(void *, size_t), size_t total, void *data) {
+  OrtStatus *status = ort->KernelContext_ParallelFor((const OrtKernelContext *)context, fn, total, 0, data);
+  if (!status) return 0;
+  ort->ReleaseStatus(status);
+  return -2;
+}
+
+/* An input's data (onnxruntime 1.21's C API reads inputs through the mutable accessor). */
+static OrtStatus *input_data(OrtKernelContext *context, size_t i, const void **data) {
+  const OrtValue *value;
+  CHECK(ort->KernelContext_GetInput(context, i, &value));
+  *data = NULL;
+  if (!value) return NULL;
+  return ort->GetTensorMutableData((OrtValue *)value, (void **)data);
+}
+
+static OrtStatus *element_type(OrtKernelContext *context, size_t i, ONNXTensorElementDataType *type) {
+  const OrtValue *value;
+  OrtTensorTypeAndShapeInfo *info;
+  CHECK(ort->KernelContext_GetInput(context, i, &value));
+  CHECK(ort->GetTensorTypeAndShape(value, &info));
+  OrtStatus *status = ort->GetTensorElementType(info, type);
+  ort->ReleaseTensorTypeAndShapeInfo(info);
+  return status;
+}
+
+static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
+  const Kernel *op = (const Kernel *)kernel;
+  const OrtValue *x_value;
+  CHECK(ort->KernelContext_GetInput(context, 0, &x_value));
+  OrtTensorTypeAndShapeInfo *info;
+  CHECK(ort->GetTensorTypeAndShape(x_value, &info));
+  size_t rank = 0;
+  int64_t dims[8];
+  OrtStatus *status = ort->GetDimensionsCount(info, &rank);
+  if (!status && (rank < 1 || rank > 8)) status = ort->CreateStatus(ORT_INVALID_ARGUMENT, "x must have rank 1..8");
+  if (!status) status = ort->GetDimensions(info, dims, rank);
+  ort->ReleaseTensorTypeAndShapeInfo(info);
+  if (status) return status;
+  if (dims[rank - 1] != op->K) return ort->CreateStatus(ORT_INVALID_ARGUMENT, "x's last dimension is not K");
+
+  Call c;
+  memset(&c, 0, sizeof c);
+  c.K = op->K;
+  c.N = op->N;
+  c.M = 1;
+  for (size_t i = 0; i + 1 < rank; i++) c.M *= dims[i];
+  CHECK(input_data(context, 0, (const void **)&c.x));
+  if (op->lut) {
+    ONNXTensorElementDataType table_type;
+    CHECK(element_type(context, 2, &table_type));
+    if (table_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 && table_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8)
+      return ort->CreateStatus(ORT_INVALID_ARGUMENT, "LutMatMul: the table must be float16 or int8");
+    size_t inputs = 0;
+    CHECK(ort->KernelContext_GetInputCount(context, &inputs));
+    c.decode = decode_lut_row;
+    c.dots = lut_row_dots;
+    c.bits = op->bits;
+    c.dim = op->dim;
+    c.rows_per_table = op->rows_per_table;
+    c.row_bytes = (op->K / op->dim * op->bits + 7) / 8;
+    c.table_is_int8 = table_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+    CHECK(input_data(context, 1, (const void **)&c.codes));
+    CHECK(input_data(context, 2, &c.table));
+    if (inputs > 3) CHECK(input_data(context, 3, (const void **)&c.scale));
+  } else {
+    c.decode = decode_half_row;
+    c.dots = half_row_dots;
+    CHECK(input_data(context, 1, &c.table));
+  }
+  dims[rank - 1] = op->N;
+  OrtValue *y_value;
+  CHECK(ort->KernelContext_GetOutput(context, 0, dims, rank, &y_value));
+  CHECK(ort->GetTensorMutableData(y_value, (void **)&c.y));
+  int failed = matmul_rows(&c, context, parallel_for);
+  if (failed == -1) return ort->CreateStatus(ORT_FAIL, "out of memory for a decoded tile");
+  if (failed) return ort->CreateStatus(ORT_FAIL, "onnxruntime's ParallelFor failed");
+  return NULL;
+}
+
+static OrtStatus *attribute(const OrtKernelInfo *info, const char *name, int64_t *value) {
+  return ort->KernelInfoGetAttribute_int64(info, name, value);
+}
+
+static OrtStatus *create_kernel(const OrtCustomOp *self, const OrtApi *api, const OrtKernelInfo *info, void **out);
+
+static const char *lut_name(const OrtCustomOp *self) {
+  (void)self;
+  return "LutMatMul";
+}
+static const char *half_name(const OrtCustomOp *self) {
+  (void)self;
+  return "HalfMatMul";
+}
+static const char *provider(const OrtCustomOp *self) {
+  (void)self;
+  return "CPUExecutionProvider";
+}
+static ONNXTensorElementDataType lut_input_type(const OrtCustomOp *self, size_t i) {
+  (void)self;
+  static const ONNXTensorElementDataType types[] = {
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, /* float16 or int8, checked at run time */
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16};
+  return types[i];
+}
+static ONNXTensorElementDataType half_input_type(const OrtCustomOp *self, size_t i) {
+  (void)self;
+  return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+}
+static size_t lut_inputs(const OrtCustomOp *self) {
+  (void)self;
+  return 4;
+}
+static size_t half_inputs(const OrtCustomOp *self) {
+  (void)self;
+  return 2;
+}
+static ONNXTensorElementDataType output_type(const OrtCustomOp *self, size_t i) {
+  (void)self;
+  (void)i;
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+static size_t one(const OrtCustomOp *self) {
+  (void)self;
+  return 1;
+}
+static OrtCustomOpInputOutputCharacteristic lut_input_kind(const OrtCustomOp *self, size_t i) {
+  (void)self;
+  return i == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+static OrtCustomOpInputOutputCharacteristic required(const OrtCustomOp *self, size_t i) {
+  (void)self;
+  (void)i;
+  return INPUT_OUTPUT_REQUIRED;
+}
+static void destroy_kernel(void *kernel) { free(kernel); }
+static OrtMemType default_memory(const OrtCustomOp *self, size_t i) {
+  (void)self;
+  (void)i;
+  return OrtMemTypeDefault;
+}
+static int variadic_arity(const OrtCustomOp *self) {
+  (void)self;
+  return 1;
+}
+static int variadic_homogeneity(const OrtCustomOp *self) {
+  (void)self;
+  return 0;
+}
+static int since_version(const OrtCustomOp *self) {
+  (void)self;
+  return 1;
+}
+static int until_version(const OrtCustomOp *self) {
+  (void)self;
+  return 1 << 30;
+}
+static size_t no_pairs(int **inputs, int **outputs) {
+  *inputs = NULL;
+  *outputs = NULL;
+  return 0;
+}
+static void release_pairs(int *inputs, int *outputs) {
+  (void)inputs;
+  (void)outputs;
+}
+
+static OrtCustomOp lut_op, half_op;
+
+static OrtStatus *create_kernel(const OrtCustomOp *self, const OrtApi *api, const OrtKernelInfo *info, void **out) {
+  (void)api;
+  Kernel *k = (Kernel *)calloc(1, sizeof(Kernel));
+  if (!k) return ort->CreateStatus(ORT_FAIL, "out of memory");
+  k->lut = self == &lut_op;
+  k->dim = 1;
+  k->rows_per_table = 1;
+  OrtStatus *status = attribute(info, "K", &k->K);
+  if (!status) status = attribute(info, "N", &k->N);
+  if (!status && k->lut) status = attribute(info, "bits", &k->bits);
+  if (!status && k->lut) status = attribute(info, "dim", &k->dim);
+  if (!status && k->lut) status = attribute(info, "rows_per_table", &k->rows_per_table);
+  if (!status && (k->K < 1 || k->N < 1))
+    status = ort->CreateStatus(ORT_INVALID_ARGUMENT, "K and N must be positive");
+  if (!status && k->lut && (k->bits < 1 || k->bits > 8 || k->dim < 1 || k->K % k->dim || k->rows_per_table < 1))
+    status = ort->CreateStatus(ORT_INVALID_ARGUMENT, "LutMatMul: bits 1..8, dim dividing K, rows_per_table >= 1");
+  if (status) {
+    free(k);
+    return status;
+  }
+  *out = k;
+  return NULL;
+}
+
+static void describe(OrtCustomOp *op, const char *(*name)(const OrtCustomOp *),
+                     ONNXTensorElementDataType (*input_type)(const OrtCustomOp *, size_t),
+                     size_t (*inputs)(const OrtCustomOp *),
+                     OrtCustomOpInputOutputCharacteristic (*input_kind)(const OrtCustomOp *, size_t)) {
+  memset(op, 0, sizeof *op);
+  op->version = ORT_API_VERSION;
+  op->GetName = name;
+  op->GetExecutionProviderType = provider;
+  op->GetInputType = input_type;
+  op->GetInputTypeCount = inputs;
+  op->GetOutputType = output_type;
+  op->GetOutputTypeCount = one;
+  op->GetInputCharacteristic = input_kind;
+  op->GetOutputCharacteristic = required;
+  op->KernelDestroy = destroy_kernel;
+  op->CreateKernelV2 = create_kernel;
+  op->KernelComputeV2 = compute;
+  op->GetInputMemoryType = default_memory;
+  op->GetVariadicInputMinArity = variadic_arity;
+  op->GetVariadicInputHomogeneity = variadic_homogeneity;
+  op->GetVariadicOutputMinArity = variadic_arity;
+  op->GetVariadicOutputHomogeneity = variadic_homogeneity;
+  op->GetStartVersion = since_version;
+  op->GetEndVersion = until_version;
+  op->GetMayInplace = no_pairs;
+  op->ReleaseMayInplace = release_pairs;
+  op->GetAliasMap = no_pairs;
+  op->ReleaseAliasMap = release_pairs;
+}
+
+OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+  ort = base->GetApi(ORT_API_VERSION);
+  if (!ort) return NULL;
+  describe(&lut_op, lut_name, lut_input_type, lut_inputs, lut_input_kind);
+  describe(&half_op, half_name, half_input_type, half_inputs, required);
+  OrtCustomOpDomain *domain;
+  CHECK(ort->CreateCustomOpDomain("compress", &domain));
+  CHECK(ort->CustomOpDomain_Add(domain, &lut_op));
+  CHECK(ort->CustomOpDomain_Add(domain, &half_op));
+  return ort->AddCustomOpDomain(options, domain);
+}

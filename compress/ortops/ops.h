@@ -1,0 +1,51 @@
+/* Shared by the operators of libcompress_ortops: y = x @ W^T where each row of W is decoded from its stored
+   form into float32 just before it is used (rows.c), by a decoder of the stored form (decode.c); the
+   onnxruntime glue is ops.c. */
+#ifndef COMPRESS_ORTOPS_H
+#define COMPRESS_ORTOPS_H
+
+#include <stdint.h>
+
+typedef struct Call Call;
+typedef struct Scratch Scratch;
+
+/* Writes row n of W (K floats, before its scale) into w. */
+typedef void (*RowDecoder)(const Call *c, Scratch *s, int64_t n, float *w);
+/* out[m] = row n of W (before its scale) . x[m] for the call's M <= 4 tokens, without storing the row. */
+typedef void (*RowDots)(const Call *c, Scratch *s, int64_t n, float *out);
+
+struct Call {
+  int64_t K, N, M;          /* W is [N, K]; x is [M, K] */
+  const float *x;
+  float *y;
+  RowDecoder decode;
+  RowDots dots;
+  const uint16_t *scale;    /* float16 [N] multiplying each row, or NULL */
+  /* the stored weight */
+  const uint8_t *codes;     /* LutMatMul: row-packed codes */
+  int64_t row_bytes;
+  const void *table;        /* LutMatMul: float16 or int8 [T, 2^bits, dim]; HalfMatMul: float16 [N, K] */
+  int table_is_int8;
+  int64_t bits, dim, rows_per_table;
+  volatile int failed;      /* set by a task that could not allocate its scratch */
+};
+
+struct Scratch {
+  float *w;      /* decoded rows */
+  float *tab;    /* LutMatMul: the current table in float32 */
+  int64_t table; /* its index, -1 before the first */
+};
+
+void decode_lut_row(const Call *c, Scratch *s, int64_t n, float *w);
+void decode_half_row(const Call *c, Scratch *s, int64_t n, float *w);
+void lut_row_dots(const Call *c, Scratch *s, int64_t n, float *out);
+void half_row_dots(const Call *c, Scratch *s, int64_t n, float *out);
+int64_t table_floats(const Call *c);
+
+/* y = x @ W^T, the tasks spread by parallel_for (onnxruntime's intra-op threads); 0, or -1 when out of memory. */
+typedef int (*ParallelFor)(void *context, void (*fn)(void *, size_t), size_t total, void *data);
+int matmul_rows(Call *c, void *context, ParallelFor parallel_for);
+
+float half_to_float(uint16_t h);
+
+#endif
