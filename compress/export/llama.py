@@ -171,6 +171,7 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
     h = x
     if tied and embed_init is not None and _head_reads_float16(low, embed_dtype):
         logits = half_matmul(low, h, "lm_head", embed_init, (cfg.vocab_size, cfg.hidden_size))
+        assert logits is not None  # _head_reads_float16: the library is there
         low.layers["lm_head"] = LayerExport("tied to model.embed_tokens, HalfMatMul float16", 0)
     elif tied and embed_init is not None:
         # float32 weights for an exact head: onnxruntime holds a float32 copy of a float16 table (its CPU MatMul
