@@ -1,0 +1,131 @@
+"""Our onnxruntime operators (``compress/ortops``) beside onnxruntime's own kernels, one token at a time: a chain of
+40 layers alternating 576 x 1536 and 1536 x 576 (SmolLM2-135M's MLP shapes) on random weights (speed only), each
+kernel in its own process (onnxruntime's spinning threads of two sessions in one process slow each other).
+
+    python bench/ortops.py [--threads 2] [--tokens 1] [--runs 40]
+
+Prints microseconds per layer (median over the runs) and stores the rows with the commit in
+``bench/results/ortops.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "ortops.jsonl"
+# bench/onnx.py would shadow the onnx package: keep this folder off the import path (common.py is loaded by path)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+LAYERS = 40
+# name -> (operator, bits, vector length)
+KERNELS = {
+    "MatMulNBits 4-bit block 64 (onnxruntime)": ("nbits", 4, 1),
+    "MatMul float32 (onnxruntime)": ("fp32", 0, 1),
+    "LutMatMul 4-bit palette per channel": ("lut", 4, 1),
+    "LutMatMul 3-bit palette per channel": ("lut", 3, 1),
+    "LutMatMul 2-bit code book of 2-vectors": ("lut", 4, 2),
+    "LutMatMul 2-bit code book of 4-vectors": ("lut", 8, 4),
+    "HalfMatMul float16": ("half", 0, 1),
+}
+
+
+def _session(kind: str, bits: int, dim: int, threads: int):
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compress import ortops
+    from compress.packing import pack_rows
+
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(LAYERS):
+        k, n = (576, 1536) if i % 2 == 0 else (1536, 576)
+        y = f"h{i}"
+        if kind == "lut":
+            codes = rng.integers(0, 1 << bits, (n, k // dim))
+            table = (rng.standard_normal((n, 1 << bits, dim)) * 0.05).astype(np.float16)
+            inits += [numpy_helper.from_array(pack_rows(torch.tensor(codes), bits).numpy(), f"c{i}"),
+                      numpy_helper.from_array(table, f"t{i}")]
+            nodes.append(helper.make_node("LutMatMul", [x, f"c{i}", f"t{i}"], [y], domain=ortops.DOMAIN, K=k, N=n,
+                                          bits=bits, dim=dim, rows_per_table=1))
+        elif kind == "half":
+            inits.append(numpy_helper.from_array((rng.standard_normal((n, k)) * 0.05).astype(np.float16), f"w{i}"))
+            nodes.append(helper.make_node("HalfMatMul", [x, f"w{i}"], [y], domain=ortops.DOMAIN, K=k, N=n))
+        elif kind == "fp32":
+            inits.append(numpy_helper.from_array((rng.standard_normal((k, n)) * 0.05).astype(np.float32), f"w{i}"))
+            nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y]))
+        else:
+            block = 64
+            codes = rng.integers(0, 256, (n, k // block, block // 2)).astype(np.uint8)
+            scales = (rng.random(n * (k // block)) * 0.01).astype(np.float32)
+            inits += [numpy_helper.from_array(codes, f"q{i}"), numpy_helper.from_array(scales, f"s{i}")]
+            nodes.append(helper.make_node("MatMulNBits", [x, f"q{i}", f"s{i}"], [y], domain="com.microsoft", K=k, N=n,
+                                          bits=4, block_size=block))
+        x = y
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 576])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [None, 576])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ortops.DOMAIN, 1),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.register_custom_ops_library(str(ortops.build()))
+    return ort.InferenceSession(model.SerializeToString(), options)
+
+
+def time_kernel(name: str, threads: int, tokens: int, runs: int) -> float:
+    """Median microseconds per layer of the chain for ``tokens`` tokens."""
+    import numpy as np
+
+    sess = _session(*KERNELS[name], threads)
+    x = np.random.default_rng(1).standard_normal((tokens, 576)).astype(np.float32)
+    sess.run(None, {"x": x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, {"x": x})
+        times.append(time.perf_counter() - t)
+    return 1e6 * sorted(times)[len(times) // 2] / LAYERS
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=40)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(time_kernel(a.child, a.threads, a.tokens, a.runs)))
+        return
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_common", HERE / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+
+    commit = common.current_commit()
+    rows = []
+    for name in KERNELS:
+        out = subprocess.run([sys.executable, __file__, "--child", name, "--threads", str(a.threads), "--tokens",
+                              str(a.tokens), "--runs", str(a.runs)], capture_output=True, text=True, check=True)
+        rows.append({"kernel": name, "us / layer": json.loads(out.stdout.strip().splitlines()[-1])})
+        common.append_result(RESULTS, f"{name}, {a.tokens} token(s)", {**rows[-1], "threads": a.threads,
+                             "tokens": a.tokens, "commit": commit, "measured": time.strftime("%Y-%m-%d %H:%M")})
+    base = rows[0]["us / layer"]
+    for r in rows:
+        r["vs MatMulNBits"] = r["us / layer"] / base
+    print(f"{LAYERS} layers 576 x 1536 / 1536 x 576, random weights, {a.tokens} token(s), {a.threads} threads, "
+          f"median of {a.runs} runs, at {commit}")
+    common.print_table(["kernel", "us / layer", "vs MatMulNBits"], rows)
+
+
+if __name__ == "__main__":
+    main()
