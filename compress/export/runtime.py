@@ -24,7 +24,7 @@ def custom_ops_library(folder: Path) -> Path | None:
         name = json.loads((folder / EXPORT_META).read_text()).get("custom_ops_library")
     except (OSError, ValueError, AttributeError):
         return None
-    return folder / name if name else None
+    return folder / name if isinstance(name, str) and name else None
 
 
 def session(path: Path, threads: int | None = None, accuracy_level: int = 0, custom_ops: Path | None = None):
