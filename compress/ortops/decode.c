@@ -96,7 +96,50 @@ static inline __attribute__((always_inline)) int64_t palette_sixteen(const uint8
     for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
   return 2 * pairs;
 }
+/* 4-bit palettes, dot products only: 32 codes (16 bytes) a step, the low nibbles (codes 0, 2, .., 30) and the high
+   ones (1, 3, .., 31) split with plain byte arithmetic, so each 16 weights cost one widening and one lookup; the
+   tokens come with their inputs in the same order (`pairs`: permute_inputs). Returns the 8-code groups done. */
+static inline __attribute__((always_inline)) int64_t nibble_pairs(const uint8_t *row, int64_t steps, const float *tab,
+                                                                  const float *pairs, int64_t M, int64_t K,
+                                                                  float *sums) {
+  const __m512 table = _mm512_loadu_ps(tab);
+  const __m128i low = _mm_set1_epi8(15);
+  __m512 acc[2][4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()},
+                      {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
+  for (int64_t i = 0; i < steps; i++) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)(row + 16 * i));
+    const __m512 even = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low)), table);
+    const __m512 odd = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low)), table);
+    for (int64_t m = 0; m < M; m++) {
+      acc[0][m] = _mm512_fmadd_ps(even, _mm512_loadu_ps(pairs + m * K + 32 * i), acc[0][m]);
+      acc[1][m] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(pairs + m * K + 32 * i + 16), acc[1][m]);
+    }
+  }
+  for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
+  return 4 * steps;
+}
 #endif
+
+int wants_pairs(const Call *c) {
+#ifdef WIDE_LOOKUPS
+  return c->dim == 1 && c->bits == 4 && c->K >= 32;
+#else
+  (void)c;
+  return 0;
+#endif
+}
+
+void permute_inputs(const Call *c, float *pairs) {
+  for (int64_t m = 0; m < c->M; m++) {
+    const float *x = c->x + m * c->K;
+    float *out = pairs + m * c->K;
+    for (int64_t s = 0; s + 32 <= c->K; s += 32)
+      for (int j = 0; j < 16; j++) {
+        out[s + j] = x[s + 2 * j];
+        out[s + 16 + j] = x[s + 2 * j + 1];
+      }
+  }
+}
 
 /* Table t of the call in float32 (cached in the scratch while the rows share it). */
 static const float *table_of(const Call *c, Scratch *s, int64_t n) {
@@ -160,7 +203,10 @@ static inline __attribute__((always_inline)) void lut_row(const Call *c, Scratch
   } while (0)
     int64_t wide_groups = 0; /* groups of eight done 16 codes at a time (AVX-512) */
 #ifdef WIDE_LOOKUPS
-    if (bits <= 4) wide_groups = palette_sixteen(row, end, bits, groups / 2, tab, w, x, M, K, wide);
+    if (!w && c->pairs)
+      wide_groups = nibble_pairs(row, codes / 32, tab, c->pairs, M, K, wide);
+    else if (bits <= 4)
+      wide_groups = palette_sixteen(row, end, bits, groups / 2, tab, w, x, M, K, wide);
 #endif
     /* one loop per width the lookups differ by, the width a constant in each */
     switch (bits) {

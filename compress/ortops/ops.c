@@ -45,6 +45,27 @@ static OrtStatus *input_data(OrtKernelContext *context, size_t i, const void **d
   return ort->GetTensorMutableData((OrtValue *)value, (void **)data);
 }
 
+/* The element count of input i (0 when absent). */
+static OrtStatus *element_count(OrtKernelContext *context, size_t i, size_t *count) {
+  const OrtValue *value;
+  OrtTensorTypeAndShapeInfo *info;
+  *count = 0;
+  CHECK(ort->KernelContext_GetInput(context, i, &value));
+  if (!value) return NULL;
+  CHECK(ort->GetTensorTypeAndShape(value, &info));
+  OrtStatus *status = ort->GetTensorShapeElementCount(info, count);
+  ort->ReleaseTensorTypeAndShapeInfo(info);
+  return status;
+}
+
+/* Input i holds at least `needed` elements (else the kernel would read past it). */
+static OrtStatus *holds(OrtKernelContext *context, size_t i, int64_t needed, const char *what) {
+  size_t count;
+  CHECK(element_count(context, i, &count));
+  if ((int64_t)count < needed) return ort->CreateStatus(ORT_INVALID_ARGUMENT, what);
+  return NULL;
+}
+
 static OrtStatus *element_type(OrtKernelContext *context, size_t i, ONNXTensorElementDataType *type) {
   const OrtValue *value;
   OrtTensorTypeAndShapeInfo *info;
@@ -91,19 +112,34 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
     c.rows_per_table = op->rows_per_table;
     c.row_bytes = (op->K / op->dim * op->bits + 7) / 8;
     c.table_is_int8 = table_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+    const int64_t tables = (op->N + op->rows_per_table - 1) / op->rows_per_table;
+    CHECK(holds(context, 1, op->N * c.row_bytes, "LutMatMul: indices smaller than N rows of packed codes"));
+    CHECK(holds(context, 2, tables * ((int64_t)1 << op->bits) * op->dim, "LutMatMul: table smaller than its shape"));
     CHECK(input_data(context, 1, (const void **)&c.codes));
     CHECK(input_data(context, 2, &c.table));
-    if (inputs > 3) CHECK(input_data(context, 3, (const void **)&c.scale));
+    if (inputs > 3) {
+      CHECK(input_data(context, 3, (const void **)&c.scale));
+      if (c.scale) CHECK(holds(context, 3, op->N, "LutMatMul: scale holds fewer than N values"));
+    }
   } else {
     c.decode = decode_half_row;
     c.dots = half_row_dots;
+    CHECK(holds(context, 1, op->N * op->K, "HalfMatMul: weight smaller than N x K"));
     CHECK(input_data(context, 1, &c.table));
   }
   dims[rank - 1] = op->N;
   OrtValue *y_value;
   CHECK(ort->KernelContext_GetOutput(context, 0, dims, rank, &y_value));
   CHECK(ort->GetTensorMutableData(y_value, (void **)&c.y));
+  float *pairs = NULL;
+  if (op->lut && c.M <= 4 && wants_pairs(&c)) {
+    pairs = (float *)malloc(sizeof(float) * (size_t)(c.M * c.K));
+    if (!pairs) return ort->CreateStatus(ORT_FAIL, "out of memory for the permuted inputs");
+    permute_inputs(&c, pairs);
+    c.pairs = pairs;
+  }
   int failed = matmul_rows(&c, context, parallel_for);
+  free(pairs);
   if (failed == -1) return ort->CreateStatus(ORT_FAIL, "out of memory for a decoded tile");
   if (failed) return ort->CreateStatus(ORT_FAIL, "onnxruntime's ParallelFor failed");
   return NULL;

@@ -27,6 +27,7 @@ struct Call {
   const void *table;        /* LutMatMul: float16 or int8 [T, 2^bits, dim]; HalfMatMul: float16 [N, K] */
   int table_is_int8;
   int64_t bits, dim, rows_per_table;
+  const float *pairs;       /* x with each 32 inputs as the even then the odd ones (4-bit palettes), or NULL */
   volatile int failed;      /* set by a task that could not allocate its scratch */
 };
 
@@ -47,5 +48,7 @@ typedef int (*ParallelFor)(void *context, void (*fn)(void *, size_t), size_t tot
 int matmul_rows(Call *c, void *context, ParallelFor parallel_for);
 
 float half_to_float(uint16_t h);
+int wants_pairs(const Call *c);                 /* the dot products read x as permute_inputs writes it */
+void permute_inputs(const Call *c, float *pairs); /* [M, K]: every 32 inputs, the even ones then the odd ones */
 
 #endif

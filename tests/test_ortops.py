@@ -1,0 +1,90 @@
+"""Our onnxruntime operators (``compress/ortops``) against numpy on every path of their kernels: widths 1-8,
+palettes and code books, float16 and int8 tables, with and without row scales, a few tokens (row by row, the
+4-bit palette's nibble-pair loop) and a prompt (16-row tiles), widths that leave tails at every step size.
+Random codes and tables: these check arithmetic, not quality."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from compress import ortops
+from compress.packing import pack_rows
+
+
+def _run(library, node, inits, k, n, x):
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid(ortops.DOMAIN, 1)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model.SerializeToString(), options).run(None, {"x": x})[0]
+
+
+CASES = [  # (in, out, bits, dim, rows_per_table, int8 table, row scale)
+    (576, 1536, 4, 1, 1, False, False), (600, 130, 4, 1, 1, False, True), (592, 70, 4, 1, 3, True, True),
+    (580, 97, 3, 1, 1, False, False), (40, 33, 1, 1, 1, False, False), (72, 50, 2, 1, 50, False, True),
+    (96, 40, 5, 1, 7, False, False), (104, 40, 6, 1, 1, True, True), (64, 45, 8, 1, 1, False, False),
+    (128, 40, 8, 4, 40, False, True), (132, 40, 6, 2, 16, False, True), (96, 33, 8, 8, 1, False, True),
+    (90, 20, 3, 3, 4, False, False)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}bit-dim{c[3]}")
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 37])
+def test_lut_matmul_is_the_decoded_product(lut_kernel, case, tokens):
+    k, n, bits, dim, per, int8, scaled = case
+    rng = np.random.default_rng(k + n + bits)
+    tables = -(-n // per)
+    codes = rng.integers(0, 1 << bits, (n, k // dim))
+    table = (rng.integers(-127, 128, (tables, 1 << bits, dim)).astype(np.int8) if int8
+             else rng.standard_normal((tables, 1 << bits, dim)).astype(np.float16))
+    scale = (rng.random(n) + 0.5).astype(np.float16)
+    inits = [numpy_helper.from_array(pack_rows(torch.tensor(codes), bits).numpy(), "codes"),
+             numpy_helper.from_array(table, "table")] + ([numpy_helper.from_array(scale, "scale")] if scaled else [])
+    node = helper.make_node("LutMatMul", ["x", "codes", "table"] + (["scale"] if scaled else []), ["y"],
+                            domain=ortops.DOMAIN, K=k, N=n, bits=bits, dim=dim, rows_per_table=per)
+    w = table.astype(np.float32)[np.arange(n)[:, None] // per, codes].reshape(n, k)
+    if scaled:
+        w *= scale.astype(np.float32)[:, None]
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    got, want = _run(lut_kernel, node, inits, k, n, x), x @ w.T
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("shape", [(576, 49), (37, 20), (1536, 16)])
+@pytest.mark.parametrize("tokens", [1, 4, 9])
+def test_half_matmul_is_the_float16_product(lut_kernel, shape, tokens):
+    k, n = shape
+    rng = np.random.default_rng(k)
+    w = rng.standard_normal((n, k)).astype(np.float16)
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    node = helper.make_node("HalfMatMul", ["x", "w"], ["y"], domain=ortops.DOMAIN, K=k, N=n)
+    got, want = _run(lut_kernel, node, [numpy_helper.from_array(w, "w")], k, n, x), x @ w.astype(np.float32).T
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_bad_attributes_are_refused_when_the_session_loads(lut_kernel):
+    codes = numpy_helper.from_array(np.zeros((4, 5), np.uint8), "codes")
+    table = numpy_helper.from_array(np.zeros((4, 16, 1), np.float16), "table")
+    node = helper.make_node("LutMatMul", ["x", "codes", "table"], ["y"], domain=ortops.DOMAIN, K=10, N=4, bits=9,
+                            dim=1, rows_per_table=1)
+    with pytest.raises(Exception, match="bits 1..8"):
+        _run(lut_kernel, node, [codes, table], 10, 4, np.zeros((1, 10), np.float32))
+
+
+def test_tensors_smaller_than_the_attributes_say_are_refused(lut_kernel):
+    """A damaged file whose codes or table are shorter than its attributes imply fails with a message, never reads
+    past them."""
+    codes = numpy_helper.from_array(np.zeros((4, 4), np.uint8), "codes")  # 4 rows of 10 4-bit codes need 5 bytes
+    table = numpy_helper.from_array(np.zeros((4, 16, 1), np.float16), "table")
+    node = helper.make_node("LutMatMul", ["x", "codes", "table"], ["y"], domain=ortops.DOMAIN, K=10, N=4, bits=4,
+                            dim=1, rows_per_table=1)
+    with pytest.raises(Exception, match="indices smaller"):
+        _run(lut_kernel, node, [codes, table], 10, 4, np.zeros((1, 10), np.float32))
+    node = helper.make_node("HalfMatMul", ["x", "w"], ["y"], domain=ortops.DOMAIN, K=10, N=4)
+    with pytest.raises(Exception, match="weight smaller"):
+        _run(lut_kernel, node, [numpy_helper.from_array(np.zeros((3, 10), np.float16), "w")], 10, 4,
+             np.zeros((1, 10), np.float32))
