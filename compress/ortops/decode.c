@@ -118,6 +118,56 @@ static inline __attribute__((always_inline)) int64_t nibble_pairs(const uint8_t 
   for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
   return 4 * steps;
 }
+/* Code books of vectors of 2, 4 or 8, 16 weights (16 / dim codes) a step: the codes cut out of one 64-bit word
+   (multishift, each code repeated for its dim lanes), each lane's float found in the code book (up to 32 floats)
+   by one permute over one or two registers. Returns the 8-code groups done. */
+static inline __attribute__((always_inline)) int64_t vector_sixteen(const uint8_t *row, const uint8_t *end, int bits,
+                                                                    int dim, int64_t groups, const float *tab,
+                                                                    float *w, const float *x, int64_t M, int64_t K,
+                                                                    float *sums) {
+  const int per_step = 16 / dim, shift = dim == 2 ? 1 : dim == 4 ? 2 : 3;
+  const int64_t steps = groups * 8 / per_step, floats = ((int64_t)1 << bits) * dim;
+  static const int32_t code_of_lane[3][16] = {{0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7},
+                                              {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
+                                              {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1}};
+  const __m512i of_lane = _mm512_loadu_si512(code_of_lane[shift - 1]);
+  /* byte j: the bit offset of lane j's code; lane j: its place in the vector */
+  const __m512i fields = _mm512_zextsi128_si512(_mm512_cvtepi32_epi8(_mm512_mullo_epi32(of_lane,
+                                                                                    _mm512_set1_epi32(bits))));
+  const __m512i component = _mm512_and_si512(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(dim - 1));
+  const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+  const __m512 first = _mm512_loadu_ps(tab), second = floats > 16 ? _mm512_loadu_ps(tab + 16) : first;
+  __m512 acc[2][4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()},
+                      {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
+  for (int64_t i = 0; i < steps; i += 2) { /* two steps at a time: two sets of accumulators */
+    for (int half = 0; half < 2 && i + half < steps; half++) {
+      const int64_t step = i + half, bit = step * per_step * bits;
+      const uint8_t *p = row + (bit >> 3);
+      uint64_t word = 0;
+      if (p + 8 <= end)
+        memcpy(&word, p, 8);
+      else
+        memcpy(&word, p, (size_t)(end - p < 8 ? end - p : 8));
+      word >>= bit & 7;
+      const __m512i bytes = _mm512_multishift_epi64_epi8(fields, _mm512_set1_epi64((long long)word));
+      const __m512i code = _mm512_and_si512(_mm512_cvtepu8_epi32(_mm512_castsi512_si128(bytes)), mask);
+      const __m512i index = _mm512_add_epi32(_mm512_slli_epi32(code, (unsigned)shift), component);
+      const __m512 v = floats <= 16 ? _mm512_permutexvar_ps(index, first)
+                                    : _mm512_permutex2var_ps(first, index, second);
+      if (w) {
+        _mm512_storeu_ps(w + 16 * step, v);
+      } else {
+        for (int64_t m = 0; m < M; m++)
+          acc[half][m] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + m * K + 16 * step), acc[half][m]);
+      }
+    }
+  }
+  if (!w)
+    for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
+  return groups;
+}
+
 #endif
 
 int wants_pairs(const Call *c) {
@@ -220,7 +270,12 @@ static inline __attribute__((always_inline)) void lut_row(const Call *c, Scratch
 #undef PALETTE_LOOP
   } else {
     int32_t idx[8];
-    for (int64_t g = 0; g < groups; g++) {
+    int64_t g = 0;
+#ifdef WIDE_LOOKUPS
+    if ((dim == 2 || dim == 4 || dim == 8) && ((int64_t)1 << bits) * dim <= 32)
+      g = vector_sixteen(row, end, bits, dim, groups, tab, w, x, M, K, wide);
+#endif
+    for (; g < groups; g++) {
       _mm256_storeu_si256((__m256i *)idx, eight_codes(row, g, bits, end, shifts, mask));
       const int64_t k = 8 * g * dim;
       if (dim == 2) {
