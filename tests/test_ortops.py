@@ -54,15 +54,18 @@ def test_lut_matmul_is_the_decoded_product(lut_kernel, case, tokens):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(576, 49), (37, 20), (1536, 16)])
 @pytest.mark.parametrize("tokens", [1, 4, 9])
-def test_half_matmul_is_the_float16_product(lut_kernel, shape, tokens):
+def test_half_matmul_is_the_16_bit_product(lut_kernel, dtype, shape, tokens):
     k, n = shape
-    rng = np.random.default_rng(k)
-    w = rng.standard_normal((n, k)).astype(np.float16)
-    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(n)).numpy()
+    raw = w.view(torch.int16).numpy().tobytes()
+    init = helper.make_tensor("w", TensorProto.FLOAT16 if dtype == torch.float16 else TensorProto.BFLOAT16, [n, k],
+                              raw, raw=True)
     node = helper.make_node("HalfMatMul", ["x", "w"], ["y"], domain=ortops.DOMAIN, K=k, N=n)
-    got, want = _run(lut_kernel, node, [numpy_helper.from_array(w, "w")], k, n, x), x @ w.astype(np.float32).T
+    got, want = _run(lut_kernel, node, [init], k, n, x), x @ w.float().numpy().T
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 

@@ -73,9 +73,9 @@ def _linear(low: WeightLowering, x: str, module, name: str) -> str:
     return low.linear(x, fmt, module.bias, name)
 
 
-def _head_reads_float16(low: WeightLowering, dtype: torch.dtype) -> bool:
-    """A tied float16 table multiplied as float16 by our operator (no float32 copy of it in the session)."""
-    return dtype == torch.float16 and low.custom_ops is not None
+def _head_reads_16_bits(low: WeightLowering, dtype: torch.dtype) -> bool:
+    """A tied float16 / bfloat16 table multiplied as stored by our operator (no float32 copy of it in the session)."""
+    return dtype in (torch.float16, torch.bfloat16) and low.custom_ops is not None
 
 
 def _embeddings(low: WeightLowering, module, ids: str, tied: bool, dense_dtype) -> tuple[str, torch.dtype, str | None]:
@@ -93,7 +93,7 @@ def _embeddings(low: WeightLowering, module, ids: str, tied: bool, dense_dtype) 
         if dense_dtype is not None:
             table = table.to(dense_dtype)
         dtype = table.dtype
-        transposed = tied and not _head_reads_float16(low, dtype)
+        transposed = tied and not _head_reads_16_bits(low, dtype)
         init = torch_initializer(g, "model.embed_tokens.weight_t" if transposed else "model.embed_tokens.weight",
                                  table.t().contiguous() if transposed else table)
         rows = g.op("Transpose", g.op("Gather", init, ids, axis=1), perm=[1, 2, 0]) if transposed else g.op(
@@ -169,10 +169,10 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
                                 else (layers[i + 1].input_layernorm, f"model.layers.{i + 1}.input_layernorm"))
         x, h = add_and_norm(g, h, out, next_norm, next_name, offset, fused)
     h = x
-    if tied and embed_init is not None and _head_reads_float16(low, embed_dtype):
+    if tied and embed_init is not None and _head_reads_16_bits(low, embed_dtype):
         logits = half_matmul(low, h, "lm_head", embed_init, (cfg.vocab_size, cfg.hidden_size))
-        assert logits is not None  # _head_reads_float16: the library is there
-        low.layers["lm_head"] = LayerExport("tied to model.embed_tokens, HalfMatMul float16", 0)
+        assert logits is not None  # _head_reads_16_bits: the library is there
+        low.layers["lm_head"] = LayerExport(f"tied to model.embed_tokens, HalfMatMul {str(embed_dtype)[6:]}", 0)
     elif tied and embed_init is not None:
         # float32 weights for an exact head: onnxruntime holds a float32 copy of a float16 table (its CPU MatMul
         # would convert a float16 one the same way), beside the float16 table the Gather reads

@@ -59,7 +59,7 @@ class DenseWeight(WeightFormat):
         from .onnx_ops import as_float
 
         dtype = str(self.weight.dtype).removeprefix("torch.")
-        if self.weight.dtype == torch.float16:  # read as float16 by our operator, when built
+        if self.weight.dtype in (torch.float16, torch.bfloat16):  # read as stored by our operator, when built
             y = half_matmul(lowering, x, name, self.weight, self.shape)
             if y is not None:
                 return f"HalfMatMul {dtype}", y

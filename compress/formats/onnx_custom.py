@@ -3,12 +3,12 @@
 - ``compress::LutMatMul``: weights stored as look-up codes (palettes, vector code books). The file holds the
   checkpoint's row-packed codes and tables as they are, and the operator decodes each row from them while it
   multiplies, so the session keeps them compressed.
-- ``compress::HalfMatMul``: a float16 weight (a dense layer, the tied output head) multiplied from its float16
-  bytes; onnxruntime's CPU MatMul would hold a float32 copy.
+- ``compress::HalfMatMul``: a float16 or bfloat16 weight (a dense layer, the tied output head) multiplied from its
+  16-bit bytes; onnxruntime's CPU MatMul would hold a float32 copy.
 
 Used with ``weights: fast`` when the library is built (``python -m compress.ortops``); the export then ships the
 library in its folder and names it in ``export.json`` and ``genai_config.json``. Without it look-up formats are
-decoded in the graph (folded to float32 by onnxruntime when the session loads) and float16 weights cast to float32.
+decoded in the graph (folded to float32 by onnxruntime when the session loads) and 16-bit weights cast to float32.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ def lut_matmul(lowering, x: str, name: str, indices: torch.Tensor, table: torch.
 
 
 def half_matmul(lowering, x: str, name: str, weight: torch.Tensor | str, shape: tuple[int, int]) -> str | None:
-    """``x @ W.T`` for ``W`` ``[out, in]`` float16: a tensor (stored here as ``name.weight``) or the name of an
-    initializer already holding it (a tied table). None without the library."""
+    """``x @ W.T`` for ``W`` ``[out, in]`` float16 or bfloat16: a tensor (stored here as ``name.weight``, as it is)
+    or the name of an initializer already holding it (a tied table). None without the library."""
     if lowering.custom_ops is None:
         return None
     from ..ortops import DOMAIN
 
     if isinstance(weight, torch.Tensor):
-        weight = torch_initializer(lowering.g, f"{name}.weight", weight.half())
+        weight = torch_initializer(lowering.g, f"{name}.weight", weight)
     lowering.custom_ops_used = True
     return lowering.g.op("HalfMatMul", x, weight, domain=DOMAIN, K=shape[1], N=shape[0])

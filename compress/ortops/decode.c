@@ -329,9 +329,29 @@ void lut_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {
   }
 }
 
-/* Row n of a HalfMatMul weight: float16 [N, K] widened to float32, into w or dotted with x. */
+/* 16-bit floats to float32: IEEE half (F16C), or bfloat16 (`brain`: the upper half of a float32). */
+static inline float widen1(uint16_t h, int brain) {
+  if (!brain) return half_to_float(h);
+  const uint32_t bits = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline __m256 widen8(__m128i h, int brain) {
+  return brain ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+
+#ifdef WIDE_LOOKUPS
+static inline __m512 widen16(__m256i h, int brain) {
+  return brain ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+}
+#endif
+
+/* Row n of a HalfMatMul weight: float16 or bfloat16 [N, K] widened to float32, into w or dotted with x. */
 static inline __attribute__((always_inline)) void half_row(const Call *c, int64_t n, float *w, const float *x,
                                                            int64_t M, float *out) {
+  const int brain = c->table_is_bf16;
   const uint16_t *row = (const uint16_t *)c->table + n * c->K;
   const int64_t K = c->K;
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -342,7 +362,7 @@ static inline __attribute__((always_inline)) void half_row(const Call *c, int64_
   {
     __m512 acc16[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (; k + 16 <= K; k += 16) {
-      const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + k)));
+      const __m512 v = widen16(_mm256_loadu_si256((const __m256i *)(row + k)), brain);
       if (w)
         _mm512_storeu_ps(w + k, v);
       else
@@ -353,16 +373,16 @@ static inline __attribute__((always_inline)) void half_row(const Call *c, int64_
   }
 #endif
   for (; k + 16 <= K; k += 16) {
-    CONSUME(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + k))), k);
-    CONSUME2(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + k + 8))), k + 8);
+    CONSUME(widen8(_mm_loadu_si128((const __m128i *)(row + k)), brain), k);
+    CONSUME2(widen8(_mm_loadu_si128((const __m128i *)(row + k + 8)), brain), k + 8);
   }
-  for (; k + 8 <= K; k += 8) CONSUME(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + k))), k);
+  for (; k + 8 <= K; k += 8) CONSUME(widen8(_mm_loadu_si128((const __m128i *)(row + k)), brain), k);
   float total[4] = {0, 0, 0, 0};
   for (; k < K; k++) {
     if (w)
-      w[k] = half_to_float(row[k]);
+      w[k] = widen1(row[k], brain);
     else
-      for (int64_t m = 0; m < M; m++) total[m] += half_to_float(row[k]) * x[m * K + k];
+      for (int64_t m = 0; m < M; m++) total[m] += widen1(row[k], brain) * x[m * K + k];
   }
   if (!w)
     for (int64_t m = 0; m < M; m++) out[m] = hsum(_mm256_add_ps(acc[m], acc2[m])) + total[m] + wide[m];

@@ -6,8 +6,8 @@
        table float16 or int8 [T, 2^bits, dim]; scale float16 [N] (optional).
        Attributes K, N, bits (1..8), dim (weights per code: 1 for a palette, the vector length of a code book),
        rows_per_table.
-   HalfMatMul(x, weight)                   W = weight, float16 [N, K] (attributes K, N)
-       a float16 layer (the tied output head) multiplied without a float32 copy of it.
+   HalfMatMul(x, weight)                   W = weight, float16 or bfloat16 [N, K] (attributes K, N)
+       a 16-bit float layer (the tied output head) multiplied without a float32 copy of it.
 
    y float32 [..., N]. Rows are decoded while they are used (rows.c), never ahead of time. */
 #include <stdlib.h>
@@ -124,6 +124,11 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
   } else {
     c.decode = decode_half_row;
     c.dots = half_row_dots;
+    ONNXTensorElementDataType weight_type;
+    CHECK(element_type(context, 1, &weight_type));
+    if (weight_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 && weight_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)
+      return ort->CreateStatus(ORT_INVALID_ARGUMENT, "HalfMatMul: the weight must be float16 or bfloat16");
+    c.table_is_bf16 = weight_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
     CHECK(holds(context, 1, op->N * op->K, "HalfMatMul: weight smaller than N x K"));
     CHECK(input_data(context, 1, &c.table));
   }
@@ -173,7 +178,7 @@ static ONNXTensorElementDataType lut_input_type(const OrtCustomOp *self, size_t 
 }
 static ONNXTensorElementDataType half_input_type(const OrtCustomOp *self, size_t i) {
   (void)self;
-  return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; /* 16-bit float */
 }
 static size_t lut_inputs(const OrtCustomOp *self) {
   (void)self;

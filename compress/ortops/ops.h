@@ -26,6 +26,7 @@ struct Call {
   int64_t row_bytes;
   const void *table;        /* LutMatMul: float16 or int8 [T, 2^bits, dim]; HalfMatMul: float16 [N, K] */
   int table_is_int8;
+  int table_is_bf16;        /* HalfMatMul: bfloat16 weights (else float16) */
   int64_t bits, dim, rows_per_table;
   const float *pairs;       /* x with each 32 inputs as the even then the odd ones (4-bit palettes), or NULL */
   volatile int failed;      /* set by a task that could not allocate its scratch */
