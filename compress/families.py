@@ -34,6 +34,10 @@ GEMMA2_SCALING = (  # Gemma 2/3: the MLP reads pre_feedforward_layernorm (post_a
     ("pre_feedforward_layernorm", ["mlp.gate_proj", "mlp.up_proj"], "norm"),
     ("mlp.up_proj", ["mlp.down_proj"], "linear"),
 )
+PHI3_SCALING = (  # Phi-3: q/k/v and gate/up fused into one layer each (the value rows of qkv_proj are not folded)
+    ("input_layernorm", ["self_attn.qkv_proj"], "norm"),
+    ("post_attention_layernorm", ["mlp.gate_up_proj"], "norm"),
+)
 LLAMA_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 OPT_SCALING = (
     ("self_attn_layer_norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "norm"),
@@ -65,6 +69,7 @@ FAMILIES = {f.model_type: f for f in (
     Family("gemma", LLAMA_SCALING, norm_offset=1.0, onnx_export=True, residual_writers=LLAMA_WRITERS),
     Family("gemma2", GEMMA2_SCALING, norm_offset=1.0, onnx_export=True),
     Family("gemma3_text", GEMMA2_SCALING, norm_offset=1.0, onnx_export=True),
+    Family("phi3", PHI3_SCALING, onnx_export=True, residual_writers=LLAMA_WRITERS),
     Family("opt", OPT_SCALING),
     Family("gpt2"),
 )}

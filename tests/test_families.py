@@ -18,6 +18,7 @@ FAMILIES = {
     "llama": ("LlamaConfig", TINY),
     "qwen2": ("Qwen2Config", {**TINY, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
     "mistral": ("MistralConfig", {**TINY, "sliding_window": 8}),
+    "phi3": ("Phi3Config", {**TINY, "sliding_window": 8, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
     "qwen3": ("Qwen3Config", {**TINY, "head_dim": 16}),
     "gemma": ("GemmaConfig", {**TINY, "head_dim": 16}),
     "gemma2": ("Gemma2Config", {**TINY, "head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 24,
@@ -97,6 +98,23 @@ def test_the_family_table_is_what_the_code_does(tiny):
     else:
         with pytest.raises(PlanError, match=name):
             run_passes(model, plan(recipe.passes), tokens, "cpu")
+
+
+@pytest.mark.parametrize("rope", [{"partial_rotary_factor": 0.5}, {"rope_parameters": {
+    "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+    "original_max_position_embeddings": 32}}])
+def test_a_rotation_the_graph_cannot_follow_is_refused_naming_it(rope):
+    """A rotation over part of each head, or one whose frequencies change with the sequence length (Phi-3's
+    longrope), is refused before any compute with what the builder cannot do."""
+    import transformers
+
+    from compress.errors import ExportError
+    from compress.export.llama import check_exportable
+
+    config = transformers.Phi3Config(**{**FAMILIES["phi3"][1], **rope})
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ExportError, match="partial_rotary_factor|longrope"):
+        check_exportable(model)
 
 
 @pytest.mark.parametrize("weights", ["fast", "portable"])
@@ -201,6 +219,7 @@ def test_rotation_leaves_every_pre_norm_familys_float_model_unchanged(tiny):
     with torch.no_grad():
         after = model(input_ids=tokens).logits
     assert model.lm_head.weight is not model.model.embed_tokens.weight
-    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    attn = model.model.layers[0].self_attn
+    q_proj = (getattr(attn, "q_proj", None) or attn.qkv_proj).weight  # Phi-3: q/k/v fused
     assert not torch.allclose(q_proj, q_proj[:, :1].expand_as(q_proj))  # rotated, not collapsed
     assert torch.allclose(before, after, atol=1e-5, rtol=0), (name, (before - after).abs().max())

@@ -10,7 +10,8 @@ The graph follows transformers' ``LlamaForCausalLM`` op for op in float32: RMSNo
 embedding from the model's own ``inv_freq`` (so rope scaling variants carry over), grouped-query
 attention (query heads grouped by their KV head, no copy of the cache), causal + padding mask,
 SiLU-gated MLP. The families of ``families.py`` marked ``onnx_export`` differ from it in what this
-builder reads from the model: sliding-window layers (Mistral, Qwen2/3, Gemma 2/3: ``layer_windows``),
+builder reads from the model: fused q/k/v and gate/up layers, split after their matmul (Phi-3),
+sliding-window layers (Mistral, Qwen2/3, Gemma 2/3, Phi-3: ``layer_windows``),
 RMSNorm per head on queries and keys (Qwen3, Gemma 3), Gemma's embedding scale, ``1 + weight`` norms and
 GELU (tanh) MLP, Gemma 2/3's norms after attention and around the MLP, soft-capped attention scores and
 logits (Gemma 2), and a rotary base per layer type (Gemma 3's local and global layers).
@@ -54,6 +55,27 @@ def check_exportable(model) -> None:
     if _activation_name(cfg) not in ACTIVATIONS:
         raise ExportError(f"ONNX export of '{cfg.model_type}': activation '{_activation_name(cfg)}' is not supported",
                           f"supported: {', '.join(ACTIVATIONS)}")
+    rope = _rope_parameters(cfg)
+    if float(rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        raise ExportError(f"ONNX export of '{cfg.model_type}': a rotation over part of each head "
+                          f"(partial_rotary_factor {rope.get('partial_rotary_factor')}) is not supported",
+                          "export the compressed checkpoint with another tool, or open an issue")
+    if rope.get("rope_type") in DYNAMIC_ROPE:
+        raise ExportError(f"ONNX export of '{cfg.model_type}': rope '{rope['rope_type']}' changes its frequencies with "
+                          "the sequence length, which the graph's fixed tables cannot follow",
+                          "export the compressed checkpoint with another tool, or open an issue")
+
+
+DYNAMIC_ROPE = ("dynamic", "longrope")  # rope types whose frequencies depend on the sequence length
+
+
+def _rope_parameters(cfg) -> dict:
+    """The config's rope settings (``rope_parameters`` in transformers 5, ``rope_scaling`` before)."""
+    for name in ("rope_parameters", "rope_scaling"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, dict):
+            return value
+    return {}
 
 
 def layer_windows(cfg) -> list[int | None]:
@@ -145,7 +167,11 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
     for i, layer in enumerate(layers):
         p = f"model.layers.{i}"
         attn = layer.self_attn
-        q, k, v = (_linear(low, x, getattr(attn, f"{n}_proj"), f"{p}.self_attn.{n}_proj") for n in "qkv")
+        if hasattr(attn, "qkv_proj"):  # Phi-3: one layer, its rows the queries, keys and values
+            q, k, v = g.op("Split", _linear(low, x, attn.qkv_proj, f"{p}.self_attn.qkv_proj"),
+                           g.const([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]), axis=-1, outputs=3)
+        else:
+            q, k, v = (_linear(low, x, getattr(attn, f"{n}_proj"), f"{p}.self_attn.{n}_proj") for n in "qkv")
         context = attention(ctx, attn, q, k, v, past[i], windows[i], types[i], f"{p}.self_attn")
         attended = _linear(low, context, attn.o_proj, f"{p}.self_attn.o_proj")
         sandwich = getattr(layer, "pre_feedforward_layernorm", None) is not None  # Gemma 2/3: norms around both
@@ -155,8 +181,12 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
                                    else (layer.post_attention_layernorm, "post_attention_layernorm"))
         x, h = add_and_norm(g, h, attended, mlp_norm, f"{p}.{mlp_norm_name}", offset, fused)
         mlp = layer.mlp
-        gate = _linear(low, x, mlp.gate_proj, f"{p}.mlp.gate_proj")
-        up = _linear(low, x, mlp.up_proj, f"{p}.mlp.up_proj")
+        if hasattr(mlp, "gate_up_proj"):  # Phi-3: the gate's rows, then the up projection's
+            gate, up = g.op("Split", _linear(low, x, mlp.gate_up_proj, f"{p}.mlp.gate_up_proj"), axis=-1,
+                            num_outputs=2, outputs=2)
+        else:
+            gate = _linear(low, x, mlp.gate_proj, f"{p}.mlp.gate_proj")
+            up = _linear(low, x, mlp.up_proj, f"{p}.mlp.up_proj")
         if activation == "silu":
             act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
         else:  # gelu_pytorch_tanh

@@ -107,13 +107,22 @@ class Rotate(Pass):
             work.notes[name] = {"rotation": self.kind}
 
     def _rotate_values(self, block):
+        """Each value head's output (and the output projection's matching inputs) turned by ``r``; the values are a
+        row range of a fused ``qkv_proj`` in Phi-3."""
         attn = block.self_attn
         hd, r = self.head_dim, self.r
-        v, o = attn.v_proj, attn.o_proj
+        v = getattr(attn, "v_proj", None) or attn.qkv_proj
         w = _f64(linear_weight(v))
-        _set(v, "weight", (r.t() @ w.reshape(-1, hd, w.shape[1])).reshape(w.shape))
+        rows = slice(w.shape[0] - attn.config.num_key_value_heads * hd, w.shape[0]) if v is not getattr(
+            attn, "v_proj", None) else slice(0, w.shape[0])
+        values = w[rows]
+        w[rows] = (r.t() @ values.reshape(-1, hd, values.shape[1])).reshape(values.shape)
+        _set(v, "weight", w)
         if v.bias is not None:
-            _set(v, "bias", (_f64(v.bias).reshape(-1, hd) @ r).reshape(-1))
+            b = _f64(v.bias)
+            b[rows] = (b[rows].reshape(-1, hd) @ r).reshape(-1)
+            _set(v, "bias", b)
+        o = attn.o_proj
         w = _f64(linear_weight(o))
         _set(o, "weight", (w.reshape(w.shape[0], -1, hd) @ r).reshape(w.shape))
 
