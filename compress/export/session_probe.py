@@ -5,7 +5,8 @@ onnxruntime only, no torch), so nothing else counts.
 
 Prints one JSON line: the process's resident memory before the session (``before_mb``), its peak while the session
 loads and runs a prefill of ``--prefill`` tokens and ``--decode`` KV-cache steps (``peak_mb``), and the difference
-(``session_mb``: what the session itself needed). :func:`compress.export.runtime.session_memory` runs it.
+(``session_mb``: what the session itself needed, with one buffer for the logits: they are bound to the caller's array
+and the cache stays in onnxruntime's values, as onnxruntime-genai runs a model). :func:`compress.export.runtime.session_memory` runs it.
 """
 
 from __future__ import annotations
@@ -47,17 +48,30 @@ def main(argv: list[str]) -> dict:
         options.register_custom_ops_library(str(folder / meta["custom_ops_library"]))
     sess = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     loaded = _status_mb("VmRSS")
-    shape = (1, io["kv_heads"], 0, io["head_dim"])
-    cache = [np.zeros(shape, np.float32)] * (2 * io["layers"])
+    # as a serving loop runs it (onnxruntime-genai does the same): the logits written straight into the caller's
+    # buffer and the cache kept as onnxruntime's values between steps, bound, not copied into numpy arrays
+    names = [f"past_key_values.{i}.{kv}" for i in range(io["layers"]) for kv in ("key", "value")]
+    presents = [f"present.{i}.{kv}" for i in range(io["layers"]) for kv in ("key", "value")]
+    cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, io["kv_heads"], 0, io["head_dim"]), np.float32))
+             for _ in names]
     ids = (np.arange(a.prefill, dtype=np.int64) % 1000 + 100)[None]
+    past = 0
     for _ in range(1 + a.decode):
-        past = cache[0].shape[2]
-        feed = {"input_ids": ids, "attention_mask": np.ones((1, past + ids.shape[1]), np.int64),
-                "position_ids": np.arange(past, past + ids.shape[1], dtype=np.int64)[None]}
-        feed.update({f"past_key_values.{i}.{kv}": cache[2 * i + j]
-                     for i in range(io["layers"]) for j, kv in enumerate(("key", "value"))})
-        logits, *cache = sess.run(None, feed)
+        binding = sess.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", np.ones((1, past + ids.shape[1]), np.int64))
+        binding.bind_cpu_input("position_ids", np.arange(past, past + ids.shape[1], dtype=np.int64)[None])
+        for name, value in zip(names, cache, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        logits = np.empty((1, ids.shape[1], io["vocab_size"]), np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        for name in presents:
+            binding.bind_output(name, "cpu")
+        sess.run_with_iobinding(binding)
+        cache = binding.get_outputs()[1:]
+        past += ids.shape[1]
         ids = logits[:, -1:].argmax(-1).astype(np.int64)
+        del binding
     peak = _status_mb("VmHWM")
     return {"before_mb": before, "loaded_mb": loaded, "peak_mb": peak, "session_mb": peak - before}
 
