@@ -34,4 +34,6 @@ def add_and_norm(g: Graph, residual: str, delta: str, module, name: str, offset:
     gain = norm_weight(g, module, name, offset)
     normed, _, _, total = g.op("SkipSimplifiedLayerNormalization", delta, residual, gain, outputs=4,
                                domain="com.microsoft", epsilon=epsilon(module))
+    node = g.nodes[-1]
+    node.output[1] = node.output[2] = ""  # the mean and inverse deviation (training outputs): not computed
     return normed, total
