@@ -35,7 +35,8 @@ FORMATS = [
                                                            table_dtype="int8", iterations=10)),
      "LutMatMul 3-bit palette per channel int8 table + "),
     ("mlp.up_proj", lambda w: _sparse(w, lambda kept: quantize_rtn(kept, QuantSpec(4, 64)), None), "in-graph decode"),
-    ("mlp.down_proj", lambda w: _sparse(w, lambda kept: DenseWeight(kept), "2:4"), "in-graph decode"),
+    ("mlp.down_proj", lambda w: _sparse(w, lambda kept: DenseWeight(kept, torch.float16), "2:4"),
+     "SparseMatMul 2:4"),
     ("mlp.up_proj", lambda w: _sparse(w, lambda kept: quantize_rtn(kept, QuantSpec(4, 32, symmetric=True)), "2:4"),
      "MatMulNBits 4-bit block 64"),
     ("mlp.gate_proj", lambda w: _outliers(quantize_rtn(w, QuantSpec(3, 64, symmetric=True)), w, 0.005),
@@ -153,16 +154,19 @@ RUNTIME_FORMATS = [lambda w: quantize_rtn(w, QuantSpec(3, 64)),
                    lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="nf")),
                    lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="fp4")),
                    lambda w: palettize(w, KMeansConfig(type="kmeans", bits=3, iterations=5)),
+                   lambda w: _sparse(w, lambda kept: DenseWeight(kept), None),
+                   lambda w: _sparse(w, lambda kept: DenseWeight(kept), "2:4"),
                    lambda w: gptvq_quantize(w, torch.eye(w.shape[1]), GPTVQConfig(bits=2, iterations=2,
                                                                                   codebook_refit=0))]
 
 
 def test_runtime_kernels_keep_the_session_compressed(smol, lut_kernel, tmp_path):
-    """Every linear layer in a format a runtime kernel reads from its codes (3-bit widened, 2:4 over 4-bit as dense
+    """Every linear layer in a format a runtime kernel reads from its codes: 3-bit widened, 2:4 over 4-bit as dense
     codes, outliers over 3-bit, 4-bit, NF4 in the bitsandbytes kernel, FP4 as its 8-bit integer grid; palettes with
-    int8 and float16 tables and vector code books in our look-up kernel): no layer is decoded to float32 when the
-    session loads, and the tied float16 head is multiplied as float16 (no float32 copy). Its memory, measured in a
-    child process (numpy and onnxruntime only), stays within 1.5x the file plus a working allowance."""
+    int8 and float16 tables and vector code books in our look-up kernel; pruned float16 values (unstructured, 2:4)
+    in our sparse kernel. No layer is decoded to float32 when the session loads, and the tied float16 head is
+    multiplied as float16 (no float32 copy). Its memory, measured in a child process (numpy and onnxruntime only),
+    stays within 1.5x the file plus a working allowance."""
     model, tok, _ = smol
     model = copy.deepcopy(model)
     linears = [(n, m) for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -172,7 +176,7 @@ def test_runtime_kernels_keep_the_session_compressed(smol, lut_kernel, tmp_path)
         setattr(model.model.layers.get_submodule(parent), child, CompressedLinear.from_module(old, fmt))
     info = export_to_folder(model, tok, tmp_path / "kernels", windows=None, dense_dtype=torch.float16,
                             log=lambda m: None)
-    assert all(re.match("MatMulNBits|2 x MatMulNBits|MatMulBnb4|LutMatMul", k) for k in info["lowerings"]
+    assert all(re.match("MatMulNBits|2 x MatMulNBits|MatMulBnb4|LutMatMul|SparseMatMul", k) for k in info["lowerings"]
                if not k.startswith("tied to model.embed_tokens")), info["lowerings"]
     assert (tmp_path / "kernels" / info["custom_ops_library"]).is_file()
     memory = session_memory(tmp_path / "kernels", threads=2, prefill=32, decode=4)

@@ -91,3 +91,36 @@ def test_tensors_smaller_than_the_attributes_say_are_refused(lut_kernel):
     with pytest.raises(Exception, match="weight smaller"):
         _run(lut_kernel, node, [numpy_helper.from_array(np.zeros((3, 10), np.float16), "w")], 10, 4,
              np.zeros((1, 10), np.float32))
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4), (1, 4), (4, 8), (1, 2)], ids=str)
+@pytest.mark.parametrize("shape", [(576, 40), (100, 33)])
+@pytest.mark.parametrize("tokens", [1, 3, 9])
+def test_sparse_matmul_is_the_pruned_product(lut_kernel, pattern, shape, tokens):
+    """Kept values at their positions (a bitmap, or N:M indices as SparseWeight stores them), zeros elsewhere."""
+    from compress.formats import DenseWeight, SparseWeight, compact
+
+    k, n = shape
+    if pattern and k % pattern[1]:
+        pytest.skip("N:M needs whole groups")
+    gen = torch.Generator().manual_seed(k + n)
+    w = torch.randn(n, k, generator=gen)
+    if pattern is None:  # every row keeps the same count, anywhere
+        keep = torch.rand(n, k, generator=gen).argsort(1)[:, : k * 3 // 8]
+        mask = torch.zeros(n, k, dtype=torch.bool).scatter_(1, keep, True)
+    else:
+        keep_n, m = pattern
+        top = torch.rand(n, k // m, m, generator=gen).argsort(-1)[..., :keep_n]
+        mask = torch.zeros(n, k // m, m, dtype=torch.bool).scatter_(2, top, True).reshape(n, k)
+    fmt = SparseWeight(mask, DenseWeight(compact(w, mask), torch.float16), None if pattern is None else
+                       f"{pattern[0]}:{pattern[1]}")
+    positions = next(iter(fmt.position_tensors().values())).numpy()
+    values = fmt.values.weight.view(torch.int16).numpy().tobytes()
+    inits = [numpy_helper.from_array(positions, "positions"),
+             helper.make_tensor("values", TensorProto.FLOAT16, [n, fmt.kept_per_row], values, raw=True)]
+    node = helper.make_node("SparseMatMul", ["x", "positions", "values"], ["y"], domain=ortops.DOMAIN, K=k, N=n,
+                            kept=fmt.kept_per_row, group_keep=pattern[0] if pattern else 0,
+                            group_size=pattern[1] if pattern else 0)
+    x = torch.randn(tokens, k, generator=gen).numpy()
+    got, want = _run(lut_kernel, node, inits, k, n, x), x @ fmt.dequantize().numpy().T
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

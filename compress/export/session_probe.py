@@ -6,7 +6,8 @@ onnxruntime only, no torch), so nothing else counts.
 Prints one JSON line: the process's resident memory before the session (``before_mb``), its peak while the session
 loads and runs a prefill of ``--prefill`` tokens and ``--decode`` KV-cache steps (``peak_mb``), and the difference
 (``session_mb``: what the session itself needed, with one buffer for the logits: they are bound to the caller's array
-and the cache stays in onnxruntime's values, as onnxruntime-genai runs a model). :func:`compress.export.runtime.session_memory` runs it.
+and the cache stays in onnxruntime's values, as onnxruntime-genai runs a model).
+:func:`compress.export.runtime.session_memory` runs it.
 """
 
 from __future__ import annotations

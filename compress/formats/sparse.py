@@ -178,6 +178,20 @@ class SparseWeight(WeightFormat):
         v.buffers["nm_index"] = index
         return KernelPlan(v.mode, COL_NM, rows, cols, kept, v.dims, v.buffers, outliers=outliers)
 
+    def onnx_matmul(self, lowering, x, name):
+        """Kept 16-bit float values in our sparse operator (``onnx_custom``): the positions and values as stored,
+        never densified. (N:M over an integer grid needs none: it runs as dense codes, see :meth:`integer_grid`.)"""
+        from .dense import DenseWeight
+        from .onnx_custom import sparse_matmul
+
+        values = self.values
+        if not isinstance(values, DenseWeight) or values.weight.dtype not in (torch.float16, torch.bfloat16):
+            return None
+        nm = nm_pattern(self.pattern) or (0, 0)
+        y = sparse_matmul(lowering, x, name, next(iter(self.position_tensors().values())), values.weight,
+                          self.shape, self.kept_per_row, nm)
+        return None if y is None else (f"SparseMatMul {self.describe()}", y)
+
     def onnx_weight(self, g, prefix):
         """Kept values scattered into zeros at the positions of the bitmap (unstructured) or of the
         N:M indices, in row-major order as ``SparseWeight`` stores them."""

@@ -211,7 +211,10 @@ static const float *table_of(const Call *c, Scratch *s, int64_t n) {
   return s->tab;
 }
 
-int64_t table_floats(const Call *c) { return ((int64_t)1 << c->bits) * c->dim + 8; /* 4-bit lookups read 16 */ }
+int64_t table_floats(const Call *c) {
+  if (c->kept) return c->kept + 16; /* SparseMatMul: a row's kept values */
+  return ((int64_t)1 << c->bits) * c->dim + 8; /* 4-bit lookups read 16 */
+}
 
 /* Eight weights v starting at weight k: stored into w, or multiplied into the M token accumulators `into`
    (two sets, `acc` and `acc2`, alternate so that consecutive multiply-adds do not wait for each other). */
@@ -400,5 +403,51 @@ void half_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {
     case 2: half_row(c, n, NULL, c->x, 2, out); break;
     case 3: half_row(c, n, NULL, c->x, 3, out); break;
     default: half_row(c, n, NULL, c->x, 4, out); break;
+  }
+}
+
+/* Row n of a SparseMatMul weight: its kept values (16-bit floats) widened, then placed at their columns: by the
+   bitmap (AVX-512: 16 columns at a time, expanded from the next kept values), or N:M (kept value j of a row in
+   group j / N, at the index stored for it). The other columns are zero. */
+void decode_sparse_row(const Call *c, Scratch *s, int64_t n, float *w) {
+  const int64_t K = c->K, kept = c->kept;
+  const uint16_t *values = (const uint16_t *)c->table + n * kept;
+  const int brain = c->table_is_bf16;
+  float *v = s->tab;
+  int64_t j = 0;
+  for (; j + 8 <= kept; j += 8) _mm256_storeu_ps(v + j, widen8(_mm_loadu_si128((const __m128i *)(values + j)), brain));
+  for (; j < kept; j++) v[j] = widen1(values[j], brain);
+  const uint8_t *row = c->codes + n * c->row_bytes;
+  if (c->group_size == 0) {
+    int64_t k = 0;
+    const float *next = v;
+#ifdef WIDE_LOOKUPS
+    for (; k + 16 <= K; k += 16) {
+      const __mmask16 keep = (__mmask16)(row[k / 8] | (row[k / 8 + 1] << 8));
+      _mm512_storeu_ps(w + k, _mm512_maskz_expandloadu_ps(keep, next));
+      next += __builtin_popcount(keep);
+    }
+#endif
+    for (; k < K; k++) w[k] = (row[k >> 3] >> (k & 7)) & 1 ? *next++ : 0.0f;
+  } else {
+    memset(w, 0, sizeof(float) * (size_t)K);
+    const int bits = c->group_size <= 2 ? 1 : c->group_size <= 4 ? 2 : c->group_size <= 8 ? 3 : 4;
+    for (j = 0; j < kept; j++) w[j / c->group_keep * c->group_size + code_at(row, j, bits)] = v[j];
+  }
+}
+
+void sparse_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {
+  decode_sparse_row(c, s, n, s->w);
+  for (int64_t m = 0; m < c->M; m++) {
+    const float *x = c->x + m * c->K;
+    __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= c->K; k += 16) {
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(s->w + k), _mm256_loadu_ps(x + k), acc);
+      acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(s->w + k + 8), _mm256_loadu_ps(x + k + 8), acc2);
+    }
+    float total = hsum(_mm256_add_ps(acc, acc2));
+    for (; k < c->K; k++) total += s->w[k] * x[k];
+    out[m] = total;
   }
 }

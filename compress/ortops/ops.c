@@ -9,6 +9,11 @@
    HalfMatMul(x, weight)                   W = weight, float16 or bfloat16 [N, K] (attributes K, N)
        a 16-bit float layer (the tied output head) multiplied without a float32 copy of it.
 
+   SparseMatMul(x, positions, values)     W[n, column of kept value j] = values[n, j], zero elsewhere
+       positions uint8: a bitmap [N, ceil(K / 8)] (group_size 0), or N:M indices [N, ceil(kept * b / 8)]
+       (b = bits of M - 1, row-packed: kept value j sits in group j / group_keep at that index); values
+       float16 or bfloat16 [N, kept]. Attributes K, N, kept, group_keep, group_size.
+
    y float32 [..., N]. Rows are decoded while they are used (rows.c), never ahead of time. */
 #include <stdlib.h>
 #include <string.h>
@@ -18,9 +23,12 @@
 
 static const OrtApi *ort;
 
+typedef enum { LUT, HALF, SPARSE } Op;
+
 typedef struct {
-  int lut; /* LutMatMul, else HalfMatMul */
-  int64_t K, N, bits, dim, rows_per_table;
+  Op op;
+  int64_t K, N, bits, dim, rows_per_table; /* bits, dim, rows_per_table: LutMatMul */
+  int64_t kept, group_keep, group_size;    /* SparseMatMul */
 } Kernel;
 
 #define CHECK(expr)              \
@@ -98,7 +106,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
   c.M = 1;
   for (size_t i = 0; i + 1 < rank; i++) c.M *= dims[i];
   CHECK(input_data(context, 0, (const void **)&c.x));
-  if (op->lut) {
+  if (op->op == LUT) {
     ONNXTensorElementDataType table_type;
     CHECK(element_type(context, 2, &table_type));
     if (table_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 && table_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8)
@@ -122,22 +130,36 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
       if (c.scale) CHECK(holds(context, 3, op->N, "LutMatMul: scale holds fewer than N values"));
     }
   } else {
-    c.decode = decode_half_row;
-    c.dots = half_row_dots;
     ONNXTensorElementDataType weight_type;
-    CHECK(element_type(context, 1, &weight_type));
+    const size_t values = op->op == HALF ? 1 : 2;
+    CHECK(element_type(context, values, &weight_type));
     if (weight_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 && weight_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)
-      return ort->CreateStatus(ORT_INVALID_ARGUMENT, "HalfMatMul: the weight must be float16 or bfloat16");
+      return ort->CreateStatus(ORT_INVALID_ARGUMENT, "the weights must be float16 or bfloat16");
     c.table_is_bf16 = weight_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
-    CHECK(holds(context, 1, op->N * op->K, "HalfMatMul: weight smaller than N x K"));
-    CHECK(input_data(context, 1, &c.table));
+    if (op->op == HALF) {
+      c.decode = decode_half_row;
+      c.dots = half_row_dots;
+      CHECK(holds(context, 1, op->N * op->K, "HalfMatMul: weight smaller than N x K"));
+    } else {
+      c.decode = decode_sparse_row;
+      c.dots = sparse_row_dots;
+      c.kept = op->kept;
+      c.group_keep = op->group_keep;
+      c.group_size = op->group_size;
+      const int64_t index_bits = op->group_size <= 2 ? 1 : op->group_size <= 4 ? 2 : op->group_size <= 8 ? 3 : 4;
+      c.row_bytes = op->group_size ? (op->kept * index_bits + 7) / 8 : (op->K + 7) / 8;
+      CHECK(holds(context, 1, op->N * c.row_bytes, "SparseMatMul: positions smaller than N rows"));
+      CHECK(holds(context, 2, op->N * op->kept, "SparseMatMul: values smaller than N x kept"));
+      CHECK(input_data(context, 1, (const void **)&c.codes));
+    }
+    CHECK(input_data(context, values, &c.table));
   }
   dims[rank - 1] = op->N;
   OrtValue *y_value;
   CHECK(ort->KernelContext_GetOutput(context, 0, dims, rank, &y_value));
   CHECK(ort->GetTensorMutableData(y_value, (void **)&c.y));
   float *pairs = NULL;
-  if (op->lut && c.M <= 4 && wants_pairs(&c)) {
+  if (op->op == LUT && c.M <= 4 && wants_pairs(&c)) {
     pairs = (float *)malloc(sizeof(float) * (size_t)(c.M * c.K));
     if (!pairs) return ort->CreateStatus(ORT_FAIL, "out of memory for the permuted inputs");
     permute_inputs(&c, pairs);
@@ -164,6 +186,10 @@ static const char *half_name(const OrtCustomOp *self) {
   (void)self;
   return "HalfMatMul";
 }
+static const char *sparse_name(const OrtCustomOp *self) {
+  (void)self;
+  return "SparseMatMul";
+}
 static const char *provider(const OrtCustomOp *self) {
   (void)self;
   return "CPUExecutionProvider";
@@ -179,6 +205,15 @@ static ONNXTensorElementDataType lut_input_type(const OrtCustomOp *self, size_t 
 static ONNXTensorElementDataType half_input_type(const OrtCustomOp *self, size_t i) {
   (void)self;
   return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; /* 16-bit float */
+}
+static ONNXTensorElementDataType sparse_input_type(const OrtCustomOp *self, size_t i) {
+  (void)self;
+  return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+                : i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+}
+static size_t three(const OrtCustomOp *self) {
+  (void)self;
+  return 3;
 }
 static size_t lut_inputs(const OrtCustomOp *self) {
   (void)self;
@@ -238,24 +273,33 @@ static void release_pairs(int *inputs, int *outputs) {
   (void)outputs;
 }
 
-static OrtCustomOp lut_op, half_op;
+static OrtCustomOp lut_op, half_op, sparse_op;
 
 static OrtStatus *create_kernel(const OrtCustomOp *self, const OrtApi *api, const OrtKernelInfo *info, void **out) {
   (void)api;
   Kernel *k = (Kernel *)calloc(1, sizeof(Kernel));
   if (!k) return ort->CreateStatus(ORT_FAIL, "out of memory");
-  k->lut = self == &lut_op;
+  k->op = self == &lut_op ? LUT : self == &half_op ? HALF : SPARSE;
   k->dim = 1;
   k->rows_per_table = 1;
   OrtStatus *status = attribute(info, "K", &k->K);
   if (!status) status = attribute(info, "N", &k->N);
-  if (!status && k->lut) status = attribute(info, "bits", &k->bits);
-  if (!status && k->lut) status = attribute(info, "dim", &k->dim);
-  if (!status && k->lut) status = attribute(info, "rows_per_table", &k->rows_per_table);
+  if (!status && k->op == LUT) status = attribute(info, "bits", &k->bits);
+  if (!status && k->op == LUT) status = attribute(info, "dim", &k->dim);
+  if (!status && k->op == LUT) status = attribute(info, "rows_per_table", &k->rows_per_table);
+  if (!status && k->op == SPARSE) status = attribute(info, "kept", &k->kept);
+  if (!status && k->op == SPARSE) status = attribute(info, "group_keep", &k->group_keep);
+  if (!status && k->op == SPARSE) status = attribute(info, "group_size", &k->group_size);
   if (!status && (k->K < 1 || k->N < 1))
     status = ort->CreateStatus(ORT_INVALID_ARGUMENT, "K and N must be positive");
-  if (!status && k->lut && (k->bits < 1 || k->bits > 8 || k->dim < 1 || k->K % k->dim || k->rows_per_table < 1))
+  if (!status && k->op == LUT && (k->bits < 1 || k->bits > 8 || k->dim < 1 || k->K % k->dim || k->rows_per_table < 1))
     status = ort->CreateStatus(ORT_INVALID_ARGUMENT, "LutMatMul: bits 1..8, dim dividing K, rows_per_table >= 1");
+  if (!status && k->op == SPARSE &&
+      (k->kept < 0 || k->kept > k->K || k->group_size < 0 || k->group_size > 16 ||
+       (k->group_size && (k->group_keep < 1 || k->group_keep > k->group_size || k->K % k->group_size ||
+                          k->kept != k->K / k->group_size * k->group_keep))))
+    status = ort->CreateStatus(ORT_INVALID_ARGUMENT,
+                               "SparseMatMul: kept <= K; N:M with M <= 16 dividing K and kept = K / M * N");
   if (status) {
     free(k);
     return status;
@@ -299,9 +343,11 @@ OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtA
   if (!ort) return NULL;
   describe(&lut_op, lut_name, lut_input_type, lut_inputs, lut_input_kind);
   describe(&half_op, half_name, half_input_type, half_inputs, required);
+  describe(&sparse_op, sparse_name, sparse_input_type, three, required);
   OrtCustomOpDomain *domain;
   CHECK(ort->CreateCustomOpDomain("compress", &domain));
   CHECK(ort->CustomOpDomain_Add(domain, &lut_op));
   CHECK(ort->CustomOpDomain_Add(domain, &half_op));
+  CHECK(ort->CustomOpDomain_Add(domain, &sparse_op));
   return ort->AddCustomOpDomain(options, domain);
 }

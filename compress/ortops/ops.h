@@ -22,19 +22,21 @@ struct Call {
   RowDots dots;
   const uint16_t *scale;    /* float16 [N] multiplying each row, or NULL */
   /* the stored weight */
-  const uint8_t *codes;     /* LutMatMul: row-packed codes */
+  const uint8_t *codes;     /* LutMatMul: row-packed codes; SparseMatMul: the bitmap or N:M indices */
   int64_t row_bytes;
-  const void *table;        /* LutMatMul: float16 or int8 [T, 2^bits, dim]; HalfMatMul: float16 [N, K] */
+  const void *table;        /* LutMatMul: float16 or int8 [T, 2^bits, dim]; HalfMatMul: 16-bit floats [N, K];
+                               SparseMatMul: the kept values, 16-bit floats [N, kept] */
   int table_is_int8;
   int table_is_bf16;        /* HalfMatMul: bfloat16 weights (else float16) */
   int64_t bits, dim, rows_per_table;
+  int64_t kept, group_keep, group_size; /* SparseMatMul: kept weights per row; N:M (0, 0: a bitmap) */
   const float *pairs;       /* x with each 32 inputs as the even then the odd ones (4-bit palettes), or NULL */
   volatile int failed;      /* set by a task that could not allocate its scratch */
 };
 
 struct Scratch {
   float *w;      /* decoded rows */
-  float *tab;    /* LutMatMul: the current table in float32 */
+  float *tab;    /* LutMatMul: the current table in float32; SparseMatMul: a row's kept values in float32 */
   int64_t table; /* its index, -1 before the first */
 };
 
@@ -42,6 +44,8 @@ void decode_lut_row(const Call *c, Scratch *s, int64_t n, float *w);
 void decode_half_row(const Call *c, Scratch *s, int64_t n, float *w);
 void lut_row_dots(const Call *c, Scratch *s, int64_t n, float *out);
 void half_row_dots(const Call *c, Scratch *s, int64_t n, float *out);
+void decode_sparse_row(const Call *c, Scratch *s, int64_t n, float *w);
+void sparse_row_dots(const Call *c, Scratch *s, int64_t n, float *out);
 int64_t table_floats(const Call *c);
 
 /* y = x @ W^T, the tasks spread by parallel_for (onnxruntime's intra-op threads); 0, or -1 when out of memory. */
