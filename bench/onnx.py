@@ -54,6 +54,8 @@ VARIANTS = {
                                               "codebook_refit": 0}],
     "3-bit k-means per channel + 0.5% outliers": [{"type": "kmeans", "bits": 3, "granularity": "channel",
                                                    "outliers": "0.5%", "table_dtype": "int8"}],
+    "50% Wanda, float16 values (SparseMatMul)": [{"type": "wanda", "sparsity": 0.5}],
+    "2:4 Wanda, float16 values (SparseMatMul)": [{"type": "wanda", "pattern": "2:4"}],
     "2:4 Wanda + 4-bit GPTQ g64": [{"type": "wanda", "pattern": "2:4"}, {"type": "gptq", "bits": 4, "group_size": 64}],
     "4-bit RTN g32 + 4-bit head (MatMulNBits, int8 activations)": [
         {"type": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
