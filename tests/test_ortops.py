@@ -97,7 +97,7 @@ def test_tensors_smaller_than_the_attributes_say_are_refused(lut_kernel):
 @pytest.mark.parametrize("shape", [(576, 40), (100, 33)])
 @pytest.mark.parametrize("tokens", [1, 3, 9])
 def test_sparse_matmul_is_the_pruned_product(lut_kernel, pattern, shape, tokens):
-    """Kept values at their positions (a bitmap, or N:M indices as SparseWeight stores them), zeros elsewhere."""
+    """Kept values at the positions of their bitmap (N:M patterns too), zeros elsewhere."""
     from compress.formats import DenseWeight, SparseWeight, compact
 
     k, n = shape
@@ -114,13 +114,12 @@ def test_sparse_matmul_is_the_pruned_product(lut_kernel, pattern, shape, tokens)
         mask = torch.zeros(n, k // m, m, dtype=torch.bool).scatter_(2, top, True).reshape(n, k)
     fmt = SparseWeight(mask, DenseWeight(compact(w, mask), torch.float16), None if pattern is None else
                        f"{pattern[0]}:{pattern[1]}")
-    positions = next(iter(fmt.position_tensors().values())).numpy()
+    positions = pack_rows(mask.to(torch.uint8), 1).numpy()
     values = fmt.values.weight.view(torch.int16).numpy().tobytes()
     inits = [numpy_helper.from_array(positions, "positions"),
              helper.make_tensor("values", TensorProto.FLOAT16, [n, fmt.kept_per_row], values, raw=True)]
     node = helper.make_node("SparseMatMul", ["x", "positions", "values"], ["y"], domain=ortops.DOMAIN, K=k, N=n,
-                            kept=fmt.kept_per_row, group_keep=pattern[0] if pattern else 0,
-                            group_size=pattern[1] if pattern else 0)
+                            kept=fmt.kept_per_row)
     x = torch.randn(tokens, k, generator=gen).numpy()
     got, want = _run(lut_kernel, node, inits, k, n, x), x @ fmt.dequantize().numpy().T
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

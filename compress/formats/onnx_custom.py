@@ -3,8 +3,8 @@
 - ``compress::LutMatMul``: weights stored as look-up codes (palettes, vector code books). The file holds the
   checkpoint's row-packed codes and tables as they are, and the operator decodes each row from them while it
   multiplies, so the session keeps them compressed.
-- ``compress::SparseMatMul``: a pruned weight whose kept values are 16-bit floats, from its positions (bitmap or
-  N:M indices) and values as stored.
+- ``compress::SparseMatMul``: a pruned weight whose kept values are 16-bit floats, from its bitmap and its values
+  as stored.
 - ``compress::HalfMatMul``: a float16 or bfloat16 weight (a dense layer, the tied output head) multiplied from its
   16-bit bytes; onnxruntime's CPU MatMul would hold a float32 copy.
 
@@ -53,17 +53,15 @@ def half_matmul(lowering, x: str, name: str, weight: torch.Tensor | str, shape: 
     return lowering.g.op("HalfMatMul", x, weight, domain=DOMAIN, K=shape[1], N=shape[0])
 
 
-def sparse_matmul(lowering, x: str, name: str, positions: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
-                  kept: int, pattern: tuple[int, int]) -> str | None:
-    """``x @ W.T`` for a pruned ``W`` ``[out, in]``: ``positions`` as ``SparseWeight`` stores them (a bitmap, or N:M
-    indices for ``pattern`` (N, M); (0, 0): the bitmap), the kept values 16-bit floats ``[out, kept]``. None without
-    the library."""
+def sparse_matmul(lowering, x: str, name: str, bitmap: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
+                  kept: int) -> str | None:
+    """``x @ W.T`` for a pruned ``W`` ``[out, in]``: ``bitmap`` its kept positions (row-packed bits), the kept values
+    16-bit floats ``[out, kept]`` in row order. None without the library."""
     if lowering.custom_ops is None:
         return None
     from ..ortops import DOMAIN
 
     g = lowering.g
     lowering.custom_ops_used = True
-    return g.op("SparseMatMul", x, torch_initializer(g, f"{name}.positions", positions),
-                torch_initializer(g, f"{name}.values", values), domain=DOMAIN, K=shape[1], N=shape[0], kept=kept,
-                group_keep=pattern[0], group_size=pattern[1])
+    return g.op("SparseMatMul", x, torch_initializer(g, f"{name}.bitmap", bitmap),
+                torch_initializer(g, f"{name}.values", values), domain=DOMAIN, K=shape[1], N=shape[0], kept=kept)

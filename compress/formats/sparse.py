@@ -179,17 +179,17 @@ class SparseWeight(WeightFormat):
         return KernelPlan(v.mode, COL_NM, rows, cols, kept, v.dims, v.buffers, outliers=outliers)
 
     def onnx_matmul(self, lowering, x, name):
-        """Kept 16-bit float values in our sparse operator (``onnx_custom``): the positions and values as stored,
-        never densified. (N:M over an integer grid needs none: it runs as dense codes, see :meth:`integer_grid`.)"""
+        """Kept 16-bit float values in our sparse operator (``onnx_custom``): the values as stored and the positions
+        as a bitmap (N:M indices become their bitmap: the same bytes for 2:4), never densified. (N:M over an
+        integer grid needs none: it runs as dense codes, see :meth:`integer_grid`.)"""
         from .dense import DenseWeight
         from .onnx_custom import sparse_matmul
 
         values = self.values
         if not isinstance(values, DenseWeight) or values.weight.dtype not in (torch.float16, torch.bfloat16):
             return None
-        nm = nm_pattern(self.pattern) or (0, 0)
-        y = sparse_matmul(lowering, x, name, next(iter(self.position_tensors().values())), values.weight,
-                          self.shape, self.kept_per_row, nm)
+        bitmap = pack_rows(self._mask.to(torch.uint8), 1)
+        y = sparse_matmul(lowering, x, name, bitmap, values.weight, self.shape, self.kept_per_row)
         return None if y is None else (f"SparseMatMul {self.describe()}", y)
 
     def onnx_weight(self, g, prefix):

@@ -406,9 +406,8 @@ void half_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {
   }
 }
 
-/* Row n of a SparseMatMul weight: its kept values (16-bit floats) widened, then placed at their columns: by the
-   bitmap (AVX-512: 16 columns at a time, expanded from the next kept values), or N:M (kept value j of a row in
-   group j / N, at the index stored for it). The other columns are zero. */
+/* Row n of a SparseMatMul weight: its kept values (16-bit floats) widened, then placed at the columns its bitmap
+   sets (AVX-512: 16 columns at a time, expanded from the next kept values). The other columns are zero. */
 void decode_sparse_row(const Call *c, Scratch *s, int64_t n, float *w) {
   const int64_t K = c->K, kept = c->kept;
   const uint16_t *values = (const uint16_t *)c->table + n * kept;
@@ -418,22 +417,16 @@ void decode_sparse_row(const Call *c, Scratch *s, int64_t n, float *w) {
   for (; j + 8 <= kept; j += 8) _mm256_storeu_ps(v + j, widen8(_mm_loadu_si128((const __m128i *)(values + j)), brain));
   for (; j < kept; j++) v[j] = widen1(values[j], brain);
   const uint8_t *row = c->codes + n * c->row_bytes;
-  if (c->group_size == 0) {
-    int64_t k = 0;
-    const float *next = v;
+  int64_t k = 0;
+  const float *next = v;
 #ifdef WIDE_LOOKUPS
-    for (; k + 16 <= K; k += 16) {
-      const __mmask16 keep = (__mmask16)(row[k / 8] | (row[k / 8 + 1] << 8));
-      _mm512_storeu_ps(w + k, _mm512_maskz_expandloadu_ps(keep, next));
-      next += __builtin_popcount(keep);
-    }
-#endif
-    for (; k < K; k++) w[k] = (row[k >> 3] >> (k & 7)) & 1 ? *next++ : 0.0f;
-  } else {
-    memset(w, 0, sizeof(float) * (size_t)K);
-    const int bits = c->group_size <= 2 ? 1 : c->group_size <= 4 ? 2 : c->group_size <= 8 ? 3 : 4;
-    for (j = 0; j < kept; j++) w[j / c->group_keep * c->group_size + code_at(row, j, bits)] = v[j];
+  for (; k + 16 <= K; k += 16) {
+    const __mmask16 keep = (__mmask16)(row[k / 8] | (row[k / 8 + 1] << 8));
+    _mm512_storeu_ps(w + k, _mm512_maskz_expandloadu_ps(keep, next));
+    next += __builtin_popcount(keep);
   }
+#endif
+  for (; k < K; k++) w[k] = (row[k >> 3] >> (k & 7)) & 1 ? *next++ : 0.0f;
 }
 
 void sparse_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {

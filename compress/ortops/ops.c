@@ -9,10 +9,9 @@
    HalfMatMul(x, weight)                   W = weight, float16 or bfloat16 [N, K] (attributes K, N)
        a 16-bit float layer (the tied output head) multiplied without a float32 copy of it.
 
-   SparseMatMul(x, positions, values)     W[n, column of kept value j] = values[n, j], zero elsewhere
-       positions uint8: a bitmap [N, ceil(K / 8)] (group_size 0), or N:M indices [N, ceil(kept * b / 8)]
-       (b = bits of M - 1, row-packed: kept value j sits in group j / group_keep at that index); values
-       float16 or bfloat16 [N, kept]. Attributes K, N, kept, group_keep, group_size.
+   SparseMatMul(x, bitmap, values)        W[n, column of the j-th set bit of row n] = values[n, j], zero elsewhere
+       bitmap uint8 [N, ceil(K / 8)] (row-packed bits); values float16 or bfloat16 [N, kept]. Attributes K, N,
+       kept (the same count every row). N:M patterns arrive as their bitmap.
 
    y float32 [..., N]. Rows are decoded while they are used (rows.c), never ahead of time. */
 #include <stdlib.h>
@@ -28,7 +27,7 @@ typedef enum { LUT, HALF, SPARSE } Op;
 typedef struct {
   Op op;
   int64_t K, N, bits, dim, rows_per_table; /* bits, dim, rows_per_table: LutMatMul */
-  int64_t kept, group_keep, group_size;    /* SparseMatMul */
+  int64_t kept;                            /* SparseMatMul */
 } Kernel;
 
 #define CHECK(expr)              \
@@ -144,11 +143,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
       c.decode = decode_sparse_row;
       c.dots = sparse_row_dots;
       c.kept = op->kept;
-      c.group_keep = op->group_keep;
-      c.group_size = op->group_size;
-      const int64_t index_bits = op->group_size <= 2 ? 1 : op->group_size <= 4 ? 2 : op->group_size <= 8 ? 3 : 4;
-      c.row_bytes = op->group_size ? (op->kept * index_bits + 7) / 8 : (op->K + 7) / 8;
-      CHECK(holds(context, 1, op->N * c.row_bytes, "SparseMatMul: positions smaller than N rows"));
+      c.row_bytes = (op->K + 7) / 8;
+      CHECK(holds(context, 1, op->N * c.row_bytes, "SparseMatMul: bitmap smaller than N rows"));
       CHECK(holds(context, 2, op->N * op->kept, "SparseMatMul: values smaller than N x kept"));
       CHECK(input_data(context, 1, (const void **)&c.codes));
     }
@@ -288,18 +284,12 @@ static OrtStatus *create_kernel(const OrtCustomOp *self, const OrtApi *api, cons
   if (!status && k->op == LUT) status = attribute(info, "dim", &k->dim);
   if (!status && k->op == LUT) status = attribute(info, "rows_per_table", &k->rows_per_table);
   if (!status && k->op == SPARSE) status = attribute(info, "kept", &k->kept);
-  if (!status && k->op == SPARSE) status = attribute(info, "group_keep", &k->group_keep);
-  if (!status && k->op == SPARSE) status = attribute(info, "group_size", &k->group_size);
   if (!status && (k->K < 1 || k->N < 1))
     status = ort->CreateStatus(ORT_INVALID_ARGUMENT, "K and N must be positive");
   if (!status && k->op == LUT && (k->bits < 1 || k->bits > 8 || k->dim < 1 || k->K % k->dim || k->rows_per_table < 1))
     status = ort->CreateStatus(ORT_INVALID_ARGUMENT, "LutMatMul: bits 1..8, dim dividing K, rows_per_table >= 1");
-  if (!status && k->op == SPARSE &&
-      (k->kept < 0 || k->kept > k->K || k->group_size < 0 || k->group_size > 16 ||
-       (k->group_size && (k->group_keep < 1 || k->group_keep > k->group_size || k->K % k->group_size ||
-                          k->kept != k->K / k->group_size * k->group_keep))))
-    status = ort->CreateStatus(ORT_INVALID_ARGUMENT,
-                               "SparseMatMul: kept <= K; N:M with M <= 16 dividing K and kept = K / M * N");
+  if (!status && k->op == SPARSE && (k->kept < 0 || k->kept > k->K))
+    status = ort->CreateStatus(ORT_INVALID_ARGUMENT, "SparseMatMul: kept must be in 0..K");
   if (status) {
     free(k);
     return status;

@@ -22,14 +22,14 @@ struct Call {
   RowDots dots;
   const uint16_t *scale;    /* float16 [N] multiplying each row, or NULL */
   /* the stored weight */
-  const uint8_t *codes;     /* LutMatMul: row-packed codes; SparseMatMul: the bitmap or N:M indices */
+  const uint8_t *codes;     /* LutMatMul: row-packed codes; SparseMatMul: the bitmap */
   int64_t row_bytes;
   const void *table;        /* LutMatMul: float16 or int8 [T, 2^bits, dim]; HalfMatMul: 16-bit floats [N, K];
                                SparseMatMul: the kept values, 16-bit floats [N, kept] */
   int table_is_int8;
   int table_is_bf16;        /* HalfMatMul: bfloat16 weights (else float16) */
   int64_t bits, dim, rows_per_table;
-  int64_t kept, group_keep, group_size; /* SparseMatMul: kept weights per row; N:M (0, 0: a bitmap) */
+  int64_t kept;             /* SparseMatMul: kept weights per row */
   const float *pairs;       /* x with each 32 inputs as the even then the odd ones (4-bit palettes), or NULL */
   volatile int failed;      /* set by a task that could not allocate its scratch */
 };

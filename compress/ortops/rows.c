@@ -1,5 +1,6 @@
 /* y = x @ W^T from rows of W decoded on the fly (ops.h): a few tokens take each row once and a dot product per
-   token; a prompt decodes 16 rows into a transposed tile and runs a 4 x 16 register-blocked kernel over it. */
+   token; a prompt decodes 16 rows into a transposed tile and runs a register-blocked kernel over it (8 tokens x 16
+   rows with AVX-512, else 4 x 16). */
 #include <immintrin.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,8 +57,8 @@ static void gemv_task(void *data, size_t task) {
   scratch_free(&s);
 }
 
-/* 4 tokens (x rows, stride K) x 16 rows of the tile wt [K][16]. */
-static void micro_4x16(const float *x, int64_t K, const float *wt, float out[4][TILE]) {
+/* 4 tokens (x rows, stride K) x 16 rows of the tile wt [K][16] (AVX2). */
+static __attribute__((unused)) void micro_4x16(const float *x, int64_t K, const float *wt, float out[4][TILE]) {
   __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
   const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
   for (int64_t k = 0; k < K; k++) {
@@ -85,12 +86,32 @@ static void micro_4x16(const float *x, int64_t K, const float *wt, float out[4][
   _mm256_storeu_ps(out[3] + 8, a31);
 }
 
+#ifdef __AVX512F__
+#define TOKENS 8 /* tokens a prompt kernel call takes */
+/* 8 tokens (x rows, stride K) x the 16 rows of the tile wt [K][16]: one register of 16 rows per k, each token's
+   input broadcast into its own accumulator. */
+static void micro_tokens(const float *x, int64_t K, const float *wt, float out[TOKENS][TILE]) {
+  __m512 acc[TOKENS];
+  for (int i = 0; i < TOKENS; i++) acc[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k++) {
+    const __m512 b = _mm512_load_ps(wt + k * TILE);
+    for (int i = 0; i < TOKENS; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * K + k]), b, acc[i]);
+  }
+  for (int i = 0; i < TOKENS; i++) _mm512_storeu_ps(out[i], acc[i]);
+}
+#else
+#define TOKENS 4
+static void micro_tokens(const float *x, int64_t K, const float *wt, float out[TOKENS][TILE]) {
+  micro_4x16(x, K, wt, out);
+}
+#endif
+
 static void gemm_task(void *data, size_t task) {
   const Call *c = (const Call *)data;
   const int64_t K = c->K, N = c->N, M = c->M;
   const int64_t n0 = (int64_t)task * TILE, rows = N - n0 < TILE ? N - n0 : TILE;
   Scratch s;
-  if (!scratch_init(&s, c, K * (TILE + 1) + 4 * K)) return;
+  if (!scratch_init(&s, c, K * (TILE + 1) + TOKENS * K)) return;
   float *wt = s.w, *row = s.w + K * TILE, *tail = row + K;
   float sc[TILE];
   for (int64_t j = 0; j < TILE; j++) {
@@ -103,16 +124,16 @@ static void gemm_task(void *data, size_t task) {
       sc[j] = 0.0f;
     }
   }
-  float out[4][TILE];
-  for (int64_t m = 0; m < M; m += 4) {
+  float out[TOKENS][TILE];
+  for (int64_t m = 0; m < M; m += TOKENS) {
     const float *x = c->x + m * K;
-    const int64_t mr = M - m < 4 ? M - m : 4;
-    if (mr < 4) { /* the last tokens, zero-padded to 4 */
-      memset(tail, 0, sizeof(float) * (size_t)(4 * K));
+    const int64_t mr = M - m < TOKENS ? M - m : TOKENS;
+    if (mr < TOKENS) { /* the last tokens, zero-padded */
+      memset(tail, 0, sizeof(float) * (size_t)(TOKENS * K));
       memcpy(tail, x, sizeof(float) * (size_t)(mr * K));
       x = tail;
     }
-    micro_4x16(x, K, wt, out);
+    micro_tokens(x, K, wt, out);
     for (int64_t i = 0; i < mr; i++)
       for (int64_t j = 0; j < rows; j++) c->y[(m + i) * N + n0 + j] = sc[j] * out[i][j];
   }
