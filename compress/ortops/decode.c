@@ -55,47 +55,6 @@ static inline __m256 look_up(__m256i idx, int bits, __m256 lo, __m256 hi, const 
 
 #if defined(__AVX512F__) && defined(__AVX512VBMI__)
 #define WIDE_LOOKUPS
-/* Palettes of up to 16 entries, 16 weights a step: the 16 codes of 2*bits bytes cut out of one 64-bit word
-   (multishift), looked up in the 16-float table register (permutexvar reads an index's low 4 bits). Covers
-   `pairs` pairs of 8-code groups; returns the 8-code groups done. Stores into w, or adds the dot products with
-   the M rows of x into sums. */
-static inline __attribute__((always_inline)) int64_t palette_sixteen(const uint8_t *row, const uint8_t *end, int bits,
-                                                                     int64_t pairs, const float *tab, float *w,
-                                                                     const float *x, int64_t M, int64_t K,
-                                                                     float *sums) {
-  static const uint8_t offsets[4][64] = {
-      {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
-      {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
-      {0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 42, 45},
-      {0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60}}; /* bit offset of code j, per width */
-  const __m512i fields = _mm512_loadu_si512(offsets[bits - 1]), mask = _mm512_set1_epi32((1 << bits) - 1);
-  const __m512 table = _mm512_loadu_ps(tab);
-  __m512 acc[2][4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()},
-                      {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
-  for (int64_t i = 0; i < pairs; i += 2) { /* two steps at a time: two sets of accumulators */
-    for (int half = 0; half < 2 && i + half < pairs; half++) {
-      const int64_t step = i + half;
-      const uint8_t *p = row + step * 2 * bits;
-      uint64_t word = 0;
-      if (p + 8 <= end)
-        memcpy(&word, p, 8);
-      else
-        memcpy(&word, p, (size_t)(2 * bits));
-      const __m512i bytes = _mm512_multishift_epi64_epi8(fields, _mm512_set1_epi64((long long)word));
-      const __m512i idx = _mm512_and_si512(_mm512_cvtepu8_epi32(_mm512_castsi512_si128(bytes)), mask);
-      const __m512 v = _mm512_permutexvar_ps(idx, table);
-      if (w) {
-        _mm512_storeu_ps(w + 16 * step, v);
-      } else {
-        for (int64_t m = 0; m < M; m++)
-          acc[half][m] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + m * K + 16 * step), acc[half][m]);
-      }
-    }
-  }
-  if (!w)
-    for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
-  return 2 * pairs;
-}
 /* 4-bit palettes, dot products only: 32 codes (16 bytes) a step, the low nibbles (codes 0, 2, .., 30) and the high
    ones (1, 3, .., 31) split with plain byte arithmetic, so each 16 weights cost one widening and one lookup; the
    tokens come with their inputs in the same order (`pairs`: permute_inputs). Returns the 8-code groups done. */
@@ -118,19 +77,21 @@ static inline __attribute__((always_inline)) int64_t nibble_pairs(const uint8_t 
   for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
   return 4 * steps;
 }
-/* Code books of vectors of 2, 4 or 8, 16 weights (16 / dim codes) a step: the codes cut out of one 64-bit word
-   (multishift, each code repeated for its dim lanes), each lane's float found in the code book (up to 32 floats)
-   by one permute over one or two registers. Returns the 8-code groups done. */
+/* Palettes (dim 1) and code books of vectors of 2, 4 or 8, 16 weights (16 / dim codes) a step: the codes cut out
+   of one 64-bit word (multishift, each code repeated for its dim lanes), each lane's float found in the table (up
+   to 32 floats) by one permute over one or two registers (permutexvar reads an index's low 4 bits). Returns the
+   8-code groups done. */
 static inline __attribute__((always_inline)) int64_t vector_sixteen(const uint8_t *row, const uint8_t *end, int bits,
                                                                     int dim, int64_t groups, const float *tab,
                                                                     float *w, const float *x, int64_t M, int64_t K,
                                                                     float *sums) {
-  const int per_step = 16 / dim, shift = dim == 2 ? 1 : dim == 4 ? 2 : 3;
+  const int per_step = 16 / dim, shift = dim == 1 ? 0 : dim == 2 ? 1 : dim == 4 ? 2 : 3;
   const int64_t steps = groups * 8 / per_step, floats = ((int64_t)1 << bits) * dim;
-  static const int32_t code_of_lane[3][16] = {{0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7},
+  static const int32_t code_of_lane[4][16] = {{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+                                              {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7},
                                               {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
                                               {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1}};
-  const __m512i of_lane = _mm512_loadu_si512(code_of_lane[shift - 1]);
+  const __m512i of_lane = _mm512_loadu_si512(code_of_lane[shift]);
   /* byte j: the bit offset of lane j's code; lane j: its place in the vector */
   const __m512i fields = _mm512_zextsi128_si512(_mm512_cvtepi32_epi8(_mm512_mullo_epi32(of_lane,
                                                                                     _mm512_set1_epi32(bits))));
@@ -165,7 +126,7 @@ static inline __attribute__((always_inline)) int64_t vector_sixteen(const uint8_
   }
   if (!w)
     for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
-  return groups;
+  return steps * per_step / 8;
 }
 
 #endif
@@ -213,7 +174,7 @@ static const float *table_of(const Call *c, Scratch *s, int64_t n) {
 
 int64_t table_floats(const Call *c) {
   if (c->kept) return c->kept + 16; /* SparseMatMul: a row's kept values */
-  return ((int64_t)1 << c->bits) * c->dim + 8; /* 4-bit lookups read 16 */
+  return ((int64_t)1 << c->bits) * c->dim + 16; /* the lookups read whole 16-float registers */
 }
 
 /* Eight weights v starting at weight k: stored into w, or multiplied into the M token accumulators `into`
@@ -259,7 +220,7 @@ static inline __attribute__((always_inline)) void lut_row(const Call *c, Scratch
     if (!w && c->pairs)
       wide_groups = nibble_pairs(row, codes / 32, tab, c->pairs, M, K, wide);
     else if (bits <= 4)
-      wide_groups = palette_sixteen(row, end, bits, groups / 2, tab, w, x, M, K, wide);
+      wide_groups = vector_sixteen(row, end, bits, 1, groups, tab, w, x, M, K, wide);
 #endif
     /* one loop per width the lookups differ by, the width a constant in each */
     switch (bits) {
