@@ -123,3 +123,26 @@ def test_sparse_matmul_is_the_pruned_product(lut_kernel, pattern, shape, tokens)
     x = torch.randn(tokens, k, generator=gen).numpy()
     got, want = _run(lut_kernel, node, inits, k, n, x), x @ fmt.dequantize().numpy().T
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_without_the_library_a_fast_export_decodes_in_the_graph_and_counts_it(monkeypatch):
+    """No compiler or network at set-up: look-up and pruned layers fall back to the in-graph decode (counted, so the
+    exporter can say so), 16-bit dense layers to a float32 MatMul; nothing refers to our operators."""
+    from compress.export.graph import FLOAT, Graph
+    from compress.export.weights import WeightLowering
+    from compress.formats import DenseWeight, SparseWeight, compact
+    from compress.passes.kmeans import KMeansConfig, palettize
+
+    monkeypatch.setattr(ortops, "library", lambda: None)
+    w = torch.randn(24, 32, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(24, 32, dtype=torch.bool).scatter_(1, w.abs().topk(16, dim=1).indices, True)
+    g = Graph()
+    low = WeightLowering(g, "fast")
+    x = g.input("x", FLOAT, [1, 32])
+    for i, fmt in enumerate([palettize(w, KMeansConfig(type="kmeans", bits=3, iterations=3)), DenseWeight(w),
+                             SparseWeight(mask, DenseWeight(compact(w, mask)))]):
+        low.linear(x, fmt, None, f"layer{i}")
+    assert [low.layers[f"layer{i}"].lowering.split(" (")[0] for i in range(3)] == [
+        "in-graph decode", "dense float16", "in-graph decode"]
+    assert low.decoded_without_ortops == 2 and not low.custom_ops_used
+    assert not any(node.domain == ortops.DOMAIN for node in g.nodes)

@@ -71,9 +71,9 @@ def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, w
     if lowering.custom_ops_used:  # the folder ships the library its graph needs
         library = out_dir / ortops.LIBRARY_NAME
         shutil.copyfile(lowering.custom_ops, library)
-    elif lowering.lookups_decoded:
-        log("note: look-up weights are decoded in the graph (onnxruntime folds them to float32); build the "
-            "look-up kernel with `python -m compress.ortops` to keep them compressed")
+    elif lowering.decoded_without_ortops:
+        log(f"note: {lowering.decoded_without_ortops} layers are decoded in the graph (onnxruntime folds them to "
+            "float32); build our operators with `python -m compress.ortops` to keep them compressed")
     onnx.save_model(proto, str(out_dir / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
     del proto

@@ -55,7 +55,7 @@ class WeightLowering:
         # our look-up kernel (``compress.ortops``, ``onnx_custom``): fast exports only, when built
         self.custom_ops = ortops.library() if weights == "fast" else None
         self.custom_ops_used = False
-        self.lookups_decoded = 0  # look-up layers of a fast export decoded in the graph (the library not built)
+        self.decoded_without_ortops = 0  # layers of a fast export decoded in the graph: our library is not built
 
     def linear(self, x: str, fmt: WeightFormat, bias: torch.Tensor | None, name: str) -> str:
         shared = set(self.nbits_tensors.get(name, ()))  # made before, for a tied embedding's lookup

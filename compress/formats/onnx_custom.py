@@ -17,7 +17,18 @@ from __future__ import annotations
 
 import torch
 
+from ..ortops import DOMAIN
 from .onnx_ops import torch_initializer
+
+
+def _available(lowering) -> bool:
+    """Whether the lowering may use our operators; a fast export without the library counts the layer it had to
+    decode in the graph instead (the exporter says so)."""
+    if lowering.custom_ops is None:
+        lowering.decoded_without_ortops += lowering.weights == "fast"
+        return False
+    lowering.custom_ops_used = True
+    return True
 
 
 def lut_matmul(lowering, x: str, name: str, indices: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None,
@@ -25,17 +36,13 @@ def lut_matmul(lowering, x: str, name: str, indices: torch.Tensor, table: torch.
     """``x @ W.T`` for ``W[n, c*dim + j] = scale[n] * table[n // rows_per_table, code(n, c), j]``; ``indices`` uint8
     row-packed ``bits``-bit codes, ``table`` float16 or int8 ``[tables, 2^bits(, dim)]``, ``scale`` float16 ``[out]``
     or None. None when the lowering has no look-up kernel (``portable``, or the library is not built)."""
-    if lowering.custom_ops is None:
-        lowering.lookups_decoded += lowering.weights == "fast"
+    if not _available(lowering):
         return None
-    from ..ortops import DOMAIN
-
     g = lowering.g
     rows, cols = shape
     inputs = [x, torch_initializer(g, f"{name}.indices", indices), torch_initializer(g, f"{name}.table", table)]
     if scale is not None:
         inputs.append(torch_initializer(g, f"{name}.scale", scale.half()))
-    lowering.custom_ops_used = True
     return g.op("LutMatMul", *inputs, domain=DOMAIN, K=cols, N=rows, bits=bits, dim=dim,
                 rows_per_table=rows_per_table)
 
@@ -43,13 +50,11 @@ def lut_matmul(lowering, x: str, name: str, indices: torch.Tensor, table: torch.
 def half_matmul(lowering, x: str, name: str, weight: torch.Tensor | str, shape: tuple[int, int]) -> str | None:
     """``x @ W.T`` for ``W`` ``[out, in]`` float16 or bfloat16: a tensor (stored here as ``name.weight``, as it is)
     or the name of an initializer already holding it (a tied table). None without the library."""
-    if lowering.custom_ops is None:
+    if lowering.custom_ops is None:  # cast to float32 instead: nothing to decode
         return None
-    from ..ortops import DOMAIN
-
+    lowering.custom_ops_used = True
     if isinstance(weight, torch.Tensor):
         weight = torch_initializer(lowering.g, f"{name}.weight", weight)
-    lowering.custom_ops_used = True
     return lowering.g.op("HalfMatMul", x, weight, domain=DOMAIN, K=shape[1], N=shape[0])
 
 
@@ -57,11 +62,8 @@ def sparse_matmul(lowering, x: str, name: str, bitmap: torch.Tensor, values: tor
                   kept: int) -> str | None:
     """``x @ W.T`` for a pruned ``W`` ``[out, in]``: ``bitmap`` its kept positions (row-packed bits), the kept values
     16-bit floats ``[out, kept]`` in row order. None without the library."""
-    if lowering.custom_ops is None:
+    if not _available(lowering):
         return None
-    from ..ortops import DOMAIN
-
     g = lowering.g
-    lowering.custom_ops_used = True
     return g.op("SparseMatMul", x, torch_initializer(g, f"{name}.bitmap", bitmap),
                 torch_initializer(g, f"{name}.values", values), domain=DOMAIN, K=shape[1], N=shape[0], kept=kept)
