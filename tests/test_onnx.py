@@ -218,6 +218,22 @@ def test_greedy_tokens_match_pytorch_through_the_kv_cache(mixed_export, mixed, w
     assert got.tokens == want.tokens and len(got.tokens) == 24
 
 
+def _left_padding_changes_nothing(folder):
+    """A prompt left-padded in a batch beside a longer one gets the logits it gets alone, prompt and next step."""
+    import numpy as np
+
+    lm = OnnxCausalLM(folder)
+    long, short = list(range(300, 340)), list(range(500, 520))
+    mask = np.array([[1] * 40, [0] * 20 + [1] * 20])
+    logits, cache = lm.forward(np.array([long, [0] * 20 + short]), lm.empty_cache(2), mask)
+    alone, alone_cache = lm.forward(np.array([short]), lm.empty_cache(1))
+    assert np.abs(logits[1, 20:] - alone[0]).max() < 1e-3
+    step = logits[:, -1].argmax(-1)[:, None]
+    logits, _ = lm.forward(step, cache, np.concatenate([mask, np.ones((2, 1), np.int64)], 1))
+    alone, _ = lm.forward(step[1:], alone_cache)
+    assert np.abs(logits[1] - alone[0]).max() < 1e-3
+
+
 def test_portable_export_uses_standard_ops_only(mixed, windows, tmp_path):
     model, tok = mixed
     info = export_to_folder(model, tok, tmp_path / "portable", windows=windows[:1], weights="portable",
@@ -244,6 +260,8 @@ def test_run_exports_onnx_and_generate_agrees_with_checkpoint(tmp_path):
     ops = collections.Counter(n.op_type for n in onnx.load(str(out / "onnx" / "model.onnx"),
                                                            load_external_data=False).graph.node)
     assert (ops["GroupQueryAttention"], ops["SkipSimplifiedLayerNormalization"], ops["MatMulNBits"]) == (30, 60, 120)
+    assert ops["RotaryEmbedding"] == 0 and ops["Split"] == 30  # q/k/v packed into attention, which rotates them
+    _left_padding_changes_nothing(out / "onnx")
     assert report["size"]["onnx_file_bytes"] <= 1.15 * report["size"]["checkpoint_bytes"]
     assert "## ONNX export" in (out / "report.md").read_text()
     prompt = "The import statement combines two operations; it searches for the named module, then"

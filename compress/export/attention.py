@@ -4,10 +4,14 @@
   grouped by their KV head against the concatenated cache (no copy of it), an additive mask, Softmax.
 - **fused** (``weights: fast``): onnxruntime's ``com.microsoft::GroupQueryAttention`` does the rotation (from
   cos/sin tables over every position, computed in the graph from the model's ``inv_freq`` and folded when the
-  session loads: nothing stored), the per-head query/key RMSNorm of Qwen3 and Gemma 3, the cache append, the
-  score soft-cap (Gemma 2) and the softmax in one kernel. It is told the positions (``position_ids``) and reads
-  the same additive mask as the standard graph as its attention bias, so left padding and sliding windows
-  mean what they mean in transformers; every key of the cache counts as present for its own bookkeeping.
+  session loads: nothing stored), the cache append, the score soft-cap (Gemma 2) and the softmax in one kernel,
+  reading q/k/v packed in one tensor when one matmul made them (``fuse.py``). It reads the same additive mask as
+  the standard graph as its attention bias, so left padding and sliding windows mean what they mean in
+  transformers; every key of the cache counts as present for its own bookkeeping, so it rotates a left-padded
+  row's tokens at positions shifted by the padding: rotary attention depends only on the distance between
+  positions, so the scores are the same (tested). (Given ``position_ids`` instead, onnxruntime 1.32 rotates the
+  cached keys of a padded prompt wrongly.) Qwen3 and Gemma 3 normalize each head before the rotation: their
+  queries and keys go through ``RotaryEmbedding`` at ``position_ids`` first.
 
 Both read ``past_key_values.{i}.key|value`` [batch, kv_heads, past, head_dim] and write the present cache in
 the same layout, so onnxruntime-genai and our own loop drive either graph.
@@ -78,16 +82,19 @@ def attention(ctx: AttentionContext, attn, q: str, k: str, v: str, past: list[st
 
 def _fused(ctx, attn, q, k, v, past, window, layer_type, scale, name):
     g = ctx.g
-    if getattr(attn, "q_norm", None) is not None:  # Qwen3, Gemma 3: RMSNorm over each head before the rotation
-        q = _per_head_norm(ctx, q, attn.q_norm, ctx.heads, f"{name}.q_norm")
-        k = _per_head_norm(ctx, k, attn.k_norm, ctx.kv_heads, f"{name}.k_norm")
     cos, sin = ctx.rotary[layer_type]
-    q, k = (g.op("RotaryEmbedding", t, ctx.positions, cos, sin, domain=MICROSOFT, num_heads=n)
-            for t, n in ((q, ctx.heads), (k, ctx.kv_heads)))
     attrs = {"num_heads": ctx.heads, "kv_num_heads": ctx.kv_heads, "scale": scale}
     if ctx.softcap:
         attrs["softcap"] = float(ctx.softcap)
-    out, key, value = g.op("GroupQueryAttention", q, k, v, past[0], past[1], ctx.seqlens, ctx.total, "", "", "",
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3, Gemma 3: RMSNorm over each head before the rotation
+        q = _per_head_norm(ctx, q, attn.q_norm, ctx.heads, f"{name}.q_norm")
+        k = _per_head_norm(ctx, k, attn.k_norm, ctx.kv_heads, f"{name}.k_norm")
+        q, k = (g.op("RotaryEmbedding", t, ctx.positions, cos, sin, domain=MICROSOFT, num_heads=n)
+                for t, n in ((q, ctx.heads), (k, ctx.kv_heads)))
+        tables: tuple[str, str] = ("", "")
+    else:  # the kernel rotates queries and keys itself, at its own positions (see the module's docstring)
+        tables, attrs["do_rotary"] = (cos, sin), 1
+    out, key, value = g.op("GroupQueryAttention", q, k, v, past[0], past[1], ctx.seqlens, ctx.total, *tables, "",
                            ctx.masks[window], outputs=3, domain=MICROSOFT, **attrs)
     ctx.presents.append((key, value))
     return out

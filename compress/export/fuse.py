@@ -1,7 +1,8 @@
 """Sibling low-bit matmuls packed into one kernel: the query, key and value projections read the same input,
 as do the gate and up projections of the MLP. When their ``MatMulNBits`` agree on everything but the output
 width, their initializers are concatenated along the output rows (each is stored row by row, so the bytes are
-the same, only joined) and one kernel followed by a ``Split`` replaces them: fewer, larger calls per token.
+the same, only joined) and one kernel followed by a ``Split`` replaces them: fewer, larger calls per token. A
+q/k/v split that only feeds GroupQueryAttention goes too: the kernel reads q/k/v packed.
 """
 
 from __future__ import annotations
@@ -61,4 +62,24 @@ def pack_sibling_matmuls(g: Graph) -> int:
         g.nodes[at:at] = [fused, split]
         packed += 1
     g.initializers[:] = [t for t in g.initializers if t.name not in dropped]
+    _packed_attention(g)
     return packed
+
+
+def _packed_attention(g: Graph) -> None:
+    """A packed q/k/v product split only to feed GroupQueryAttention's query, key and value, in that order: the
+    kernel reads the packed tensor itself (its packed-QKV form), so the Split goes."""
+    consumers: dict[str, list] = {}
+    for node in g.nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for split in [n for n in g.nodes if n.op_type == "Split" and len(n.output) == 3]:
+        users = [consumers.get(o, []) for o in split.output]
+        if not all(len(u) == 1 for u in users):
+            continue
+        attention = users[0][0]
+        if attention.op_type != "GroupQueryAttention" or any(u[0] is not attention for u in users) or list(
+                attention.input[:3]) != list(split.output):
+            continue
+        attention.input[0], attention.input[1], attention.input[2] = split.input[0], "", ""
+        g.nodes.remove(split)
