@@ -257,8 +257,10 @@ def test_run_exports_onnx_and_generate_agrees_with_checkpoint(tmp_path):
     assert onnx_info["validation"]["passed"]
     assert onnx_info["lowerings"]["MatMulNBits 4-bit block 128"] == 210
     # the fast graph: per block one fused attention, two fused add + norm, q/k/v and gate/up each one kernel
-    ops = collections.Counter(n.op_type for n in onnx.load(str(out / "onnx" / "model.onnx"),
-                                                           load_external_data=False).graph.node)
+    graph = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False).graph
+    ops = collections.Counter(n.op_type for n in graph.node)
+    read = {name for n in graph.node for name in n.input}
+    assert not [t.name for t in graph.initializer if t.name not in read]  # nothing stored that no node reads
     assert (ops["GroupQueryAttention"], ops["SkipSimplifiedLayerNormalization"], ops["MatMulNBits"]) == (30, 60, 120)
     assert ops["RotaryEmbedding"] == 0 and ops["Split"] == 30  # q/k/v packed into attention, which rotates them
     _left_padding_changes_nothing(out / "onnx")

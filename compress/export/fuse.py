@@ -83,3 +83,7 @@ def _packed_attention(g: Graph) -> None:
             continue
         attention.input[0], attention.input[1], attention.input[2] = split.input[0], "", ""
         g.nodes.remove(split)
+        sizes = split.input[1]
+        if not any(sizes in node.input for node in g.nodes):  # its split sizes, now read by no node
+            g.initializers[:] = [t for t in g.initializers if t.name != sizes]
+            g.forget_const(sizes)

@@ -56,6 +56,10 @@ class Graph:
             self._consts[key] = self.tensor(self.name("const"), arr)
         return self._consts[key]
 
+    def forget_const(self, name: str) -> None:
+        """The constant ``name`` was removed from the graph: a later :meth:`const` of its value makes a new one."""
+        self._consts = {key: value for key, value in self._consts.items() if value != name}
+
     def arange(self, n: int, divide: int = 1, multiply: int = 1) -> str:
         """int64 ``arange(n) // divide * multiply`` computed in the graph (folded at load, nothing stored)."""
         values = self.op("Range", self.const(0), self.const(n), self.const(1))
