@@ -58,8 +58,8 @@ def smol():
 
 
 @pytest.fixture(scope="session")
-def lut_kernel():
-    """Our onnxruntime look-up operator library (``compress.ortops``), built if missing (``make setup`` builds it)."""
+def ortops_library():
+    """Our onnxruntime operator library (``compress.ortops``), built if missing (``make setup`` builds it)."""
     from compress import ortops
 
     return ortops.build()

@@ -68,7 +68,7 @@ def _sparse(w, inner, pattern):
 
 
 @pytest.fixture(scope="module")
-def mixed(smol, lut_kernel):
+def mixed(smol, ortops_library):
     """The real model with one layer of every block compressed, in turn through the formats above (all
     seven layers of a block in crude formats without calibration would leave a broken model whose
     logits amplify float rounding); the other layers stay dense float16."""
@@ -160,7 +160,7 @@ RUNTIME_FORMATS = [lambda w: quantize_rtn(w, QuantSpec(3, 64)),
                                                                                   codebook_refit=0))]
 
 
-def test_runtime_kernels_keep_the_session_compressed(smol, lut_kernel, tmp_path):
+def test_runtime_kernels_keep_the_session_compressed(smol, ortops_library, tmp_path):
     """Every linear layer in a format a runtime kernel reads from its codes: 3-bit widened, 2:4 over 4-bit as dense
     codes, outliers over 3-bit, 4-bit, NF4 in the bitsandbytes kernel, FP4 as its 8-bit integer grid; palettes with
     int8 and float16 tables and vector code books in our look-up kernel; pruned float16 values (unstructured, 2:4)
@@ -361,7 +361,7 @@ def test_every_family_exports_validates_and_generates_like_pytorch(recipe, tmp_p
 
 
 @pytest.mark.parametrize("index", range(len(FORMATS)))
-def test_each_lowering_computes_the_formats_product(smol, lut_kernel, index):
+def test_each_lowering_computes_the_formats_product(smol, ortops_library, index):
     """One layer of the real model in each format, alone in a graph: onnxruntime's product equals
     ``x @ W.T`` of the format's own decode (float32 rounding only), for a prompt and for a few tokens (kernels
     such as ours take another path for those)."""
@@ -381,7 +381,7 @@ def test_each_lowering_computes_the_formats_product(smol, lut_kernel, index):
     assert low.layers["layer"].lowering.startswith(expected)
     options = ort.SessionOptions()
     if low.custom_ops_used:
-        options.register_custom_ops_library(str(lut_kernel))
+        options.register_custom_ops_library(str(ortops_library))
     sess = ort.InferenceSession(g.model(low.opset).SerializeToString(), options)
     for shape in ((2, 5), (1, 3)):
         x = torch.randn(*shape, weight.shape[1], generator=torch.Generator().manual_seed(index))

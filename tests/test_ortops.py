@@ -34,7 +34,7 @@ CASES = [  # (in, out, bits, dim, rows_per_table, int8 table, row scale)
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}bit-dim{c[3]}")
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 37])
-def test_lut_matmul_is_the_decoded_product(lut_kernel, case, tokens):
+def test_lut_matmul_is_the_decoded_product(ortops_library, case, tokens):
     k, n, bits, dim, per, int8, scaled = case
     rng = np.random.default_rng(k + n + bits)
     tables = -(-n // per)
@@ -50,14 +50,14 @@ def test_lut_matmul_is_the_decoded_product(lut_kernel, case, tokens):
     if scaled:
         w *= scale.astype(np.float32)[:, None]
     x = rng.standard_normal((tokens, k)).astype(np.float32)
-    got, want = _run(lut_kernel, node, inits, k, n, x), x @ w.T
+    got, want = _run(ortops_library, node, inits, k, n, x), x @ w.T
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(576, 49), (37, 20), (1536, 16)])
 @pytest.mark.parametrize("tokens", [1, 4, 9])
-def test_half_matmul_is_the_16_bit_product(lut_kernel, dtype, shape, tokens):
+def test_half_matmul_is_the_16_bit_product(ortops_library, dtype, shape, tokens):
     k, n = shape
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(k)).to(dtype)
     x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(n)).numpy()
@@ -65,20 +65,20 @@ def test_half_matmul_is_the_16_bit_product(lut_kernel, dtype, shape, tokens):
     init = helper.make_tensor("w", TensorProto.FLOAT16 if dtype == torch.float16 else TensorProto.BFLOAT16, [n, k],
                               raw, raw=True)
     node = helper.make_node("HalfMatMul", ["x", "w"], ["y"], domain=ortops.DOMAIN, K=k, N=n)
-    got, want = _run(lut_kernel, node, [init], k, n, x), x @ w.float().numpy().T
+    got, want = _run(ortops_library, node, [init], k, n, x), x @ w.float().numpy().T
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
-def test_bad_attributes_are_refused_when_the_session_loads(lut_kernel):
+def test_bad_attributes_are_refused_when_the_session_loads(ortops_library):
     codes = numpy_helper.from_array(np.zeros((4, 5), np.uint8), "codes")
     table = numpy_helper.from_array(np.zeros((4, 16, 1), np.float16), "table")
     node = helper.make_node("LutMatMul", ["x", "codes", "table"], ["y"], domain=ortops.DOMAIN, K=10, N=4, bits=9,
                             dim=1, rows_per_table=1)
     with pytest.raises(Exception, match="bits 1..8"):
-        _run(lut_kernel, node, [codes, table], 10, 4, np.zeros((1, 10), np.float32))
+        _run(ortops_library, node, [codes, table], 10, 4, np.zeros((1, 10), np.float32))
 
 
-def test_tensors_smaller_than_the_attributes_say_are_refused(lut_kernel):
+def test_tensors_smaller_than_the_attributes_say_are_refused(ortops_library):
     """A damaged file whose codes or table are shorter than its attributes imply fails with a message, never reads
     past them."""
     codes = numpy_helper.from_array(np.zeros((4, 4), np.uint8), "codes")  # 4 rows of 10 4-bit codes need 5 bytes
@@ -86,17 +86,17 @@ def test_tensors_smaller_than_the_attributes_say_are_refused(lut_kernel):
     node = helper.make_node("LutMatMul", ["x", "codes", "table"], ["y"], domain=ortops.DOMAIN, K=10, N=4, bits=4,
                             dim=1, rows_per_table=1)
     with pytest.raises(Exception, match="indices smaller"):
-        _run(lut_kernel, node, [codes, table], 10, 4, np.zeros((1, 10), np.float32))
+        _run(ortops_library, node, [codes, table], 10, 4, np.zeros((1, 10), np.float32))
     node = helper.make_node("HalfMatMul", ["x", "w"], ["y"], domain=ortops.DOMAIN, K=10, N=4)
     with pytest.raises(Exception, match="weight smaller"):
-        _run(lut_kernel, node, [numpy_helper.from_array(np.zeros((3, 10), np.float16), "w")], 10, 4,
+        _run(ortops_library, node, [numpy_helper.from_array(np.zeros((3, 10), np.float16), "w")], 10, 4,
              np.zeros((1, 10), np.float32))
 
 
 @pytest.mark.parametrize("pattern", [None, (2, 4), (1, 4), (4, 8), (1, 2)], ids=str)
 @pytest.mark.parametrize("shape", [(576, 40), (100, 33)])
 @pytest.mark.parametrize("tokens", [1, 3, 9])
-def test_sparse_matmul_is_the_pruned_product(lut_kernel, pattern, shape, tokens):
+def test_sparse_matmul_is_the_pruned_product(ortops_library, pattern, shape, tokens):
     """Kept values at the positions of their bitmap (N:M patterns too), zeros elsewhere."""
     from compress.formats import DenseWeight, SparseWeight, compact
 
@@ -121,7 +121,7 @@ def test_sparse_matmul_is_the_pruned_product(lut_kernel, pattern, shape, tokens)
     node = helper.make_node("SparseMatMul", ["x", "positions", "values"], ["y"], domain=ortops.DOMAIN, K=k, N=n,
                             kept=fmt.kept_per_row)
     x = torch.randn(tokens, k, generator=gen).numpy()
-    got, want = _run(lut_kernel, node, inits, k, n, x), x @ fmt.dequantize().numpy().T
+    got, want = _run(ortops_library, node, inits, k, n, x), x @ fmt.dequantize().numpy().T
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
