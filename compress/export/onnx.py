@@ -7,6 +7,7 @@ Folder layout::
     export.json       inputs/outputs, how each layer's weight is stored and its bytes, sizes,
                       and the validation against PyTorch
     genai_config.json what onnxruntime-genai reads (``onnxruntime_genai.Model(folder)``)
+    libcompress_ortops.so  our operators (``compress.ortops``), when the graph uses them
     config.json, generation_config.json, tokenizer files
 
 Validation runs every time: the onnxruntime session and the PyTorch model read the same held-out
