@@ -7,8 +7,9 @@ shared row-by-row / tiled matmul (``rows.c``).
 ``python -m compress.ortops`` builds it (``make setup`` does): onnxruntime's C API header comes from Debian's
 ``libonnxruntime-dev`` package (the PyPI wheels ship the library without headers; the C API is stable, so a
 library built against these headers loads in every later onnxruntime), checked against its SHA-256, and the C
-compiler of the machine (``$CC``, else ``cc``) builds ``libcompress_ortops.so`` beside this file. Without it the
-exporter decodes those weights in the graph (onnxruntime then folds them to float32) and says so.
+compiler of the machine (``$CC``, else ``cc``) builds ``libcompress_ortops.so`` beside this file: the kernels for AVX2,
+and AVX-512 when the machine has it (``kernel_flags``); the library checks the CPU before it registers anything.
+Without it the exporter decodes those weights in the graph (onnxruntime then folds them to float32) and says so.
 """
 
 from __future__ import annotations
@@ -95,6 +96,30 @@ def headers() -> Path:
     return folder
 
 
+AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vbmi"]
+
+
+def kernel_flags() -> list[str]:
+    """The vector extensions the kernels are built for: AVX2, plus AVX-512 (with VBMI) when this machine has it,
+    unless ``COMPRESS_ORTOPS_ARCH=avx2`` asks for a library that also runs on CPUs without it (the library refuses
+    to load on a CPU lacking what it was built for, with a message, rather than crash)."""
+    try:
+        cpu = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpu = ""
+    flags_line = next((line for line in cpu.splitlines() if line.startswith("flags")), "")
+    have = set(flags_line.split(":", 1)[-1].split())
+    wide = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi"} <= have
+    return AVX2 + (AVX512 if wide and os.environ.get("COMPRESS_ORTOPS_ARCH") != "avx2" else [])
+
+
+def _compile(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BuildError(f"{' '.join(cmd[:1] + cmd[-3:])} failed:\n{done.stderr.strip()}")
+
+
 def build(force: bool = False) -> Path:
     """Build the library (when missing or older than its sources); its path."""
     if not force and library() is not None:
@@ -104,11 +129,20 @@ def build(force: bool = False) -> Path:
     if compiler is None:
         raise BuildError("no C compiler (set CC, or install gcc)")
     partial = LIBRARY.with_suffix(".so.partial")
-    cmd = [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-std=c11", "-Wall", "-I", str(include),
-           *(str(s) for s in SOURCES if s.suffix == ".c"), "-o", str(partial)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        partial.unlink(missing_ok=True)
-        raise BuildError(f"compiling {', '.join(s.name for s in SOURCES)} failed:\n{done.stderr.strip()}")
+    flags = kernel_flags()
+    with tempfile.TemporaryDirectory(prefix="ortops-") as tmp:
+        objects = []
+        for source in (s for s in SOURCES if s.suffix == ".c"):
+            # the kernels get the vector extensions; ops.c (the glue, which checks the CPU first) only the baseline
+            extra = [] if source.name == "ops.c" else flags
+            obj = Path(tmp) / (source.stem + ".o")
+            _compile([compiler, "-O3", "-fPIC", "-std=c11", "-Wall", *extra, "-I", str(include), "-c", str(source),
+                      "-o", str(obj)])
+            objects.append(str(obj))
+        try:
+            _compile([compiler, "-shared", *objects, "-o", str(partial)])
+        except BuildError:
+            partial.unlink(missing_ok=True)
+            raise
     partial.replace(LIBRARY)
     return LIBRARY

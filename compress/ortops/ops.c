@@ -331,6 +331,17 @@ static void describe(OrtCustomOp *op, const char *(*name)(const OrtCustomOp *),
 OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
   ort = base->GetApi(ORT_API_VERSION);
   if (!ort) return NULL;
+  /* this file is built for the baseline CPU; the kernels need what they were built with */
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
+    return ort->CreateStatus(ORT_FAIL, "libcompress_ortops needs a CPU with AVX2 and FMA");
+  if (kernels_need_avx512() &&
+      !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vbmi")))
+    return ort->CreateStatus(ORT_FAIL,
+                             "libcompress_ortops was built for AVX-512 (VBMI), which this CPU lacks: rebuild it here "
+                             "with `COMPRESS_ORTOPS_ARCH=avx2 python -m compress.ortops --force` and export again");
   describe(&lut_op, lut_name, lut_input_type, lut_inputs, lut_input_kind);
   describe(&half_op, half_name, half_input_type, half_inputs, required);
   describe(&sparse_op, sparse_name, sparse_input_type, three, required);

@@ -53,6 +53,7 @@ typedef int (*ParallelFor)(void *context, void (*fn)(void *, size_t), size_t tot
 int matmul_rows(Call *c, void *context, ParallelFor parallel_for);
 
 float half_to_float(uint16_t h);
+int kernels_need_avx512(void); /* whether rows.c / decode.c were built with AVX-512 (ops.c checks the CPU) */
 int wants_pairs(const Call *c);                 /* the dot products read x as permute_inputs writes it */
 void permute_inputs(const Call *c, float *pairs); /* [M, K]: every 32 inputs, the even ones then the odd ones */
 
