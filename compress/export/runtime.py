@@ -18,18 +18,9 @@ ONNX_FILE = "model.onnx"
 EXPORT_META = "export.json"
 
 
-def custom_ops_library(folder: Path) -> Path | None:
-    """The custom-operator library an export folder ships (``export.json``'s ``custom_ops_library``), or None."""
-    try:
-        name = json.loads((folder / EXPORT_META).read_text()).get("custom_ops_library")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return folder / name if isinstance(name, str) and name else None
-
-
 def session(path: Path, threads: int | None = None, accuracy_level: int = 0, custom_ops: Path | None = None):
     """An onnxruntime CPU session; a missing, truncated or corrupted file is a one-line error. ``custom_ops``: the
-    library of our operators the graph uses (default: the one its folder's ``export.json`` names).
+    library of our operators the graph uses (its folder's ``export.json`` names it: ``custom_ops_library``).
 
     onnxruntime fuses a blocked DequantizeLinear + MatMul (``weights: portable``) into its low-bit
     MatMul with int8 activations unless told otherwise: the session is told the export's own
@@ -41,12 +32,11 @@ def session(path: Path, threads: int | None = None, accuracy_level: int = 0, cus
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    library = custom_ops or custom_ops_library(Path(path).parent)
-    if library is not None:
-        if not library.is_file():
-            raise CheckpointError(f"{library}: the custom-operator library of this export is missing",
+    if custom_ops is not None:
+        if not custom_ops.is_file():
+            raise CheckpointError(f"{custom_ops}: the custom-operator library of this export is missing",
                                   "export it again, or copy the library back into the folder")
-        options.register_custom_ops_library(str(library))
+        options.register_custom_ops_library(str(custom_ops))
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
@@ -85,7 +75,9 @@ class OnnxCausalLM:
                                   "export it again") from None
         self.folder = folder
         try:
-            self.session = session(folder / ONNX_FILE, threads, self.meta.get("accuracy_level", 0))
+            library = self.meta.get("custom_ops_library")
+            self.session = session(folder / ONNX_FILE, threads, self.meta.get("accuracy_level", 0),
+                                   folder / library if isinstance(library, str) and library else None)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for any damage it finds
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{folder / ONNX_FILE}: onnxruntime cannot load it ({first[:200]})",

@@ -174,50 +174,38 @@ static OrtStatus *attribute(const OrtKernelInfo *info, const char *name, int64_t
 
 static OrtStatus *create_kernel(const OrtCustomOp *self, const OrtApi *api, const OrtKernelInfo *info, void **out);
 
-static const char *lut_name(const OrtCustomOp *self) {
-  (void)self;
-  return "LutMatMul";
-}
-static const char *half_name(const OrtCustomOp *self) {
-  (void)self;
-  return "HalfMatMul";
-}
-static const char *sparse_name(const OrtCustomOp *self) {
-  (void)self;
-  return "SparseMatMul";
+/* Each operator's description: the OrtCustomOp onnxruntime reads comes first, so the callbacks, handed that
+   pointer, find the rest. */
+typedef struct {
+  OrtCustomOp op;
+  Op kind;
+  const char *name;
+  size_t inputs;
+  ONNXTensorElementDataType types[4]; /* UNDEFINED: several types, checked at run time */
+  size_t optional_from;               /* inputs from this one on may be left out */
+} Spec;
+
+static Spec specs[] = {
+    {.kind = LUT, .name = "LutMatMul", .inputs = 4, .optional_from = 3,
+     .types = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+               ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16}},
+    {.kind = HALF, .name = "HalfMatMul", .inputs = 2, .optional_from = 2,
+     .types = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED}},
+    {.kind = SPARSE, .name = "SparseMatMul", .inputs = 3, .optional_from = 3,
+     .types = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+               ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED}},
+};
+
+static const Spec *spec_of(const OrtCustomOp *self) { return (const Spec *)self; }
+static const char *op_name(const OrtCustomOp *self) { return spec_of(self)->name; }
+static ONNXTensorElementDataType input_type(const OrtCustomOp *self, size_t i) { return spec_of(self)->types[i]; }
+static size_t input_count(const OrtCustomOp *self) { return spec_of(self)->inputs; }
+static OrtCustomOpInputOutputCharacteristic input_kind(const OrtCustomOp *self, size_t i) {
+  return i >= spec_of(self)->optional_from ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
 static const char *provider(const OrtCustomOp *self) {
   (void)self;
   return "CPUExecutionProvider";
-}
-static ONNXTensorElementDataType lut_input_type(const OrtCustomOp *self, size_t i) {
-  (void)self;
-  static const ONNXTensorElementDataType types[] = {
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, /* float16 or int8, checked at run time */
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16};
-  return types[i];
-}
-static ONNXTensorElementDataType half_input_type(const OrtCustomOp *self, size_t i) {
-  (void)self;
-  return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; /* 16-bit float */
-}
-static ONNXTensorElementDataType sparse_input_type(const OrtCustomOp *self, size_t i) {
-  (void)self;
-  return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
-                : i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-}
-static size_t three(const OrtCustomOp *self) {
-  (void)self;
-  return 3;
-}
-static size_t lut_inputs(const OrtCustomOp *self) {
-  (void)self;
-  return 4;
-}
-static size_t half_inputs(const OrtCustomOp *self) {
-  (void)self;
-  return 2;
 }
 static ONNXTensorElementDataType output_type(const OrtCustomOp *self, size_t i) {
   (void)self;
@@ -227,10 +215,6 @@ static ONNXTensorElementDataType output_type(const OrtCustomOp *self, size_t i) 
 static size_t one(const OrtCustomOp *self) {
   (void)self;
   return 1;
-}
-static OrtCustomOpInputOutputCharacteristic lut_input_kind(const OrtCustomOp *self, size_t i) {
-  (void)self;
-  return i == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
 static OrtCustomOpInputOutputCharacteristic required(const OrtCustomOp *self, size_t i) {
   (void)self;
@@ -269,13 +253,12 @@ static void release_pairs(int *inputs, int *outputs) {
   (void)outputs;
 }
 
-static OrtCustomOp lut_op, half_op, sparse_op;
 
 static OrtStatus *create_kernel(const OrtCustomOp *self, const OrtApi *api, const OrtKernelInfo *info, void **out) {
   (void)api;
   Kernel *k = (Kernel *)calloc(1, sizeof(Kernel));
   if (!k) return ort->CreateStatus(ORT_FAIL, "out of memory");
-  k->op = self == &lut_op ? LUT : self == &half_op ? HALF : SPARSE;
+  k->op = spec_of(self)->kind;
   k->dim = 1;
   k->rows_per_table = 1;
   OrtStatus *status = attribute(info, "K", &k->K);
@@ -298,16 +281,13 @@ static OrtStatus *create_kernel(const OrtCustomOp *self, const OrtApi *api, cons
   return NULL;
 }
 
-static void describe(OrtCustomOp *op, const char *(*name)(const OrtCustomOp *),
-                     ONNXTensorElementDataType (*input_type)(const OrtCustomOp *, size_t),
-                     size_t (*inputs)(const OrtCustomOp *),
-                     OrtCustomOpInputOutputCharacteristic (*input_kind)(const OrtCustomOp *, size_t)) {
+static void describe(OrtCustomOp *op) {
   memset(op, 0, sizeof *op);
   op->version = ORT_API_VERSION;
-  op->GetName = name;
+  op->GetName = op_name;
   op->GetExecutionProviderType = provider;
   op->GetInputType = input_type;
-  op->GetInputTypeCount = inputs;
+  op->GetInputTypeCount = input_count;
   op->GetOutputType = output_type;
   op->GetOutputTypeCount = one;
   op->GetInputCharacteristic = input_kind;
@@ -342,13 +322,11 @@ OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtA
     return ort->CreateStatus(ORT_FAIL,
                              "libcompress_ortops was built for AVX-512 (VBMI), which this CPU lacks: rebuild it here "
                              "with `COMPRESS_ORTOPS_ARCH=avx2 python -m compress.ortops --force` and export again");
-  describe(&lut_op, lut_name, lut_input_type, lut_inputs, lut_input_kind);
-  describe(&half_op, half_name, half_input_type, half_inputs, required);
-  describe(&sparse_op, sparse_name, sparse_input_type, three, required);
   OrtCustomOpDomain *domain;
   CHECK(ort->CreateCustomOpDomain("compress", &domain));
-  CHECK(ort->CustomOpDomain_Add(domain, &lut_op));
-  CHECK(ort->CustomOpDomain_Add(domain, &half_op));
-  CHECK(ort->CustomOpDomain_Add(domain, &sparse_op));
+  for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
+    describe(&specs[i].op);
+    CHECK(ort->CustomOpDomain_Add(domain, &specs[i].op));
+  }
   return ort->AddCustomOpDomain(options, domain);
 }
