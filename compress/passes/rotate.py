@@ -111,10 +111,10 @@ class Rotate(Pass):
         row range of a fused ``qkv_proj`` in Phi-3."""
         attn = block.self_attn
         hd, r = self.head_dim, self.r
-        v = getattr(attn, "v_proj", None) or attn.qkv_proj
+        fused = getattr(attn, "v_proj", None) is None
+        v = attn.qkv_proj if fused else attn.v_proj
         w = _f64(linear_weight(v))
-        rows = slice(w.shape[0] - attn.config.num_key_value_heads * hd, w.shape[0]) if v is not getattr(
-            attn, "v_proj", None) else slice(0, w.shape[0])
+        rows = slice(w.shape[0] - attn.config.num_key_value_heads * hd, None) if fused else slice(None)
         values = w[rows]
         w[rows] = (r.t() @ values.reshape(-1, hd, values.shape[1])).reshape(values.shape)
         _set(v, "weight", w)
