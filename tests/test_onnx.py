@@ -228,6 +228,10 @@ def _left_padding_changes_nothing(folder):
     logits, cache = lm.forward(np.array([long, [0] * 20 + short]), lm.empty_cache(2), mask)
     alone, alone_cache = lm.forward(np.array([short]), lm.empty_cache(1))
     assert np.abs(logits[1, 20:] - alone[0]).max() < 1e-3
+    # logits_to_keep: the head reads the last positions only, the same values
+    last, _ = lm.forward(np.array([long, [0] * 20 + short]), lm.empty_cache(2), mask, keep=1)
+    assert lm.keeps_logits and last.shape == (2, 1, logits.shape[2])
+    assert np.abs(last - logits[:, -1:]).max() < 1e-3
     step = logits[:, -1].argmax(-1)[:, None]
     logits, _ = lm.forward(step, cache, np.concatenate([mask, np.ones((2, 1), np.int64)], 1))
     alone, _ = lm.forward(step[1:], alone_cache)
@@ -388,3 +392,38 @@ def test_each_lowering_computes_the_formats_product(smol, ortops_library, index)
         got = sess.run(None, {"x": x.numpy()})[0]
         want = (x @ fmt.dequantize().T).numpy()
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (expected, shape, np.abs(got - want).max())
+
+
+@pytest.mark.parametrize("spec, accuracy_level, op", [
+    (QuantSpec(4, 32, symmetric=True), 0, "GatherBlockQuantized"),
+    (QuantSpec(4, 64), 0, "GatherBlockQuantized"),  # zero points, 576 inputs: the last block padded
+    (QuantSpec(3, 128), 0, "GatherBlockQuantized"),  # widened to 4 bits, 576 = 4.5 blocks
+    (QuantSpec(8, 32), 4, "GatherBlockQuantized"),
+    (QuantSpec(2, 32), 4, "BitShift"),  # no gather kernel reads 2 bits: decoded by standard ops
+])
+def test_a_tied_tables_rows_decode_from_the_heads_codes(smol, spec, accuracy_level, op):
+    """A quantized token embedding tied to the head: its rows gathered from the head's MatMulNBits initializers
+    (stored once) equal the format's own decode, and the head's product still does."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from compress.export.graph import FLOAT, INT64, Graph
+    from compress.export.weights import WeightLowering
+
+    table = smol[0].model.embed_tokens.weight.detach().float()[:3000]
+    fmt = quantize_rtn(table, spec)
+    g = Graph()
+    low = WeightLowering(g, "fast", accuracy_level)
+    ids = g.input("ids", INT64, ["batch", "sequence"])
+    g.output(low.rows(fmt, ids, "embed", "head"), "rows", FLOAT, ["batch", "sequence", table.shape[1]])
+    y = low.linear(g.input("x", FLOAT, ["batch", "sequence", table.shape[1]]), fmt, None, "head")
+    g.output(y, "y", FLOAT, ["batch", "sequence", table.shape[0]])
+    assert op in {n.op_type for n in g.nodes}
+    sess = ort.InferenceSession(g.model(low.opset).SerializeToString())
+    picked = np.array([[0, 2999, 17], [5, 5, 1234]])
+    x = torch.randn(1, 2, table.shape[1], generator=torch.Generator().manual_seed(0))
+    rows, got = sess.run(None, {"ids": picked, "x": x.numpy()})
+    assert np.array_equal(rows, fmt.dequantize()[torch.from_numpy(picked)].numpy())
+    if accuracy_level == 0:  # (int8 activations change the product by design)
+        want = (x @ fmt.dequantize().T).numpy()
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

@@ -67,8 +67,12 @@ class Graph:
             values = self.op("Div", values, self.const(divide))
         return values if multiply == 1 else self.op("Mul", values, self.const(multiply))
 
-    def input(self, name: str, elem_type: int, shape: list) -> str:
+    def input(self, name: str, elem_type: int, shape: list, default: np.ndarray | None = None) -> str:
+        """A graph input; with ``default``, an optional one: an initializer of the same name holds the value a run
+        that does not feed it gets (onnxruntime's overridable initializers; never folded as a constant)."""
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        if default is not None:
+            self.tensor(name, default)
         return name
 
     def output(self, value: str, name: str, elem_type: int, shape: list) -> str:

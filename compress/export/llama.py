@@ -2,8 +2,9 @@
 
 Inputs: ``input_ids`` [batch, seq], ``attention_mask`` [batch, past + seq] (1 = token, 0 = padding),
 ``position_ids`` [batch, seq], and per layer ``past_key_values.{i}.key|value``
-[batch, kv_heads, past, head_dim] (past = 0 for the prefill). Outputs: ``logits``
-[batch, seq, vocab] and ``present.{i}.key|value`` [batch, kv_heads, past + seq, head_dim].
+[batch, kv_heads, past, head_dim] (past = 0 for the prefill); optional ``logits_to_keep`` [1] (transformers'
+meaning: the logits of the last k positions only, 0 = all, the default). Outputs: ``logits``
+[batch, seq or k, vocab] and ``present.{i}.key|value`` [batch, kv_heads, past + seq, head_dim].
 Batch, sequence and past lengths are dynamic; prefill and decode run the same graph.
 
 The graph follows transformers' ``LlamaForCausalLM`` op for op in float32: RMSNorm, rotary
@@ -129,6 +130,14 @@ def _embeddings(low: WeightLowering, module, ids: str, tied: bool, dense_dtype) 
     return h, dtype, init
 
 
+def _kept_positions(g: Graph, x: str) -> str:
+    """The positions of ``x`` [batch, seq, hidden] the head reads: the last ``logits_to_keep`` (0, the default when
+    the input is not fed: all). Generating needs the last position's logits only; the whole prompt's are a
+    [seq, vocab] buffer (48 MiB for 256 tokens of a 49k vocabulary) and a head matmul over every prompt token."""
+    keep = g.input("logits_to_keep", INT64, [1], default=np.zeros(1, np.int64))
+    return g.op("Slice", x, g.op("Neg", keep), g.const([np.iinfo(np.int64).max]), g.const([1]))
+
+
 def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_dtype: torch.dtype | None = None):
     """(ModelProto, WeightLowering, io facts) for ``model`` (a Llama-like ``*ForCausalLM``)."""
     check_exportable(model)
@@ -198,7 +207,7 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
         next_norm, next_name = ((model.model.norm, "model.norm") if last
                                 else (layers[i + 1].input_layernorm, f"model.layers.{i + 1}.input_layernorm"))
         x, h = add_and_norm(g, h, out, next_norm, next_name, offset, fused)
-    h = x
+    h = _kept_positions(g, x)
     if tied and embed_init is not None and _head_reads_16_bits(low, embed_dtype):
         logits = half_matmul(low, h, "lm_head", embed_init, (cfg.vocab_size, cfg.hidden_size))
         assert logits is not None  # _head_reads_16_bits: the library is there
@@ -213,7 +222,7 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
         logits = _linear(low, h, head, "lm_head")
     if getattr(cfg, "final_logit_softcapping", None):
         logits = soft_cap(g, logits, cfg.final_logit_softcapping)
-    g.output(logits, "logits", FLOAT, ["batch", "sequence", cfg.vocab_size])
+    g.output(logits, "logits", FLOAT, ["batch", "logits_sequence", cfg.vocab_size])
     for i, (key, value) in enumerate(ctx.presents):
         for tensor, kind in ((key, "key"), (value, "value")):
             g.output(tensor, f"present.{i}.{kind}", FLOAT, ["batch", kv_heads, "total_sequence", head_dim])

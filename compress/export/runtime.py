@@ -90,11 +90,18 @@ class OnnxCausalLM:
         self.layers, self.kv_heads, self.head_dim = io["layers"], io["kv_heads"], io["head_dim"]
         return self
 
+    @property
+    def keeps_logits(self) -> bool:
+        """Whether the graph takes ``logits_to_keep`` (exports since it was added)."""
+        return any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers())
+
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)] * (2 * self.layers)
 
-    def forward(self, ids: np.ndarray, cache: list[np.ndarray], mask: np.ndarray | None = None):
-        """(logits [b, s, vocab], new cache) for ``ids`` [b, s] after ``cache``."""
+    def forward(self, ids: np.ndarray, cache: list[np.ndarray], mask: np.ndarray | None = None, keep: int = 0):
+        """(logits [b, s, vocab], new cache) for ``ids`` [b, s] after ``cache``; ``keep`` > 0: the logits of the
+        last ``keep`` positions only ([b, keep, vocab]), where the graph has the ``logits_to_keep`` input (exports
+        before it return them all)."""
         batch, seq = ids.shape
         past = cache[0].shape[2]
         if mask is None:
@@ -103,13 +110,15 @@ class OnnxCausalLM:
         feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask, "position_ids": positions}
         for i in range(self.layers):
             feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = cache[2 * i], cache[2 * i + 1]
+        if keep and self.keeps_logits:
+            feed["logits_to_keep"] = np.array([keep], np.int64)
         logits, *present = self.session.run(None, feed)
         return logits, present
 
     def greedy(self, prompt: list[int], max_new_tokens: int,
                eos: frozenset[int] | set[int] = frozenset()) -> Generation:
         t = time.perf_counter()
-        logits, cache = self.forward(np.array([prompt]), self.empty_cache(1))
+        logits, cache = self.forward(np.array([prompt]), self.empty_cache(1), keep=1)
         gen = Generation([], time.perf_counter() - t)
         for _ in range(max_new_tokens):
             token = int(logits[0, -1].argmax())

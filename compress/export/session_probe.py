@@ -6,7 +6,8 @@ onnxruntime only, no torch), so nothing else counts.
 Prints one JSON line: the process's resident memory before the session (``before_mb``), its peak while the session
 loads and runs a prefill of ``--prefill`` tokens and ``--decode`` KV-cache steps (``peak_mb``), and the difference
 (``session_mb``: what the session itself needed, with one buffer for the logits: they are bound to the caller's array
-and the cache stays in onnxruntime's values, as onnxruntime-genai runs a model).
+and the cache stays in onnxruntime's values, as onnxruntime-genai runs a model; the last position's logits only where
+the graph takes ``logits_to_keep``, as ``compress generate`` runs it).
 :func:`compress.export.runtime.session_memory` runs it.
 """
 
@@ -49,30 +50,39 @@ def main(argv: list[str]) -> dict:
         options.register_custom_ops_library(str(folder / meta["custom_ops_library"]))
     sess = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     loaded = _status_mb("VmRSS")
-    # as a serving loop runs it (onnxruntime-genai does the same): the logits written straight into the caller's
-    # buffer and the cache kept as onnxruntime's values between steps, bound, not copied into numpy arrays
+    # as a serving loop runs it: the cache kept as onnxruntime's values between steps, not copied into numpy arrays;
+    # the logits of the last position only where the graph takes logits_to_keep (compress generate), else written
+    # straight into the caller's buffer (onnxruntime-genai's way)
     names = [f"past_key_values.{i}.{kv}" for i in range(io["layers"]) for kv in ("key", "value")]
     presents = [f"present.{i}.{kv}" for i in range(io["layers"]) for kv in ("key", "value")]
     cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, io["kv_heads"], 0, io["head_dim"]), np.float32))
              for _ in names]
     ids = (np.arange(a.prefill, dtype=np.int64) % 1000 + 100)[None]
+    keeps = any(i.name == "logits_to_keep" for i in sess.get_overridable_initializers())
     past = 0
     for _ in range(1 + a.decode):
-        binding = sess.io_binding()
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", np.ones((1, past + ids.shape[1]), np.int64))
-        binding.bind_cpu_input("position_ids", np.arange(past, past + ids.shape[1], dtype=np.int64)[None])
-        for name, value in zip(names, cache, strict=True):
-            binding.bind_ortvalue_input(name, value)
-        logits = np.empty((1, ids.shape[1], io["vocab_size"]), np.float32)
-        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        for name in presents:
-            binding.bind_output(name, "cpu")
-        sess.run_with_iobinding(binding)
-        cache = binding.get_outputs()[1:]
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, past + ids.shape[1]), np.int64),
+                "position_ids": np.arange(past, past + ids.shape[1], dtype=np.int64)[None]}
+        if keeps:  # (io binding cannot feed an optional input: onnxruntime's overridable initializers)
+            feed["logits_to_keep"] = np.ones(1, np.int64)
+            values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()}
+            out = sess.run_with_ort_values(["logits", *presents], {**values, **dict(zip(names, cache, strict=True))})
+            logits, cache = out[0].numpy(), out[1:]
+        else:
+            binding = sess.io_binding()
+            for name, value in feed.items():
+                binding.bind_cpu_input(name, value)
+            for name, value in zip(names, cache, strict=True):
+                binding.bind_ortvalue_input(name, value)
+            logits = np.empty((1, ids.shape[1], io["vocab_size"]), np.float32)
+            binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+            for name in presents:
+                binding.bind_output(name, "cpu")
+            sess.run_with_iobinding(binding)
+            cache = binding.get_outputs()[1:]
+            del binding
         past += ids.shape[1]
         ids = logits[:, -1:].argmax(-1).astype(np.int64)
-        del binding
     peak = _status_mb("VmHWM")
     return {"before_mb": before, "loaded_mb": loaded, "peak_mb": peak, "session_mb": peak - before}
 

@@ -100,7 +100,8 @@ def _nbits_tensors(lowering, grid: IntegerGrid, shape, width: int, block: int, n
 
 def gather_grid_rows(lowering, grid: IntegerGrid, shape: tuple[int, int], ids: str, name: str) -> str | None:
     """Rows ``ids`` of ``grid`` (float32 ``[*ids.shape, cols]``) gathered from the initializers the MatMulNBits of
-    layer ``name`` reads, then decoded: a token embedding tied to that layer (the output head) stores its table
+    layer ``name`` reads, then decoded (4 and 8 bits by onnxruntime's GatherBlockQuantized, with ``ids`` [batch,
+    seq]; other widths by standard ops): a token embedding tied to that layer (the output head) stores its table
     once. None when that layer would not run in one 2/4/8-bit MatMulNBits (the caller then stores the table
     apart)."""
     width, block = kernel_bits(grid.bits), nbits_block(grid.group_size)
@@ -110,6 +111,8 @@ def gather_grid_rows(lowering, grid: IntegerGrid, shape: tuple[int, int], ids: s
     rows, cols = shape
     blocks = -(-cols // block)
     inputs = _nbits_tensors(lowering, grid, shape, width, block, name)
+    if width in GATHER_BITS:
+        return _gather_block_quantized(lowering, grid, shape, ids, width, block, inputs, name)
     flat = g.op("Reshape", ids, g.const([-1]))
     packed = g.op("Reshape", g.op("Gather", inputs[0], flat), g.const([-1, blocks * block * width // 8]))
     codes = unpack_codes(g, packed, -1, blocks * block, width, FLOAT)
@@ -130,6 +133,31 @@ def gather_grid_rows(lowering, grid: IntegerGrid, shape: tuple[int, int], ids: s
     if blocks * block != cols:
         decoded = g.op("Slice", decoded, g.const([0]), g.const([cols]), g.const([1]))
     return g.op("Reshape", decoded, g.op("Concat", g.op("Shape", ids), g.const([cols]), axis=0))
+
+
+GATHER_BITS = (4, 8)  # the widths GatherBlockQuantized reads from MatMulNBits' packed bytes
+
+
+def _gather_block_quantized(lowering, grid: IntegerGrid, shape, ids: str, width: int, block: int, inputs: list[str],
+                            name: str) -> str:
+    """Rows ``ids`` [batch, seq] decoded by onnxruntime's ``GatherBlockQuantized`` (one kernel) from the codes
+    MatMulNBits reads ``[rows, blocks, block * width / 8]``, quantized along their last axis: the scales reshaped to
+    ``[rows, blocks, 1]`` (a copy of the scales only, at load), the zero points stored again one a byte (the
+    kernel's layout for one block on that axis; MatMulNBits' packs them across blocks)."""
+    g = lowering.g
+    rows, cols = shape
+    blocks = -(-cols // block)
+    extra = []
+    if len(inputs) > 2:
+        zeros = _per_block(grid.zeros, blocks, grid.group_size // block).to(torch.uint8).reshape(rows, blocks, 1)
+        extra.append(g.tensor(f"{name}.zero_points_per_block", zeros.numpy()))
+    scales = g.op("Reshape", inputs[1], g.const([rows, blocks, 1]))
+    decoded = g.op("GatherBlockQuantized", inputs[0], ids, scales, *extra, domain=MS_DOMAIN, bits=width,
+                   block_size=block, gather_axis=0, quantize_axis=2)
+    decoded = g.op("Reshape", decoded, g.const([0, 0, blocks * block]))  # [batch, seq, blocks, block] -> rows
+    if blocks * block != cols:
+        decoded = g.op("Slice", decoded, g.const([0]), g.const([cols]), g.const([-1]))
+    return decoded
 
 
 def _dequantize_linear(lowering, x: str, grid: IntegerGrid, width: int, name: str) -> tuple[str, str]:
