@@ -2,7 +2,8 @@
 as do the gate and up projections of the MLP. When their ``MatMulNBits`` agree on everything but the output
 width, their initializers are concatenated along the output rows (each is stored row by row, so the bytes are
 the same, only joined) and one kernel followed by a ``Split`` replaces them: fewer, larger calls per token. A
-q/k/v split that only feeds GroupQueryAttention goes too: the kernel reads q/k/v packed.
+q/k/v split that only feeds GroupQueryAttention goes too: the kernel reads q/k/v packed; a gate/up split that only
+feeds the SiLU gating becomes our ``SiluGate`` where our operator library is built.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper, numpy_helper
 
+from ..ortops import DOMAIN
 from .graph import Graph
 
 MATMUL_NBITS = ("com.microsoft", "MatMulNBits")
@@ -66,13 +68,61 @@ def pack_sibling_matmuls(g: Graph) -> int:
     return packed
 
 
-def _packed_attention(g: Graph) -> None:
-    """A packed q/k/v product split only to feed GroupQueryAttention's query, key and value, in that order: the
-    kernel reads the packed tensor itself (its packed-QKV form), so the Split goes."""
+def _consumers(g: Graph) -> dict[str, list]:
+    """Tensor name -> the nodes that read it."""
     consumers: dict[str, list] = {}
     for node in g.nodes:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def _drop_split(g: Graph, split) -> None:
+    """Remove ``split`` and its sizes initializer when no other node reads it."""
+    g.nodes.remove(split)
+    if len(split.input) > 1 and split.input[1] and not any(split.input[1] in node.input for node in g.nodes):
+        g.initializers[:] = [t for t in g.initializers if t.name != split.input[1]]
+        g.forget_const(split.input[1])
+
+
+def fuse_silu_gates(g: Graph) -> int:
+    """A packed gate/up product split in two equal halves only to compute ``gate * sigmoid(gate) * up`` becomes one
+    ``compress::SiluGate`` reading the packed tensor (our operator library: one kernel for the split, the sigmoid
+    and two multiplications). Returns how many were fused."""
+    consumers = _consumers(g)
+    initializers = {t.name: t for t in g.initializers}
+    fused = 0
+    for split in [n for n in g.nodes if n.op_type == "Split" and len(n.output) == 2]:
+        gate, up = split.output
+        users = {node.op_type: node for node in consumers.get(gate, [])}
+        sigmoid, product = users.get("Sigmoid"), users.get("Mul")
+        if len(consumers.get(gate, [])) != 2 or sigmoid is None or product is None:
+            continue
+        if list(product.input) != [gate, sigmoid.output[0]] or consumers.get(sigmoid.output[0]) != [product]:
+            continue
+        final = consumers.get(product.output[0], [])
+        if len(final) != 1 or final[0].op_type != "Mul" or list(final[0].input) != [product.output[0], up] or \
+                consumers.get(up) != [final[0]]:
+            continue
+        sizes = split.input[1] if len(split.input) > 1 and split.input[1] else None
+        if sizes is not None and (sizes not in initializers or len(set(numpy_helper.to_array(
+                initializers[sizes]).tolist())) != 1):
+            continue  # halves of unequal width
+        at = g.nodes.index(split)
+        for node in (sigmoid, product, final[0]):
+            g.nodes.remove(node)
+        g.nodes.insert(at, helper.make_node("SiluGate", [split.input[0]], [final[0].output[0]],
+                                            name=g.name("silu_gate"), domain=DOMAIN))
+        g.domains.add(DOMAIN)
+        _drop_split(g, split)
+        fused += 1
+    return fused
+
+
+def _packed_attention(g: Graph) -> None:
+    """A packed q/k/v product split only to feed GroupQueryAttention's query, key and value, in that order: the
+    kernel reads the packed tensor itself (its packed-QKV form), so the Split goes."""
+    consumers = _consumers(g)
     for split in [n for n in g.nodes if n.op_type == "Split" and len(n.output) == 3]:
         users = [consumers.get(o, []) for o in split.output]
         if not all(len(u) == 1 for u in users):
@@ -82,8 +132,4 @@ def _packed_attention(g: Graph) -> None:
                 attention.input[:3]) != list(split.output):
             continue
         attention.input[0], attention.input[1], attention.input[2] = split.input[0], "", ""
-        g.nodes.remove(split)
-        sizes = split.input[1]
-        if not any(sizes in node.input for node in g.nodes):  # its split sizes, now read by no node
-            g.initializers[:] = [t for t in g.initializers if t.name != sizes]
-            g.forget_const(sizes)
+        _drop_split(g, split)

@@ -35,7 +35,7 @@ from ..formats.onnx_custom import half_matmul
 from ..formats.onnx_ops import torch_initializer
 from ..modules import embeddings_tied
 from .attention import AttentionContext, attention, cache_lengths, masks, rotary_tables, soft_cap, total_length
-from .fuse import pack_sibling_matmuls
+from .fuse import fuse_silu_gates, pack_sibling_matmuls
 from .graph import FLOAT, INT64, Graph
 from .norms import add_and_norm, rms_norm
 from .weights import LayerExport, WeightLowering
@@ -228,6 +228,8 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
             g.output(tensor, f"present.{i}.{kind}", FLOAT, ["batch", kv_heads, "total_sequence", head_dim])
     if fused:
         pack_sibling_matmuls(g)
+        if low.custom_ops is not None and fuse_silu_gates(g):
+            low.custom_ops_used = True
     io = {"layers": len(layers), "kv_heads": kv_heads, "head_dim": head_dim, "heads": heads,
           "vocab_size": cfg.vocab_size, "tied_embeddings": tied,
           "embedding_dtype": str(embed_dtype).removeprefix("torch.")}

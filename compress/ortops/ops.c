@@ -13,7 +13,10 @@
        bitmap uint8 [N, ceil(K / 8)] (row-packed bits); values float16 or bfloat16 [N, kept]. Attributes K, N,
        kept (the same count every row). N:M patterns arrive as their bitmap.
 
-   y float32 [..., N]. Rows are decoded while they are used (rows.c), never ahead of time. */
+   y float32 [..., N]. Rows are decoded while they are used (rows.c), never ahead of time.
+
+   SiluGate(x)                             y[..., j] = silu(x[..., j]) * x[..., n + j]
+       x float32 [..., 2n]: a SiLU MLP's packed gate and up projections; y float32 [..., n] (gate.c). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -22,7 +25,7 @@
 
 static const OrtApi *ort;
 
-typedef enum { LUT, HALF, SPARSE } Op;
+typedef enum { LUT, HALF, SPARSE, GATE } Op;
 
 typedef struct {
   Op op;
@@ -83,6 +86,39 @@ static OrtStatus *element_type(OrtKernelContext *context, size_t i, ONNXTensorEl
   return status;
 }
 
+typedef struct {
+  const float *x;
+  float *y;
+  int64_t n, rows, per_task;
+} Gate;
+
+static void gate_task(void *data, size_t task) {
+  const Gate *g = (const Gate *)data;
+  const int64_t first = (int64_t)task * g->per_task;
+  const int64_t last = first + g->per_task < g->rows ? first + g->per_task : g->rows;
+  silu_gate_rows(g->x, g->y, g->n, first, last);
+}
+
+static OrtStatus *gate_compute(OrtKernelContext *context, int64_t *dims, size_t rank) {
+  if (dims[rank - 1] % 2) return ort->CreateStatus(ORT_INVALID_ARGUMENT, "SiluGate: x's last dimension is odd");
+  Gate g = {.n = dims[rank - 1] / 2, .rows = 1};
+  for (size_t i = 0; i + 1 < rank; i++) g.rows *= dims[i];
+  CHECK(input_data(context, 0, (const void **)&g.x));
+  dims[rank - 1] = g.n;
+  OrtValue *y_value;
+  CHECK(ort->KernelContext_GetOutput(context, 0, dims, rank, &y_value));
+  CHECK(ort->GetTensorMutableData(y_value, (void **)&g.y));
+  /* a token's row is a few microseconds of work: threads only for a prompt */
+  g.per_task = g.rows * g.n < 65536 ? (g.rows > 0 ? g.rows : 1) : (16384 + g.n - 1) / g.n;
+  const size_t tasks = (size_t)((g.rows + g.per_task - 1) / g.per_task);
+  if (tasks <= 1) {
+    silu_gate_rows(g.x, g.y, g.n, 0, g.rows);
+    return NULL;
+  }
+  if (parallel_for(context, gate_task, tasks, &g)) return ort->CreateStatus(ORT_FAIL, "onnxruntime's ParallelFor failed");
+  return NULL;
+}
+
 static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
   const Kernel *op = (const Kernel *)kernel;
   const OrtValue *x_value;
@@ -96,6 +132,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
   if (!status) status = ort->GetDimensions(info, dims, rank);
   ort->ReleaseTensorTypeAndShapeInfo(info);
   if (status) return status;
+  if (op->op == GATE) return gate_compute(context, dims, rank);
   if (dims[rank - 1] != op->K) return ort->CreateStatus(ORT_INVALID_ARGUMENT, "x's last dimension is not K");
 
   Call c;
@@ -194,6 +231,7 @@ static Spec specs[] = {
     {.kind = SPARSE, .name = "SparseMatMul", .inputs = 3, .optional_from = 3,
      .types = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
                ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED}},
+    {.kind = GATE, .name = "SiluGate", .inputs = 1, .optional_from = 1, .types = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT}},
 };
 
 static const Spec *spec_of(const OrtCustomOp *self) { return (const Spec *)self; }
@@ -261,6 +299,10 @@ static OrtStatus *create_kernel(const OrtCustomOp *self, const OrtApi *api, cons
   k->op = spec_of(self)->kind;
   k->dim = 1;
   k->rows_per_table = 1;
+  if (k->op == GATE) { /* no attributes */
+    *out = k;
+    return NULL;
+  }
   OrtStatus *status = attribute(info, "K", &k->K);
   if (!status) status = attribute(info, "N", &k->N);
   if (!status && k->op == LUT) status = attribute(info, "bits", &k->bits);

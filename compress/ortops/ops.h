@@ -52,6 +52,9 @@ int64_t table_floats(const Call *c);
 typedef int (*ParallelFor)(void *context, void (*fn)(void *, size_t), size_t total, void *data);
 int matmul_rows(Call *c, void *context, ParallelFor parallel_for);
 
+/* SiluGate (gate.c): y[r, j] = silu(x[r, j]) * x[r, n + j] for rows [first, last) of x [rows, 2n], y [rows, n]. */
+void silu_gate_rows(const float *x, float *y, int64_t n, int64_t first, int64_t last);
+
 float half_to_float(uint16_t h);
 int kernels_need_avx512(void); /* whether rows.c / decode.c were built with AVX-512 (ops.c checks the CPU) */
 int wants_pairs(const Call *c);                 /* the dot products read x as permute_inputs writes it */
