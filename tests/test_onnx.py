@@ -34,7 +34,8 @@ FORMATS = [
     ("mlp.gate_proj", lambda w: palettize(w, KMeansConfig(type="kmeans", bits=3, outliers=0.005,
                                                            table_dtype="int8", iterations=10)),
      "LutMatMul 3-bit palette per channel int8 table + "),
-    ("mlp.up_proj", lambda w: _sparse(w, lambda kept: quantize_rtn(kept, QuantSpec(4, 64)), None), "in-graph decode"),
+    ("mlp.up_proj", lambda w: _sparse(w, lambda kept: quantize_rtn(kept, QuantSpec(4, 64)), None),
+     "SparseMatMul 50% sparse + 4-bit g64"),
     ("mlp.down_proj", lambda w: _sparse(w, lambda kept: DenseWeight(kept, torch.float16), "2:4"),
      "SparseMatMul 2:4"),
     ("mlp.up_proj", lambda w: _sparse(w, lambda kept: quantize_rtn(kept, QuantSpec(4, 32, symmetric=True)), "2:4"),
@@ -156,6 +157,7 @@ RUNTIME_FORMATS = [lambda w: quantize_rtn(w, QuantSpec(3, 64)),
                    lambda w: palettize(w, KMeansConfig(type="kmeans", bits=3, iterations=5)),
                    lambda w: _sparse(w, lambda kept: DenseWeight(kept), None),
                    lambda w: _sparse(w, lambda kept: DenseWeight(kept), "2:4"),
+                   lambda w: _sparse(w, lambda kept: quantize_rtn(kept, QuantSpec(4, 64)), None),
                    lambda w: gptvq_quantize(w, torch.eye(w.shape[1]), GPTVQConfig(bits=2, iterations=2,
                                                                                   codebook_refit=0))]
 
@@ -164,9 +166,9 @@ def test_runtime_kernels_keep_the_session_compressed(smol, ortops_library, tmp_p
     """Every linear layer in a format a runtime kernel reads from its codes: 3-bit widened, 2:4 over 4-bit as dense
     codes, outliers over 3-bit, 4-bit, NF4 in the bitsandbytes kernel, FP4 as its 8-bit integer grid; palettes with
     int8 and float16 tables and vector code books in our look-up kernel; pruned float16 values (unstructured, 2:4)
-    in our sparse kernel. No layer is decoded to float32 when the session loads, and the tied float16 head is
-    multiplied as float16 (no float32 copy). Its memory, measured in a child process (numpy and onnxruntime only),
-    stays within 1.5x the file plus a working allowance."""
+    and pruned values on a 4-bit grid in our sparse kernel. No layer is decoded to float32 when the session loads,
+    and the tied float16 head is multiplied as float16 (no float32 copy). Its memory, measured in a child process
+    (numpy and onnxruntime only), stays within 1.5x the file plus a working allowance."""
     model, tok, _ = smol
     model = copy.deepcopy(model)
     linears = [(n, m) for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]

@@ -126,14 +126,7 @@ def test_sparse_matmul_is_the_pruned_product(ortops_library, pattern, shape, tok
     if pattern and k % pattern[1]:
         pytest.skip("N:M needs whole groups")
     gen = torch.Generator().manual_seed(k + n)
-    w = torch.randn(n, k, generator=gen)
-    if pattern is None:  # every row keeps the same count, anywhere
-        keep = torch.rand(n, k, generator=gen).argsort(1)[:, : k * 3 // 8]
-        mask = torch.zeros(n, k, dtype=torch.bool).scatter_(1, keep, True)
-    else:
-        keep_n, m = pattern
-        top = torch.rand(n, k // m, m, generator=gen).argsort(-1)[..., :keep_n]
-        mask = torch.zeros(n, k // m, m, dtype=torch.bool).scatter_(2, top, True).reshape(n, k)
+    w, mask = torch.randn(n, k, generator=gen), _keep_mask(n, k, pattern, gen)
     fmt = SparseWeight(mask, DenseWeight(compact(w, mask), torch.float16), None if pattern is None else
                        f"{pattern[0]}:{pattern[1]}")
     positions = pack_rows(mask.to(torch.uint8), 1).numpy()
@@ -142,6 +135,40 @@ def test_sparse_matmul_is_the_pruned_product(ortops_library, pattern, shape, tok
              helper.make_tensor("values", TensorProto.FLOAT16, [n, fmt.kept_per_row], values, raw=True)]
     node = helper.make_node("SparseMatMul", ["x", "positions", "values"], ["y"], domain=ortops.DOMAIN, K=k, N=n,
                             kept=fmt.kept_per_row)
+    x = torch.randn(tokens, k, generator=gen).numpy()
+    got, want = _run(ortops_library, node, inits, k, n, x), x @ fmt.dequantize().numpy().T
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def _keep_mask(n: int, k: int, pattern, gen) -> torch.Tensor:
+    if pattern is None:  # every row keeps the same count, anywhere
+        keep = torch.rand(n, k, generator=gen).argsort(1)[:, : k * 3 // 8]
+        return torch.zeros(n, k, dtype=torch.bool).scatter_(1, keep, True)
+    keep_n, m = pattern
+    top = torch.rand(n, k // m, m, generator=gen).argsort(-1)[..., :keep_n]
+    return torch.zeros(n, k // m, m, dtype=torch.bool).scatter_(2, top, True).reshape(n, k)
+
+
+@pytest.mark.parametrize("spec", [(4, 64, False), (3, 12, True), (8, 32, False), (2, 16, False), (5, 7, False)],
+                         ids=lambda s: f"{s[0]}bit-g{s[1]}{'-sym' if s[2] else ''}")
+@pytest.mark.parametrize("shape", [(576, 40), (100, 33)])
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_sparse_matmul_reads_kept_values_on_an_integer_grid(ortops_library, spec, shape, tokens):
+    """Kept values quantized in groups of kept values (codes, float16 scales, packed zero points as the checkpoint
+    stores them; symmetric: none), decoded while the row is expanded; group sizes that split the 8-code steps."""
+    from compress.formats import SparseWeight, compact, quantize_rtn
+    from compress.quant import QuantSpec
+
+    k, n = shape
+    gen = torch.Generator().manual_seed(k + n + spec[0])
+    w, mask = torch.randn(n, k, generator=gen), _keep_mask(n, k, None, gen)
+    fmt = SparseWeight(mask, quantize_rtn(compact(w, mask), QuantSpec(*spec)))
+    stored = fmt.values.tensors()
+    names = ["codes", "scales"] + (["zeros"] if "zeros" in stored else [])
+    inits = [numpy_helper.from_array(pack_rows(mask.to(torch.uint8), 1).numpy(), "positions")] + [
+        numpy_helper.from_array(stored[name].numpy(), name) for name in names]
+    node = helper.make_node("SparseMatMul", ["x", "positions", *names], ["y"], domain=ortops.DOMAIN, K=k, N=n,
+                            kept=fmt.kept_per_row, bits=spec[0], group_size=spec[1])
     x = torch.randn(tokens, k, generator=gen).numpy()
     got, want = _run(ortops_library, node, inits, k, n, x), x @ fmt.dequantize().numpy().T
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

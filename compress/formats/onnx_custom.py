@@ -3,8 +3,8 @@
 - ``compress::LutMatMul``: weights stored as look-up codes (palettes, vector code books). The file holds the
   checkpoint's row-packed codes and tables as they are, and the operator decodes each row from them while it
   multiplies, so the session keeps them compressed.
-- ``compress::SparseMatMul``: a pruned weight whose kept values are 16-bit floats, from its bitmap and its values
-  as stored.
+- ``compress::SparseMatMul``: a pruned weight whose kept values are 16-bit floats or an integer grid, from its
+  bitmap and its values as stored.
 - ``compress::HalfMatMul``: a float16 or bfloat16 weight (a dense layer, the tied output head) multiplied from its
   16-bit bytes; onnxruntime's CPU MatMul would hold a float32 copy.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..ortops import DOMAIN
+from ..quant import QuantSpec
 from .onnx_ops import torch_initializer
 
 
@@ -58,12 +59,22 @@ def half_matmul(lowering, x: str, name: str, weight: torch.Tensor | str, shape: 
     return lowering.g.op("HalfMatMul", x, weight, domain=DOMAIN, K=shape[1], N=shape[0])
 
 
-def sparse_matmul(lowering, x: str, name: str, bitmap: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
-                  kept: int) -> str | None:
-    """``x @ W.T`` for a pruned ``W`` ``[out, in]``: ``bitmap`` its kept positions (row-packed bits), the kept values
-    16-bit floats ``[out, kept]`` in row order. None without the library."""
+def sparse_matmul(lowering, x: str, name: str, bitmap: torch.Tensor, stored: dict[str, torch.Tensor],
+                  shape: tuple[int, int], kept: int, grid: QuantSpec | None = None) -> str | None:
+    """``x @ W.T`` for a pruned ``W`` ``[out, in]``: ``bitmap`` its kept positions (row-packed bits) and the kept
+    values in row order, ``stored`` as the checkpoint holds them: ``values`` 16-bit floats ``[out, kept]``, or on
+    the integer ``grid``: row-packed ``codes``, float16 ``scales`` per group of kept values, packed ``zeros``
+    (absent when symmetric). None without the library."""
     if not _available(lowering):
         return None
     g = lowering.g
-    return g.op("SparseMatMul", x, torch_initializer(g, f"{name}.bitmap", bitmap),
-                torch_initializer(g, f"{name}.values", values), domain=DOMAIN, K=shape[1], N=shape[0], kept=kept)
+    inputs = [x, torch_initializer(g, f"{name}.bitmap", bitmap)]
+    attrs = {"K": shape[1], "N": shape[0], "kept": kept}
+    if grid is None:
+        inputs.append(torch_initializer(g, f"{name}.values", stored["values"]))
+    else:
+        inputs += [torch_initializer(g, f"{name}.{part}", stored[part]) for part in ("codes", "scales")]
+        if "zeros" in stored:
+            inputs.append(torch_initializer(g, f"{name}.zeros", stored["zeros"]))
+        attrs.update(bits=grid.bits, group_size=grid.group_size or kept)
+    return g.op("SparseMatMul", *inputs, domain=DOMAIN, **attrs)

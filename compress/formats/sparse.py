@@ -179,17 +179,28 @@ class SparseWeight(WeightFormat):
         return KernelPlan(v.mode, COL_NM, rows, cols, kept, v.dims, v.buffers, outliers=outliers)
 
     def onnx_matmul(self, lowering, x, name):
-        """Kept 16-bit float values in our sparse operator (``onnx_custom``): the values as stored and the positions
-        as a bitmap (N:M indices become their bitmap: the same bytes for 2:4), never densified. (N:M over an
-        integer grid needs none: it runs as dense codes, see :meth:`integer_grid`.)"""
+        """Our sparse operator (``onnx_custom``) on the positions as a bitmap (N:M indices become their bitmap: the
+        same bytes for 2:4), never densified, and the kept values as stored: 16-bit floats, or an integer grid's
+        codes, scales and zero points. (N:M over an integer grid whose groups span whole dense groups runs as dense
+        codes instead, half the bytes of the bitmap and the kept codes at 2:4: see :meth:`integer_grid`.)"""
         from .dense import DenseWeight
+        from .grid import QuantizedWeight
         from .onnx_custom import sparse_matmul
 
         values = self.values
-        if not isinstance(values, DenseWeight) or values.weight.dtype not in (torch.float16, torch.bfloat16):
-            return None
         bitmap = pack_rows(self._mask.to(torch.uint8), 1)
-        y = sparse_matmul(lowering, x, name, bitmap, values.weight, self.shape, self.kept_per_row)
+        if isinstance(values, DenseWeight) and values.weight.dtype in (torch.float16, torch.bfloat16):
+            stored = {"values": values.weight}
+        elif isinstance(values, QuantizedWeight) and values.spec.grid == "int":
+            try:
+                self.integer_grid()
+                return None
+            except NotAnIntegerGrid:
+                stored = values.tensors()
+        else:
+            return None
+        grid = values.spec if isinstance(values, QuantizedWeight) else None
+        y = sparse_matmul(lowering, x, name, bitmap, stored, self.shape, self.kept_per_row, grid)
         return None if y is None else (f"SparseMatMul {self.describe()}", y)
 
     def onnx_weight(self, g, prefix):

@@ -367,16 +367,44 @@ void half_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {
   }
 }
 
-/* Row n of a SparseMatMul weight: its kept values (16-bit floats) widened, then placed at the columns its bitmap
-   sets (AVX-512: 16 columns at a time, expanded from the next kept values). The other columns are zero. */
+/* The kept values of row n of a SparseMatMul weight on an integer grid, (code - zero) * scale, into v. */
+static void kept_grid_values(const Call *c, int64_t n, float *v) {
+  const int bits = (int)c->bits;
+  const int64_t kept = c->kept, size = c->group_size, groups = (kept + size - 1) / size;
+  const uint8_t *codes = (const uint8_t *)c->table + n * ((kept * bits + 7) / 8);
+  const uint8_t *end = (const uint8_t *)c->table + c->N * ((kept * bits + 7) / 8);
+  const uint16_t *scales = c->group_scales + n * groups;
+  const uint8_t *zeros = c->group_zeros ? c->group_zeros + n * ((groups * bits + 7) / 8) : NULL;
+  const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
+  const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+  int64_t j = 0;
+  for (int64_t g = 0; g < groups; g++) {
+    const float scale = half_to_float(scales[g]);
+    const float zero = (float)(zeros ? code_at(zeros, g, bits) : 1 << (bits - 1));
+    const int64_t stop = (g + 1) * size < kept ? (g + 1) * size : kept;
+    if (j % 8 == 0) /* eight codes fill `bits` whole bytes from byte j / 8 * bits */
+      for (; j + 8 <= stop; j += 8) {
+        const __m256 q = _mm256_cvtepi32_ps(eight_codes(codes, j / 8, bits, end, shifts, mask));
+        _mm256_storeu_ps(v + j, _mm256_mul_ps(_mm256_sub_ps(q, _mm256_set1_ps(zero)), _mm256_set1_ps(scale)));
+      }
+    for (; j < stop; j++) v[j] = ((float)code_at(codes, j, bits) - zero) * scale;
+  }
+}
+
+/* Row n of a SparseMatMul weight: its kept values (16-bit floats widened, or decoded from their integer grid),
+   then placed at the columns its bitmap marks (AVX-512: expand-loads, 16 columns a step). */
 void decode_sparse_row(const Call *c, Scratch *s, int64_t n, float *w) {
   const int64_t K = c->K, kept = c->kept;
-  const uint16_t *values = (const uint16_t *)c->table + n * kept;
-  const int brain = c->table_is_bf16;
   float *v = s->tab;
-  int64_t j = 0;
-  for (; j + 8 <= kept; j += 8) _mm256_storeu_ps(v + j, widen8(_mm_loadu_si128((const __m128i *)(values + j)), brain));
-  for (; j < kept; j++) v[j] = widen1(values[j], brain);
+  if (c->bits) {
+    kept_grid_values(c, n, v);
+  } else {
+    const uint16_t *values = (const uint16_t *)c->table + n * kept;
+    const int brain = c->table_is_bf16;
+    int64_t j = 0;
+    for (; j + 8 <= kept; j += 8) _mm256_storeu_ps(v + j, widen8(_mm_loadu_si128((const __m128i *)(values + j)), brain));
+    for (; j < kept; j++) v[j] = widen1(values[j], brain);
+  }
   const uint8_t *row = c->codes + n * c->row_bytes;
   int64_t k = 0;
   const float *next = v;

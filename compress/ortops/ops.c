@@ -9,9 +9,13 @@
    HalfMatMul(x, weight)                   W = weight, float16 or bfloat16 [N, K] (attributes K, N)
        a 16-bit float layer (the tied output head) multiplied without a float32 copy of it.
 
-   SparseMatMul(x, bitmap, values)        W[n, column of the j-th set bit of row n] = values[n, j], zero elsewhere
+   SparseMatMul(x, bitmap, values[, scales, zeros])
+                                           W[n, column of the j-th set bit of row n] = value j of row n, zero elsewhere
        bitmap uint8 [N, ceil(K / 8)] (row-packed bits); values float16 or bfloat16 [N, kept]. Attributes K, N,
-       kept (the same count every row). N:M patterns arrive as their bitmap.
+       kept (the same count every row). N:M patterns arrive as their bitmap. With attribute bits (1..8) the kept
+       values are an integer grid: values uint8 [N, ceil(kept * bits / 8)] row-packed codes, scales float16
+       [N, groups] per group_size (attribute) kept values, zeros packed at bits [N, ceil(groups * bits / 8)]
+       (absent: 2^(bits-1)); value = (code - zero) * scale.
 
    y float32 [..., N]. Rows are decoded while they are used (rows.c), never ahead of time.
 
@@ -30,7 +34,7 @@ typedef enum { LUT, HALF, SPARSE, GATE } Op;
 typedef struct {
   Op op;
   int64_t K, N, bits, dim, rows_per_table; /* bits, dim, rows_per_table: LutMatMul */
-  int64_t kept;                            /* SparseMatMul */
+  int64_t kept, group_size;                /* SparseMatMul (bits > 0: kept values on an integer grid) */
 } Kernel;
 
 #define CHECK(expr)              \
@@ -169,8 +173,13 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
     ONNXTensorElementDataType weight_type;
     const size_t values = op->op == HALF ? 1 : 2;
     CHECK(element_type(context, values, &weight_type));
-    if (weight_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 && weight_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)
+    if (op->op == SPARSE && op->bits) {
+      if (weight_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
+        return ort->CreateStatus(ORT_INVALID_ARGUMENT, "SparseMatMul: kept values on a grid must be uint8 codes");
+    } else if (weight_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 &&
+               weight_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) {
       return ort->CreateStatus(ORT_INVALID_ARGUMENT, "the weights must be float16 or bfloat16");
+    }
     c.table_is_bf16 = weight_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
     if (op->op == HALF) {
       c.decode = decode_half_row;
@@ -182,8 +191,20 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
       c.kept = op->kept;
       c.row_bytes = (op->K + 7) / 8;
       CHECK(holds(context, 1, op->N * c.row_bytes, "SparseMatMul: bitmap smaller than N rows"));
-      CHECK(holds(context, 2, op->N * op->kept, "SparseMatMul: values smaller than N x kept"));
       CHECK(input_data(context, 1, (const void **)&c.codes));
+      if (op->bits) {
+        const int64_t groups = (op->kept + op->group_size - 1) / op->group_size;
+        c.bits = op->bits;
+        c.group_size = op->group_size;
+        CHECK(holds(context, 2, op->N * ((op->kept * op->bits + 7) / 8), "SparseMatMul: codes smaller than N rows"));
+        CHECK(holds(context, 3, op->N * groups, "SparseMatMul: scales smaller than N x groups"));
+        CHECK(input_data(context, 3, (const void **)&c.group_scales));
+        CHECK(input_data(context, 4, (const void **)&c.group_zeros));
+        if (c.group_zeros)
+          CHECK(holds(context, 4, op->N * ((groups * op->bits + 7) / 8), "SparseMatMul: zeros smaller than N rows"));
+      } else {
+        CHECK(holds(context, 2, op->N * op->kept, "SparseMatMul: values smaller than N x kept"));
+      }
     }
     CHECK(input_data(context, values, &c.table));
   }
@@ -218,7 +239,7 @@ typedef struct {
   Op kind;
   const char *name;
   size_t inputs;
-  ONNXTensorElementDataType types[4]; /* UNDEFINED: several types, checked at run time */
+  ONNXTensorElementDataType types[5]; /* UNDEFINED: several types, checked at run time */
   size_t optional_from;               /* inputs from this one on may be left out */
 } Spec;
 
@@ -228,9 +249,10 @@ static Spec specs[] = {
                ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16}},
     {.kind = HALF, .name = "HalfMatMul", .inputs = 2, .optional_from = 2,
      .types = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED}},
-    {.kind = SPARSE, .name = "SparseMatMul", .inputs = 3, .optional_from = 3,
+    {.kind = SPARSE, .name = "SparseMatMul", .inputs = 5, .optional_from = 3,
      .types = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
-               ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED}},
+               ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+               ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8}},
     {.kind = GATE, .name = "SiluGate", .inputs = 1, .optional_from = 1, .types = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT}},
 };
 
@@ -309,6 +331,15 @@ static OrtStatus *create_kernel(const OrtCustomOp *self, const OrtApi *api, cons
   if (!status && k->op == LUT) status = attribute(info, "dim", &k->dim);
   if (!status && k->op == LUT) status = attribute(info, "rows_per_table", &k->rows_per_table);
   if (!status && k->op == SPARSE) status = attribute(info, "kept", &k->kept);
+  OrtStatus *no_bits = !status && k->op == SPARSE ? attribute(info, "bits", &k->bits) : NULL;
+  if (no_bits) { /* 16-bit float values */
+    ort->ReleaseStatus(no_bits);
+    k->bits = 0;
+  } else if (!status && k->op == SPARSE) { /* a grid: its group size too */
+    status = attribute(info, "group_size", &k->group_size);
+    if (!status && (k->bits < 1 || k->bits > 8 || k->group_size < 1))
+      status = ort->CreateStatus(ORT_INVALID_ARGUMENT, "SparseMatMul: bits 1..8 and group_size >= 1");
+  }
   if (!status && (k->K < 1 || k->N < 1))
     status = ort->CreateStatus(ORT_INVALID_ARGUMENT, "K and N must be positive");
   if (!status && k->op == LUT && (k->bits < 1 || k->bits > 8 || k->dim < 1 || k->K % k->dim || k->rows_per_table < 1))

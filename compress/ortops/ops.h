@@ -30,6 +30,11 @@ struct Call {
   int table_is_bf16;        /* HalfMatMul: bfloat16 weights (else float16) */
   int64_t bits, dim, rows_per_table;
   int64_t kept;             /* SparseMatMul: kept weights per row */
+  /* SparseMatMul with its kept values on an integer grid (bits > 0): `table` holds their row-packed codes,
+     value = (code - zero) * scale per group of `group_size` kept values */
+  int64_t group_size;
+  const uint16_t *group_scales; /* float16 [N, groups] */
+  const uint8_t *group_zeros;   /* zero points packed at `bits` [N, ceil(groups * bits / 8)], or NULL: 2^(bits-1) */
   const float *pairs;       /* x with each 32 inputs as the even then the odd ones (4-bit palettes), or NULL */
   volatile int failed;      /* set by a task that could not allocate its scratch */
 };
