@@ -2,7 +2,10 @@
 40 layers alternating 576 x 1536 and 1536 x 576 (SmolLM2-135M's MLP shapes) on random weights (speed only), each
 kernel in its own process (onnxruntime's spinning threads of two sessions in one process slow each other).
 
-    python bench/ortops.py [--threads 2] [--tokens 1] [--runs 40]
+    python bench/ortops.py [--threads 2] [--tokens 1] [--runs 40] [--kernels native|avx2]
+
+``--kernels avx2``: our operators' AVX2 build (the library holds it beside the AVX-512 one, which a CPU that has
+AVX-512 gets by default).
 
 Prints microseconds per layer (median over the runs) and stores the rows with the commit in
 ``bench/results/ortops.jsonl``.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -100,6 +104,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--runs", type=int, default=40)
+    ap.add_argument("--kernels", choices=["native", "avx2"], default="native",
+                    help="which build of our kernels the sessions load (avx2: COMPRESS_ORTOPS_ARCH=avx2)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -112,17 +118,22 @@ def main():
     spec.loader.exec_module(common)
 
     commit = common.current_commit()
+    env = {**os.environ, **({"COMPRESS_ORTOPS_ARCH": "avx2"} if a.kernels == "avx2" else {})}
+    suffix = "" if a.kernels == "native" else f", {a.kernels} kernels"
     rows = []
     for name in KERNELS:
         out = subprocess.run([sys.executable, __file__, "--child", name, "--threads", str(a.threads), "--tokens",
-                              str(a.tokens), "--runs", str(a.runs)], capture_output=True, text=True, check=True)
+                              str(a.tokens), "--runs", str(a.runs)], capture_output=True, text=True, check=True,
+                             env=env)
         rows.append({"kernel": name, "us / layer": json.loads(out.stdout.strip().splitlines()[-1])})
-        common.append_result(RESULTS, f"{name}, {a.tokens} token(s)", {**rows[-1], "threads": a.threads,
-                             "tokens": a.tokens, "commit": commit, "measured": time.strftime("%Y-%m-%d %H:%M")})
+        common.append_result(RESULTS, f"{name}, {a.tokens} token(s){suffix}", {
+            **rows[-1], "threads": a.threads, "tokens": a.tokens, "kernels": a.kernels, "commit": commit,
+            "measured": time.strftime("%Y-%m-%d %H:%M")})
     base = rows[0]["us / layer"]
     for r in rows:
         r["vs MatMulNBits"] = r["us / layer"] / base
     print(f"{LAYERS} layers 576 x 1536 / 1536 x 576, random weights, {a.tokens} token(s), {a.threads} threads, "
+          f"{a.kernels} kernels, "
           f"median of {a.runs} runs, at {commit}")
     common.print_table(["kernel", "us / layer", "vs MatMulNBits"], rows)
 

@@ -13,6 +13,15 @@ from compress import ortops
 from compress.packing import pack_rows
 
 
+@pytest.fixture(autouse=True, params=["native", "avx2"])
+def kernels(request, monkeypatch):
+    """Every test against both builds of the kernels the library holds: the one this CPU picks (AVX-512 where it
+    has it) and the AVX2 one (chosen when a session loads its kernels)."""
+    if request.param == "avx2":
+        monkeypatch.setenv("COMPRESS_ORTOPS_ARCH", "avx2")
+    return request.param
+
+
 def _run(library, node, inits, k, n, x):
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)

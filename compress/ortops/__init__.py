@@ -9,8 +9,10 @@ MLP's gating on its packed gate/up product in one kernel.
 ``python -m compress.ortops`` builds it (``make setup`` does): onnxruntime's C API header comes from Debian's
 ``libonnxruntime-dev`` package (the PyPI wheels ship the library without headers; the C API is stable, so a
 library built against these headers loads in every later onnxruntime), checked against its SHA-256, and the C
-compiler of the machine (``$CC``, else ``cc``) builds ``libcompress_ortops.so`` beside this file: the kernels for AVX2,
-and AVX-512 when the machine has it (``kernel_flags``); the library checks the CPU before it registers anything.
+compiler of the machine (``$CC``, else ``cc``) builds ``libcompress_ortops.so`` beside this file: the kernels twice, for
+AVX2 and for AVX-512 (``VARIANTS``), so the library (copied into export folders) runs on any AVX2 CPU and picks the
+AVX-512 kernels where the CPU has them (``COMPRESS_ORTOPS_ARCH=avx2`` in the environment of a session asks for the
+AVX2 ones: tests and benches compare both).
 Without it the exporter decodes those weights in the graph (onnxruntime then folds them to float32) and says so.
 """
 
@@ -30,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 LIBRARY_NAME = "libcompress_ortops.so"
 LIBRARY = HERE / LIBRARY_NAME
-SOURCES = [HERE / name for name in ("ops.c", "rows.c", "decode.c", "gate.c", "ops.h")]
+SOURCES = [HERE / name for name in ("ops.c", "rows.c", "decode.c", "gate.c", "variant.c", "ops.h")]
 DOMAIN = "compress"
 
 HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
@@ -100,20 +102,7 @@ def headers() -> Path:
 
 AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vbmi"]
-
-
-def kernel_flags() -> list[str]:
-    """The vector extensions the kernels are built for: AVX2, plus AVX-512 (with VBMI) when this machine has it,
-    unless ``COMPRESS_ORTOPS_ARCH=avx2`` asks for a library that also runs on CPUs without it (the library refuses
-    to load on a CPU lacking what it was built for, with a message, rather than crash)."""
-    try:
-        cpu = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpu = ""
-    flags_line = next((line for line in cpu.splitlines() if line.startswith("flags")), "")
-    have = set(flags_line.split(":", 1)[-1].split())
-    wide = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi"} <= have
-    return AVX2 + (AVX512 if wide and os.environ.get("COMPRESS_ORTOPS_ARCH") != "avx2" else [])
+VARIANTS = {"avx2": AVX2, "avx512": AVX2 + AVX512}  # the builds of the kernels; ops.c picks one per CPU
 
 
 def _compile(cmd: list[str]) -> None:
@@ -131,16 +120,19 @@ def build(force: bool = False) -> Path:
     if compiler is None:
         raise BuildError("no C compiler (set CC, or install gcc)")
     partial = LIBRARY.with_suffix(".so.partial")
-    flags = kernel_flags()
     with tempfile.TemporaryDirectory(prefix="ortops-") as tmp:
         objects = []
-        for source in (s for s in SOURCES if s.suffix == ".c"):
-            # the kernels get the vector extensions; ops.c (the glue, which checks the CPU first) only the baseline
-            extra = [] if source.name == "ops.c" else flags
-            obj = Path(tmp) / (source.stem + ".o")
-            _compile([compiler, "-O3", "-fPIC", "-std=c11", "-Wall", *extra, "-I", str(include), "-c", str(source),
-                      "-o", str(obj)])
+
+        def compile_one(source: Path, flags: list[str], stem: str) -> None:
+            obj = Path(tmp) / f"{stem}.o"
+            _compile([compiler, "-O3", "-fPIC", "-fvisibility=hidden", "-std=c11", "-Wall", *flags, "-I", str(include),
+                      "-c", str(source), "-o", str(obj)])
             objects.append(str(obj))
+
+        compile_one(HERE / "ops.c", [], "ops")  # the glue, built for the baseline CPU: it checks the CPU first
+        for variant, flags in VARIANTS.items():  # the kernels, once per vector extension
+            for source in (s for s in SOURCES if s.suffix == ".c" and s.name != "ops.c"):
+                compile_one(source, [*flags, f"-DKERNEL_VARIANT={variant}"], f"{source.stem}_{variant}")
         try:
             _compile([compiler, "-shared", *objects, "-o", str(partial)])
         except BuildError:

@@ -33,6 +33,7 @@ typedef enum { LUT, HALF, SPARSE, GATE } Op;
 
 typedef struct {
   Op op;
+  const Kernels *run;                      /* the build of the kernels this CPU runs */
   int64_t K, N, bits, dim, rows_per_table; /* bits, dim, rows_per_table: LutMatMul */
   int64_t kept, group_size;                /* SparseMatMul (bits > 0: kept values on an integer grid) */
 } Kernel;
@@ -91,6 +92,7 @@ static OrtStatus *element_type(OrtKernelContext *context, size_t i, ONNXTensorEl
 }
 
 typedef struct {
+  const Kernels *run;
   const float *x;
   float *y;
   int64_t n, rows, per_task;
@@ -100,12 +102,12 @@ static void gate_task(void *data, size_t task) {
   const Gate *g = (const Gate *)data;
   const int64_t first = (int64_t)task * g->per_task;
   const int64_t last = first + g->per_task < g->rows ? first + g->per_task : g->rows;
-  silu_gate_rows(g->x, g->y, g->n, first, last);
+  g->run->silu_gate(g->x, g->y, g->n, first, last);
 }
 
-static OrtStatus *gate_compute(OrtKernelContext *context, int64_t *dims, size_t rank) {
+static OrtStatus *gate_compute(const Kernel *op, OrtKernelContext *context, int64_t *dims, size_t rank) {
   if (dims[rank - 1] % 2) return ort->CreateStatus(ORT_INVALID_ARGUMENT, "SiluGate: x's last dimension is odd");
-  Gate g = {.n = dims[rank - 1] / 2, .rows = 1};
+  Gate g = {.run = op->run, .n = dims[rank - 1] / 2, .rows = 1};
   for (size_t i = 0; i + 1 < rank; i++) g.rows *= dims[i];
   CHECK(input_data(context, 0, (const void **)&g.x));
   dims[rank - 1] = g.n;
@@ -116,7 +118,7 @@ static OrtStatus *gate_compute(OrtKernelContext *context, int64_t *dims, size_t 
   g.per_task = g.rows * g.n < 65536 ? (g.rows > 0 ? g.rows : 1) : (16384 + g.n - 1) / g.n;
   const size_t tasks = (size_t)((g.rows + g.per_task - 1) / g.per_task);
   if (tasks <= 1) {
-    silu_gate_rows(g.x, g.y, g.n, 0, g.rows);
+    g.run->silu_gate(g.x, g.y, g.n, 0, g.rows);
     return NULL;
   }
   if (parallel_for(context, gate_task, tasks, &g)) return ort->CreateStatus(ORT_FAIL, "onnxruntime's ParallelFor failed");
@@ -136,7 +138,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
   if (!status) status = ort->GetDimensions(info, dims, rank);
   ort->ReleaseTensorTypeAndShapeInfo(info);
   if (status) return status;
-  if (op->op == GATE) return gate_compute(context, dims, rank);
+  if (op->op == GATE) return gate_compute(op, context, dims, rank);
   if (dims[rank - 1] != op->K) return ort->CreateStatus(ORT_INVALID_ARGUMENT, "x's last dimension is not K");
 
   Call c;
@@ -153,8 +155,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
       return ort->CreateStatus(ORT_INVALID_ARGUMENT, "LutMatMul: the table must be float16 or int8");
     size_t inputs = 0;
     CHECK(ort->KernelContext_GetInputCount(context, &inputs));
-    c.decode = decode_lut_row;
-    c.dots = lut_row_dots;
+    c.decode = op->run->lut_decode;
+    c.dots = op->run->lut_dots;
     c.bits = op->bits;
     c.dim = op->dim;
     c.rows_per_table = op->rows_per_table;
@@ -182,12 +184,12 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
     }
     c.table_is_bf16 = weight_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
     if (op->op == HALF) {
-      c.decode = decode_half_row;
-      c.dots = half_row_dots;
+      c.decode = op->run->half_decode;
+      c.dots = op->run->half_dots;
       CHECK(holds(context, 1, op->N * op->K, "HalfMatMul: weight smaller than N x K"));
     } else {
-      c.decode = decode_sparse_row;
-      c.dots = sparse_row_dots;
+      c.decode = op->run->sparse_decode;
+      c.dots = op->run->sparse_dots;
       c.kept = op->kept;
       c.row_bytes = (op->K + 7) / 8;
       CHECK(holds(context, 1, op->N * c.row_bytes, "SparseMatMul: bitmap smaller than N rows"));
@@ -213,13 +215,13 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
   CHECK(ort->KernelContext_GetOutput(context, 0, dims, rank, &y_value));
   CHECK(ort->GetTensorMutableData(y_value, (void **)&c.y));
   float *pairs = NULL;
-  if (op->op == LUT && c.M <= 4 && wants_pairs(&c)) {
+  if (op->op == LUT && c.M <= 4 && op->run->wants_pairs(&c)) {
     pairs = (float *)malloc(sizeof(float) * (size_t)(c.M * c.K));
     if (!pairs) return ort->CreateStatus(ORT_FAIL, "out of memory for the permuted inputs");
-    permute_inputs(&c, pairs);
+    op->run->permute_inputs(&c, pairs);
     c.pairs = pairs;
   }
-  int failed = matmul_rows(&c, context, parallel_for);
+  int failed = op->run->matmul(&c, context, parallel_for);
   free(pairs);
   if (failed == -1) return ort->CreateStatus(ORT_FAIL, "out of memory for a decoded tile");
   if (failed) return ort->CreateStatus(ORT_FAIL, "onnxruntime's ParallelFor failed");
@@ -314,11 +316,22 @@ static void release_pairs(int *inputs, int *outputs) {
 }
 
 
+/* The AVX-512 build where the CPU has what it was built for, unless COMPRESS_ORTOPS_ARCH=avx2 asks for the other
+   (read when a session loads its kernels: a test or a bench can compare both in one process). */
+static const Kernels *this_cpus_kernels(void) {
+  const char *arch = getenv("COMPRESS_ORTOPS_ARCH");
+  const int wide = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                   __builtin_cpu_supports("avx512vbmi");
+  return wide && !(arch && strcmp(arch, "avx2") == 0) ? &kernels_avx512 : &kernels_avx2;
+}
+
 static OrtStatus *create_kernel(const OrtCustomOp *self, const OrtApi *api, const OrtKernelInfo *info, void **out) {
   (void)api;
   Kernel *k = (Kernel *)calloc(1, sizeof(Kernel));
   if (!k) return ort->CreateStatus(ORT_FAIL, "out of memory");
   k->op = spec_of(self)->kind;
+  k->run = this_cpus_kernels();
   k->dim = 1;
   k->rows_per_table = 1;
   if (k->op == GATE) { /* no attributes */
@@ -381,20 +394,16 @@ static void describe(OrtCustomOp *op) {
   op->ReleaseAliasMap = release_pairs;
 }
 
-OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+/* the library's one exported symbol (everything else is built hidden) */
+__attribute__((visibility("default"))) OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options,
+                                                                                  const OrtApiBase *base) {
   ort = base->GetApi(ORT_API_VERSION);
   if (!ort) return NULL;
-  /* this file is built for the baseline CPU; the kernels need what they were built with */
+  /* this file is built for the baseline CPU; the kernels need at least AVX2 (their AVX-512 build is chosen per
+     kernel where the CPU has it: this_cpus_kernels) */
   __builtin_cpu_init();
-  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
-    return ort->CreateStatus(ORT_FAIL, "libcompress_ortops needs a CPU with AVX2 and FMA");
-  if (kernels_need_avx512() &&
-      !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vbmi")))
-    return ort->CreateStatus(ORT_FAIL,
-                             "libcompress_ortops was built for AVX-512 (VBMI), which this CPU lacks: rebuild it here "
-                             "with `COMPRESS_ORTOPS_ARCH=avx2 python -m compress.ortops --force` and export again");
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c"))
+    return ort->CreateStatus(ORT_FAIL, "libcompress_ortops needs a CPU with AVX2, FMA and F16C");
   OrtCustomOpDomain *domain;
   CHECK(ort->CreateCustomOpDomain("compress", &domain));
   for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {

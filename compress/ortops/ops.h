@@ -1,10 +1,33 @@
 /* Shared by the operators of libcompress_ortops: y = x @ W^T where each row of W is decoded from its stored
    form into float32 just before it is used (rows.c), by a decoder of the stored form (decode.c); the
-   onnxruntime glue is ops.c. */
+   onnxruntime glue is ops.c.
+
+   The kernels (rows.c, decode.c, gate.c, variant.c) are built twice, for AVX2 and for AVX-512, with
+   KERNEL_VARIANT naming the build: every symbol they share gets it as a suffix, so both builds live in one
+   library and ops.c, built for the baseline CPU, picks the one this CPU runs (Kernels). */
 #ifndef COMPRESS_ORTOPS_H
 #define COMPRESS_ORTOPS_H
 
+#include <stddef.h>
 #include <stdint.h>
+
+#ifdef KERNEL_VARIANT
+#define VARIANT_JOIN2(a, b) a##_##b
+#define VARIANT_JOIN(a, b) VARIANT_JOIN2(a, b)
+#define VARIANT(name) VARIANT_JOIN(name, KERNEL_VARIANT)
+#define decode_lut_row VARIANT(decode_lut_row)
+#define decode_half_row VARIANT(decode_half_row)
+#define decode_sparse_row VARIANT(decode_sparse_row)
+#define lut_row_dots VARIANT(lut_row_dots)
+#define half_row_dots VARIANT(half_row_dots)
+#define sparse_row_dots VARIANT(sparse_row_dots)
+#define table_floats VARIANT(table_floats)
+#define matmul_rows VARIANT(matmul_rows)
+#define half_to_float VARIANT(half_to_float)
+#define wants_pairs VARIANT(wants_pairs)
+#define permute_inputs VARIANT(permute_inputs)
+#define silu_gate_rows VARIANT(silu_gate_rows)
+#endif
 
 typedef struct Call Call;
 typedef struct Scratch Scratch;
@@ -61,8 +84,19 @@ int matmul_rows(Call *c, void *context, ParallelFor parallel_for);
 void silu_gate_rows(const float *x, float *y, int64_t n, int64_t first, int64_t last);
 
 float half_to_float(uint16_t h);
-int kernels_need_avx512(void); /* whether rows.c / decode.c were built with AVX-512 (ops.c checks the CPU) */
 int wants_pairs(const Call *c);                 /* the dot products read x as permute_inputs writes it */
 void permute_inputs(const Call *c, float *pairs); /* [M, K]: every 32 inputs, the even ones then the odd ones */
+
+/* One build's kernels (variant.c), for ops.c to choose from. */
+typedef struct {
+  RowDecoder lut_decode, half_decode, sparse_decode;
+  RowDots lut_dots, half_dots, sparse_dots;
+  int (*matmul)(Call *c, void *context, ParallelFor parallel_for);
+  int (*wants_pairs)(const Call *c);
+  void (*permute_inputs)(const Call *c, float *pairs);
+  void (*silu_gate)(const float *x, float *y, int64_t n, int64_t first, int64_t last);
+} Kernels;
+
+extern const Kernels kernels_avx2, kernels_avx512;
 
 #endif

@@ -13,14 +13,6 @@
 
 float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
-int kernels_need_avx512(void) {
-#ifdef __AVX512F__
-  return 1;
-#else
-  return 0;
-#endif
-}
-
 /* Each thread keeps its buffers from call to call (grown when a call needs more): no allocation per task. */
 static _Thread_local float *kept_rows, *kept_table;
 static _Thread_local int64_t kept_rows_floats, kept_table_floats;
