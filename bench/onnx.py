@@ -57,6 +57,8 @@ VARIANTS = {
     "50% Wanda, float16 values (SparseMatMul)": [{"type": "wanda", "sparsity": 0.5}],
     "2:4 Wanda, float16 values (SparseMatMul)": [{"type": "wanda", "pattern": "2:4"}],
     "2:4 Wanda + 4-bit GPTQ g64": [{"type": "wanda", "pattern": "2:4"}, {"type": "gptq", "bits": 4, "group_size": 64}],
+    "50% Wanda + 4-bit RTN g64 kept values (SparseMatMul)": [{"type": "wanda", "sparsity": 0.5},
+                                                             {"type": "rtn", "bits": 4, "group_size": 64}],
     "4-bit RTN g32 + 4-bit head (MatMulNBits, int8 activations)": [
         {"type": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
         {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn", "symmetric": True}],
