@@ -31,7 +31,7 @@ from torch import nn
 from .errors import CheckpointError, ModelError
 from .formats import format_from_saved
 from .formats.base import LayoutError, WeightFormat
-from .modules import FORMAT_MODULES, CompressedEmbedding, CompressedLinear
+from .modules import FORMAT_MODULES, CompressedEmbedding, CompressedLinear, restore_input_rotations
 from .shards import DEFAULT_MAX_SHARD, open_weights, write_shards
 
 FORMAT_VERSION = 2  # 2: tensor hashes; palettes record their table dtype
@@ -68,6 +68,9 @@ def checkpoint_content(model: nn.Module, dense_dtype: str = "float16", prefix: s
             continue
         stored_as[id(module.fmt)] = lead + name
         layers[lead + name] = module.fmt.meta()
+        rotation = getattr(module, "input_rotation", None)
+        if rotation is not None:  # a staged block's layer is rebuilt from this (a checkpoint: the model config too)
+            layers[lead + name]["input_rotation"] = rotation.meta()
         for part, t in module.fmt.tensors().items():
             tensors[f"{lead}{name}.{part}"] = t.detach().cpu().contiguous()
     for key, t in model.state_dict(keep_vars=False).items():
@@ -218,6 +221,7 @@ def _build(path: Path, meta: dict, tensors: dict[str, torch.Tensor], dtype, veri
     if missing or unexpected:
         raise CheckpointError(f"{path}: tensors do not match the model (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})", "the checkpoint may be corrupted")
+    restore_input_rotations(model)
     return model
 
 

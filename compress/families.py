@@ -101,9 +101,10 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def scaling_groups(model_type: str, block: nn.Module) -> list[tuple[str, list[str], str]]:
-    """The foldable (producer, consumers) pairs of one block, skipping pairs whose shapes do not
-    line up. Under grouped-query attention v_proj -> o_proj is kept: each value channel feeds one
-    o_proj input channel per query head of its group (see :func:`consumer_channels`)."""
+    """The foldable (producer, consumers) pairs of one block, skipping pairs whose shapes do not line up or whose
+    consumers rotate their input at run time (``modules.rotate_input``). Under grouped-query attention v_proj ->
+    o_proj is kept: each value channel feeds one o_proj input channel per query head of its group (see
+    :func:`consumer_channels`)."""
     out = []
     for producer, consumers, kind in family(model_type).scaling:
         try:
@@ -111,6 +112,8 @@ def scaling_groups(model_type: str, block: nn.Module) -> list[tuple[str, list[st
             cons = [block.get_submodule(c) for c in consumers]
         except AttributeError:
             continue
+        if any(getattr(c, "input_rotation", None) is not None for c in cons):
+            continue  # a transform at run time sits between them: a channel's scale would not reach its consumer
         width = linear_weight(prod).shape[0]
         one_to_one = all(linear_weight(c).shape[1] == width for c in cons)
         if one_to_one or consumer_channels(block, producer, cons) is not None:

@@ -26,7 +26,7 @@ class CompressedLinear(nn.Module):
 
     @classmethod
     def from_module(cls, module: nn.Module, fmt: WeightFormat) -> "CompressedLinear":
-        """A CompressedLinear replacing ``module`` (an nn.Linear or a CompressedLinear)."""
+        """A CompressedLinear replacing ``module`` (an nn.Linear or a CompressedLinear), with its input rotation."""
         if isinstance(module, CompressedLinear):
             new = cls(fmt, module.bias, module.compute_dtype)
             new._device = module._device
@@ -34,6 +34,9 @@ class CompressedLinear(nn.Module):
             weight = linear_weight(module)
             new = cls(fmt, module.bias if isinstance(module.bias, torch.Tensor) else None, weight.dtype)
             new._device = weight.device
+        rotation = getattr(module, "input_rotation", None)
+        if rotation is not None:
+            rotate_input(new, rotation)
         return new
 
     def dense_weight(self) -> torch.Tensor:
@@ -126,6 +129,43 @@ def dequantized_weights(model: nn.Module):
     finally:
         for m in layers:
             m._cached_weight = None
+
+
+ONLINE_ROTATION = "compress_online_hadamard"  # the model config's record: {"layers": [suffixes], **rotation.meta()}
+
+
+def restore_input_rotations(model: nn.Module) -> None:
+    """Re-attach the run-time input rotations the model config records (a loaded checkpoint's layers store ``W Q``
+    and must read ``x Q``)."""
+    spec = getattr(model.config, ONLINE_ROTATION, None)
+    if not spec:
+        return
+    rotation = rotation_from_meta(spec)
+    for name, module in model.named_modules():
+        if any(name.endswith("." + layer) for layer in spec["layers"]):
+            rotate_input(module, rotation)
+
+
+def rotation_from_meta(meta: dict):
+    """The input rotation ``meta`` (``OnlineHadamard.meta``) describes."""
+    from .rotation import OnlineHadamard
+
+    return OnlineHadamard(int(meta["order"]), int(meta["seed"]))
+
+
+def rotate_input(module: nn.Module, rotation) -> None:
+    """``module`` (a linear layer storing ``W Q``) reads ``rotation(x) = x Q`` at run time: a forward pre-hook, so
+    every later hook (the calibration statistics) and every path of its forward (torch, the GPU kernels) sees the
+    rotated input. ``module.input_rotation`` names it for the checkpoint and the exporters."""
+    attached = getattr(module, "input_rotation", None) is not None
+    module.input_rotation = rotation
+    if not attached:  # one hook, however often it is attached
+        module.register_forward_pre_hook(_rotated_input)
+
+
+def _rotated_input(module: nn.Module, args: tuple) -> tuple:
+    rotation = getattr(module, "input_rotation")  # noqa: B009 - set by rotate_input (mypy sees nn.Module's attrs)
+    return (rotation(args[0]), *args[1:])
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -26,7 +26,7 @@ from torch import nn
 from .checkpoint import checkpoint_content
 from .errors import OutputError
 from .formats import format_from_saved
-from .modules import CompressedLinear
+from .modules import CompressedLinear, rotate_input, rotation_from_meta
 from .residency import release_file_pages
 from .shards import open_safetensors, write_file
 
@@ -96,6 +96,8 @@ class RunStage:
             layer = CompressedLinear(format_from_saved(meta, parts, verify=False), None)
             if bias is not None:
                 layer.bias = nn.Parameter(bias, requires_grad=False)
+            if "input_rotation" in meta:
+                rotate_input(layer, rotation_from_meta(meta["input_rotation"]))
             parent, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, child, layer)
         state = dict(block.named_parameters()) | dict(block.named_buffers())

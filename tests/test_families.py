@@ -195,10 +195,12 @@ def test_awq_folds_into_a_bfloat16_model():
     assert (before - after).abs().max() < 0.02 * before.abs().max()
 
 
-def test_rotation_leaves_every_pre_norm_familys_float_model_unchanged(tiny):
+@pytest.mark.parametrize("online", [False, True], ids=["folded", "online"])
+def test_rotation_leaves_every_pre_norm_familys_float_model_unchanged(tiny, online):
     """The rotate pass folds a randomized Hadamard rotation into the residual stream (embedding, every layer reading
-    or writing it, the untied head) and one into each head's values: the float model's logits are unchanged to
-    1e-5; families it cannot rotate are refused in one line before any compute."""
+    or writing it, the untied head) and one into each head's values, and (online) stores the down projections as
+    ``W Q`` reading ``x Q`` through a fast transform at run time: the float model's logits are unchanged to 1e-5;
+    families it cannot rotate are refused in one line before any compute."""
     from compress.errors import PlanError
     from compress.families import family as family_of
 
@@ -210,7 +212,7 @@ def test_rotation_leaves_every_pre_norm_familys_float_model_unchanged(tiny):
     tokens = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))  # shapes only
     with torch.no_grad():
         before = model(input_ids=tokens).logits
-    passes = plan(parse_recipe({"passes": [{"type": "rotate"}]}).passes)
+    passes = plan(parse_recipe({"passes": [{"type": "rotate", "online": online}]}).passes)
     if not family_of(model.config.model_type).residual_writers:
         with pytest.raises(PlanError, match="can be rotated"):
             run_passes(model, passes, tokens, "cpu")
@@ -223,3 +225,5 @@ def test_rotation_leaves_every_pre_norm_familys_float_model_unchanged(tiny):
     q_proj = (getattr(attn, "q_proj", None) or attn.qkv_proj).weight  # Phi-3: q/k/v fused
     assert not torch.allclose(q_proj, q_proj[:, :1].expand_as(q_proj))  # rotated, not collapsed
     assert torch.allclose(before, after, atol=1e-5, rtol=0), (name, (before - after).abs().max())
+    rotations = [getattr(m, "input_rotation", None) for m in model.modules()]
+    assert sum(r is not None for r in rotations) == (model.config.num_hidden_layers if online else 0)

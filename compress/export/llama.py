@@ -90,6 +90,9 @@ def layer_windows(cfg) -> list[int | None]:
 
 
 def _linear(low: WeightLowering, x: str, module, name: str) -> str:
+    rotation = getattr(module, "input_rotation", None)  # the rotate pass's online transform (modules.rotate_input)
+    if rotation is not None:
+        x = rotation.onnx_apply(low.g, x)
     fmt = getattr(module, "fmt", None)
     if fmt is None:  # a plain nn.Linear, stored in the checkpoint's dtype
         fmt = DenseWeight(module.weight, low.dense_dtype or module.weight.dtype)

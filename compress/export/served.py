@@ -21,6 +21,7 @@ from ..checkpoint import META, read_layers, verify_hashes
 from ..errors import CheckpointError, ExportError, ExportMismatch
 from ..formats.base import IntegerGrid, NotAnIntegerGrid, WeightFormat
 from ..kquants import ktype
+from ..modules import ONLINE_ROTATION
 from ..shards import open_weights, write_shards
 
 
@@ -60,6 +61,10 @@ def written_specs(passes, target: str, recipe_key: str, holds_embeddings: bool =
     pass stores something that is not an integer grid, a k-quant grid (unless ``holds_k_quants``), or (unless
     ``holds_embeddings``) quantizes the token embedding."""
     for p in passes:
+        if p.runtime_transforms():
+            raise ExportError(f"{target} export: {p.name} transforms the input of {', '.join(p.runtime_transforms())} "
+                              f"at run time, which {target} readers do not", f"drop export.{recipe_key}, or that "
+                              "option of the pass (ONNX applies it)")
         if not holds_embeddings and "embedding" in p.ends_written():
             raise ExportError(f"{target} export: {p.name} quantizes the token embedding, which {target} readers "
                               "take only in float", f"set embedding: false (and head: false with tied embeddings) "
@@ -84,6 +89,10 @@ def split_layers(ckpt: CheckpointLayers, target: str, holds: str, check=None, ho
     compressed token embedding unless ``holds_embeddings``; ``check(name, grid, shape)`` may refuse more. An output
     head tied to the token embedding is left out (the reader ties it again), and so are the layers in ``skip`` (the
     target writes their own bytes)."""
+    if ckpt.config.get(ONLINE_ROTATION):
+        layers = ", ".join(ckpt.config[ONLINE_ROTATION]["layers"])
+        raise ExportError(f"{target} export: {ckpt.path}'s {layers} read their input through a Hadamard transform at "
+                          f"run time, which {target} readers do not apply", "export it to ONNX, which applies it")
     grids: dict[str, IntegerGrid] = {}
     dense: dict[str, torch.Tensor] = {}
     seen: set[int] = set()

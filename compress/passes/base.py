@@ -236,6 +236,11 @@ class Pass:
         :meth:`compress_ends`): what an export that cannot hold them checks before any compute."""
         return []
 
+    def runtime_transforms(self) -> list[str]:
+        """The layers (suffixes within a block) whose input this pass transforms at run time (a rotation the
+        weights alone cannot carry): what an export whose reader cannot apply it checks before any compute."""
+        return []
+
     def fuses_with(self, following: Pass) -> bool:
         """Whether this pass can also do ``following``'s work (the pass right after it) on the layers it
         compresses. The planner asks once, before any compute; when fused, :meth:`apply` receives

@@ -11,8 +11,17 @@ its weights quantize with less error. "QuaRot: Outlier-Free 4-Bit Inference in R
   each query head by ``R`` (``R`` of the head dimension): attention mixes tokens, not channels, so it commutes.
 
 ``Q`` and ``R`` are randomized Hadamard transforms (``compress.rotation``; a random orthogonal matrix where no
-Hadamard matrix of the order is built). Everything is folded: no runtime cost. The pass runs first in a recipe; the
-embedding and head are rotated before the calibration inputs are captured, each block when its turn comes.
+Hadamard matrix of the order is built). All of the above is folded: no runtime cost.
+
+- **Online** (``online: true``, QuaRot's online Hadamard): the MLP's nonlinearity sits between the up projection and
+  the down projection, so no folded rotation reaches the down projection's input. There the layer stores ``W Q``
+  (``Q`` a randomized Hadamard transform of the intermediate width) and reads ``x Q``, computed at run time by a
+  fast Walsh-Hadamard transform (``OnlineHadamard``) in a forward pre-hook (``modules.rotate_input``), so the
+  calibration statistics, every pass and every forward path see the rotated input; the model config records it
+  (``modules.ONLINE_ROTATION``) for a loaded checkpoint and the exporters. AWQ leaves the (up, down) pair alone.
+
+The pass runs first in a recipe; the embedding and head are rotated before the calibration inputs are captured, each
+block when its turn comes.
 """
 
 from __future__ import annotations
@@ -25,8 +34,8 @@ from torch import nn
 
 from ..errors import PlanError
 from ..families import family
-from ..modules import embeddings_tied, linear_weight
-from ..rotation import random_rotation
+from ..modules import ONLINE_ROTATION, embeddings_tied, linear_weight, rotate_input
+from ..rotation import OnlineHadamard, random_rotation
 from .base import Pass, PassConfig
 from .registry import register
 
@@ -35,6 +44,9 @@ class RotateConfig(PassConfig):
     type: Literal["rotate"] = "rotate"
     seed: int = Field(0, description="seed of the random signs (or random orthogonal matrices)")
     values: bool = Field(True, description="also rotate each attention head's values (v_proj rows, o_proj columns)")
+    online: bool = Field(False, description="also a randomized Hadamard transform on the down projection's input at "
+                         "run time (QuaRot's online Hadamard: the weight stores W Q, the layer reads x Q); ONNX "
+                         "exports apply it, GGUF / compressed-tensors / GPTQ readers cannot")
 
     @model_validator(mode="after")
     def _whole_blocks(self):
@@ -42,6 +54,9 @@ class RotateConfig(PassConfig):
             raise ValueError("rotate turns every block whole (rotating some layers only would change the model): "
                              "give it no targets, exclude or overrides")
         return self
+
+
+ONLINE_LAYER = "mlp.down_proj"  # the layer whose input the online transform rotates (its input: the MLP's width)
 
 
 @register
@@ -60,6 +75,15 @@ class Rotate(Pass):
         if not family(model_type).residual_writers:
             raise PlanError(f"rotate: model type '{model_type}' is not a pre-norm family whose residual stream can "
                             "be rotated", "drop the rotate pass for this model")
+        width = getattr(model.config, "intermediate_size", None)
+        if self.cfg.online:
+            try:
+                OnlineHadamard(int(width or 0), self.cfg.seed)
+            except ValueError as e:
+                raise PlanError(f"rotate: online, at the MLP's width {width}: {e}", "set online: false") from None
+
+    def runtime_transforms(self) -> list[str]:
+        return [ONLINE_LAYER] if self.cfg.online else []
 
     def prepare(self, model) -> None:
         """Draw the rotations, untie the head, fold the final norm into it, and rotate the token embedding and the
@@ -81,6 +105,10 @@ class Rotate(Pass):
                 config.get_text_config().tie_word_embeddings = False
         _set(head, "weight", _f64(head.weight) * self._take_gain(model.model.norm) @ self.q)
         _set(emb, "weight", _f64(emb.weight) @ self.q)
+        self.online = None
+        if self.cfg.online:
+            self.online = OnlineHadamard(int(config.intermediate_size), self.cfg.seed)
+            setattr(config, ONLINE_ROTATION, {"layers": [ONLINE_LAYER], **self.online.meta()})
 
     def _take_gain(self, norm: nn.Module) -> torch.Tensor:
         """The norm's gain (``offset + weight``), which the caller folds into the layers it feeds; the norm's own
@@ -103,8 +131,14 @@ class Rotate(Pass):
             _set(layer, "weight", q.t() @ _f64(linear_weight(layer)))
             if layer.bias is not None:
                 _set(layer, "bias", _f64(layer.bias) @ q)
+        if self.online is not None:
+            down = block.get_submodule(ONLINE_LAYER)
+            _set(down, "weight", _f64(linear_weight(down)) @ self.online.matrix())
+            rotate_input(down, self.online)
         for name in work.layers:
             work.notes[name] = {"rotation": self.kind}
+            if self.online is not None and name.endswith("." + ONLINE_LAYER):
+                work.notes[name]["online rotation"] = f"randomized Hadamard {self.online.factors()}"
 
     def _rotate_values(self, block):
         """Each value head's output (and the output projection's matching inputs) turned by ``r``; the values are a
