@@ -74,3 +74,24 @@ def test_serving_exports_refuse_an_online_rotation_before_any_compute(target, wr
     result = cli("run", recipe, "smollm2-135m", "--out", tmp_path / "r", "--quiet")
     assert result.exit_code == 2 and "at run time" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_rotated_layer_runs_the_kernel_on_the_transformed_input():
+    """CUDA: the transform (butterflies on the GPU) before our CuPy kernel equals the dense product."""
+    from compress import kernels
+    from compress.formats import quantize_rtn
+    from compress.modules import CompressedLinear, rotate_input
+    from compress.quant import QuantSpec
+
+    if not (torch.cuda.is_available() and kernels.cupy_available()):
+        pytest.skip("needs an NVIDIA GPU and CuPy")
+    rotation = OnlineHadamard(1536, 1)
+    fmt = quantize_rtn(torch.randn(576, 1536), QuantSpec(4, 64))
+    layer = CompressedLinear(fmt, compute_dtype=torch.float16).cuda().half()
+    rotate_input(layer, rotation)
+    x = torch.randn(3, 1536, device="cuda", dtype=torch.float16)
+    assert (rotation(x.float()) - x.float() @ rotation.matrix().float().cuda()).abs().max() < 1e-3
+    want = (x.double() @ rotation.matrix().cuda()).float() @ fmt.dequantize().cuda().T
+    got = layer(x).float()
+    assert (got - want).abs().max() <= 4e-3 * want.abs().max()
