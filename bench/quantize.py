@@ -47,6 +47,12 @@ def rows():
         yield "rotate+GPTQ (compress)", b, g, rot + q("gptq", b, g)
     for b, g in ((3, 64), (2, 32)):
         yield "rotate+AWQ+GPTQ (compress)", b, g, rot + awq + q("gptq", b, g)
+    # and the down projection's input rotated at run time too (QuaRot's online Hadamard)
+    online = [{"type": "rotate", "online": True}]
+    for b, g in ((4, 64), (3, 64)):
+        yield "rotate online+RTN (compress)", b, g, online + q("rtn", b, g)
+    for b, g in ((3, 64), (2, 32)):
+        yield "rotate online+GPTQ (compress)", b, g, online + q("gptq", b, g)
     # the token embedding / output head (tied on SmolLM2) quantized too: the whole file
     for method in ("gptq", "rtn"):
         yield f"AWQ+GPTQ + embeddings {method} 4-bit g32 (compress)", 4, 64, awq + q("gptq", 4, 64) + [
