@@ -42,7 +42,10 @@ VARIANTS = {
     "3-bit RTN g128 (widened to 4-bit MatMulNBits)": [{"type": "rtn", "bits": 3, "group_size": 128}],
     "2-bit GPTQ g32 (MatMulNBits)": [{"type": "gptq", "bits": 2, "group_size": 32}],
     "2-bit GPTQ g32 (MatMulNBits, int8 activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],
-    "4-bit NF4 RTN g64 (MatMulBnb4)": [{"type": "rtn", "bits": 4, "group_size": 64, "grid": "nf"}],
+    "4-bit NF4 RTN g64 (GridMatMul)": [{"type": "rtn", "bits": 4, "group_size": 64, "grid": "nf"}],
+    "3-bit NF3 RTN g64 (GridMatMul)": [{"type": "rtn", "bits": 3, "group_size": 64, "grid": "nf"}],
+    "Q4_K RTN (GridMatMul; Q5_0 where 256 does not divide the inputs)": [
+        {"type": "rtn", "grid": "gguf-q4_k"}],
     "4-bit FP4 RTN g32 (exact 8-bit grid)": [{"type": "rtn", "bits": 4, "group_size": 32, "grid": "fp4"}],
     "4-bit k-means per channel (LutMatMul)": [{"type": "kmeans", "bits": 4, "granularity": "channel",
                                               "sensitivity": "none"}],

@@ -30,7 +30,7 @@ FORMATS = [
     ("self_attn.k_proj", lambda w: quantize_rtn(w, QuantSpec(3, None)),
      "MatMulNBits 4-bit block 64 (3-bit codes widened)"),
     ("self_attn.v_proj", lambda w: quantize_rtn(w, QuantSpec(2, 32, symmetric=True)), "MatMulNBits 2-bit block 32"),
-    ("self_attn.o_proj", lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="nf")), "MatMulBnb4 NF4 block 64"),
+    ("self_attn.o_proj", lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="nf")), "GridMatMul NF4 g64"),
     ("mlp.gate_proj", lambda w: palettize(w, KMeansConfig(type="kmeans", bits=3, outliers=0.005,
                                                            table_dtype="int8", iterations=10)),
      "LutMatMul 3-bit palette per channel int8 table + "),
@@ -49,8 +49,8 @@ FORMATS = [
     ("mlp.up_proj", lambda w: gptvq_quantize(w, torch.eye(w.shape[1]), GPTVQConfig(bits=3, iterations=3,
                                                                                    codebook_refit=0)),
      "LutMatMul 3-bit vectors"),
-    ("mlp.down_proj", lambda w: quantize_rtn(w, spec_of("gguf-q3_k")), "in-graph decode"),
-    ("mlp.down_proj", lambda w: quantize_rtn(w, spec_of("gguf-q4_k")), "in-graph decode"),
+    ("mlp.down_proj", lambda w: quantize_rtn(w, spec_of("gguf-q3_k")), "GridMatMul Q3_K"),
+    ("mlp.down_proj", lambda w: quantize_rtn(w, spec_of("gguf-q4_k")), "GridMatMul Q4_K"),
 ]
 
 
@@ -133,10 +133,13 @@ def test_every_format_exports_and_matches_pytorch(mixed_export, mixed):
             if isinstance(fmt, OutlierWeight):
                 expected += fmt.columns.nbytes + fmt.counts.nbytes + 4 * fmt.values.numel()
             assert expected <= layers[name]["file_bytes"] <= expected + 256, name
-        elif isinstance(fmt, KQuantWeight):  # codes packed, then a byte per sub-block scale (and minimum)
+        elif "GridMatMul" in lowering:  # codes packed, float32 scales (and offsets) per group, an NF code book
             rows, cols = fmt.shape
-            ints = rows * cols // fmt.kt.sub_block * (1 if fmt.kt.symmetric else 2)
-            expected = rows * cols * fmt.kt.bits // 8 + ints + rows * cols // 256 * (2 if fmt.kt.symmetric else 4)
+            kquant = isinstance(fmt, KQuantWeight)
+            bits, group, offsets = ((fmt.kt.bits, fmt.kt.sub_block, not fmt.kt.symmetric) if kquant
+                                    else (fmt.spec.bits, fmt.spec.group_size, False))
+            expected = rows * -(-cols * bits // 8) + 4 * rows * -(-cols // group) * (2 if offsets else 1)
+            expected += 0 if kquant else 4 << bits
             assert expected <= layers[name]["file_bytes"] <= expected + 256, name
         elif "MatMulBnb4" in lowering:  # two codes a byte, a float32 absmax per block (the activation type)
             rows, cols = fmt.shape
@@ -154,6 +157,7 @@ RUNTIME_FORMATS = [lambda w: quantize_rtn(w, QuantSpec(3, 64)),
                    lambda w: palettize(w, KMeansConfig(type="kmeans", bits=4, table_dtype="int8", iterations=5)),
                    lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="nf")),
                    lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="fp4")),
+                   lambda w: quantize_rtn(w, QuantSpec(3, 64, grid="nf")),
                    lambda w: palettize(w, KMeansConfig(type="kmeans", bits=3, iterations=5)),
                    lambda w: _sparse(w, lambda kept: DenseWeight(kept), None),
                    lambda w: _sparse(w, lambda kept: DenseWeight(kept), "2:4"),
@@ -164,7 +168,7 @@ RUNTIME_FORMATS = [lambda w: quantize_rtn(w, QuantSpec(3, 64)),
 
 def test_runtime_kernels_keep_the_session_compressed(smol, ortops_library, tmp_path):
     """Every linear layer in a format a runtime kernel reads from its codes: 3-bit widened, 2:4 over 4-bit as dense
-    codes, outliers over 3-bit, 4-bit, NF4 in the bitsandbytes kernel, FP4 as its 8-bit integer grid; palettes with
+    codes, outliers over 3-bit, 4-bit, FP4 as its 8-bit integer grid; NF4 and NF3 in our grid kernel; palettes with
     int8 and float16 tables and vector code books in our look-up kernel; pruned float16 values (unstructured, 2:4)
     and pruned values on a 4-bit grid in our sparse kernel. No layer is decoded to float32 when the session loads,
     and the tied float16 head is multiplied as float16 (no float32 copy). Its memory, measured in a child process
@@ -178,7 +182,7 @@ def test_runtime_kernels_keep_the_session_compressed(smol, ortops_library, tmp_p
         setattr(model.model.layers.get_submodule(parent), child, CompressedLinear.from_module(old, fmt))
     info = export_to_folder(model, tok, tmp_path / "kernels", windows=None, dense_dtype=torch.float16,
                             log=lambda m: None)
-    assert all(re.match("MatMulNBits|2 x MatMulNBits|MatMulBnb4|LutMatMul|SparseMatMul", k) for k in info["lowerings"]
+    assert all(re.match("MatMulNBits|2 x MatMulNBits|GridMatMul|LutMatMul|SparseMatMul", k) for k in info["lowerings"]
                if not k.startswith("tied to model.embed_tokens")), info["lowerings"]
     assert (tmp_path / "kernels" / info["custom_ops_library"]).is_file()
     memory = session_memory(tmp_path / "kernels", threads=2, prefill=32, decode=4)

@@ -183,13 +183,41 @@ def test_sparse_matmul_reads_kept_values_on_an_integer_grid(ortops_library, spec
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
-def test_without_the_library_a_fast_export_decodes_in_the_graph_and_counts_it(monkeypatch):
-    """No compiler or network at set-up: look-up and pruned layers fall back to the in-graph decode (counted, so the
-    exporter can say so), 16-bit dense layers to a float32 MatMul; nothing refers to our operators."""
+@pytest.mark.parametrize("grid", ["gguf-q4_k", "gguf-q3_k", "gguf-q6_k", "gguf-q2_k", "gguf-q5_k", "nf3", "nf4", "nf5"])
+@pytest.mark.parametrize("tokens", [1, 4, 23])
+def test_grid_matmul_is_the_decoded_product(ortops_library, grid, tokens):
+    """llama.cpp's k-quants (scales and minima multiplied out) and NormalFloat grids (their code book as the table) in
+    our grid operator, through the exporter's lowering, against the format's own decode."""
     from compress.export.graph import FLOAT, Graph
     from compress.export.weights import WeightLowering
-    from compress.formats import DenseWeight, SparseWeight, compact
+    from compress.formats import quantize_rtn
+    from compress.formats.kquant import spec_of
+    from compress.quant import QuantSpec
+
+    w = torch.randn(40, 512, generator=torch.Generator().manual_seed(tokens))
+    spec = spec_of(grid) if grid.startswith("gguf") else QuantSpec(int(grid[2:]), 64, grid="nf")
+    fmt = quantize_rtn(w, spec)
+    g = Graph()
+    low = WeightLowering(g, "fast")
+    g.output(low.linear(g.input("x", FLOAT, [None, 512]), fmt, None, "layer"), "y", FLOAT, [None, 40])
+    assert low.layers["layer"].lowering.startswith("GridMatMul")
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(ortops_library))
+    x = torch.randn(tokens, 512, generator=torch.Generator().manual_seed(7)).numpy()
+    got = ort.InferenceSession(g.model(low.opset).SerializeToString(), options).run(None, {"x": x})[0]
+    want = x @ fmt.dequantize().numpy().T
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_without_the_library_a_fast_export_decodes_in_the_graph_and_counts_it(monkeypatch):
+    """No compiler or network at set-up: look-up, pruned and NormalFloat layers fall back to the in-graph decode
+    (counted, so the exporter can say so; NF4 to onnxruntime's bitsandbytes kernel), 16-bit dense layers to a float32
+    MatMul; nothing refers to our operators."""
+    from compress.export.graph import FLOAT, Graph
+    from compress.export.weights import WeightLowering
+    from compress.formats import DenseWeight, SparseWeight, compact, quantize_rtn
     from compress.passes.kmeans import KMeansConfig, palettize
+    from compress.quant import QuantSpec
 
     monkeypatch.setattr(ortops, "library", lambda: None)
     w = torch.randn(24, 32, generator=torch.Generator().manual_seed(0))
@@ -197,10 +225,12 @@ def test_without_the_library_a_fast_export_decodes_in_the_graph_and_counts_it(mo
     g = Graph()
     low = WeightLowering(g, "fast")
     x = g.input("x", FLOAT, [1, 32])
-    for i, fmt in enumerate([palettize(w, KMeansConfig(type="kmeans", bits=3, iterations=3)), DenseWeight(w),
-                             SparseWeight(mask, DenseWeight(compact(w, mask)))]):
+    formats = [palettize(w, KMeansConfig(type="kmeans", bits=3, iterations=3)), DenseWeight(w),
+               SparseWeight(mask, DenseWeight(compact(w, mask))), quantize_rtn(w, QuantSpec(4, 16, grid="nf")),
+               quantize_rtn(w, QuantSpec(3, 16, grid="nf"))]
+    for i, fmt in enumerate(formats):
         low.linear(x, fmt, None, f"layer{i}")
-    assert [low.layers[f"layer{i}"].lowering.split(" (")[0] for i in range(3)] == [
-        "in-graph decode", "dense float16", "in-graph decode"]
-    assert low.decoded_without_ortops == 2 and not low.custom_ops_used
+    assert [low.layers[f"layer{i}"].lowering.split(" (")[0] for i in range(5)] == [
+        "in-graph decode", "dense float16", "in-graph decode", "MatMulBnb4 NF4 block 16", "in-graph decode"]
+    assert low.decoded_without_ortops == 3 and not low.custom_ops_used
     assert not any(node.domain == ortops.DOMAIN for node in g.nodes)

@@ -14,6 +14,7 @@ from ..packing import pack_rows, packed_row_bytes, unpack_rows
 from ..quant import QuantSpec, decode, encode, fit_params, grid_values, pad_to_groups
 from .base import IntegerGrid, LayoutError, NotAnIntegerGrid, WeightFormat, register_format
 from .kquant import KQuantWeight
+from .onnx_custom import grid_matmul
 from .onnx_nf4 import nf4_matmul
 from .onnx_ops import (
     FLOAT,
@@ -147,15 +148,22 @@ class QuantizedWeight(WeightFormat):
 
     def onnx_matmul(self, lowering, x, name):
         """Non-uniform grids through kernels that read codes: FP4 as its exact integer grid
-        (:meth:`fp4_integer_grid`, widened to 8 bits), NormalFloat-4 in onnxruntime's bitsandbytes kernel
-        (``onnx_nf4``; ``weights: fast`` only). Integer grids need none (``integer_grid``); other code books are
-        decoded in the graph."""
+        (:meth:`fp4_integer_grid`, widened to 8 bits), NormalFloat at any width in our grid operator
+        (``onnx_custom``; NF4 without it in onnxruntime's bitsandbytes kernel, ``onnx_nf4``; ``weights: fast`` only).
+        Integer grids need none (``integer_grid``)."""
         if self.spec.grid == "fp4":
             lowered = lowering.grid_matmul(x, self.fp4_integer_grid(), self.shape, name)
             return None if lowered is None else (f"{lowered[0]}, FP4 as its exact integer grid", lowered[1])
-        if self.spec.grid == "nf" and self.spec.bits == 4 and lowering.weights == "fast":
-            codes, scale, _ = self.unpacked()
-            return nf4_matmul(lowering, x, codes, scale, self.spec.group_size or self.shape[1], name)
+        if self.spec.grid == "nf" and lowering.weights == "fast":
+            group = self.spec.group_size or self.shape[1]
+            if lowering.custom_ops is None and self.spec.bits == 4:  # onnxruntime's bitsandbytes kernel instead
+                codes, scale, _ = self.unpacked()
+                bnb4 = nf4_matmul(lowering, x, codes, scale, group, name)
+                if bnb4 is not None:
+                    return bnb4
+            y = grid_matmul(lowering, x, name, self.codes, self.scales, None, grid_values("nf", self.spec.bits), 0.0,
+                            self.spec.bits, group, self.shape)
+            return None if y is None else (f"GridMatMul NF{self.spec.bits} g{group}", y)
         return None
 
     def kernel_values(self, kept):

@@ -212,6 +212,20 @@ class KQuantWeight(WeightFormat):
         raise NotAnIntegerGrid(f"{self.describe()}: its group scales are integers times a float16 factor per 256 "
                                "inputs, which only GGUF holds")
 
+    def onnx_matmul(self, lowering, x, name):
+        """Our grid operator (``onnx_custom``) on the codes row-packed at the type's width and each sub-block's scale
+        (and minimum, as a negative offset) multiplied out in float32, so the session keeps the codes."""
+        from .onnx_custom import grid_matmul
+
+        codes, scale, zero = self.unpacked()
+        if self.kt.symmetric:
+            offsets, zero_point = None, float(self.kt.zero_point)
+        else:
+            offsets, zero_point = -zero, 0.0
+        y = grid_matmul(lowering, x, name, pack_rows(codes, self.kt.bits), scale, offsets, None, zero_point,
+                        self.kt.bits, self.kt.sub_block, self.shape)
+        return None if y is None else (f"GridMatMul {self.kt.name}", y)
+
     def onnx_weight(self, g, prefix):
         """Codes (row-packed), the sub-block integers and the super-block factors, multiplied out in the graph."""
         rows, cols = self.shape

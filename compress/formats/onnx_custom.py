@@ -5,6 +5,8 @@
   multiplies, so the session keeps them compressed.
 - ``compress::SparseMatMul``: a pruned weight whose kept values are 16-bit floats or an integer grid, from its
   bitmap and its values as stored.
+- ``compress::GridMatMul``: codes on a grid whose scales (and offsets, or code book) no onnxruntime kernel reads:
+  llama.cpp's k-quants (their two-level scales multiplied out in float32), NormalFloat at any width.
 - ``compress::HalfMatMul``: a float16 or bfloat16 weight (a dense layer, the tied output head) multiplied from its
   16-bit bytes; onnxruntime's CPU MatMul would hold a float32 copy.
 
@@ -78,3 +80,22 @@ def sparse_matmul(lowering, x: str, name: str, bitmap: torch.Tensor, stored: dic
             inputs.append(torch_initializer(g, f"{name}.zeros", stored["zeros"]))
         attrs.update(bits=grid.bits, group_size=grid.group_size or kept)
     return g.op("SparseMatMul", *inputs, domain=DOMAIN, **attrs)
+
+
+def grid_matmul(lowering, x: str, name: str, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                table: torch.Tensor | None, zero: float, bits: int, group_size: int,
+                shape: tuple[int, int]) -> str | None:
+    """``x @ W.T`` for ``W[n, k] = (v(code) - zero) * scales[n, g] + offsets[n, g]`` (``k`` in group ``g`` of
+    ``group_size`` inputs; ``v(q) = q``, or ``table[q]``): ``codes`` row-packed ``bits``-bit ``[out, ceil(in * bits /
+    8)]``, ``scales`` and ``offsets`` float32 ``[out, groups]``, ``table`` float32 ``[2^bits]``. None without the
+    library."""
+    if not _available(lowering):
+        return None
+    g = lowering.g
+    inputs = [x, torch_initializer(g, f"{name}.codes", codes), torch_initializer(g, f"{name}.scales", scales.float())]
+    if offsets is not None or table is not None:
+        inputs.append("" if offsets is None else torch_initializer(g, f"{name}.offsets", offsets.float()))
+    if table is not None:
+        inputs.append(torch_initializer(g, f"{name}.table", table.float()))
+    return g.op("GridMatMul", *inputs, domain=DOMAIN, K=shape[1], N=shape[0], bits=bits, group_size=group_size,
+                zero=float(zero))

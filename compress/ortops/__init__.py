@@ -1,10 +1,11 @@
 """Our onnxruntime custom-operator library (``ops.c``): ``compress::LutMatMul``, the matmul of weights stored as
 look-up codes (palettes with float16 or int8 tables, vector code books), ``compress::HalfMatMul``, the matmul of a
-float16 / bfloat16 weight (a dense layer, the tied output head), and ``compress::SparseMatMul``, the matmul of a
-pruned weight (a bitmap and its kept values: 16-bit floats or an integer grid), all run from their stored bytes so a
-session never holds them as float32. Each decodes a row while it multiplies (``decode.c``, AVX2, AVX-512 where the
-CPU has it) inside a shared row-by-row / tiled matmul (``rows.c``). ``compress::SiluGate`` (``gate.c``) is a SiLU
-MLP's gating on its packed gate/up product in one kernel.
+float16 / bfloat16 weight (a dense layer, the tied output head), ``compress::GridMatMul``, the matmul of codes on a
+grid with per-group scales, offsets or a code book (llama.cpp's k-quants, NormalFloat), and ``compress::SparseMatMul``,
+the matmul of a pruned weight (a bitmap and its kept values: 16-bit floats or an integer grid), all run from their
+stored bytes so a session never holds them as float32. Each decodes a row while it multiplies (``decode.c``, AVX2,
+AVX-512 where the CPU has it) inside a shared row-by-row / tiled matmul (``rows.c``). ``compress::SiluGate``
+(``gate.c``) is a SiLU MLP's gating on its packed gate/up product in one kernel.
 
 ``python -m compress.ortops`` builds it (``make setup`` does): onnxruntime's C API header comes from Debian's
 ``libonnxruntime-dev`` package (the PyPI wheels ship the library without headers; the C API is stable, so a

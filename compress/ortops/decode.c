@@ -418,8 +418,8 @@ void decode_sparse_row(const Call *c, Scratch *s, int64_t n, float *w) {
   for (; k < K; k++) w[k] = (row[k >> 3] >> (k & 7)) & 1 ? *next++ : 0.0f;
 }
 
-void sparse_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {
-  decode_sparse_row(c, s, n, s->w);
+/* out[m] = the decoded row s->w . x[m] for the call's tokens. */
+static void decoded_row_dots(const Call *c, Scratch *s, float *out) {
   for (int64_t m = 0; m < c->M; m++) {
     const float *x = c->x + m * c->K;
     __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
@@ -432,4 +432,44 @@ void sparse_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {
     for (; k < c->K; k++) total += s->w[k] * x[k];
     out[m] = total;
   }
+}
+
+void sparse_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {
+  decode_sparse_row(c, s, n, s->w);
+  decoded_row_dots(c, s, out);
+}
+
+/* Row n of a GridMatMul weight: (v(code) - zero) * scale + offset per group, v(code) the code or its table entry. */
+void decode_grid_row(const Call *c, Scratch *s, int64_t n, float *w) {
+  (void)s;
+  const int bits = (int)c->bits;
+  const int64_t K = c->K, size = c->group_size, groups = (K + size - 1) / size;
+  const uint8_t *codes = c->codes + n * c->row_bytes, *end = c->codes + c->N * c->row_bytes;
+  const float *scales = c->grid_scales + n * groups;
+  const float *offsets = c->grid_offsets ? c->grid_offsets + n * groups : NULL;
+  const float *table = c->grid_table;
+  const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
+  const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+  const __m256 zero = _mm256_set1_ps(c->grid_zero);
+  int64_t k = 0;
+  for (int64_t g = 0; g < groups; g++) {
+    const float offset = offsets ? offsets[g] : 0.0f;
+    const __m256 scale8 = _mm256_set1_ps(scales[g]), offset8 = _mm256_set1_ps(offset);
+    const int64_t stop = (g + 1) * size < K ? (g + 1) * size : K;
+    if (k % 8 == 0) /* eight codes fill `bits` whole bytes from byte k / 8 * bits */
+      for (; k + 8 <= stop; k += 8) {
+        const __m256i q = eight_codes(codes, k / 8, bits, end, shifts, mask);
+        const __m256 v = table ? _mm256_i32gather_ps(table, q, 4) : _mm256_cvtepi32_ps(q);
+        _mm256_storeu_ps(w + k, _mm256_fmadd_ps(_mm256_sub_ps(v, zero), scale8, offset8));
+      }
+    for (; k < stop; k++) {
+      const int q = code_at(codes, k, bits);
+      w[k] = ((table ? table[q] : (float)q) - c->grid_zero) * scales[g] + offset;
+    }
+  }
+}
+
+void grid_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {
+  decode_grid_row(c, s, n, s->w);
+  decoded_row_dots(c, s, out);
 }

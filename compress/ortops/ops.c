@@ -19,6 +19,12 @@
 
    y float32 [..., N]. Rows are decoded while they are used (rows.c), never ahead of time.
 
+   GridMatMul(x, codes, scales[, offsets, table])
+                                           W[n, k] = (v(code(n, k)) - zero) * scales[n, g] + offsets[n, g], k in group g
+       codes uint8 [N, ceil(K * bits / 8)] row-packed; scales, offsets float32 [N, ceil(K / group_size)]; v(q) = q,
+       or table[q] with table float32 [2^bits]. Attributes K, N, bits (1..8), group_size, zero (float, default 0):
+       integer grids of any width, llama.cpp's k-quants (their scales and minima multiplied out), NormalFloat.
+
    SiluGate(x)                             y[..., j] = silu(x[..., j]) * x[..., n + j]
        x float32 [..., 2n]: a SiLU MLP's packed gate and up projections; y float32 [..., n] (gate.c). */
 #include <stdlib.h>
@@ -29,13 +35,14 @@
 
 static const OrtApi *ort;
 
-typedef enum { LUT, HALF, SPARSE, GATE } Op;
+typedef enum { LUT, HALF, SPARSE, GATE, GRID } Op;
 
 typedef struct {
   Op op;
   const Kernels *run;                      /* the build of the kernels this CPU runs */
   int64_t K, N, bits, dim, rows_per_table; /* bits, dim, rows_per_table: LutMatMul */
-  int64_t kept, group_size;                /* SparseMatMul (bits > 0: kept values on an integer grid) */
+  int64_t kept, group_size;                /* SparseMatMul (bits > 0: kept values on an integer grid), GridMatMul */
+  float zero;                              /* GridMatMul */
 } Kernel;
 
 #define CHECK(expr)              \
@@ -148,7 +155,29 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
   c.M = 1;
   for (size_t i = 0; i + 1 < rank; i++) c.M *= dims[i];
   CHECK(input_data(context, 0, (const void **)&c.x));
-  if (op->op == LUT) {
+  if (op->op == GRID) {
+    const int64_t groups = (op->K + op->group_size - 1) / op->group_size;
+    size_t inputs = 0;
+    CHECK(ort->KernelContext_GetInputCount(context, &inputs));
+    c.decode = op->run->grid_decode;
+    c.dots = op->run->grid_dots;
+    c.bits = op->bits;
+    c.group_size = op->group_size;
+    c.grid_zero = op->zero;
+    c.row_bytes = (op->K * op->bits + 7) / 8;
+    CHECK(holds(context, 1, op->N * c.row_bytes, "GridMatMul: codes smaller than N rows"));
+    CHECK(holds(context, 2, op->N * groups, "GridMatMul: scales smaller than N x groups"));
+    CHECK(input_data(context, 1, (const void **)&c.codes));
+    CHECK(input_data(context, 2, (const void **)&c.grid_scales));
+    if (inputs > 3) {
+      CHECK(input_data(context, 3, (const void **)&c.grid_offsets));
+      if (c.grid_offsets) CHECK(holds(context, 3, op->N * groups, "GridMatMul: offsets smaller than N x groups"));
+    }
+    if (inputs > 4) {
+      CHECK(input_data(context, 4, (const void **)&c.grid_table));
+      if (c.grid_table) CHECK(holds(context, 4, (int64_t)1 << op->bits, "GridMatMul: table smaller than 2^bits"));
+    }
+  } else if (op->op == LUT) {
     ONNXTensorElementDataType table_type;
     CHECK(element_type(context, 2, &table_type));
     if (table_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 && table_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8)
@@ -256,6 +285,10 @@ static Spec specs[] = {
                ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
                ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8}},
     {.kind = GATE, .name = "SiluGate", .inputs = 1, .optional_from = 1, .types = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT}},
+    {.kind = GRID, .name = "GridMatMul", .inputs = 5, .optional_from = 3,
+     .types = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+               ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+               ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT}},
 };
 
 static const Spec *spec_of(const OrtCustomOp *self) { return (const Spec *)self; }
@@ -344,6 +377,17 @@ static OrtStatus *create_kernel(const OrtCustomOp *self, const OrtApi *api, cons
   if (!status && k->op == LUT) status = attribute(info, "dim", &k->dim);
   if (!status && k->op == LUT) status = attribute(info, "rows_per_table", &k->rows_per_table);
   if (!status && k->op == SPARSE) status = attribute(info, "kept", &k->kept);
+  if (!status && k->op == GRID) status = attribute(info, "bits", &k->bits);
+  if (!status && k->op == GRID) status = attribute(info, "group_size", &k->group_size);
+  if (!status && k->op == GRID) {
+    OrtStatus *no_zero = ort->KernelInfoGetAttribute_float(info, "zero", &k->zero);
+    if (no_zero) { /* absent: 0 */
+      ort->ReleaseStatus(no_zero);
+      k->zero = 0.0f;
+    }
+    if (k->bits < 1 || k->bits > 8 || k->group_size < 1)
+      status = ort->CreateStatus(ORT_INVALID_ARGUMENT, "GridMatMul: bits 1..8 and group_size >= 1");
+  }
   OrtStatus *no_bits = !status && k->op == SPARSE ? attribute(info, "bits", &k->bits) : NULL;
   if (no_bits) { /* 16-bit float values */
     ort->ReleaseStatus(no_bits);

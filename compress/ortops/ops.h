@@ -18,6 +18,8 @@
 #define decode_lut_row VARIANT(decode_lut_row)
 #define decode_half_row VARIANT(decode_half_row)
 #define decode_sparse_row VARIANT(decode_sparse_row)
+#define decode_grid_row VARIANT(decode_grid_row)
+#define grid_row_dots VARIANT(grid_row_dots)
 #define lut_row_dots VARIANT(lut_row_dots)
 #define half_row_dots VARIANT(half_row_dots)
 #define sparse_row_dots VARIANT(sparse_row_dots)
@@ -58,6 +60,10 @@ struct Call {
   int64_t group_size;
   const uint16_t *group_scales; /* float16 [N, groups] */
   const uint8_t *group_zeros;   /* zero points packed at `bits` [N, ceil(groups * bits / 8)], or NULL: 2^(bits-1) */
+  /* GridMatMul: W[n, k] = (v(code) - grid_zero) * scale[n, g] + offset[n, g] for k in group g, v(code) = code or
+     grid_table[code]; codes row-packed at `bits` in `codes` */
+  const float *grid_scales, *grid_offsets, *grid_table; /* float32 [N, groups], [N, groups] or NULL, [2^bits] or NULL */
+  float grid_zero;
   const float *pairs;       /* x with each 32 inputs as the even then the odd ones (4-bit palettes), or NULL */
   volatile int failed;      /* set by a task that could not allocate its scratch */
 };
@@ -74,6 +80,8 @@ void lut_row_dots(const Call *c, Scratch *s, int64_t n, float *out);
 void half_row_dots(const Call *c, Scratch *s, int64_t n, float *out);
 void decode_sparse_row(const Call *c, Scratch *s, int64_t n, float *w);
 void sparse_row_dots(const Call *c, Scratch *s, int64_t n, float *out);
+void decode_grid_row(const Call *c, Scratch *s, int64_t n, float *w);
+void grid_row_dots(const Call *c, Scratch *s, int64_t n, float *out);
 int64_t table_floats(const Call *c);
 
 /* y = x @ W^T, the tasks spread by parallel_for (onnxruntime's intra-op threads); 0, or -1 when out of memory. */
@@ -89,8 +97,8 @@ void permute_inputs(const Call *c, float *pairs); /* [M, K]: every 32 inputs, th
 
 /* One build's kernels (variant.c), for ops.c to choose from. */
 typedef struct {
-  RowDecoder lut_decode, half_decode, sparse_decode;
-  RowDots lut_dots, half_dots, sparse_dots;
+  RowDecoder lut_decode, half_decode, sparse_decode, grid_decode;
+  RowDots lut_dots, half_dots, sparse_dots, grid_dots;
   int (*matmul)(Call *c, void *context, ParallelFor parallel_for);
   int (*wants_pairs)(const Call *c);
   void (*permute_inputs)(const Call *c, float *pairs);
