@@ -439,18 +439,27 @@ void sparse_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {
   decoded_row_dots(c, s, out);
 }
 
-/* Row n of a GridMatMul weight: (v(code) - zero) * scale + offset per group, v(code) the code or its table entry. */
-void decode_grid_row(const Call *c, Scratch *s, int64_t n, float *w) {
-  (void)s;
+/* Walks row n of a GridMatMul weight eight weights at a time, (v(code) - zero) * scale + offset per group, v(code)
+   the code or its table entry (up to 16 entries from two registers by permutes, else gathered): into w (w != NULL),
+   or its dot products with the M <= 4 rows of x into out. Inlined into each caller, so each gets the loop it
+   needs. */
+static inline __attribute__((always_inline)) void grid_row(const Call *c, int64_t n, float *w, const float *x,
+                                                           int64_t M, float *out) {
   const int bits = (int)c->bits;
   const int64_t K = c->K, size = c->group_size, groups = (K + size - 1) / size;
   const uint8_t *codes = c->codes + n * c->row_bytes, *end = c->codes + c->N * c->row_bytes;
   const float *scales = c->grid_scales + n * groups;
   const float *offsets = c->grid_offsets ? c->grid_offsets + n * groups : NULL;
   const float *table = c->grid_table;
+  float padded[16] = {0};
+  if (table && bits <= 4) memcpy(padded, table, sizeof(float) << bits);
+  const __m256 lo = _mm256_loadu_ps(padded), hi = _mm256_loadu_ps(padded + 8);
   const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
   const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
   const __m256 zero = _mm256_set1_ps(c->grid_zero);
+  __m256 acc[4], acc2[4];
+  for (int64_t m = 0; m < M; m++) acc[m] = acc2[m] = _mm256_setzero_ps();
+  float tail[4] = {0, 0, 0, 0};
   int64_t k = 0;
   for (int64_t g = 0; g < groups; g++) {
     const float offset = offsets ? offsets[g] : 0.0f;
@@ -459,17 +468,38 @@ void decode_grid_row(const Call *c, Scratch *s, int64_t n, float *w) {
     if (k % 8 == 0) /* eight codes fill `bits` whole bytes from byte k / 8 * bits */
       for (; k + 8 <= stop; k += 8) {
         const __m256i q = eight_codes(codes, k / 8, bits, end, shifts, mask);
-        const __m256 v = table ? _mm256_i32gather_ps(table, q, 4) : _mm256_cvtepi32_ps(q);
-        _mm256_storeu_ps(w + k, _mm256_fmadd_ps(_mm256_sub_ps(v, zero), scale8, offset8));
+        const __m256 v = !table ? _mm256_cvtepi32_ps(q) : bits <= 4 ? look_up(q, bits, lo, hi, padded)
+                                                                    : _mm256_i32gather_ps(table, q, 4);
+        const __m256 weights = _mm256_fmadd_ps(_mm256_sub_ps(v, zero), scale8, offset8);
+        if ((k / 8) & 1)
+          CONSUME2(weights, k);
+        else
+          CONSUME(weights, k);
       }
     for (; k < stop; k++) {
       const int q = code_at(codes, k, bits);
-      w[k] = ((table ? table[q] : (float)q) - c->grid_zero) * scales[g] + offset;
+      const float weight = ((table ? table[q] : (float)q) - c->grid_zero) * scales[g] + offset;
+      if (w)
+        w[k] = weight;
+      else
+        for (int64_t m = 0; m < M; m++) tail[m] += weight * x[m * K + k];
     }
   }
+  if (!w)
+    for (int64_t m = 0; m < M; m++) out[m] = hsum(_mm256_add_ps(acc[m], acc2[m])) + tail[m];
+}
+
+void decode_grid_row(const Call *c, Scratch *s, int64_t n, float *w) {
+  (void)s;
+  grid_row(c, n, w, NULL, 0, NULL);
 }
 
 void grid_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {
-  decode_grid_row(c, s, n, s->w);
-  decoded_row_dots(c, s, out);
+  (void)s;
+  switch (c->M) { /* a constant token count per copy: the accumulators stay in registers */
+    case 1: grid_row(c, n, NULL, c->x, 1, out); break;
+    case 2: grid_row(c, n, NULL, c->x, 2, out); break;
+    case 3: grid_row(c, n, NULL, c->x, 3, out); break;
+    default: grid_row(c, n, NULL, c->x, 4, out); break;
+  }
 }
