@@ -77,6 +77,46 @@ static inline __attribute__((always_inline)) int64_t nibble_pairs(const uint8_t 
   for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
   return 4 * steps;
 }
+/* 3-bit palettes, 32 codes (12 bytes) a step: each run of 8 codes (3 bytes) moved into a 64-bit lane of its own by one
+   byte permute, cut into bytes by one multishift, each 16 weights then one widening and one lookup. Stops where a
+   16-byte load would pass `end`. Returns the 8-code groups done. */
+static inline __attribute__((always_inline)) int64_t three_bit_runs(const uint8_t *row, const uint8_t *end,
+                                                                    int64_t codes, const float *tab, float *w,
+                                                                    const float *x, int64_t M, int64_t K,
+                                                                    float *sums) {
+  int64_t steps = codes / 32;
+  while (steps > 0 && row + 12 * (steps - 1) + 16 > end) steps--;
+  int8_t spread_bytes[64], field_bytes[64];
+  for (int b = 0; b < 64; b++) {
+    spread_bytes[b] = (int8_t)(b < 32 ? 3 * (b / 8) + b % 8 : 0); /* lane k: bytes 3k .. 3k + 7 */
+    field_bytes[b] = (int8_t)(3 * (b % 8));                       /* byte j of a lane: bits 3j .. 3j + 7 */
+  }
+  const __m512i spread = _mm512_loadu_si512(spread_bytes), fields = _mm512_loadu_si512(field_bytes);
+  const __m256i seven = _mm256_set1_epi8(7);
+  const __m512 table = _mm512_loadu_ps(tab);
+  __m512 acc[2][4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()},
+                      {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
+  for (int64_t i = 0; i < steps; i++) {
+    const __m512i chunk = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(row + 12 * i)));
+    const __m512i cut = _mm512_multishift_epi64_epi8(fields, _mm512_permutexvar_epi8(spread, chunk));
+    const __m256i code = _mm256_and_si256(_mm512_castsi512_si256(cut), seven);
+    const __m512 first = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(code)), table);
+    const __m512 second = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(code, 1)), table);
+    if (w) {
+      _mm512_storeu_ps(w + 32 * i, first);
+      _mm512_storeu_ps(w + 32 * i + 16, second);
+    } else {
+      for (int64_t m = 0; m < M; m++) {
+        acc[0][m] = _mm512_fmadd_ps(first, _mm512_loadu_ps(x + m * K + 32 * i), acc[0][m]);
+        acc[1][m] = _mm512_fmadd_ps(second, _mm512_loadu_ps(x + m * K + 32 * i + 16), acc[1][m]);
+      }
+    }
+  }
+  if (!w)
+    for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
+  return 4 * steps;
+}
+
 /* Palettes (dim 1) and code books of vectors of 2, 4 or 8, 16 weights (16 / dim codes) a step: the codes cut out
    of one 64-bit word (multishift, each code repeated for its dim lanes), each lane's float found in the table (up
    to 32 floats) by one permute over one or two registers (permutexvar reads an index's low 4 bits). Returns the
@@ -219,6 +259,8 @@ static inline __attribute__((always_inline)) void lut_row(const Call *c, Scratch
 #ifdef WIDE_LOOKUPS
     if (!w && c->pairs)
       wide_groups = nibble_pairs(row, codes / 32, tab, c->pairs, M, K, wide);
+    else if (bits == 3)
+      wide_groups = three_bit_runs(row, end, codes, tab, w, x, M, K, wide);
     else if (bits <= 4)
       wide_groups = vector_sixteen(row, end, bits, 1, groups, tab, w, x, M, K, wide);
 #endif
