@@ -35,6 +35,8 @@ KERNELS = {
     "LutMatMul 2-bit code book of 2-vectors": ("lut", 4, 2),
     "LutMatMul 2-bit code book of 4-vectors": ("lut", 8, 4),
     "HalfMatMul float16": ("half", 0, 1),
+    "GridMatMul NF4 g64 (code book, float32 group scales)": ("grid", 4, 1),
+    "GridMatMul 4-bit g32 with offsets (a k-quant's layout)": ("grid", 4, 0),
 }
 
 
@@ -59,6 +61,17 @@ def _session(kind: str, bits: int, dim: int, threads: int):
                       numpy_helper.from_array(table, f"t{i}")]
             nodes.append(helper.make_node("LutMatMul", [x, f"c{i}", f"t{i}"], [y], domain=ortops.DOMAIN, K=k, N=n,
                                           bits=bits, dim=dim, rows_per_table=1))
+        elif kind == "grid":  # dim 1: an NF code book, groups of 64; dim 0: codes, scales and offsets per 32
+            group = 64 if dim else 32
+            codes = rng.integers(0, 1 << bits, (n, k))
+            scales = (rng.random((n, k // group)) * 0.01).astype(np.float32)
+            inits += [numpy_helper.from_array(pack_rows(torch.tensor(codes), bits).numpy(), f"c{i}"),
+                      numpy_helper.from_array(scales, f"s{i}")]
+            extra = [f"o{i}"] if not dim else ["", f"t{i}"]
+            inits.append(numpy_helper.from_array(-scales * 8, f"o{i}") if not dim else
+                         numpy_helper.from_array(np.sort(rng.standard_normal(1 << bits)).astype(np.float32), f"t{i}"))
+            nodes.append(helper.make_node("GridMatMul", [x, f"c{i}", f"s{i}", *extra], [y], domain=ortops.DOMAIN,
+                                          K=k, N=n, bits=bits, group_size=group))
         elif kind == "half":
             inits.append(numpy_helper.from_array((rng.standard_normal((n, k)) * 0.05).astype(np.float16), f"w{i}"))
             nodes.append(helper.make_node("HalfMatMul", [x, f"w{i}"], [y], domain=ortops.DOMAIN, K=k, N=n))
