@@ -88,6 +88,18 @@ static OrtStatus *holds(OrtKernelContext *context, size_t i, int64_t needed, con
   return NULL;
 }
 
+/* Optional input i's data (NULL when the node leaves it out), which must hold at least `needed` elements. */
+static OrtStatus *optional_input(OrtKernelContext *context, size_t i, int64_t needed, const char *what,
+                                 const void **data) {
+  size_t inputs = 0;
+  *data = NULL;
+  CHECK(ort->KernelContext_GetInputCount(context, &inputs));
+  if (i >= inputs) return NULL;
+  CHECK(input_data(context, i, data));
+  if (*data) CHECK(holds(context, i, needed, what));
+  return NULL;
+}
+
 static OrtStatus *element_type(OrtKernelContext *context, size_t i, ONNXTensorElementDataType *type) {
   const OrtValue *value;
   OrtTensorTypeAndShapeInfo *info;
@@ -157,8 +169,6 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
   CHECK(input_data(context, 0, (const void **)&c.x));
   if (op->op == GRID) {
     const int64_t groups = (op->K + op->group_size - 1) / op->group_size;
-    size_t inputs = 0;
-    CHECK(ort->KernelContext_GetInputCount(context, &inputs));
     c.decode = op->run->grid_decode;
     c.dots = op->run->grid_dots;
     c.bits = op->bits;
@@ -169,21 +179,15 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
     CHECK(holds(context, 2, op->N * groups, "GridMatMul: scales smaller than N x groups"));
     CHECK(input_data(context, 1, (const void **)&c.codes));
     CHECK(input_data(context, 2, (const void **)&c.grid_scales));
-    if (inputs > 3) {
-      CHECK(input_data(context, 3, (const void **)&c.grid_offsets));
-      if (c.grid_offsets) CHECK(holds(context, 3, op->N * groups, "GridMatMul: offsets smaller than N x groups"));
-    }
-    if (inputs > 4) {
-      CHECK(input_data(context, 4, (const void **)&c.grid_table));
-      if (c.grid_table) CHECK(holds(context, 4, (int64_t)1 << op->bits, "GridMatMul: table smaller than 2^bits"));
-    }
+    CHECK(optional_input(context, 3, op->N * groups, "GridMatMul: offsets smaller than N x groups",
+                         (const void **)&c.grid_offsets));
+    CHECK(optional_input(context, 4, (int64_t)1 << op->bits, "GridMatMul: table smaller than 2^bits",
+                         (const void **)&c.grid_table));
   } else if (op->op == LUT) {
     ONNXTensorElementDataType table_type;
     CHECK(element_type(context, 2, &table_type));
     if (table_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 && table_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8)
       return ort->CreateStatus(ORT_INVALID_ARGUMENT, "LutMatMul: the table must be float16 or int8");
-    size_t inputs = 0;
-    CHECK(ort->KernelContext_GetInputCount(context, &inputs));
     c.decode = op->run->lut_decode;
     c.dots = op->run->lut_dots;
     c.bits = op->bits;
@@ -196,10 +200,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
     CHECK(holds(context, 2, tables * ((int64_t)1 << op->bits) * op->dim, "LutMatMul: table smaller than its shape"));
     CHECK(input_data(context, 1, (const void **)&c.codes));
     CHECK(input_data(context, 2, &c.table));
-    if (inputs > 3) {
-      CHECK(input_data(context, 3, (const void **)&c.scale));
-      if (c.scale) CHECK(holds(context, 3, op->N, "LutMatMul: scale holds fewer than N values"));
-    }
+    CHECK(optional_input(context, 3, op->N, "LutMatMul: scale holds fewer than N values", (const void **)&c.scale));
   } else {
     ONNXTensorElementDataType weight_type;
     const size_t values = op->op == HALF ? 1 : 2;
@@ -230,9 +231,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
         CHECK(holds(context, 2, op->N * ((op->kept * op->bits + 7) / 8), "SparseMatMul: codes smaller than N rows"));
         CHECK(holds(context, 3, op->N * groups, "SparseMatMul: scales smaller than N x groups"));
         CHECK(input_data(context, 3, (const void **)&c.group_scales));
-        CHECK(input_data(context, 4, (const void **)&c.group_zeros));
-        if (c.group_zeros)
-          CHECK(holds(context, 4, op->N * ((groups * op->bits + 7) / 8), "SparseMatMul: zeros smaller than N rows"));
+        CHECK(optional_input(context, 4, op->N * ((groups * op->bits + 7) / 8), "SparseMatMul: zeros smaller than N rows",
+                             (const void **)&c.group_zeros));
       } else {
         CHECK(holds(context, 2, op->N * op->kept, "SparseMatMul: values smaller than N x kept"));
       }
