@@ -444,7 +444,8 @@ void decode_sparse_row(const Call *c, Scratch *s, int64_t n, float *w) {
     const uint16_t *values = (const uint16_t *)c->table + n * kept;
     const int brain = c->table_is_bf16;
     int64_t j = 0;
-    for (; j + 8 <= kept; j += 8) _mm256_storeu_ps(v + j, widen8(_mm_loadu_si128((const __m128i *)(values + j)), brain));
+    for (; j + 8 <= kept; j += 8)
+      _mm256_storeu_ps(v + j, widen8(_mm_loadu_si128((const __m128i *)(values + j)), brain));
     for (; j < kept; j++) v[j] = widen1(values[j], brain);
   }
   const uint8_t *row = c->codes + n * c->row_bytes;

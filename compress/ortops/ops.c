@@ -140,7 +140,8 @@ static OrtStatus *gate_compute(const Kernel *op, OrtKernelContext *context, int6
     g.run->silu_gate(g.x, g.y, g.n, 0, g.rows);
     return NULL;
   }
-  if (parallel_for(context, gate_task, tasks, &g)) return ort->CreateStatus(ORT_FAIL, "onnxruntime's ParallelFor failed");
+  if (parallel_for(context, gate_task, tasks, &g))
+    return ort->CreateStatus(ORT_FAIL, "onnxruntime's ParallelFor failed");
   return NULL;
 }
 
@@ -231,8 +232,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
         CHECK(holds(context, 2, op->N * ((op->kept * op->bits + 7) / 8), "SparseMatMul: codes smaller than N rows"));
         CHECK(holds(context, 3, op->N * groups, "SparseMatMul: scales smaller than N x groups"));
         CHECK(input_data(context, 3, (const void **)&c.group_scales));
-        CHECK(optional_input(context, 4, op->N * ((groups * op->bits + 7) / 8), "SparseMatMul: zeros smaller than N rows",
-                             (const void **)&c.group_zeros));
+        CHECK(optional_input(context, 4, op->N * ((groups * op->bits + 7) / 8),
+                             "SparseMatMul: zeros smaller than N rows", (const void **)&c.group_zeros));
       } else {
         CHECK(holds(context, 2, op->N * op->kept, "SparseMatMul: values smaller than N x kept"));
       }
