@@ -77,6 +77,36 @@ static inline __attribute__((always_inline)) int64_t nibble_pairs(const uint8_t 
   for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
   return 4 * steps;
 }
+/* GridMatMul rows of 4-bit codes in groups of a multiple of 32, dot products only: nibble_pairs' 32 codes a step (the
+   tokens' inputs permuted the same way), each 16 weights one lookup into `shifted` (the code book, or the codes'
+   own values, minus the zero point) and one multiply-add by the group's scale and offset. Returns the codes done. */
+static inline __attribute__((always_inline)) int64_t grid_nibble_pairs(const uint8_t *row, int64_t steps,
+                                                                       int64_t size, const float *scales,
+                                                                       const float *offsets, const float *shifted,
+                                                                       const float *pairs, int64_t M, int64_t K,
+                                                                       float *sums) {
+  const __m512 table = _mm512_loadu_ps(shifted);
+  const __m128i low = _mm_set1_epi8(15);
+  __m512 acc[2][4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()},
+                      {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
+  for (int64_t i = 0; i < steps; i++) {
+    const int64_t g = 32 * i / size;
+    const __m512 scale = _mm512_set1_ps(scales[g]), offset = _mm512_set1_ps(offsets ? offsets[g] : 0.0f);
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)(row + 16 * i));
+    const __m512 even = _mm512_fmadd_ps(
+        _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low)), table), scale, offset);
+    const __m512 odd = _mm512_fmadd_ps(
+        _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low)), table), scale,
+        offset);
+    for (int64_t m = 0; m < M; m++) {
+      acc[0][m] = _mm512_fmadd_ps(even, _mm512_loadu_ps(pairs + m * K + 32 * i), acc[0][m]);
+      acc[1][m] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(pairs + m * K + 32 * i + 16), acc[1][m]);
+    }
+  }
+  for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
+  return 32 * steps;
+}
+
 /* 3-bit palettes, 32 codes (12 bytes) a step: each run of 8 codes (3 bytes) moved into a 64-bit lane of its own by one
    byte permute, cut into bytes by one multishift, each 16 weights then one widening and one lookup. Stops where a
    16-byte load would pass `end`. Returns the 8-code groups done. */
@@ -173,7 +203,7 @@ static inline __attribute__((always_inline)) int64_t vector_sixteen(const uint8_
 
 int wants_pairs(const Call *c) {
 #ifdef WIDE_LOOKUPS
-  return c->dim == 1 && c->bits == 4 && c->K >= 32;
+  return (c->dim == 1 || (c->grid_scales && c->group_size % 32 == 0)) && c->bits == 4 && c->K >= 32;
 #else
   (void)c;
   return 0;
@@ -504,7 +534,14 @@ static inline __attribute__((always_inline)) void grid_row(const Call *c, int64_
   for (int64_t m = 0; m < M; m++) acc[m] = acc2[m] = _mm256_setzero_ps();
   float tail[4] = {0, 0, 0, 0};
   int64_t k = 0;
-  for (int64_t g = 0; g < groups; g++) {
+#ifdef WIDE_LOOKUPS
+  if (!w && c->pairs) { /* wants_pairs: 4-bit codes, groups of a multiple of 32 */
+    float shifted[16];
+    for (int i = 0; i < 16; i++) shifted[i] = (table ? padded[i] : (float)i) - c->grid_zero;
+    k = grid_nibble_pairs(codes, K / 32, size, scales, offsets, shifted, c->pairs, M, K, tail);
+  }
+#endif
+  for (int64_t g = k / size; g < groups; g++) {
     const float offset = offsets ? offsets[g] : 0.0f;
     const __m256 scale8 = _mm256_set1_ps(scales[g]), offset8 = _mm256_set1_ps(offset);
     const int64_t stop = (g + 1) * size < K ? (g + 1) * size : K;

@@ -245,7 +245,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
   CHECK(ort->KernelContext_GetOutput(context, 0, dims, rank, &y_value));
   CHECK(ort->GetTensorMutableData(y_value, (void **)&c.y));
   float *pairs = NULL;
-  if (op->op == LUT && c.M <= 4 && op->run->wants_pairs(&c)) {
+  if ((op->op == LUT || op->op == GRID) && c.M <= 4 && op->run->wants_pairs(&c)) {
     pairs = (float *)malloc(sizeof(float) * (size_t)(c.M * c.K));
     if (!pairs) return ort->CreateStatus(ORT_FAIL, "out of memory for the permuted inputs");
     op->run->permute_inputs(&c, pairs);
