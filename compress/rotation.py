@@ -97,9 +97,14 @@ class OnlineHadamard:
             raise ValueError(f"no Hadamard matrix of order {self.order} is built here from a power of two and Paley "
                              f"factors of at most {MAX_DENSE_FACTOR} (12, 20, 32, 44, 60, ...)")
 
-    def signs(self) -> torch.Tensor:
+    @functools.cached_property
+    def _signs(self) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed)
         return torch.randint(0, 2, (self.order,), generator=gen).to(torch.float64) * 2 - 1
+
+    def signs(self) -> torch.Tensor:
+        """The random signs (float64), drawn once per transform: every forward reads them."""
+        return self._signs
 
     def matrix(self) -> torch.Tensor:
         """``Q`` as a dense float64 matrix (to fold into the layer's weight; tests)."""
@@ -107,11 +112,15 @@ class OnlineHadamard:
         assert h is not None  # __post_init__
         return self.signs().unsqueeze(1) * h / self.order ** 0.5
 
+    @functools.cached_property
+    def _factors(self) -> list[int]:
+        factors = hadamard_factors(self.order)
+        assert factors is not None  # __post_init__
+        return factors
+
     def factors(self) -> list[int]:
         """The Kronecker factors of ``H``, in order (powers of two and Paley orders)."""
-        factors = hadamard_factors(self.order)
-        assert factors is not None
-        return factors
+        return list(self._factors)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x Q`` over the last axis of ``x``, in ``x``'s dtype and device."""

@@ -55,49 +55,29 @@ static inline __m256 look_up(__m256i idx, int bits, __m256 lo, __m256 hi, const 
 
 #if defined(__AVX512F__) && defined(__AVX512VBMI__)
 #define WIDE_LOOKUPS
-/* 4-bit palettes, dot products only: 32 codes (16 bytes) a step, the low nibbles (codes 0, 2, .., 30) and the high
-   ones (1, 3, .., 31) split with plain byte arithmetic, so each 16 weights cost one widening and one lookup; the
-   tokens come with their inputs in the same order (`pairs`: permute_inputs). Returns the 8-code groups done. */
+/* 4-bit codes, dot products only: 32 codes (16 bytes) a step, the low nibbles (codes 0, 2, .., 30) and the high ones
+   (1, 3, .., 31) split with plain byte arithmetic, so each 16 weights cost one widening and one lookup in `tab` (16
+   floats); the tokens come with their inputs in the same order (`pairs`: permute_inputs). With `scales` (GridMatMul:
+   groups of `size`, a multiple of 32) each 16 weights also take their group's scale and offset in one multiply-add;
+   a palette passes NULL (a constant: the inlined copy has no such step). Returns the codes done. */
 static inline __attribute__((always_inline)) int64_t nibble_pairs(const uint8_t *row, int64_t steps, const float *tab,
-                                                                  const float *pairs, int64_t M, int64_t K,
-                                                                  float *sums) {
+                                                                  int64_t size, const float *scales,
+                                                                  const float *offsets, const float *pairs, int64_t M,
+                                                                  int64_t K, float *sums) {
   const __m512 table = _mm512_loadu_ps(tab);
   const __m128i low = _mm_set1_epi8(15);
   __m512 acc[2][4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()},
                       {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
   for (int64_t i = 0; i < steps; i++) {
     const __m128i bytes = _mm_loadu_si128((const __m128i *)(row + 16 * i));
-    const __m512 even = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low)), table);
-    const __m512 odd = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low)), table);
-    for (int64_t m = 0; m < M; m++) {
-      acc[0][m] = _mm512_fmadd_ps(even, _mm512_loadu_ps(pairs + m * K + 32 * i), acc[0][m]);
-      acc[1][m] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(pairs + m * K + 32 * i + 16), acc[1][m]);
+    __m512 even = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low)), table);
+    __m512 odd = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low)), table);
+    if (scales) {
+      const int64_t g = 32 * i / size;
+      const __m512 scale = _mm512_set1_ps(scales[g]), offset = _mm512_set1_ps(offsets ? offsets[g] : 0.0f);
+      even = _mm512_fmadd_ps(even, scale, offset);
+      odd = _mm512_fmadd_ps(odd, scale, offset);
     }
-  }
-  for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
-  return 4 * steps;
-}
-/* GridMatMul rows of 4-bit codes in groups of a multiple of 32, dot products only: nibble_pairs' 32 codes a step (the
-   tokens' inputs permuted the same way), each 16 weights one lookup into `shifted` (the code book, or the codes'
-   own values, minus the zero point) and one multiply-add by the group's scale and offset. Returns the codes done. */
-static inline __attribute__((always_inline)) int64_t grid_nibble_pairs(const uint8_t *row, int64_t steps,
-                                                                       int64_t size, const float *scales,
-                                                                       const float *offsets, const float *shifted,
-                                                                       const float *pairs, int64_t M, int64_t K,
-                                                                       float *sums) {
-  const __m512 table = _mm512_loadu_ps(shifted);
-  const __m128i low = _mm_set1_epi8(15);
-  __m512 acc[2][4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()},
-                      {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
-  for (int64_t i = 0; i < steps; i++) {
-    const int64_t g = 32 * i / size;
-    const __m512 scale = _mm512_set1_ps(scales[g]), offset = _mm512_set1_ps(offsets ? offsets[g] : 0.0f);
-    const __m128i bytes = _mm_loadu_si128((const __m128i *)(row + 16 * i));
-    const __m512 even = _mm512_fmadd_ps(
-        _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low)), table), scale, offset);
-    const __m512 odd = _mm512_fmadd_ps(
-        _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low)), table), scale,
-        offset);
     for (int64_t m = 0; m < M; m++) {
       acc[0][m] = _mm512_fmadd_ps(even, _mm512_loadu_ps(pairs + m * K + 32 * i), acc[0][m]);
       acc[1][m] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(pairs + m * K + 32 * i + 16), acc[1][m]);
@@ -288,7 +268,7 @@ static inline __attribute__((always_inline)) void lut_row(const Call *c, Scratch
     int64_t wide_groups = 0; /* groups of eight done 16 codes at a time (AVX-512) */
 #ifdef WIDE_LOOKUPS
     if (!w && c->pairs)
-      wide_groups = nibble_pairs(row, codes / 32, tab, c->pairs, M, K, wide);
+      wide_groups = nibble_pairs(row, codes / 32, tab, 0, NULL, NULL, c->pairs, M, K, wide) / 8;
     else if (bits == 3)
       wide_groups = three_bit_runs(row, end, codes, tab, w, x, M, K, wide);
     else if (bits <= 4)
@@ -538,7 +518,7 @@ static inline __attribute__((always_inline)) void grid_row(const Call *c, int64_
   if (!w && c->pairs) { /* wants_pairs: 4-bit codes, groups of a multiple of 32 */
     float shifted[16];
     for (int i = 0; i < 16; i++) shifted[i] = (table ? padded[i] : (float)i) - c->grid_zero;
-    k = grid_nibble_pairs(codes, K / 32, size, scales, offsets, shifted, c->pairs, M, K, tail);
+    k = nibble_pairs(codes, K / 32, shifted, size, scales, offsets, c->pairs, M, K, tail);
   }
 #endif
   for (int64_t g = k / size; g < groups; g++) {
