@@ -214,7 +214,7 @@ def append_result(path: Path, key: str, result: dict):
 
 
 def print_table(columns: list[str], rows: list[dict]):
-    widths = [max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns]
+    widths = [max([len(c), *(len(_cell(r.get(c))) for r in rows)]) for c in columns]
     print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:

@@ -110,6 +110,7 @@ def test_every_format_exports_and_matches_pytorch(mixed_export, mixed):
     for i, (path, _, expected) in enumerate(FORMATS):
         lowering = layers[f"model.layers.{i}.{path}"]["lowering"]
         assert lowering.startswith(expected), (path, lowering)
+        assert "outliers" not in lowering or lowering.endswith("outliers (OutlierAdd)"), lowering
     assert layers["model.layers.0.mlp.up_proj"]["lowering"] == "HalfMatMul float16"
     assert layers["lm_head"]["lowering"] == "tied to model.embed_tokens, HalfMatMul float16"
     # the file keeps the compression: in-graph decoding stores the checkpoint's bytes; MatMulNBits the codes

@@ -100,6 +100,57 @@ def test_silu_gate_refuses_an_odd_width(ortops_library):
         _run(ortops_library, node, [], 7, 3, np.zeros((1, 7), np.float32))
 
 
+def _outlier_add(library, y0, x, counts, columns, corrections):
+    k, n = x.shape[-1], y0.shape[-1]
+    graph = helper.make_graph(
+        [helper.make_node("OutlierAdd", ["y0", "x", "counts", "columns", "corrections"], ["y"], domain=ortops.DOMAIN)],
+        "g", [helper.make_tensor_value_info("y0", TensorProto.FLOAT, [None, n]),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+        [numpy_helper.from_array(counts, "counts"), numpy_helper.from_array(columns, "columns"),
+         numpy_helper.from_array(corrections, "corrections")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ortops.DOMAIN, 1)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    return ort.InferenceSession(model.SerializeToString(), options).run(None, {"y0": y0, "x": x})[0]
+
+
+@pytest.mark.parametrize("shape, count_type, column_type", [((40, 33), np.uint8, np.uint8),
+                                                            ((576, 1536), np.uint8, np.uint16),
+                                                            ((70000, 9), np.uint16, np.int32)], ids=str)
+@pytest.mark.parametrize("tokens", [1, 3, 300])
+def test_outlier_add_is_the_sparse_product(ortops_library, shape, count_type, column_type, tokens):
+    """y0 + x @ S.T for S in compressed sparse rows (counts, columns as a checkpoint stores them), rows with no
+    outlier included; a prompt's tokens spread over threads."""
+    k, n = shape
+    rng = np.random.default_rng(k + n + tokens)
+    mask = rng.random((n, k)) < 0.01
+    mask[0] = False
+    rows, columns = mask.nonzero()
+    corrections = rng.standard_normal(rows.size).astype(np.float32)
+    s = np.zeros((n, k), np.float32)
+    s[rows, columns] = corrections
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    y0 = rng.standard_normal((tokens, n)).astype(np.float32)
+    got = _outlier_add(ortops_library, y0, x, mask.sum(1).astype(count_type), columns.astype(column_type), corrections)
+    want = y0 + x.astype(np.float64) @ s.T
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_outlier_add_refuses_rows_that_do_not_fit(ortops_library):
+    """A damaged file (counts that do not add up to the columns, a column outside x, an index type it does not
+    read) fails with a message, never reads past x."""
+    y0, x = np.zeros((1, 3), np.float32), np.zeros((1, 8), np.float32)
+    one = np.ones(1, np.float32)
+    with pytest.raises(Exception, match="add up"):
+        _outlier_add(ortops_library, y0, x, np.array([1, 1, 0], np.uint8), np.array([2], np.uint8), one)
+    with pytest.raises(Exception, match="outside x"):
+        _outlier_add(ortops_library, y0, x, np.array([1, 0, 0], np.uint8), np.array([8], np.uint8), one)
+    with pytest.raises(Exception, match="uint8, uint16 or int32"):
+        _outlier_add(ortops_library, y0, x, np.array([1, 0, 0], np.int64), np.array([2], np.uint8), one)
+
+
 def test_bad_attributes_are_refused_when_the_session_loads(ortops_library):
     codes = numpy_helper.from_array(np.zeros((4, 5), np.uint8), "codes")
     table = numpy_helper.from_array(np.zeros((4, 16, 1), np.float16), "table")

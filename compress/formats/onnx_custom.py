@@ -7,6 +7,8 @@
   bitmap and its values as stored.
 - ``compress::GridMatMul``: codes on a grid whose scales (and offsets, or code book) no onnxruntime kernel reads:
   llama.cpp's k-quants (their two-level scales multiplied out in float32), NormalFloat at any width.
+- ``compress::OutlierAdd``: a dense-and-sparse weight's outliers (compressed sparse rows, as stored) times their
+  inputs, added to the dense part's product.
 - ``compress::HalfMatMul``: a float16 or bfloat16 weight (a dense layer, the tied output head) multiplied from its
   16-bit bytes; onnxruntime's CPU MatMul would hold a float32 copy.
 
@@ -99,3 +101,17 @@ def grid_matmul(lowering, x: str, name: str, codes: torch.Tensor, scales: torch.
         inputs.append(torch_initializer(g, f"{name}.table", table.float()))
     return g.op("GridMatMul", *inputs, domain=DOMAIN, K=shape[1], N=shape[0], bits=bits, group_size=group_size,
                 zero=float(zero))
+
+
+def outlier_add(lowering, y: str, x: str, name: str, counts: torch.Tensor, columns: torch.Tensor,
+                corrections: torch.Tensor) -> str | None:
+    """``y + x @ S.T`` for the sparse ``S`` whose row ``n`` holds ``counts[n]`` corrections (float32) at
+    ``columns`` (compressed sparse rows; counts and columns as stored, uint8 / uint16 / int32). None without the
+    library (a scatter-add of standard ops then does it: nothing is decoded either way)."""
+    if lowering.custom_ops is None:
+        return None
+    lowering.custom_ops_used = True
+    g = lowering.g
+    return g.op("OutlierAdd", y, x, torch_initializer(g, f"{name}.counts", counts),
+                torch_initializer(g, f"{name}.columns", columns), g.tensor(f"{name}.corrections", corrections.numpy()),
+                domain=DOMAIN)

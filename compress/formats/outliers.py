@@ -17,6 +17,7 @@ from .base import (
     prefixed,
     register_format,
 )
+from . import onnx_custom
 from .onnx_ops import TensorProto, as_float, scalar, torch_initializer
 
 
@@ -128,14 +129,18 @@ class OutlierWeight(WeightFormat):
 
     def onnx_matmul(self, lowering, x, name):
         """The inner format's runtime operator, plus each outlier's correction (its value minus the inner value
-        there, float32) times its input, scattered into its output: the weight is never decoded. None when the
-        inner format has no runtime operator (the whole weight is then decoded in the graph)."""
+        there, float32) times its input, added to its output: by our ``OutlierAdd`` from the stored rows, else
+        gathered and scatter-added by standard ops. The weight is never decoded. None when the inner format has no
+        runtime operator (the whole weight is then decoded in the graph)."""
         inner = lowering.runtime_matmul(x, self.inner, f"{name}.inner")
         if inner is None:
             return None
         g = lowering.g
         rows, cols = self.positions()
         corrections = self.values.float() - self.inner.dequantize()[rows, cols]
+        added = onnx_custom.outlier_add(lowering, inner[1], x, name, self.counts, self.columns, corrections)
+        if added is not None:
+            return f"{inner[0]} + {self.values.numel()} outliers (OutlierAdd)", added
         column = g.op("Cast", torch_initializer(g, f"{name}.columns", self.columns), to=TensorProto.INT64)
         update = g.op("Mul", g.op("Gather", x, column, axis=-1), g.tensor(f"{name}.corrections", corrections.numpy()))
         row = g.op("Expand", self._onnx_rows(g, name), g.op("Shape", update))

@@ -26,7 +26,12 @@
        integer grids of any width, llama.cpp's k-quants (their scales and minima multiplied out), NormalFloat.
 
    SiluGate(x)                             y[..., j] = silu(x[..., j]) * x[..., n + j]
-       x float32 [..., 2n]: a SiLU MLP's packed gate and up projections; y float32 [..., n] (gate.c). */
+       x float32 [..., 2n]: a SiLU MLP's packed gate and up projections; y float32 [..., n] (gate.c).
+
+   OutlierAdd(y0, x, counts, columns, corrections)
+                                           y[..., n] = y0[..., n] + sum of corrections[j] * x[..., columns[j]]
+       over row n's outliers (outliers.c): y0 float32 [..., N] the dense part's product, x float32 [..., K];
+       counts [N] (outliers per row) and columns [nnz] uint8, uint16 or int32 as stored, corrections float32 [nnz]. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,7 +40,7 @@
 
 static const OrtApi *ort;
 
-typedef enum { LUT, HALF, SPARSE, GATE, GRID } Op;
+typedef enum { LUT, HALF, SPARSE, GATE, GRID, OUTLIER } Op;
 
 typedef struct {
   Op op;
@@ -145,6 +150,91 @@ static OrtStatus *gate_compute(const Kernel *op, OrtKernelContext *context, int6
   return NULL;
 }
 
+/* The bytes of one element of an index input (uint8, uint16 or int32), or 0 for another type. */
+static OrtStatus *index_bytes(OrtKernelContext *context, size_t i, int *bytes) {
+  ONNXTensorElementDataType type;
+  CHECK(element_type(context, i, &type));
+  *bytes = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8    ? 1
+           : type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16 ? 2
+           : type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32  ? 4
+                                                          : 0;
+  return NULL;
+}
+
+static int64_t index_at(const void *data, int bytes, size_t i) {
+  return bytes == 1 ? ((const uint8_t *)data)[i] : bytes == 2 ? ((const uint16_t *)data)[i] : ((const int32_t *)data)[i];
+}
+
+typedef struct {
+  const Kernels *run;
+  const float *x, *y0, *corrections;
+  float *y;
+  const int64_t *starts;
+  const void *columns;
+  int column_bytes;
+  int64_t K, N, tokens, per_task;
+} Outliers;
+
+static void outlier_task(void *data, size_t task) {
+  const Outliers *o = (const Outliers *)data;
+  const int64_t first = (int64_t)task * o->per_task;
+  const int64_t last = first + o->per_task < o->tokens ? first + o->per_task : o->tokens;
+  o->run->outlier_add(o->x, o->y0, o->y, o->K, o->N, o->starts, o->columns, o->column_bytes, o->corrections, first,
+                      last);
+}
+
+/* Checks the stored rows (every column inside x, the counts adding up to the columns) while it turns the counts into
+   each row's first outlier, then adds the outliers' products to y0. */
+static OrtStatus *outlier_compute(const Kernel *op, OrtKernelContext *context, int64_t *dims, size_t rank) {
+  Outliers o = {.run = op->run, .N = dims[rank - 1], .tokens = 1};
+  for (size_t i = 0; i + 1 < rank; i++) o.tokens *= dims[i];
+  size_t x_count, counts, nnz, corrections;
+  int count_bytes;
+  CHECK(element_count(context, 1, &x_count));
+  CHECK(element_count(context, 2, &counts));
+  CHECK(element_count(context, 3, &nnz));
+  CHECK(element_count(context, 4, &corrections));
+  CHECK(index_bytes(context, 2, &count_bytes));
+  CHECK(index_bytes(context, 3, &o.column_bytes));
+  if (!count_bytes || !o.column_bytes)
+    return ort->CreateStatus(ORT_INVALID_ARGUMENT, "OutlierAdd: counts and columns must be uint8, uint16 or int32");
+  if ((int64_t)counts != o.N || corrections != nnz)
+    return ort->CreateStatus(ORT_INVALID_ARGUMENT, "OutlierAdd: counts must hold N values, corrections one a column");
+  o.K = o.tokens ? (int64_t)x_count / o.tokens : 0;
+  if (o.K * o.tokens != (int64_t)x_count)
+    return ort->CreateStatus(ORT_INVALID_ARGUMENT, "OutlierAdd: x and y0 hold different numbers of tokens");
+  const void *count_data;
+  CHECK(input_data(context, 0, (const void **)&o.y0));
+  CHECK(input_data(context, 1, (const void **)&o.x));
+  CHECK(input_data(context, 2, &count_data));
+  CHECK(input_data(context, 3, &o.columns));
+  CHECK(input_data(context, 4, (const void **)&o.corrections));
+  int64_t *starts = (int64_t *)malloc(sizeof(int64_t) * (size_t)(o.N + 1));
+  if (!starts) return ort->CreateStatus(ORT_FAIL, "out of memory for the outliers' rows");
+  starts[0] = 0;
+  for (int64_t n = 0; n < o.N; n++) starts[n + 1] = starts[n] + index_at(count_data, count_bytes, (size_t)n);
+  int bad = starts[o.N] != (int64_t)nnz;
+  for (size_t j = 0; !bad && j < nnz; j++) bad = index_at(o.columns, o.column_bytes, j) >= o.K;
+  if (bad) {
+    free(starts);
+    return ort->CreateStatus(ORT_INVALID_ARGUMENT, "OutlierAdd: counts do not add up to the columns, or a column "
+                                                   "lies outside x");
+  }
+  o.starts = starts;
+  OrtValue *y_value;
+  OrtStatus *status = ort->KernelContext_GetOutput(context, 0, dims, rank, &y_value);
+  if (!status) status = ort->GetTensorMutableData(y_value, (void **)&o.y);
+  /* a token's outliers are a few thousand multiply-adds: threads only for a prompt */
+  o.per_task = o.tokens * (int64_t)nnz < 65536 ? (o.tokens > 0 ? o.tokens : 1) : (16384 + (int64_t)nnz - 1) / (int64_t)nnz;
+  const size_t tasks = (size_t)((o.tokens + o.per_task - 1) / o.per_task);
+  if (!status && tasks <= 1)
+    outlier_task(&o, 0);
+  else if (!status && parallel_for(context, outlier_task, tasks, &o))
+    status = ort->CreateStatus(ORT_FAIL, "onnxruntime's ParallelFor failed");
+  free(starts);
+  return status;
+}
+
 static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
   const Kernel *op = (const Kernel *)kernel;
   const OrtValue *x_value;
@@ -159,6 +249,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
   ort->ReleaseTensorTypeAndShapeInfo(info);
   if (status) return status;
   if (op->op == GATE) return gate_compute(op, context, dims, rank);
+  if (op->op == OUTLIER) return outlier_compute(op, context, dims, rank);
   if (dims[rank - 1] != op->K) return ort->CreateStatus(ORT_INVALID_ARGUMENT, "x's last dimension is not K");
 
   Call c;
@@ -286,6 +377,10 @@ static Spec specs[] = {
                ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
                ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8}},
     {.kind = GATE, .name = "SiluGate", .inputs = 1, .optional_from = 1, .types = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT}},
+    {.kind = OUTLIER, .name = "OutlierAdd", .inputs = 5, .optional_from = 5,
+     .types = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+               ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
+               ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT}},
     {.kind = GRID, .name = "GridMatMul", .inputs = 5, .optional_from = 3,
      .types = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
                ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
@@ -368,7 +463,7 @@ static OrtStatus *create_kernel(const OrtCustomOp *self, const OrtApi *api, cons
   k->run = this_cpus_kernels();
   k->dim = 1;
   k->rows_per_table = 1;
-  if (k->op == GATE) { /* no attributes */
+  if (k->op == GATE || k->op == OUTLIER) { /* no attributes: the shapes say everything */
     *out = k;
     return NULL;
   }

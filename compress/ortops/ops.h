@@ -29,6 +29,7 @@
 #define wants_pairs VARIANT(wants_pairs)
 #define permute_inputs VARIANT(permute_inputs)
 #define silu_gate_rows VARIANT(silu_gate_rows)
+#define outlier_add_rows VARIANT(outlier_add_rows)
 #endif
 
 typedef struct Call Call;
@@ -91,6 +92,12 @@ int matmul_rows(Call *c, void *context, ParallelFor parallel_for);
 /* SiluGate (gate.c): y[r, j] = silu(x[r, j]) * x[r, n + j] for rows [first, last) of x [rows, 2n], y [rows, n]. */
 void silu_gate_rows(const float *x, float *y, int64_t n, int64_t first, int64_t last);
 
+/* OutlierAdd (outliers.c): for tokens [first, last) of x [tokens, K], y [tokens, N] = y0 + the outliers' products;
+   row n's outliers are starts[n] .. starts[n + 1] - 1 ([N + 1]), their columns 1, 2 or 4 bytes each
+   (uint8, uint16, int32), their corrections float32. */
+void outlier_add_rows(const float *x, const float *y0, float *y, int64_t K, int64_t N, const int64_t *starts,
+                      const void *columns, int column_bytes, const float *corrections, int64_t first, int64_t last);
+
 float half_to_float(uint16_t h);
 int wants_pairs(const Call *c);                 /* the dot products read x as permute_inputs writes it */
 void permute_inputs(const Call *c, float *pairs); /* [M, K]: every 32 inputs, the even ones then the odd ones */
@@ -103,6 +110,8 @@ typedef struct {
   int (*wants_pairs)(const Call *c);
   void (*permute_inputs)(const Call *c, float *pairs);
   void (*silu_gate)(const float *x, float *y, int64_t n, int64_t first, int64_t last);
+  void (*outlier_add)(const float *x, const float *y0, float *y, int64_t K, int64_t N, const int64_t *starts,
+                      const void *columns, int column_bytes, const float *corrections, int64_t first, int64_t last);
 } Kernels;
 
 extern const Kernels kernels_avx2, kernels_avx512;

@@ -14,4 +14,5 @@ const Kernels VARIANT(kernels) = {
     .wants_pairs = wants_pairs,
     .permute_inputs = permute_inputs,
     .silu_gate = silu_gate_rows,
+    .outlier_add = outlier_add_rows,
 };
