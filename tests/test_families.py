@@ -156,6 +156,36 @@ def test_onnx_export_computes_what_transformers_computes(tiny, weights, tmp_path
     logits, _ = lm.forward(np.stack([row[-pad:-pad + 1], row[:1]]), cache, np.ones((2, 21), np.int64) - (
         np.arange(21) < pad)[None] * np.array([[1], [0]]))
     assert np.abs(logits[0] - first[0]).max() < 1e-4 and np.abs(logits[1] - step[0]).max() < 1e-4
+    if weights == "fast":
+        _genai_computes_transformers_logits(model, tmp_path / name, windows[1, :12].tolist())
+
+
+def _genai_computes_transformers_logits(model, folder, prompt):
+    """onnxruntime-genai runs the folder as it is (its attention appending to one cache buffer in place): every
+    step's logits, past the sliding window (but the end-of-text one, which ``min_length`` rules
+    out), are transformers' on the same tokens (logits, not tokens: a random model's top-1 ties)."""
+    import json
+
+    import onnxruntime_genai as og
+
+    assert json.loads((folder / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
+    og_model = og.Model(str(folder))
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(max_length=len(prompt) + 16, do_sample=False, min_length=len(prompt) + 16)
+    generator = og.Generator(og_model, params)
+    generator.append_tokens(prompt)
+    steps = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        steps.append(np.array(generator.get_output("logits"))[0, -1])
+    sequence = list(generator.get_sequence(0))
+    assert len(steps) == 16 and sequence[: len(prompt)] == prompt
+    with torch.no_grad():
+        want = model(torch.tensor([sequence[:-1]])).logits[0, len(prompt) - 1:].float().numpy()
+    got = np.stack(steps)
+    ruled_out = np.abs(got) > 1e30  # min_length: onnxruntime-genai sets the end-of-text logit to the lowest float
+    assert ruled_out.sum(1).max() <= 1
+    assert np.abs(np.where(ruled_out, want, got) - want).max() < 1e-3
 
 
 def test_awq_leaves_every_familys_float_model_unchanged(tiny):

@@ -3,9 +3,11 @@ loop, KV cache and tokenizer) without our code.
 
 The decoder graph (``llama.py``) already has the names and layouts onnxruntime-genai expects of a decoder-only
 model: ``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key|value`` in, ``logits`` and
-``present.{i}.key|value`` out, the cache ``[batch, kv_heads, past, head_dim]`` in float32. The past and present
-tensors are separate (``past_present_share_buffer`` false): a shared buffer would be allocated for the whole
-context at the first token, the concatenation costs nothing measurable at these cache sizes.
+``present.{i}.key|value`` out, the cache ``[batch, kv_heads, past, head_dim]`` in float32. A ``fast`` graph's
+attention (``GroupQueryAttention``) reads and writes one cache buffer in place (``past_present_share_buffer``
+true: onnxruntime-genai allocates it for the generator's ``max_length`` and each step appends one position instead
+of copying the whole cache into a new tensor); a ``portable`` graph concatenates past and new keys, so its past
+and present stay separate tensors.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ def _ids(value) -> int | list[int] | None:
     return None if value is None else int(value)
 
 
-def genai_config(config, generation_config, io: dict, onnx_file: str, custom_ops_library: str | None = None) -> dict:
+def genai_config(config, generation_config, io: dict, onnx_file: str, custom_ops_library: str | None = None,
+                 cache_in_place: bool = False) -> dict:
     """The ``genai_config.json`` of an export of a model with ``config`` (transformers) and ``io`` (export.json's);
-    ``custom_ops_library``: the file name of the operator library the folder ships (``compress.ortops``)."""
+    ``custom_ops_library``: the file name of the operator library the folder ships (``compress.ortops``);
+    ``cache_in_place``: the graph's attention appends to its past buffer (``GroupQueryAttention``)."""
     gen = generation_config
     eos = _ids(getattr(gen, "eos_token_id", None) if gen is not None else None) or _ids(config.eos_token_id)
     bos = _ids(getattr(gen, "bos_token_id", None) if gen is not None else None) or _ids(config.bos_token_id)
@@ -32,12 +36,13 @@ def genai_config(config, generation_config, io: dict, onnx_file: str, custom_ops
     session_options: dict = {"log_id": "onnxruntime-genai", "provider_options": [], "intra_op_num_threads": 0}
     if custom_ops_library:
         session_options["custom_ops_library"] = custom_ops_library
+    # a token id the model does not have is left out (onnxruntime-genai reads null as a malformed file)
+    ids = {key: value for key, value in (("bos_token_id", bos), ("eos_token_id", eos), ("pad_token_id", pad))
+           if value is not None}
     return {
         "model": {
             "type": config.model_type,
-            "bos_token_id": bos,
-            "eos_token_id": eos,
-            "pad_token_id": pad,
+            **ids,
             "vocab_size": int(io["vocab_size"]),
             "context_length": context,
             "decoder": {
@@ -59,6 +64,6 @@ def genai_config(config, generation_config, io: dict, onnx_file: str, custom_ops
             "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "top_k": 1, "top_p": 1.0,
             "temperature": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0, "diversity_penalty": 0.0,
             "no_repeat_ngram_size": 0, "min_length": 0, "max_length": context, "early_stopping": True,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": cache_in_place,
         },
     }

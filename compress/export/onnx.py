@@ -85,7 +85,8 @@ def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, w
     tokenizer.save_pretrained(out_dir)
     library_name = None if library is None else library.name
     (out_dir / GENAI_CONFIG).write_text(json.dumps(
-        genai_config(model.config, getattr(model, "generation_config", None), io, ONNX_FILE, library_name),
+        genai_config(model.config, getattr(model, "generation_config", None), io, ONNX_FILE, library_name,
+                     cache_in_place=weights == "fast"),
         indent=1) + "\n")
     graph_bytes = (out_dir / ONNX_FILE).stat().st_size
     data_bytes = (out_dir / DATA_FILE).stat().st_size if (out_dir / DATA_FILE).exists() else 0

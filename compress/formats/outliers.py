@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import onnx_custom
 from .base import (
     FORMATS,
     INDEX_TYPES,
@@ -17,7 +18,6 @@ from .base import (
     prefixed,
     register_format,
 )
-from . import onnx_custom
 from .onnx_ops import TensorProto, as_float, scalar, torch_initializer
 
 
