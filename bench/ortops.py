@@ -26,21 +26,23 @@ RESULTS = HERE / "results" / "ortops.jsonl"
 # bench/onnx.py would shadow the onnx package: keep this folder off the import path (common.py is loaded by path)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 LAYERS = 40
-# name -> (operator, bits, vector length)
+# name -> (operator, bits, vector length; for GridMatMul 1: a code book, 0: per-group offsets, group size)
 KERNELS = {
-    "MatMulNBits 4-bit block 64 (onnxruntime)": ("nbits", 4, 1),
-    "MatMul float32 (onnxruntime)": ("fp32", 0, 1),
-    "LutMatMul 4-bit palette per channel": ("lut", 4, 1),
-    "LutMatMul 3-bit palette per channel": ("lut", 3, 1),
-    "LutMatMul 2-bit code book of 2-vectors": ("lut", 4, 2),
-    "LutMatMul 2-bit code book of 4-vectors": ("lut", 8, 4),
-    "HalfMatMul float16": ("half", 0, 1),
-    "GridMatMul NF4 g64 (code book, float32 group scales)": ("grid", 4, 1),
-    "GridMatMul 4-bit g32 with offsets (a k-quant's layout)": ("grid", 4, 0),
+    "MatMulNBits 4-bit block 64 (onnxruntime)": ("nbits", 4, 1, 64),
+    "MatMul float32 (onnxruntime)": ("fp32", 0, 1, 0),
+    "LutMatMul 4-bit palette per channel": ("lut", 4, 1, 0),
+    "LutMatMul 3-bit palette per channel": ("lut", 3, 1, 0),
+    "LutMatMul 2-bit code book of 2-vectors": ("lut", 4, 2, 0),
+    "LutMatMul 2-bit code book of 4-vectors": ("lut", 8, 4, 0),
+    "HalfMatMul float16": ("half", 0, 1, 0),
+    "GridMatMul NF4 g64 (code book, float32 group scales)": ("grid", 4, 1, 64),
+    "GridMatMul 4-bit g32 with offsets (Q4_K's layout)": ("grid", 4, 0, 32),
+    "GridMatMul NF3 g64": ("grid", 3, 1, 64),
+    "GridMatMul 3-bit g16 with offsets (Q3_K's layout)": ("grid", 3, 0, 16),
 }
 
 
-def _session(kind: str, bits: int, dim: int, threads: int):
+def _session(kind: str, bits: int, dim: int, group: int, threads: int):
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -61,14 +63,13 @@ def _session(kind: str, bits: int, dim: int, threads: int):
                       numpy_helper.from_array(table, f"t{i}")]
             nodes.append(helper.make_node("LutMatMul", [x, f"c{i}", f"t{i}"], [y], domain=ortops.DOMAIN, K=k, N=n,
                                           bits=bits, dim=dim, rows_per_table=1))
-        elif kind == "grid":  # dim 1: an NF code book, groups of 64; dim 0: codes, scales and offsets per 32
-            group = 64 if dim else 32
+        elif kind == "grid":  # dim 1: an NF code book; dim 0: codes, scales and offsets
             codes = rng.integers(0, 1 << bits, (n, k))
             scales = (rng.random((n, k // group)) * 0.01).astype(np.float32)
             inits += [numpy_helper.from_array(pack_rows(torch.tensor(codes), bits).numpy(), f"c{i}"),
                       numpy_helper.from_array(scales, f"s{i}")]
             extra = [f"o{i}"] if not dim else ["", f"t{i}"]
-            inits.append(numpy_helper.from_array(-scales * 8, f"o{i}") if not dim else
+            inits.append(numpy_helper.from_array(-scales * (1 << (bits - 1)), f"o{i}") if not dim else
                          numpy_helper.from_array(np.sort(rng.standard_normal(1 << bits)).astype(np.float32), f"t{i}"))
             nodes.append(helper.make_node("GridMatMul", [x, f"c{i}", f"s{i}", *extra], [y], domain=ortops.DOMAIN,
                                           K=k, N=n, bits=bits, group_size=group))
@@ -79,7 +80,7 @@ def _session(kind: str, bits: int, dim: int, threads: int):
             inits.append(numpy_helper.from_array((rng.standard_normal((k, n)) * 0.05).astype(np.float32), f"w{i}"))
             nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y]))
         else:
-            block = 64
+            block = group
             codes = rng.integers(0, 256, (n, k // block, block // 2)).astype(np.uint8)
             scales = (rng.random(n * (k // block)) * 0.01).astype(np.float32)
             inits += [numpy_helper.from_array(codes, f"q{i}"), numpy_helper.from_array(scales, f"s{i}")]

@@ -234,27 +234,31 @@ def test_sparse_matmul_reads_kept_values_on_an_integer_grid(ortops_library, spec
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
-@pytest.mark.parametrize("grid", ["gguf-q4_k", "gguf-q3_k", "gguf-q6_k", "gguf-q2_k", "gguf-q5_k", "nf3", "nf4", "nf5"])
+@pytest.mark.parametrize("grid", ["gguf-q4_k", "gguf-q3_k", "gguf-q6_k", "gguf-q2_k", "gguf-q5_k", "nf3", "nf4", "nf5",
+                                  "nf3-g48", "nf3-g40"])
 @pytest.mark.parametrize("tokens", [1, 4, 23])
 def test_grid_matmul_is_the_decoded_product(ortops_library, grid, tokens):
     """llama.cpp's k-quants (scales and minima multiplied out) and NormalFloat grids (their code book as the table) in
-    our grid operator, through the exporter's lowering, against the format's own decode."""
+    our grid operator, through the exporter's lowering, against the format's own decode; 3-bit groups of 48 over 560
+    inputs leave a partial group and a 16-code tail after the 32-code steps, groups of 40 take the 8-code loop."""
     from compress.export.graph import FLOAT, Graph
     from compress.export.weights import WeightLowering
     from compress.formats import quantize_rtn
     from compress.formats.kquant import spec_of
     from compress.quant import QuantSpec
 
-    w = torch.randn(40, 512, generator=torch.Generator().manual_seed(tokens))
-    spec = spec_of(grid) if grid.startswith("gguf") else QuantSpec(int(grid[2:]), 64, grid="nf")
+    name, _, group = grid.partition("-g")
+    k = 560 if group else 512
+    w = torch.randn(40, k, generator=torch.Generator().manual_seed(tokens))
+    spec = spec_of(grid) if grid.startswith("gguf") else QuantSpec(int(name[2:]), int(group or 64), grid="nf")
     fmt = quantize_rtn(w, spec)
     g = Graph()
     low = WeightLowering(g, "fast")
-    g.output(low.linear(g.input("x", FLOAT, [None, 512]), fmt, None, "layer"), "y", FLOAT, [None, 40])
+    g.output(low.linear(g.input("x", FLOAT, [None, k]), fmt, None, "layer"), "y", FLOAT, [None, 40])
     assert low.layers["layer"].lowering.startswith("GridMatMul")
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(ortops_library))
-    x = torch.randn(tokens, 512, generator=torch.Generator().manual_seed(7)).numpy()
+    x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(7)).numpy()
     got = ort.InferenceSession(g.model(low.opset).SerializeToString(), options).run(None, {"x": x})[0]
     want = x @ fmt.dequantize().numpy().T
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

@@ -68,15 +68,19 @@ static inline __attribute__((always_inline)) int64_t nibble_pairs(const uint8_t 
   const __m128i low = _mm_set1_epi8(15);
   __m512 acc[2][4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()},
                       {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
+  int64_t g = 0, left = size; /* the group of the step's weights, its weights after them (no division a step) */
   for (int64_t i = 0; i < steps; i++) {
     const __m128i bytes = _mm_loadu_si128((const __m128i *)(row + 16 * i));
     __m512 even = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low)), table);
     __m512 odd = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low)), table);
     if (scales) {
-      const int64_t g = 32 * i / size;
       const __m512 scale = _mm512_set1_ps(scales[g]), offset = _mm512_set1_ps(offsets ? offsets[g] : 0.0f);
       even = _mm512_fmadd_ps(even, scale, offset);
       odd = _mm512_fmadd_ps(odd, scale, offset);
+      if ((left -= 32) == 0) {
+        g++;
+        left = size;
+      }
     }
     for (int64_t m = 0; m < M; m++) {
       acc[0][m] = _mm512_fmadd_ps(even, _mm512_loadu_ps(pairs + m * K + 32 * i), acc[0][m]);
@@ -87,12 +91,15 @@ static inline __attribute__((always_inline)) int64_t nibble_pairs(const uint8_t 
   return 32 * steps;
 }
 
-/* 3-bit palettes, 32 codes (12 bytes) a step: each run of 8 codes (3 bytes) moved into a 64-bit lane of its own by one
-   byte permute, cut into bytes by one multishift, each 16 weights then one widening and one lookup. Stops where a
-   16-byte load would pass `end`. Returns the 8-code groups done. */
+/* 3-bit codes, 32 codes (12 bytes) a step: each run of 8 codes (3 bytes) moved into a 64-bit lane of its own by one
+   byte permute, cut into bytes by one multishift, each 16 weights then one widening and one lookup in `tab`. With
+   `scales` (GridMatMul: groups of `size`, a multiple of 16) each 16 weights also take their group's scale and offset
+   in one multiply-add; a palette passes NULL. Stops where a 16-byte load would pass `end`. Returns the 8-code groups
+   done. */
 static inline __attribute__((always_inline)) int64_t three_bit_runs(const uint8_t *row, const uint8_t *end,
-                                                                    int64_t codes, const float *tab, float *w,
-                                                                    const float *x, int64_t M, int64_t K,
+                                                                    int64_t codes, const float *tab, int64_t size,
+                                                                    const float *scales, const float *offsets,
+                                                                    float *w, const float *x, int64_t M, int64_t K,
                                                                     float *sums) {
   int64_t steps = codes / 32;
   while (steps > 0 && row + 12 * (steps - 1) + 16 > end) steps--;
@@ -106,12 +113,25 @@ static inline __attribute__((always_inline)) int64_t three_bit_runs(const uint8_
   const __m512 table = _mm512_loadu_ps(tab);
   __m512 acc[2][4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()},
                       {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
+  int64_t g = 0, left = size; /* the group of the next 16 weights, its weights from them on */
   for (int64_t i = 0; i < steps; i++) {
     const __m512i chunk = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(row + 12 * i)));
     const __m512i cut = _mm512_multishift_epi64_epi8(fields, _mm512_permutexvar_epi8(spread, chunk));
     const __m256i code = _mm256_and_si256(_mm512_castsi512_si256(cut), seven);
-    const __m512 first = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(code)), table);
-    const __m512 second = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(code, 1)), table);
+    __m512 first = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(code)), table);
+    __m512 second = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(code, 1)), table);
+    if (scales) {
+      first = _mm512_fmadd_ps(first, _mm512_set1_ps(scales[g]), _mm512_set1_ps(offsets ? offsets[g] : 0.0f));
+      if ((left -= 16) == 0) {
+        g++;
+        left = size;
+      }
+      second = _mm512_fmadd_ps(second, _mm512_set1_ps(scales[g]), _mm512_set1_ps(offsets ? offsets[g] : 0.0f));
+      if ((left -= 16) == 0) {
+        g++;
+        left = size;
+      }
+    }
     if (w) {
       _mm512_storeu_ps(w + 32 * i, first);
       _mm512_storeu_ps(w + 32 * i + 16, second);
@@ -270,7 +290,7 @@ static inline __attribute__((always_inline)) void lut_row(const Call *c, Scratch
     if (!w && c->pairs)
       wide_groups = nibble_pairs(row, codes / 32, tab, 0, NULL, NULL, c->pairs, M, K, wide) / 8;
     else if (bits == 3)
-      wide_groups = three_bit_runs(row, end, codes, tab, w, x, M, K, wide);
+      wide_groups = three_bit_runs(row, end, codes, tab, 0, NULL, NULL, w, x, M, K, wide);
     else if (bits <= 4)
       wide_groups = vector_sixteen(row, end, bits, 1, groups, tab, w, x, M, K, wide);
 #endif
@@ -515,11 +535,12 @@ static inline __attribute__((always_inline)) void grid_row(const Call *c, int64_
   float tail[4] = {0, 0, 0, 0};
   int64_t k = 0;
 #ifdef WIDE_LOOKUPS
-  if (!w && c->pairs) { /* wants_pairs: 4-bit codes, groups of a multiple of 32 */
-    float shifted[16];
-    for (int i = 0; i < 16; i++) shifted[i] = (table ? padded[i] : (float)i) - c->grid_zero;
+  float shifted[16]; /* v(code) - zero for every code */
+  for (int i = 0; i < 16; i++) shifted[i] = (table ? padded[i] : (float)i) - c->grid_zero;
+  if (!w && c->pairs) /* wants_pairs: 4-bit codes, groups of a multiple of 32 */
     k = nibble_pairs(codes, K / 32, shifted, size, scales, offsets, c->pairs, M, K, tail);
-  }
+  else if (bits == 3 && size % 16 == 0)
+    k = 8 * three_bit_runs(codes, end, K, shifted, size, scales, offsets, w, x, M, K, tail);
 #endif
   for (int64_t g = k / size; g < groups; g++) {
     const float offset = offsets ? offsets[g] : 0.0f;
