@@ -46,6 +46,7 @@ VARIANTS = {
     "3-bit NF3 RTN g64 (GridMatMul)": [{"type": "rtn", "bits": 3, "group_size": 64, "grid": "nf"}],
     "Q4_K RTN (GridMatMul; Q5_0 where 256 does not divide the inputs)": [
         {"type": "rtn", "grid": "gguf-q4_k"}],
+    "Q3_K RTN (GridMatMul; Q4_0 where 256 does not divide the inputs)": [{"type": "rtn", "grid": "gguf-q3_k"}],
     "4-bit FP4 RTN g32 (exact 8-bit grid)": [{"type": "rtn", "bits": 4, "group_size": 32, "grid": "fp4"}],
     "4-bit k-means per channel (LutMatMul)": [{"type": "kmeans", "bits": 4, "granularity": "channel",
                                               "sensitivity": "none"}],
