@@ -5,7 +5,8 @@ grid with per-group scales, offsets or a code book (llama.cpp's k-quants, Normal
 the matmul of a pruned weight (a bitmap and its kept values: 16-bit floats or an integer grid), all run from their
 stored bytes so a session never holds them as float32. Each decodes a row while it multiplies (``decode.c``, AVX2,
 AVX-512 where the CPU has it) inside a shared row-by-row / tiled matmul (``rows.c``). ``compress::SiluGate``
-(``gate.c``) is a SiLU MLP's gating on its packed gate/up product in one kernel.
+(``gate.c``) is a SiLU MLP's gating on its packed gate/up product in one kernel; ``compress::OutlierAdd``
+(``outliers.c``) adds a dense-and-sparse weight's outliers, from their stored rows, to its dense part's product.
 
 ``python -m compress.ortops`` builds it (``make setup`` does): onnxruntime's C API header comes from Debian's
 ``libonnxruntime-dev`` package (the PyPI wheels ship the library without headers; the C API is stable, so a
