@@ -20,7 +20,10 @@ def _leftovers(out):
 def _start(out, *extra):
     cmd = [sys.executable, "-c", "from compress.cli import app; app()", "run", str(RECIPES / "w4-rtn.yaml"),
            "smollm2-135m", "--out", str(out), *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default action in the child even when the tests run as a background job (whose shell ignores SIGINT,
+    # and a process keeps an ignored SIGINT ignored)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
