@@ -147,6 +147,10 @@ def test_outlier_add_refuses_rows_that_do_not_fit(ortops_library):
         _outlier_add(ortops_library, y0, x, np.array([1, 1, 0], np.uint8), np.array([2], np.uint8), one)
     with pytest.raises(Exception, match="outside x"):
         _outlier_add(ortops_library, y0, x, np.array([1, 0, 0], np.uint8), np.array([8], np.uint8), one)
+    with pytest.raises(Exception, match="add up"):  # a negative count would send a row before the first column
+        _outlier_add(ortops_library, y0, x, np.array([-1, 2, 0], np.int32), np.array([2], np.uint8), one)
+    with pytest.raises(Exception, match="outside x"):
+        _outlier_add(ortops_library, y0, x, np.array([1, 0, 0], np.uint8), np.array([-3], np.int32), one)
     with pytest.raises(Exception, match="uint8, uint16 or int32"):
         _outlier_add(ortops_library, y0, x, np.array([1, 0, 0], np.int64), np.array([2], np.uint8), one)
 

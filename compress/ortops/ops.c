@@ -212,9 +212,17 @@ static OrtStatus *outlier_compute(const Kernel *op, OrtKernelContext *context, i
   int64_t *starts = (int64_t *)malloc(sizeof(int64_t) * (size_t)(o.N + 1));
   if (!starts) return ort->CreateStatus(ORT_FAIL, "out of memory for the outliers' rows");
   starts[0] = 0;
-  for (int64_t n = 0; n < o.N; n++) starts[n + 1] = starts[n] + index_at(count_data, count_bytes, (size_t)n);
-  int bad = starts[o.N] != (int64_t)nnz;
-  for (size_t j = 0; !bad && j < nnz; j++) bad = index_at(o.columns, o.column_bytes, j) >= o.K;
+  int bad = 0;
+  for (int64_t n = 0; n < o.N; n++) {
+    const int64_t count = index_at(count_data, count_bytes, (size_t)n);
+    bad |= count < 0;
+    starts[n + 1] = starts[n] + count;
+  }
+  bad |= starts[o.N] != (int64_t)nnz;
+  for (size_t j = 0; !bad && j < nnz; j++) {
+    const int64_t column = index_at(o.columns, o.column_bytes, j);
+    bad = column < 0 || column >= o.K;
+  }
   if (bad) {
     free(starts);
     return ort->CreateStatus(ORT_INVALID_ARGUMENT, "OutlierAdd: counts do not add up to the columns, or a column "
