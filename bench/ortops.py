@@ -32,6 +32,7 @@ KERNELS = {
     "MatMul float32 (onnxruntime)": ("fp32", 0, 1, 0),
     "LutMatMul 4-bit palette per channel": ("lut", 4, 1, 0),
     "LutMatMul 3-bit palette per channel": ("lut", 3, 1, 0),
+    "LutMatMul 2-bit palette per channel": ("lut", 2, 1, 0),
     "LutMatMul 2-bit code book of 2-vectors": ("lut", 4, 2, 0),
     "LutMatMul 2-bit code book of 4-vectors": ("lut", 8, 4, 0),
     "HalfMatMul float16": ("half", 0, 1, 0),
@@ -39,6 +40,7 @@ KERNELS = {
     "GridMatMul 4-bit g32 with offsets (Q4_K's layout)": ("grid", 4, 0, 32),
     "GridMatMul NF3 g64": ("grid", 3, 1, 64),
     "GridMatMul 3-bit g16 with offsets (Q3_K's layout)": ("grid", 3, 0, 16),
+    "GridMatMul 2-bit g16 with offsets (Q2_K's layout)": ("grid", 2, 0, 16),
 }
 
 

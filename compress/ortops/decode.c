@@ -91,33 +91,33 @@ static inline __attribute__((always_inline)) int64_t nibble_pairs(const uint8_t 
   return 32 * steps;
 }
 
-/* 3-bit codes, 32 codes (12 bytes) a step: each run of 8 codes (3 bytes) moved into a 64-bit lane of its own by one
-   byte permute, cut into bytes by one multishift, each 16 weights then one widening and one lookup in `tab`. With
+/* 2- or 3-bit codes, 32 codes (8 or 12 bytes) a step: each run of 8 codes (`bits` bytes) moved into a 64-bit lane of
+   its own by one byte permute, cut into bytes by one multishift, each 16 weights then one widening and one lookup in
+   `tab` (`bits` a constant in each inlined copy). With
    `scales` (GridMatMul: groups of `size`, a multiple of 16) each 16 weights also take their group's scale and offset
    in one multiply-add; a palette passes NULL. Stops where a 16-byte load would pass `end`. Returns the 8-code groups
    done. */
-static inline __attribute__((always_inline)) int64_t three_bit_runs(const uint8_t *row, const uint8_t *end,
-                                                                    int64_t codes, const float *tab, int64_t size,
-                                                                    const float *scales, const float *offsets,
-                                                                    float *w, const float *x, int64_t M, int64_t K,
-                                                                    float *sums) {
+static inline __attribute__((always_inline)) int64_t packed_runs(const uint8_t *row, const uint8_t *end, int bits,
+                                                                 int64_t codes, const float *tab, int64_t size,
+                                                                 const float *scales, const float *offsets, float *w,
+                                                                 const float *x, int64_t M, int64_t K, float *sums) {
   int64_t steps = codes / 32;
-  while (steps > 0 && row + 12 * (steps - 1) + 16 > end) steps--;
+  while (steps > 0 && row + 4 * bits * (steps - 1) + 16 > end) steps--;
   int8_t spread_bytes[64], field_bytes[64];
   for (int b = 0; b < 64; b++) {
-    spread_bytes[b] = (int8_t)(b < 32 ? 3 * (b / 8) + b % 8 : 0); /* lane k: bytes 3k .. 3k + 7 */
-    field_bytes[b] = (int8_t)(3 * (b % 8));                       /* byte j of a lane: bits 3j .. 3j + 7 */
+    spread_bytes[b] = (int8_t)(b < 32 ? bits * (b / 8) + b % 8 : 0); /* lane k: bytes bits * k .. bits * k + 7 */
+    field_bytes[b] = (int8_t)(bits * (b % 8));                       /* byte j of a lane: bits bits * j .. + 7 */
   }
   const __m512i spread = _mm512_loadu_si512(spread_bytes), fields = _mm512_loadu_si512(field_bytes);
-  const __m256i seven = _mm256_set1_epi8(7);
+  const __m256i mask = _mm256_set1_epi8((char)((1 << bits) - 1));
   const __m512 table = _mm512_loadu_ps(tab);
   __m512 acc[2][4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()},
                       {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
   int64_t g = 0, left = size; /* the group of the next 16 weights, its weights from them on */
   for (int64_t i = 0; i < steps; i++) {
-    const __m512i chunk = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(row + 12 * i)));
+    const __m512i chunk = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(row + 4 * bits * i)));
     const __m512i cut = _mm512_multishift_epi64_epi8(fields, _mm512_permutexvar_epi8(spread, chunk));
-    const __m256i code = _mm256_and_si256(_mm512_castsi512_si256(cut), seven);
+    const __m256i code = _mm256_and_si256(_mm512_castsi512_si256(cut), mask);
     __m512 first = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(code)), table);
     __m512 second = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(code, 1)), table);
     if (scales) {
@@ -290,7 +290,9 @@ static inline __attribute__((always_inline)) void lut_row(const Call *c, Scratch
     if (!w && c->pairs)
       wide_groups = nibble_pairs(row, codes / 32, tab, 0, NULL, NULL, c->pairs, M, K, wide) / 8;
     else if (bits == 3)
-      wide_groups = three_bit_runs(row, end, codes, tab, 0, NULL, NULL, w, x, M, K, wide);
+      wide_groups = packed_runs(row, end, 3, codes, tab, 0, NULL, NULL, w, x, M, K, wide);
+    else if (bits == 2)
+      wide_groups = packed_runs(row, end, 2, codes, tab, 0, NULL, NULL, w, x, M, K, wide);
     else if (bits <= 4)
       wide_groups = vector_sixteen(row, end, bits, 1, groups, tab, w, x, M, K, wide);
 #endif
@@ -540,7 +542,9 @@ static inline __attribute__((always_inline)) void grid_row(const Call *c, int64_
   if (!w && c->pairs) /* wants_pairs: 4-bit codes, groups of a multiple of 32 */
     k = nibble_pairs(codes, K / 32, shifted, size, scales, offsets, c->pairs, M, K, tail);
   else if (bits == 3 && size % 16 == 0)
-    k = 8 * three_bit_runs(codes, end, K, shifted, size, scales, offsets, w, x, M, K, tail);
+    k = 8 * packed_runs(codes, end, 3, K, shifted, size, scales, offsets, w, x, M, K, tail);
+  else if (bits == 2 && size % 16 == 0)
+    k = 8 * packed_runs(codes, end, 2, K, shifted, size, scales, offsets, w, x, M, K, tail);
 #endif
   for (int64_t g = k / size; g < groups; g++) {
     const float offset = offsets ? offsets[g] : 0.0f;
