@@ -40,7 +40,7 @@ VARIANTS = {
     "4-bit RTN g128 (MatMulNBits, int8 activations)": [{"type": "rtn", "bits": 4, "group_size": 128}],
     "4-bit RTN g128 (portable DequantizeLinear)": [{"type": "rtn", "bits": 4, "group_size": 128}],
     "3-bit RTN g128 (widened to 4-bit MatMulNBits)": [{"type": "rtn", "bits": 3, "group_size": 128}],
-    "2-bit GPTQ g32 (MatMulNBits)": [{"type": "gptq", "bits": 2, "group_size": 32}],
+    "2-bit GPTQ g32 (GridMatMul, float activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],
     "2-bit GPTQ g32 (MatMulNBits, int8 activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],
     "4-bit NF4 RTN g64 (GridMatMul)": [{"type": "rtn", "bits": 4, "group_size": 64, "grid": "nf"}],
     "3-bit NF3 RTN g64 (GridMatMul)": [{"type": "rtn", "bits": 3, "group_size": 64, "grid": "nf"}],

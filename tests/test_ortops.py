@@ -243,8 +243,9 @@ def test_sparse_matmul_reads_kept_values_on_an_integer_grid(ortops_library, spec
 @pytest.mark.parametrize("tokens", [1, 4, 23])
 def test_grid_matmul_is_the_decoded_product(ortops_library, grid, tokens):
     """llama.cpp's k-quants (scales and minima multiplied out) and NormalFloat grids (their code book as the table) in
-    our grid operator, through the exporter's lowering, against the format's own decode; 2- and 3-bit groups of 48 over 560
-    inputs leave a partial group and a 16-code tail after the 32-code steps, groups of 40 take the 8-code loop."""
+    our grid operator, through the exporter's lowering, against the format's own decode; 2- and 3-bit groups of 48
+    over 560 inputs leave a partial group and a 16-code tail after the 32-code steps, groups of 40 take the 8-code
+    loop."""
     from compress.export.graph import FLOAT, Graph
     from compress.export.weights import WeightLowering
     from compress.formats import quantize_rtn
@@ -265,6 +266,28 @@ def test_grid_matmul_is_the_decoded_product(ortops_library, grid, tokens):
     x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(7)).numpy()
     got = ort.InferenceSession(g.model(low.opset).SerializeToString(), options).run(None, {"x": x})[0]
     want = x @ fmt.dequantize().numpy().T
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("bits, group, k", [(2, 32, 576), (2, 48, 560), (3, 64, 576), (4, 32, 100)], ids=str)
+@pytest.mark.parametrize("tokens", [1, 3, 23])
+def test_grid_matmul_reads_integer_zero_points_as_stored(ortops_library, bits, group, k, tokens):
+    """An asymmetric integer grid with its zero points packed at the grid's width (as MatMulNBits and the
+    checkpoint store them): W = (code - zero) * scale, per group, on every path (wide steps, tails, tiles)."""
+    n, groups = 40, -(-k // group)
+    rng = np.random.default_rng(bits + group + tokens)
+    codes = rng.integers(0, 1 << bits, (n, k))
+    zeros = rng.integers(0, 1 << bits, (n, groups))
+    scales = (rng.random((n, groups)) + 0.5).astype(np.float32)
+    inits = [numpy_helper.from_array(pack_rows(torch.tensor(codes), bits).numpy(), "codes"),
+             numpy_helper.from_array(scales, "scales"),
+             numpy_helper.from_array(pack_rows(torch.tensor(zeros), bits).numpy(), "zeros")]
+    node = helper.make_node("GridMatMul", ["x", "codes", "scales", "", "", "zeros"], ["y"], domain=ortops.DOMAIN, K=k,
+                            N=n, bits=bits, group_size=group)
+    per_input = np.arange(k) // group
+    w = (codes - zeros[:, per_input]) * scales[:, per_input]
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    got, want = _run(ortops_library, node, inits, k, n, x), x @ w.T
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 

@@ -85,20 +85,21 @@ def sparse_matmul(lowering, x: str, name: str, bitmap: torch.Tensor, stored: dic
 
 
 def grid_matmul(lowering, x: str, name: str, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
-                table: torch.Tensor | None, zero: float, bits: int, group_size: int,
-                shape: tuple[int, int]) -> str | None:
-    """``x @ W.T`` for ``W[n, k] = (v(code) - zero) * scales[n, g] + offsets[n, g]`` (``k`` in group ``g`` of
-    ``group_size`` inputs; ``v(q) = q``, or ``table[q]``): ``codes`` row-packed ``bits``-bit ``[out, ceil(in * bits /
-    8)]``, ``scales`` and ``offsets`` float32 ``[out, groups]``, ``table`` float32 ``[2^bits]``. None without the
-    library."""
+                table: torch.Tensor | None, zero: float, bits: int, group_size: int, shape: tuple[int, int],
+                zeros: torch.Tensor | None = None) -> str | None:
+    """``x @ W.T`` for ``W[n, k] = (v(code) - zero - zeros[n, g]) * scales[n, g] + offsets[n, g]`` (``k`` in group
+    ``g`` of ``group_size`` inputs; ``v(q) = q``, or ``table[q]``): ``codes`` row-packed ``bits``-bit ``[out,
+    ceil(in * bits / 8)]``, ``scales`` and ``offsets`` float32 ``[out, groups]``, ``table`` float32 ``[2^bits]``,
+    ``zeros`` integer zero points row-packed at ``bits``. None without the library."""
     if not _available(lowering):
         return None
     g = lowering.g
     inputs = [x, torch_initializer(g, f"{name}.codes", codes), torch_initializer(g, f"{name}.scales", scales.float())]
-    if offsets is not None or table is not None:
-        inputs.append("" if offsets is None else torch_initializer(g, f"{name}.offsets", offsets.float()))
-    if table is not None:
-        inputs.append(torch_initializer(g, f"{name}.table", table.float()))
+    optional = [(offsets, "offsets", torch.Tensor.float), (table, "table", torch.Tensor.float),
+                (zeros, "zeros", lambda t: t)]
+    last = max((i for i, (t, _, _) in enumerate(optional) if t is not None), default=-1)
+    for t, part, cast in optional[: last + 1]:  # an absent input before a present one is an empty name
+        inputs.append("" if t is None else torch_initializer(g, f"{name}.{part}", cast(t)))
     return g.op("GridMatMul", *inputs, domain=DOMAIN, K=shape[1], N=shape[0], bits=bits, group_size=group_size,
                 zero=float(zero))
 

@@ -4,7 +4,9 @@ runs from its codes, so the session keeps it compressed in memory.
 - ``weights: fast``: ``com.microsoft::MatMulNBits`` (onnxruntime's blocked low-bit kernel: float32 scales,
   packed codes and zero points per block). It reads 2, 4 and 8 bits: a grid of another width is *widened*
   without loss to the next one it reads (3 -> 4, 5..7 -> 8 bits), its codes and zero points unchanged. With
-  float activations an 8-bit grid runs as two 4-bit kernels on its nibble planes (``_nibble_planes``).
+  float activations an 8-bit grid runs as two 4-bit kernels on its nibble planes (``_nibble_planes``), and a 2-bit
+  grid in our ``compress::GridMatMul`` where the library is built (``_two_bit_grid``: onnxruntime's 2-bit kernel has
+  a fast path for int8 activations only).
 - ``weights: portable``: a blocked ``DequantizeLinear`` on the transposed codes feeding ``MatMul`` (standard
   ops, opset 21; 2-bit types opset 25), the pattern onnxruntime fuses into the same low-bit kernel.
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from ..packing import pack_rows
+from . import onnx_custom
 from .base import IntegerGrid
 from .onnx_ops import FLOAT, MS_DOMAIN, SUB_BYTE_TYPES, per_group, unpack_codes
 
@@ -46,6 +49,9 @@ def lower_integer_grid(lowering, x: str, grid: IntegerGrid, shape: tuple[int, in
     if lowering.weights == "portable":
         kind, y = _dequantize_linear(lowering, x, grid, width, name)
         return f"DequantizeLinear {kind} g{grid.group_size}{widened}", y
+    if grid.bits == 2 and lowering.accuracy_level == 0 and lowering.custom_ops is not None \
+            and name not in lowering.nbits_tensors:  # (not a table a tied lookup already reads as MatMulNBits')
+        return _two_bit_grid(lowering, x, grid, shape, name)
     block = nbits_block(grid.group_size)
     if block is None:
         return None
@@ -54,6 +60,17 @@ def lower_integer_grid(lowering, x: str, grid: IntegerGrid, shape: tuple[int, in
             lowering, x, grid, shape, block, name)
     return f"MatMulNBits {width}-bit block {block}{widened}", _matmul_nbits(lowering, x, grid, shape, width, block,
                                                                            name)
+
+
+def _two_bit_grid(lowering, x: str, grid: IntegerGrid, shape, name: str):
+    """A 2-bit grid with float activations in our grid operator: its codes and zero points as stored, float32
+    scales. onnxruntime's 2-bit MatMulNBits has no float-activation fast path (it decodes the weight on every call,
+    many times slower than its 4-bit one); ours reads 2-bit codes 32 a step."""
+    size = grid.group_size or shape[1]
+    zeros = None if grid.symmetric else pack_rows(grid.zeros.to(torch.uint8), 2)
+    y = onnx_custom.grid_matmul(lowering, x, name, pack_rows(grid.codes, 2), grid.scales, None, None,
+                                0.0 if zeros is not None else 2.0, 2, size, shape, zeros=zeros)
+    return f"GridMatMul 2-bit g{size} (integer grid, float activations)", y
 
 
 def _nibble_planes(lowering, x: str, grid: IntegerGrid, shape, block: int, name: str) -> str:

@@ -244,6 +244,7 @@ static const float *table_of(const Call *c, Scratch *s, int64_t n) {
 
 int64_t table_floats(const Call *c) {
   if (c->kept) return c->kept + 16; /* SparseMatMul: a row's kept values */
+  if (c->grid_zeros) return (c->K + c->group_size - 1) / c->group_size + 16; /* GridMatMul: a row's group offsets */
   return ((int64_t)1 << c->bits) * c->dim + 16; /* the lookups read whole 16-float registers */
 }
 
@@ -518,13 +519,19 @@ void sparse_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {
    the code or its table entry (up to 16 entries from two registers by permutes, else gathered): into w (w != NULL),
    or its dot products with the M <= 4 rows of x into out. Inlined into each caller, so each gets the loop it
    needs. */
-static inline __attribute__((always_inline)) void grid_row(const Call *c, int64_t n, float *w, const float *x,
-                                                           int64_t M, float *out) {
+static inline __attribute__((always_inline)) void grid_row(const Call *c, Scratch *s, int64_t n, float *w,
+                                                           const float *x, int64_t M, float *out) {
   const int bits = (int)c->bits;
   const int64_t K = c->K, size = c->group_size, groups = (K + size - 1) / size;
   const uint8_t *codes = c->codes + n * c->row_bytes, *end = c->codes + c->N * c->row_bytes;
   const float *scales = c->grid_scales + n * groups;
   const float *offsets = c->grid_offsets ? c->grid_offsets + n * groups : NULL;
+  if (c->grid_zeros) { /* integer zero points: (v - z) * s = v * s - z * s, an offset per group */
+    const uint8_t *zeros = c->grid_zeros + n * ((groups * bits + 7) / 8);
+    for (int64_t g = 0; g < groups; g++)
+      s->tab[g] = (offsets ? offsets[g] : 0.0f) - (float)code_at(zeros, g, bits) * scales[g];
+    offsets = s->tab;
+  }
   const float *table = c->grid_table;
   float padded[16] = {0};
   if (table && bits <= 4) memcpy(padded, table, sizeof(float) << bits);
@@ -574,17 +581,13 @@ static inline __attribute__((always_inline)) void grid_row(const Call *c, int64_
     for (int64_t m = 0; m < M; m++) out[m] = hsum(_mm256_add_ps(acc[m], acc2[m])) + tail[m];
 }
 
-void decode_grid_row(const Call *c, Scratch *s, int64_t n, float *w) {
-  (void)s;
-  grid_row(c, n, w, NULL, 0, NULL);
-}
+void decode_grid_row(const Call *c, Scratch *s, int64_t n, float *w) { grid_row(c, s, n, w, NULL, 0, NULL); }
 
 void grid_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {
-  (void)s;
   switch (c->M) { /* a constant token count per copy: the accumulators stay in registers */
-    case 1: grid_row(c, n, NULL, c->x, 1, out); break;
-    case 2: grid_row(c, n, NULL, c->x, 2, out); break;
-    case 3: grid_row(c, n, NULL, c->x, 3, out); break;
-    default: grid_row(c, n, NULL, c->x, 4, out); break;
+    case 1: grid_row(c, s, n, NULL, c->x, 1, out); break;
+    case 2: grid_row(c, s, n, NULL, c->x, 2, out); break;
+    case 3: grid_row(c, s, n, NULL, c->x, 3, out); break;
+    default: grid_row(c, s, n, NULL, c->x, 4, out); break;
   }
 }

@@ -19,11 +19,13 @@
 
    y float32 [..., N]. Rows are decoded while they are used (rows.c), never ahead of time.
 
-   GridMatMul(x, codes, scales[, offsets, table])
-                                           W[n, k] = (v(code(n, k)) - zero) * scales[n, g] + offsets[n, g], k in group g
+   GridMatMul(x, codes, scales[, offsets, table, zeros])
+                                           W[n, k] = (v(code(n, k)) - zero - zeros[n, g]) * scales[n, g] + offsets[n, g],
+                                           k in group g
        codes uint8 [N, ceil(K * bits / 8)] row-packed; scales, offsets float32 [N, ceil(K / group_size)]; v(q) = q,
-       or table[q] with table float32 [2^bits]. Attributes K, N, bits (1..8), group_size, zero (float, default 0):
-       integer grids of any width, llama.cpp's k-quants (their scales and minima multiplied out), NormalFloat.
+       or table[q] with table float32 [2^bits]; zeros uint8 integer zero points packed at bits [N, ceil(groups * bits
+       / 8)]. Attributes K, N, bits (1..8), group_size, zero (float, default 0): integer grids of any width (their
+       zero points as stored), llama.cpp's k-quants (their scales and minima multiplied out), NormalFloat.
 
    SiluGate(x)                             y[..., j] = silu(x[..., j]) * x[..., n + j]
        x float32 [..., 2n]: a SiLU MLP's packed gate and up projections; y float32 [..., n] (gate.c).
@@ -283,6 +285,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
                          (const void **)&c.grid_offsets));
     CHECK(optional_input(context, 4, (int64_t)1 << op->bits, "GridMatMul: table smaller than 2^bits",
                          (const void **)&c.grid_table));
+    CHECK(optional_input(context, 5, op->N * ((groups * op->bits + 7) / 8), "GridMatMul: zeros smaller than N rows",
+                         (const void **)&c.grid_zeros));
   } else if (op->op == LUT) {
     ONNXTensorElementDataType table_type;
     CHECK(element_type(context, 2, &table_type));
@@ -370,7 +374,7 @@ typedef struct {
   Op kind;
   const char *name;
   size_t inputs;
-  ONNXTensorElementDataType types[5]; /* UNDEFINED: several types, checked at run time */
+  ONNXTensorElementDataType types[6]; /* UNDEFINED: several types, checked at run time */
   size_t optional_from;               /* inputs from this one on may be left out */
 } Spec;
 
@@ -389,10 +393,10 @@ static Spec specs[] = {
      .types = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
                ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
                ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT}},
-    {.kind = GRID, .name = "GridMatMul", .inputs = 5, .optional_from = 3,
+    {.kind = GRID, .name = "GridMatMul", .inputs = 6, .optional_from = 3,
      .types = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
                ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-               ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT}},
+               ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8}},
 };
 
 static const Spec *spec_of(const OrtCustomOp *self) { return (const Spec *)self; }

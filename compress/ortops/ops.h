@@ -61,9 +61,10 @@ struct Call {
   int64_t group_size;
   const uint16_t *group_scales; /* float16 [N, groups] */
   const uint8_t *group_zeros;   /* zero points packed at `bits` [N, ceil(groups * bits / 8)], or NULL: 2^(bits-1) */
-  /* GridMatMul: W[n, k] = (v(code) - grid_zero) * scale[n, g] + offset[n, g] for k in group g, v(code) = code or
-     grid_table[code]; codes row-packed at `bits` in `codes` */
+  /* GridMatMul: W[n, k] = (v(code) - grid_zero - zero[n, g]) * scale[n, g] + offset[n, g] for k in group g,
+     v(code) = code or grid_table[code]; codes row-packed at `bits` in `codes` */
   const float *grid_scales, *grid_offsets, *grid_table; /* float32 [N, groups], [N, groups] or NULL, [2^bits] or NULL */
+  const uint8_t *grid_zeros; /* integer zero points packed at `bits` [N, ceil(groups * bits / 8)], or NULL */
   float grid_zero;
   const float *pairs;       /* x with each 32 inputs as the even then the odd ones (4-bit palettes), or NULL */
   volatile int failed;      /* set by a task that could not allocate its scratch */
