@@ -528,8 +528,11 @@ static inline __attribute__((always_inline)) void grid_row(const Call *c, Scratc
   const float *offsets = c->grid_offsets ? c->grid_offsets + n * groups : NULL;
   if (c->grid_zeros) { /* integer zero points: (v - z) * s = v * s - z * s, an offset per group */
     const uint8_t *zeros = c->grid_zeros + n * ((groups * bits + 7) / 8);
-    for (int64_t g = 0; g < groups; g++)
-      s->tab[g] = (offsets ? offsets[g] : 0.0f) - (float)code_at(zeros, g, bits) * scales[g];
+    for (int64_t g = 0, bit = 0; g < groups; g++, bit += bits) {
+      unsigned z = zeros[bit >> 3];
+      if ((bit & 7) + bits > 8) z |= (unsigned)zeros[(bit >> 3) + 1] << 8; /* a zero point across two bytes */
+      s->tab[g] = (offsets ? offsets[g] : 0.0f) - (float)((z >> (bit & 7)) & ((1u << bits) - 1)) * scales[g];
+    }
     offsets = s->tab;
   }
   const float *table = c->grid_table;
