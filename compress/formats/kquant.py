@@ -24,6 +24,7 @@ from ..kquants import KTYPES, SUPER_BLOCK, KType, expand, ktype, split
 from ..packing import pack_rows
 from ..quant import QuantSpec, decode
 from .base import LayoutError, NotAnIntegerGrid, WeightFormat, register_format
+from .onnx_custom import grid_matmul
 from .onnx_ops import FLOAT, as_float, per_group, torch_initializer, unpack_codes
 
 TYPE_SIZE = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
@@ -215,8 +216,6 @@ class KQuantWeight(WeightFormat):
     def onnx_matmul(self, lowering, x, name):
         """Our grid operator (``onnx_custom``) on the codes row-packed at the type's width and each sub-block's scale
         (and minimum, as a negative offset) multiplied out in float32, so the session keeps the codes."""
-        from .onnx_custom import grid_matmul
-
         codes, scale, zero = self.unpacked()
         if self.kt.symmetric:
             offsets, zero_point = None, float(self.kt.zero_point)
