@@ -291,6 +291,7 @@ def run_passes(model, passes: list[Pass], calibration: torch.Tensor | None, devi
         if stage is not None and done is not None:  # a resumed run: the stage holds this block
             if float_inputs is not None:
                 with on_compute(block, device):
+                    _data_free_transforms(i, block, block_prefix, model_type, passes, reqs, device)
                     float_inputs = propagate(block, float_inputs, device)
             stage.load(i, block)
             _restore_block(done, passes, i, records, seconds)
@@ -381,6 +382,15 @@ def _teacher(model, blocks, float_outputs, calibration, device, k: int) -> Teach
     return Teacher.from_logits(calibration, logits, k)
 
 
+def _data_free_transforms(i, block, block_prefix, model_type, passes, reqs, device) -> None:
+    """Block ``i`` as the float stream reads it on a resumed run: the transforms that read no data (a rotation)
+    applied. The others (AWQ's scales) keep the float model's function in the stream's basis: they can be left out."""
+    for p, req in zip(passes, reqs, strict=True):
+        if p.stage == "transform" and not req.calibration:
+            with torch.no_grad():
+                p.apply(BlockWork(i, block, block_prefix, model_type, {}, device=device), lambda *_: None)
+
+
 def _compress_block(i, block, block_prefix, model_type, passes, reqs, records, seconds, inputs, float_inputs,
                     device):
     """Run every pass on block ``i`` (on the compute device); returns the float stream, moved past the block
@@ -393,11 +403,14 @@ def _compress_block(i, block, block_prefix, model_type, passes, reqs, records, s
     stats: dict[str, LayerStats] = {}
     stats_kinds: frozenset[str] = frozenset()
     float_moved = False  # the float stream advances once per block, at the first "cross" statistics
-    if float_inputs is not None and not any("cross" in r.stats and any(map(p.cfg.applies_to, all_layers))
-                                            for p, r in zip(passes, reqs, strict=True)):
-        float_inputs, float_moved = propagate(block, float_inputs, device), True
+    # or else once the block is the float model's own: after the transforms, which keep its function but may
+    # turn the stream (a rotation), before anything that changes it
+    ahead = float_inputs is not None and not any("cross" in r.stats and any(map(p.cfg.applies_to, all_layers))
+                                                 for p, r in zip(passes, reqs, strict=True))
     finished: set[str] = set()  # layers the previous pass, fused with this one, already did
     for j, (p, req) in enumerate(zip(passes, reqs, strict=True)):
+        if ahead and not float_moved and p.stage != "transform":
+            float_inputs, float_moved = propagate(block, float_inputs, device), True
         layers = {n: m for n, m in _linear_layers(block, block_prefix).items()
                   if p.cfg.applies_to(n) and n not in finished}
         for name in finished:
@@ -427,6 +440,8 @@ def _compress_block(i, block, block_prefix, model_type, passes, reqs, records, s
             records[name].notes.update(note)
         if work.fused is not None:
             finished = work.finished
+    if ahead and not float_moved:  # transforms only
+        float_inputs = propagate(block, float_inputs, device)
     for name, m in _linear_layers(block, block_prefix).items():  # structured pruning shrinks layers
         records[name].shape = _shape(m)
     for m in block.modules():  # e.g. dense copies kept for mask refinement live one block only

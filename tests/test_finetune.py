@@ -17,6 +17,7 @@ from compress.passes.trainable_grid import TrainableCodebook, TrainableGrid
 from compress.pipeline import plan, run_passes
 from compress.quant import QuantSpec
 from compress.recipe import parse_recipe
+from compress.stage import RunStage
 from compress.teacher import Teacher, topk_kl
 
 # RTN 3-bit on blocks 0-1 (asymmetric g64) and the tied table (4-bit g32 RTN): 12 x 96 tokens of pydoc, 2 held out
@@ -104,6 +105,34 @@ def test_tuning_lowers_the_held_out_kl_and_stores_what_it_measured(tuned, reques
         (step,) = info["discrete_steps"]
         assert step["kept"] and 0 < step["codes_moved"] and step["held_out"] < step["held_out_before"]
         assert step["held_out_before"] == info["held_out_kl_before"]
+
+
+def _teacher_handed(model, recipe_passes, calibration, stage=None) -> Teacher:
+    """The teacher run_passes hands the last pass (a tuner whose tuning is skipped)."""
+    passes = plan(parse_recipe({"passes": recipe_passes}).passes)
+    handed = {}
+    passes[-1].tune_model = lambda model, teacher, device: handed.setdefault("teacher", teacher) and None
+    run_passes(model, passes, calibration, "cpu", stage=stage)
+    return handed["teacher"]
+
+
+def test_the_teacher_is_the_float_models_after_a_rotation_fresh_and_resumed(smol, tmp_path):
+    """A rotation turns the stream the float model's blocks read: each block's float outputs are taken once the
+    block is rotated too (they were taken before, from the unrotated block: a teacher of garbage), and a resumed
+    run, whose finished blocks come back compressed, rotates the float block before running it."""
+    model, tok, _ = smol
+    calibration = calibration_batches("pydoc", tok, 4, 64, seed=0, heldout_spec="pydoc")
+    with torch.no_grad():
+        want = Teacher.from_logits(calibration, [model(input_ids=calibration, use_cache=False).logits], 8)
+    recipe = [{"type": "rotate", "online": True}, {"type": "rtn", "bits": 8, "targets": ["model.layers.[01].*"]},
+              {"type": "peqa", "held_out": 1, "top_k": 8}]
+    stage = RunStage(tmp_path / "stage", {"run": "rotated"}, "float16")
+    fresh = _teacher_handed(copy.deepcopy(model), recipe, calibration, stage)
+    resumed = _teacher_handed(copy.deepcopy(model), recipe, calibration,
+                              RunStage(tmp_path / "stage", {"run": "rotated"}, "float16", resume=True))
+    for teacher in (fresh, resumed):
+        assert (teacher.logprobs - want.logprobs).abs().max() < 1e-3
+        assert (teacher.indices == want.indices).float().mean() > 0.99  # near-equal logits may swap
 
 
 @pytest.mark.parametrize("kind", ["int-grid", "code-book"])

@@ -24,6 +24,8 @@ from ..quant import QuantSpec
 from ..teacher import Teacher
 
 STAGES = ("transform", "prune", "cluster", "quantize")  # the order passes must come in
+# a "transform" keeps the float model's function (AWQ's scales, a rotation, which also turns the residual stream
+# it reads and writes): the float stream passes a block once its transforms are in place
 
 
 class PassConfig(BaseModel):
