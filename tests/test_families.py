@@ -186,6 +186,26 @@ def _genai_computes_transformers_logits(model, folder, prompt):
     ruled_out = np.abs(got) > 1e30  # min_length: onnxruntime-genai sets the end-of-text logit to the lowest float
     assert ruled_out.sum(1).max() <= 1
     assert np.abs(np.where(ruled_out, want, got) - want).max() < 1e-3
+    # a batch of unequal prompts: onnxruntime-genai pads the shorter on the right, and its new tokens' positions
+    # follow its own prompt (the rotation at position_ids, not at the cache's width)
+    pad = json.loads((folder / "genai_config.json").read_text())["model"].get("pad_token_id")
+    if pad is None:  # (a model without padding or end-of-text ids cannot be batched by onnxruntime-genai)
+        return
+    short = prompt[:-4]
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(max_length=len(prompt) + 8, do_sample=False, min_length=len(prompt) + 8, batch_size=2)
+    generator = og.Generator(og_model, params)
+    generator.append_tokens(np.array([prompt, [*short, *[pad] * 4]], np.int32))
+    steps = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        steps.append(np.array(generator.get_output("logits"))[1, -1])
+    new = [t for t in list(generator.get_sequence(1))[len(prompt):]]
+    with torch.no_grad():  # the first step's logits are the padded prompt's last position: its new tokens' from then
+        want = model(torch.tensor([[*short, *new[:-1]]])).logits[0, len(short):].float().numpy()
+    got = np.stack(steps[1:])
+    ruled_out = np.abs(got) > 1e30
+    assert np.abs(np.where(ruled_out, want, got) - want).max() < 1e-3
 
 
 def test_awq_leaves_every_familys_float_model_unchanged(tiny):

@@ -277,8 +277,9 @@ def test_run_exports_onnx_and_generate_agrees_with_checkpoint(tmp_path):
     read = {name for n in graph.node for name in n.input}
     assert not [t.name for t in graph.initializer if t.name not in read]  # nothing stored that no node reads
     assert (ops["GroupQueryAttention"], ops["SkipSimplifiedLayerNormalization"], ops["MatMulNBits"]) == (30, 60, 120)
-    # q/k/v packed into attention, which rotates them; gate/up packed into our SiluGate (split, sigmoid, products)
-    assert ops["RotaryEmbedding"] == 0 and ops["Split"] == 0 and ops["SiluGate"] == 30 and ops["Sigmoid"] == 0
+    # q/k/v one product split for the rotation of q and k at position_ids; gate/up packed into our SiluGate (split,
+    # sigmoid, products)
+    assert ops["RotaryEmbedding"] == 60 and ops["Split"] == 30 and ops["SiluGate"] == 30 and ops["Sigmoid"] == 0
     _left_padding_changes_nothing(out / "onnx")
     assert report["size"]["onnx_file_bytes"] <= 1.15 * report["size"]["checkpoint_bytes"]
     assert "## ONNX export" in (out / "report.md").read_text()

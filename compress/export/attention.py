@@ -2,16 +2,14 @@
 
 - **standard** (``weights: portable``): opset-21 ops only. Rotary embedding by Split/Concat/Mul, query heads
   grouped by their KV head against the concatenated cache (no copy of it), an additive mask, Softmax.
-- **fused** (``weights: fast``): onnxruntime's ``com.microsoft::GroupQueryAttention`` does the rotation (from
-  cos/sin tables over every position, computed in the graph from the model's ``inv_freq`` and folded when the
-  session loads: nothing stored), the cache append, the score soft-cap (Gemma 2) and the softmax in one kernel,
-  reading q/k/v packed in one tensor when one matmul made them (``fuse.py``). It reads the same additive mask as
-  the standard graph as its attention bias, so left padding and sliding windows mean what they mean in
-  transformers; every key of the cache counts as present for its own bookkeeping, so it rotates a left-padded
-  row's tokens at positions shifted by the padding: rotary attention depends only on the distance between
-  positions, so the scores are the same (tested). (Given ``position_ids`` instead, onnxruntime 1.32 rotates the
-  cached keys of a padded prompt wrongly.) Qwen3 and Gemma 3 normalize each head before the rotation: their
-  queries and keys go through ``RotaryEmbedding`` at ``position_ids`` first.
+- **fused** (``weights: fast``): onnxruntime's ``com.microsoft::GroupQueryAttention`` does the cache append, the
+  score soft-cap (Gemma 2) and the softmax in one kernel. Queries and keys are rotated before it by
+  ``com.microsoft::RotaryEmbedding`` at ``position_ids`` (from cos/sin tables over every position, computed in the
+  graph from the model's ``inv_freq`` and folded when the session loads: nothing stored), after the per-head norms
+  of Qwen3 and Gemma 3; the kernel's own rotation would place each new token at the cache's width, which counts the
+  padding of a row padded on the right (onnxruntime-genai pads a batch's shorter prompts so). It reads the same
+  additive mask as the standard graph as its attention bias, so padding and sliding windows mean what they mean in
+  transformers; every key of the cache counts as present for its own bookkeeping.
 
 Both read ``past_key_values.{i}.key|value`` [batch, kv_heads, past, head_dim] and write the present cache in
 the same layout, so onnxruntime-genai and our own loop drive either graph.
@@ -89,12 +87,9 @@ def _fused(ctx, attn, q, k, v, past, window, layer_type, scale, name):
     if getattr(attn, "q_norm", None) is not None:  # Qwen3, Gemma 3: RMSNorm over each head before the rotation
         q = _per_head_norm(ctx, q, attn.q_norm, ctx.heads, f"{name}.q_norm")
         k = _per_head_norm(ctx, k, attn.k_norm, ctx.kv_heads, f"{name}.k_norm")
-        q, k = (g.op("RotaryEmbedding", t, ctx.positions, cos, sin, domain=MICROSOFT, num_heads=n)
-                for t, n in ((q, ctx.heads), (k, ctx.kv_heads)))
-        tables: tuple[str, str] = ("", "")
-    else:  # the kernel rotates queries and keys itself, at its own positions (see the module's docstring)
-        tables, attrs["do_rotary"] = (cos, sin), 1
-    out, key, value = g.op("GroupQueryAttention", q, k, v, past[0], past[1], ctx.seqlens, ctx.total, *tables, "",
+    q, k = (g.op("RotaryEmbedding", t, ctx.positions, cos, sin, domain=MICROSOFT, num_heads=n)
+            for t, n in ((q, ctx.heads), (k, ctx.kv_heads)))
+    out, key, value = g.op("GroupQueryAttention", q, k, v, past[0], past[1], ctx.seqlens, ctx.total, "", "", "",
                            ctx.masks[window], outputs=3, domain=MICROSOFT, **attrs)
     ctx.presents.append((key, value))
     return out
@@ -147,23 +142,24 @@ def total_length(g: Graph, mask: str) -> str:
     return g.op("Gather", g.op("Shape", mask), g.const(1))
 
 
-def masks(g: Graph, ids: str, mask: str, total: str, windows: set[int | None]) -> dict[int | None, str]:
-    """Additive masks [batch, 1, seq, total], one per sliding window (None: full attention): causal over absolute
-    positions, padding from ``attention_mask``, and transformers' window (a query sees the keys less than
-    ``window`` behind it). ``total``: :func:`total_length`."""
-    seq = g.op("Gather", g.op("Shape", ids), g.const(1))
-    key_pos = g.op("Range", g.const(0), total, g.const(1))
-    query_pos = g.op("Range", g.op("Sub", total, seq), total, g.const(1))
-    causal = g.op("LessOrEqual", g.op("Unsqueeze", key_pos, g.const([0])), g.op("Unsqueeze", query_pos, g.const([1])))
-    padding = g.op("Unsqueeze", g.op("Cast", mask, to=TensorProto.BOOL), g.const([1, 2]))
+def masks(g: Graph, mask: str, positions: str, windows: set[int | None]) -> dict[int | None, str]:
+    """Additive masks [batch, 1, seq, total], one per sliding window (None: full attention), in positions, not cache
+    slots: a key's position is the count of present keys before it (``attention_mask``'s running sum), a query's its
+    ``position_ids``; a query sees the present keys at its position or before, and within a window those less than
+    ``window`` behind it (transformers' rule). So padding on either side, left (transformers') or right
+    (onnxruntime-genai's batches, whose new tokens follow the padding in the cache), means what it means."""
+    present = g.op("Cast", mask, to=TensorProto.BOOL)
+    key_pos = g.op("Unsqueeze", g.op("Sub", g.op("CumSum", g.op("Cast", mask, to=TensorProto.INT64), g.const(1)),
+                                     g.const(1)), g.const([1]))
+    query_pos = g.op("Unsqueeze", positions, g.const([2]))
+    distance = g.op("Sub", query_pos, key_pos)  # [batch, seq, total]
+    allowed = g.op("And", g.op("GreaterOrEqual", distance, g.const(0)), g.op("Unsqueeze", present, g.const([1])))
     neg = float(np.finfo(np.float32).min)
     out = {}
     for window in windows:
-        allowed = g.op("And", causal, padding)
-        if window is not None:
-            distance = g.op("Sub", g.op("Unsqueeze", query_pos, g.const([1])), g.op("Unsqueeze", key_pos, g.const([0])))
-            allowed = g.op("And", allowed, g.op("Less", distance, g.const(window)))
-        out[window] = g.op("Where", allowed, g.const(0.0, np.float32), g.const(neg, np.float32))
+        inside = allowed if window is None else g.op("And", allowed, g.op("Less", distance, g.const(window)))
+        out[window] = g.op("Unsqueeze", g.op("Where", inside, g.const(0.0, np.float32), g.const(neg, np.float32)),
+                           g.const([1]))
     return out
 
 

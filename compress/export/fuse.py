@@ -2,8 +2,7 @@
 as do the gate and up projections of the MLP. When their ``MatMulNBits`` agree on everything but the output
 width, their initializers are concatenated along the output rows (each is stored row by row, so the bytes are
 the same, only joined) and one kernel followed by a ``Split`` replaces them: fewer, larger calls per token. A
-q/k/v split that only feeds GroupQueryAttention goes too: the kernel reads q/k/v packed; a gate/up split that only
-feeds the SiLU gating becomes our ``SiluGate`` where our operator library is built.
+gate/up split that only feeds the SiLU gating becomes our ``SiluGate`` where our operator library is built.
 """
 
 from __future__ import annotations
@@ -64,7 +63,6 @@ def pack_sibling_matmuls(g: Graph) -> int:
         g.nodes[at:at] = [fused, split]
         packed += 1
     g.initializers[:] = [t for t in g.initializers if t.name not in dropped]
-    _packed_attention(g)
     return packed
 
 
@@ -117,19 +115,3 @@ def fuse_silu_gates(g: Graph) -> int:
         _drop_split(g, split)
         fused += 1
     return fused
-
-
-def _packed_attention(g: Graph) -> None:
-    """A packed q/k/v product split only to feed GroupQueryAttention's query, key and value, in that order: the
-    kernel reads the packed tensor itself (its packed-QKV form), so the Split goes."""
-    consumers = _consumers(g)
-    for split in [n for n in g.nodes if n.op_type == "Split" and len(n.output) == 3]:
-        users = [consumers.get(o, []) for o in split.output]
-        if not all(len(u) == 1 for u in users):
-            continue
-        attention = users[0][0]
-        if attention.op_type != "GroupQueryAttention" or any(u[0] is not attention for u in users) or list(
-                attention.input[:3]) != list(split.output):
-            continue
-        attention.input[0], attention.input[1], attention.input[2] = split.input[0], "", ""
-        _drop_split(g, split)

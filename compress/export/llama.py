@@ -169,7 +169,7 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
     fused, total = weights == "fast", total_length(g, mask)
     rotary, max_positions = model.model.rotary_emb, int(getattr(cfg, "max_position_embeddings", 2048))
     ctx = AttentionContext(g, fused, heads, kv_heads, head_dim, offset, getattr(cfg, "attn_logit_softcapping", None),
-                           masks(g, ids, mask, total, set(windows)),
+                           masks(g, mask, positions, set(windows)),
                            {t: rotary_tables(g, rotary, t, positions, fused, max_positions) for t in set(types)})
     if fused:
         ctx.positions = positions
