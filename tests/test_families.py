@@ -16,10 +16,11 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_lay
             num_key_value_heads=2, max_position_embeddings=64)
 FAMILIES = {
     "llama": ("LlamaConfig", TINY),
-    "qwen2": ("Qwen2Config", {**TINY, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
+    "qwen2": ("Qwen2Config", {**TINY, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1,
+                              "eos_token_id": 2}),
     "mistral": ("MistralConfig", {**TINY, "sliding_window": 8}),
     "phi3": ("Phi3Config", {**TINY, "sliding_window": 8, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
-    "qwen3": ("Qwen3Config", {**TINY, "head_dim": 16}),
+    "qwen3": ("Qwen3Config", {**TINY, "head_dim": 16, "eos_token_id": 2}),
     "gemma": ("GemmaConfig", {**TINY, "head_dim": 16}),
     "gemma2": ("Gemma2Config", {**TINY, "head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 24,
                                 "attn_logit_softcapping": 0.5, "final_logit_softcapping": 0.3,  # caps that bite
@@ -188,10 +189,7 @@ def _genai_computes_transformers_logits(model, folder, prompt):
     assert np.abs(np.where(ruled_out, want, got) - want).max() < 1e-3
     # a batch of unequal prompts: onnxruntime-genai pads the shorter on the right, and its new tokens' positions
     # follow its own prompt (the rotation at position_ids, not at the cache's width)
-    pad = json.loads((folder / "genai_config.json").read_text())["model"].get("pad_token_id")
-    if pad is None:  # (a model without padding or end-of-text ids cannot be batched by onnxruntime-genai)
-        return
-    short = prompt[:-4]
+    short, pad = prompt[:-4], json.loads((folder / "genai_config.json").read_text())["model"]["pad_token_id"]
     params = og.GeneratorParams(og_model)
     params.set_search_options(max_length=len(prompt) + 8, do_sample=False, min_length=len(prompt) + 8, batch_size=2)
     generator = og.Generator(og_model, params)
