@@ -149,8 +149,7 @@ def masks(g: Graph, mask: str, positions: str, windows: set[int | None]) -> dict
     ``window`` behind it (transformers' rule). So padding on either side, left (transformers') or right
     (onnxruntime-genai's batches, whose new tokens follow the padding in the cache), means what it means."""
     present = g.op("Cast", mask, to=TensorProto.BOOL)
-    key_pos = g.op("Unsqueeze", g.op("Sub", g.op("CumSum", g.op("Cast", mask, to=TensorProto.INT64), g.const(1)),
-                                     g.const(1)), g.const([1]))
+    key_pos = g.op("Unsqueeze", g.op("Sub", g.op("CumSum", mask, g.const(1)), g.const(1)), g.const([1]))  # int64
     query_pos = g.op("Unsqueeze", positions, g.const([2]))
     distance = g.op("Sub", query_pos, key_pos)  # [batch, seq, total]
     allowed = g.op("And", g.op("GreaterOrEqual", distance, g.const(0)), g.op("Unsqueeze", present, g.const([1])))

@@ -33,12 +33,11 @@ static inline __m256i eight_codes(const uint8_t *row, int64_t g, int bits, const
   return _mm256_and_si256(_mm256_blend_epi32(first, second, 0xF0), mask);
 }
 
+/* Code i of a row packed at ``bits`` (1..8, every op checks) per code: one byte, or two where it crosses one. */
 static inline int code_at(const uint8_t *row, int64_t i, int bits) {
   int64_t bit = i * bits;
-  uint32_t word = 0;
-  int64_t first = bit >> 3;
-  int span = (int)(((bit & 7) + bits + 7) >> 3);
-  memcpy(&word, row + first, (size_t)span);
+  unsigned word = row[bit >> 3];
+  if ((bit & 7) + bits > 8) word |= (unsigned)row[(bit >> 3) + 1] << 8;
   return (int)((word >> (bit & 7)) & ((1u << bits) - 1));
 }
 
@@ -528,11 +527,8 @@ static inline __attribute__((always_inline)) void grid_row(const Call *c, Scratc
   const float *offsets = c->grid_offsets ? c->grid_offsets + n * groups : NULL;
   if (c->grid_zeros) { /* integer zero points: (v - z) * s = v * s - z * s, an offset per group */
     const uint8_t *zeros = c->grid_zeros + n * ((groups * bits + 7) / 8);
-    for (int64_t g = 0, bit = 0; g < groups; g++, bit += bits) {
-      unsigned z = zeros[bit >> 3];
-      if ((bit & 7) + bits > 8) z |= (unsigned)zeros[(bit >> 3) + 1] << 8; /* a zero point across two bytes */
-      s->tab[g] = (offsets ? offsets[g] : 0.0f) - (float)((z >> (bit & 7)) & ((1u << bits) - 1)) * scales[g];
-    }
+    for (int64_t g = 0; g < groups; g++)
+      s->tab[g] = (offsets ? offsets[g] : 0.0f) - (float)code_at(zeros, g, bits) * scales[g];
     offsets = s->tab;
   }
   const float *table = c->grid_table;
