@@ -229,6 +229,33 @@ def test_greedy_tokens_match_pytorch_through_the_kv_cache(mixed_export, mixed, w
     assert got.tokens == want.tokens and len(got.tokens) == 24
 
 
+def test_decode_loop_appends_to_one_cache_buffer_with_forwards_logits(mixed_export, windows):
+    """A fast graph's decode steps write their keys and values into the prefill's cache buffer (no new cache a
+    step) and give the logits of the plain forward, whose cache grows by concatenation; the buffer's end is an
+    error, not a silent overwrite."""
+    import numpy as np
+
+    from compress.export.decode_loop import DecodeLoop
+
+    out, _ = mixed_export
+    lm = OnnxCausalLM(out)
+    prompt = windows[1, :32].tolist()
+    loop = DecodeLoop(lm.session, lm.meta["io"], in_place=True)
+    logits = loop.prefill(prompt, len(prompt) + 4)
+    buffers = [value.data_ptr() for value in loop.cache]
+    want, cache = lm.forward(np.array([prompt]), lm.empty_cache(1))
+    assert np.abs(logits - want[0, -1]).max() < 1e-4
+    for _ in range(4):
+        token = int(logits.argmax())
+        logits = loop.step(token)
+        want, cache = lm.forward(np.array([[token]]), cache)
+        assert np.abs(logits - want[0, -1]).max() < 1e-4
+    assert [value.data_ptr() for value in loop.cache] == buffers
+    assert loop.cache[0].shape() == [1, lm.kv_heads, len(prompt) + 4, lm.head_dim]
+    with pytest.raises(ValueError, match="holds 36 positions"):
+        loop.step(int(logits.argmax()))
+
+
 def _left_padding_changes_nothing(folder):
     """A prompt left-padded in a batch beside a longer one gets the logits it gets alone, prompt and next step."""
     import numpy as np

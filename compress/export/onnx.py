@@ -107,7 +107,7 @@ def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, w
             raise ExportError(f"onnxruntime cannot load the exported graph: {e.message}",
                               "please report it with the model and recipe") from None
         info["timing"]["session_seconds"] = time.perf_counter() - t
-        lm = OnnxCausalLM.from_session(sess, io)
+        lm = OnnxCausalLM.from_session(sess, io, weights)
         info["validation"] = validate(lm, model, windows, tolerance)
         info["timing"]["validation_seconds"] = time.perf_counter() - t
         v = info["validation"]

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..modules import dequantized_weights
+from .decode_loop import DecodeLoop
 
 ONNX_FILE = "model.onnx"
 EXPORT_META = "export.json"
@@ -84,9 +85,10 @@ class OnnxCausalLM:
                                   "export it again") from None
 
     @classmethod
-    def from_session(cls, sess, io: dict):
+    def from_session(cls, sess, io: dict, weights: str):
+        """Over an open session of an export with export.json's ``io`` and ``weights`` ("fast" or "portable")."""
         self = cls.__new__(cls)
-        self.session, self.meta = sess, {"io": io}
+        self.session, self.meta = sess, {"io": io, "weights": weights}
         self.layers, self.kv_heads, self.head_dim = io["layers"], io["kv_heads"], io["head_dim"]
         return self
 
@@ -117,16 +119,19 @@ class OnnxCausalLM:
 
     def greedy(self, prompt: list[int], max_new_tokens: int,
                eos: frozenset[int] | set[int] = frozenset()) -> Generation:
+        """Greedy tokens after ``prompt`` through :class:`DecodeLoop` (the cache written in place where the graph
+        allows it, as onnxruntime-genai runs it)."""
+        loop = DecodeLoop(self.session, self.meta["io"], self.meta.get("weights") == "fast")
         t = time.perf_counter()
-        logits, cache = self.forward(np.array([prompt]), self.empty_cache(1), keep=1)
+        logits = loop.prefill(list(prompt), len(prompt) + max_new_tokens)
         gen = Generation([], time.perf_counter() - t)
         for _ in range(max_new_tokens):
-            token = int(logits[0, -1].argmax())
+            token = int(logits.argmax())
             gen.tokens.append(token)
             if token in eos or len(gen.tokens) == max_new_tokens:
                 break
             t = time.perf_counter()
-            logits, cache = self.forward(np.array([[token]]), cache)
+            logits = loop.step(token)
             gen.decode_seconds.append(time.perf_counter() - t)
         return gen
 
