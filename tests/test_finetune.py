@@ -44,17 +44,18 @@ def test_topk_kl_is_the_full_kl_with_every_token_and_never_above_it_with_fewer()
         assert abs(float(topk_kl(teacher, some.indices, some.logprobs))) < 1e-6
 
 
-@pytest.fixture(scope="module", params=["peqa", "l4q", "pv_tuning"])
+@pytest.fixture(scope="module", params=["peqa", "peqa-bfloat16", "l4q", "pv_tuning"])
 def tuned(smol, request):
     """SmolLM2 compressed by PASSES then tuned end to end (PEQA: scales and zero points; L4Q: with rank-4 adapters
     too; PV-Tuning: scales, then a discrete step on the codes) through run_passes; the teacher the pass was
-    handed."""
+    handed. "peqa-bfloat16": PEQA's steps under bfloat16 autocast."""
     model, tok, _ = smol
     calibration = calibration_batches("pydoc", tok, 12, 96, seed=0, heldout_spec="pydoc")
     m = copy.deepcopy(model)
     # L4Q re-rounds every weight when a scale moves: it wants smaller scale steps than PEQA
-    tuner = {**PEQA, "type": request.param} | (
-        {"rank": 4, "lr": 0.001, "adapter_lr": 0.01} if request.param == "l4q" else {})
+    kind = request.param.split("-")[0]
+    tuner = {**PEQA, "type": kind} | ({"rank": 4, "lr": 0.001, "adapter_lr": 0.01} if kind == "l4q" else {}) | (
+        {"bfloat16": True} if request.param.endswith("bfloat16") else {})
     passes = plan(parse_recipe({"passes": [*PASSES, tuner]}).passes)
     handed = {}
     tune_model = type(passes[-1]).tune_model
@@ -67,7 +68,7 @@ def tuned(smol, request):
 
     passes[-1].tune_model = spy.__get__(passes[-1])
     result = run_passes(m, passes, calibration, "cpu")
-    return m, result.allocation[f"2:{request.param}"], handed, calibration
+    return m, result.allocation[f"2:{kind}"], handed, calibration
 
 
 def test_the_teacher_is_the_float_models_top_k(tuned, smol):
