@@ -2,7 +2,7 @@
 the exported model, fp32 against compressed variants, and whether greedy tokens equal PyTorch's; the same 4-bit
 export and onnxruntime-genai's own model builder (int4) run by onnxruntime-genai's generator.
 
-    python bench/onnx.py [--samples 16] [--threads 2] [--only PREFIX|PREFIX...] [--rounds 5]
+    python bench/onnx.py [--samples 16] [--threads 2] [--only PREFIX|PREFIX...] [--rounds 5] [--keep DIR [--reuse]]
 
 Each variant is compressed in-process (small calibration: speed, not quality, is measured here),
 exported with validation; then every row is timed in a fresh process (clean peak memory), the rows one
@@ -211,6 +211,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="the variants whose names start with this ('|' between several)")
     ap.add_argument("--keep", default=None, help="keep the exports in this folder")
+    ap.add_argument("--reuse", action="store_true", help="time the exports already in --keep (made by this script "
+                    "at the code measured) instead of exporting again")
     ap.add_argument("--rounds", type=int, default=1, help="time every row this many times, the rows interleaved; "
                     "the table shows the medians")
     ap.add_argument("--scale", default=None, metavar="SHAPE", help="instead: session memory of a random-weight "
@@ -226,8 +228,14 @@ def main():
         if a.only and not any(name.startswith(prefix) for prefix in a.only.split("|")):
             continue
         folders[name] = folder = root / "".join(c if c.isalnum() else "_" for c in name)
+        record = folder.with_name(folder.name + ".export.json")  # what the export returned, for --reuse
+        if a.reuse and record.is_file():
+            made[name] = json.loads(record.read_text())
+            continue
         made[name] = (run_python("genai_builder_variant", str(folder)) if passes is None else
                       run_python("export_variant", name, passes, str(folder), a.samples))
+        made[name]["exported at"] = commit
+        record.write_text(json.dumps(made[name]))
     timings: dict[str, list[dict]] = {name: [] for name in made}
     for _ in range(a.rounds):
         for name in made:
@@ -248,6 +256,7 @@ def main():
                      "max logit diff": v.get("max_logit_diff"), "ppl onnx": v.get("perplexity_onnx"),
                      "greedy = PyTorch": _greedy_agreement(timed["tokens"], m["want"])})
         common.append_result(RESULTS, name, {**rows[-1], "threads": a.threads, "rounds": a.rounds, "commit": commit,
+                                             "exported at": m.get("exported at", commit),
                                              "measured": time.strftime("%Y-%m-%d %H:%M")})
     base = next((r for r in rows if r["variant"] == "fp32"), None)
     for r in rows:
