@@ -214,7 +214,7 @@ def main():
     ap.add_argument("--reuse", action="store_true", help="time the exports already in --keep (made by this script "
                     "at the code measured) instead of exporting again")
     ap.add_argument("--rounds", type=int, default=1, help="time every row this many times, the rows interleaved; "
-                    "the table shows the medians")
+                    "the table shows the medians (0: export only, for a later --reuse)")
     ap.add_argument("--scale", default=None, metavar="SHAPE", help="instead: session memory of a random-weight "
                     "model of a bench/scale.py shape (1B, 3B, 8B), 4-bit RTN g64, exported and probed")
     a = ap.parse_args()
@@ -236,6 +236,9 @@ def main():
                       run_python("export_variant", name, passes, str(folder), a.samples))
         made[name]["exported at"] = commit
         record.write_text(json.dumps(made[name]))
+    if a.rounds == 0:  # exports only: time them later with --reuse
+        print(f"exported to {root}")
+        return
     timings: dict[str, list[dict]] = {name: [] for name in made}
     for _ in range(a.rounds):
         for name in made:
