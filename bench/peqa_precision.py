@@ -24,6 +24,9 @@ def main():
     ap.add_argument("--samples", type=int, default=20, help="training sequences of 512 tokens (8 more held out)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
+    spec = importlib.util.spec_from_file_location("bench_common", HERE / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)  # first: it takes bench/ off the import path (bench/onnx.py is not onnx)
     import torch
 
     from compress.data import calibration_batches
@@ -31,9 +34,6 @@ def main():
     from compress.pipeline import plan, run_passes
     from compress.recipe import parse_recipe
 
-    spec = importlib.util.spec_from_file_location("bench_common", HERE / "common.py")
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
     commit = common.current_commit()
     torch.set_num_threads(a.threads)
     model, tok, _ = resolve("smollm2-135m")
