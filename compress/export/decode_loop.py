@@ -15,6 +15,22 @@ from __future__ import annotations
 import numpy as np
 
 
+def cache_names(layers: int) -> tuple[list[str], list[str]]:
+    """The graph's past inputs and present outputs, key then value for each layer in order."""
+    pairs = [(i, kv) for i in range(layers) for kv in ("key", "value")]
+    return [f"past_key_values.{i}.{kv}" for i, kv in pairs], [f"present.{i}.{kv}" for i, kv in pairs]
+
+
+def takes_logits_to_keep(session) -> bool:
+    """Whether the graph has the optional ``logits_to_keep`` input (exports since it was added)."""
+    return any(i.name == "logits_to_keep" for i in session.get_overridable_initializers())
+
+
+def cache_in_place(weights: str | None) -> bool:
+    """Whether an export of ``weights`` ("fast": ``GroupQueryAttention``) can write its present into its past."""
+    return weights == "fast"
+
+
 class DecodeLoop:
     """Batch-1 greedy-style stepping over ``session`` (an ``onnxruntime.InferenceSession`` of an export whose
     ``export.json`` io block is ``io``); ``in_place``: the graph's attention writes its present into its past
@@ -22,11 +38,9 @@ class DecodeLoop:
 
     def __init__(self, session, io: dict, in_place: bool):
         self.session, self.in_place = session, in_place
-        layers = int(io["layers"])
         self.kv_heads, self.head_dim, self.vocab = int(io["kv_heads"]), int(io["head_dim"]), int(io["vocab_size"])
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-        self.present_names = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-        self.keeps_logits = any(i.name == "logits_to_keep" for i in session.get_overridable_initializers())
+        self.past_names, self.present_names = cache_names(int(io["layers"]))
+        self.keeps_logits = takes_logits_to_keep(session)
         self.cache: list = []
         self.length = self.capacity = 0
         self._logits = np.empty((1, 1, self.vocab), np.float32)

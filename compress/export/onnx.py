@@ -34,6 +34,7 @@ from .. import ortops
 from ..errors import CheckpointError, ExportError, ExportMismatch, OutputError
 from ..modules import dequantized_weights
 from ..staging import staged_folder
+from .decode_loop import cache_in_place
 from .genai import GENAI_CONFIG, genai_config
 from .llama import build_decoder
 from .runtime import EXPORT_META, ONNX_FILE, OnnxCausalLM, session
@@ -86,7 +87,7 @@ def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, w
     library_name = None if library is None else library.name
     (out_dir / GENAI_CONFIG).write_text(json.dumps(
         genai_config(model.config, getattr(model, "generation_config", None), io, ONNX_FILE, library_name,
-                     cache_in_place=weights == "fast"),
+                     cache_in_place=cache_in_place(weights)),
         indent=1) + "\n")
     graph_bytes = (out_dir / ONNX_FILE).stat().st_size
     data_bytes = (out_dir / DATA_FILE).stat().st_size if (out_dir / DATA_FILE).exists() else 0

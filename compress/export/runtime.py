@@ -13,7 +13,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..modules import dequantized_weights
-from .decode_loop import DecodeLoop
+from .decode_loop import DecodeLoop, cache_in_place, cache_names, takes_logits_to_keep
 
 ONNX_FILE = "model.onnx"
 EXPORT_META = "export.json"
@@ -95,7 +95,7 @@ class OnnxCausalLM:
     @property
     def keeps_logits(self) -> bool:
         """Whether the graph takes ``logits_to_keep`` (exports since it was added)."""
-        return any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers())
+        return takes_logits_to_keep(self.session)
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)] * (2 * self.layers)
@@ -110,8 +110,7 @@ class OnnxCausalLM:
             mask = np.ones((batch, past + seq), np.int64)
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, past:]
         feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask, "position_ids": positions}
-        for i in range(self.layers):
-            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = cache[2 * i], cache[2 * i + 1]
+        feed.update(zip(cache_names(self.layers)[0], cache, strict=True))
         if keep and self.keeps_logits:
             feed["logits_to_keep"] = np.array([keep], np.int64)
         logits, *present = self.session.run(None, feed)
@@ -121,7 +120,7 @@ class OnnxCausalLM:
                eos: frozenset[int] | set[int] = frozenset()) -> Generation:
         """Greedy tokens after ``prompt`` through :class:`DecodeLoop` (the cache written in place where the graph
         allows it, as onnxruntime-genai runs it)."""
-        loop = DecodeLoop(self.session, self.meta["io"], self.meta.get("weights") == "fast")
+        loop = DecodeLoop(self.session, self.meta["io"], cache_in_place(self.meta.get("weights")))
         t = time.perf_counter()
         logits = loop.prefill(list(prompt), len(prompt) + max_new_tokens)
         gen = Generation([], time.perf_counter() - t)

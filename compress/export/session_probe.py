@@ -39,7 +39,7 @@ def main(argv: list[str]) -> dict:
     import onnxruntime as ort
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the package (light: no torch on this path)
-    from compress.export.decode_loop import DecodeLoop
+    from compress.export.decode_loop import DecodeLoop, cache_in_place
 
     folder = Path(a.folder)
     meta = json.loads((folder / "export.json").read_text())
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> dict:
     loaded = _status_mb("VmRSS")
     # as a serving loop runs it (compress generate, onnxruntime-genai): the cache kept as onnxruntime's values and
     # written in place where the graph allows it, the last position's logits only
-    loop = DecodeLoop(sess, io, meta.get("weights") == "fast")
+    loop = DecodeLoop(sess, io, cache_in_place(meta.get("weights")))
     logits = loop.prefill([int(t) for t in np.arange(a.prefill) % 1000 + 100], a.prefill + a.decode)
     for _ in range(a.decode):
         logits = loop.step(int(logits.argmax()))
