@@ -12,7 +12,7 @@ from conftest import cli
 from compress.data import calibration_batches
 from compress.formats import QuantizedWeight, VectorWeight, quantize_rtn
 from compress.modules import CompressedEmbedding, CompressedLinear
-from compress.passes.peqa import _held_out_kl, _split
+from compress.passes.peqa import _held_out_kl, _split, _step_size_factor
 from compress.passes.trainable_grid import TrainableCodebook, TrainableGrid
 from compress.pipeline import plan, run_passes
 from compress.quant import QuantSpec
@@ -44,18 +44,18 @@ def test_topk_kl_is_the_full_kl_with_every_token_and_never_above_it_with_fewer()
         assert abs(float(topk_kl(teacher, some.indices, some.logprobs))) < 1e-6
 
 
-@pytest.fixture(scope="module", params=["peqa", "peqa-bfloat16", "l4q", "pv_tuning"])
+@pytest.fixture(scope="module", params=["peqa", "peqa-bfloat16-cosine", "l4q", "pv_tuning"])
 def tuned(smol, request):
     """SmolLM2 compressed by PASSES then tuned end to end (PEQA: scales and zero points; L4Q: with rank-4 adapters
     too; PV-Tuning: scales, then a discrete step on the codes) through run_passes; the teacher the pass was
-    handed. "peqa-bfloat16": PEQA's steps under bfloat16 autocast."""
+    handed. "peqa-bfloat16-cosine": PEQA's steps under bfloat16 autocast, their sizes falling by a cosine."""
     model, tok, _ = smol
     calibration = calibration_batches("pydoc", tok, 12, 96, seed=0, heldout_spec="pydoc")
     m = copy.deepcopy(model)
     # L4Q re-rounds every weight when a scale moves: it wants smaller scale steps than PEQA
     kind = request.param.split("-")[0]
     tuner = {**PEQA, "type": kind} | ({"rank": 4, "lr": 0.001, "adapter_lr": 0.01} if kind == "l4q" else {}) | (
-        {"bfloat16": True} if request.param.endswith("bfloat16") else {})
+        {"bfloat16": True, "schedule": "cosine"} if request.param.endswith("bfloat16-cosine") else {})
     passes = plan(parse_recipe({"passes": [*PASSES, tuner]}).passes)
     handed = {}
     tune_model = type(passes[-1]).tune_model
@@ -216,9 +216,18 @@ def test_a_result_no_better_than_its_input_is_not_stored(smol):
     assert all(m.get_submodule(n).fmt is f for n, f in formats.items())
 
 
+def test_the_cosine_schedule_falls_from_the_step_size_to_zero_at_the_last_step():
+    factor = _step_size_factor("cosine", 40)
+    values = [factor(step) for step in range(41)]
+    assert values[0] == 1 and values[20] == pytest.approx(0.5) and values[40] == pytest.approx(0, abs=1e-12)
+    assert all(a > b for a, b in zip(values, values[1:], strict=False))
+    assert {_step_size_factor("constant", 40)(step) for step in range(41)} == {1.0}
+
+
 @pytest.mark.parametrize("recipe, message", [
     ("passes: [{type: peqa}]", "no quantizing pass before it"),
     ("passes: [{type: rtn}, {type: peqa, lr: 0}]", "lr"),
+    ("passes: [{type: rtn}, {type: peqa, schedule: linear}]", "schedule"),
     ("passes: [{type: rtn}, {type: pv_tuning, code_share: 0}]", "code_share"),
     ("passes: [{type: pv_tuning}]", "no quantizing pass before it"),
     ("passes: [{type: rtn}, {type: peqa, held_out: 8}]\ncalibration: {samples: 8}", "at least 9 calibration"),

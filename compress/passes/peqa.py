@@ -48,6 +48,9 @@ class PeqaConfig(PassConfig):
     bfloat16: bool = Field(False, description="the training steps' forward and backward under bfloat16 autocast "
                            "(faster where the CPU has bfloat16 matrix units); the held-out KL that decides what is "
                            "kept is measured in float32 either way")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="the step sizes over the run: constant, or cosine (falling from each group's step "
+        "size to zero at the last step, as in SGDR without restarts)")
 
 
 @register
@@ -102,6 +105,8 @@ class Peqa(Pass):
         if adapters := [p for g in grids.values() for p in g.adapter_parameters()]:
             groups.append({"params": adapters, "lr": self.adapter_lr()})
         optimizer = torch.optim.Adam(groups)
+        steps = cfg.epochs * math.ceil(len(train) / cfg.batch)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _step_size_factor(cfg.schedule, steps))
         order = torch.Generator().manual_seed(0)
         best, best_kl, per_epoch = None, before, list[float]()
         for _ in range(cfg.epochs):
@@ -118,6 +123,7 @@ class Peqa(Pass):
                             loss = sequence_kl(model, teacher, [i], device) / len(step)
                         loss.backward(retain_graph=n < len(rows_of_step))
                 optimizer.step()
+                schedule.step()
             results = {name: g.result() for name, g in grids.items()}
             kl = held_out_kl_with(model, grids, results, teacher, held, device)
             per_epoch.append(kl)
@@ -127,13 +133,21 @@ class Peqa(Pass):
             g.put(best[name] if best is not None else g.fmt)
         return {"held_out_kl_before": before, "held_out_kl_after": best_kl, "held_out_kl_per_epoch": per_epoch,
                 "kept": best is not None, "tables": len(grids), "held_out_sequences": len(held),
-                "steps": cfg.epochs * math.ceil(len(train) / cfg.batch), **self.epoch_report()}
+                "steps": steps, **self.epoch_report()}
 
     def before_epoch(self, model, grids, teacher, train, held, device, kl: float) -> None:
         """A step before each epoch's continuous ones (none here), from a state whose held-out KL is ``kl``."""
 
     def epoch_report(self) -> dict:
         return {}
+
+
+def _step_size_factor(schedule: str, steps: int):
+    """The factor of each group's step size after ``step`` optimizer steps: 1 (constant), or a cosine from 1 down to
+    0 at ``steps`` (Loshchilov & Hutter, "SGDR: Stochastic Gradient Descent with Warm Restarts", 2017, one cycle)."""
+    if schedule == "constant":
+        return lambda step: 1.0
+    return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
 
 def _split(n: int, held_out: int, samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
