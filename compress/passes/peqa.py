@@ -26,6 +26,7 @@ from pydantic import Field
 
 from ..blocks import input_device, on_compute
 from ..modules import dequantized_weights
+from ..precision import Bfloat16Setting, bfloat16_autocast, uses_bfloat16
 from ..teacher import Teacher, topk_kl
 from .base import Pass, PassConfig, Requirements
 from .registry import register
@@ -45,9 +46,10 @@ class PeqaConfig(PassConfig):
     codebook_lr: float = Field(1e-3, gt=0, le=0.1, description="Adam step size of vector code book entries "
                                "(gptvq layers: their row scales train as the grids' scales do)")
     top_k: int = Field(64, ge=1, le=4096, description="the float model's most likely tokens kept per position")
-    bfloat16: bool = Field(False, description="the training steps' forward and backward under bfloat16 autocast "
-                           "(faster where the CPU has bfloat16 matrix units); the held-out KL that decides what is "
-                           "kept is measured in float32 either way")
+    bfloat16: Bfloat16Setting = Field("auto", description="the training steps' forward and backward under bfloat16 "
+                                      "autocast: true, false, or auto (where the device multiplies bfloat16 "
+                                      "natively); the held-out KL that decides what is kept is measured in float32 "
+                                      "either way")
     schedule: Literal["constant", "cosine"] = Field(
         "constant", description="the step sizes over the run: constant, or cosine (falling from each group's step "
         "size to zero at the last step, as in SGDR without restarts)")
@@ -119,7 +121,7 @@ class Peqa(Pass):
                         g.install()
                     rows_of_step = step.tolist()
                     for n, i in enumerate(rows_of_step, 1):
-                        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.bfloat16):
+                        with bfloat16_autocast(cfg.bfloat16, device):
                             loss = sequence_kl(model, teacher, [i], device) / len(step)
                         loss.backward(retain_graph=n < len(rows_of_step))
                 optimizer.step()
@@ -133,7 +135,7 @@ class Peqa(Pass):
             g.put(best[name] if best is not None else g.fmt)
         return {"held_out_kl_before": before, "held_out_kl_after": best_kl, "held_out_kl_per_epoch": per_epoch,
                 "kept": best is not None, "tables": len(grids), "held_out_sequences": len(held),
-                "steps": steps, **self.epoch_report()}
+                "steps": steps, "bfloat16": uses_bfloat16(cfg.bfloat16, device), **self.epoch_report()}
 
     def before_epoch(self, model, grids, teacher, train, held, device, kl: float) -> None:
         """A step before each epoch's continuous ones (none here), from a state whose held-out KL is ``kl``."""

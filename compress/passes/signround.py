@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import PlanError
 from ..formats import QuantizedWeight
 from ..modules import CompressedLinear
+from ..precision import Bfloat16Setting, bfloat16_autocast, uses_bfloat16
 from ..quant import QuantSpec, decode, pad_to_groups
 from .base import Requirements, current_weight, input_width
 from .quantizing import QuantizingPass, QuantOptions
@@ -40,8 +41,9 @@ class SignRoundConfig(QuantOptions):
                              "rounding offsets, in range for the clipping factors); default 1 / steps")
     batch_size: int = Field(8, ge=1, le=1024, description="calibration sequences whose gradient one step follows")
     clip: bool = Field(True, description="also learn how much of each group's minimum and maximum the grid spans")
-    bfloat16: bool = Field(True, description="the training steps' forward and backward under bfloat16 autocast "
-                           "(the held-out checks stay in the compute dtype)")
+    bfloat16: Bfloat16Setting = Field("auto", description="the training steps' forward and backward under bfloat16 "
+                                      "autocast: true, false, or auto (where the device multiplies bfloat16 "
+                                      "natively; the held-out checks stay in the compute dtype)")
     checks: int = Field(10, ge=1, le=1000, description="times the held-out batch's error is measured; the best "
                         "state met is stored")
 
@@ -161,8 +163,7 @@ class SignRound(QuantizingPass):
         for p in thawed:
             p.requires_grad_(False)
         for step in range(1, steps + 1):
-            with torch.enable_grad(), torch.autocast(torch.device(work.device).type, torch.bfloat16,
-                                                     enabled=self.cfg.bfloat16):
+            with torch.enable_grad(), bfloat16_autocast(self.cfg.bfloat16, work.device):
                 for _ in range(per_step):
                     if not queue:
                         queue = [train[i] for i in torch.randperm(len(train), generator=order).tolist()]
@@ -184,4 +185,5 @@ class SignRound(QuantizingPass):
         with torch.no_grad():
             for p, kept in zip(params, best_state, strict=True):
                 p.copy_(kept)
-        return {"block_error_rtn": start, "block_error": best, "best_step": best_step}
+        return {"block_error_rtn": start, "block_error": best, "best_step": best_step,
+                "bfloat16": uses_bfloat16(self.cfg.bfloat16, work.device)}
