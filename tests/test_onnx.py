@@ -152,6 +152,11 @@ def test_every_format_exports_and_matches_pytorch(mixed_export, mixed):
             assert fmt.nbytes() <= layers[name]["file_bytes"] <= fmt.nbytes() + 256, (name, fmt.describe())
     on_disk = (out / "model.onnx").stat().st_size + (out / "model.onnx.data").stat().st_size
     assert on_disk == info["size"]["file_bytes"]
+    # every initializer in the data file starts on a page (no page shared by two of onnxruntime's mappings)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    offsets = [int(next(e.value for e in t.external_data if e.key == "offset")) for t in graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(offsets) > 100 and all(offset % 4096 == 0 for offset in offsets)
 
 
 RUNTIME_FORMATS = [lambda w: quantize_rtn(w, QuantSpec(3, 64)),

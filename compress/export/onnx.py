@@ -42,6 +42,8 @@ from .weights import UnsupportedFormat
 
 DATA_FILE = ONNX_FILE + ".data"
 DECODE_STEPS = 8
+PAGE = 4096          # external data offsets are multiples of it (ONNX's ExternalData.md: what mmap needs)
+EXTERNAL_FROM = 1024  # initializers of at least this many bytes go to the data file
 
 
 @dataclass
@@ -49,6 +51,29 @@ class Tolerance:
     max_logit_diff: float = 0.05          # max |logit_onnx - logit_torch| over every position and token
     min_top1_agreement: float = 0.995     # share of positions with the same argmax token
     max_perplexity_diff: float = 0.002    # relative perplexity difference
+
+
+def save_with_page_aligned_data(proto: onnx.ModelProto, out_dir: Path) -> None:
+    """Write ``proto`` as ``model.onnx`` and its initializers of ``EXTERNAL_FROM`` bytes or more to ``model.onnx.data``,
+    each starting on a page boundary. onnxruntime maps each initializer from the page its offset falls in: packed
+    end to end (as ``onnx.save_model`` writes them), neighbours sharing a page would map it twice, resident twice."""
+    with open(out_dir / DATA_FILE, "wb") as data:
+        for tensor in proto.graph.initializer:
+            raw = tensor.raw_data
+            if not tensor.HasField("raw_data") or len(raw) < EXTERNAL_FROM:
+                continue
+            offset = -(-data.tell() // PAGE) * PAGE
+            data.write(bytes(offset - data.tell()))
+            data.write(raw)
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+    if not (out_dir / DATA_FILE).stat().st_size:
+        (out_dir / DATA_FILE).unlink()
+    onnx.save_model(proto, str(out_dir / ONNX_FILE))
 
 
 def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, weights: str = "fast",
@@ -65,7 +90,6 @@ def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, w
     except (ValueError, KeyError) as e:
         raise ExportError(f"ONNX export failed: {e}", "see the layers table of the report") from None
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / DATA_FILE).unlink(missing_ok=True)  # onnx appends external data to an existing file
     if accuracy_level == 0 and any(r.lowering.startswith("MatMulNBits 2-bit") for r in lowering.layers.values()):
         log("note: onnxruntime's 2-bit MatMulNBits is slow with float activations (213 ms/token measured on "
             "SmolLM2-135M vs 24 ms in fp32); int8 activations make it 13 ms")
@@ -76,8 +100,7 @@ def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, w
     elif lowering.decoded_without_ortops:
         log(f"note: {lowering.decoded_without_ortops} layers are decoded in the graph (onnxruntime folds them to "
             "float32); build our operators with `python -m compress.ortops` to keep them compressed")
-    onnx.save_model(proto, str(out_dir / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
+    save_with_page_aligned_data(proto, out_dir)
     del proto
     build_s = time.perf_counter() - t0
     model.config.save_pretrained(out_dir)
