@@ -43,7 +43,8 @@ from .weights import UnsupportedFormat
 DATA_FILE = ONNX_FILE + ".data"
 DECODE_STEPS = 8
 PAGE = 4096          # external data offsets are multiples of it (ONNX's ExternalData.md: what mmap needs)
-EXTERNAL_FROM = 1024  # initializers of at least this many bytes go to the data file
+EXTERNAL_FROM = PAGE  # initializers of at least this many bytes go to the data file (smaller ones stay in
+                     # the graph: in the data file each would take a page of memory of its own)
 
 
 @dataclass
