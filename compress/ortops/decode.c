@@ -465,8 +465,20 @@ static void kept_grid_values(const Call *c, int64_t n, float *v) {
   }
 }
 
+/* EXPAND_INDEX[b]: for each of the 8 lanes i of a bitmap byte b, the number of set bits below bit i, a nibble per
+   lane (lane i at bits 4i..4i+3). */
+#define BELOW(b, i) __builtin_popcount((unsigned)(b) & ((1u << (i)) - 1u))
+#define EXPAND_NIBBLES(b)                                                                                   \
+  ((uint32_t)BELOW(b, 1) << 4 | (uint32_t)BELOW(b, 2) << 8 | (uint32_t)BELOW(b, 3) << 12 |                  \
+   (uint32_t)BELOW(b, 4) << 16 | (uint32_t)BELOW(b, 5) << 20 | (uint32_t)BELOW(b, 6) << 24 |                \
+   (uint32_t)BELOW(b, 7) << 28)
+#define E4(b) EXPAND_NIBBLES(b), EXPAND_NIBBLES(b + 1), EXPAND_NIBBLES(b + 2), EXPAND_NIBBLES(b + 3)
+#define E16(b) E4(b), E4(b + 4), E4(b + 8), E4(b + 12)
+#define E64(b) E16(b), E16(b + 16), E16(b + 32), E16(b + 48)
+static const uint32_t EXPAND_INDEX[256] = {E64(0), E64(64), E64(128), E64(192)};
+
 /* Row n of a SparseMatMul weight: its kept values (16-bit floats widened, or decoded from their integer grid),
-   then placed at the columns its bitmap marks (AVX-512: expand-loads, 16 columns a step). */
+   then placed at the columns its bitmap marks (AVX-512: expand-loads, 16 columns a step; AVX2: a permutation per 8 columns). */
 void decode_sparse_row(const Call *c, Scratch *s, int64_t n, float *w) {
   const int64_t K = c->K, kept = c->kept;
   float *v = s->tab;
@@ -488,6 +500,21 @@ void decode_sparse_row(const Call *c, Scratch *s, int64_t n, float *w) {
     const __mmask16 keep = (__mmask16)(row[k / 8] | (row[k / 8 + 1] << 8));
     _mm512_storeu_ps(w + k, _mm512_maskz_expandloadu_ps(keep, next));
     next += __builtin_popcount(keep);
+  }
+#else
+  /* AVX2 has no expand: each bitmap byte's 8 columns take the next kept values through a permutation (lane i reads
+     the count of set bits below it, from EXPAND_INDEX) and keep them where the bit is set. */
+  const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i nibble_shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  for (; k + 8 <= K; k += 8) {
+    const unsigned byte = row[k >> 3];
+    const uint32_t index = EXPAND_INDEX[byte];
+    const __m256i lanes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)index), nibble_shifts),
+                                           _mm256_set1_epi32(15));
+    const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)byte), lane_bits), lane_bits);
+    _mm256_storeu_ps(w + k, _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(next), lanes),
+                                          _mm256_castsi256_ps(set)));
+    next += (index >> 28) + (byte >> 7); /* the set bits below lane 7, and lane 7's */
   }
 #endif
   for (; k < K; k++) w[k] = (row[k >> 3] >> (k & 7)) & 1 ? *next++ : 0.0f;
