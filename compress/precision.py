@@ -1,6 +1,6 @@
 """Whether a pass's training steps run under bfloat16 autocast.
 
-bfloat16 halves the cost of a forward and backward only where the hardware multiplies bfloat16 natively: CUDA GPUs
+bfloat16 cuts the cost of a forward and backward only where the hardware multiplies bfloat16 natively: CUDA GPUs
 that support it, CPUs with AMX or AVX512-BF16. Elsewhere (an AVX2-only CPU) torch emulates it and the same steps run
 many times slower than in float32. ``"auto"`` (the training passes' default) therefore measures it once per process
 and device type: bfloat16 is used when a matmul of a decoder layer's shape under bfloat16 autocast takes well under
