@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -207,10 +208,24 @@ def load_results(path: Path) -> dict:
     return {rec["key"]: rec["result"] for rec in records}  # a later line for the same key wins
 
 
+def cpu_model() -> str:
+    """The machine's CPU as /proc/cpuinfo names it with its widest vector extension (else the platform's word):
+    timings are comparable on one CPU only."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return platform.processor() or platform.machine()
+    lines = cpuinfo.read_text().splitlines()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    widest = next((f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags), "no avx2")
+    return f"{name} ({widest})"
+
+
 def append_result(path: Path, key: str, result: dict):
+    """One row of a bench's results file, with the CPU it ran on."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        f.write(json.dumps({"key": key, "result": result}) + "\n")
+        f.write(json.dumps({"key": key, "result": {**result, "cpu": result.get("cpu", cpu_model())}}) + "\n")
 
 
 def print_table(columns: list[str], rows: list[dict]):
