@@ -9,6 +9,7 @@ fake-quantized float model that compress's evaluator scores on the same held-out
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -208,6 +209,7 @@ def load_results(path: Path) -> dict:
     return {rec["key"]: rec["result"] for rec in records}  # a later line for the same key wins
 
 
+@functools.cache
 def cpu_model() -> str:
     """The machine's CPU as /proc/cpuinfo names it with its widest vector extension (else the platform's word):
     timings are comparable on one CPU only."""
@@ -225,7 +227,7 @@ def append_result(path: Path, key: str, result: dict):
     """One row of a bench's results file, with the CPU it ran on."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        f.write(json.dumps({"key": key, "result": {**result, "cpu": result.get("cpu", cpu_model())}}) + "\n")
+        f.write(json.dumps({"key": key, "result": {"cpu": cpu_model(), **result}}) + "\n")
 
 
 def print_table(columns: list[str], rows: list[dict]):

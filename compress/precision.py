@@ -3,7 +3,7 @@
 bfloat16 cuts the cost of a forward and backward only where the hardware multiplies bfloat16 natively: CUDA GPUs
 that support it, CPUs with AMX or AVX512-BF16. Elsewhere (an AVX2-only CPU) torch emulates it and the same steps run
 many times slower than in float32. ``"auto"`` (the training passes' default) therefore measures it once per process
-and device type: bfloat16 is used when a matmul of a decoder layer's shape under bfloat16 autocast takes well under
+and device type: bfloat16 is used when a small matmul under bfloat16 autocast takes well under
 its float32 time.
 """
 
@@ -33,6 +33,7 @@ def bfloat16_autocast(setting: Bfloat16Setting, device) -> AbstractContextManage
 
 @functools.cache
 def bfloat16_is_fast(device_type: str) -> bool:
+    """Whether bfloat16 autocast speeds up training on ``device_type`` (measured once per process on a CPU)."""
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device_type != "cpu":
