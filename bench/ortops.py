@@ -2,7 +2,10 @@
 40 layers alternating 576 x 1536 and 1536 x 576 (SmolLM2-135M's MLP shapes) on random weights (speed only), each
 kernel in its own process (onnxruntime's spinning threads of two sessions in one process slow each other).
 
-    python bench/ortops.py [--threads 2] [--tokens 1] [--runs 40] [--kernels native|avx2]
+    python bench/ortops.py [--threads 2] [--tokens 1] [--runs 40] [--kernels native|avx2] [--layers 40]
+
+``--layers``: the chain's length; 40 layers' weights fit in a large L3 cache, a whole model's do not (SmolLM2-135M
+decodes from memory): 200 or more measure the kernels reading their weights from memory.
 
 ``--kernels avx2``: our operators' AVX2 build (the library holds it beside the AVX-512 one, which a CPU that has
 AVX-512 gets by default).
@@ -44,7 +47,7 @@ KERNELS = {
 }
 
 
-def _session(kind: str, bits: int, dim: int, group: int, threads: int):
+def _session(kind: str, bits: int, dim: int, group: int, threads: int, layers: int = LAYERS):
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -55,7 +58,7 @@ def _session(kind: str, bits: int, dim: int, group: int, threads: int):
 
     rng = np.random.default_rng(0)
     nodes, inits, x = [], [], "x"
-    for i in range(LAYERS):
+    for i in range(layers):
         k, n = (576, 1536) if i % 2 == 0 else (1536, 576)
         y = f"h{i}"
         if kind == "lut":
@@ -100,11 +103,11 @@ def _session(kind: str, bits: int, dim: int, group: int, threads: int):
     return ort.InferenceSession(model.SerializeToString(), options)
 
 
-def time_kernel(name: str, threads: int, tokens: int, runs: int) -> float:
+def time_kernel(name: str, threads: int, tokens: int, runs: int, layers: int) -> float:
     """Median microseconds per layer of the chain for ``tokens`` tokens."""
     import numpy as np
 
-    sess = _session(*KERNELS[name], threads)
+    sess = _session(*KERNELS[name], threads, layers)
     x = np.random.default_rng(1).standard_normal((tokens, 576)).astype(np.float32)
     sess.run(None, {"x": x})
     times = []
@@ -112,7 +115,7 @@ def time_kernel(name: str, threads: int, tokens: int, runs: int) -> float:
         t = time.perf_counter()
         sess.run(None, {"x": x})
         times.append(time.perf_counter() - t)
-    return 1e6 * sorted(times)[len(times) // 2] / LAYERS
+    return 1e6 * sorted(times)[len(times) // 2] / layers
 
 
 def main():
@@ -120,12 +123,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--runs", type=int, default=40)
+    ap.add_argument("--layers", type=int, default=LAYERS, help="layers in the chain (200: more than an L3 cache holds)")
+    ap.add_argument("--only", default=None, help="the kernels whose names start with this ('|' between several)")
     ap.add_argument("--kernels", choices=["native", "avx2"], default="native",
                     help="which build of our kernels the sessions load (avx2: COMPRESS_ORTOPS_ARCH=avx2)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(time_kernel(a.child, a.threads, a.tokens, a.runs)))
+        print(json.dumps(time_kernel(a.child, a.threads, a.tokens, a.runs, a.layers)))
         return
     import importlib.util
 
@@ -135,20 +140,22 @@ def main():
 
     commit = common.current_commit()
     env = {**os.environ, **({"COMPRESS_ORTOPS_ARCH": "avx2"} if a.kernels == "avx2" else {})}
-    suffix = "" if a.kernels == "native" else f", {a.kernels} kernels"
+    suffix = ("" if a.kernels == "native" else f", {a.kernels} kernels") + ("" if a.layers == LAYERS
+                                                                             else f", {a.layers} layers")
+    names = [n for n in KERNELS if not a.only or n.startswith(tuple(a.only.split("|")))]
     rows = []
-    for name in KERNELS:
+    for name in names:
         out = subprocess.run([sys.executable, __file__, "--child", name, "--threads", str(a.threads), "--tokens",
-                              str(a.tokens), "--runs", str(a.runs)], capture_output=True, text=True, check=True,
-                             env=env)
+                              str(a.tokens), "--runs", str(a.runs), "--layers", str(a.layers)], capture_output=True,
+                             text=True, check=True, env=env)
         rows.append({"kernel": name, "us / layer": json.loads(out.stdout.strip().splitlines()[-1])})
         common.append_result(RESULTS, f"{name}, {a.tokens} token(s){suffix}", {
-            **rows[-1], "threads": a.threads, "tokens": a.tokens, "kernels": a.kernels, "commit": commit,
-            "measured": time.strftime("%Y-%m-%d %H:%M")})
-    base = rows[0]["us / layer"]
+            **rows[-1], "threads": a.threads, "tokens": a.tokens, "kernels": a.kernels, "layers": a.layers,
+            "commit": commit, "measured": time.strftime("%Y-%m-%d %H:%M")})
+    base = next((r for r in rows if r["kernel"].startswith("MatMulNBits")), rows[0])["us / layer"]
     for r in rows:
         r["vs MatMulNBits"] = r["us / layer"] / base
-    print(f"{LAYERS} layers 576 x 1536 / 1536 x 576, random weights, {a.tokens} token(s), {a.threads} threads, "
+    print(f"{a.layers} layers 576 x 1536 / 1536 x 576, random weights, {a.tokens} token(s), {a.threads} threads, "
           f"{a.kernels} kernels, "
           f"median of {a.runs} runs, at {commit}")
     common.print_table(["kernel", "us / layer", "vs MatMulNBits"], rows)
