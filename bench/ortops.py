@@ -29,7 +29,8 @@ RESULTS = HERE / "results" / "ortops.jsonl"
 # bench/onnx.py would shadow the onnx package: keep this folder off the import path (common.py is loaded by path)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 LAYERS = 40
-# name -> (operator, bits, vector length; for GridMatMul 1: a code book, 0: per-group offsets, group size)
+# name -> (operator, bits, vector length (GridMatMul: 1 a code book, 0 per-group offsets), group size (LutMatMul: rows
+# per table, 0 for 1))
 KERNELS = {
     "MatMulNBits 4-bit block 64 (onnxruntime)": ("nbits", 4, 1, 64),
     "MatMul float32 (onnxruntime)": ("fp32", 0, 1, 0),
@@ -38,6 +39,7 @@ KERNELS = {
     "LutMatMul 2-bit palette per channel": ("lut", 2, 1, 0),
     "LutMatMul 2-bit code book of 2-vectors": ("lut", 4, 2, 0),
     "LutMatMul 2-bit code book of 4-vectors": ("lut", 8, 4, 0),
+    "LutMatMul 3-bit code book of 2-vectors, a table per 64 rows (GPTVQ 3-bit)": ("lut", 6, 2, 64),
     "HalfMatMul float16": ("half", 0, 1, 0),
     "GridMatMul NF4 g64 (code book, float32 group scales)": ("grid", 4, 1, 64),
     "GridMatMul 4-bit g32 with offsets (Q4_K's layout)": ("grid", 4, 0, 32),
@@ -63,11 +65,12 @@ def _session(kind: str, bits: int, dim: int, group: int, threads: int, layers: i
         y = f"h{i}"
         if kind == "lut":
             codes = rng.integers(0, 1 << bits, (n, k // dim))
-            table = (rng.standard_normal((n, 1 << bits, dim)) * 0.05).astype(np.float16)
+            per_table = group or 1
+            table = (rng.standard_normal((-(-n // per_table), 1 << bits, dim)) * 0.05).astype(np.float16)
             inits += [numpy_helper.from_array(pack_rows(torch.tensor(codes), bits).numpy(), f"c{i}"),
                       numpy_helper.from_array(table, f"t{i}")]
             nodes.append(helper.make_node("LutMatMul", [x, f"c{i}", f"t{i}"], [y], domain=ortops.DOMAIN, K=k, N=n,
-                                          bits=bits, dim=dim, rows_per_table=1))
+                                          bits=bits, dim=dim, rows_per_table=per_table))
         elif kind == "grid":  # dim 1: an NF code book; dim 0: codes, scales and offsets
             codes = rng.integers(0, 1 << bits, (n, k))
             scales = (rng.random((n, k // group)) * 0.01).astype(np.float32)

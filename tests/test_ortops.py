@@ -240,7 +240,7 @@ def test_sparse_matmul_reads_kept_values_on_an_integer_grid(ortops_library, spec
 
 @pytest.mark.parametrize("grid", ["gguf-q4_k", "gguf-q3_k", "gguf-q6_k", "gguf-q2_k", "gguf-q5_k", "nf3", "nf4", "nf5",
                                   "nf3-g48", "nf3-g40", "nf2-g48"])
-@pytest.mark.parametrize("tokens", [1, 4, 23])
+@pytest.mark.parametrize("tokens", [1, 2, 4, 23])
 def test_grid_matmul_is_the_decoded_product(ortops_library, grid, tokens):
     """llama.cpp's k-quants (scales and minima multiplied out) and NormalFloat grids (their code book as the table) in
     our grid operator, through the exporter's lowering, against the format's own decode; 2- and 3-bit groups of 48

@@ -243,7 +243,10 @@ static const float *table_of(const Call *c, Scratch *s, int64_t n) {
 
 int64_t table_floats(const Call *c) {
   if (c->kept) return c->kept + 16; /* SparseMatMul: a row's kept values */
-  if (c->grid_zeros) return (c->K + c->group_size - 1) / c->group_size + 16; /* GridMatMul: a row's group offsets */
+  if (c->grid_scales) { /* GridMatMul: a row's group offsets, then the inputs' group sums (group_sums) */
+    const int64_t groups = (c->K + c->group_size - 1) / c->group_size;
+    return groups + 16 + (c->M <= 4 ? c->M * groups : 0);
+  }
   return ((int64_t)1 << c->bits) * c->dim + 16; /* the lookups read whole 16-float registers */
 }
 
@@ -541,13 +544,40 @@ void sparse_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {
   decoded_row_dots(c, s, out);
 }
 
-/* Walks row n of a GridMatMul weight eight weights at a time, (v(code) - zero) * scale + offset per group, v(code)
-   the code or its table entry (up to 16 entries from two registers by permutes, else gathered): into w (w != NULL),
-   or its dot products with the M <= 4 rows of x into out. Inlined into each caller, so each gets the loop it
-   needs. */
+/* The eight grid values v(code) of eight codes: the code, or its table entry (up to 16 entries from two registers
+   by permutes, else gathered). */
+static inline __m256 grid_values(__m256i q, int bits, const float *table, __m256 lo, __m256 hi, const float *padded) {
+  if (!table) return _mm256_cvtepi32_ps(q);
+  return bits <= 4 ? look_up(q, bits, lo, hi, padded) : _mm256_i32gather_ps(table, q, 4);
+}
+
+/* The inputs' sums over each group, [M][groups] after the row's offsets in the scratch: once per task (the
+   scratch's `table`, -1 at its start, becomes 0). */
+static const float *group_sums(const Call *c, Scratch *s, const float *x, int64_t M) {
+  const int64_t K = c->K, size = c->group_size, groups = (K + size - 1) / size;
+  float *sums = s->tab + groups + 16;
+  if (s->table != 0) {
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t g = 0; g < groups; g++) {
+        const int64_t stop = (g + 1) * size < K ? (g + 1) * size : K;
+        __m256 v = _mm256_setzero_ps();
+        int64_t k = g * size;
+        for (; k + 8 <= stop; k += 8) v = _mm256_add_ps(v, _mm256_loadu_ps(x + m * K + k));
+        float sum = hsum(v);
+        for (; k < stop; k++) sum += x[m * K + k];
+        sums[m * groups + g] = sum;
+      }
+    s->table = 0;
+  }
+  return sums;
+}
+
+/* Walks row n of a GridMatMul weight eight weights at a time. Decoded (w != NULL): (v(code) - zero) * scale +
+   offset per weight. Dot products with the M <= 4 rows of x (into out): per group, scale * sum(v(code) * x) +
+   (offset - zero * scale) * sum(x), the inputs' group sums computed once per task (group_sums), so each eight
+   weights cost one multiply-add per token. Inlined into each caller, so each gets the loop it needs. */
 static inline __attribute__((always_inline)) void grid_row(const Call *c, Scratch *s, int64_t n, float *w,
-                                                           const float *x, int64_t M, float *out) {
-  const int bits = (int)c->bits;
+                                                           const float *x, int64_t M, float *out, const int bits) {
   const int64_t K = c->K, size = c->group_size, groups = (K + size - 1) / size;
   const uint8_t *codes = c->codes + n * c->row_bytes, *end = c->codes + c->N * c->row_bytes;
   const float *scales = c->grid_scales + n * groups;
@@ -565,8 +595,8 @@ static inline __attribute__((always_inline)) void grid_row(const Call *c, Scratc
   const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
   const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
   const __m256 zero = _mm256_set1_ps(c->grid_zero);
-  __m256 acc[4], acc2[4];
-  for (int64_t m = 0; m < M; m++) acc[m] = acc2[m] = _mm256_setzero_ps();
+  __m256 acc[4];
+  for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
   float tail[4] = {0, 0, 0, 0};
   int64_t k = 0;
 #ifdef WIDE_LOOKUPS
@@ -579,41 +609,82 @@ static inline __attribute__((always_inline)) void grid_row(const Call *c, Scratc
   else if (bits == 2 && size % 16 == 0)
     k = 8 * packed_runs(codes, end, 2, K, shifted, size, scales, offsets, w, x, M, K, tail);
 #endif
+  const float *sums = !w && k < K ? group_sums(c, s, x, M) : NULL;
   for (int64_t g = k / size; g < groups; g++) {
     const float offset = offsets ? offsets[g] : 0.0f;
-    const __m256 scale8 = _mm256_set1_ps(scales[g]), offset8 = _mm256_set1_ps(offset);
     const int64_t stop = (g + 1) * size < K ? (g + 1) * size : K;
-    if (k % 8 == 0) /* eight codes fill `bits` whole bytes from byte k / 8 * bits */
-      for (; k + 8 <= stop; k += 8) {
-        const __m256i q = eight_codes(codes, k / 8, bits, end, shifts, mask);
-        const __m256 v = !table ? _mm256_cvtepi32_ps(q) : bits <= 4 ? look_up(q, bits, lo, hi, padded)
-                                                                    : _mm256_i32gather_ps(table, q, 4);
-        const __m256 weights = _mm256_fmadd_ps(_mm256_sub_ps(v, zero), scale8, offset8);
-        if ((k / 8) & 1)
-          CONSUME2(weights, k);
-        else
-          CONSUME(weights, k);
+    if (w) {
+      const __m256 scale8 = _mm256_set1_ps(scales[g]), offset8 = _mm256_set1_ps(offset);
+      if (k % 8 == 0) /* eight codes fill `bits` whole bytes from byte k / 8 * bits */
+        for (; k + 8 <= stop; k += 8) {
+          const __m256 v = grid_values(eight_codes(codes, k / 8, bits, end, shifts, mask), bits, table, lo, hi, padded);
+          _mm256_storeu_ps(w + k, _mm256_fmadd_ps(_mm256_sub_ps(v, zero), scale8, offset8));
+        }
+      for (; k < stop; k++) {
+        const int q = code_at(codes, k, bits);
+        w[k] = ((table ? table[q] : (float)q) - c->grid_zero) * scales[g] + offset;
       }
+      continue;
+    }
+    const int64_t from = k; /* the group's first weight left, past its start where the wide loop ended inside it */
+    __m256 part[4], part2[4]; /* sum(v(code) * x) over the group, two chains */
+    float rest[4] = {0, 0, 0, 0};
+    for (int64_t m = 0; m < M; m++) part[m] = part2[m] = _mm256_setzero_ps();
+    if (k % 8 == 0) {
+      for (; k + 16 <= stop; k += 16) {
+        const __m256 v = grid_values(eight_codes(codes, k / 8, bits, end, shifts, mask), bits, table, lo, hi, padded);
+        const __m256 v2 =
+            grid_values(eight_codes(codes, k / 8 + 1, bits, end, shifts, mask), bits, table, lo, hi, padded);
+        for (int64_t m = 0; m < M; m++) {
+          part[m] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + m * K + k), part[m]);
+          part2[m] = _mm256_fmadd_ps(v2, _mm256_loadu_ps(x + m * K + k + 8), part2[m]);
+        }
+      }
+      if (k + 8 <= stop) {
+        const __m256 v = grid_values(eight_codes(codes, k / 8, bits, end, shifts, mask), bits, table, lo, hi, padded);
+        for (int64_t m = 0; m < M; m++) part[m] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + m * K + k), part[m]);
+        k += 8;
+      }
+    }
     for (; k < stop; k++) {
       const int q = code_at(codes, k, bits);
-      const float weight = ((table ? table[q] : (float)q) - c->grid_zero) * scales[g] + offset;
-      if (w)
-        w[k] = weight;
-      else
-        for (int64_t m = 0; m < M; m++) tail[m] += weight * x[m * K + k];
+      const float v = table ? table[q] : (float)q;
+      for (int64_t m = 0; m < M; m++) rest[m] += v * x[m * K + k];
+    }
+    const __m256 scale8 = _mm256_set1_ps(scales[g]);
+    const float constant = offset - c->grid_zero * scales[g]; /* what each weight adds besides v(code) * scale */
+    for (int64_t m = 0; m < M; m++) {
+      float xs = sums[m * groups + g];
+      if (from != g * size) { /* only part of the group's inputs left: their sum here */
+        xs = 0;
+        for (int64_t j = from; j < stop; j++) xs += x[m * K + j];
+      }
+      acc[m] = _mm256_fmadd_ps(_mm256_add_ps(part[m], part2[m]), scale8, acc[m]);
+      tail[m] += rest[m] * scales[g] + constant * xs;
     }
   }
   if (!w)
-    for (int64_t m = 0; m < M; m++) out[m] = hsum(_mm256_add_ps(acc[m], acc2[m])) + tail[m];
+    for (int64_t m = 0; m < M; m++) out[m] = hsum(acc[m]) + tail[m];
 }
 
-void decode_grid_row(const Call *c, Scratch *s, int64_t n, float *w) { grid_row(c, s, n, w, NULL, 0, NULL); }
+/* One copy per code width (2, 3, 4 bits, else any), the width a constant in each. */
+#define GRID_ROW_BY_BITS(c, s, n, w, x, M, out)           \
+  do {                                                     \
+    switch ((c)->bits) {                                   \
+      case 2: grid_row(c, s, n, w, x, M, out, 2); break;   \
+      case 3: grid_row(c, s, n, w, x, M, out, 3); break;   \
+      case 4: grid_row(c, s, n, w, x, M, out, 4); break;   \
+      default: grid_row(c, s, n, w, x, M, out, (int)(c)->bits); break; \
+    }                                                      \
+  } while (0)
+
+void decode_grid_row(const Call *c, Scratch *s, int64_t n, float *w) { GRID_ROW_BY_BITS(c, s, n, w, NULL, 0, NULL); }
 
 void grid_row_dots(const Call *c, Scratch *s, int64_t n, float *out) {
   switch (c->M) { /* a constant token count per copy: the accumulators stay in registers */
-    case 1: grid_row(c, s, n, NULL, c->x, 1, out); break;
-    case 2: grid_row(c, s, n, NULL, c->x, 2, out); break;
-    case 3: grid_row(c, s, n, NULL, c->x, 3, out); break;
-    default: grid_row(c, s, n, NULL, c->x, 4, out); break;
+    case 1: GRID_ROW_BY_BITS(c, s, n, NULL, c->x, 1, out); break;
+    case 2: GRID_ROW_BY_BITS(c, s, n, NULL, c->x, 2, out); break;
+    case 3: GRID_ROW_BY_BITS(c, s, n, NULL, c->x, 3, out); break;
+    default: GRID_ROW_BY_BITS(c, s, n, NULL, c->x, 4, out); break;
   }
 }
