@@ -481,7 +481,8 @@ static void kept_grid_values(const Call *c, int64_t n, float *v) {
 static const uint32_t EXPAND_INDEX[256] = {E64(0), E64(64), E64(128), E64(192)};
 
 /* Row n of a SparseMatMul weight: its kept values (16-bit floats widened, or decoded from their integer grid),
-   then placed at the columns its bitmap marks (AVX-512: expand-loads, 16 columns a step; AVX2: a permutation per 8 columns). */
+   then placed at the columns its bitmap marks (AVX-512: expand-loads, 16 columns a step; AVX2: a permutation per 8
+   columns). */
 void decode_sparse_row(const Call *c, Scratch *s, int64_t n, float *w) {
   const int64_t K = c->K, kept = c->kept;
   float *v = s->tab;

@@ -73,7 +73,7 @@ struct Call {
 struct Scratch {
   float *w;      /* decoded rows */
   float *tab;    /* LutMatMul: the current table in float32; SparseMatMul: a row's kept values in float32 */
-  int64_t table; /* its index, -1 before the first */
+  int64_t table; /* its index, -1 before the first; GridMatMul: 0 once the task's input group sums are in `tab` */
 };
 
 void decode_lut_row(const Call *c, Scratch *s, int64_t n, float *w);
