@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -205,14 +206,24 @@ def time_variant(folder: str, prompt: list[int], threads: int) -> dict:
             "tokens": gen.tokens[:32], "rss_mb": _vm_hwm_mb()}
 
 
+def _refresh_operators(folder: Path) -> None:
+    """An export's copy of our operator library replaced by the current build: --reuse times the operators of the
+    commit it records, not those of the commit that exported the folder."""
+    from compress import ortops
+
+    library = json.loads((folder / "export.json").read_text()).get("custom_ops_library")
+    if library:
+        shutil.copy2(ortops.build(), folder / library)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="the variants whose names start with this ('|' between several)")
     ap.add_argument("--keep", default=None, help="keep the exports in this folder")
-    ap.add_argument("--reuse", action="store_true", help="time the exports already in --keep (made by this script "
-                    "at the code measured) instead of exporting again")
+    ap.add_argument("--reuse", action="store_true", help="time the exports already in --keep (made by this script; "
+                    "their operator library replaced by the current build) instead of exporting again")
     ap.add_argument("--rounds", type=int, default=1, help="time every row this many times, the rows interleaved; "
                     "the table shows the medians (0: export only, for a later --reuse)")
     ap.add_argument("--scale", default=None, metavar="SHAPE", help="instead: session memory of a random-weight "
@@ -231,6 +242,7 @@ def main():
         record = folder.with_name(folder.name + ".export.json")  # what the export returned, for --reuse
         if a.reuse and record.is_file():
             made[name] = json.loads(record.read_text())
+            _refresh_operators(folder)
             continue
         made[name] = (run_python("genai_builder_variant", str(folder)) if passes is None else
                       run_python("export_variant", name, passes, str(folder), a.samples))
