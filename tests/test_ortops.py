@@ -3,6 +3,8 @@ palettes and code books, float16 and int8 tables, with and without row scales, a
 4-bit palette's nibble-pair loop) and a prompt (16-row tiles), widths that leave tails at every step size.
 Random codes and tables: these check arithmetic, not quality."""
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -293,6 +295,30 @@ def test_grid_matmul_reads_integer_zero_points_as_stored(ortops_library, bits, g
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+def test_an_export_rebuilds_a_library_older_than_its_sources(monkeypatch, tmp_path):
+    """A checkout that changed a kernel: the exporter builds the library again instead of decoding in the graph;
+    where that build fails, or the library was never built, it gets None (and decodes in the graph)."""
+    library, source = tmp_path / "lib.so", tmp_path / "decode.c"
+    library.write_bytes(b"old")
+    source.write_text("new")
+    os.utime(library, (1, 1))
+    monkeypatch.setattr(ortops, "LIBRARY", library)
+    monkeypatch.setattr(ortops, "SOURCES", [source])
+    builds = []
+    monkeypatch.setattr(ortops, "build", lambda force=False: builds.append(force) or library)
+    assert ortops.library() is None
+    assert ortops.current() == library and builds == [False]
+
+    def no_compiler(force=False):
+        raise ortops.BuildError("no C compiler")
+
+    monkeypatch.setattr(ortops, "build", no_compiler)
+    assert ortops.current() is None
+    library.unlink()
+    monkeypatch.setattr(ortops, "build", lambda force=False: builds.append(force) or library)
+    assert ortops.current() is None and builds == [False]
+
+
 def test_without_the_library_a_fast_export_decodes_in_the_graph_and_counts_it(monkeypatch):
     """No compiler or network at set-up: look-up, pruned and NormalFloat layers fall back to the in-graph decode
     (counted, so the exporter can say so; NF4 to onnxruntime's bitsandbytes kernel), 16-bit dense layers to a float32
@@ -303,7 +329,7 @@ def test_without_the_library_a_fast_export_decodes_in_the_graph_and_counts_it(mo
     from compress.passes.kmeans import KMeansConfig, palettize
     from compress.quant import QuantSpec
 
-    monkeypatch.setattr(ortops, "library", lambda: None)
+    monkeypatch.setattr(ortops, "current", lambda: None)
     w = torch.randn(24, 32, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(24, 32, dtype=torch.bool).scatter_(1, w.abs().topk(16, dim=1).indices, True)
     g = Graph()

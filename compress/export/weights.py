@@ -53,7 +53,7 @@ class WeightLowering:
         self.opset = 21
         self.nbits_tensors: dict[str, list[str]] = {}  # layer -> its MatMulNBits initializers (``onnx_grid``)
         # our look-up kernel (``compress.ortops``, ``onnx_custom``): fast exports only, when built
-        self.custom_ops = ortops.library() if weights == "fast" else None
+        self.custom_ops = ortops.current() if weights == "fast" else None
         self.custom_ops_used = False
         self.decoded_without_ortops = 0  # layers of a fast export decoded in the graph: our library is not built
 

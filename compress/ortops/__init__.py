@@ -15,7 +15,8 @@ compiler of the machine (``$CC``, else ``cc``) builds ``libcompress_ortops.so`` 
 AVX2 and for AVX-512 (``VARIANTS``), so the library (copied into export folders) runs on any AVX2 CPU and picks the
 AVX-512 kernels where the CPU has them (``COMPRESS_ORTOPS_ARCH=avx2`` in the environment of a session asks for the
 AVX2 ones: tests and benches compare both).
-Without it the exporter decodes those weights in the graph (onnxruntime then folds them to float32) and says so.
+Without it the exporter decodes those weights in the graph (onnxruntime then folds them to float32) and says so;
+a library older than its sources is built again first (``current``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ def library() -> Path | None:
         return None
     built = LIBRARY.stat().st_mtime
     return LIBRARY if all(src.stat().st_mtime <= built for src in SOURCES) else None
+
+
+def current() -> Path | None:
+    """The library at its sources' state for an export: built again where it is older than them (a checkout that
+    changed a kernel; the header cached by the first build), None where it was never built or cannot be rebuilt."""
+    if not LIBRARY.is_file():
+        return None
+    try:
+        return build()
+    except BuildError:
+        return None
 
 
 def _cache() -> Path:

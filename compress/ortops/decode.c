@@ -610,6 +610,42 @@ static inline __attribute__((always_inline)) void grid_row(const Call *c, Scratc
   else if (bits == 2 && size % 16 == 0)
     k = 8 * packed_runs(codes, end, 2, K, shifted, size, scales, offsets, w, x, M, K, tail);
 #endif
+  if (!w && k == 0 && bits <= 4 && size % 8 == 0 && size <= K) {
+    /* Whole groups, their weights looked up scaled: a group's values (v(code) - zero) * scale fill one register (up
+       to 3 bits) or two (4 bits) for one multiply each, so each eight weights cost one lookup and one multiply-add
+       per token, as a palette's; the offsets (and zero points) add offset * sum(x) per group after the loop. */
+    const __m256 values = _mm256_sub_ps(table ? lo : _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), zero);
+    const __m256 values_hi = _mm256_sub_ps(table ? hi : _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15), zero);
+    __m256 acc2[4];
+    for (int64_t m = 0; m < M; m++) acc2[m] = _mm256_setzero_ps();
+    const int64_t whole = K / size;
+    for (int64_t g = 0; g < whole; g++) {
+      const __m256 scale8 = _mm256_set1_ps(scales[g]);
+      const __m256 scaled = _mm256_mul_ps(values, scale8);
+      const __m256 scaled_hi = bits == 4 ? _mm256_mul_ps(values_hi, scale8) : scaled;
+      const int64_t stop = k + size;
+      for (; k + 16 <= stop; k += 16) {
+        const __m256 v = look_up(eight_codes(codes, k / 8, bits, end, shifts, mask), bits, scaled, scaled_hi, NULL);
+        const __m256 v2 =
+            look_up(eight_codes(codes, k / 8 + 1, bits, end, shifts, mask), bits, scaled, scaled_hi, NULL);
+        for (int64_t m = 0; m < M; m++) {
+          acc[m] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + m * K + k), acc[m]);
+          acc2[m] = _mm256_fmadd_ps(v2, _mm256_loadu_ps(x + m * K + k + 8), acc2[m]);
+        }
+      }
+      if (k < stop) { /* a group of a multiple of 8, not of 16 */
+        const __m256 v = look_up(eight_codes(codes, k / 8, bits, end, shifts, mask), bits, scaled, scaled_hi, NULL);
+        for (int64_t m = 0; m < M; m++) acc[m] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + m * K + k), acc[m]);
+        k += 8;
+      }
+    }
+    for (int64_t m = 0; m < M; m++) acc[m] = _mm256_add_ps(acc[m], acc2[m]);
+    if (offsets) {
+      const float *sums = group_sums(c, s, x, M);
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < whole; g++) tail[m] += offsets[g] * sums[m * groups + g];
+    }
+  }
   const float *sums = !w && k < K ? group_sums(c, s, x, M) : NULL;
   for (int64_t g = k / size; g < groups; g++) {
     const float offset = offsets ? offsets[g] : 0.0f;
