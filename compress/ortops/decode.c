@@ -353,15 +353,16 @@ static inline __attribute__((always_inline)) void lut_row(const Call *c, Scratch
       g = vector_sixteen(row, end, bits, dim, groups, tab, w, x, M, K, wide);
 #endif
     for (; g < groups; g++) {
-      _mm256_storeu_si256((__m256i *)idx, eight_codes(row, g, bits, end, shifts, mask));
+      const __m256i eight = eight_codes(row, g, bits, end, shifts, mask);
       const int64_t k = 8 * g * dim;
-      if (dim == 2) {
-        for (int i = 0; i < 2; i++) {
-          const __m128i four = _mm_loadu_si128((const __m128i *)(idx + 4 * i));
-          const __m256 v = _mm256_castsi256_ps(_mm256_i32gather_epi64((const long long *)tab, four, 8));
-          if (i) CONSUME2(v, k + 8 * i); else CONSUME(v, k + 8 * i);
-        }
-      } else if (dim == 4) {
+      if (dim == 2) { /* each half of the codes' register indexes four 2-vectors (no trip through memory) */
+        const long long *pairs = (const long long *)tab;
+        CONSUME(_mm256_castsi256_ps(_mm256_i32gather_epi64(pairs, _mm256_castsi256_si128(eight), 8)), k);
+        CONSUME2(_mm256_castsi256_ps(_mm256_i32gather_epi64(pairs, _mm256_extracti128_si256(eight, 1), 8)), k + 8);
+        continue;
+      }
+      _mm256_storeu_si256((__m256i *)idx, eight);
+      if (dim == 4) {
         for (int i = 0; i < 4; i++) {
           const __m256 v = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(tab + 4 * idx[2 * i])),
                                                 _mm_loadu_ps(tab + 4 * idx[2 * i + 1]), 1);
