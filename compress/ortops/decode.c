@@ -221,6 +221,12 @@ void permute_inputs(const Call *c, float *pairs) {
   }
 }
 
+/* 2-vector code books of 16 or 64 float16 entries (GPTVQ's 2- and 3-bit): looked up by byte shuffles (pair_shuffles),
+   from the table split into byte planes after its float32 copy in the scratch. */
+static inline int pair_planes_apply(const Call *c) {
+  return c->dim == 2 && !c->table_is_int8 && (c->bits == 4 || c->bits == 6);
+}
+
 /* Table t of the call in float32 (cached in the scratch while the rows share it). */
 static const float *table_of(const Call *c, Scratch *s, int64_t n) {
   const int64_t t = n / c->rows_per_table, count = ((int64_t)1 << c->bits) * c->dim;
@@ -235,6 +241,15 @@ static const float *table_of(const Call *c, Scratch *s, int64_t n) {
       const uint16_t *src = (const uint16_t *)c->table + t * count;
       for (; i + 8 <= count; i += 8) _mm256_storeu_ps(s->tab + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
       for (; i < count; i++) s->tab[i] = half_to_float(src[i]);
+      if (pair_planes_apply(c)) { /* for pair_shuffles: plane 2 * part + byte holds that byte of every entry's part */
+        uint8_t *planes = (uint8_t *)(s->tab + count + 16);
+        const int64_t entries = (int64_t)1 << c->bits;
+        for (int64_t e = 0; e < entries; e++)
+          for (int part = 0; part < 2; part++) {
+            planes[(2 * part) * entries + e] = (uint8_t)(src[2 * e + part] & 0xFF);
+            planes[(2 * part + 1) * entries + e] = (uint8_t)(src[2 * e + part] >> 8);
+          }
+      }
     }
     s->table = t;
   }
@@ -247,7 +262,8 @@ int64_t table_floats(const Call *c) {
     const int64_t groups = (c->K + c->group_size - 1) / c->group_size;
     return groups + 16 + (c->M <= 4 ? c->M * groups : 0);
   }
-  return ((int64_t)1 << c->bits) * c->dim + 16; /* the lookups read whole 16-float registers */
+  /* the lookups read whole 16-float registers; then pair_shuffles' byte planes (4 bytes an entry) */
+  return ((int64_t)1 << c->bits) * (c->dim + (pair_planes_apply(c) ? 1 : 0)) + 16;
 }
 
 /* Eight weights v starting at weight k: stored into w, or multiplied into the M token accumulators `into`
@@ -263,6 +279,79 @@ int64_t table_floats(const Call *c) {
   } while (0)
 #define CONSUME(v, k) CONSUME_INTO(v, k, acc)
 #define CONSUME2(v, k) CONSUME_INTO(v, k, acc2)
+
+/* 2-vector code books (pair_planes_apply), 16 codes (32 weights) a step: the codes as 16 bytes (4-bit: the nibbles
+   interleaved; 6-bit: each 3 bytes spread over a 32-bit lane, its 4 codes masked into its 4 bytes), each of the
+   table's 4 byte planes (2 parts x 2 bytes of a float16) looked up by byte shuffles, two planes in one 256-bit
+   shuffle, one per 16 entries (64 entries: the shuffles' indices biased so that all but the code's own sub-table
+   give zero, then or-ed), the bytes woven
+   back into float16 pairs and widened. No gathers. Returns the 8-code groups done. */
+static inline __attribute__((always_inline)) int64_t pair_shuffles(const uint8_t *row, const uint8_t *end, int bits,
+                                                                   int64_t codes, const uint8_t *planes, float *w,
+                                                                   const float *x, int64_t M, int64_t K, __m256 *acc,
+                                                                   __m256 *acc2) {
+  const int64_t entries = (int64_t)1 << bits, subtables = entries / 16, steps = codes / 16;
+  __m256i table[2][4]; /* planes 0 and 1 (part 0's two bytes), then 2 and 3, side by side: one shuffle does two */
+  for (int half = 0; half < 2; half++)
+    for (int64_t j = 0; j < subtables; j++) {
+      const uint8_t *first = planes + 2 * half * entries + 16 * j, *second = first + entries;
+      table[half][j] = _mm256_setr_m128i(_mm_loadu_si128((const __m128i *)first),
+                                         _mm_loadu_si128((const __m128i *)second));
+    }
+  const __m128i low4 = _mm_set1_epi8(15);
+  const __m256i bias = _mm256_set1_epi8(0x70);
+  const __m128i spread = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+  for (int64_t i = 0; i < steps; i++) {
+    __m128i code;
+    if (bits == 4) {
+      const __m128i packed = _mm_loadl_epi64((const __m128i *)(row + 8 * i));
+      code = _mm_unpacklo_epi8(_mm_and_si128(packed, low4), _mm_and_si128(_mm_srli_epi16(packed, 4), low4));
+    } else { /* 6 bits: 12 bytes */
+      __m128i packed;
+      if (row + 12 * i + 16 <= end) {
+        packed = _mm_loadu_si128((const __m128i *)(row + 12 * i));
+      } else {
+        uint8_t last[16] = {0};
+        memcpy(last, row + 12 * i, 12);
+        packed = _mm_loadu_si128((const __m128i *)last);
+      }
+      const __m128i lanes = _mm_shuffle_epi8(packed, spread); /* codes 4l .. 4l+3 at bits 0, 6, 12, 18 of lane l */
+      code = _mm_or_si128(
+          _mm_or_si128(_mm_and_si128(lanes, _mm_set1_epi32(0x3F)),
+                       _mm_and_si128(_mm_slli_epi32(lanes, 2), _mm_set1_epi32(0x3F00))),
+          _mm_or_si128(_mm_and_si128(_mm_slli_epi32(lanes, 4), _mm_set1_epi32(0x3F0000)),
+                       _mm_and_si128(_mm_slli_epi32(lanes, 6), _mm_set1_epi32(0x3F000000))));
+    }
+    __m128i byte[4];
+    if (subtables == 1) { /* 16 entries: four 128-bit shuffles (measured faster than two 256-bit ones and the lanes'
+                             extraction) */
+      for (int half = 0; half < 2; half++) {
+        byte[2 * half] = _mm_shuffle_epi8(_mm256_castsi256_si128(table[half][0]), code);
+        byte[2 * half + 1] = _mm_shuffle_epi8(_mm256_extracti128_si256(table[half][0], 1), code);
+      }
+    } else {
+      const __m256i both = _mm256_setr_m128i(code, code);
+      __m256i idx[4];
+      for (int64_t j = 0; j < subtables; j++) /* bit 7 set (a zero byte) unless the code is in sub-table j */
+        idx[j] = _mm256_adds_epu8(_mm256_sub_epi8(both, _mm256_set1_epi8((char)(16 * j))), bias);
+      for (int half = 0; half < 2; half++) {
+        __m256i found = _mm256_shuffle_epi8(table[half][0], idx[0]);
+        for (int64_t j = 1; j < subtables; j++)
+          found = _mm256_or_si256(found, _mm256_shuffle_epi8(table[half][j], idx[j]));
+        byte[2 * half] = _mm256_castsi256_si128(found);
+        byte[2 * half + 1] = _mm256_extracti128_si256(found, 1);
+      }
+    }
+    const __m128i first0 = _mm_unpacklo_epi8(byte[0], byte[1]), next0 = _mm_unpackhi_epi8(byte[0], byte[1]);
+    const __m128i first1 = _mm_unpacklo_epi8(byte[2], byte[3]), next1 = _mm_unpackhi_epi8(byte[2], byte[3]);
+    const int64_t k = 32 * i;
+    CONSUME(_mm256_cvtph_ps(_mm_unpacklo_epi16(first0, first1)), k);
+    CONSUME2(_mm256_cvtph_ps(_mm_unpackhi_epi16(first0, first1)), k + 8);
+    CONSUME(_mm256_cvtph_ps(_mm_unpacklo_epi16(next0, next1)), k + 16);
+    CONSUME2(_mm256_cvtph_ps(_mm_unpackhi_epi16(next0, next1)), k + 24);
+  }
+  return 2 * steps;
+}
 
 /* Walks row n of a LutMatMul weight eight weights at a time: into w (w != NULL), or its dot products with the
    M <= 4 rows of x into out. Inlined into each caller, so each gets the loop it needs. */
@@ -352,6 +441,11 @@ static inline __attribute__((always_inline)) void lut_row(const Call *c, Scratch
     if ((dim == 2 || dim == 4 || dim == 8) && ((int64_t)1 << bits) * dim <= 32)
       g = vector_sixteen(row, end, bits, dim, groups, tab, w, x, M, K, wide);
 #endif
+    if (g == 0 && pair_planes_apply(c)) {
+      const uint8_t *planes = (const uint8_t *)(tab + ((int64_t)1 << bits) * dim + 16);
+      g = bits == 4 ? pair_shuffles(row, end, 4, codes, planes, w, x, M, K, acc, acc2)
+                    : pair_shuffles(row, end, 6, codes, planes, w, x, M, K, acc, acc2);
+    }
     for (; g < groups; g++) {
       const __m256i eight = eight_codes(row, g, bits, end, shifts, mask);
       const int64_t k = 8 * g * dim;
