@@ -280,77 +280,68 @@ int64_t table_floats(const Call *c) {
 #define CONSUME(v, k) CONSUME_INTO(v, k, acc)
 #define CONSUME2(v, k) CONSUME_INTO(v, k, acc2)
 
-/* 2-vector code books (pair_planes_apply), 16 codes (32 weights) a step: the codes as 16 bytes (4-bit: the nibbles
-   interleaved; 6-bit: each 3 bytes spread over a 32-bit lane, its 4 codes masked into its 4 bytes), each of the
-   table's 4 byte planes (2 parts x 2 bytes of a float16) looked up by byte shuffles, two planes in one 256-bit
-   shuffle, one per 16 entries (64 entries: the shuffles' indices biased so that all but the code's own sub-table
-   give zero, then or-ed), the bytes woven
-   back into float16 pairs and widened. No gathers. Returns the 8-code groups done. */
+/* 2-vector code books (pair_planes_apply), 32 codes (64 weights) a step: the codes as 32 bytes, 16 in each 128-bit
+   lane (4-bit: the nibbles interleaved; 6-bit: each 3 bytes spread over a 32-bit lane, its 4 codes masked into its 4
+   bytes), each of the table's 4 byte planes (2 parts x 2 bytes of a float16) looked up by byte shuffles, one per 16
+   entries (64 entries: the 4 sub-tables' bytes chosen by the code's bits 4 and 5 with two byte blends), the bytes
+   woven back into float16 pairs and widened. No gathers. Returns the 8-code groups done. */
 static inline __attribute__((always_inline)) int64_t pair_shuffles(const uint8_t *row, const uint8_t *end, int bits,
                                                                    int64_t codes, const uint8_t *planes, float *w,
                                                                    const float *x, int64_t M, int64_t K, __m256 *acc,
                                                                    __m256 *acc2) {
-  const int64_t entries = (int64_t)1 << bits, subtables = entries / 16, steps = codes / 16;
-  __m256i table[2][4]; /* planes 0 and 1 (part 0's two bytes), then 2 and 3, side by side: one shuffle does two */
-  for (int half = 0; half < 2; half++)
-    for (int64_t j = 0; j < subtables; j++) {
-      const uint8_t *first = planes + 2 * half * entries + 16 * j, *second = first + entries;
-      table[half][j] = _mm256_setr_m128i(_mm_loadu_si128((const __m128i *)first),
-                                         _mm_loadu_si128((const __m128i *)second));
-    }
-  const __m128i low4 = _mm_set1_epi8(15);
-  const __m256i bias = _mm256_set1_epi8(0x70);
-  const __m128i spread = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+  const int64_t entries = (int64_t)1 << bits, subtables = entries / 16, steps = codes / 32;
+  __m256i table[4][4]; /* [plane][sub-table], the 16 bytes in both lanes */
+  for (int p = 0; p < 4; p++)
+    for (int64_t j = 0; j < subtables; j++)
+      table[p][j] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(planes + p * entries + 16 * j)));
+  const __m256i low4 = _mm256_set1_epi8(15);
+  const __m256i spread = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1, 0, 1, 2, -1, 3, 4, 5,
+                                          -1, 6, 7, 8, -1, 9, 10, 11, -1);
   for (int64_t i = 0; i < steps; i++) {
-    __m128i code;
-    if (bits == 4) {
-      const __m128i packed = _mm_loadl_epi64((const __m128i *)(row + 8 * i));
-      code = _mm_unpacklo_epi8(_mm_and_si128(packed, low4), _mm_and_si128(_mm_srli_epi16(packed, 4), low4));
-    } else { /* 6 bits: 12 bytes */
-      __m128i packed;
-      if (row + 12 * i + 16 <= end) {
-        packed = _mm_loadu_si128((const __m128i *)(row + 12 * i));
-      } else {
-        uint8_t last[16] = {0};
-        memcpy(last, row + 12 * i, 12);
-        packed = _mm_loadu_si128((const __m128i *)last);
-      }
-      const __m128i lanes = _mm_shuffle_epi8(packed, spread); /* codes 4l .. 4l+3 at bits 0, 6, 12, 18 of lane l */
-      code = _mm_or_si128(
-          _mm_or_si128(_mm_and_si128(lanes, _mm_set1_epi32(0x3F)),
-                       _mm_and_si128(_mm_slli_epi32(lanes, 2), _mm_set1_epi32(0x3F00))),
-          _mm_or_si128(_mm_and_si128(_mm_slli_epi32(lanes, 4), _mm_set1_epi32(0x3F0000)),
-                       _mm_and_si128(_mm_slli_epi32(lanes, 6), _mm_set1_epi32(0x3F000000))));
+    __m256i code;
+    if (bits == 4) { /* 16 bytes: codes 0-15 into the low lane, 16-31 into the high one */
+      const __m128i packed = _mm_loadu_si128((const __m128i *)(row + 16 * i));
+      const __m128i lo = _mm_and_si128(packed, _mm256_castsi256_si128(low4));
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm256_castsi256_si128(low4));
+      code = _mm256_setr_m128i(_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi));
+    } else { /* 6 bits: 24 bytes, 12 a lane */
+      const uint8_t *at = row + 24 * i;
+      uint8_t last[32] = {0};
+      if (at + 28 > end) at = memcpy(last, at, 24);
+      const __m256i lanes = _mm256_shuffle_epi8(
+          _mm256_setr_m128i(_mm_loadu_si128((const __m128i *)at), _mm_loadu_si128((const __m128i *)(at + 12))),
+          spread); /* codes 4l .. 4l+3 at bits 0, 6, 12, 18 of 32-bit lane l */
+      code = _mm256_or_si256(
+          _mm256_or_si256(_mm256_and_si256(lanes, _mm256_set1_epi32(0x3F)),
+                          _mm256_and_si256(_mm256_slli_epi32(lanes, 2), _mm256_set1_epi32(0x3F00))),
+          _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi32(lanes, 4), _mm256_set1_epi32(0x3F0000)),
+                          _mm256_and_si256(_mm256_slli_epi32(lanes, 6), _mm256_set1_epi32(0x3F000000))));
     }
-    __m128i byte[4];
-    if (subtables == 1) { /* 16 entries: four 128-bit shuffles (measured faster than two 256-bit ones and the lanes'
-                             extraction) */
-      for (int half = 0; half < 2; half++) {
-        byte[2 * half] = _mm_shuffle_epi8(_mm256_castsi256_si128(table[half][0]), code);
-        byte[2 * half + 1] = _mm_shuffle_epi8(_mm256_extracti128_si256(table[half][0], 1), code);
-      }
-    } else {
-      const __m256i both = _mm256_setr_m128i(code, code);
-      __m256i idx[4];
-      for (int64_t j = 0; j < subtables; j++) /* bit 7 set (a zero byte) unless the code is in sub-table j */
-        idx[j] = _mm256_adds_epu8(_mm256_sub_epi8(both, _mm256_set1_epi8((char)(16 * j))), bias);
-      for (int half = 0; half < 2; half++) {
-        __m256i found = _mm256_shuffle_epi8(table[half][0], idx[0]);
-        for (int64_t j = 1; j < subtables; j++)
-          found = _mm256_or_si256(found, _mm256_shuffle_epi8(table[half][j], idx[j]));
-        byte[2 * half] = _mm256_castsi256_si128(found);
-        byte[2 * half + 1] = _mm256_extracti128_si256(found, 1);
+    __m256i byte[4];
+    if (subtables == 1) {
+      for (int p = 0; p < 4; p++) byte[p] = _mm256_shuffle_epi8(table[p][0], code);
+    } else { /* 64 entries: bits 4 and 5 of each code moved to its byte's top bit, which the blends read */
+      const __m256i bit4 = _mm256_slli_epi16(code, 3), bit5 = _mm256_slli_epi16(code, 2);
+      for (int p = 0; p < 4; p++) {
+        const __m256i low = _mm256_blendv_epi8(_mm256_shuffle_epi8(table[p][0], code),
+                                               _mm256_shuffle_epi8(table[p][1], code), bit4);
+        const __m256i high = _mm256_blendv_epi8(_mm256_shuffle_epi8(table[p][2], code),
+                                                _mm256_shuffle_epi8(table[p][3], code), bit4);
+        byte[p] = _mm256_blendv_epi8(low, high, bit5);
       }
     }
-    const __m128i first0 = _mm_unpacklo_epi8(byte[0], byte[1]), next0 = _mm_unpackhi_epi8(byte[0], byte[1]);
-    const __m128i first1 = _mm_unpacklo_epi8(byte[2], byte[3]), next1 = _mm_unpackhi_epi8(byte[2], byte[3]);
-    const int64_t k = 32 * i;
-    CONSUME(_mm256_cvtph_ps(_mm_unpacklo_epi16(first0, first1)), k);
-    CONSUME2(_mm256_cvtph_ps(_mm_unpackhi_epi16(first0, first1)), k + 8);
-    CONSUME(_mm256_cvtph_ps(_mm_unpacklo_epi16(next0, next1)), k + 16);
-    CONSUME2(_mm256_cvtph_ps(_mm_unpackhi_epi16(next0, next1)), k + 24);
+    /* lane l of each: codes 16l .. 16l+15; part 0's halves, part 1's, then the pairs in order */
+    const __m256i first0 = _mm256_unpacklo_epi8(byte[0], byte[1]), next0 = _mm256_unpackhi_epi8(byte[0], byte[1]);
+    const __m256i first1 = _mm256_unpacklo_epi8(byte[2], byte[3]), next1 = _mm256_unpackhi_epi8(byte[2], byte[3]);
+    const __m256i pairs[4] = {_mm256_unpacklo_epi16(first0, first1), _mm256_unpackhi_epi16(first0, first1),
+                              _mm256_unpacklo_epi16(next0, next1), _mm256_unpackhi_epi16(next0, next1)};
+    const int64_t k = 64 * i;
+    for (int q = 0; q < 4; q++) { /* pairs[q]: weights 8q .. 8q+7 in the low lane, 32 + 8q .. in the high one */
+      CONSUME(_mm256_cvtph_ps(_mm256_castsi256_si128(pairs[q])), k + 8 * q);
+      CONSUME2(_mm256_cvtph_ps(_mm256_extracti128_si256(pairs[q], 1)), k + 32 + 8 * q);
+    }
   }
-  return 2 * steps;
+  return 4 * steps;
 }
 
 /* Walks row n of a LutMatMul weight eight weights at a time: into w (w != NULL), or its dot products with the
