@@ -280,6 +280,45 @@ int64_t table_floats(const Call *c) {
 #define CONSUME(v, k) CONSUME_INTO(v, k, acc)
 #define CONSUME2(v, k) CONSUME_INTO(v, k, acc2)
 
+/* 4-bit palettes on AVX2, 16 codes a step: 8 bytes, their nibbles interleaved back into 16 byte indices, each looked
+   up by byte shuffles in row n's stored table (float16: its low and high bytes, two shuffles; int8: one), no float
+   permutes or blends. Returns the 8-code groups done. */
+static inline __attribute__((always_inline)) int64_t palette_nibbles(const Call *c, int64_t n, const uint8_t *row,
+                                                                     int64_t codes, float *w, const float *x,
+                                                                     int64_t M, int64_t K, __m256 *acc, __m256 *acc2) {
+  const int64_t count = 16, steps = codes / 16;
+  const __m128i low4 = _mm_set1_epi8(15);
+  __m128i low_bytes, high_bytes = _mm_setzero_si128();
+  if (c->table_is_int8) {
+    low_bytes = _mm_loadu_si128((const __m128i *)((const int8_t *)c->table + n / c->rows_per_table * count));
+  } else {
+    const uint16_t *half = (const uint16_t *)c->table + n / c->rows_per_table * count;
+    const __m128i even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m128i odd = _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m128i first = _mm_loadu_si128((const __m128i *)half);
+    const __m128i second = _mm_loadu_si128((const __m128i *)(half + 8));
+    low_bytes = _mm_unpacklo_epi64(_mm_shuffle_epi8(first, even), _mm_shuffle_epi8(second, even));
+    high_bytes = _mm_unpacklo_epi64(_mm_shuffle_epi8(first, odd), _mm_shuffle_epi8(second, odd));
+  }
+  for (int64_t i = 0; i < steps; i++) {
+    const __m128i packed = _mm_loadl_epi64((const __m128i *)(row + 8 * i));
+    const __m128i idx = _mm_unpacklo_epi8(_mm_and_si128(packed, low4), _mm_and_si128(_mm_srli_epi16(packed, 4), low4));
+    const __m128i lows = _mm_shuffle_epi8(low_bytes, idx);
+    __m256 first, second;
+    if (c->table_is_int8) {
+      first = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lows));
+      second = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lows, 8)));
+    } else {
+      const __m128i highs = _mm_shuffle_epi8(high_bytes, idx);
+      first = _mm256_cvtph_ps(_mm_unpacklo_epi8(lows, highs));
+      second = _mm256_cvtph_ps(_mm_unpackhi_epi8(lows, highs));
+    }
+    CONSUME(first, 16 * i);
+    CONSUME2(second, 16 * i + 8);
+  }
+  return 2 * steps;
+}
+
 /* 2-vector code books (pair_planes_apply), 32 codes (64 weights) a step: the codes as 32 bytes, 16 in each 128-bit
    lane (4-bit: the nibbles interleaved; 6-bit: each 3 bytes spread over a 32-bit lane, its 4 codes masked into its 4
    bytes), each of the table's 4 byte planes (2 parts x 2 bytes of a float16) looked up by byte shuffles, one per 16
@@ -379,41 +418,7 @@ static inline __attribute__((always_inline)) void lut_row(const Call *c, Scratch
     else if (bits <= 4)
       wide_groups = vector_sixteen(row, end, bits, 1, groups, tab, w, x, M, K, wide);
 #else
-    if (bits == 4) { /* 16 codes a step: 8 bytes, their nibbles interleaved back into 16 byte indices, each looked
-                        up by byte shuffles in the stored 16-bit or int8 table (no float permutes, no blends) */
-      const int64_t count = 16, steps = codes / 16;
-      const __m128i low4 = _mm_set1_epi8(15);
-      __m128i low_bytes, high_bytes = _mm_setzero_si128(); /* the table: float16's low and high bytes, or int8 */
-      if (c->table_is_int8) {
-        low_bytes = _mm_loadu_si128((const __m128i *)((const int8_t *)c->table + n / c->rows_per_table * count));
-      } else {
-        const uint16_t *half = (const uint16_t *)c->table + n / c->rows_per_table * count;
-        const __m128i even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
-        const __m128i odd = _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
-        const __m128i first = _mm_loadu_si128((const __m128i *)half);
-        const __m128i second = _mm_loadu_si128((const __m128i *)(half + 8));
-        low_bytes = _mm_unpacklo_epi64(_mm_shuffle_epi8(first, even), _mm_shuffle_epi8(second, even));
-        high_bytes = _mm_unpacklo_epi64(_mm_shuffle_epi8(first, odd), _mm_shuffle_epi8(second, odd));
-      }
-      for (int64_t i = 0; i < steps; i++) {
-        const __m128i packed = _mm_loadl_epi64((const __m128i *)(row + 8 * i));
-        const __m128i idx = _mm_unpacklo_epi8(_mm_and_si128(packed, low4),
-                                              _mm_and_si128(_mm_srli_epi16(packed, 4), low4));
-        const __m128i lows = _mm_shuffle_epi8(low_bytes, idx);
-        __m256 first, second;
-        if (c->table_is_int8) {
-          first = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lows));
-          second = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lows, 8)));
-        } else {
-          const __m128i highs = _mm_shuffle_epi8(high_bytes, idx);
-          first = _mm256_cvtph_ps(_mm_unpacklo_epi8(lows, highs));
-          second = _mm256_cvtph_ps(_mm_unpackhi_epi8(lows, highs));
-        }
-        CONSUME(first, 16 * i);
-        CONSUME2(second, 16 * i + 8);
-      }
-      wide_groups = 2 * steps;
-    }
+    if (bits == 4) wide_groups = palette_nibbles(c, n, row, codes, w, x, M, K, acc, acc2);
 #endif
     /* one loop per width the lookups differ by, the width a constant in each */
     switch (bits) {
