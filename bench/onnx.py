@@ -59,7 +59,7 @@ VARIANTS = {
                                               "codebook_refit": 0}],
     "3-bit GPTVQ, vectors of 2 (LutMatMul; w3-frontier's layers)": [{"type": "gptvq", "bits": 3, "dim": 2,
                                                                     "iterations": 5, "codebook_refit": 0,
-                                                                    "table_weights": 32768}],
+                                                                    "table_weights": 20480}],
     "3-bit k-means per channel + 0.5% outliers": [{"type": "kmeans", "bits": 3, "granularity": "channel",
                                                    "outliers": "0.5%", "table_dtype": "int8"}],
     "50% Wanda, float16 values (SparseMatMul)": [{"type": "wanda", "sparsity": 0.5}],
