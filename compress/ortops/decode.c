@@ -345,8 +345,11 @@ static inline __attribute__((always_inline)) int64_t pair_shuffles(const uint8_t
       code = _mm256_setr_m128i(_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi));
     } else { /* 6 bits: 24 bytes, 12 a lane */
       const uint8_t *at = row + 24 * i;
-      uint8_t last[32] = {0};
-      if (at + 28 > end) at = memcpy(last, at, 24);
+      uint8_t last[32]; /* the row's last step, where 28 bytes would pass `end`; zeroed only then */
+      if (at + 28 > end) {
+        memset(last, 0, sizeof last);
+        at = memcpy(last, at, 24);
+      }
       const __m256i lanes = _mm256_shuffle_epi8(
           _mm256_setr_m128i(_mm_loadu_si128((const __m128i *)at), _mm_loadu_si128((const __m128i *)(at + 12))),
           spread); /* codes 4l .. 4l+3 at bits 0, 6, 12, 18 of 32-bit lane l */

@@ -72,7 +72,8 @@ struct Call {
 
 struct Scratch {
   float *w;      /* decoded rows */
-  float *tab;    /* LutMatMul: the current table in float32; SparseMatMul: a row's kept values in float32 */
+  float *tab;    /* LutMatMul: the current table in float32 (then, for 2-vector float16 code books, its byte planes);
+                    SparseMatMul: a row's kept values in float32 */
   int64_t table; /* its index, -1 before the first; GridMatMul: 0 once the task's input group sums are in `tab` */
 };
 
