@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 24  # distances (vectors x centroids) computed at once
+CHUNK_ELEMENTS = 1 << 20  # distances (vectors x centroids) computed at once: small enough to stay in cache
 
 
 def assign(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """The nearest centroid of every vector (int64 ``[T, n]``) in the distance ``sum_u w_u (x_u - c_u)^2`` for
     vectors ``x, w [T, n, d]`` and centroids ``c [T, k, d]`` (its ``sum_u w_u x_u^2`` term is the same for every
-    centroid and left out)."""
+    centroid and left out): one product ``[w, w x] @ [c^2, -2 c]`` per chunk of vectors."""
     step = max(1, CHUNK_ELEMENTS // max(x.shape[0] * c.shape[1], 1))
-    ct, c2t = c.transpose(1, 2), (c * c).transpose(1, 2)
-    return torch.cat([(w[:, i:i + step] @ c2t).sub_(2 * (w[:, i:i + step] * x[:, i:i + step]) @ ct).argmin(-1)
-                      for i in range(0, x.shape[1], step)], 1)
+    terms = torch.cat([c * c, -2 * c], 2).transpose(1, 2)
+    weighted = torch.cat([w, w * x], 2)
+    return torch.cat([(weighted[:, i:i + step] @ terms).min(-1).indices for i in range(0, x.shape[1], step)], 1)
+
+
+def draw(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One index per row of the non-negative weights ``p[T, n]``, drawn with probability ``p / p.sum(1)`` (by
+    inverting each row's cumulative sum: a single search, where ``torch.multinomial`` is many times slower)."""
+    cum = p.double().cumsum(1)
+    u = torch.rand(p.shape[0], 1, generator=gen, dtype=torch.float64) * cum[:, -1:]
+    return torch.searchsorted(cum, u, right=True).squeeze(1).clamp_max(p.shape[1] - 1)
 
 
 def kmeans_pp_init(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -30,12 +38,12 @@ def kmeans_pp_init(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generato
     books = torch.arange(t)
     mass = w.sum(-1)
     centroids = torch.empty(t, k, d)
-    centroids[:, 0] = x[books, torch.multinomial(mass + 1e-30, 1, generator=gen).squeeze(1)]
+    centroids[:, 0] = x[books, draw(mass + 1e-30, gen)]
     dist = (w * (x - centroids[:, :1]).pow(2)).sum(-1)
     for j in range(1, k):
         p = mass * dist
         p[p.sum(1) <= 0] = 1.0  # every vector already sits on a centroid: any choice will do
-        centroids[:, j] = x[books, torch.multinomial(p, 1, generator=gen).squeeze(1)]
+        centroids[:, j] = x[books, draw(p, gen)]
         dist = torch.minimum(dist, (w * (x - centroids[:, j:j + 1]).pow(2)).sum(-1))
     return centroids
 
@@ -45,8 +53,9 @@ def weighted_mean_update(x: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, 
     t, n, d = x.shape
     k = centroids.shape[1]
     slot = (codes + torch.arange(t).unsqueeze(1) * k).reshape(-1)
-    wsum = torch.zeros(t * k, d, dtype=torch.float64).index_add_(0, slot, w.reshape(-1, d).double())
-    wxsum = torch.zeros(t * k, d, dtype=torch.float64).index_add_(0, slot, (w * x).reshape(-1, d).double())
+    sums = torch.zeros(t * k, 2 * d, dtype=torch.float64).index_add_(
+        0, slot, torch.cat([w, w * x], 2).reshape(-1, 2 * d).double())
+    wsum, wxsum = sums[:, :d], sums[:, d:]
     means = (wxsum / wsum.clamp_min(1e-300)).float().reshape(t, k, d)
     return torch.where(wsum.reshape(t, k, d) > 0, means, centroids)
 

@@ -14,7 +14,7 @@ from compress.hessian import output_error
 from compress.passes.gptq import gptq_quantize
 from compress.passes.gptvq import GPTVQ, GPTVQConfig, gptvq_quantize
 from compress.quant import QuantSpec
-from compress.vector_kmeans import vector_kmeans
+from compress.vector_kmeans import draw, vector_kmeans
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,13 @@ def test_codes_and_code_books_round_trip_exactly_and_count_every_byte(rows):
     broken = dict(fmt.tensors(), codebook=fmt.codebook[:-1])
     with pytest.raises(LayoutError, match="codebook"):
         format_from_saved(fmt.meta(), broken)
+
+
+def test_draw_picks_each_index_in_proportion_to_its_weight_and_never_a_zero_one():
+    p = torch.tensor([0.0, 1.0, 0.0, 3.0, 0.0]).expand(40000, 5)
+    counts = torch.bincount(draw(p, torch.Generator().manual_seed(0)), minlength=5)
+    assert counts[0] == counts[2] == counts[4] == 0
+    assert abs(counts[3] / 40000 - 0.75) < 0.01
 
 
 def test_vector_kmeans_matches_a_plain_reference():
