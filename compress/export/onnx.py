@@ -120,6 +120,7 @@ def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, w
         "custom_ops_library": library_name,
         "layers": {name: asdict(rec) for name, rec in lowering.layers.items()},
         "lowerings": _count_lowerings(lowering.layers),
+        "decoded_without_ortops": lowering.decoded_without_ortops,
         "size": {"graph_bytes": graph_bytes, "data_bytes": data_bytes, "file_bytes": graph_bytes + data_bytes,
                  "linear_weight_bytes": sum(r.file_bytes for r in lowering.layers.values())},
         "timing": {"build_seconds": build_s},
