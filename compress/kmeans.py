@@ -36,7 +36,7 @@ def kmeans_pp_init(values: torch.Tensor, weight: torch.Tensor, k: int, gen: torc
     """Weighted k-means++: each next centroid drawn with probability ~ weight x D^2."""
     t, n = values.shape
     rows = torch.arange(t)
-    first = _draw(weight, gen)
+    first = draw(weight, gen, torch.float32)
     centroids = torch.empty(t, k)
     centroids[:, 0] = values[rows, first]
     d2 = (values - centroids[:, :1]).pow(2)
@@ -44,17 +44,20 @@ def kmeans_pp_init(values: torch.Tensor, weight: torch.Tensor, k: int, gen: torc
         p = weight * d2
         empty = p.sum(1) <= 0  # every value already sits on a centroid: any choice will do
         p[empty] = weight[empty] + 1e-30
-        pick = _draw(p, gen)
+        pick = draw(p, gen, torch.float32)
         centroids[:, j] = values[rows, pick]
         d2 = torch.minimum(d2, (values - centroids[:, j:j + 1]).pow(2))
     return centroids.sort(dim=1).values
 
 
-def _draw(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One index per row drawn with probability proportional to ``p[T, n]`` (inverse CDF)."""
-    cdf = p.cumsum(1)
-    r = torch.rand(p.shape[0], 1, generator=gen) * cdf[:, -1:]
-    return torch.searchsorted(cdf, r).squeeze(1).clamp_max(p.shape[1] - 1)
+def draw(p: torch.Tensor, gen: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """One index per row of the non-negative weights ``p[T, n]``, drawn with probability ``p / p.sum(1)`` by
+    inverting each row's cumulative sum (one search; ``torch.multinomial`` is many times slower), summed and drawn
+    in ``dtype`` (the palettes' k-means++ keeps float32, the draws its measured results came from); an index whose
+    weight is zero is never drawn."""
+    cdf = p.to(dtype).cumsum(1)
+    r = torch.rand(p.shape[0], 1, generator=gen, dtype=dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, r, right=True).squeeze(1).clamp_max(p.shape[1] - 1)
 
 
 def lloyd(values: torch.Tensor, weight: torch.Tensor, centroids: torch.Tensor, iterations: int) -> torch.Tensor:

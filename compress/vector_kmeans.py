@@ -11,25 +11,20 @@ from __future__ import annotations
 
 import torch
 
+from .kmeans import draw
+
 CHUNK_ELEMENTS = 1 << 20  # distances (vectors x centroids) computed at once: small enough to stay in cache
 
 
-def assign(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """The nearest centroid of every vector (int64 ``[T, n]``) in the distance ``sum_u w_u (x_u - c_u)^2`` for
-    vectors ``x, w [T, n, d]`` and centroids ``c [T, k, d]`` (its ``sum_u w_u x_u^2`` term is the same for every
-    centroid and left out): one product ``[w, w x] @ [c^2, -2 c]`` per chunk of vectors."""
-    step = max(1, CHUNK_ELEMENTS // max(x.shape[0] * c.shape[1], 1))
+def assign(weighted: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The nearest centroid of every vector (int64 ``[T, n]``) in the distance ``sum_u w_u (x_u - c_u)^2``, given
+    ``weighted = [w, w x]`` (``[T, n, 2d]``, from vectors ``x`` and their weights ``w``) and centroids ``c [T, k, d]``
+    (the ``sum_u w_u x_u^2`` term is the same for every centroid and left out): one product ``[w, w x] @ [c^2, -2 c]``
+    per chunk of vectors."""
+    step = max(1, CHUNK_ELEMENTS // max(weighted.shape[0] * c.shape[1], 1))
     terms = torch.cat([c * c, -2 * c], 2).transpose(1, 2)
-    weighted = torch.cat([w, w * x], 2)
-    return torch.cat([(weighted[:, i:i + step] @ terms).min(-1).indices for i in range(0, x.shape[1], step)], 1)
-
-
-def draw(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One index per row of the non-negative weights ``p[T, n]``, drawn with probability ``p / p.sum(1)`` (by
-    inverting each row's cumulative sum: a single search, where ``torch.multinomial`` is many times slower)."""
-    cum = p.double().cumsum(1)
-    u = torch.rand(p.shape[0], 1, generator=gen, dtype=torch.float64) * cum[:, -1:]
-    return torch.searchsorted(cum, u, right=True).squeeze(1).clamp_max(p.shape[1] - 1)
+    return torch.cat([(weighted[:, i:i + step] @ terms).min(-1).indices
+                      for i in range(0, weighted.shape[1], step)], 1)
 
 
 def kmeans_pp_init(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -48,13 +43,12 @@ def kmeans_pp_init(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generato
     return centroids
 
 
-def weighted_mean_update(x: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, centroids: torch.Tensor):
-    """Each centroid moved to the per-coordinate weighted mean of its vectors (one that has none stays)."""
-    t, n, d = x.shape
-    k = centroids.shape[1]
+def weighted_mean_update(weighted: torch.Tensor, codes: torch.Tensor, centroids: torch.Tensor):
+    """Each centroid moved to the per-coordinate weighted mean of its vectors (one that has none stays), given
+    ``weighted = [w, w x]`` as :func:`assign` takes it."""
+    t, k, d = centroids.shape
     slot = (codes + torch.arange(t).unsqueeze(1) * k).reshape(-1)
-    sums = torch.zeros(t * k, 2 * d, dtype=torch.float64).index_add_(
-        0, slot, torch.cat([w, w * x], 2).reshape(-1, 2 * d).double())
+    sums = torch.zeros(t * k, 2 * d, dtype=torch.float64).index_add_(0, slot, weighted.reshape(-1, 2 * d).double())
     wsum, wxsum = sums[:, :d], sums[:, d:]
     means = (wxsum / wsum.clamp_min(1e-300)).float().reshape(t, k, d)
     return torch.where(wsum.reshape(t, k, d) > 0, means, centroids)
@@ -70,10 +64,11 @@ def vector_kmeans(x: torch.Tensor, k: int, w: torch.Tensor | None = None, iterat
     w = torch.ones_like(x) if w is None else w.float().clamp_min(0)
     gen = torch.Generator().manual_seed(seed)
     centroids = kmeans_pp_init(x, w, k, gen)
-    codes = assign(x, w, centroids)
+    weighted = torch.cat([w, w * x], 2)
+    codes = assign(weighted, centroids)
     for _ in range(iterations):
-        centroids = weighted_mean_update(x, w, codes, centroids)
-        new = assign(x, w, centroids)
+        centroids = weighted_mean_update(weighted, codes, centroids)
+        new = assign(weighted, centroids)
         if torch.equal(new, codes):
             break
         codes = new

@@ -11,10 +11,11 @@ from compress.errors import PlanError
 from compress.formats import VectorWeight, format_from_saved
 from compress.formats.base import LayoutError
 from compress.hessian import output_error
+from compress.kmeans import draw
 from compress.passes.gptq import gptq_quantize
 from compress.passes.gptvq import GPTVQ, GPTVQConfig, gptvq_quantize
 from compress.quant import QuantSpec
-from compress.vector_kmeans import draw, vector_kmeans
+from compress.vector_kmeans import vector_kmeans
 
 
 @pytest.fixture(scope="module")
