@@ -23,7 +23,7 @@ def assign(weighted: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     per chunk of vectors."""
     step = max(1, CHUNK_ELEMENTS // max(weighted.shape[0] * c.shape[1], 1))
     terms = torch.cat([c * c, -2 * c], 2).transpose(1, 2)
-    return torch.cat([(weighted[:, i:i + step] @ terms).min(-1).indices
+    return torch.cat([(weighted[:, i:i + step] @ terms).argmin(-1)
                       for i in range(0, weighted.shape[1], step)], 1)
 
 
