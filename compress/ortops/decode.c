@@ -386,6 +386,34 @@ static inline __attribute__((always_inline)) int64_t pair_shuffles(const uint8_t
   return 4 * steps;
 }
 
+/* 256-entry code books of 2- or 4-vectors (GPTVQ's 4-bit pairs, 2-bit quads: one byte a code), eight codes a step:
+   each code's vector loaded straight from the float32 table at the byte's offset, two codes' vectors to a register
+   half (no gathers, no trip of the codes through memory). Returns the 8-code groups done. */
+static inline __attribute__((always_inline)) int64_t byte_vectors(const uint8_t *row, int dim, int64_t groups,
+                                                                  const float *tab, float *w, const float *x,
+                                                                  int64_t M, int64_t K, __m256 *acc, __m256 *acc2) {
+  for (int64_t g = 0; g < groups; g++) {
+    const uint8_t *b = row + 8 * g;
+    const int64_t k = 8 * g * dim;
+    if (dim == 4) {
+      for (int i = 0; i < 4; i++) {
+        const __m256 v = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(tab + 4 * b[2 * i])),
+                                              _mm_loadu_ps(tab + 4 * b[2 * i + 1]), 1);
+        if (i & 1) CONSUME2(v, k + 8 * i); else CONSUME(v, k + 8 * i);
+      }
+    } else {
+      const double *pairs = (const double *)tab;
+      for (int i = 0; i < 2; i++) {
+        const __m128d lo = _mm_loadh_pd(_mm_load_sd(pairs + b[4 * i]), pairs + b[4 * i + 1]);
+        const __m128d hi = _mm_loadh_pd(_mm_load_sd(pairs + b[4 * i + 2]), pairs + b[4 * i + 3]);
+        const __m256 v = _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(lo), hi, 1));
+        if (i) CONSUME2(v, k + 8 * i); else CONSUME(v, k + 8 * i);
+      }
+    }
+  }
+  return groups;
+}
+
 /* Walks row n of a LutMatMul weight eight weights at a time: into w (w != NULL), or its dot products with the
    M <= 4 rows of x into out. Inlined into each caller, so each gets the loop it needs. */
 static inline __attribute__((always_inline)) void lut_row(const Call *c, Scratch *s, int64_t n, float *w,
@@ -440,6 +468,8 @@ static inline __attribute__((always_inline)) void lut_row(const Call *c, Scratch
     if ((dim == 2 || dim == 4 || dim == 8) && ((int64_t)1 << bits) * dim <= 32)
       g = vector_sixteen(row, end, bits, dim, groups, tab, w, x, M, K, wide);
 #endif
+    if (g == 0 && bits == 8 && (dim == 2 || dim == 4))
+      g = byte_vectors(row, dim, groups, tab, w, x, M, K, acc, acc2);
     if (g == 0 && pair_planes_apply(c)) {
       const uint8_t *planes = (const uint8_t *)(tab + ((int64_t)1 << bits) * dim + 16);
       g = bits == 4 ? pair_shuffles(row, end, 4, codes, planes, w, x, M, K, acc, acc2)
