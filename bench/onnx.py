@@ -35,13 +35,13 @@ def _load(path: Path, name: str):
     spec.loader.exec_module(module)
     return module
 
-def _w3_frontier_layers() -> dict:
-    """recipes/w3-frontier.yaml's gptvq pass as it stands (its code books as the recipe sizes them), with fewer
+def _frontier_layers(recipe: str) -> dict:
+    """The gptvq pass of ``recipes/<recipe>.yaml`` as it stands (its code books as the recipe sizes them), with fewer
     k-means iterations and no re-fit: the layout, not the quality, is timed."""
     import yaml
 
-    recipe = yaml.safe_load((HERE.parent / "recipes" / "w3-frontier.yaml").read_text())
-    gptvq = next(p for p in recipe["passes"] if p["type"] == "gptvq")
+    passes = yaml.safe_load((HERE.parent / "recipes" / f"{recipe}.yaml").read_text())["passes"]
+    gptvq = next(p for p in passes if p["type"] == "gptvq")
     return {**gptvq, "iterations": 5, "codebook_refit": 0}
 
 
@@ -67,7 +67,9 @@ VARIANTS = {
                                               "sensitivity": "none"}],
     "2-bit GPTVQ, vectors of 2 (LutMatMul)": [{"type": "gptvq", "bits": 2, "dim": 2, "iterations": 5,
                                               "codebook_refit": 0}],
-    "3-bit GPTVQ, vectors of 2 (LutMatMul; w3-frontier's layers)": [_w3_frontier_layers()],
+    "3-bit GPTVQ, vectors of 2 (LutMatMul; w3-frontier's layers)": [_frontier_layers("w3-frontier")],
+    "4-bit GPTVQ, vectors of 2 (LutMatMul; w4-frontier's layers)": [_frontier_layers("w4-frontier")],
+    "2-bit GPTVQ, vectors of 4 (LutMatMul; w2-frontier's layers)": [_frontier_layers("w2-frontier")],
     "3-bit k-means per channel + 0.5% outliers": [{"type": "kmeans", "bits": 3, "granularity": "channel",
                                                    "outliers": "0.5%", "table_dtype": "int8"}],
     "50% Wanda, float16 values (SparseMatMul)": [{"type": "wanda", "sparsity": 0.5}],
