@@ -114,15 +114,19 @@ def genai_builder_variant(out: Path) -> dict:
             "prompt": prompt, "validation": {}}
 
 
-def time_genai(folder: str, prompt: list[int], threads: int) -> dict:
+def time_genai(folder: str, prompt: list[int], threads: int, chunk: int | None = None) -> dict:
     """onnxruntime-genai's own loop: load, a 256-token prefill, then the median of 32 decode steps after a
     32-token prompt (greedy), with the process's peak resident memory (VmHWM). Every model runs on ``threads``
-    (its genai_config.json's session options are set so: without them onnxruntime-genai runs one thread)."""
+    (its genai_config.json's session options are set so: without them onnxruntime-genai runs one thread);
+    ``chunk``: its ``search.chunk_size`` set so (None: as the folder has it; 0: none)."""
     import onnxruntime_genai as og
 
     config_file = Path(folder) / "genai_config.json"
     config = json.loads(config_file.read_text())
     config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    if chunk is not None:
+        config["search"].pop("chunk_size", None)
+        config["search"].update({"chunk_size": chunk} if chunk else {})
     config_file.write_text(json.dumps(config, indent=1))
     before = _vm_rss_mb()
     t = time.perf_counter()
@@ -150,7 +154,8 @@ def time_genai(folder: str, prompt: list[int], threads: int) -> dict:
     _, tokens, steps = run(prompt, 36)
     steps = sorted(steps[4:])
     return {"load_s": load, "prefill_tok_s": 256 / prefill, "decode_ms": 1000 * steps[len(steps) // 2],
-            "tokens": tokens[:32], "rss_mb": _vm_hwm_mb(), "session_mb": _vm_hwm_mb() - before}
+            "tokens": tokens[:32], "rss_mb": _vm_hwm_mb(), "session_mb": _vm_hwm_mb() - before,
+            "prefill_chunk": config["search"].get("chunk_size", 0)}
 
 
 def _status_mb(field: str) -> float:
@@ -201,25 +206,27 @@ def export_variant(name: str, passes: list, out: Path, samples: int) -> dict:
             "validation": info["validation"]}
 
 
-def time_variant(folder: str, prompt: list[int], threads: int) -> dict:
-    import numpy as np
-
+def time_variant(folder: str, prompt: list[int], threads: int, chunk: int | None = None) -> dict:
+    """Our loop (``compress generate``'s): load, a 256-token prefill as generation runs it (``chunk`` tokens a run,
+    None: the export's ``prefill_chunk``; the next token's logits only), then the median of 32 decode steps after
+    a 32-token prompt (greedy)."""
     from compress.export.runtime import OnnxCausalLM
 
     t = time.perf_counter()
     lm = OnnxCausalLM(folder, threads)
     load = time.perf_counter() - t
-    long_prompt = np.arange(1000, 1256)[None]
-    lm.forward(long_prompt, lm.empty_cache(1), keep=1)  # warm-up
+    long_prompt = list(range(1000, 1256))
+    lm.decode_loop(chunk).prefill(long_prompt, 256)  # warm-up
     prefill = []
-    for _ in range(3):  # as generation prefills: the next token's logits only (logits_to_keep)
+    for _ in range(3):
+        loop = lm.decode_loop(chunk)
         t = time.perf_counter()
-        lm.forward(long_prompt, lm.empty_cache(1), keep=1)
+        loop.prefill(long_prompt, 256)
         prefill.append(time.perf_counter() - t)
-    gen = lm.greedy(prompt, 36)
+    gen = lm.greedy(prompt, 36, chunk=chunk)
     steps = sorted(gen.decode_seconds[3:])  # first steps warm the kernels
     return {"load_s": load, "prefill_tok_s": 256 / sorted(prefill)[1], "decode_ms": 1000 * steps[len(steps) // 2],
-            "tokens": gen.tokens[:32], "rss_mb": _vm_hwm_mb()}
+            "tokens": gen.tokens[:32], "rss_mb": _vm_hwm_mb(), "prefill_chunk": loop.chunk}
 
 
 def _refresh_operators(folder: Path) -> None:
@@ -242,6 +249,9 @@ def main():
                     "their operator library replaced by the current build) instead of exporting again")
     ap.add_argument("--rounds", type=int, default=1, help="time every row this many times, the rows interleaved; "
                     "the table shows the medians (0: export only, for a later --reuse)")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens a prefill run takes, in our "
+                    "loop, the session probe and onnxruntime-genai (default: each export's own; 0: the whole prompt; "
+                    "onnxruntime-genai's builder keeps its own)")
     ap.add_argument("--scale", default=None, metavar="SHAPE", help="instead: session memory of a random-weight "
                     "model of a bench/scale.py shape (1B, 3B, 8B), 4-bit RTN g64, exported and probed")
     a = ap.parse_args()
@@ -271,12 +281,13 @@ def main():
     for _ in range(a.rounds):
         for name in made:
             runner = "time_genai" if name.startswith("onnxruntime-genai") else "time_variant"
-            timings[name].append(run_python(runner, str(folders[name]), made[name]["prompt"], a.threads))
+            timings[name].append(run_python(runner, str(folders[name]), made[name]["prompt"], a.threads,
+                                            None if name.endswith("(float model)") else a.prefill_chunk))
     rows = []
     for name, m in made.items():
         timed = timings[name][0]
         session_mb = (timed["session_mb"] if name.startswith("onnxruntime-genai")
-                      else session_memory(folders[name], a.threads)["session_mb"])
+                      else session_memory(folders[name], a.threads, chunk=a.prefill_chunk)["session_mb"])
         v = m["validation"]
         rows.append({"variant": name, "ONNX MB": m["file_bytes"] / 1e6,
                      "ONNX / accounted": m["file_bytes"] / m["accounted_bytes"] if m["accounted_bytes"] else None,
@@ -284,6 +295,7 @@ def main():
                      "prefill tok/s": _median(t["prefill_tok_s"] for t in timings[name]),
                      "decode ms/token": _median(t["decode_ms"] for t in timings[name]), "peak RSS MB": timed["rss_mb"],
                      "session MB": session_mb, "session / file": session_mb * 2**20 / m["file_bytes"],
+                     "prefill chunk": timed.get("prefill_chunk"),
                      "max logit diff": v.get("max_logit_diff"), "ppl onnx": v.get("perplexity_onnx"),
                      "greedy = PyTorch": _greedy_agreement(timed["tokens"], m["want"])})
         common.append_result(RESULTS, name, {**rows[-1], "threads": a.threads, "rounds": a.rounds, "commit": commit,
@@ -293,11 +305,11 @@ def main():
     for r in rows:
         r["decode speed-up vs fp32"] = base["decode ms/token"] / r["decode ms/token"] if base else None
     print(f"SmolLM2-135M in onnxruntime (CPUExecutionProvider, {a.threads} threads); validation on 2 x 256 held-out "
-          f"pydoc tokens; prefill 256 tokens, decode median of 32 steps after a 32-token prompt; session MB: the "
-          f"session's own resident memory through a 256-token prefill and 8 decode steps (a child process with "
-          f"numpy and onnxruntime only); timings: median of {a.rounds} interleaved rounds; "
+          f"pydoc tokens; prefill 256 tokens ('prefill chunk' a run), decode median of 32 steps after a 32-token "
+          f"prompt; session MB: the session's own resident memory through a 256-token prefill and 8 decode steps "
+          f"(a child process with numpy and onnxruntime only); timings: median of {a.rounds} interleaved rounds; "
           f"measured at {commit}, rows in {RESULTS.relative_to(HERE.parent)}")
-    columns = ["variant", "ONNX MB", "ONNX / accounted", "load s", "prefill tok/s", "decode ms/token",
+    columns = ["variant", "ONNX MB", "ONNX / accounted", "load s", "prefill chunk", "prefill tok/s", "decode ms/token",
                "decode speed-up vs fp32", "session MB", "session / file", "peak RSS MB", "max logit diff",
                "ppl onnx", "greedy = PyTorch"]
     common.print_table(columns, rows)

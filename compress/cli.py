@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import EXIT_BUDGET_MISSED, CompressError
+from .export.genai import PREFILL_CHUNK
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Compress language models with YAML recipes: prune, cluster, quantize, evaluate, gate.")
@@ -383,6 +384,9 @@ def export(
                                          "norms) or portable (standard ops only)")] = "fast",
     int8_activations: Annotated[bool, typer.Option("--int8-activations", help="MatMulNBits with int8 "
                                                    "activations: faster, less exact")] = False,
+    prefill_chunk: Annotated[int, typer.Option(min=0, help="onnx: prompt tokens a prefill run takes in "
+                                               "`compress generate` and onnxruntime-genai (0: the whole prompt)")
+                             ] = PREFILL_CHUNK,
     validation: Annotated[bool, typer.Option("--validate/--no-validate", help="compare with PyTorch")] = True,
     windows: Annotated[int, typer.Option(help="held-out windows for the validation")] = 2,
     seq_len: Annotated[int, typer.Option(help="tokens per validation window")] = 256,
@@ -429,7 +433,8 @@ def export(
         data = evaluation_windows("pydoc", tok, seq_len, windows, calibration_spec="pydoc") if validation else None
         info = export_to_folder(model, tok, out_dir, force=force, source=Path(path), windows=data, weights=weights,
                                 accuracy_level=4 if int8_activations else 0, dense_dtype=dense,
-                                tolerance=Tolerance(max_logit_diff=max_logit_diff), log=log)
+                                tolerance=Tolerance(max_logit_diff=max_logit_diff), log=log,
+                                prefill_chunk=prefill_chunk)
     if push_to_hub:
         _push(out_dir, push_to_hub, private, json_)
     if json_:
@@ -481,6 +486,8 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="tokens to generate")] = 64,
     chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt in the tokenizer's chat template")] = False,
     threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads")] = None,
+    prefill_chunk: Annotated[int | None, typer.Option(min=0, help="onnxruntime: prompt tokens a prefill run takes "
+                                                      "(default: the export's; 0: the whole prompt)")] = None,
     json_: Annotated[bool, typer.Option("--json", help="print tokens and timings as JSON")] = False,
     no_verify: NoVerifyOpt = False,
 ):
@@ -496,12 +503,14 @@ def generate(
             lm = OnnxCausalLM(onnx_dir, threads)
             tok = AutoTokenizer.from_pretrained(onnx_dir)
             runtime = "onnxruntime"
-            run_greedy = lm.greedy
+
+            def run_greedy(ids, n, eos):
+                return lm.greedy(ids, n, eos, prefill_chunk)
         else:
             model, tok = _load_any(path, "cpu", not no_verify)
             runtime = "pytorch"
 
-            def run_greedy(ids, n, eos):  # type: ignore[misc]  # the PyTorch twin of lm.greedy
+            def run_greedy(ids, n, eos):  # the PyTorch twin of the onnxruntime loop
                 return torch_greedy(model, ids, n, eos)
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True) if chat else prompt

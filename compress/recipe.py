@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .errors import RecipeError
+from .export.genai import PREFILL_CHUNK
 from .passes.registry import get_pass
 
 
@@ -50,6 +51,9 @@ class OnnxConfig(Section):
         "blocked DequantizeLinear only. Other formats are decoded in-graph either way")
     int8_activations: bool = Field(False, description="MatMulNBits accuracy_level 4 (int8 activations): "
                                    "faster on CPU, logits drift more; loosen the tolerance with it")
+    prefill_chunk: int = Field(PREFILL_CHUNK, ge=0, le=65536, description="prompt tokens a prefill run takes in "
+                               "`compress generate` and onnxruntime-genai (chunked prefill: memory bounded by the "
+                               "chunk; 0: the whole prompt at once)")
     validation: bool = Field(True, description="compare onnxruntime with PyTorch after the export")
     windows: int = Field(2, ge=1, le=64, description="held-out windows the validation reads")
     seq_len: int = Field(256, ge=16, le=8192, description="tokens per validation window")

@@ -340,7 +340,7 @@ def _export_onnx(model, tokenizer, folder, recipe, windows, log) -> OnnxReport:
     tol = Tolerance(cfg.max_logit_diff, cfg.min_top1_agreement, cfg.max_perplexity_diff)
     check = windows[: cfg.windows, : cfg.seq_len] if cfg.validation else None
     info = export_onnx(model, tokenizer, folder, check, cfg.weights, 4 if cfg.int8_activations else 0,
-                       DTYPES[recipe.export.dense_dtype], tol, log)
+                       DTYPES[recipe.export.dense_dtype], tol, log, cfg.prefill_chunk)
     return OnnxReport.model_validate({k: info[k] for k in ("size", "lowerings", "opset", "weights", "timing")} |
                                      {"validation": info.get("validation")})
 

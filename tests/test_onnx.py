@@ -204,12 +204,13 @@ def test_runtime_kernels_keep_the_session_compressed(smol, ortops_library, tmp_p
 
 def test_onnxruntime_genai_generates_our_greedy_tokens(mixed_export, mixed, windows):
     """onnxruntime-genai opens the export folder (its genai_config.json) and its generator's greedy tokens are
-    PyTorch's."""
+    PyTorch's, the prompt prefilled in chunks of 64 tokens (genai_config's ``search.chunk_size``)."""
     import onnxruntime_genai as og
 
     out, _ = mixed_export
     model, tok = mixed
-    prompt = windows[1, :32].tolist()
+    prompt = windows[1, :80].tolist()
+    assert json.loads((out / "genai_config.json").read_text())["search"]["chunk_size"] == 64 < len(prompt)
     og_model = og.Model(str(out))
     params = og.GeneratorParams(og_model)
     params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
@@ -259,6 +260,32 @@ def test_decode_loop_appends_to_one_cache_buffer_with_forwards_logits(mixed_expo
     assert loop.cache[0].shape() == [1, lm.kv_heads, len(prompt) + 4, lm.head_dim]
     with pytest.raises(ValueError, match="holds 36 positions"):
         loop.step(int(logits.argmax()))
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_chunked_prefill_gives_the_whole_prompts_logits(mixed_export, windows, in_place):
+    """A prompt prefilled 10 tokens a run (the last run shorter) gives the logits, next steps and cache of the
+    whole prompt at once; in place, the steps write into the buffers the chunks wrote."""
+    import numpy as np
+
+    from compress.export.decode_loop import DecodeLoop
+
+    out, info = mixed_export
+    lm = OnnxCausalLM(out)
+    assert info["prefill_chunk"] == lm.prefill_chunk == 64
+    prompt = windows[1, :32].tolist()
+    whole = DecodeLoop(lm.session, lm.meta["io"], in_place, chunk=0)
+    chunked = DecodeLoop(lm.session, lm.meta["io"], in_place, chunk=10)
+    want, got = whole.prefill(prompt, 34).copy(), chunked.prefill(prompt, 34)
+    assert np.abs(got - want).max() < 1e-4 and chunked.length == 32
+    buffers = [value.data_ptr() for value in chunked.cache]
+    for _ in range(2):
+        token = int(want.argmax())
+        want, got = whole.step(token).copy(), chunked.step(token)
+        assert np.abs(got - want).max() < 1e-4
+    assert ([value.data_ptr() for value in chunked.cache] == buffers) == in_place
+    cached = [value.numpy() for value in chunked.cache]
+    assert all(np.abs(a - b.numpy()).max() < 1e-4 for a, b in zip(cached, whole.cache, strict=True))
 
 
 def _left_padding_changes_nothing(folder):

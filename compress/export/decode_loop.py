@@ -8,6 +8,10 @@ past is a buffer of the whole ``capacity`` (prompt and new tokens), which the pr
 decode step then writes one position into it, instead of allocating a cache one position longer and copying the
 whole past into it, which holds two caches at once and copies one per step. A ``portable`` graph concatenates past
 and new keys: its present is a new tensor every step.
+
+A prompt longer than ``chunk`` tokens is prefilled ``chunk`` tokens a run (chunked prefill, as onnxruntime-genai's
+``search.chunk_size``): each run after the first appends its keys to the cache like a decode step, so a prompt's
+activations are bounded by the chunk whatever its length, and the logits of the last position only are computed.
 """
 
 from __future__ import annotations
@@ -34,58 +38,87 @@ def cache_in_place(weights: str | None) -> bool:
 class DecodeLoop:
     """Batch-1 greedy-style stepping over ``session`` (an ``onnxruntime.InferenceSession`` of an export whose
     ``export.json`` io block is ``io``); ``in_place``: the graph's attention writes its present into its past
-    buffer (``weights: fast``)."""
+    buffer (``weights: fast``); ``chunk``: prompt tokens a prefill run takes (0: the whole prompt at once)."""
 
-    def __init__(self, session, io: dict, in_place: bool):
-        self.session, self.in_place = session, in_place
+    def __init__(self, session, io: dict, in_place: bool, chunk: int = 0):
+        self.session, self.in_place, self.chunk = session, in_place, int(chunk)
         self.kv_heads, self.head_dim, self.vocab = int(io["kv_heads"]), int(io["head_dim"]), int(io["vocab_size"])
         self.past_names, self.present_names = cache_names(int(io["layers"]))
         self.keeps_logits = takes_logits_to_keep(session)
         self.cache: list = []
         self.length = self.capacity = 0
-        self._logits = np.empty((1, 1, self.vocab), np.float32)
 
     def prefill(self, prompt: list[int], capacity: int) -> np.ndarray:
-        """Run ``prompt`` from an empty cache; the last position's logits [vocab]. ``capacity``: the most positions
-        the cache will hold (prompt and every token to come)."""
+        """Run ``prompt`` from an empty cache, ``chunk`` tokens a run; the last position's logits [vocab].
+        ``capacity``: the most positions the cache will hold (prompt and every token to come)."""
         import onnxruntime as ort
 
         seq = len(prompt)
         if capacity < seq:
             raise ValueError(f"a cache of {capacity} positions cannot hold a {seq}-token prompt")
+        step = self.chunk if self.chunk > 0 else seq
+        first = min(seq, step)
         # the past is read only up to the positions the mask counts (none here): in place, its buffer is left
-        # unwritten (no pages touched) and becomes the present the steps write into
+        # unwritten (no pages touched) and becomes the present the later runs write into
         past_length = capacity if self.in_place else 0
         past = [ort.OrtValue.ortvalue_from_shape_and_type([1, self.kv_heads, past_length, self.head_dim], np.float32)
                 for _ in self.past_names]
-        feed = {"input_ids": np.array([prompt], np.int64), "attention_mask": np.ones((1, seq), np.int64),
-                "position_ids": np.arange(seq, dtype=np.int64)[None]}
-        if self.keeps_logits:  # (io binding cannot feed it: onnxruntime's overridable initializers)
-            feed["logits_to_keep"] = np.ones(1, np.int64)
+        feed = self._feed(prompt[:first], 0)
         values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in feed.items()}
         out = self.session.run_with_ort_values(["logits", *self.present_names],
                                                {**values, **dict(zip(self.past_names, past, strict=True))})
-        self.cache, self.length, self.capacity = out[1:], seq, capacity
-        return out[0].numpy()[0, -1]
+        self.cache, self.length, self.capacity = out[1:], first, capacity
+        logits = out[0].numpy()[0, -1]
+        for start in range(first, seq, step):
+            logits = self._advance(prompt[start:start + step])
+        return logits
 
     def step(self, token: int) -> np.ndarray:
         """Append ``token``; its logits [vocab] (a view valid until the next step)."""
-        if self.in_place and self.length >= self.capacity:
+        return self._advance([token])
+
+    def _feed(self, tokens: list[int], past: int) -> dict:
+        n = len(tokens)
+        feed = {"input_ids": np.array([tokens], np.int64), "attention_mask": np.ones((1, past + n), np.int64),
+                "position_ids": np.arange(past, past + n, dtype=np.int64)[None]}
+        if self.keeps_logits:
+            feed["logits_to_keep"] = np.ones(1, np.int64)
+        return feed
+
+    def _advance(self, tokens: list[int]) -> np.ndarray:
+        """Append ``tokens`` after the cache; the last one's logits [vocab]."""
+        import onnxruntime as ort
+
+        if self.in_place and self.length + len(tokens) > self.capacity:
             raise ValueError(f"the cache holds {self.capacity} positions: prefill with a larger capacity")
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.array([[token]], np.int64))
-        binding.bind_cpu_input("attention_mask", np.ones((1, self.length + 1), np.int64))
-        binding.bind_cpu_input("position_ids", np.array([[self.length]], np.int64))
-        for name, value in zip(self.past_names, self.cache, strict=True):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu", 0, np.float32, list(self._logits.shape), self._logits.ctypes.data)
-        for name, value in zip(self.present_names, self.cache, strict=True):
-            if self.in_place:
-                binding.bind_ortvalue_output(name, value)
-            else:
-                binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
-        if not self.in_place:
-            self.cache = binding.get_outputs()[1:]
-        self.length += 1
-        return self._logits[0, -1]
+        feed = self._feed(tokens, self.length)
+        if self.in_place:
+            logits = self._run_into_cache(feed, len(tokens) if not self.keeps_logits else 1)
+        else:
+            values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in feed.items()}
+            out = self.session.run_with_ort_values(["logits", *self.present_names],
+                                                   {**values, **dict(zip(self.past_names, self.cache, strict=True))})
+            logits, self.cache = out[0].numpy(), out[1:]
+        self.length += len(tokens)
+        return logits[0, -1]
+
+    def _run_into_cache(self, feed: dict, positions: int) -> np.ndarray:
+        """Run with every present output written into its past buffer and the logits into a new array
+        ``[1, positions, vocab]``. onnxruntime's public IO binding cannot feed an overridable initializer
+        (``logits_to_keep``), so this takes the session's own run over value vectors, whose outputs given
+        before the run are written in place."""
+        import onnxruntime as ort
+        from onnxruntime.capi import _pybind_state as C
+
+        logits = np.empty((1, positions, self.vocab), np.float32)
+        inputs = [ort.OrtValue.ortvalue_from_numpy(value) for value in feed.values()]  # kept alive for the run
+        feeds, fetches = C.OrtValueVector(), C.OrtValueVector()
+        for value in (*inputs, *self.cache):
+            feeds.push_back(value._ortvalue)
+        for value in (ort.OrtValue.ortvalue_from_numpy(logits), *self.cache):
+            fetches.push_back(value._ortvalue)
+        cpu = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+        self.session._sess.run_with_ortvaluevector(ort.RunOptions(), [*feed, *self.past_names], feeds,
+                                                   ["logits", *self.present_names], fetches,
+                                                   [cpu] * (1 + len(self.cache)))
+        return logits

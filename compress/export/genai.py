@@ -7,12 +7,14 @@ model: ``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.{i
 attention (``GroupQueryAttention``) reads and writes one cache buffer in place (``past_present_share_buffer``
 true: onnxruntime-genai allocates it for the generator's ``max_length`` and each step appends one position instead
 of copying the whole cache into a new tensor); a ``portable`` graph concatenates past and new keys, so its past
-and present stay separate tensors.
+and present stay separate tensors. ``search.chunk_size`` prefills a prompt that many tokens a run (chunked
+prefill): a prompt's activations and its ``[1, chunk, vocab]`` logits buffer stay bounded by the chunk.
 """
 
 from __future__ import annotations
 
 GENAI_CONFIG = "genai_config.json"
+PREFILL_CHUNK = 64  # prompt tokens a prefill run takes by default: export.json's, search.chunk_size and our loop's
 
 
 def _ids(value) -> int | list[int] | None:
@@ -22,10 +24,11 @@ def _ids(value) -> int | list[int] | None:
 
 
 def genai_config(config, generation_config, io: dict, onnx_file: str, custom_ops_library: str | None = None,
-                 cache_in_place: bool = False) -> dict:
+                 cache_in_place: bool = False, prefill_chunk: int = 0) -> dict:
     """The ``genai_config.json`` of an export of a model with ``config`` (transformers) and ``io`` (export.json's);
     ``custom_ops_library``: the file name of the operator library the folder ships (``compress.ortops``);
-    ``cache_in_place``: the graph's attention appends to its past buffer (``GroupQueryAttention``)."""
+    ``cache_in_place``: the graph's attention appends to its past buffer (``GroupQueryAttention``);
+    ``prefill_chunk``: prompt tokens a prefill run takes (0: the whole prompt)."""
     gen = generation_config
     eos = _ids(getattr(gen, "eos_token_id", None) if gen is not None else None) or _ids(config.eos_token_id)
     bos = _ids(getattr(gen, "bos_token_id", None) if gen is not None else None) or _ids(config.bos_token_id)
@@ -65,5 +68,6 @@ def genai_config(config, generation_config, io: dict, onnx_file: str, custom_ops
             "temperature": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0, "diversity_penalty": 0.0,
             "no_repeat_ngram_size": 0, "min_length": 0, "max_length": context, "early_stopping": True,
             "past_present_share_buffer": cache_in_place,
+            **({"chunk_size": prefill_chunk} if prefill_chunk > 0 else {}),
         },
     }

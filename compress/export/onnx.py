@@ -35,7 +35,7 @@ from ..errors import CheckpointError, ExportError, ExportMismatch, OutputError
 from ..modules import dequantized_weights
 from ..staging import staged_folder
 from .decode_loop import cache_in_place
-from .genai import GENAI_CONFIG, genai_config
+from .genai import GENAI_CONFIG, PREFILL_CHUNK, genai_config
 from .llama import build_decoder
 from .runtime import EXPORT_META, ONNX_FILE, OnnxCausalLM, session
 from .weights import UnsupportedFormat
@@ -79,9 +79,10 @@ def save_with_page_aligned_data(proto: onnx.ModelProto, out_dir: Path) -> None:
 
 def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, weights: str = "fast",
                 accuracy_level: int = 0, dense_dtype: torch.dtype | None = None,
-                tolerance: Tolerance | None = None, log=print) -> dict:
+                tolerance: Tolerance | None = None, log=print, prefill_chunk: int = PREFILL_CHUNK) -> dict:
     """Write the ONNX export of ``model`` into ``out_dir`` (created; the caller makes it atomic) and
-    validate it on ``windows`` [n, seq] when given. Returns what export.json holds."""
+    validate it on ``windows`` [n, seq] when given. Returns what export.json holds. ``prefill_chunk``: prompt
+    tokens a prefill run takes in ``compress generate`` and onnxruntime-genai (0: the whole prompt)."""
     tolerance = tolerance or Tolerance()
     t0 = time.perf_counter()
     try:
@@ -111,13 +112,13 @@ def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, w
     library_name = None if library is None else library.name
     (out_dir / GENAI_CONFIG).write_text(json.dumps(
         genai_config(model.config, getattr(model, "generation_config", None), io, ONNX_FILE, library_name,
-                     cache_in_place=cache_in_place(weights)),
+                     cache_in_place=cache_in_place(weights), prefill_chunk=prefill_chunk),
         indent=1) + "\n")
     graph_bytes = (out_dir / ONNX_FILE).stat().st_size
     data_bytes = (out_dir / DATA_FILE).stat().st_size if (out_dir / DATA_FILE).exists() else 0
     info = {
         "io": io, "weights": weights, "accuracy_level": accuracy_level, "opset": lowering.opset,
-        "custom_ops_library": library_name,
+        "custom_ops_library": library_name, "prefill_chunk": prefill_chunk,
         "layers": {name: asdict(rec) for name, rec in lowering.layers.items()},
         "lowerings": _count_lowerings(lowering.layers),
         "decoded_without_ortops": lowering.decoded_without_ortops,

@@ -116,11 +116,22 @@ class OnnxCausalLM:
         logits, *present = self.session.run(None, feed)
         return logits, present
 
-    def greedy(self, prompt: list[int], max_new_tokens: int,
-               eos: frozenset[int] | set[int] = frozenset()) -> Generation:
-        """Greedy tokens after ``prompt`` through :class:`DecodeLoop` (the cache written in place where the graph
-        allows it, as onnxruntime-genai runs it)."""
-        loop = DecodeLoop(self.session, self.meta["io"], cache_in_place(self.meta.get("weights")))
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens a prefill run takes, as exported (export.json's ``prefill_chunk``; 0: the whole prompt,
+        as exports before it ran)."""
+        return int(self.meta.get("prefill_chunk") or 0)
+
+    def decode_loop(self, chunk: int | None = None) -> DecodeLoop:
+        """A :class:`DecodeLoop` over this session (the cache written in place where the graph allows it, as
+        onnxruntime-genai runs it); ``chunk``: prompt tokens a prefill run takes (None: as exported)."""
+        return DecodeLoop(self.session, self.meta["io"], cache_in_place(self.meta.get("weights")),
+                          self.prefill_chunk if chunk is None else chunk)
+
+    def greedy(self, prompt: list[int], max_new_tokens: int, eos: frozenset[int] | set[int] = frozenset(),
+               chunk: int | None = None) -> Generation:
+        """Greedy tokens after ``prompt`` through :meth:`decode_loop`."""
+        loop = self.decode_loop(chunk)
         t = time.perf_counter()
         logits = loop.prefill(list(prompt), len(prompt) + max_new_tokens)
         gen = Generation([], time.perf_counter() - t)
@@ -135,15 +146,18 @@ class OnnxCausalLM:
         return gen
 
 
-def session_memory(folder: Path, threads: int = 0, prefill: int = 256, decode: int = 8) -> dict:
+def session_memory(folder: Path, threads: int = 0, prefill: int = 256, decode: int = 8,
+                   chunk: int | None = None) -> dict:
     """Resident memory of ``folder``'s onnxruntime session, measured in a fresh interpreter that imports only
-    numpy and onnxruntime (``session_probe.py``): before_mb, loaded_mb, peak_mb, session_mb (peak - before)."""
+    numpy and onnxruntime (``session_probe.py``): before_mb, loaded_mb, peak_mb, session_mb (peak - before).
+    ``chunk``: prompt tokens a prefill run takes (None: the export's ``prefill_chunk``)."""
     import subprocess
     import sys
 
     probe = Path(__file__).with_name("session_probe.py")
     proc = subprocess.run([sys.executable, str(probe), str(folder), "--threads", str(threads), "--prefill",
-                           str(prefill), "--decode", str(decode)], capture_output=True, text=True)
+                           str(prefill), "--decode", str(decode), *(["--chunk", str(chunk)] if chunk is not None
+                                                                    else [])], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"session probe failed on {folder}: {proc.stderr.strip()[-500:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

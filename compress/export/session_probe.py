@@ -1,13 +1,14 @@
 """How much memory an ONNX export's onnxruntime session takes: run as a script in a fresh interpreter (numpy and
 onnxruntime only, no torch), so nothing else counts.
 
-    python session_probe.py FOLDER [--threads N] [--prefill 256] [--decode 8]
+    python session_probe.py FOLDER [--threads N] [--prefill 256] [--decode 8] [--chunk N]
 
 Prints one JSON line: the process's resident memory before the session (``before_mb``), its peak while the session
 loads and runs a prefill of ``--prefill`` tokens and ``--decode`` KV-cache steps (``peak_mb``), and the difference
 (``session_mb``: what the session itself needed), the session run by ``decode_loop.DecodeLoop`` as ``compress
-generate`` runs it: the last position's logits only, the cache in onnxruntime's values, written in place where the
-graph's attention allows it (as onnxruntime-genai runs a ``fast`` export).
+generate`` runs it: the prompt in chunks of the export's ``prefill_chunk``, the last position's logits only, the
+cache in onnxruntime's values, written in place where the graph's attention allows it (as onnxruntime-genai runs a
+``fast`` export).
 :func:`compress.export.runtime.session_memory` runs it.
 """
 
@@ -34,6 +35,8 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--decode", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=None, help="prompt tokens a prefill run takes (default: the "
+                    "export's prefill_chunk)")
     a = ap.parse_args(argv)
     import numpy as np
     import onnxruntime as ort
@@ -55,7 +58,8 @@ def main(argv: list[str]) -> dict:
     loaded = _status_mb("VmRSS")
     # as a serving loop runs it (compress generate, onnxruntime-genai): the cache kept as onnxruntime's values and
     # written in place where the graph allows it, the last position's logits only
-    loop = DecodeLoop(sess, io, cache_in_place(meta.get("weights")))
+    loop = DecodeLoop(sess, io, cache_in_place(meta.get("weights")),
+                      int(meta.get("prefill_chunk") or 0) if a.chunk is None else a.chunk)
     logits = loop.prefill([int(t) for t in np.arange(a.prefill) % 1000 + 100], a.prefill + a.decode)
     for _ in range(a.decode):
         logits = loop.step(int(logits.argmax()))
