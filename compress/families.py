@@ -133,3 +133,9 @@ def consumer_channels(block: nn.Module, producer: str, consumers: list[nn.Module
         return None
     j = torch.arange(width * groups)
     return (j // head_dim) // groups * head_dim + j % head_dim
+
+
+def norm_modules(module: nn.Module) -> list[nn.Module]:
+    """The norms inside ``module`` that carry a gain vector (RMSNorm / LayerNorm ``weight``), in module order."""
+    return [m for m in module.modules()
+            if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), nn.Parameter)]

@@ -44,19 +44,21 @@ def test_topk_kl_is_the_full_kl_with_every_token_and_never_above_it_with_fewer()
         assert abs(float(topk_kl(teacher, some.indices, some.logprobs))) < 1e-6
 
 
-@pytest.fixture(scope="module", params=["peqa", "peqa-cosine", "l4q", "pv_tuning"])
+@pytest.fixture(scope="module", params=["peqa", "peqa-cosine", "peqa-norms", "l4q", "pv_tuning"])
 def tuned(smol, request):
     """SmolLM2 compressed by PASSES then tuned end to end (PEQA: scales and zero points; L4Q: with rank-4 adapters
     too; PV-Tuning: scales, then a discrete step on the codes) through run_passes; the teacher the pass was
     handed. "peqa-cosine": PEQA's step sizes falling by a cosine. Every variant runs with ``bfloat16: auto`` (bfloat16
-    autocast where this CPU has bfloat16 matrix instructions: emulated, it would take minutes)."""
+    autocast where this CPU has bfloat16 matrix instructions: emulated, it would take minutes); "peqa-norms": every
+    norm's gain trained too."""
     model, tok, _ = smol
     calibration = calibration_batches("pydoc", tok, 12, 96, seed=0, heldout_spec="pydoc")
     m = copy.deepcopy(model)
     # L4Q re-rounds every weight when a scale moves: it wants smaller scale steps than PEQA
     kind = request.param.split("-")[0]
     tuner = {**PEQA, "type": kind} | ({"rank": 4, "lr": 0.001, "adapter_lr": 0.01} if kind == "l4q" else {}) | (
-        {"schedule": "cosine"} if request.param.endswith("cosine") else {})
+        {"schedule": "cosine"} if request.param.endswith("cosine") else {}) | (
+        {"norms": True, "norm_lr": 0.01} if request.param.endswith("norms") else {})
     passes = plan(parse_recipe({"passes": [*PASSES, tuner]}).passes)
     handed = {}
     tune_model = type(passes[-1]).tune_model
@@ -103,10 +105,24 @@ def test_tuning_lowers_the_held_out_kl_and_stores_what_it_measured(tuned, reques
         if name.startswith("model.layers.1."):
             assert not torch.equal(after.scales, before.scales)
     assert any(moved) == moves_codes  # PEQA never moves a code; L4Q's adapters are merged into them
+    gains = [(n, p) for n, p in model.named_parameters() if "norm" in n]
+    float_gains = dict(smol_float_gains(request))
+    changed = [not torch.equal(p, float_gains[n]) for n, p in gains]
+    if "norms" in request.node.callspec.id:  # every gain (2 per block and the final norm's) trained, stored as a
+        assert info["norms"] == 61 and all(changed)  # parameter of the model again
+        assert all(isinstance(model.get_submodule(n.rsplit(".", 1)[0])._parameters["weight"], torch.nn.Parameter)
+                   for n, _ in gains)
+    else:
+        assert info["norms"] == 0 and not any(changed)
     if "pv_tuning" in request.node.callspec.id:  # the discrete step was kept: it lowered the held-out KL
         (step,) = info["discrete_steps"]
         assert step["kept"] and 0 < step["codes_moved"] and step["held_out"] < step["held_out_before"]
         assert step["held_out_before"] == info["held_out_kl_before"]
+
+
+def smol_float_gains(request):
+    """The float model's norm gains (the ``smol`` fixture's, never tuned)."""
+    return [(n, p) for n, p in request.getfixturevalue("smol")[0].named_parameters() if "norm" in n]
 
 
 def _teacher_handed(model, recipe_passes, calibration, stage=None) -> Teacher:
@@ -212,9 +228,12 @@ def test_a_result_no_better_than_its_input_is_not_stored(smol):
     with torch.no_grad():
         teacher = Teacher.from_logits(calibration, [m(input_ids=calibration, use_cache=False).logits], 32)
     formats = {n: mod.fmt for n, mod in m.named_modules() if isinstance(mod, CompressedLinear)}
+    gains = {n: p.detach().clone() for n, p in m.named_parameters() if "norm" in n}
+    passes[1].cfg.norms = True  # the norms' gains, trained, are not kept either
     info = passes[1].tune_model(m, teacher, "cpu")
-    assert not info["kept"] and info["held_out_kl_after"] == info["held_out_kl_before"]
+    assert not info["kept"] and info["held_out_kl_after"] == info["held_out_kl_before"] and info["norms"] == 61
     assert all(m.get_submodule(n).fmt is f for n, f in formats.items())
+    assert all(torch.equal(p, gains[n]) for n, p in m.named_parameters() if "norm" in n)
 
 
 def test_the_cosine_schedule_falls_from_the_step_size_to_zero_at_the_last_step():

@@ -23,8 +23,10 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from torch import nn
 
 from ..blocks import input_device, on_compute
+from ..families import norm_modules
 from ..modules import dequantized_weights
 from ..precision import Bfloat16Setting, bfloat16_autocast, uses_bfloat16
 from ..teacher import Teacher, topk_kl
@@ -46,6 +48,9 @@ class PeqaConfig(PassConfig):
     codebook_lr: float = Field(1e-3, gt=0, le=0.1, description="Adam step size of vector code book entries "
                                "(gptvq layers: their row scales train as the grids' scales do)")
     top_k: int = Field(64, ge=1, le=4096, description="the float model's most likely tokens kept per position")
+    norms: bool = Field(False, description="also train every norm's gain, as its value times exp(t) per channel (float "
+                        "parameters the checkpoint stores anyway: no extra bytes)")
+    norm_lr: float = Field(1e-3, gt=0, le=0.1, description="Adam step size of the norm gains' log-factors")
     bfloat16: Bfloat16Setting = Field("auto", description="the training steps' forward and backward under bfloat16 "
                                       "autocast: true, false, or auto (where the device multiplies bfloat16 "
                                       "natively); the held-out KL that decides what is kept is measured in float32 "
@@ -90,16 +95,21 @@ class Peqa(Pass):
         for p in frozen:
             p.requires_grad_(False)
         try:
-            with on_compute(model, device):
-                return self._train(model, grids, teacher, train, held, device)
+            # with norms, the gains it trains stay (cast back to the model's dtype) when the context ends
+            with on_compute(model, device, keep_changes=cfg.norms):
+                gains = [TrainableGain(m) for m in norm_modules(model)] if cfg.norms else []
+                return self._train(model, grids, gains, teacher, train, held, device)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
 
-    def _train(self, model, grids: dict[str, TrainableWeight], teacher, train, held, device) -> dict:
+    def _train(self, model, grids: dict[str, TrainableWeight], gains: list[TrainableGain], teacher, train, held,
+               device) -> dict:
         cfg = self.cfg
         before = _held_out_kl(model, teacher, held, device)
         groups = [{"params": [g.log_factor for g in grids.values()], "lr": cfg.lr}]
+        if gains:
+            groups.append({"params": [g.log_factor for g in gains], "lr": cfg.norm_lr})
         if zeros := [g.zero_shift for g in grids.values() if g.zero_shift is not None]:
             groups.append({"params": zeros, "lr": cfg.zero_lr})
         if books := [p for g in grids.values() for p in g.value_parameters()]:
@@ -119,6 +129,8 @@ class Peqa(Pass):
                 with torch.enable_grad():
                     for g in grids.values():  # decoded once a step; each sequence's backward runs through it
                         g.install()
+                    for gain in gains:
+                        gain.install()
                     rows_of_step = step.tolist()
                     for n, i in enumerate(rows_of_step, 1):
                         with bfloat16_autocast(cfg.bfloat16, device):
@@ -127,14 +139,19 @@ class Peqa(Pass):
                 optimizer.step()
                 schedule.step()
             results = {name: g.result() for name, g in grids.items()}
+            values = [gain.result() for gain in gains]
+            for gain, value in zip(gains, values, strict=True):
+                gain.put(value)
             kl = held_out_kl_with(model, grids, results, teacher, held, device)
             per_epoch.append(kl)
             if kl < best_kl:
-                best, best_kl = results, kl
+                best, best_kl = (results, values), kl
         for name, g in grids.items():
-            g.put(best[name] if best is not None else g.fmt)
+            g.put(best[0][name] if best is not None else g.fmt)
+        for i, gain in enumerate(gains):
+            gain.put(best[1][i] if best is not None else gain.base)
         return {"held_out_kl_before": before, "held_out_kl_after": best_kl, "held_out_kl_per_epoch": per_epoch,
-                "kept": best is not None, "tables": len(grids), "held_out_sequences": len(held),
+                "kept": best is not None, "tables": len(grids), "norms": len(gains), "held_out_sequences": len(held),
                 "steps": steps, "bfloat16": uses_bfloat16(cfg.bfloat16, device), **self.epoch_report()}
 
     def before_epoch(self, model, grids, teacher, train, held, device, kl: float) -> None:
@@ -142,6 +159,30 @@ class Peqa(Pass):
 
     def epoch_report(self) -> dict:
         return {}
+
+
+class TrainableGain:
+    """A norm's gain vector trained as ``base * exp(t)`` per channel: each channel keeps its sign, and the step size
+    is relative, as the scales' (gains range over two orders of magnitude within one model)."""
+
+    def __init__(self, norm: nn.Module):
+        self.norm, self.param = norm, norm.get_parameter("weight")
+        self.base = self.param.detach().clone()
+        self.log_factor = nn.Parameter(torch.zeros_like(self.base, dtype=torch.float32))
+
+    def install(self) -> None:
+        """The norm's forward reads ``base * exp(t)`` (a tensor of the graph) for the next step."""
+        # a plain tensor where the parameter was (nn.Module's setattr takes parameters only); put() restores it
+        self.norm._parameters["weight"] = (self.base * self.log_factor.exp()).to(self.base.dtype)  # type: ignore[assignment]
+
+    def result(self) -> torch.Tensor:
+        return (self.base * self.log_factor.detach().exp()).to(self.base.dtype)
+
+    def put(self, value: torch.Tensor) -> None:
+        """The norm's own parameter back in place, holding ``value``."""
+        with torch.no_grad():
+            self.param.copy_(value)
+        self.norm._parameters["weight"] = self.param
 
 
 def _step_size_factor(schedule: str, steps: int):

@@ -20,9 +20,9 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from ..blocks import run_block
+from ..families import norm_modules
 from ..modules import CompressedLinear
 from .base import Pass, PassConfig, Requirements
 from .registry import register
@@ -34,12 +34,6 @@ class TuneConfig(PassConfig):
     epochs: int = Field(2, ge=1, le=100, description="passes over the calibration batches per block")
     lr: float = Field(2e-3, gt=0, le=0.1, description="Adam step size (of log-scales and relative norm gains)")
     norms: bool = Field(True, description="also tune the gains of the block's norms")
-
-
-def _norms(block: nn.Module) -> list[nn.Parameter]:
-    """The gain vectors of the block's norms (RMSNorm / LayerNorm weights)."""
-    return [m.weight for n, m in block.named_modules()
-            if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), nn.Parameter)]
 
 
 @register
@@ -60,7 +54,7 @@ class Tune(Pass):
         tuned = list(grids.values())
         if not tuned or work.float_outputs is None or len(work.inputs) < 2:
             return
-        gains = _norms(work.block) if self.cfg.norms else []
+        gains = [m.weight for m in norm_modules(work.block)] if self.cfg.norms else []
         originals = [g.detach().clone() for g in gains]
         values = [p for t in tuned for p in t.value_parameters()]  # code book entries
         params = [t.log_factor for t in tuned] + values + gains
