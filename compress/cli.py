@@ -515,6 +515,10 @@ def generate(
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True) if chat else prompt
         ids = tok(text, add_special_tokens=not chat).input_ids
+        if not ids:
+            from .errors import DataError
+
+            raise DataError("the prompt is empty: no token to continue from", "give the text to continue")
         gen = run_greedy(ids, max_new_tokens, eos_ids(tok))
     completion = tok.decode(gen.tokens, skip_special_tokens=True)
     if json_:

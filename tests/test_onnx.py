@@ -343,12 +343,17 @@ def test_run_exports_onnx_and_generate_agrees_with_checkpoint(tmp_path):
     assert report["size"]["onnx_file_bytes"] <= 1.15 * report["size"]["checkpoint_bytes"]
     assert "## ONNX export" in (out / "report.md").read_text()
     prompt = "The import statement combines two operations; it searches for the named module, then"
-    from_onnx = cli("generate", out / "onnx", prompt, "-n", 16, "--json")
+    from_onnx = cli("generate", out / "onnx", prompt, "-n", 16, "--json", "--prefill-chunk", 5)  # 5 tokens a run
     from_checkpoint = cli("generate", out, prompt, "-n", 16, "--json")
     assert from_onnx.exit_code == 0 and from_checkpoint.exit_code == 0, from_onnx.output + from_checkpoint.output
     a, b = json.loads(from_onnx.stdout), json.loads(from_checkpoint.stdout)
     assert (a["runtime"], b["runtime"]) == ("onnxruntime", "pytorch")
     assert a["tokens"] == b["tokens"] and len(a["text"].split()) >= 3
+
+
+def test_an_empty_prompt_is_a_one_line_error(mixed_export):
+    result = cli("generate", mixed_export[0], "", "-n", 4)
+    assert result.exit_code == 2 and "prompt is empty" in result.stderr and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("damage", ["truncate-graph", "truncate-data", "garbage-graph"])
