@@ -352,12 +352,11 @@ def scale_row(shape: str, threads: int, work: Path) -> None:
     common.print_table(["variant", "ONNX MB", "session MB", "session / file", "max logit diff"], rows)
 
 
-def session_memory(folder: Path, threads: int) -> dict:
-    """The session probe (compress/export/session_probe.py) on ``folder``, run by its path (no torch import)."""
-    probe = HERE.parent / "compress" / "export" / "session_probe.py"
-    proc = subprocess.run([sys.executable, str(probe), str(folder), "--threads", str(threads)], capture_output=True,
-                          text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def session_memory(folder: Path, threads: int, chunk: int | None = None) -> dict:
+    """:func:`compress.export.runtime.session_memory` (the session probe in a fresh interpreter)."""
+    from compress.export.runtime import session_memory as probe
+
+    return probe(folder, threads, chunk=chunk)
 
 
 def _greedy_agreement(got: list[int], want: list[int]) -> str:

@@ -204,13 +204,13 @@ def test_runtime_kernels_keep_the_session_compressed(smol, ortops_library, tmp_p
 
 def test_onnxruntime_genai_generates_our_greedy_tokens(mixed_export, mixed, windows):
     """onnxruntime-genai opens the export folder (its genai_config.json) and its generator's greedy tokens are
-    PyTorch's, the prompt prefilled in chunks of 64 tokens (genai_config's ``search.chunk_size``)."""
+    PyTorch's, the prompt prefilled in chunks of 128 tokens (genai_config's ``search.chunk_size``)."""
     import onnxruntime_genai as og
 
     out, _ = mixed_export
     model, tok = mixed
-    prompt = windows[1, :80].tolist()
-    assert json.loads((out / "genai_config.json").read_text())["search"]["chunk_size"] == 64 < len(prompt)
+    prompt = torch.cat([windows[0], windows[1, :32]]).tolist()  # 160 tokens of pydoc
+    assert json.loads((out / "genai_config.json").read_text())["search"]["chunk_size"] == 128 < len(prompt)
     og_model = og.Model(str(out))
     params = og.GeneratorParams(og_model)
     params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
@@ -272,7 +272,7 @@ def test_chunked_prefill_gives_the_whole_prompts_logits(mixed_export, windows, i
 
     out, info = mixed_export
     lm = OnnxCausalLM(out)
-    assert info["prefill_chunk"] == lm.prefill_chunk == 64
+    assert info["prefill_chunk"] == lm.prefill_chunk == 128
     prompt = windows[1, :32].tolist()
     whole = DecodeLoop(lm.session, lm.meta["io"], in_place, chunk=0)
     chunked = DecodeLoop(lm.session, lm.meta["io"], in_place, chunk=10)

@@ -14,7 +14,7 @@ prefill): a prompt's activations and its ``[1, chunk, vocab]`` logits buffer sta
 from __future__ import annotations
 
 GENAI_CONFIG = "genai_config.json"
-PREFILL_CHUNK = 64  # prompt tokens a prefill run takes by default: export.json's, search.chunk_size and our loop's
+PREFILL_CHUNK = 128  # prompt tokens a prefill run takes by default: export.json's, search.chunk_size and our loop's
 
 
 def _ids(value) -> int | list[int] | None:
