@@ -319,6 +319,10 @@ def test_portable_export_uses_standard_ops_only(mixed, windows, tmp_path):
     # every integer grid (4-bit q, 3-bit k widened, 2-bit v, the int8-table palette, 2:4 over 4-bit, outliers over
     # 3-bit, FP4 as its integer grid; entries 0, 1, 2, 4, 7, 8, 10 of the 14): 16 of the 30 layers
     assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == 16
+    # a prompt prefilled in chunks (past and new keys concatenated in standard ops) ends as the whole prompt does
+    lm, prompt = OnnxCausalLM(tmp_path / "portable"), windows[1, :32].tolist()
+    whole, chunked = lm.decode_loop(0).prefill(prompt, 32).copy(), lm.decode_loop(10).prefill(prompt, 32)
+    assert abs(chunked - whole).max() < 1e-4
 
 
 def test_run_exports_onnx_and_generate_agrees_with_checkpoint(tmp_path):
