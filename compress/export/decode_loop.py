@@ -54,6 +54,8 @@ class DecodeLoop:
         import onnxruntime as ort
 
         seq = len(prompt)
+        if seq == 0:
+            raise ValueError("an empty prompt: nothing to continue from")
         if capacity < seq:
             raise ValueError(f"a cache of {capacity} positions cannot hold a {seq}-token prompt")
         step = self.chunk if self.chunk > 0 else seq
@@ -74,7 +76,7 @@ class DecodeLoop:
         return logits
 
     def step(self, token: int) -> np.ndarray:
-        """Append ``token``; its logits [vocab] (a view valid until the next step)."""
+        """Append ``token``; its logits [vocab]."""
         return self._advance([token])
 
     def _feed(self, tokens: list[int], past: int) -> dict:
