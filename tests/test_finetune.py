@@ -44,21 +44,20 @@ def test_topk_kl_is_the_full_kl_with_every_token_and_never_above_it_with_fewer()
         assert abs(float(topk_kl(teacher, some.indices, some.logprobs))) < 1e-6
 
 
-@pytest.fixture(scope="module", params=["peqa", "peqa-cosine", "peqa-norms", "l4q", "pv_tuning"])
+@pytest.fixture(scope="module", params=["peqa", "peqa-cosine-norms", "l4q", "pv_tuning"])
 def tuned(smol, request):
     """SmolLM2 compressed by PASSES then tuned end to end (PEQA: scales and zero points; L4Q: with rank-4 adapters
     too; PV-Tuning: scales, then a discrete step on the codes) through run_passes; the teacher the pass was
-    handed. "peqa-cosine": PEQA's step sizes falling by a cosine. Every variant runs with ``bfloat16: auto`` (bfloat16
-    autocast where this CPU has bfloat16 matrix instructions: emulated, it would take minutes); "peqa-norms": every
-    norm's gain trained too."""
+    handed. "peqa-cosine-norms": PEQA's step sizes falling by a cosine, every norm's gain trained too. Every variant
+    runs with ``bfloat16: auto`` (bfloat16 autocast where this CPU has bfloat16 matrix instructions: emulated, it
+    would take minutes)."""
     model, tok, _ = smol
     calibration = calibration_batches("pydoc", tok, 12, 96, seed=0, heldout_spec="pydoc")
     m = copy.deepcopy(model)
     # L4Q re-rounds every weight when a scale moves: it wants smaller scale steps than PEQA
     kind = request.param.split("-")[0]
     tuner = {**PEQA, "type": kind} | ({"rank": 4, "lr": 0.001, "adapter_lr": 0.01} if kind == "l4q" else {}) | (
-        {"schedule": "cosine"} if request.param.endswith("cosine") else {}) | (
-        {"norms": True, "norm_lr": 0.01} if request.param.endswith("norms") else {})
+        {"schedule": "cosine", "norms": True, "norm_lr": 0.01} if request.param.endswith("cosine-norms") else {})
     passes = plan(parse_recipe({"passes": [*PASSES, tuner]}).passes)
     handed = {}
     tune_model = type(passes[-1]).tune_model
