@@ -124,9 +124,10 @@ def time_genai(folder: str, prompt: list[int], threads: int, chunk: int | None =
     config_file = Path(folder) / "genai_config.json"
     config = json.loads(config_file.read_text())
     config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
-    if chunk is not None:
+    if chunk:
+        config["search"]["chunk_size"] = chunk
+    elif chunk == 0:
         config["search"].pop("chunk_size", None)
-        config["search"].update({"chunk_size": chunk} if chunk else {})
     config_file.write_text(json.dumps(config, indent=1))
     before = _vm_rss_mb()
     t = time.perf_counter()
@@ -255,6 +256,8 @@ def main():
     ap.add_argument("--scale", default=None, metavar="SHAPE", help="instead: session memory of a random-weight "
                     "model of a bench/scale.py shape (1B, 3B, 8B), 4-bit RTN g64, exported and probed")
     a = ap.parse_args()
+    from compress.export import runtime
+
     if a.scale:
         return scale_row(a.scale, a.threads, Path(a.keep or tempfile.mkdtemp(prefix="compress-onnx-scale-")))
     root = Path(a.keep or tempfile.mkdtemp(prefix="compress-onnx-bench-"))
@@ -287,7 +290,7 @@ def main():
     for name, m in made.items():
         timed = timings[name][0]
         session_mb = (timed["session_mb"] if name.startswith("onnxruntime-genai")
-                      else session_memory(folders[name], a.threads, chunk=a.prefill_chunk)["session_mb"])
+                      else runtime.session_memory(folders[name], a.threads, chunk=a.prefill_chunk)["session_mb"])
         v = m["validation"]
         rows.append({"variant": name, "ONNX MB": m["file_bytes"] / 1e6,
                      "ONNX / accounted": m["file_bytes"] / m["accounted_bytes"] if m["accounted_bytes"] else None,
@@ -326,6 +329,8 @@ def scale_row(shape: str, threads: int, work: Path) -> None:
     ``shape`` (memory only, never quality), RTN 4-bit g64 through `compress run`, with and without the embeddings
     pass, `compress export` (validated on one window), and the session probe. Stored as rows of the same results
     file."""
+    from compress.export import runtime
+
     scale = _load(HERE / "scale.py", "bench_scale")
     common = _load(HERE / "common.py", "bench_common")
     commit = common.current_commit()
@@ -342,7 +347,7 @@ def scale_row(shape: str, threads: int, work: Path) -> None:
             if proc.returncode not in (0, 1):  # 1: a budget of the recipe (none here)
                 raise RuntimeError(f"compress {cmd[0]} failed:\n{proc.stderr[-2000:]}")
         size = sum(f.stat().st_size for f in onnx_dir.glob("model.onnx*"))
-        memory = session_memory(onnx_dir, threads)
+        memory = runtime.session_memory(onnx_dir, threads)
         meta = json.loads((onnx_dir / "export.json").read_text())
         rows.append({"variant": f"{shape} shape (random weights), {label}", "ONNX MB": size / 1e6,
                      "session MB": memory["session_mb"], "session / file": memory["session_mb"] * 2**20 / size,
@@ -350,13 +355,6 @@ def scale_row(shape: str, threads: int, work: Path) -> None:
         common.append_result(RESULTS, rows[-1]["variant"], {**rows[-1], "threads": threads, "commit": commit,
                                                              "measured": time.strftime("%Y-%m-%d %H:%M")})
     common.print_table(["variant", "ONNX MB", "session MB", "session / file", "max logit diff"], rows)
-
-
-def session_memory(folder: Path, threads: int, chunk: int | None = None) -> dict:
-    """:func:`compress.export.runtime.session_memory` (the session probe in a fresh interpreter)."""
-    from compress.export.runtime import session_memory as probe
-
-    return probe(folder, threads, chunk=chunk)
 
 
 def _greedy_agreement(got: list[int], want: list[int]) -> str:

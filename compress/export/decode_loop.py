@@ -30,6 +30,12 @@ def takes_logits_to_keep(session) -> bool:
     return any(i.name == "logits_to_keep" for i in session.get_overridable_initializers())
 
 
+def exported_chunk(meta: dict) -> int:
+    """Prompt tokens a prefill run takes, as ``export.json`` (``meta``) records it; 0 (the whole prompt) for exports
+    from before it was recorded."""
+    return int(meta.get("prefill_chunk") or 0)
+
+
 def cache_in_place(weights: str | None) -> bool:
     """Whether an export of ``weights`` ("fast": ``GroupQueryAttention``) can write its present into its past."""
     return weights == "fast"
@@ -47,6 +53,8 @@ class DecodeLoop:
         self.keeps_logits = takes_logits_to_keep(session)
         self.cache: list = []
         self.length = self.capacity = 0
+        self._run_options: object = None  # both made on the first in-place run (_run_into_cache)
+        self._fetch_devices: list | None = None
 
     def prefill(self, prompt: list[int], capacity: int) -> np.ndarray:
         """Run ``prompt`` from an empty cache, ``chunk`` tokens a run; the last position's logits [vocab].
@@ -119,8 +127,9 @@ class DecodeLoop:
             feeds.push_back(value._ortvalue)
         for value in (ort.OrtValue.ortvalue_from_numpy(logits), *self.cache):
             fetches.push_back(value._ortvalue)
-        cpu = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
-        self.session._sess.run_with_ortvaluevector(ort.RunOptions(), [*feed, *self.past_names], feeds,
-                                                   ["logits", *self.present_names], fetches,
-                                                   [cpu] * (1 + len(self.cache)))
+        if self._fetch_devices is None:
+            cpu = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+            self._run_options, self._fetch_devices = ort.RunOptions(), [cpu] * (1 + len(self.cache))
+        self.session._sess.run_with_ortvaluevector(self._run_options, [*feed, *self.past_names], feeds,
+                                                   ["logits", *self.present_names], fetches, self._fetch_devices)
         return logits

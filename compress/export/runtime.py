@@ -13,7 +13,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..modules import dequantized_weights
-from .decode_loop import DecodeLoop, cache_in_place, cache_names, takes_logits_to_keep
+from .decode_loop import DecodeLoop, cache_in_place, cache_names, exported_chunk, takes_logits_to_keep
 
 ONNX_FILE = "model.onnx"
 EXPORT_META = "export.json"
@@ -118,9 +118,8 @@ class OnnxCausalLM:
 
     @property
     def prefill_chunk(self) -> int:
-        """Prompt tokens a prefill run takes, as exported (export.json's ``prefill_chunk``; 0: the whole prompt,
-        as exports before it ran)."""
-        return int(self.meta.get("prefill_chunk") or 0)
+        """Prompt tokens a prefill run takes, as exported (:func:`exported_chunk`)."""
+        return exported_chunk(self.meta)
 
     def decode_loop(self, chunk: int | None = None) -> DecodeLoop:
         """A :class:`DecodeLoop` over this session (the cache written in place where the graph allows it, as

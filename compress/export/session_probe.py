@@ -42,7 +42,7 @@ def main(argv: list[str]) -> dict:
     import onnxruntime as ort
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the package (light: no torch on this path)
-    from compress.export.decode_loop import DecodeLoop, cache_in_place
+    from compress.export.decode_loop import DecodeLoop, cache_in_place, exported_chunk
 
     folder = Path(a.folder)
     meta = json.loads((folder / "export.json").read_text())
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> dict:
     # as a serving loop runs it (compress generate, onnxruntime-genai): the cache kept as onnxruntime's values and
     # written in place where the graph allows it, the last position's logits only
     loop = DecodeLoop(sess, io, cache_in_place(meta.get("weights")),
-                      int(meta.get("prefill_chunk") or 0) if a.chunk is None else a.chunk)
+                      exported_chunk(meta) if a.chunk is None else a.chunk)
     logits = loop.prefill([int(t) for t in np.arange(a.prefill) % 1000 + 100], a.prefill + a.decode)
     for _ in range(a.decode):
         logits = loop.step(int(logits.argmax()))
