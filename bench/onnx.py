@@ -322,13 +322,20 @@ SCALE_VARIANTS = {  # --scale rows: the extra passes after RTN 4-bit g64 (the re
     "4-bit RTN g64": "",
     "4-bit RTN g64 + 4-bit embeddings (RTN g32)": "  - type: embeddings\n    method: rtn\n",
 }
+SCALE_RUNNERS = {  # how each --scale export is also run, beside our loop's session probe: [compress export] flags
+    "int8 activations": ["--int8-activations", "--no-validate"],  # onnxruntime's int8 MatMulNBits packing (random
+    # weights' logits are too flat for the int8 tolerances' top-1 agreement)
+    "onnxruntime-genai": [],  # the same export as our loop's, its session in onnxruntime-genai's generator
+}
 
 
 def scale_row(shape: str, threads: int, work: Path) -> None:
-    """Memory at deployment sizes, where the head is a small share of the file: a random-weight model of
-    ``shape`` (memory only, never quality), RTN 4-bit g64 through `compress run`, with and without the embeddings
-    pass, `compress export` (validated on one window), and the session probe. Stored as rows of the same results
-    file."""
+    """Memory at deployment sizes, where the head and the runtimes' fixed part are a small share of the file: a
+    random-weight model of ``shape`` (memory only, never quality), RTN 4-bit g64 through `compress run`, with and
+    without the embeddings pass, `compress export` (validated on one window) and the session probe; then each
+    checkpoint exported with int8 activations (unvalidated: memory only) and probed, and its first export run by
+    onnxruntime-genai. Stored as
+    rows of the same results file."""
     from compress.export import runtime
 
     scale = _load(HERE / "scale.py", "bench_scale")
@@ -337,23 +344,37 @@ def scale_row(shape: str, threads: int, work: Path) -> None:
     model = scale.make_model(shape, Path(tempfile.gettempdir()) / "compress-scale")
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for label, extra in SCALE_VARIANTS.items():
-        recipe = work / "recipe.yaml"
-        recipe.write_text(scale.COMMON + scale.RECIPES["rtn-w4g64"] + extra)
-        ckpt, onnx_dir = work / "ckpt", work / "onnx"
-        for cmd in (["run", str(recipe), str(model), "--out", str(ckpt), "--quiet", "--force"],
-                    ["export", str(ckpt), str(onnx_dir), "--windows", "1", "--seq-len", "128", "--force"]):
-            proc = subprocess.run([sys.executable, "-m", "compress.cli", *cmd], capture_output=True, text=True)
-            if proc.returncode not in (0, 1):  # 1: a budget of the recipe (none here)
-                raise RuntimeError(f"compress {cmd[0]} failed:\n{proc.stderr[-2000:]}")
+
+    def compress(*cmd: str) -> None:
+        proc = subprocess.run([sys.executable, "-m", "compress.cli", *cmd], capture_output=True, text=True)
+        if proc.returncode not in (0, 1):  # 1: a budget of the recipe (none here)
+            raise RuntimeError(f"compress {cmd[0]} failed:\n{proc.stderr[-2000:]}")
+
+    def row(label: str, onnx_dir: Path, session_mb: float) -> None:
         size = sum(f.stat().st_size for f in onnx_dir.glob("model.onnx*"))
-        memory = runtime.session_memory(onnx_dir, threads)
         meta = json.loads((onnx_dir / "export.json").read_text())
         rows.append({"variant": f"{shape} shape (random weights), {label}", "ONNX MB": size / 1e6,
-                     "session MB": memory["session_mb"], "session / file": memory["session_mb"] * 2**20 / size,
-                     "max logit diff": meta["validation"]["max_logit_diff"], "lowerings": meta["lowerings"]})
+                     "session MB": session_mb, "session / file": session_mb * 2**20 / size,
+                     "max logit diff": (meta.get("validation") or {}).get("max_logit_diff"),
+                     "lowerings": meta["lowerings"]})
         common.append_result(RESULTS, rows[-1]["variant"], {**rows[-1], "threads": threads, "commit": commit,
                                                              "measured": time.strftime("%Y-%m-%d %H:%M")})
+
+    for label, extra in SCALE_VARIANTS.items():
+        recipe, ckpt, onnx_dir = work / "recipe.yaml", work / "ckpt", work / "onnx"
+        recipe.write_text(scale.COMMON + scale.RECIPES["rtn-w4g64"] + extra)
+        compress("run", str(recipe), str(model), "--out", str(ckpt), "--quiet", "--force")
+        export = ["export", str(ckpt), str(onnx_dir), "--windows", "1", "--seq-len", "128", "--force"]
+        compress(*export)
+        row(label, onnx_dir, runtime.session_memory(onnx_dir, threads)["session_mb"])
+        for runner, flags in SCALE_RUNNERS.items():
+            if runner == "onnxruntime-genai":
+                genai = run_python("time_genai", str(onnx_dir), list(range(1000, 1032)), threads)
+                row(f"{label}, {runner}", onnx_dir, genai["session_mb"])
+            else:
+                runner_dir = work / "onnx-runner"
+                compress(*export[:2], str(runner_dir), *export[3:], *flags)
+                row(f"{label}, {runner}", runner_dir, runtime.session_memory(runner_dir, threads)["session_mb"])
     common.print_table(["variant", "ONNX MB", "session MB", "session / file", "max logit diff"], rows)
 
 

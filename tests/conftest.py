@@ -82,11 +82,16 @@ def write_recipe(tmp_path):
 SMALL_RUN = "calibration: {samples: 4, seq_len: 256}\nevaluate: {seq_len: 128, max_windows: 1}\n"
 
 
-def gguf_run(folder: Path, quantizer: str) -> Path:
-    """`compress run` of one quantizing pass (YAML flow mapping) on blocks 0-3 of the default model, small calibration,
-    exported as GGUF and checked on one window; the output folder."""
+@pytest.fixture(scope="session")
+def gguf_run(tmp_path_factory) -> Path:
+    """`compress run` on blocks 0-3 of the default model, small calibration, exported as GGUF and checked on one
+    window: GPTQ on the Q4_0 grid (4-bit symmetric g32) in blocks 0-1 and on the Q3_K grid in blocks 2-3 (one run
+    for both files' tests: its transformers read-back is most of its time); the output folder."""
+    folder = tmp_path_factory.mktemp("gguf")
     recipe = folder / "recipe.yaml"
-    recipe.write_text(f"name: g\n{SMALL_RUN}passes:\n  - {{{quantizer}, targets: ['model.layers.[0-3].*']}}\n"
+    recipe.write_text(f"name: g\n{SMALL_RUN}passes:\n"
+                      "  - {type: gptq, bits: 4, group_size: 32, symmetric: true, targets: ['model.layers.[0-1].*']}\n"
+                      "  - {type: gptq, grid: gguf-q3_k, targets: ['model.layers.[2-3].*']}\n"
                       "export:\n  gguf: {windows: 1, seq_len: 128}\n")
     out = folder / "out"
     result = cli("run", recipe, "smollm2-135m", "--out", out, "--quiet")

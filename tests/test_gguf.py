@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_RUN, cli, gguf_run
+from conftest import SMALL_RUN, cli
 
 from compress.export.gguf import BLOCK, encode, rotary_rows
 from compress.formats.base import IntegerGrid
@@ -50,19 +50,14 @@ def test_rotary_rows_interleave_each_heads_halves():
     assert rotary_rows(t, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
-@pytest.fixture(scope="module")
-def q4_0_run(tmp_path_factory):
-    """GPTQ 4-bit symmetric g32 on four blocks with `export: {gguf: ...}`."""
-    return gguf_run(tmp_path_factory.mktemp("gguf"), "type: gptq, bits: 4, group_size: 32, symmetric: true")
-
-
-def test_gptq_q4_0_file_reads_back_in_transformers(q4_0_run):
-    """OUT/gguf/model.gguf holds Q4_0 blocks of our codes; transformers' GGUF loader computes our logits;
-    tokenizer and chat template travel in the file."""
-    out = q4_0_run
+def test_gptq_q4_0_file_reads_back_in_transformers(gguf_run):
+    """OUT/gguf/model.gguf holds Q4_0 blocks of our codes (GPTQ 4-bit symmetric g32 in blocks 0-1; Q3_K's 576-wide
+    fallback in blocks 2-3); transformers' GGUF loader computes our logits; tokenizer and chat template travel in
+    the file."""
+    out = gguf_run
     info = json.loads((out / "report.json").read_text())["served"]["gguf"]
     assert info["validation"]["passed"] and info["validation"]["max_logit_diff"] < 1e-3
-    assert info["types"] == {"Q4_0": 28} and info["tokenizer_pre"] == "smollm"
+    assert info["types"] == {"Q4_0": 26, "Q3_K": 2} and info["tokenizer_pre"] == "smollm"
     reader = gguf.GGUFReader(out / "gguf" / "model.gguf")
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert kinds["blk.0.attn_q.weight"] == "Q4_0" and kinds["blk.5.attn_q.weight"] == "F16"
@@ -79,7 +74,7 @@ def test_grids_gguf_cannot_hold_are_refused_before_any_compute(write_recipe, tmp
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "g").exists()
 
 
-def test_truncated_file_is_caught_by_the_read_back(q4_0_run, tmp_path, monkeypatch):
+def test_truncated_file_is_caught_by_the_read_back(gguf_run, tmp_path, monkeypatch):
     from compress.export import gguf as writer
 
     real = writer.write
@@ -91,7 +86,7 @@ def test_truncated_file_is_caught_by_the_read_back(q4_0_run, tmp_path, monkeypat
         return info
 
     monkeypatch.setattr(writer, "write", truncated)
-    result = cli("export", q4_0_run, tmp_path / "x", "--format", "gguf", "--windows", "1", "--seq-len", "128")
+    result = cli("export", gguf_run, tmp_path / "x", "--format", "gguf", "--windows", "1", "--seq-len", "128")
     assert result.exit_code == 3 and "cannot be read back" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_RUN, cli, gguf_run
+from conftest import SMALL_RUN, cli
 
 from compress.formats import KQuantWeight, format_from_saved, quantize_rtn
 from compress.formats.kquant import TYPE_SIZE, spec_of
@@ -66,24 +66,19 @@ def test_two_level_scales_split_again_to_the_same_integers(grid):
     assert torch.equal(effective[3], torch.zeros_like(effective[3]))
 
 
-@pytest.fixture(scope="module")
-def q3_k_run(tmp_path_factory):
-    return gguf_run(tmp_path_factory.mktemp("kquant"), "type: gptq, grid: gguf-q3_k")
-
-
-def test_gptq_on_the_q3_k_grid_reads_back_from_gguf_in_transformers(q3_k_run):
-    """GPTQ's Q3_K layers (down_proj: 1536 inputs) are written as stored, the 576-wide layers on Q3_K's fallback
-    size (Q4_0), and transformers' GGUF loader computes our logits."""
-    report = json.loads((q3_k_run / "report.json").read_text())
+def test_gptq_on_the_q3_k_grid_reads_back_from_gguf_in_transformers(gguf_run):
+    """GPTQ's Q3_K layers (blocks 2-3; down_proj: 1536 inputs) are written as stored, the 576-wide layers on Q3_K's
+    fallback size (Q4_0), and transformers' GGUF loader computes our logits."""
+    report = json.loads((gguf_run / "report.json").read_text())
     info = report["served"]["gguf"]
-    assert info["types"] == {"Q3_K": 4, "Q4_0": 24}
+    assert info["types"] == {"Q3_K": 2, "Q4_0": 26}
     assert info["validation"]["passed"] and info["validation"]["max_logit_diff"] < 1e-3
     import compress
 
-    model, _ = compress.load(q3_k_run)
+    model, _ = compress.load(gguf_run)
     stored = model.model.layers[2].mlp.down_proj.fmt
     assert isinstance(stored, KQuantWeight) and stored.kt.name == "Q3_K"
-    reader = gguf.GGUFReader(q3_k_run / "gguf" / "model.gguf")
+    reader = gguf.GGUFReader(gguf_run / "gguf" / "model.gguf")
     tensor = next(t for t in reader.tensors if t.name == "blk.2.ffn_down.weight")
     assert tensor.tensor_type.name == "Q3_K"
     assert np.array_equal(np.asarray(tensor.data).reshape(-1), stored.blocks.numpy().reshape(-1))
