@@ -322,20 +322,15 @@ SCALE_VARIANTS = {  # --scale rows: the extra passes after RTN 4-bit g64 (the re
     "4-bit RTN g64": "",
     "4-bit RTN g64 + 4-bit embeddings (RTN g32)": "  - type: embeddings\n    method: rtn\n",
 }
-SCALE_RUNNERS = {  # how each --scale export is also run, beside our loop's session probe: [compress export] flags
-    "int8 activations": ["--int8-activations", "--no-validate"],  # onnxruntime's int8 MatMulNBits packing (random
-    # weights' logits are too flat for the int8 tolerances' top-1 agreement)
-    "onnxruntime-genai": [],  # the same export as our loop's, its session in onnxruntime-genai's generator
-}
 
 
 def scale_row(shape: str, threads: int, work: Path) -> None:
     """Memory at deployment sizes, where the head and the runtimes' fixed part are a small share of the file: a
     random-weight model of ``shape`` (memory only, never quality), RTN 4-bit g64 through `compress run`, with and
     without the embeddings pass, `compress export` (validated on one window) and the session probe; then each
-    checkpoint exported with int8 activations (unvalidated: memory only) and probed, and its first export run by
-    onnxruntime-genai. Stored as
-    rows of the same results file."""
+    checkpoint exported with int8 activations (unvalidated: random weights' logits are too flat for the int8
+    tolerances' top-1 agreement) and probed, and its first export run by onnxruntime-genai. Stored as rows of the
+    same results file."""
     from compress.export import runtime
 
     scale = _load(HERE / "scale.py", "bench_scale")
@@ -360,21 +355,20 @@ def scale_row(shape: str, threads: int, work: Path) -> None:
         common.append_result(RESULTS, rows[-1]["variant"], {**rows[-1], "threads": threads, "commit": commit,
                                                              "measured": time.strftime("%Y-%m-%d %H:%M")})
 
+    def export(folder: Path, *flags: str) -> Path:
+        compress("export", str(ckpt), str(folder), "--windows", "1", "--seq-len", "128", "--force", *flags)
+        return folder
+
+    recipe, ckpt = work / "recipe.yaml", work / "ckpt"
     for label, extra in SCALE_VARIANTS.items():
-        recipe, ckpt, onnx_dir = work / "recipe.yaml", work / "ckpt", work / "onnx"
         recipe.write_text(scale.COMMON + scale.RECIPES["rtn-w4g64"] + extra)
         compress("run", str(recipe), str(model), "--out", str(ckpt), "--quiet", "--force")
-        export = ["export", str(ckpt), str(onnx_dir), "--windows", "1", "--seq-len", "128", "--force"]
-        compress(*export)
+        onnx_dir = export(work / "onnx")
         row(label, onnx_dir, runtime.session_memory(onnx_dir, threads)["session_mb"])
-        for runner, flags in SCALE_RUNNERS.items():
-            if runner == "onnxruntime-genai":
-                genai = run_python("time_genai", str(onnx_dir), list(range(1000, 1032)), threads)
-                row(f"{label}, {runner}", onnx_dir, genai["session_mb"])
-            else:
-                runner_dir = work / "onnx-runner"
-                compress(*export[:2], str(runner_dir), *export[3:], *flags)
-                row(f"{label}, {runner}", runner_dir, runtime.session_memory(runner_dir, threads)["session_mb"])
+        int8_dir = export(work / "onnx-int8", "--int8-activations", "--no-validate")
+        row(f"{label}, int8 activations", int8_dir, runtime.session_memory(int8_dir, threads)["session_mb"])
+        genai = run_python("time_genai", str(onnx_dir), list(range(1000, 1032)), threads)
+        row(f"{label}, onnxruntime-genai", onnx_dir, genai["session_mb"])
     common.print_table(["variant", "ONNX MB", "session MB", "session / file", "max logit diff"], rows)
 
 
