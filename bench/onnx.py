@@ -195,8 +195,7 @@ def export_variant(name: str, passes: list, out: Path, samples: int) -> dict:
     windows = evaluation_windows("pydoc", tok, 256, 2, "pydoc")
     int8 = "int8" in name
     info = export_onnx(model, tok, Path(out), windows, "portable" if "portable" in name else "fast", 4 if int8 else 0,
-                       dense, Tolerance(5.0 if int8 else 0.05, 0.9 if int8 else 0.995, 0.02 if int8 else 0.002),
-                       log=lambda m: None)
+                       dense, Tolerance.for_export(int8), log=lambda m: None)
     if info["decoded_without_ortops"]:  # the row would time a different graph than the one it names
         raise RuntimeError(f"{name}: {info['decoded_without_ortops']} layers decoded in the graph: our operator "
                            "library is not built (python -m compress.ortops)")

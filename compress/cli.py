@@ -390,7 +390,8 @@ def export(
     validation: Annotated[bool, typer.Option("--validate/--no-validate", help="compare with PyTorch")] = True,
     windows: Annotated[int, typer.Option(help="held-out windows for the validation")] = 2,
     seq_len: Annotated[int, typer.Option(help="tokens per validation window")] = 256,
-    max_logit_diff: Annotated[float, typer.Option(help="validation: max |logit difference|")] = 0.05,
+    max_logit_diff: Annotated[float | None, typer.Option(help="validation: max |logit difference| [default: 0.05; "
+                                                         "5.0 with --int8-activations]")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
     json_: Annotated[bool, typer.Option("--json", help="print export.json's summary as JSON")] = False,
     no_verify: NoVerifyOpt = False,
@@ -433,8 +434,8 @@ def export(
         data = evaluation_windows("pydoc", tok, seq_len, windows, calibration_spec="pydoc") if validation else None
         info = export_to_folder(model, tok, out_dir, force=force, source=Path(path), windows=data, weights=weights,
                                 accuracy_level=4 if int8_activations else 0, dense_dtype=dense,
-                                tolerance=Tolerance(max_logit_diff=max_logit_diff), log=log,
-                                prefill_chunk=prefill_chunk)
+                                tolerance=Tolerance.for_export(int8_activations, max_logit_diff=max_logit_diff),
+                                log=log, prefill_chunk=prefill_chunk)
     if push_to_hub:
         _push(out_dir, push_to_hub, private, json_)
     if json_:

@@ -50,16 +50,19 @@ class OnnxConfig(Section):
         "fast", description="fast: com.microsoft MatMulNBits for 2/4/8-bit integer grids; portable: standard "
         "blocked DequantizeLinear only. Other formats are decoded in-graph either way")
     int8_activations: bool = Field(False, description="MatMulNBits accuracy_level 4 (int8 activations): "
-                                   "faster on CPU, logits drift more; loosen the tolerance with it")
+                                   "faster on CPU, logits drift more (the validation's defaults loosen with it)")
     prefill_chunk: int = Field(PREFILL_CHUNK, ge=0, le=65536, description="prompt tokens a prefill run takes in "
                                "`compress generate` and onnxruntime-genai (chunked prefill: memory bounded by the "
                                "chunk; 0: the whole prompt at once)")
     validation: bool = Field(True, description="compare onnxruntime with PyTorch after the export")
     windows: int = Field(2, ge=1, le=64, description="held-out windows the validation reads")
     seq_len: int = Field(256, ge=16, le=8192, description="tokens per validation window")
-    max_logit_diff: float = Field(0.05, gt=0, description="max |logit difference| allowed")
-    min_top1_agreement: float = Field(0.995, ge=0, le=1, description="min share of equal argmax tokens")
-    max_perplexity_diff: float = Field(0.002, ge=0, description="max relative perplexity difference")
+    max_logit_diff: float | None = Field(None, gt=0, description="max |logit difference| allowed (default 0.05; "
+                                         "5.0 with int8_activations)")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description="min share of equal argmax tokens "
+                                             "(default 0.995; 0.9 with int8_activations)")
+    max_perplexity_diff: float | None = Field(None, ge=0, description="max relative perplexity difference "
+                                              "(default 0.002; 0.02 with int8_activations)")
 
 
 SERVED_KEYS = ("compressed_tensors", "gptq", "gguf")  # the `export` sections of serving engines

@@ -337,7 +337,8 @@ def _export_onnx(model, tokenizer, folder, recipe, windows, log) -> OnnxReport:
 
     cfg = recipe.export.onnx
     log(f"exporting ONNX ({cfg.weights} weights) to {folder.name}/")
-    tol = Tolerance(cfg.max_logit_diff, cfg.min_top1_agreement, cfg.max_perplexity_diff)
+    tol = Tolerance.for_export(cfg.int8_activations, max_logit_diff=cfg.max_logit_diff,
+                               min_top1_agreement=cfg.min_top1_agreement, max_perplexity_diff=cfg.max_perplexity_diff)
     check = windows[: cfg.windows, : cfg.seq_len] if cfg.validation else None
     info = export_onnx(model, tokenizer, folder, check, cfg.weights, 4 if cfg.int8_activations else 0,
                        DTYPES[recipe.export.dense_dtype], tol, log, cfg.prefill_chunk)

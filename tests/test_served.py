@@ -211,6 +211,17 @@ def test_truncated_gptq_tensor_is_caught_by_the_read_back(rtn_checkpoint, tmp_pa
     assert len(result.output.strip().splitlines()) == 1 and not any(tmp_path.iterdir())
 
 
+def test_an_int8_activation_export_is_checked_at_int8_tolerances(rtn_checkpoint, tmp_path):
+    """`compress export --int8-activations` validates against int8 activations' own default tolerance: onnxruntime
+    rounds each activation row to 8 bits, the logits move by more than the exact export's 0.05."""
+    result = cli("export", rtn_checkpoint, tmp_path / "int8", "--int8-activations", *QUICK, "--json")
+    assert result.exit_code == 0, result.output
+    v = json.loads(result.stdout)["validation"]
+    assert v["passed"] and v["tolerance"] == {"max_logit_diff": 5.0, "min_top1_agreement": 0.9,
+                                              "max_perplexity_diff": 0.02}
+    assert max(v["max_logit_diff"], v["decode_max_logit_diff"]) > 0.05  # the exact default would refuse it
+
+
 def test_unknown_format_and_target_are_one_line_errors(rtn_checkpoint, tmp_path):
     for args in (["--format", "tflite"], ["--format", "compressed-tensors", "--target", "tgi"]):
         result = cli("export", rtn_checkpoint, tmp_path / "x", *args)
