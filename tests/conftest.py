@@ -79,19 +79,37 @@ def write_recipe(tmp_path):
     return write
 
 
+W4_RUN_EVAL = {"seq_len": 256, "max_windows": 2}  # the held-out windows w4_rtn_run evaluates
+
+
+@pytest.fixture(scope="session")
+def w4_rtn_run(tmp_path_factory, smol) -> tuple[Path, dict]:
+    """`compress run recipes/w4-rtn.yaml` as written (every layer, its ONNX export validated) but evaluated on
+    W4_RUN_EVAL's windows; the output folder and its report (one run for the run, checkpoint and ONNX tests)."""
+    import json
+
+    out = tmp_path_factory.mktemp("runs") / "w4"
+    result = cli("run", RECIPES / "w4-rtn.yaml", "smollm2-135m", "--out", out, "--quiet",
+                 *[a for k, v in W4_RUN_EVAL.items() for a in ("--set", f"evaluate.{k}={v}")])
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "report.json").read_text())
+
+
 SMALL_RUN = "calibration: {samples: 4, seq_len: 256}\nevaluate: {seq_len: 128, max_windows: 1}\n"
 
 
 @pytest.fixture(scope="session")
 def gguf_run(tmp_path_factory) -> Path:
     """`compress run` on blocks 0-3 of the default model, small calibration, exported as GGUF and checked on one
-    window: GPTQ on the Q4_0 grid (4-bit symmetric g32) in blocks 0-1 and on the Q3_K grid in blocks 2-3 (one run
-    for both files' tests: its transformers read-back is most of its time); the output folder."""
+    window: GPTQ on the Q4_0 grid (4-bit symmetric g32) in blocks 0-1 and on the Q3_K grid in blocks 2-3, the tied
+    token embedding on the Q4_0 grid (`embeddings`); one run for the GGUF, K-quant and embedding tests (its
+    transformers read-back is most of its time); the output folder."""
     folder = tmp_path_factory.mktemp("gguf")
     recipe = folder / "recipe.yaml"
     recipe.write_text(f"name: g\n{SMALL_RUN}passes:\n"
                       "  - {type: gptq, bits: 4, group_size: 32, symmetric: true, targets: ['model.layers.[0-1].*']}\n"
                       "  - {type: gptq, grid: gguf-q3_k, targets: ['model.layers.[2-3].*']}\n"
+                      "  - {type: embeddings, bits: 4, group_size: 32, symmetric: true}\n"
                       "export:\n  gguf: {windows: 1, seq_len: 128}\n")
     out = folder / "out"
     result = cli("run", recipe, "smollm2-135m", "--out", out, "--quiet")

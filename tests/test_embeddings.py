@@ -122,21 +122,25 @@ def _run(write_recipe, tmp_path, export: str, name="r"):
     return cli("run", recipe, "smollm2-135m", "--out", tmp_path / name, "--quiet")
 
 
-def test_gguf_holds_the_table_as_token_embd_and_onnx_keeps_it_packed(write_recipe, tmp_path):
-    """One run: the checkpoint, GGUF (the table as Q4_0 token_embd, no output tensor: llama.cpp and transformers tie
-    it) read back by transformers with our logits, and ONNX validated against PyTorch with the table gathered from
-    its codes."""
+def test_gguf_holds_the_table_as_token_embd(gguf_run):
+    """GGUF holds the tied table (`embeddings`, 4-bit g32 symmetric) as Q4_0 token_embd and no output tensor
+    (llama.cpp and transformers tie it); transformers' GGUF reader computes our logits."""
     gguf = pytest.importorskip("gguf")
-    result = _run(write_recipe, tmp_path, "  gguf: {windows: 1, seq_len: 128}\n  onnx: {windows: 1, seq_len: 128}\n")
-    assert result.exit_code in (0, 1), result.output  # 1: a budget; no budgets here
-    out = tmp_path / "r"
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((gguf_run / "report.json").read_text())
     layers = {layer["name"]: layer for layer in report["layers"]}
     assert layers["model.embed_tokens"]["format"] == "4-bit g32 sym" and layers["model.embed_tokens"]["tied"]
     served = report["served"]["gguf"]
     assert served["validation"]["passed"] and served["validation"]["max_logit_diff"] < 1e-3, served
-    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / "gguf" / "model.gguf").tensors}
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(gguf_run / "gguf" / "model.gguf").tensors}
     assert kinds["token_embd.weight"] == "Q4_0" and "output.weight" not in kinds
+
+
+def test_onnx_keeps_the_tied_table_packed(write_recipe, tmp_path):
+    """ONNX validated against PyTorch with the table gathered from the head's codes, stored once."""
+    result = _run(write_recipe, tmp_path, "  onnx: {windows: 1, seq_len: 128}\n")
+    assert result.exit_code in (0, 1), result.output  # 1: a budget; no budgets here
+    out = tmp_path / "r"
+    report = json.loads((out / "report.json").read_text())
     onnx_info = json.loads((out / "onnx" / "export.json").read_text())
     assert onnx_info["validation"]["passed"] and onnx_info["io"]["tied_embeddings"]
     head = onnx_info["layers"]["lm_head"]

@@ -56,8 +56,10 @@ def tuned(smol, request):
     m = copy.deepcopy(model)
     # L4Q re-rounds every weight when a scale moves: it wants smaller scale steps than PEQA
     kind = request.param.split("-")[0]
+    # (PV-Tuning's discrete step follows the gradients of 4 of the 10 training sequences: each is a backward pass)
     tuner = {**PEQA, "type": kind} | ({"rank": 4, "lr": 0.001, "adapter_lr": 0.01} if kind == "l4q" else {}) | (
-        {"schedule": "cosine", "norms": True, "norm_lr": 0.01} if request.param.endswith("cosine-norms") else {})
+        {"schedule": "cosine", "norms": True, "norm_lr": 0.01} if request.param.endswith("cosine-norms") else {}) | (
+        {"code_samples": 4} if kind == "pv_tuning" else {})
     passes = plan(parse_recipe({"passes": [*PASSES, tuner]}).passes)
     handed = {}
     tune_model = type(passes[-1]).tune_model
@@ -173,18 +175,23 @@ def test_the_discrete_step_moves_the_share_of_codes_the_quadratic_model_favours_
     grad = torch.randn(48, 128, generator=gen) ** 3  # heavy-tailed, as a loss's gradients are
     curvature = grad.square() + torch.rand(48, 128, generator=gen)
     curvature[:, 7] *= 1e6  # an outlier input column: the loss is stiff in its weights
-    best, lam0 = make().code_model(grad, curvature)
+    best, threshold, lam0 = make().code_model(grad, curvature)
     w = fmt.dequantize()
     for lam in (lam0, 10 * lam0):
         if kind == "int-grid":  # [48, 128, 8]
             dw = values - w.unsqueeze(-1)
-            model = grad.unsqueeze(-1) * dw + lam / 2 * curvature.unsqueeze(-1) * dw.square()
+            linear, quadratic = grad.unsqueeze(-1) * dw, curvature.unsqueeze(-1) * dw.square() / 2
         else:  # [48, 64, 16]
             dw = values - w.reshape(48, 64, 1, 2)
-            model = (grad.reshape(48, 64, 1, 2) * dw + lam / 2 * curvature.reshape(48, 64, 1, 2) * dw.square()).sum(-1)
+            linear = (grad.reshape(48, 64, 1, 2) * dw).sum(-1)
+            quadratic = (curvature.reshape(48, 64, 1, 2) * dw.square()).sum(-1) / 2
+        model = linear + lam * quadratic
         codes, gain = (t.reshape(48, -1) for t in best(lam))
         torch.testing.assert_close(gain, -model.min(-1).values, rtol=1e-4, atol=1e-6)
         assert torch.equal(codes.long(), model.argmin(-1))
+    # each code's threshold: the largest lam at which some level or entry still lowers the model
+    downhill = torch.where(linear < 0, -linear / quadratic, 0.0).amax(-1)
+    torch.testing.assert_close(threshold.reshape(48, -1), downhill, rtol=1e-4, atol=0)
     count = 48 * (128 if kind == "int-grid" else 64)
     some = make()
     moved = some.move_codes(grad, curvature, 0.05)

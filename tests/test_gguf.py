@@ -57,7 +57,7 @@ def test_gptq_q4_0_file_reads_back_in_transformers(gguf_run):
     out = gguf_run
     info = json.loads((out / "report.json").read_text())["served"]["gguf"]
     assert info["validation"]["passed"] and info["validation"]["max_logit_diff"] < 1e-3
-    assert info["types"] == {"Q4_0": 26, "Q3_K": 2} and info["tokenizer_pre"] == "smollm"
+    assert info["types"] == {"Q4_0": 27, "Q3_K": 2} and info["tokenizer_pre"] == "smollm"
     reader = gguf.GGUFReader(out / "gguf" / "model.gguf")
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert kinds["blk.0.attn_q.weight"] == "Q4_0" and kinds["blk.5.attn_q.weight"] == "F16"

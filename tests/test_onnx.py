@@ -325,12 +325,8 @@ def test_portable_export_uses_standard_ops_only(mixed, windows, tmp_path):
     assert abs(chunked - whole).max() < 1e-4
 
 
-def test_run_exports_onnx_and_generate_agrees_with_checkpoint(tmp_path):
-    out = tmp_path / "w4"
-    result = cli("run", RECIPES / "w4-rtn.yaml", "smollm2-135m", "--out", out, "--quiet",
-                 "--set", "evaluate.max_windows=2", "--set", "evaluate.seq_len=256", "--set", "export.onnx=true")
-    assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
+def test_run_exports_onnx_and_generate_agrees_with_checkpoint(w4_rtn_run):
+    out, report = w4_rtn_run
     onnx_info = report["onnx"]
     assert onnx_info["validation"]["passed"]
     assert onnx_info["lowerings"]["MatMulNBits 4-bit block 128"] == 210

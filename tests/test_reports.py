@@ -18,14 +18,16 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def three_runs(tmp_path_factory, smol):
-    """RTN at 4, 3 and 2 bits on the first four blocks (data-free, so quick; no ONNX export: reports only)."""
+    """RTN at 4, 3 and 2 bits on the first four blocks (data-free, so quick; evaluated on 2 windows of 128 tokens,
+    no ONNX export: reports only)."""
     root = tmp_path_factory.mktemp("runs")
     dirs = []
     for bits in (4, 3, 2):
         out = root / f"rtn{bits}"
         result = cli("run", RECIPES / "w4-rtn.yaml", "smollm2-135m", "--out", out, *FAST, "--keep-failed",
                      "--set", f"passes.0.bits={bits}", "--set", "passes.0.group_size=64",
-                     "--set", "passes.0.targets=['model.layers.[0-3].*']", "--set", "export.onnx=null")
+                     "--set", "passes.0.targets=['model.layers.[0-3].*']", "--set", "export.onnx=null",
+                     "--set", "evaluate.seq_len=128")
         assert result.exit_code in (0, 1), result.output
         dirs.append(out)
     return dirs

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RECIPES, cli
+from conftest import RECIPES, W4_RUN_EVAL, cli
 
 import compress
 from compress.data import evaluation_windows
@@ -14,16 +14,8 @@ from compress.evaluate import evaluate
 FAST = ["--set", "evaluate.max_windows=4", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def w4_run(tmp_path_factory, smol):
-    out = tmp_path_factory.mktemp("runs") / "w4"
-    result = cli("run", RECIPES / "w4-rtn.yaml", "smollm2-135m", "--out", out, *FAST)
-    assert result.exit_code == 0, result.output
-    return out, json.loads((out / "report.json").read_text())
-
-
-def test_run_writes_checkpoint_and_report(w4_run):
-    out, report = w4_run
+def test_run_writes_checkpoint_and_report(w4_rtn_run):
+    out, report = w4_rtn_run
     for name in ("model.safetensors", "compress.json", "config.json", "tokenizer.json", "recipe.yaml",
                  "report.json", "report.md"):
         assert (out / name).is_file(), name
@@ -34,8 +26,8 @@ def test_run_writes_checkpoint_and_report(w4_run):
     assert "| compressed |" in (out / "report.md").read_text()
 
 
-def test_checkpoint_bytes_match_accounted_size(w4_run):
-    out, report = w4_run
+def test_checkpoint_bytes_match_accounted_size(w4_rtn_run):
+    out, report = w4_rtn_run
     on_disk = (out / "model.safetensors").stat().st_size
     accounted = report["size"]["checkpoint_bytes"]
     assert abs(on_disk - accounted) / accounted < 0.05
@@ -44,10 +36,10 @@ def test_checkpoint_bytes_match_accounted_size(w4_run):
     assert report["size"]["checkpoint_bytes"] < 0.45 * report["size"]["base_fp16_bytes"]
 
 
-def test_loaded_checkpoint_matches_report_and_generates(w4_run, smol):
-    out, report = w4_run
+def test_loaded_checkpoint_matches_report_and_generates(w4_rtn_run, smol):
+    out, report = w4_rtn_run
     model, tokenizer = compress.load(out)
-    windows = evaluation_windows("pydoc", tokenizer, 512, 4, "pydoc")
+    windows = evaluation_windows("pydoc", tokenizer, W4_RUN_EVAL["seq_len"], W4_RUN_EVAL["max_windows"], "pydoc")
     result, _ = evaluate(model, windows)
     assert result.perplexity == pytest.approx(report["compressed"]["perplexity"], rel=1e-4)
     ids = tokenizer("A class definition defines a class object. The", return_tensors="pt").input_ids
@@ -55,9 +47,10 @@ def test_loaded_checkpoint_matches_report_and_generates(w4_run, smol):
     assert len(text.split()) >= 3
 
 
-def test_eval_command_reports_the_same_perplexity(w4_run):
-    out, report = w4_run
-    result = cli("eval", out, "--max-windows", 4, "--json")
+def test_eval_command_reports_the_same_perplexity(w4_rtn_run):
+    out, report = w4_rtn_run
+    result = cli("eval", out, "--max-windows", W4_RUN_EVAL["max_windows"], "--seq-len", W4_RUN_EVAL["seq_len"],
+                 "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["perplexity"] == pytest.approx(report["compressed"]["perplexity"], rel=1e-4)
 
@@ -106,7 +99,8 @@ def test_base_log_probs_wait_on_disk_not_in_memory(smol):
 def test_budget_missed_exits_1_and_leaves_nothing(tmp_path, smol):
     out = tmp_path / "missed"
     result = cli("run", RECIPES / "w4-rtn.yaml", "smollm2-135m", "--out", out, "--json",
-                 "--set", "budgets.max_ppl_increase=0.0001", "--set", "evaluate.max_windows=2")
+                 "--set", "budgets.max_ppl_increase=0.0001", "--set", "evaluate.max_windows=2",
+                 "--set", "evaluate.seq_len=128")
     assert result.exit_code == 1
     summary = json.loads(result.stdout)
     assert summary["status"] == "budget_missed"
@@ -115,11 +109,11 @@ def test_budget_missed_exits_1_and_leaves_nothing(tmp_path, smol):
 
 
 @pytest.mark.slow  # a second whole run
-def test_same_seed_gives_identical_checkpoints(tmp_path, smol, w4_run):
+def test_same_seed_gives_identical_checkpoints(tmp_path, smol, w4_rtn_run):
     out = tmp_path / "again"
     result = cli("run", RECIPES / "w4-rtn.yaml", "smollm2-135m", "--out", out, *FAST)
     assert result.exit_code == 0, result.output
-    first = (w4_run[0] / "model.safetensors").read_bytes()
+    first = (w4_rtn_run[0] / "model.safetensors").read_bytes()
     assert first == (out / "model.safetensors").read_bytes()
 
 

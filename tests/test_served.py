@@ -218,7 +218,7 @@ def test_an_int8_activation_export_is_checked_at_int8_tolerances(rtn_checkpoint,
     assert result.exit_code == 0, result.output
     v = json.loads(result.stdout)["validation"]
     assert v["passed"] and v["tolerance"] == {"max_logit_diff": 5.0, "min_top1_agreement": 0.9,
-                                              "max_perplexity_diff": 0.02}
+                                              "max_perplexity_diff": 0.05}
     assert max(v["max_logit_diff"], v["decode_max_logit_diff"]) > 0.05  # the exact default would refuse it
 
 

@@ -62,7 +62,9 @@ class TrainableWeight:
         curvature (the gradients' mean square over sequences: the empirical Fisher, which grows with a column's
         input energy as the true curvature does). Each code (a weight's; a vector's) goes to the one minimizing
         that model, ``lam`` chosen as the smallest for which no more than ``share`` of all codes change: the codes
-        whose move the model favours most. Returns how many moved (0 where this format's codes cannot)."""
+        whose move the model favours most (each code moves below its own ``lam``, the format's ``threshold``: that
+        ``lam`` is the next one down from the ``share``-th largest). Returns how many moved (0 where this format's
+        codes cannot)."""
         limit = int(share * self.codes_count())
         if limit < 1:
             return 0
@@ -70,20 +72,21 @@ class TrainableWeight:
             model = self.code_model(grad, curvature.clamp_min(float(curvature.mean()) * 1e-6 + 1e-30))
             if model is None:
                 return 0
-            best, lam0 = model
-            lo, hi = -LAMBDA_RANGE, LAMBDA_RANGE  # ln(lam / lam0): a larger lam moves fewer codes
-            for _ in range(LAMBDA_STEPS):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if int((best(lam0 * math.exp(mid))[1] > 0).sum()) > limit else (lo, mid)
-            codes, gain = best(lam0 * math.exp(hi))
+            best, threshold, lam0 = model
+            lam = lam0 * math.exp(-LAMBDA_RANGE)
+            if threshold.numel() > limit:  # just above the (limit + 1)-th largest threshold (its rounding's width)
+                kth = float(threshold.flatten().kthvalue(threshold.numel() - limit).values) * (1 + 1e-5)
+                lam = min(max(kth, lam), lam0 * math.exp(LAMBDA_RANGE))
+            codes, gain = best(lam)
             return self.take_codes(codes, gain > 0)
 
     def codes_count(self) -> int:
         return 0
 
     def code_model(self, grad: torch.Tensor, curvature: torch.Tensor):
-        """``(best, lam0)``: ``best(lam)`` gives each code's model minimum and its gain (the model's decrease),
-        ``lam0`` a typical ``lam``; None where the codes cannot move."""
+        """``(best, threshold, lam0)``: ``best(lam)`` gives each code's model minimum and its gain (the model's
+        decrease), ``threshold`` each code's largest ``lam`` at which it still moves (0: it cannot), ``lam0`` a
+        typical ``lam``; None where the codes cannot move."""
         return None
 
     def take_codes(self, codes: torch.Tensor, where: torch.Tensor) -> int:
@@ -156,7 +159,10 @@ class TrainableGrid(TrainableWeight):
             dc = codes - now
             return codes, -(g_level * dc + lam / 2 * f_level * dc.square())
 
-        return best, float(2 * g_level.abs().mean() / f_level.mean())  # lam at which one level pays, typically
+        # a code moves while one level against its gradient pays (|g| > lam f / 2), where the grid has that level
+        free = torch.where(g_level > 0, now > 0, now < self.fmt.spec.maxq)
+        threshold = torch.where(free, 2 * g_level.abs() / f_level, 0.0)
+        return best, threshold, float(2 * g_level.abs().mean() / f_level.mean())  # lam0: one level pays, typically
 
     def take_codes(self, codes: torch.Tensor, where: torch.Tensor) -> int:
         self.codes = torch.where(where, codes, self.codes.float()).to(self.codes.dtype)
@@ -264,7 +270,9 @@ class TrainableCodebook(TrainableWeight):
             value, codes = (linear + lam * quadratic).min(-1)
             return codes, -value
 
-        return best, float(2 * g.abs().mean() / (f.mean() * _entry_spacing(book)))
+        # a code moves while some entry's model value is negative: lam < -linear / quadratic for one downhill entry
+        threshold = torch.where(linear < 0, -linear / quadratic.clamp_min(1e-30), 0.0).amax(-1)
+        return best, threshold, float(2 * g.abs().mean() / (f.mean() * _entry_spacing(book)))
 
     def take_codes(self, codes: torch.Tensor, where: torch.Tensor) -> int:
         self.codes = torch.where(where, codes, self.codes)
@@ -278,7 +286,7 @@ class TrainableCodebook(TrainableWeight):
 
 
 CODE_SEARCH_ROWS = 64  # rows per code-book search: [rows, in/dim, entries, dim] moves, a few tens of MB
-LAMBDA_RANGE, LAMBDA_STEPS = 14.0, 24  # the bisection on ln(lam / lam0): e^14 either way, to 2e-6
+LAMBDA_RANGE = 14.0  # the discrete step's lam stays within e^14 of the format's typical lam0, either way
 
 
 def _entry_spacing(book: torch.Tensor) -> float:
