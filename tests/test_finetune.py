@@ -44,7 +44,10 @@ def test_topk_kl_is_the_full_kl_with_every_token_and_never_above_it_with_fewer()
         assert abs(float(topk_kl(teacher, some.indices, some.logprobs))) < 1e-6
 
 
-@pytest.fixture(scope="module", params=["peqa", "peqa-cosine-norms", "l4q", "pv_tuning"])
+# plain PEQA in the slow suite only: "peqa-cosine-norms" runs the same pass with more of it, and l4q and pv_tuning
+# run its constant schedule without norms
+@pytest.fixture(scope="module", params=[pytest.param("peqa", marks=pytest.mark.slow), "peqa-cosine-norms", "l4q",
+                                        "pv_tuning"])
 def tuned(smol, request):
     """SmolLM2 compressed by PASSES then tuned end to end (PEQA: scales and zero points; L4Q: with rank-4 adapters
     too; PV-Tuning: scales, then a discrete step on the codes) through run_passes; the teacher the pass was
