@@ -62,9 +62,9 @@ class TrainableWeight:
         curvature (the gradients' mean square over sequences: the empirical Fisher, which grows with a column's
         input energy as the true curvature does). Each code (a weight's; a vector's) goes to the one minimizing
         that model, ``lam`` chosen as the smallest for which no more than ``share`` of all codes change: the codes
-        whose move the model favours most (each code moves below its own ``lam``, the format's ``threshold``: that
-        ``lam`` is the next one down from the ``share``-th largest). Returns how many moved (0 where this format's
-        codes cannot)."""
+        whose move the model favours most (each code moves at any ``lam`` below its own ``threshold``, so ``lam``
+        is set just above the threshold that ranks one past the ``share``). Returns how many moved (0 where this
+        format's codes cannot)."""
         limit = int(share * self.codes_count())
         if limit < 1:
             return 0
