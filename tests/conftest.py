@@ -80,6 +80,7 @@ def write_recipe(tmp_path):
 
 
 W4_RUN_EVAL = {"seq_len": 256, "max_windows": 2}  # the held-out windows w4_rtn_run evaluates
+W4_RUN_ARGS = ["--quiet", *[a for k, v in W4_RUN_EVAL.items() for a in ("--set", f"evaluate.{k}={v}")]]
 
 
 @pytest.fixture(scope="session")
@@ -89,8 +90,7 @@ def w4_rtn_run(tmp_path_factory, smol) -> tuple[Path, dict]:
     import json
 
     out = tmp_path_factory.mktemp("runs") / "w4"
-    result = cli("run", RECIPES / "w4-rtn.yaml", "smollm2-135m", "--out", out, "--quiet",
-                 *[a for k, v in W4_RUN_EVAL.items() for a in ("--set", f"evaluate.{k}={v}")])
+    result = cli("run", RECIPES / "w4-rtn.yaml", "smollm2-135m", "--out", out, *W4_RUN_ARGS)
     assert result.exit_code == 0, result.output
     return out, json.loads((out / "report.json").read_text())
 

@@ -5,13 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RECIPES, W4_RUN_EVAL, cli
+from conftest import RECIPES, W4_RUN_ARGS, W4_RUN_EVAL, cli
 
 import compress
 from compress.data import evaluation_windows
 from compress.evaluate import evaluate
-
-FAST = ["--set", "evaluate.max_windows=4", "--quiet"]
 
 
 def test_run_writes_checkpoint_and_report(w4_rtn_run):
@@ -111,7 +109,7 @@ def test_budget_missed_exits_1_and_leaves_nothing(tmp_path, smol):
 @pytest.mark.slow  # a second whole run
 def test_same_seed_gives_identical_checkpoints(tmp_path, smol, w4_rtn_run):
     out = tmp_path / "again"
-    result = cli("run", RECIPES / "w4-rtn.yaml", "smollm2-135m", "--out", out, *FAST)
+    result = cli("run", RECIPES / "w4-rtn.yaml", "smollm2-135m", "--out", out, *W4_RUN_ARGS)  # as w4_rtn_run
     assert result.exit_code == 0, result.output
     first = (w4_rtn_run[0] / "model.safetensors").read_bytes()
     assert first == (out / "model.safetensors").read_bytes()
