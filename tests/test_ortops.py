@@ -41,7 +41,9 @@ CASES = [  # (in, out, bits, dim, rows_per_table, int8 table, row scale)
     (96, 40, 5, 1, 7, False, False), (104, 40, 6, 1, 1, True, True), (64, 45, 8, 1, 1, False, False),
     (128, 40, 8, 4, 40, False, True), (132, 40, 6, 2, 16, False, True), (96, 33, 8, 8, 1, False, True),
     (90, 20, 3, 3, 4, False, False), (576, 70, 4, 2, 8, False, True), (192, 33, 6, 2, 33, False, False),
-    (212, 37, 8, 2, 5, True, True), (136, 30, 8, 4, 7, False, False)]
+    (212, 37, 8, 2, 5, True, True), (136, 30, 8, 4, 7, False, False), (576, 41, 6, 2, 29, False, True),
+    (1548, 9, 6, 2, 4, False, False), (576, 21, 8, 2, 64, False, True), (584, 9, 8, 2, 2, False, False),
+    (1536, 7, 8, 4, 3, False, False), (580, 11, 8, 4, 5, False, True)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}bit-dim{c[3]}")

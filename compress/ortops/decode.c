@@ -198,6 +198,80 @@ static inline __attribute__((always_inline)) int64_t vector_sixteen(const uint8_
   return steps * per_step / 8;
 }
 
+/* 2-vector code books of 64 float16 entries (GPTVQ's 3-bit: 6-bit codes), 64 codes (128 weights) a step: the
+   table's 4 byte planes (pair_planes_apply, 64 bytes each) looked up by one byte permute each (vpermb reads an
+   index's low 6 bits, so the codes need no mask), the bytes woven back into float16 pairs by unpacks within 128-bit
+   lanes and widened; no gathers. The 48 bytes of codes are spread into 64-bit lanes by one byte permute, in the order
+   that leaves each woven register's halves 16 consecutive weights, and cut by one multishift. A last partial step
+   takes what remains in multiples of 16 codes. Returns the 8-code groups done. (256-entry tables the same way, with
+   two 128-byte permutes a plane, measured slower than byte_vectors' loads.) */
+static inline __attribute__((always_inline)) int64_t pair_planes64(const uint8_t *row, const uint8_t *end,
+                                                                   int64_t codes, const uint8_t *planes, float *w,
+                                                                   const float *x, int64_t M, int64_t K,
+                                                                   float *sums) {
+  /* After the weave, 128-bit lane L of pairs[q] holds the pairs of byte positions 16L + 4q .. + 3, so byte position
+     p = 16L + 4q + j must hold code 16q + 4L + j. Four consecutive 6-bit codes fill 3 bytes: 64-bit lane l gathers
+     the two runs of 4 codes its 8 byte positions need (codes 16q + 4L .. + 3 for q = 2 (l % 2) and q + 1, L = l / 2,
+     from byte 12q + 3L on), code j of the lane at bit 6j. */
+  int8_t spread_bytes[64], field_bytes[64];
+  for (int p = 0; p < 64; p++) {
+    const int l = p / 8, b = p % 8, q = 2 * (l % 2) + (b >= 3);
+    spread_bytes[p] = (int8_t)(b < 6 ? 12 * q + 3 * (l / 2) + b % 3 : 0);
+    field_bytes[p] = (int8_t)(6 * b);
+  }
+  const __m512i spread = _mm512_loadu_si512(spread_bytes), fields = _mm512_loadu_si512(field_bytes);
+  const __m512i table[4] = {_mm512_loadu_si512(planes), _mm512_loadu_si512(planes + 64),
+                            _mm512_loadu_si512(planes + 128), _mm512_loadu_si512(planes + 192)};
+  __m512 acc[2][4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()},
+                      {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
+  int64_t done = 0;
+  while (codes - done >= 16) {
+    const int64_t n = codes - done >= 64 ? 64 : (codes - done) / 16 * 16;
+    const uint8_t *at = row + done * 6 / 8;
+    const int64_t bytes = n * 6 / 8, left = end - at, load = left < bytes ? left : bytes; /* at most 48 */
+    const __m512i code = _mm512_multishift_epi64_epi8(
+        fields, _mm512_permutexvar_epi8(spread, _mm512_maskz_loadu_epi8((1ULL << load) - 1, at)));
+    __m512i byte[4];
+    for (int p = 0; p < 4; p++) byte[p] = _mm512_permutexvar_epi8(code, table[p]);
+    const __m512i first0 = _mm512_unpacklo_epi8(byte[0], byte[1]), next0 = _mm512_unpackhi_epi8(byte[0], byte[1]);
+    const __m512i first1 = _mm512_unpacklo_epi8(byte[2], byte[3]), next1 = _mm512_unpackhi_epi8(byte[2], byte[3]);
+    const __m512i pairs[4] = {_mm512_unpacklo_epi16(first0, first1), _mm512_unpackhi_epi16(first0, first1),
+                              _mm512_unpacklo_epi16(next0, next1), _mm512_unpackhi_epi16(next0, next1)};
+    const int64_t k = 2 * done;
+    for (int q = 0; q < n / 16; q++) { /* pairs[q]: weights 32q .. 32q + 31 of the step */
+      const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(pairs[q]));
+      const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(pairs[q], 1));
+      if (w) {
+        _mm512_storeu_ps(w + k + 32 * q, lo);
+        _mm512_storeu_ps(w + k + 32 * q + 16, hi);
+      } else {
+        for (int64_t m = 0; m < M; m++) {
+          acc[0][m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + m * K + k + 32 * q), acc[0][m]);
+          acc[1][m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + m * K + k + 32 * q + 16), acc[1][m]);
+        }
+      }
+    }
+    done += n;
+  }
+  if (!w)
+    for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
+  return done / 8;
+}
+
+/* The 4 byte planes of a 64-entry table of float16 2-vectors (`src`: 256 bytes, entry e's part t's byte b at 4e + 2t
+   + b, which goes to plane 2t + b at e): each plane two 128-byte permutes, one per half of the entries. */
+static void planes64(const uint16_t *src, uint8_t *planes) {
+  const __m512i a = _mm512_loadu_si512(src), b = _mm512_loadu_si512(src + 32), c = _mm512_loadu_si512(src + 64),
+                d = _mm512_loadu_si512(src + 96);
+  int8_t index[64];
+  for (int p = 0; p < 4; p++) {
+    for (int e = 0; e < 64; e++) index[e] = (int8_t)((4 * e + p) & 127);
+    const __m512i at = _mm512_loadu_si512(index);
+    _mm512_storeu_si512(planes + 64 * p, _mm512_mask_blend_epi8(0xFFFFFFFF00000000ULL, _mm512_permutex2var_epi8(a, at, b),
+                                                                _mm512_permutex2var_epi8(c, at, d)));
+  }
+}
+
 #endif
 
 int wants_pairs(const Call *c) {
@@ -221,8 +295,9 @@ void permute_inputs(const Call *c, float *pairs) {
   }
 }
 
-/* 2-vector code books of 16 or 64 float16 entries (GPTVQ's 2- and 3-bit): looked up by byte shuffles (pair_shuffles),
-   from the table split into byte planes after its float32 copy in the scratch. */
+/* 2-vector code books of 16 or 64 float16 entries (GPTVQ's 2- and 3-bit): looked up in byte planes (AVX2:
+   pair_shuffles; AVX-512 VBMI, 64 entries: pair_planes64), from the table split into byte planes after its float32
+   copy in the scratch. */
 static inline int pair_planes_apply(const Call *c) {
   return c->dim == 2 && !c->table_is_int8 && (c->bits == 4 || c->bits == 6);
 }
@@ -241,14 +316,19 @@ static const float *table_of(const Call *c, Scratch *s, int64_t n) {
       const uint16_t *src = (const uint16_t *)c->table + t * count;
       for (; i + 8 <= count; i += 8) _mm256_storeu_ps(s->tab + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
       for (; i < count; i++) s->tab[i] = half_to_float(src[i]);
-      if (pair_planes_apply(c)) { /* for pair_shuffles: plane 2 * part + byte holds that byte of every entry's part */
+      if (pair_planes_apply(c)) { /* plane 2 * part + byte holds that byte of every entry's part */
         uint8_t *planes = (uint8_t *)(s->tab + count + 16);
         const int64_t entries = (int64_t)1 << c->bits;
-        for (int64_t e = 0; e < entries; e++)
-          for (int part = 0; part < 2; part++) {
-            planes[(2 * part) * entries + e] = (uint8_t)(src[2 * e + part] & 0xFF);
-            planes[(2 * part + 1) * entries + e] = (uint8_t)(src[2 * e + part] >> 8);
-          }
+#ifdef WIDE_LOOKUPS
+        if (entries == 64)
+          planes64(src, planes);
+        else
+#endif
+          for (int64_t e = 0; e < entries; e++)
+            for (int part = 0; part < 2; part++) {
+              planes[(2 * part) * entries + e] = (uint8_t)(src[2 * e + part] & 0xFF);
+              planes[(2 * part + 1) * entries + e] = (uint8_t)(src[2 * e + part] >> 8);
+            }
       }
     }
     s->table = t;
@@ -262,7 +342,7 @@ int64_t table_floats(const Call *c) {
     const int64_t groups = (c->K + c->group_size - 1) / c->group_size;
     return groups + 16 + (c->M <= 4 ? c->M * groups : 0);
   }
-  /* the lookups read whole 16-float registers; then pair_shuffles' byte planes (4 bytes an entry) */
+  /* the lookups read whole 16-float registers; then the byte planes (4 bytes an entry) */
   return ((int64_t)1 << c->bits) * (c->dim + (pair_planes_apply(c) ? 1 : 0)) + 16;
 }
 
@@ -467,6 +547,8 @@ static inline __attribute__((always_inline)) void lut_row(const Call *c, Scratch
 #ifdef WIDE_LOOKUPS
     if ((dim == 2 || dim == 4 || dim == 8) && ((int64_t)1 << bits) * dim <= 32)
       g = vector_sixteen(row, end, bits, dim, groups, tab, w, x, M, K, wide);
+    else if (bits == 6 && pair_planes_apply(c))
+      g = pair_planes64(row, end, codes, (const uint8_t *)(tab + ((int64_t)1 << bits) * dim + 16), w, x, M, K, wide);
 #endif
     if (g == 0 && bits == 8 && (dim == 2 || dim == 4))
       g = byte_vectors(row, dim, groups, tab, w, x, M, K, acc, acc2);
