@@ -267,8 +267,8 @@ static void planes64(const uint16_t *src, uint8_t *planes) {
   for (int p = 0; p < 4; p++) {
     for (int e = 0; e < 64; e++) index[e] = (int8_t)((4 * e + p) & 127);
     const __m512i at = _mm512_loadu_si512(index);
-    _mm512_storeu_si512(planes + 64 * p, _mm512_mask_blend_epi8(0xFFFFFFFF00000000ULL, _mm512_permutex2var_epi8(a, at, b),
-                                                                _mm512_permutex2var_epi8(c, at, d)));
+    const __m512i first = _mm512_permutex2var_epi8(a, at, b), second = _mm512_permutex2var_epi8(c, at, d);
+    _mm512_storeu_si512(planes + 64 * p, _mm512_mask_blend_epi8(0xFFFFFFFF00000000ULL, first, second));
   }
 }
 
