@@ -296,10 +296,14 @@ void permute_inputs(const Call *c, float *pairs) {
 }
 
 /* 2-vector code books of 16 or 64 float16 entries (GPTVQ's 2- and 3-bit): looked up in byte planes (AVX2:
-   pair_shuffles; AVX-512 VBMI, 64 entries: pair_planes64), from the table split into byte planes after its float32
-   copy in the scratch. */
+   pair_shuffles; AVX-512 VBMI, 64 entries only: pair_planes64, as vector_sixteen's permutes take 16), from the table
+   split into byte planes after its float32 copy in the scratch. */
 static inline int pair_planes_apply(const Call *c) {
+#ifdef WIDE_LOOKUPS
+  return c->dim == 2 && !c->table_is_int8 && c->bits == 6;
+#else
   return c->dim == 2 && !c->table_is_int8 && (c->bits == 4 || c->bits == 6);
+#endif
 }
 
 /* Table t of the call in float32 (cached in the scratch while the rows share it). */
