@@ -3,8 +3,9 @@
     python bench/kernels.py [--peak-gbs 3350] [--copies 8] [--iters 50]
 
 For each weight shape (out x in) 4096x4096, 11008x4096, 4096x11008 and batch 1, 4, 16, and for each
-format (4/3/2-bit int g128, 4-bit palette per channel, 2:4 + 4-bit, 50% bitmap + fp16), prints the
-median time of one product, the bytes the kernel must read (weights + activations + output) per
+format (4/3/2-bit int g128, 4-bit palette per channel, the frontier recipes' GPTVQ code books: 3-bit 2-vectors
+with 64-entry books, 2-bit 4-vectors and 4-bit 2-vectors with 256-entry books; 2:4 + 4-bit, 50% bitmap + fp16),
+prints the median time of one product, the bytes the kernel must read (weights + activations + output) per
 second, that as a share of the GPU's peak memory bandwidth (--peak-gbs, H100 SXM: 3350 GB/s), and the
 speed-up over ``x @ W.T`` in fp16. ``--copies`` distinct weight copies are cycled so each call reads
 its weights from HBM, not from L2 (50 MB on an H100). The calls over the copies are captured in a CUDA
@@ -25,6 +26,8 @@ import common  # noqa: E402
 
 from compress import kernels  # noqa: E402
 from compress.formats import DenseWeight, SparseWeight, compact, quantize_rtn  # noqa: E402
+from compress.formats.vector import VectorWeight  # noqa: E402
+from compress.passes.gptvq import GPTVQConfig  # noqa: E402
 from compress.passes.kmeans import KMeansConfig, palettize  # noqa: E402
 from compress.quant import QuantSpec  # noqa: E402
 
@@ -41,9 +44,23 @@ def make_formats(w: torch.Tensor) -> dict:
         "int3 g128": quantize_rtn(w, QuantSpec(3, 128)),
         "int2 g128": quantize_rtn(w, QuantSpec(2, 128)),
         "palette4 channel": palettize(w, KMeansConfig(type="kmeans", bits=4, iterations=3)),
+        **{f"gptvq{bits} d{dim} ({recipe})": code_book_layout(w.shape, bits, dim, table)
+           for bits, dim, table, recipe in ((3, 2, 16896, "w3-frontier"), (2, 4, 73728, "w2-frontier"),
+                                            (4, 2, 98304, "w4-frontier"))},
         "2:4 + int4 g64": SparseWeight(m24, quantize_rtn(compact(w, m24), QuantSpec(4, 64)), "2:4"),
         "50% bitmap + fp16": SparseWeight(m50, DenseWeight(compact(w, m50))),
     }
+
+
+def code_book_layout(shape, bits: int, dim: int, table_weights: int) -> VectorWeight:
+    """A GPTVQ weight of the frontier recipes' layout with random codes and code books: the kernel reads the same
+    bytes whatever they hold, and GPTVQ's k-means on the CPU would take minutes at these shapes."""
+    rows, cols = shape
+    rpt = min(GPTVQConfig(bits=bits, dim=dim, table_weights=table_weights).rows_per_table(cols), rows)
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 1 << (bits * dim), (rows, cols // dim), generator=g)
+    books = torch.randn(-(-rows // rpt), 1 << (bits * dim), dim, generator=g)
+    return VectorWeight.from_codes(codes, books, torch.rand(rows, generator=g) * 0.02 + 0.01, bits * dim, rpt)
 
 
 def timed(fn, iters: int, copies: int) -> float:

@@ -29,8 +29,11 @@ from common import ROOT, append_result, current_commit, load_results, print_tabl
 # bench/onnx.py would shadow the onnx package that compress imports
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-# name -> Llama config fields (the 1B, 3B and 8B shapes are Llama 3.2-1B, 3.2-3B and 3.1-8B)
+# name -> Llama config fields (the 1B, 3B and 8B shapes are Llama 3.2-1B, 3.2-3B and 3.1-8B; vocabulary VOCAB
+# unless given)
 SHAPES = {
+    "135M": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, tie_word_embeddings=True, vocab_size=49152),  # SmolLM2-135M's shape
     "1B-half-depth": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=8, num_attention_heads=32,
                           num_key_value_heads=8, tie_word_embeddings=True),
     "1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -52,9 +55,10 @@ RECIPES = {
 COMMON = "name: scale\nexport: {dense_dtype: bfloat16}\nevaluate: {max_windows: 2, seq_len: 256}\n"
 
 
-def make_model(name: str, folder: Path) -> Path:
+def make_model(name: str, folder: Path, tokenizer: Path | None = None) -> Path:
     """A random-weight bf16 Llama of shape ``name`` written shard by shard (one block's tensors at a time in
-    memory) with SmolLM2's tokenizer (its ids are a subset of the vocabulary)."""
+    memory) with SmolLM2's tokenizer (its ids are a subset of the vocabulary), read from the folder ``tokenizer``
+    when given (a machine without the offline model)."""
     import torch
     import transformers
     from safetensors.torch import save_file
@@ -67,8 +71,8 @@ def make_model(name: str, folder: Path) -> Path:
     tmp = folder / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, dtype="bfloat16",
-                                      **SHAPES[name])
+    config = transformers.LlamaConfig(**{"vocab_size": VOCAB, "max_position_embeddings": 4096, "dtype": "bfloat16",
+                                         **SHAPES[name]})
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(config)
     groups: dict[str, dict] = {}
@@ -96,7 +100,8 @@ def make_model(name: str, folder: Path) -> Path:
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}))
     config.save_pretrained(tmp)
-    resolve("smollm2-135m")[1].save_pretrained(tmp)
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer) if tokenizer else resolve("smollm2-135m")[1]
+    tok.save_pretrained(tmp)
     os.replace(tmp, path)
     return path
 
@@ -184,6 +189,8 @@ def main():
                     "models are written (8B: 16 GB)")
     ap.add_argument("--only", default=None, help="rows whose 'shape recipe' starts with this")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tokenizer", type=Path, default=None, help="a folder holding SmolLM2's tokenizer (default: "
+                    "the offline model's)")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--cached-only", action="store_true")
     ap.add_argument("--keep-models", action="store_true", help="keep the synthetic models after measuring")
@@ -206,7 +213,7 @@ def main():
             r = stored.get(key)
             if r is None and not a.cached_only:
                 a.models.mkdir(parents=True, exist_ok=True)
-                model, made = make_model(shape, a.models), True
+                model, made = make_model(shape, a.models, a.tokenizer), True
                 commit = current_commit()  # before measuring: edits may land while it runs
                 r = {**measure(model, recipe, a.models, a.device), "commit": commit,
                      "measured": time.strftime("%Y-%m-%d %H:%M")}

@@ -84,7 +84,8 @@ class VectorWeight(WeightFormat):
 
     def kernel_plan(self):
         """The vector look-up mode of ``cuda/compressed_gemv.cu``: one code per ``dim`` columns, the row's code book
-        (float32) and scale. The GPU decoder (prefill batches) does not read it: every batch runs the GEMV."""
+        (float32) and scale. Prefill batches and float32 activations gather the weights on the GPU from the same
+        buffers (``kernels.plan.vector_values``) and multiply with cuBLAS."""
         from ..kernels.plan import COL_DENSE, VLUT, KernelPlan, empty_dims
 
         rows, cols = self.shape

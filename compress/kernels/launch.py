@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .plan import COL_NM, DENSE, DIMS, DTYPE_NAMES, KernelPlan, decodable, takes_fast_path
+from ..packing import unpack_rows
+from .plan import COL_NM, DENSE, DIMS, DTYPE_NAMES, VLUT, KernelPlan, decodable, takes_fast_path, vector_values
 
 CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
 SOURCES = ("quant_gemv.cu", "compressed_gemv.cu", "kmeans_assign.cu")
@@ -192,8 +193,6 @@ def dequantize(fmt, device: torch.device, dtype: torch.dtype) -> torch.Tensor | 
 def decode_plan(plan: KernelPlan, device, dtype: torch.dtype) -> torch.Tensor:
     """W ``[out, in]`` of a decodable plan in ``dtype`` on ``device``: kept values (one thread per 32 codes),
     scattered to their columns when sparse, outliers added."""
-    from ..packing import unpack_rows
-
     bufs = plan.device_buffers[device]
     decoded = torch.float32 if plan.outliers is not None else dtype  # outliers: correct before rounding
     values = _decode_values(plan, bufs, device, decoded)
@@ -221,6 +220,10 @@ def _decode_values(plan: KernelPlan, bufs: dict, device, dtype: torch.dtype) -> 
 
     if plan.value_mode == DENSE:
         return bufs["values"].reshape(plan.rows, plan.kept).to(dtype)
+    if plan.value_mode == VLUT:
+        codes = unpack_rows(bufs["codes"][:plan.buffers["codes"].numel()].view(plan.buffers["codes"].shape),
+                            plan.dims["bits"], plan.kept)
+        return vector_values(plan, codes, bufs["lut"], bufs["scales"]).to(dtype)
     w = torch.empty(plan.rows, plan.kept, dtype=dtype, device=device)
     threads = plan.rows * (plan.kept // 32)
     kernel = dequant_kernel(dtype, plan.value_mode, plan.dims["bits"])

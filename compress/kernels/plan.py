@@ -78,20 +78,30 @@ def kernel_plan(fmt) -> KernelPlan | None:
 def takes_fast_path(plan: KernelPlan) -> bool:
     """True when cuda/quant_gemv.cu serves the plan: dense columns, 2/3/4/8-bit codes, K a multiple of 32
     and whole 32-code chunks per group."""
-    return (plan.col_mode == COL_DENSE and plan.bitmap is None and plan.value_mode != DENSE
+    return (plan.col_mode == COL_DENSE and plan.bitmap is None and plan.value_mode not in (DENSE, VLUT)
             and decodable(plan))
 
 
 def decodable(plan: KernelPlan) -> bool:
-    """True when the GPU can decode the plan's kept values (fp16 values, or codes the ``quant_dequant``
-    template reads: 2/3/4/8 bits, a multiple of 32 kept per row, whole 32-code chunks per group); the
+    """True when the GPU can decode the plan's kept values (fp16 values, vector code books, or codes the
+    ``quant_dequant`` template reads: 2/3/4/8 bits, a multiple of 32 kept per row, whole 32-code chunks per group); the
     positions of sparse layouts are then scattered with torch."""
     d = plan.dims
-    if plan.value_mode == DENSE:
+    if plan.value_mode in (DENSE, VLUT):  # VLUT: gathered from the code books by torch on the device
         return True
     return (plan.value_mode in (INT_ASYM, INT_SYM, GRID, LUT) and plan.kept % 32 == 0 and d["bits"] in QUANT_BITS
             and d["row_bytes"] == plan.kept * d["bits"] // 8
             and (plan.value_mode == LUT or d["group_size"] % 32 == 0))
+
+
+def vector_values(plan: KernelPlan, codes: torch.Tensor, lut: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The weights ``[out, in]`` (float32) of a VLUT plan from its unpacked codes ``[out, in/dim]``, code books and
+    row scales, on their device: code j of row r holds columns ``j*dim .. j*dim+dim-1``, read from the row's book."""
+    d = plan.dims
+    dim, size = d["vector_dim"], 1 << d["bits"]
+    table = torch.arange(plan.rows, device=codes.device) // d["rows_per_table"]
+    slots = (table * size)[:, None] + codes.long()
+    return lut.float().reshape(-1, dim)[slots].reshape(plan.rows, plan.cols) * scales.float().reshape(-1, 1)
 
 
 def emulate(plan: KernelPlan, x: torch.Tensor) -> torch.Tensor:
@@ -103,11 +113,9 @@ def emulate(plan: KernelPlan, x: torch.Tensor) -> torch.Tensor:
         values = b["values"].float()
     else:
         codes = unpack_rows(b["codes"], d["bits"], kept).long()
-        if plan.value_mode == VLUT:  # code j: the weights of columns j*dim .. j*dim+dim-1
-            dim, size = d["vector_dim"], 1 << d["bits"]
-            slots = (torch.arange(rows) // d["rows_per_table"] * size)[:, None] + codes
-            values = b["lut"].reshape(-1, dim)[slots].reshape(rows, kept * dim) * b["scales"].float()
-            kept, k = kept * dim, torch.arange(kept * dim)
+        if plan.value_mode == VLUT:
+            values = vector_values(plan, codes, b["lut"], b["scales"])
+            kept, k = plan.cols, torch.arange(plan.cols)
         elif plan.value_mode == LUT:
             size = 1 << d["bits"]
             values = b["lut"][(torch.arange(rows) // d["rows_per_table"] * size)[:, None] + codes]
