@@ -90,35 +90,33 @@ static inline __attribute__((always_inline)) int64_t nibble_pairs(const uint8_t 
   return 32 * steps;
 }
 
-/* 2- or 3-bit codes, 32 codes (8 or 12 bytes) a step: each run of 8 codes (`bits` bytes) moved into a 64-bit lane of
-   its own by one byte permute, cut into bytes by one multishift, each 16 weights then one widening and one lookup in
-   `tab` (`bits` a constant in each inlined copy). With
-   `scales` (GridMatMul: groups of `size`, a multiple of 16) each 16 weights also take their group's scale and offset
-   in one multiply-add; a palette passes NULL. Stops where a 16-byte load would pass `end`. Returns the 8-code groups
-   done. */
+/* 2- or 3-bit codes, 32 codes (8 or 12 bytes) a step, two runs of 16: each run's 64-bit word (its 4 or 6 bytes and
+   what follows) broadcast to every lane by the load, cut by one multishift into the low byte of each 32-bit lane at
+   its code's offset, and looked up in `tab` by one permute, which reads an index's low 4 bits: the bits above the
+   code (the next code's) land in copies of the table, `tab`'s first 2^bits floats repeated over the register
+   (`bits` a constant in each inlined copy). With `scales` (GridMatMul: groups of `size`, a multiple of 16) each 16
+   weights also take their group's scale and offset in one multiply-add; a palette passes NULL. Stops where an
+   8-byte load would pass `end`. Returns the 8-code groups done. */
 static inline __attribute__((always_inline)) int64_t packed_runs(const uint8_t *row, const uint8_t *end, int bits,
                                                                  int64_t codes, const float *tab, int64_t size,
                                                                  const float *scales, const float *offsets, float *w,
                                                                  const float *x, int64_t M, int64_t K, float *sums) {
   int64_t steps = codes / 32;
-  while (steps > 0 && row + 4 * bits * (steps - 1) + 16 > end) steps--;
-  int8_t spread_bytes[64], field_bytes[64];
-  for (int b = 0; b < 64; b++) {
-    spread_bytes[b] = (int8_t)(b < 32 ? bits * (b / 8) + b % 8 : 0); /* lane k: bytes bits * k .. bits * k + 7 */
-    field_bytes[b] = (int8_t)(bits * (b % 8));                       /* byte j of a lane: bits bits * j .. + 7 */
-  }
-  const __m512i spread = _mm512_loadu_si512(spread_bytes), fields = _mm512_loadu_si512(field_bytes);
-  const __m256i mask = _mm256_set1_epi8((char)((1 << bits) - 1));
-  const __m512 table = _mm512_loadu_ps(tab);
+  while (steps > 0 && row + 4 * bits * (steps - 1) + 2 * bits + 8 > end) steps--;
+  int8_t field_bytes[64];
+  for (int b = 0; b < 64; b++) field_bytes[b] = (int8_t)(bits * (2 * (b / 8) + (b % 8) / 4)); /* lane b/4's code */
+  const __m512i fields = _mm512_loadu_si512(field_bytes);
+  const __m512 table = bits == 2 ? _mm512_broadcast_f32x4(_mm_loadu_ps(tab))
+                                 : _mm512_broadcast_f32x8(_mm256_loadu_ps(tab));
   __m512 acc[2][4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()},
                       {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
   int64_t g = 0, left = size; /* the group of the next 16 weights, its weights from them on */
   for (int64_t i = 0; i < steps; i++) {
-    const __m512i chunk = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(row + 4 * bits * i)));
-    const __m512i cut = _mm512_multishift_epi64_epi8(fields, _mm512_permutexvar_epi8(spread, chunk));
-    const __m256i code = _mm256_and_si256(_mm512_castsi512_si256(cut), mask);
-    __m512 first = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(code)), table);
-    __m512 second = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(code, 1)), table);
+    int64_t run[2];
+    memcpy(run, row + 4 * bits * i, 8);
+    memcpy(run + 1, row + 4 * bits * i + 2 * bits, 8);
+    __m512 first = _mm512_permutexvar_ps(_mm512_multishift_epi64_epi8(fields, _mm512_set1_epi64(run[0])), table);
+    __m512 second = _mm512_permutexvar_ps(_mm512_multishift_epi64_epi8(fields, _mm512_set1_epi64(run[1])), table);
     if (scales) {
       first = _mm512_fmadd_ps(first, _mm512_set1_ps(scales[g]), _mm512_set1_ps(offsets ? offsets[g] : 0.0f));
       if ((left -= 16) == 0) {
