@@ -215,7 +215,7 @@ def decode_plan(plan: KernelPlan, device, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _decode_values(plan: KernelPlan, bufs: dict, device, dtype: torch.dtype) -> torch.Tensor:
-    """The kept values ``[out, kept]`` in ``dtype``."""
+    """The kept values ``[out, kept]`` in ``dtype`` (vector code books: the weights ``[out, in]``, gathered)."""
     import numpy as np
 
     if plan.value_mode == DENSE:
