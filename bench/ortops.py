@@ -64,34 +64,39 @@ def _session(kind: str, bits: int, dim: int, group: int, threads: int, layers: i
     for i in range(layers):
         k, n = (576, 1536) if i % 2 == 0 else (1536, 576)
         y = f"h{i}"
+        gain = 1 / np.sqrt(k)  # weights of standard deviation 1/sqrt(k): the activations keep their size down the
+        # chain (a chain that shrinks them reaches denormal floats, which every kernel computes many times slower)
         if kind == "lut":
             codes = rng.integers(0, 1 << bits, (n, k // dim))
             per_table = group or 1
-            table = (rng.standard_normal((-(-n // per_table), 1 << bits, dim)) * 0.05).astype(np.float16)
+            table = (rng.standard_normal((-(-n // per_table), 1 << bits, dim)) * gain).astype(np.float16)
             inits += [numpy_helper.from_array(pack_rows(torch.tensor(codes), bits).numpy(), f"c{i}"),
                       numpy_helper.from_array(table, f"t{i}")]
             nodes.append(helper.make_node("LutMatMul", [x, f"c{i}", f"t{i}"], [y], domain=ortops.DOMAIN, K=k, N=n,
                                           bits=bits, dim=dim, rows_per_table=per_table))
         elif kind == "grid":  # dim 1: an NF code book; dim 0: codes, scales and offsets
             codes = rng.integers(0, 1 << bits, (n, k))
-            scales = (rng.random((n, k // group)) * 0.01).astype(np.float32)
+            spread = 1.0 if dim else (1 << bits) / np.sqrt(12)  # NF code book ~ N(0, 1); codes - 2^(bits-1)
+            scales = ((0.5 + rng.random((n, k // group))) * gain / spread).astype(np.float32)
             inits += [numpy_helper.from_array(pack_rows(torch.tensor(codes), bits).numpy(), f"c{i}"),
                       numpy_helper.from_array(scales, f"s{i}")]
             extra = [f"o{i}"] if not dim else ["", f"t{i}"]
-            inits.append(numpy_helper.from_array(-scales * (1 << (bits - 1)), f"o{i}") if not dim else
-                         numpy_helper.from_array(np.sort(rng.standard_normal(1 << bits)).astype(np.float32), f"t{i}"))
+            book = np.sort(rng.standard_normal(1 << bits))
+            inits.append(numpy_helper.from_array(-scales * ((1 << (bits - 1)) - 0.5), f"o{i}") if not dim else
+                         numpy_helper.from_array((book - book.mean()).astype(np.float32), f"t{i}"))
             nodes.append(helper.make_node("GridMatMul", [x, f"c{i}", f"s{i}", *extra], [y], domain=ortops.DOMAIN,
                                           K=k, N=n, bits=bits, group_size=group))
         elif kind == "half":
-            inits.append(numpy_helper.from_array((rng.standard_normal((n, k)) * 0.05).astype(np.float16), f"w{i}"))
+            inits.append(numpy_helper.from_array((rng.standard_normal((n, k)) * gain).astype(np.float16), f"w{i}"))
             nodes.append(helper.make_node("HalfMatMul", [x, f"w{i}"], [y], domain=ortops.DOMAIN, K=k, N=n))
         elif kind == "fp32":
-            inits.append(numpy_helper.from_array((rng.standard_normal((k, n)) * 0.05).astype(np.float32), f"w{i}"))
+            inits.append(numpy_helper.from_array((rng.standard_normal((k, n)) * gain).astype(np.float32), f"w{i}"))
             nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y]))
         else:
             block = group
-            codes = rng.integers(0, 256, (n, k // block, block // 2)).astype(np.uint8)
-            scales = (rng.random(n * (k // block)) * 0.01).astype(np.float32)
+            codes = (rng.integers(1, 16, (n, k // block, block // 2)) * 17).astype(np.uint8)  # two codes of 1-15:
+            # centred on the zero point, 8
+            scales = ((0.5 + rng.random(n * (k // block))) * gain / (16 / np.sqrt(12))).astype(np.float32)
             inits += [numpy_helper.from_array(codes, f"q{i}"), numpy_helper.from_array(scales, f"s{i}")]
             nodes.append(helper.make_node("MatMulNBits", [x, f"q{i}", f"s{i}"], [y], domain="com.microsoft", K=k, N=n,
                                           bits=4, block_size=block))

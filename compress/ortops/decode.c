@@ -54,49 +54,14 @@ static inline __m256 look_up(__m256i idx, int bits, __m256 lo, __m256 hi, const 
 
 #if defined(__AVX512F__) && defined(__AVX512VBMI__)
 #define WIDE_LOOKUPS
-/* 4-bit codes, dot products only: 32 codes (16 bytes) a step, the low nibbles (codes 0, 2, .., 30) and the high ones
-   (1, 3, .., 31) split with plain byte arithmetic, so each 16 weights cost one widening and one lookup in `tab` (16
-   floats); the tokens come with their inputs in the same order (`pairs`: permute_inputs). With `scales` (GridMatMul:
-   groups of `size`, a multiple of 32) each 16 weights also take their group's scale and offset in one multiply-add;
-   a palette passes NULL (a constant: the inlined copy has no such step). Returns the codes done. */
-static inline __attribute__((always_inline)) int64_t nibble_pairs(const uint8_t *row, int64_t steps, const float *tab,
-                                                                  int64_t size, const float *scales,
-                                                                  const float *offsets, const float *pairs, int64_t M,
-                                                                  int64_t K, float *sums) {
-  const __m512 table = _mm512_loadu_ps(tab);
-  const __m128i low = _mm_set1_epi8(15);
-  __m512 acc[2][4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()},
-                      {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
-  int64_t g = 0, left = size; /* the group of the step's weights, its weights after them (no division a step) */
-  for (int64_t i = 0; i < steps; i++) {
-    const __m128i bytes = _mm_loadu_si128((const __m128i *)(row + 16 * i));
-    __m512 even = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low)), table);
-    __m512 odd = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low)), table);
-    if (scales) {
-      const __m512 scale = _mm512_set1_ps(scales[g]), offset = _mm512_set1_ps(offsets ? offsets[g] : 0.0f);
-      even = _mm512_fmadd_ps(even, scale, offset);
-      odd = _mm512_fmadd_ps(odd, scale, offset);
-      if ((left -= 32) == 0) {
-        g++;
-        left = size;
-      }
-    }
-    for (int64_t m = 0; m < M; m++) {
-      acc[0][m] = _mm512_fmadd_ps(even, _mm512_loadu_ps(pairs + m * K + 32 * i), acc[0][m]);
-      acc[1][m] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(pairs + m * K + 32 * i + 16), acc[1][m]);
-    }
-  }
-  for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
-  return 32 * steps;
-}
-
-/* 2- or 3-bit codes, 32 codes (8 or 12 bytes) a step, two runs of 16: each run's 64-bit word (its 4 or 6 bytes and
-   what follows) broadcast to every lane by the load, cut by one multishift into the low byte of each 32-bit lane at
-   its code's offset, and looked up in `tab` by one permute, which reads an index's low 4 bits: the bits above the
-   code (the next code's) land in copies of the table, `tab`'s first 2^bits floats repeated over the register
-   (`bits` a constant in each inlined copy). With `scales` (GridMatMul: groups of `size`, a multiple of 16) each 16
-   weights also take their group's scale and offset in one multiply-add; a palette passes NULL. Stops where an
-   8-byte load would pass `end`. Returns the 8-code groups done. */
+/* 2-, 3- or 4-bit codes, 32 codes (8, 12 or 16 bytes) a step, two runs of 16: each run's 64-bit word (its 4, 6 or 8
+   bytes and what follows) broadcast to every lane by the load, cut by one multishift into the low byte of each 32-bit
+   lane at its code's offset, and looked up in `tab` by one permute, which reads an index's low 4 bits: below 4 bits,
+   the bits above the code (the next code's) land in copies of the table, `tab`'s first 2^bits floats repeated over
+   the register (`bits` a constant in each inlined copy). With `scales` (GridMatMul: groups of `size`, a multiple of
+   16) each 16 weights also take their group's scale and offset in one multiply-add; a palette passes NULL. Stops
+   where an 8-byte load would pass `end`. Returns the 8-code groups done. (Splitting 4-bit codes into even and odd
+   nibbles, with the inputs permuted to match, was slower: one widening per 16 codes besides the permute.) */
 static inline __attribute__((always_inline)) int64_t packed_runs(const uint8_t *row, const uint8_t *end, int bits,
                                                                  int64_t codes, const float *tab, int64_t size,
                                                                  const float *scales, const float *offsets, float *w,
@@ -106,8 +71,9 @@ static inline __attribute__((always_inline)) int64_t packed_runs(const uint8_t *
   int8_t field_bytes[64];
   for (int b = 0; b < 64; b++) field_bytes[b] = (int8_t)(bits * (2 * (b / 8) + (b % 8) / 4)); /* lane b/4's code */
   const __m512i fields = _mm512_loadu_si512(field_bytes);
-  const __m512 table = bits == 2 ? _mm512_broadcast_f32x4(_mm_loadu_ps(tab))
-                                 : _mm512_broadcast_f32x8(_mm256_loadu_ps(tab));
+  const __m512 table = bits == 2   ? _mm512_broadcast_f32x4(_mm_loadu_ps(tab))
+                       : bits == 3 ? _mm512_broadcast_f32x8(_mm256_loadu_ps(tab))
+                                   : _mm512_loadu_ps(tab);
   __m512 acc[2][4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()},
                       {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
   int64_t g = 0, left = size; /* the group of the next 16 weights, its weights from them on */
@@ -271,27 +237,6 @@ static void planes64(const uint16_t *src, uint8_t *planes) {
 }
 
 #endif
-
-int wants_pairs(const Call *c) {
-#ifdef WIDE_LOOKUPS
-  return (c->dim == 1 || (c->grid_scales && c->group_size % 32 == 0)) && c->bits == 4 && c->K >= 32;
-#else
-  (void)c;
-  return 0;
-#endif
-}
-
-void permute_inputs(const Call *c, float *pairs) {
-  for (int64_t m = 0; m < c->M; m++) {
-    const float *x = c->x + m * c->K;
-    float *out = pairs + m * c->K;
-    for (int64_t s = 0; s + 32 <= c->K; s += 32)
-      for (int j = 0; j < 16; j++) {
-        out[s + j] = x[s + 2 * j];
-        out[s + 16 + j] = x[s + 2 * j + 1];
-      }
-  }
-}
 
 /* 2-vector code books of 16 or 64 float16 entries (GPTVQ's 2- and 3-bit): looked up in byte planes (AVX2:
    pair_shuffles; AVX-512 VBMI, 64 entries only: pair_planes64, as vector_sixteen's permutes take 16), from the table
@@ -522,13 +467,13 @@ static inline __attribute__((always_inline)) void lut_row(const Call *c, Scratch
   } while (0)
     int64_t wide_groups = 0; /* groups of eight done 16 codes at a time (AVX-512) */
 #ifdef WIDE_LOOKUPS
-    if (!w && c->pairs)
-      wide_groups = nibble_pairs(row, codes / 32, tab, 0, NULL, NULL, c->pairs, M, K, wide) / 8;
+    if (bits == 4) /* one copy per width */
+      wide_groups = packed_runs(row, end, 4, codes, tab, 0, NULL, NULL, w, x, M, K, wide);
     else if (bits == 3)
       wide_groups = packed_runs(row, end, 3, codes, tab, 0, NULL, NULL, w, x, M, K, wide);
     else if (bits == 2)
       wide_groups = packed_runs(row, end, 2, codes, tab, 0, NULL, NULL, w, x, M, K, wide);
-    else if (bits <= 4)
+    else if (bits == 1)
       wide_groups = vector_sixteen(row, end, bits, 1, groups, tab, w, x, M, K, wide);
 #else
     if (bits == 4) wide_groups = palette_nibbles(c, n, row, codes, w, x, M, K, acc, acc2);
@@ -847,8 +792,8 @@ static inline __attribute__((always_inline)) void grid_row(const Call *c, Scratc
 #ifdef WIDE_LOOKUPS
   float shifted[16]; /* v(code) - zero for every code */
   for (int i = 0; i < 16; i++) shifted[i] = (table ? padded[i] : (float)i) - c->grid_zero;
-  if (!w && c->pairs) /* wants_pairs: 4-bit codes, groups of a multiple of 32 */
-    k = nibble_pairs(codes, K / 32, shifted, size, scales, offsets, c->pairs, M, K, tail);
+  if (bits == 4 && size % 16 == 0)
+    k = 8 * packed_runs(codes, end, 4, K, shifted, size, scales, offsets, w, x, M, K, tail);
   else if (bits == 3 && size % 16 == 0)
     k = 8 * packed_runs(codes, end, 3, K, shifted, size, scales, offsets, w, x, M, K, tail);
   else if (bits == 2 && size % 16 == 0)

@@ -347,15 +347,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
   OrtValue *y_value;
   CHECK(ort->KernelContext_GetOutput(context, 0, dims, rank, &y_value));
   CHECK(ort->GetTensorMutableData(y_value, (void **)&c.y));
-  float *pairs = NULL;
-  if ((op->op == LUT || op->op == GRID) && c.M <= 4 && op->run->wants_pairs(&c)) {
-    pairs = (float *)malloc(sizeof(float) * (size_t)(c.M * c.K));
-    if (!pairs) return ort->CreateStatus(ORT_FAIL, "out of memory for the permuted inputs");
-    op->run->permute_inputs(&c, pairs);
-    c.pairs = pairs;
-  }
   int failed = op->run->matmul(&c, context, parallel_for);
-  free(pairs);
   if (failed == -1) return ort->CreateStatus(ORT_FAIL, "out of memory for a decoded tile");
   if (failed) return ort->CreateStatus(ORT_FAIL, "onnxruntime's ParallelFor failed");
   return NULL;

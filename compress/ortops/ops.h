@@ -26,8 +26,6 @@
 #define table_floats VARIANT(table_floats)
 #define matmul_rows VARIANT(matmul_rows)
 #define half_to_float VARIANT(half_to_float)
-#define wants_pairs VARIANT(wants_pairs)
-#define permute_inputs VARIANT(permute_inputs)
 #define silu_gate_rows VARIANT(silu_gate_rows)
 #define outlier_add_rows VARIANT(outlier_add_rows)
 #endif
@@ -66,7 +64,6 @@ struct Call {
   const float *grid_scales, *grid_offsets, *grid_table; /* float32 [N, groups], [N, groups] or NULL, [2^bits] or NULL */
   const uint8_t *grid_zeros; /* integer zero points packed at `bits` [N, ceil(groups * bits / 8)], or NULL */
   float grid_zero;
-  const float *pairs;       /* x with each 32 inputs as the even then the odd ones (4-bit palettes), or NULL */
   volatile int failed;      /* set by a task that could not allocate its scratch */
 };
 
@@ -101,16 +98,12 @@ void outlier_add_rows(const float *x, const float *y0, float *y, int64_t K, int6
                       const void *columns, int column_bytes, const float *corrections, int64_t first, int64_t last);
 
 float half_to_float(uint16_t h);
-int wants_pairs(const Call *c);                 /* the dot products read x as permute_inputs writes it */
-void permute_inputs(const Call *c, float *pairs); /* [M, K]: every 32 inputs, the even ones then the odd ones */
 
 /* One build's kernels (variant.c), for ops.c to choose from. */
 typedef struct {
   RowDecoder lut_decode, half_decode, sparse_decode, grid_decode;
   RowDots lut_dots, half_dots, sparse_dots, grid_dots;
   int (*matmul)(Call *c, void *context, ParallelFor parallel_for);
-  int (*wants_pairs)(const Call *c);
-  void (*permute_inputs)(const Call *c, float *pairs);
   void (*silu_gate)(const float *x, float *y, int64_t n, int64_t first, int64_t last);
   void (*outlier_add)(const float *x, const float *y0, float *y, int64_t K, int64_t N, const int64_t *starts,
                       const void *columns, int column_bytes, const float *corrections, int64_t first, int64_t last);

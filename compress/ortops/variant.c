@@ -11,8 +11,6 @@ const Kernels VARIANT(kernels) = {
     .grid_decode = decode_grid_row,
     .grid_dots = grid_row_dots,
     .matmul = matmul_rows,
-    .wants_pairs = wants_pairs,
-    .permute_inputs = permute_inputs,
     .silu_gate = silu_gate_rows,
     .outlier_add = outlier_add_rows,
 };
