@@ -110,27 +110,23 @@ static inline __attribute__((always_inline)) int64_t packed_runs(const uint8_t *
   return 4 * steps;
 }
 
-/* Palettes (dim 1) and code books of vectors of 2, 4 or 8, 16 weights (16 / dim codes) a step: the codes cut out
-   of one 64-bit word (multishift, each code repeated for its dim lanes), each lane's float found in the table (up
-   to 32 floats) by one permute over one or two registers (permutexvar reads an index's low 4 bits). Returns the
-   8-code groups done. */
+/* Palettes (dim 1) and code books of vectors of 2, 4 or 8, 16 weights (16 / dim codes) a step: one multishift puts
+   each lane's code at bit log2(dim) of the lane's low byte (a lane reads its code's bits from one bit below it), one
+   bitwise select keeps the code's bits and sets the lane's place in its vector below them, and each lane's float is
+   found in the table (up to 32 floats) by one permute over one or two registers (permutexvar reads an index's low 4
+   bits). Returns the 8-code groups done. */
 static inline __attribute__((always_inline)) int64_t vector_sixteen(const uint8_t *row, const uint8_t *end, int bits,
                                                                     int dim, int64_t groups, const float *tab,
                                                                     float *w, const float *x, int64_t M, int64_t K,
                                                                     float *sums) {
   const int per_step = 16 / dim, shift = dim == 1 ? 0 : dim == 2 ? 1 : dim == 4 ? 2 : 3;
   const int64_t steps = groups * 8 / per_step, floats = ((int64_t)1 << bits) * dim;
-  static const int32_t code_of_lane[4][16] = {{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
-                                              {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7},
-                                              {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
-                                              {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1}};
-  const __m512i of_lane = _mm512_loadu_si512(code_of_lane[shift]);
-  /* byte j: the bit offset of lane j's code; lane j: its place in the vector */
-  const __m512i fields = _mm512_zextsi128_si512(_mm512_cvtepi32_epi8(_mm512_mullo_epi32(of_lane,
-                                                                                    _mm512_set1_epi32(bits))));
+  int8_t field_bytes[64]; /* byte 4j: one bit below lane j's code, modulo 64 (the other bytes are not read) */
+  for (int b = 0; b < 64; b++) field_bytes[b] = (int8_t)((bits * ((b / 4) >> shift) - shift) & 63);
+  const __m512i fields = _mm512_loadu_si512(field_bytes);
+  const __m512i keep = _mm512_set1_epi32(((1 << bits) - 1) << shift);
   const __m512i component = _mm512_and_si512(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                              _mm512_set1_epi32(dim - 1));
-  const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
   const __m512 first = _mm512_loadu_ps(tab), second = floats > 16 ? _mm512_loadu_ps(tab + 16) : first;
   __m512 acc[2][4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()},
                       {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
@@ -145,8 +141,7 @@ static inline __attribute__((always_inline)) int64_t vector_sixteen(const uint8_
         memcpy(&word, p, (size_t)(end - p < 8 ? end - p : 8));
       word >>= bit & 7;
       const __m512i bytes = _mm512_multishift_epi64_epi8(fields, _mm512_set1_epi64((long long)word));
-      const __m512i code = _mm512_and_si512(_mm512_cvtepu8_epi32(_mm512_castsi512_si128(bytes)), mask);
-      const __m512i index = _mm512_add_epi32(_mm512_slli_epi32(code, (unsigned)shift), component);
+      const __m512i index = _mm512_ternarylogic_epi32(bytes, keep, component, 0xEA); /* bytes & keep | component */
       const __m512 v = floats <= 16 ? _mm512_permutexvar_ps(index, first)
                                     : _mm512_permutex2var_ps(first, index, second);
       if (w) {
