@@ -487,7 +487,9 @@ static inline __attribute__((always_inline)) void lut_row(const Call *c, Scratch
     int32_t idx[8];
     int64_t g = 0;
 #ifdef WIDE_LOOKUPS
-    if ((dim == 2 || dim == 4 || dim == 8) && ((int64_t)1 << bits) * dim <= 32)
+    if (dim == 2 && bits == 4) /* GPTVQ's 2-bit pairs: their own copy, the width a constant */
+      g = vector_sixteen(row, end, 4, 2, groups, tab, w, x, M, K, wide);
+    else if ((dim == 2 || dim == 4 || dim == 8) && ((int64_t)1 << bits) * dim <= 32)
       g = vector_sixteen(row, end, bits, dim, groups, tab, w, x, M, K, wide);
     else if (bits == 6 && pair_planes_apply(c))
       g = pair_planes64(row, end, codes, (const uint8_t *)(tab + ((int64_t)1 << bits) * dim + 16), w, x, M, K, wide);
