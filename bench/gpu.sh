@@ -13,6 +13,8 @@
 #   scale     bench/scale.py --device cuda --only 1B: time and memory of RTN / GPTQ on a random 1B Llama
 # The random models need SmolLM2's tokenizer: --tokenizer DIR (a folder AutoTokenizer reads) where the offline
 # model is not installed. Each step writes OUT/STEP.log; the frontier report and the scale rows are copied to OUT.
+# A machine without pydantic (the device image of this workplace): install its wheels (pydantic, pydantic-core,
+# annotated-types, typing-inspection, for that machine's Python) into a folder on PYTHONPATH first.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/compress-gpu}
