@@ -469,7 +469,7 @@ static inline __attribute__((always_inline)) void lut_row(const Call *c, Scratch
     else if (bits == 2)
       wide_groups = packed_runs(row, end, 2, codes, tab, 0, NULL, NULL, w, x, M, K, wide);
     else if (bits == 1)
-      wide_groups = vector_sixteen(row, end, bits, 1, groups, tab, w, x, M, K, wide);
+      wide_groups = vector_sixteen(row, end, 1, 1, groups, tab, w, x, M, K, wide);
 #else
     if (bits == 4) wide_groups = palette_nibbles(c, n, row, codes, w, x, M, K, acc, acc2);
 #endif
