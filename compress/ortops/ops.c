@@ -343,6 +343,29 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
     }
     CHECK(input_data(context, values, &c.table));
   }
+  if (op->op == HALF) {
+    c.streams[0] = (const uint8_t *)c.table;
+    c.stream_row_bytes[0] = 2 * op->K;
+  } else {
+    c.streams[0] = c.codes;
+    c.stream_row_bytes[0] = c.row_bytes;
+    if (op->op == SPARSE) {
+      c.streams[1] = (const uint8_t *)c.table;
+      c.stream_row_bytes[1] = op->bits ? (op->kept * op->bits + 7) / 8 : 2 * op->kept;
+    } else if (op->op == LUT) { /* a table per row (palettes per channel) is read with the row, as its scale */
+      c.streams[1] = op->rows_per_table == 1 ? (const uint8_t *)c.table : NULL;
+      c.stream_row_bytes[1] = ((int64_t)1 << op->bits) * op->dim * (c.table_is_int8 ? 1 : 2);
+      c.streams[2] = (const uint8_t *)c.scale;
+      c.stream_row_bytes[2] = 2;
+    } else if (op->op == GRID) {
+      const int64_t groups = (op->K + op->group_size - 1) / op->group_size;
+      c.streams[1] = (const uint8_t *)c.grid_scales;
+      c.streams[2] = (const uint8_t *)c.grid_offsets;
+      c.streams[3] = c.grid_zeros;
+      c.stream_row_bytes[1] = c.stream_row_bytes[2] = 4 * groups;
+      c.stream_row_bytes[3] = (groups * op->bits + 7) / 8;
+    }
+  }
   dims[rank - 1] = op->N;
   OrtValue *y_value;
   CHECK(ort->KernelContext_GetOutput(context, 0, dims, rank, &y_value));

@@ -64,6 +64,10 @@ struct Call {
   const float *grid_scales, *grid_offsets, *grid_table; /* float32 [N, groups], [N, groups] or NULL, [2^bits] or NULL */
   const uint8_t *grid_zeros; /* integer zero points packed at `bits` [N, ceil(groups * bits / 8)], or NULL */
   float grid_zero;
+  /* the arrays a row reads front to back, row n at streams[i] + n * stream_row_bytes[i] (NULL: none): the row
+     loops prefetch them ahead of the rows they decode */
+  const uint8_t *streams[4];
+  int64_t stream_row_bytes[4];
   volatile int failed;      /* set by a task that could not allocate its scratch */
 };
 
