@@ -122,24 +122,96 @@ static void micro_tokens(const float *x, int64_t K, const float *wt, float out[T
 }
 #endif
 
+#ifdef __AVX512F__
+/* r[j] = row j's 16 floats -> r[i] = float i of every row (16 x 16 transpose in registers). */
+static inline void transpose16(__m512 r[16]) {
+  __m512 a[16], b[16];
+  for (int i = 0; i < 16; i += 2) { /* within each 128-bit lane: rows 2i, 2i + 1 interleaved */
+    a[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    a[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 4; g++) { /* b[4g + q], lane L: float 4L + q of rows 4g .. 4g + 3 */
+    const __m512d lo01 = _mm512_castps_pd(a[4 * g]), hi01 = _mm512_castps_pd(a[4 * g + 1]);
+    const __m512d lo23 = _mm512_castps_pd(a[4 * g + 2]), hi23 = _mm512_castps_pd(a[4 * g + 3]);
+    b[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo01, lo23));
+    b[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo01, lo23));
+    b[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi01, hi23));
+    b[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi01, hi23));
+  }
+  for (int q = 0; q < 4; q++) { /* float 4L + q of all 16 rows: lane L of b[q], b[4 + q], b[8 + q], b[12 + q] */
+    const __m512 even01 = _mm512_shuffle_f32x4(b[q], b[4 + q], _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512 odd01 = _mm512_shuffle_f32x4(b[q], b[4 + q], _MM_SHUFFLE(3, 1, 3, 1));
+    const __m512 even23 = _mm512_shuffle_f32x4(b[8 + q], b[12 + q], _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512 odd23 = _mm512_shuffle_f32x4(b[8 + q], b[12 + q], _MM_SHUFFLE(3, 1, 3, 1));
+    r[q] = _mm512_shuffle_f32x4(even01, even23, _MM_SHUFFLE(2, 0, 2, 0));
+    r[4 + q] = _mm512_shuffle_f32x4(odd01, odd23, _MM_SHUFFLE(2, 0, 2, 0));
+    r[8 + q] = _mm512_shuffle_f32x4(even01, even23, _MM_SHUFFLE(3, 1, 3, 1));
+    r[12 + q] = _mm512_shuffle_f32x4(odd01, odd23, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+#else
+/* r[j] = row j's 8 floats -> r[i] = float i of every row (8 x 8 transpose in registers). */
+static inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 8; g += 4) {
+    u[g] = _mm256_shuffle_ps(t[g], t[g + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[g + 1] = _mm256_shuffle_ps(t[g], t[g + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[g + 2] = _mm256_shuffle_ps(t[g + 1], t[g + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[g + 3] = _mm256_shuffle_ps(t[g + 1], t[g + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; i++) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+    r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+  }
+}
+#endif
+
+/* wt[k * TILE + j] = rows[j * K + k]: the tile's TILE decoded rows turned into the kernel's layout, a register block
+   at a time (element by element, the stores were as slow as the multiply-adds). */
+static void transpose_tile(const float *rows, int64_t K, float *wt) {
+  int64_t k = 0;
+#ifdef __AVX512F__
+  for (; k + 16 <= K; k += 16) {
+    __m512 r[16];
+    for (int j = 0; j < 16; j++) r[j] = _mm512_loadu_ps(rows + j * K + k);
+    transpose16(r);
+    for (int i = 0; i < 16; i++) _mm512_store_ps(wt + (k + i) * TILE, r[i]);
+  }
+#else
+  for (; k + 8 <= K; k += 8)
+    for (int h = 0; h < TILE; h += 8) {
+      __m256 r[8];
+      for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_ps(rows + (h + j) * K + k);
+      transpose8(r);
+      for (int i = 0; i < 8; i++) _mm256_store_ps(wt + (k + i) * TILE + h, r[i]);
+    }
+#endif
+  for (; k < K; k++)
+    for (int j = 0; j < TILE; j++) wt[k * TILE + j] = rows[j * K + k];
+}
+
 static void gemm_task(void *data, size_t task) {
   const Call *c = (const Call *)data;
   const int64_t K = c->K, N = c->N, M = c->M;
   const int64_t n0 = (int64_t)task * TILE, rows = N - n0 < TILE ? N - n0 : TILE;
   Scratch s;
-  if (!scratch_init(&s, c, K * (TILE + 1) + TOKENS * K)) return;
-  float *wt = s.w, *row = s.w + K * TILE, *tail = row + K;
+  if (!scratch_init(&s, c, 2 * K * TILE + TOKENS * K)) return;
+  float *wt = s.w, *decoded = s.w + K * TILE, *tail = decoded + K * TILE;
   float sc[TILE];
   for (int64_t j = 0; j < TILE; j++) {
     if (j < rows) {
-      c->decode(c, &s, n0 + j, row);
-      for (int64_t k = 0; k < K; k++) wt[k * TILE + j] = row[k];
+      c->decode(c, &s, n0 + j, decoded + j * K);
       sc[j] = row_scale(c, n0 + j);
     } else {
-      for (int64_t k = 0; k < K; k++) wt[k * TILE + j] = 0.0f;
+      memset(decoded + j * K, 0, sizeof(float) * (size_t)K);
       sc[j] = 0.0f;
     }
   }
+  transpose_tile(decoded, K, wt);
   float out[TOKENS][TILE];
   for (int64_t m = 0; m < M; m += TOKENS) {
     const float *x = c->x + m * K;
