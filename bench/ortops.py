@@ -41,6 +41,7 @@ KERNELS = {
     "LutMatMul 2-bit code book of 4-vectors": ("lut", 8, 4, 0),
     "LutMatMul 3-bit code book of 2-vectors, a table per 64 rows (GPTVQ 3-bit)": ("lut", 6, 2, 64),
     "LutMatMul 4-bit code book of 2-vectors, a table per 64 rows (GPTVQ 4-bit)": ("lut", 8, 2, 64),
+    "LutMatMul 2-bit code book of 4-vectors, a table per 64 rows (w2-frontier)": ("lut", 8, 4, 64),
     "HalfMatMul float16": ("half", 0, 1, 0),
     "GridMatMul NF4 g64 (code book, float32 group scales)": ("grid", 4, 1, 64),
     "GridMatMul 4-bit g32 with offsets (Q4_K's layout)": ("grid", 4, 0, 32),

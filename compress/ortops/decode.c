@@ -54,6 +54,20 @@ static inline __m256 look_up(__m256i idx, int bits, __m256 lo, __m256 hi, const 
 
 #if defined(__AVX512F__) && defined(__AVX512VBMI__)
 #define WIDE_LOOKUPS
+/* 32 weights at weight k, two registers of 16: stored into w (w != NULL), or multiplied into the two accumulator sets
+   of the M <= 4 tokens of x. */
+static inline __attribute__((always_inline)) void consume32(__m512 first, __m512 second, int64_t k, float *w,
+                                                            const float *x, int64_t M, int64_t K, __m512 acc[2][4]) {
+  if (w) {
+    _mm512_storeu_ps(w + k, first);
+    _mm512_storeu_ps(w + k + 16, second);
+  } else {
+    for (int64_t m = 0; m < M; m++) {
+      acc[0][m] = _mm512_fmadd_ps(first, _mm512_loadu_ps(x + m * K + k), acc[0][m]);
+      acc[1][m] = _mm512_fmadd_ps(second, _mm512_loadu_ps(x + m * K + k + 16), acc[1][m]);
+    }
+  }
+}
 /* 2-, 3- or 4-bit codes, 32 codes (8, 12 or 16 bytes) a step, two runs of 16: each run's 64-bit word (its 4, 6 or 8
    bytes and what follows) broadcast to every lane by the load, cut by one multishift into the low byte of each 32-bit
    lane at its code's offset, and looked up in `tab` by one permute, which reads an index's low 4 bits: below 4 bits,
@@ -95,15 +109,7 @@ static inline __attribute__((always_inline)) int64_t packed_runs(const uint8_t *
         left = size;
       }
     }
-    if (w) {
-      _mm512_storeu_ps(w + 32 * i, first);
-      _mm512_storeu_ps(w + 32 * i + 16, second);
-    } else {
-      for (int64_t m = 0; m < M; m++) {
-        acc[0][m] = _mm512_fmadd_ps(first, _mm512_loadu_ps(x + m * K + 32 * i), acc[0][m]);
-        acc[1][m] = _mm512_fmadd_ps(second, _mm512_loadu_ps(x + m * K + 32 * i + 16), acc[1][m]);
-      }
-    }
+    consume32(first, second, 32 * i, w, x, M, K, acc);
   }
   if (!w)
     for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
@@ -200,15 +206,7 @@ static inline __attribute__((always_inline)) int64_t pair_planes64(const uint8_t
     for (int q = 0; q < n / 16; q++) { /* pairs[q]: weights 32q .. 32q + 31 of the step */
       const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(pairs[q]));
       const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(pairs[q], 1));
-      if (w) {
-        _mm512_storeu_ps(w + k + 32 * q, lo);
-        _mm512_storeu_ps(w + k + 32 * q + 16, hi);
-      } else {
-        for (int64_t m = 0; m < M; m++) {
-          acc[0][m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + m * K + k + 32 * q), acc[0][m]);
-          acc[1][m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + m * K + k + 32 * q + 16), acc[1][m]);
-        }
-      }
+      consume32(lo, hi, k + 32 * q, w, x, M, K, acc);
     }
     done += n;
   }
@@ -232,15 +230,7 @@ static inline __attribute__((always_inline)) int64_t byte_pairs_gathered(const u
     const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + 16 * i)));
     const __m512 lo = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm512_castsi512_si256(idx), pairs, 8));
     const __m512 hi = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm512_extracti64x4_epi64(idx, 1), pairs, 8));
-    if (w) {
-      _mm512_storeu_ps(w + 32 * i, lo);
-      _mm512_storeu_ps(w + 32 * i + 16, hi);
-    } else {
-      for (int64_t m = 0; m < M; m++) {
-        acc[0][m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + m * K + 32 * i), acc[0][m]);
-        acc[1][m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + m * K + 32 * i + 16), acc[1][m]);
-      }
-    }
+    consume32(lo, hi, 32 * i, w, x, M, K, acc);
   }
   if (!w)
     for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
