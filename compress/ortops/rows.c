@@ -126,7 +126,7 @@ static void micro_tokens(const float *x, int64_t K, const float *wt, float out[T
 /* r[j] = row j's 16 floats -> r[i] = float i of every row (16 x 16 transpose in registers). */
 static inline void transpose16(__m512 r[16]) {
   __m512 a[16], b[16];
-  for (int i = 0; i < 16; i += 2) { /* within each 128-bit lane: rows 2i, 2i + 1 interleaved */
+  for (int i = 0; i < 16; i += 2) { /* within each 128-bit lane: rows i and i + 1 interleaved */
     a[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
     a[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
   }
@@ -173,6 +173,7 @@ static inline void transpose8(__m256 r[8]) {
 /* wt[k * TILE + j] = rows[j * K + k]: the tile's TILE decoded rows turned into the kernel's layout, a register block
    at a time (element by element, the stores were as slow as the multiply-adds). */
 static void transpose_tile(const float *rows, int64_t K, float *wt) {
+  _Static_assert(TILE == 16, "the transposes take 16 rows (AVX-512) or two blocks of 8 (AVX2)");
   int64_t k = 0;
 #ifdef __AVX512F__
   for (; k + 16 <= K; k += 16) {
