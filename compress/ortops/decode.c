@@ -68,6 +68,10 @@ static inline __attribute__((always_inline)) void consume32(__m512 first, __m512
     }
   }
 }
+/* The token sums of the two accumulator sets, added to sums[0 .. M). */
+static inline __attribute__((always_inline)) void add_sums(__m512 acc[2][4], int64_t M, float *sums) {
+  for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
+}
 /* 2-, 3- or 4-bit codes, 32 codes (8, 12 or 16 bytes) a step, two runs of 16: each run's 64-bit word (its 4, 6 or 8
    bytes and what follows) broadcast to every lane by the load, cut by one multishift into the low byte of each 32-bit
    lane at its code's offset, and looked up in `tab` by one permute, which reads an index's low 4 bits: below 4 bits,
@@ -111,8 +115,7 @@ static inline __attribute__((always_inline)) int64_t packed_runs(const uint8_t *
     }
     consume32(first, second, 32 * i, w, x, M, K, acc);
   }
-  if (!w)
-    for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
+  if (!w) add_sums(acc, M, sums);
   return 4 * steps;
 }
 
@@ -158,8 +161,7 @@ static inline __attribute__((always_inline)) int64_t vector_sixteen(const uint8_
       }
     }
   }
-  if (!w)
-    for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
+  if (!w) add_sums(acc, M, sums);
   return steps * per_step / 8;
 }
 
@@ -210,8 +212,7 @@ static inline __attribute__((always_inline)) int64_t pair_planes64(const uint8_t
     }
     done += n;
   }
-  if (!w)
-    for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
+  if (!w) add_sums(acc, M, sums);
   return done / 8;
 }
 
@@ -232,8 +233,7 @@ static inline __attribute__((always_inline)) int64_t byte_pairs_gathered(const u
     const __m512 hi = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm512_extracti64x4_epi64(idx, 1), pairs, 8));
     consume32(lo, hi, 32 * i, w, x, M, K, acc);
   }
-  if (!w)
-    for (int64_t m = 0; m < M; m++) sums[m] += _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
+  if (!w) add_sums(acc, M, sums);
   return 2 * steps;
 }
 

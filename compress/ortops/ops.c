@@ -245,6 +245,13 @@ static OrtStatus *outlier_compute(const Kernel *op, OrtKernelContext *context, i
   return status;
 }
 
+/* Array i of those a row of the call reads front to back, `row_bytes` a row (Call.streams: prefetched by the row
+   loop; NULL: none). */
+static void stream(Call *c, int i, const void *array, int64_t row_bytes) {
+  c->streams[i] = (const uint8_t *)array;
+  c->stream_row_bytes[i] = row_bytes;
+}
+
 static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
   const Kernel *op = (const Kernel *)kernel;
   const OrtValue *x_value;
@@ -287,6 +294,10 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
                          (const void **)&c.grid_table));
     CHECK(optional_input(context, 5, op->N * ((groups * op->bits + 7) / 8), "GridMatMul: zeros smaller than N rows",
                          (const void **)&c.grid_zeros));
+    stream(&c, 0, c.codes, c.row_bytes);
+    stream(&c, 1, c.grid_scales, 4 * groups);
+    stream(&c, 2, c.grid_offsets, 4 * groups);
+    stream(&c, 3, c.grid_zeros, (groups * op->bits + 7) / 8);
   } else if (op->op == LUT) {
     ONNXTensorElementDataType table_type;
     CHECK(element_type(context, 2, &table_type));
@@ -305,6 +316,10 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
     CHECK(input_data(context, 1, (const void **)&c.codes));
     CHECK(input_data(context, 2, &c.table));
     CHECK(optional_input(context, 3, op->N, "LutMatMul: scale holds fewer than N values", (const void **)&c.scale));
+    stream(&c, 0, c.codes, c.row_bytes);
+    if (op->rows_per_table == 1) /* a table per row (palettes per channel) is read with the row, as its scale */
+      stream(&c, 1, c.table, ((int64_t)1 << op->bits) * op->dim * (c.table_is_int8 ? 1 : 2));
+    stream(&c, 2, c.scale, 2);
   } else {
     ONNXTensorElementDataType weight_type;
     const size_t values = op->op == HALF ? 1 : 2;
@@ -342,28 +357,11 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
       }
     }
     CHECK(input_data(context, values, &c.table));
-  }
-  if (op->op == HALF) {
-    c.streams[0] = (const uint8_t *)c.table;
-    c.stream_row_bytes[0] = 2 * op->K;
-  } else {
-    c.streams[0] = c.codes;
-    c.stream_row_bytes[0] = c.row_bytes;
-    if (op->op == SPARSE) {
-      c.streams[1] = (const uint8_t *)c.table;
-      c.stream_row_bytes[1] = op->bits ? (op->kept * op->bits + 7) / 8 : 2 * op->kept;
-    } else if (op->op == LUT) { /* a table per row (palettes per channel) is read with the row, as its scale */
-      c.streams[1] = op->rows_per_table == 1 ? (const uint8_t *)c.table : NULL;
-      c.stream_row_bytes[1] = ((int64_t)1 << op->bits) * op->dim * (c.table_is_int8 ? 1 : 2);
-      c.streams[2] = (const uint8_t *)c.scale;
-      c.stream_row_bytes[2] = 2;
-    } else if (op->op == GRID) {
-      const int64_t groups = (op->K + op->group_size - 1) / op->group_size;
-      c.streams[1] = (const uint8_t *)c.grid_scales;
-      c.streams[2] = (const uint8_t *)c.grid_offsets;
-      c.streams[3] = c.grid_zeros;
-      c.stream_row_bytes[1] = c.stream_row_bytes[2] = 4 * groups;
-      c.stream_row_bytes[3] = (groups * op->bits + 7) / 8;
+    if (op->op == HALF) {
+      stream(&c, 0, c.table, 2 * op->K);
+    } else {
+      stream(&c, 0, c.codes, c.row_bytes);
+      stream(&c, 1, c.table, op->bits ? (op->kept * op->bits + 7) / 8 : 2 * op->kept);
     }
   }
   dims[rank - 1] = op->N;
