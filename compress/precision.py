@@ -2,9 +2,10 @@
 
 bfloat16 cuts the cost of a forward and backward only where the hardware multiplies bfloat16 natively: CUDA GPUs
 that support it, CPUs with AMX or AVX512-BF16. Elsewhere (an AVX2-only CPU) torch emulates it and the same steps run
-many times slower than in float32. ``"auto"`` (the training passes' default) therefore measures it once per process
-and device type: bfloat16 is used when a small matmul under bfloat16 autocast takes well under
-its float32 time.
+many times slower than in float32. ``"auto"`` (the training passes' default) therefore reads an x86 CPU's feature
+flags (as torch reports them) and elsewhere measures once per process: bfloat16 is used when a small bfloat16 matmul
+takes well under its float32 time. On x86 the flags decide because a timing proved fragile: inside a long run's
+process it once judged an AMX CPU slow, and float32 training followed.
 """
 
 from __future__ import annotations
@@ -33,24 +34,39 @@ def bfloat16_autocast(setting: Bfloat16Setting, device) -> AbstractContextManage
 
 @functools.cache
 def bfloat16_is_fast(device_type: str) -> bool:
-    """Whether bfloat16 autocast speeds up training on ``device_type`` (measured once per process on a CPU)."""
+    """Whether bfloat16 autocast speeds up training on ``device_type`` (once per process)."""
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device_type != "cpu":
         return False
-    return _seconds(True) < FASTER * _seconds(False)
+    native = _x86_bfloat16_instructions()
+    if native is not None:
+        return native
+    bfloat16, float32 = _best_seconds()
+    return bfloat16 < FASTER * float32
 
 
-def _seconds(bfloat16: bool, tokens: int = 128, width: int = 512, reps: int = 3) -> float:
-    """The best of ``reps`` timings of one ``[tokens, width] @ [width, width]`` matmul under (or without) bfloat16
-    autocast, the weight cast as autocast casts a layer's."""
+def _x86_bfloat16_instructions() -> bool | None:
+    """On x86, whether the CPU has bfloat16 matrix or dot-product instructions (AMX-BF16, AVX512-BF16), as torch
+    reads them; None elsewhere (ARM, other CPUs), where only a measurement tells."""
+    capabilities: dict = getattr(torch.cpu, "get_capabilities", dict)()
+    if capabilities.get("architecture") != "x86_64":
+        return None
+    return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
+
+
+def _best_seconds(tokens: int = 128, width: int = 512, rounds: int = 6) -> tuple[float, float]:
+    """The best of ``rounds`` timings of one ``[tokens, width] @ [width, width]`` matmul in bfloat16 and in float32,
+    alternated, into buffers made beforehand (the casts and the output's allocation are not timed)."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, width, generator=generator)
-    w = torch.randn(width, width, generator=generator)
-    best = float("inf")
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bfloat16):
-        for _ in range(reps + 1):  # the first warms up
-            start = time.perf_counter()
-            x @ w
-            best = min(best, time.perf_counter() - start)
-    return best
+    operands = {dtype: (torch.randn(tokens, width, generator=generator).to(dtype),
+                        torch.randn(width, width, generator=generator).to(dtype),
+                        torch.empty(tokens, width, dtype=dtype)) for dtype in (torch.bfloat16, torch.float32)}
+    best = dict.fromkeys(operands, float("inf"))
+    with torch.no_grad():
+        for _ in range(rounds + 1):  # the first round warms up
+            for dtype, (x, w, out) in operands.items():
+                start = time.perf_counter()
+                torch.matmul(x, w, out=out)
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.bfloat16], best[torch.float32]
