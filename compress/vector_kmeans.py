@@ -49,13 +49,18 @@ def kmeans_pp_init(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generato
     return centroids
 
 
+def slot_sums(slot: torch.Tensor, values: torch.Tensor, slots: int) -> torch.Tensor:
+    """``[slots, m]`` float64: row ``i`` of ``values[n, m]`` added into row ``slot[i]`` (``index_add_``'s sums, the
+    same order, by one ``bincount`` a column: several times faster on a CPU)."""
+    return torch.stack([torch.bincount(slot, column, minlength=slots) for column in values.double().unbind(1)], 1)
+
+
 def weighted_mean_update(weighted: torch.Tensor, codes: torch.Tensor, centroids: torch.Tensor):
     """Each centroid moved to the per-coordinate weighted mean of its vectors (one that has none stays), given
     ``weighted = [w, w x]`` as :func:`assign` takes it."""
     t, k, d = centroids.shape
     slot = (codes + torch.arange(t).unsqueeze(1) * k).reshape(-1)
-    columns = weighted.reshape(-1, 2 * d).double().unbind(1)  # one bincount a column: 4x faster than index_add_
-    sums = torch.stack([torch.bincount(slot, column, minlength=t * k) for column in columns], 1)
+    sums = slot_sums(slot, weighted.reshape(-1, 2 * d), t * k)
     wsum, wxsum = sums[:, :d], sums[:, d:]
     means = (wxsum / wsum.clamp_min(1e-300)).float().reshape(t, k, d)
     return torch.where(wsum.reshape(t, k, d) > 0, means, centroids)

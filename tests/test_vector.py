@@ -7,6 +7,7 @@ import torch
 from conftest import cli
 
 import compress
+from compress import vector_kmeans as vector_kmeans_module
 from compress.errors import PlanError
 from compress.formats import VectorWeight, format_from_saved
 from compress.formats.base import LayoutError
@@ -15,7 +16,7 @@ from compress.kmeans import draw
 from compress.passes.gptq import gptq_quantize
 from compress.passes.gptvq import GPTVQ, GPTVQConfig, gptvq_quantize
 from compress.quant import QuantSpec
-from compress.vector_kmeans import vector_kmeans
+from compress.vector_kmeans import assign, slot_sums, vector_kmeans
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,19 @@ def test_vector_kmeans_matches_a_plain_reference():
     for t in range(3):  # and every centroid is its vectors' mean (a fixed point of Lloyd's iteration)
         for j in codes[t].unique():
             assert torch.allclose(centroids[t, j], x[t][codes[t] == j].mean(0), atol=1e-5)
+
+
+def test_assignment_in_chunks_and_slot_sums_equal_the_plain_products(monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    x, w, c = torch.randn(2, 1000, 2, generator=gen), torch.rand(2, 1000, 2, generator=gen), torch.randn(2, 16, 2)
+    weighted = torch.cat([w, w * x], 2)
+    nearest = (w.unsqueeze(2) * (x.unsqueeze(2) - c.unsqueeze(1)).pow(2)).sum(-1).argmin(-1)
+    monkeypatch.setattr(vector_kmeans_module, "CHUNK_ELEMENTS", 2 * 16 * 300)  # 300 vectors a chunk: a short last one
+    assert torch.equal(assign(weighted, c), nearest)
+    slot = torch.randint(0, 40, (5000,), generator=gen)
+    values = torch.randn(5000, 3, generator=gen)
+    plain = torch.zeros(40, 3, dtype=torch.float64).index_add_(0, slot, values.double())
+    assert torch.equal(slot_sums(slot, values, 40), plain)
 
 
 def test_a_gptvq_recipe_runs_saves_and_loads(tmp_path, write_recipe):

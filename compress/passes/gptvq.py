@@ -25,7 +25,7 @@ from ..families import find_blocks
 from ..formats.base import NotAnIntegerGrid
 from ..formats.vector import MAX_INDEX_BITS, VectorWeight, stored
 from ..hessian import output_error, prepare_inverse_hessian
-from ..vector_kmeans import vector_kmeans
+from ..vector_kmeans import slot_sums, vector_kmeans
 from .base import Pass, PassConfig, Requirements, current_mask, current_weight
 from .registry import register
 
@@ -138,9 +138,7 @@ def refit_codebooks(w, h, codes, books, scale, table, steps: int) -> torch.Tenso
         return b.reshape(-1, d)[slot].reshape(rows, cols) * scale.unsqueeze(1)
 
     def gather(m):  # [rows, cols] -> its sum into the code book entries (the transpose of expand)
-        columns = (m * scale.unsqueeze(1)).reshape(-1, d).double().unbind(1)
-        return torch.stack([torch.bincount(slot, c, minlength=tables * k) for c in columns], 1).float() \
-            .reshape(tables, k, d)
+        return slot_sums(slot, (m * scale.unsqueeze(1)).reshape(-1, d), tables * k).float().reshape(tables, k, d)
 
     def normal(b):
         return gather(expand(b) @ h)
