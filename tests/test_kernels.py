@@ -48,6 +48,8 @@ def formats(rows: int, cols: int, seed: int = 0):
     for bits, dim in vectors:
         cfg = GPTVQConfig(bits=bits, dim=dim, table_weights=4 * cols, iterations=3, codebook_refit=0)
         out.append((f"vq{bits} d{dim}", gptvq_quantize(w, torch.eye(cols), cfg)))
+    cfg = GPTVQConfig(bits=2, dim=2, table_weights=4 * cols, iterations=3, codebook_refit=0, codebook_dtype="int8")
+    out.append(("vq2 d2 int8 books", gptvq_quantize(w, torch.eye(cols), cfg)))
     if cols % 4 == 0:
         m = _mask(w, "2:4")
         out.append(("2:4 fp16", SparseWeight(m, DenseWeight(compact(w, m)), "2:4")))

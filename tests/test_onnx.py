@@ -47,9 +47,8 @@ FORMATS = [
      "LutMatMul 4-bit palette per channel"),
     ("self_attn.o_proj", lambda w: quantize_rtn(w, QuantSpec(4, 32, grid="fp4")),
      "2 x MatMulNBits 4-bit block 32 (8-bit codes as two nibble planes), FP4 as its exact integer grid"),
-    ("mlp.up_proj", lambda w: gptvq_quantize(w, torch.eye(w.shape[1]), GPTVQConfig(bits=3, iterations=3,
-                                                                                   codebook_refit=0)),
-     "LutMatMul 3-bit vectors"),
+    ("mlp.up_proj", lambda w: gptvq_quantize(w, torch.eye(w.shape[1]), GPTVQConfig(
+        bits=3, iterations=3, codebook_refit=0, codebook_dtype="int8")), "LutMatMul 3-bit vectors of 2, 64-entry int8"),
     ("mlp.down_proj", lambda w: quantize_rtn(w, spec_of("gguf-q3_k")), "GridMatMul Q3_K"),
     ("mlp.down_proj", lambda w: quantize_rtn(w, spec_of("gguf-q4_k")), "GridMatMul Q4_K"),
 ]

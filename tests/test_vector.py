@@ -48,23 +48,51 @@ def test_error_feedback_and_code_book_refit_each_lower_the_error(rows):
     assert errors[1] < 0.9 * errors[0] and errors[2] <= errors[1], errors
 
 
-def test_codes_and_code_books_round_trip_exactly_and_count_every_byte(rows):
+@pytest.mark.parametrize("book_dtype", ["float16", "int8"])
+def test_codes_and_code_books_round_trip_exactly_and_count_every_byte(rows, book_dtype):
     w, h = rows
-    fmt = gptvq_quantize(w, h, GPTVQConfig(bits=3, dim=2, table_weights=10000, iterations=5))
+    fmt = gptvq_quantize(w, h, GPTVQConfig(bits=3, dim=2, table_weights=10000, iterations=5,
+                                           codebook_dtype=book_dtype))
     rows, cols = w.shape
     per = round(10000 / cols)
     assert fmt.rows_per_table == per and fmt.codebook.shape == (-(-rows // per), 64, 2)
+    assert fmt.codebook_dtype == book_dtype and fmt.codebook.dtype == getattr(torch, book_dtype)
     again = format_from_saved(json.loads(json.dumps(fmt.meta())), {k: v.clone() for k, v in fmt.tensors().items()})
     assert torch.equal(again.dequantize(), fmt.dequantize())
     codes_bytes = rows * -(-cols // 2 * 6 // 8)
-    assert fmt.nbytes() == codes_bytes + fmt.codebook.numel() * 2 + rows * 2
+    assert fmt.nbytes() == codes_bytes + fmt.codebook.numel() * fmt.codebook.element_size() + rows * 2
     # every row holds only its own code book's vectors, times its scale
     deq = fmt.dequantize().reshape(rows, cols // 2, 2) / fmt.row_scale.float().reshape(rows, 1, 1)
     book = fmt.codebook.float()[0]
-    assert torch.cdist(deq[:per].reshape(-1, 2), book).min(1).values.max() < 1e-3
+    assert torch.cdist(deq[:per].reshape(-1, 2), book).min(1).values.max() < 1e-3 * book.abs().max()
+    if book_dtype == "int8":  # each book's step went into its rows' scales: its entries span the int8 range
+        assert (fmt.codebook.abs().amax((1, 2)) >= 100).all()
     broken = dict(fmt.tensors(), codebook=fmt.codebook[:-1])
     with pytest.raises(LayoutError, match="codebook"):
         format_from_saved(fmt.meta(), broken)
+
+
+def test_a_checkpoint_from_before_int8_books_still_loads(rows):
+    """Vector layouts saved before ``codebook_dtype`` existed name none: their books are float16."""
+    w, h = rows
+    fmt = gptvq_quantize(w, h, GPTVQConfig(bits=2, dim=2, iterations=3, codebook_refit=0))
+    old = {k: v for k, v in fmt.meta().items() if k != "codebook_dtype"}
+    assert torch.equal(format_from_saved(old, fmt.tensors()).dequantize(), fmt.dequantize())
+    with pytest.raises(LayoutError, match="codebook"):  # and an int8 layout refuses float16 books
+        format_from_saved(dict(old, codebook_dtype="int8"), fmt.tensors())
+
+
+def test_int8_code_books_cost_little_and_twice_as_many_beat_float16_books_at_the_same_bits(rows):
+    """Rounding the books to int8 (their step folded into the row scales) barely moves the output error; spending
+    the saved bits on twice as many books lowers it below float16 books at no more bits per weight."""
+    w, h = rows
+    cfg = GPTVQConfig(bits=3, dim=2, table_weights=16384, iterations=10)
+    half = gptvq_quantize(w, h, cfg)
+    int8 = gptvq_quantize(w, h, cfg.model_copy(update={"codebook_dtype": "int8"}))
+    more = gptvq_quantize(w, h, cfg.model_copy(update={"codebook_dtype": "int8", "table_weights": 8192}))
+    assert int8.bits_per_weight() < half.bits_per_weight() - 0.05 and more.bits_per_weight() <= half.bits_per_weight()
+    errors = [output_error(w, f.dequantize(), h) for f in (half, int8, more)]
+    assert errors[1] < 1.01 * errors[0] and errors[2] < errors[0], errors
 
 
 def test_draw_picks_each_index_in_proportion_to_its_weight_and_never_a_zero_one():
@@ -115,14 +143,16 @@ def test_a_dim_that_does_not_divide_the_inputs_is_refused_before_any_compute(smo
     assert "576 inputs" in e.value.message and "dim" in e.value.hint
 
 
-def test_trained_code_books_and_row_scales_store_what_the_forward_computed(rows):
+@pytest.mark.parametrize("book_dtype", ["float16", "int8"])
+def test_trained_code_books_and_row_scales_store_what_the_forward_computed(rows, book_dtype):
     """A :class:`TrainableCodebook` starts at the stored weight, trains its code books and row scales (here on the
-    layer's output error), and stores exactly what its forward computes, codes untouched."""
+    layer's output error), and stores exactly what its forward computes, codes untouched (int8 books: the forward
+    rounds them, straight through)."""
     from compress.modules import CompressedLinear
     from compress.passes.trainable_grid import trainable_grids
 
     w, h = rows
-    fmt = gptvq_quantize(w, h, GPTVQConfig(iterations=5, codebook_refit=0))
+    fmt = gptvq_quantize(w, h, GPTVQConfig(iterations=5, codebook_refit=0, codebook_dtype=book_dtype))
     layer = CompressedLinear(fmt)
     (t,) = trainable_grids({"layer": layer}, "cpu").values()
     assert torch.equal(t.weight().detach(), fmt.dequantize())
@@ -135,6 +165,7 @@ def test_trained_code_books_and_row_scales_store_what_the_forward_computed(rows)
         optimizer.step()
     done = t.result()
     assert torch.equal(done.indices, fmt.indices) and not torch.equal(done.codebook, fmt.codebook)
+    assert done.codebook.dtype == fmt.codebook.dtype
     assert torch.allclose(done.dequantize(), t.weight().detach(), rtol=2e-3, atol=1e-4)  # float16 storage only
     assert output_error(w, done.dequantize(), h) < output_error(w, fmt.dequantize(), h)
 

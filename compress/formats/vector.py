@@ -2,6 +2,10 @@
 code book of ``2^index_bits`` vectors (GPTVQ's layout, "GPTVQ: The Blessing of Dimensionality for LLM
 Quantization", van Baalen et al., 2024). One code book serves ``rows_per_table`` consecutive output rows; each row
 has a float16 scale, so rows of different magnitude share a code book of unit-scale vectors.
+
+Code books are float16, or int8 (as GPTVQ's paper stores them): then the entries are integers and the book's step
+is folded into the row scales, so the format needs no other tensor and every reader's decode stays
+``row_scale * entry`` in float32; an int8 book costs half the bits, which buys twice as many books.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ from .onnx_custom import lut_matmul
 from .onnx_ops import TensorProto, as_float, torch_initializer, unpack_codes
 
 MAX_INDEX_BITS = 8  # indices are row-packed bytes (pack_rows)
+CODEBOOK_DTYPES = {"float16": torch.float16, "int8": torch.int8}
 
 
 @register_format
 class VectorWeight(WeightFormat):
-    """``indices`` uint8 ``[out, ceil(in/dim * index_bits/8)]`` (row-packed), ``codebook`` float16
+    """``indices`` uint8 ``[out, ceil(in/dim * index_bits/8)]`` (row-packed), ``codebook`` float16 or int8
     ``[tables, 2^index_bits, dim]``, ``row_scale`` float16 ``[out]``: weight ``[r, v*dim:(v+1)*dim]`` is
     ``row_scale[r] * codebook[r // rows_per_table, index[r, v]]``."""
 
@@ -32,14 +37,19 @@ class VectorWeight(WeightFormat):
     def dim(self) -> int:
         return int(self.codebook.shape[2])
 
+    @property
+    def codebook_dtype(self) -> str:
+        return "int8" if self.codebook.dtype == torch.int8 else "float16"
+
     @classmethod
     def from_codes(cls, codes: torch.Tensor, codebook: torch.Tensor, row_scale: torch.Tensor, index_bits: int,
-                   rows_per_table: int) -> VectorWeight:
-        """``codes[out, in/dim]`` indices, ``codebook[tables, K, dim]`` and ``row_scale[out]`` (rounded to float16
-        here: codes must have been chosen against the rounded values, see :func:`stored`)."""
+                   rows_per_table: int, codebook_dtype: str = "float16") -> VectorWeight:
+        """``codes[out, in/dim]`` indices, ``codebook[tables, K, dim]`` and ``row_scale[out]``, rounded here as
+        stored (codes must have been chosen against the rounded values: :func:`stored`, :func:`stored_books`)."""
         dim = codebook.shape[2]
         shape = (codes.shape[0], codes.shape[1] * dim)
-        return cls(pack_rows(codes.to(torch.uint8), index_bits), codebook.half(), row_scale.half(), index_bits,
+        book = stored_books(codebook, codebook_dtype).to(CODEBOOK_DTYPES[codebook_dtype])
+        return cls(pack_rows(codes.to(torch.uint8), index_bits), book, row_scale.half(), index_bits,
                    rows_per_table, shape)
 
     def codes(self) -> torch.Tensor:
@@ -56,7 +66,7 @@ class VectorWeight(WeightFormat):
 
     def meta(self):
         return {"kind": self.kind, "shape": list(self.shape), "dim": self.dim, "index_bits": self.index_bits,
-                "rows_per_table": self.rows_per_table}
+                "rows_per_table": self.rows_per_table, "codebook_dtype": self.codebook_dtype}
 
     @classmethod
     def from_saved(cls, meta, tensors):
@@ -67,10 +77,12 @@ class VectorWeight(WeightFormat):
     def layout(cls, meta):
         out, k = (int(v) for v in meta["shape"])
         dim, bits, per = int(meta["dim"]), int(meta["index_bits"]), int(meta["rows_per_table"])
-        if dim < 1 or k % dim or not 1 <= bits <= MAX_INDEX_BITS or per < 1:
-            raise ValueError(f"dim {dim}, index_bits {bits}, rows_per_table {per} for a {out} x {k} weight")
+        book_dtype = meta.get("codebook_dtype", "float16")  # checkpoints before int8 books name none
+        if dim < 1 or k % dim or not 1 <= bits <= MAX_INDEX_BITS or per < 1 or book_dtype not in CODEBOOK_DTYPES:
+            raise ValueError(f"dim {dim}, index_bits {bits}, rows_per_table {per}, codebook_dtype {book_dtype} for "
+                             f"a {out} x {k} weight")
         return {"indices": ((torch.uint8,), (out, packed_row_bytes(k // dim, bits))),
-                "codebook": ((torch.float16,), (-(-out // per), 1 << bits, dim)),
+                "codebook": ((CODEBOOK_DTYPES[book_dtype],), (-(-out // per), 1 << bits, dim)),
                 "row_scale": ((torch.float16,), (out,))}
 
     def check_values(self):
@@ -79,13 +91,13 @@ class VectorWeight(WeightFormat):
 
     def describe(self):
         bits = self.index_bits / self.dim
-        return f"{bits:g}-bit vectors of {self.dim}, {1 << self.index_bits}-entry code book per " \
-               f"{self.rows_per_table} rows"
+        book = "int8 code book" if self.codebook_dtype == "int8" else "code book"
+        return f"{bits:g}-bit vectors of {self.dim}, {1 << self.index_bits}-entry {book} per {self.rows_per_table} rows"
 
     def kernel_plan(self):
         """The vector look-up mode of ``cuda/compressed_gemv.cu``: one code per ``dim`` columns, the row's code book
-        (float32) and scale. Prefill batches and float32 activations gather the weights on the GPU from the same
-        buffers (``kernels.plan.vector_values``) and multiply with cuBLAS."""
+        (float32, int8 entries as their values) and scale. Prefill batches and float32 activations gather the
+        weights on the GPU from the same buffers (``kernels.plan.vector_values``) and multiply with cuBLAS."""
         from ..kernels.plan import COL_DENSE, VLUT, KernelPlan, empty_dims
 
         rows, cols = self.shape
@@ -119,5 +131,19 @@ class VectorWeight(WeightFormat):
 
 
 def stored(values: torch.Tensor) -> torch.Tensor:
-    """The float32 values a code book or row scale takes after its float16 storage."""
+    """The float32 values a float16 code book or a row scale takes after its storage."""
     return values.half().float()
+
+
+def stored_books(books: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The float32 values code books take after storage in ``dtype`` (int8: entries rounded to integers)."""
+    return stored(books) if dtype == "float16" else books.round().clamp(-127, 127)
+
+
+def int8_units(books: torch.Tensor, row_scale: torch.Tensor, rows_per_table: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Code books ``[tables, K, dim]`` of unit-scale vectors and row scales ``[out]`` re-expressed for int8 storage:
+    each book divided by its step (its largest entry maps to 127), the step folded into its rows' scales. The
+    weights they give are unchanged; round the books with :func:`stored_books` and the scales with :func:`stored`."""
+    step = (books.abs().amax((1, 2)) / 127).clamp_min(1e-12)
+    rows = torch.arange(row_scale.shape[0]) // rows_per_table
+    return books / step[:, None, None], row_scale * step[rows]

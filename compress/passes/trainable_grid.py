@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import PlanError
 from ..formats import QuantizedWeight, VectorWeight, WeightFormat
 from ..formats.base import NotAnIntegerGrid
+from ..formats.vector import stored_books
 from ..kquants import ktype
 from ..modules import CompressedEmbedding, CompressedLinear
 from ..packing import pack_rows
@@ -231,30 +232,42 @@ class TrainableCodebook(TrainableWeight):
         self.fmt, self.modules = fmt, modules
         self.table = (torch.arange(fmt.shape[0]) // fmt.rows_per_table).unsqueeze(1).to(device)  # [rows, 1]
         self.codes = fmt.codes().long().to(device)  # [rows, in/dim]
-        self.book = nn.Parameter(fmt.codebook.float().to(device))
+        book = fmt.codebook.float().to(device)
+        self.step = torch.ones(book.shape[0], 1, 1, device=device)
+        if fmt.codebook_dtype == "int8":  # trained at unit scale (entries' mean square 1), stored as integers
+            self.step = book.square().mean((1, 2), keepdim=True).rsqrt().nan_to_num(1.0, 1.0, 1.0)
+        self.book = nn.Parameter(book * self.step)
         self.scale = fmt.row_scale.float().to(device)
         self.log_factor = nn.Parameter(torch.zeros_like(self.scale))
 
     def value_parameters(self) -> list[nn.Parameter]:
         return [self.book]
 
+    def values(self) -> torch.Tensor:
+        """The code books as the forward uses them, in the units of the row scales: int8 books rounded to their
+        integers (straight-through: the gradient reaches the unrounded entries), float16 ones as they train."""
+        if self.fmt.codebook_dtype == "float16":
+            return self.book
+        entries = self.book / self.step
+        return entries + (stored_books(entries.detach(), "int8") - entries).detach()
+
     def weight(self) -> torch.Tensor:
         rows, cols = self.fmt.shape
-        vectors = self.book[self.table, self.codes]  # [rows, in/dim, dim]
+        vectors = self.values()[self.table, self.codes]  # [rows, in/dim, dim]
         return vectors.reshape(rows, cols) * (self.scale * self.log_factor.exp()).unsqueeze(1)
 
     def result(self) -> VectorWeight:
-        """The format holding the current values (rounded to float16 as stored) and codes."""
+        """The format holding the current values (rounded as stored) and codes."""
         scale = (self.scale * self.log_factor.exp()).detach().cpu()
-        return VectorWeight.from_codes(self.codes.cpu(), self.book.detach().cpu(), scale, self.fmt.index_bits,
-                                       self.fmt.rows_per_table)
+        return VectorWeight.from_codes(self.codes.cpu(), self.values().detach().cpu(), scale, self.fmt.index_bits,
+                                       self.fmt.rows_per_table, self.fmt.codebook_dtype)
 
     def codes_count(self) -> int:
         return self.codes.numel()
 
     def code_model(self, grad: torch.Tensor, curvature: torch.Tensor):
         rows, _ = self.fmt.shape
-        book = self.book.detach()
+        book = self.values().detach()
         as_vectors = lambda t: t.to(book.device, torch.float32).reshape(rows, -1, 1, self.fmt.dim)  # noqa: E731
         scale = (self.scale * self.log_factor.exp()).detach().reshape(rows, 1, 1, 1)
         g, f = as_vectors(grad) * scale, as_vectors(curvature) * scale.square()  # at unit scale: dw = s dv
