@@ -40,6 +40,7 @@ KERNELS = {
     "LutMatMul 2-bit code book of 2-vectors": ("lut", 4, 2, 0),
     "LutMatMul 2-bit code book of 4-vectors": ("lut", 8, 4, 0),
     "LutMatMul 3-bit code book of 2-vectors, a table per 64 rows (GPTVQ 3-bit)": ("lut", 6, 2, 64),
+    "LutMatMul 3-bit int8 code book of 2-vectors, a table per 16 rows (GPTVQ 3-bit, int8 books)": ("lut", 6, 2, 16),
     "LutMatMul 4-bit code book of 2-vectors, a table per 64 rows (GPTVQ 4-bit)": ("lut", 8, 2, 64),
     "LutMatMul 2-bit code book of 4-vectors, a table per 64 rows (w2-frontier)": ("lut", 8, 4, 64),
     "HalfMatMul float16": ("half", 0, 1, 0),
@@ -49,9 +50,10 @@ KERNELS = {
     "GridMatMul 3-bit g16 with offsets (Q3_K's layout)": ("grid", 3, 0, 16),
     "GridMatMul 2-bit g16 with offsets (Q2_K's layout)": ("grid", 2, 0, 16),
 }
+INT8_TABLES = {name for name in KERNELS if "int8 code book" in name}  # int8 entries times a float16 row scale
 
 
-def _session(kind: str, bits: int, dim: int, group: int, threads: int, layers: int = LAYERS):
+def _session(kind: str, bits: int, dim: int, group: int, threads: int, layers: int = LAYERS, int8: bool = False):
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -70,10 +72,16 @@ def _session(kind: str, bits: int, dim: int, group: int, threads: int, layers: i
         if kind == "lut":
             codes = rng.integers(0, 1 << bits, (n, k // dim))
             per_table = group or 1
-            table = (rng.standard_normal((-(-n // per_table), 1 << bits, dim)) * gain).astype(np.float16)
+            shape = (-(-n // per_table), 1 << bits, dim)
+            table = rng.integers(-127, 128, shape).astype(np.int8) if int8 else \
+                (rng.standard_normal(shape) * gain).astype(np.float16)
             inits += [numpy_helper.from_array(pack_rows(torch.tensor(codes), bits).numpy(), f"c{i}"),
                       numpy_helper.from_array(table, f"t{i}")]
-            nodes.append(helper.make_node("LutMatMul", [x, f"c{i}", f"t{i}"], [y], domain=ortops.DOMAIN, K=k, N=n,
+            inputs = [x, f"c{i}", f"t{i}"]
+            if int8:  # entries of standard deviation about 73: the row scales bring them to the gain
+                inits.append(numpy_helper.from_array(np.full(n, gain / 73, np.float16), f"s{i}"))
+                inputs.append(f"s{i}")
+            nodes.append(helper.make_node("LutMatMul", inputs, [y], domain=ortops.DOMAIN, K=k, N=n,
                                           bits=bits, dim=dim, rows_per_table=per_table))
         elif kind == "grid":  # dim 1: an NF code book; dim 0: codes, scales and offsets
             codes = rng.integers(0, 1 << bits, (n, k))
@@ -117,7 +125,7 @@ def time_kernel(name: str, threads: int, tokens: int, runs: int, layers: int) ->
     """Median microseconds per layer of the chain for ``tokens`` tokens."""
     import numpy as np
 
-    sess = _session(*KERNELS[name], threads, layers)
+    sess = _session(*KERNELS[name], threads, layers, int8=name in INT8_TABLES)
     x = np.random.default_rng(1).standard_normal((tokens, 576)).astype(np.float32)
     sess.run(None, {"x": x})
     times = []

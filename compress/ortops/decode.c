@@ -253,14 +253,14 @@ static void planes64(const uint16_t *src, uint8_t *planes) {
 
 #endif
 
-/* 2-vector code books of 16 or 64 float16 entries (GPTVQ's 2- and 3-bit): looked up in byte planes (AVX2:
-   pair_shuffles; AVX-512 VBMI, 64 entries only: pair_planes64, as vector_sixteen's permutes take 16), from the table
-   split into byte planes after its float32 copy in the scratch. */
+/* 2-vector code books of 16 or 64 entries (GPTVQ's 2- and 3-bit): looked up in byte planes of float16 entries
+   (AVX2: pair_shuffles; AVX-512 VBMI, 64 entries only: pair_planes64, as vector_sixteen's permutes take 16), from the
+   table split into byte planes after its float32 copy in the scratch (int8 entries as float16 first: exact). */
 static inline int pair_planes_apply(const Call *c) {
 #ifdef WIDE_LOOKUPS
-  return c->dim == 2 && !c->table_is_int8 && c->bits == 6;
+  return c->dim == 2 && c->bits == 6;
 #else
-  return c->dim == 2 && !c->table_is_int8 && (c->bits == 4 || c->bits == 6);
+  return c->dim == 2 && (c->bits == 4 || c->bits == 6);
 #endif
 }
 
@@ -269,29 +269,35 @@ static const float *table_of(const Call *c, Scratch *s, int64_t n) {
   const int64_t t = n / c->rows_per_table, count = ((int64_t)1 << c->bits) * c->dim;
   if (t != s->table) {
     int64_t i = 0;
+    const uint16_t *src = (const uint16_t *)c->table + t * count;
+    uint16_t widened[128]; /* an int8 table of pairs as float16, for the byte planes (at most 64 entries) */
     if (c->table_is_int8) {
-      const int8_t *src = (const int8_t *)c->table + t * count;
+      const int8_t *bytes = (const int8_t *)c->table + t * count;
       for (; i + 8 <= count; i += 8)
-        _mm256_storeu_ps(s->tab + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(src + i)))));
-      for (; i < count; i++) s->tab[i] = (float)src[i];
+        _mm256_storeu_ps(s->tab + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(bytes + i)))));
+      for (; i < count; i++) s->tab[i] = (float)bytes[i];
+      if (pair_planes_apply(c)) {
+        for (i = 0; i < count; i += 8)
+          _mm_storeu_si128((__m128i *)(widened + i), _mm256_cvtps_ph(_mm256_loadu_ps(s->tab + i), 0));
+        src = widened;
+      }
     } else {
-      const uint16_t *src = (const uint16_t *)c->table + t * count;
       for (; i + 8 <= count; i += 8) _mm256_storeu_ps(s->tab + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
       for (; i < count; i++) s->tab[i] = half_to_float(src[i]);
-      if (pair_planes_apply(c)) { /* plane 2 * part + byte holds that byte of every entry's part */
-        uint8_t *planes = (uint8_t *)(s->tab + count + 16);
-        const int64_t entries = (int64_t)1 << c->bits;
+    }
+    if (pair_planes_apply(c)) { /* plane 2 * part + byte holds that byte of every entry's part */
+      uint8_t *planes = (uint8_t *)(s->tab + count + 16);
+      const int64_t entries = (int64_t)1 << c->bits;
 #ifdef WIDE_LOOKUPS
-        if (entries == 64)
-          planes64(src, planes);
-        else
+      if (entries == 64)
+        planes64(src, planes);
+      else
 #endif
-          for (int64_t e = 0; e < entries; e++)
-            for (int part = 0; part < 2; part++) {
-              planes[(2 * part) * entries + e] = (uint8_t)(src[2 * e + part] & 0xFF);
-              planes[(2 * part + 1) * entries + e] = (uint8_t)(src[2 * e + part] >> 8);
-            }
-      }
+        for (int64_t e = 0; e < entries; e++)
+          for (int part = 0; part < 2; part++) {
+            planes[(2 * part) * entries + e] = (uint8_t)(src[2 * e + part] & 0xFF);
+            planes[(2 * part + 1) * entries + e] = (uint8_t)(src[2 * e + part] >> 8);
+          }
     }
     s->table = t;
   }
