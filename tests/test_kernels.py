@@ -186,7 +186,8 @@ def test_decoder_positions_and_outliers_on_cpu(monkeypatch):
 
 def test_decoder_gathers_vector_code_books_on_the_device_it_is_given():
     """The GPU decoder's code-book path is torch on the plan's device buffers: run on the CPU, it gives each
-    vector format's weights exactly (2-, 6- and 8-bit codes, 2- and 4-vectors, a book per 4 rows)."""
+    vector format's weights exactly (2-, 6- and 8-bit codes, 2- and 4-vectors, a book per 4 rows, float16 and int8
+    books)."""
     seen = []
     for name, fmt in cached_formats(37, 100):
         plan = kernels.launch.device_plan(fmt, torch.device("cpu"))
@@ -196,7 +197,7 @@ def test_decoder_gathers_vector_code_books_on_the_device_it_is_given():
         decoded = kernels.launch.decode_plan(plan, torch.device("cpu"), torch.float32)
         assert torch.equal(decoded, fmt.dequantize()), name
         seen.append(name)
-    assert seen == ["vq2 d2", "vq2 d4", "vq3 d2", "vq4 d2"]
+    assert seen == ["vq2 d2", "vq2 d4", "vq3 d2", "vq4 d2", "vq2 d2 int8 books"]
 
 
 # ---- on a GPU ---------------------------------------------------------------------------------------------
