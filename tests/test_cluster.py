@@ -127,6 +127,7 @@ def test_palettize_recipe_runs_and_beats_plain_kmeans(tmp_path, smol):
     ("kmeans", "granularity: row", "tensor"),
     ("gptvq", "bits: 3\n    dim: 4", "at most 8 bits"),
     ("gptvq", "dim: 0", "greater than or equal to 1"),
+    ("gptvq", "codebook_dtype: int4", "'float16' or 'int8'"),
 ])
 def test_bad_clustering_options_are_rejected_at_validation(write_recipe, pass_type, option, needle):
     with pytest.raises(RecipeError) as e:
