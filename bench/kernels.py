@@ -44,23 +44,26 @@ def make_formats(w: torch.Tensor) -> dict:
         "int3 g128": quantize_rtn(w, QuantSpec(3, 128)),
         "int2 g128": quantize_rtn(w, QuantSpec(2, 128)),
         "palette4 channel": palettize(w, KMeansConfig(type="kmeans", bits=4, iterations=3)),
-        **{f"gptvq{bits} d{dim} ({recipe})": code_book_layout(w.shape, bits, dim, table)
-           for bits, dim, table, recipe in ((3, 2, 16896, "w3-frontier"), (2, 4, 73728, "w2-frontier"),
-                                            (4, 2, 98304, "w4-frontier"))},
+        **{f"gptvq{bits} d{dim} ({recipe})": code_book_layout(w.shape, bits, dim, table, book)
+           for bits, dim, table, book, recipe in ((3, 2, 16896, "float16", "w3-frontier"),
+                                                  (3, 2, 8448, "int8", "w3-frontier-table8"),
+                                                  (2, 4, 73728, "float16", "w2-frontier"),
+                                                  (4, 2, 98304, "float16", "w4-frontier"))},
         "2:4 + int4 g64": SparseWeight(m24, quantize_rtn(compact(w, m24), QuantSpec(4, 64)), "2:4"),
         "50% bitmap + fp16": SparseWeight(m50, DenseWeight(compact(w, m50))),
     }
 
 
-def code_book_layout(shape, bits: int, dim: int, table_weights: int) -> VectorWeight:
+def code_book_layout(shape, bits: int, dim: int, table_weights: int, book_dtype: str = "float16") -> VectorWeight:
     """A GPTVQ weight of the frontier recipes' layout with random codes and code books: the kernel reads the same
     bytes whatever they hold, and GPTVQ's k-means on the CPU would take minutes at these shapes."""
     rows, cols = shape
     rpt = min(GPTVQConfig(bits=bits, dim=dim, table_weights=table_weights).rows_per_table(cols), rows)
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 1 << (bits * dim), (rows, cols // dim), generator=g)
-    books = torch.randn(-(-rows // rpt), 1 << (bits * dim), dim, generator=g)
-    return VectorWeight.from_codes(codes, books, torch.rand(rows, generator=g) * 0.02 + 0.01, bits * dim, rpt)
+    books = torch.randn(-(-rows // rpt), 1 << (bits * dim), dim, generator=g) * (40 if book_dtype == "int8" else 1)
+    scale = (torch.rand(rows, generator=g) * 0.02 + 0.01) / (40 if book_dtype == "int8" else 1)
+    return VectorWeight.from_codes(codes, books, scale, bits * dim, rpt, book_dtype)
 
 
 def timed(fn, iters: int, copies: int) -> float:

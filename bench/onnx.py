@@ -68,6 +68,8 @@ VARIANTS = {
     "2-bit GPTVQ, vectors of 2 (LutMatMul)": [{"type": "gptvq", "bits": 2, "dim": 2, "iterations": 5,
                                               "codebook_refit": 0}],
     "3-bit GPTVQ, vectors of 2 (LutMatMul; w3-frontier's layers)": [_frontier_layers("w3-frontier")],
+    "3-bit GPTVQ, vectors of 2, int8 books (LutMatMul; w3-frontier-table8's layers)": [
+        _frontier_layers("w3-frontier-table8")],
     "4-bit GPTVQ, vectors of 2 (LutMatMul; w4-frontier's layers)": [_frontier_layers("w4-frontier")],
     "2-bit GPTVQ, vectors of 4 (LutMatMul; w2-frontier's layers)": [_frontier_layers("w2-frontier")],
     "3-bit k-means per channel + 0.5% outliers": [{"type": "kmeans", "bits": 3, "granularity": "channel",
