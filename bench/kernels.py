@@ -61,8 +61,9 @@ def code_book_layout(shape, bits: int, dim: int, table_weights: int, book_dtype:
     rpt = min(GPTVQConfig(bits=bits, dim=dim, table_weights=table_weights).rows_per_table(cols), rows)
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 1 << (bits * dim), (rows, cols // dim), generator=g)
-    books = torch.randn(-(-rows // rpt), 1 << (bits * dim), dim, generator=g) * (40 if book_dtype == "int8" else 1)
-    scale = (torch.rand(rows, generator=g) * 0.02 + 0.01) / (40 if book_dtype == "int8" else 1)
+    spread = 40 if book_dtype == "int8" else 1  # int8 entries span the integers; the row scales undo it
+    books = torch.randn(-(-rows // rpt), 1 << (bits * dim), dim, generator=g) * spread
+    scale = (torch.rand(rows, generator=g) * 0.02 + 0.01) / spread
     return VectorWeight.from_codes(codes, books, scale, bits * dim, rpt, book_dtype)
 
 
