@@ -50,6 +50,9 @@ VARIANTS = {
     "4-bit RTN g128 (MatMulNBits)": [{"type": "rtn", "bits": 4, "group_size": 128}],
     "4-bit RTN g128 (MatMulNBits, int8 activations)": [{"type": "rtn", "bits": 4, "group_size": 128}],
     "4-bit RTN g128 (portable DequantizeLinear)": [{"type": "rtn", "bits": 4, "group_size": 128}],
+    "4-bit RTN g128 + 4-bit table (portable DequantizeLinear)": [
+        {"type": "rtn", "bits": 4, "group_size": 128},
+        {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn"}],
     "3-bit RTN g128 (widened to 4-bit MatMulNBits)": [{"type": "rtn", "bits": 3, "group_size": 128}],
     "2-bit GPTQ g32 (GridMatMul, float activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],
     "2-bit GPTQ g32 (MatMulNBits, int8 activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],

@@ -44,7 +44,8 @@ CASES = [  # (in, out, bits, dim, rows_per_table, int8 table, row scale)
     (212, 37, 8, 2, 5, True, True), (136, 30, 8, 4, 7, False, False), (576, 41, 6, 2, 29, False, True),
     (1548, 9, 6, 2, 4, False, False), (576, 21, 8, 2, 64, False, True), (584, 9, 8, 2, 2, False, False),
     (1536, 7, 8, 4, 3, False, False), (580, 11, 8, 4, 5, False, True),
-    (576, 41, 6, 2, 15, True, True), (1548, 9, 6, 2, 6, True, True), (132, 40, 4, 2, 16, True, True)]  # int8 books
+    (576, 41, 6, 2, 15, True, True), (1548, 9, 6, 2, 6, True, True), (132, 40, 4, 2, 16, True, True),
+    (576, 23, 8, 4, 6, True, True)]  # int8 books
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}bit-dim{c[3]}" + "-int8" * c[5])
