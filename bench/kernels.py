@@ -47,7 +47,7 @@ def make_formats(w: torch.Tensor) -> dict:
         **{f"gptvq{bits} d{dim} ({recipe})": code_book_layout(w.shape, bits, dim, table, book)
            for bits, dim, table, book, recipe in ((3, 2, 16896, "float16", "w3-frontier"),
                                                   (3, 2, 8448, "int8", "w3-frontier-table8"),
-                                                  (2, 4, 73728, "float16", "w2-frontier"),
+                                                  (2, 4, 36864, "int8", "w2-frontier"),
                                                   (4, 2, 98304, "float16", "w4-frontier"))},
         "2:4 + int4 g64": SparseWeight(m24, quantize_rtn(compact(w, m24), QuantSpec(4, 64)), "2:4"),
         "50% bitmap + fp16": SparseWeight(m50, DenseWeight(compact(w, m50))),

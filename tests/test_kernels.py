@@ -48,8 +48,10 @@ def formats(rows: int, cols: int, seed: int = 0):
     for bits, dim in vectors:
         cfg = GPTVQConfig(bits=bits, dim=dim, table_weights=4 * cols, iterations=3, codebook_refit=0)
         out.append((f"vq{bits} d{dim}", gptvq_quantize(w, torch.eye(cols), cfg)))
-    cfg = GPTVQConfig(bits=2, dim=2, table_weights=4 * cols, iterations=3, codebook_refit=0, codebook_dtype="int8")
-    out.append(("vq2 d2 int8 books", gptvq_quantize(w, torch.eye(cols), cfg)))
+    for dim in (2, 4):  # int8 books (w3-frontier-table8's pairs, w2-frontier's 4-vectors)
+        cfg = GPTVQConfig(bits=2, dim=dim, table_weights=4 * cols, iterations=3, codebook_refit=0,
+                          codebook_dtype="int8")
+        out.append((f"vq2 d{dim} int8 books", gptvq_quantize(w, torch.eye(cols), cfg)))
     if cols % 4 == 0:
         m = _mask(w, "2:4")
         out.append(("2:4 fp16", SparseWeight(m, DenseWeight(compact(w, m)), "2:4")))
@@ -197,7 +199,7 @@ def test_decoder_gathers_vector_code_books_on_the_device_it_is_given():
         decoded = kernels.launch.decode_plan(plan, torch.device("cpu"), torch.float32)
         assert torch.equal(decoded, fmt.dequantize()), name
         seen.append(name)
-    assert seen == ["vq2 d2", "vq2 d4", "vq3 d2", "vq4 d2", "vq2 d2 int8 books"]
+    assert seen == ["vq2 d2", "vq2 d4", "vq3 d2", "vq4 d2", "vq2 d2 int8 books", "vq2 d4 int8 books"]
 
 
 # ---- on a GPU ---------------------------------------------------------------------------------------------
