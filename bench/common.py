@@ -195,6 +195,15 @@ def bench_main(rows, columns: list[str], to_row, note: str = ""):
     print("\nMeasured at " + "; ".join(f"{c} (rows {', '.join(map(str, n))})" for c, n in commits.items()))
 
 
+def recipe_pass(recipe: str, kind: str) -> dict:
+    """The first ``kind`` pass of ``recipes/<recipe>.yaml`` as it stands: a bench that times a recipe's layout
+    reads it here, so the bench follows the recipe."""
+    import yaml
+
+    passes = yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text())["passes"]
+    return dict(next(p for p in passes if p["type"] == kind))
+
+
 def current_commit() -> str:
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,

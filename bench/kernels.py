@@ -44,21 +44,20 @@ def make_formats(w: torch.Tensor) -> dict:
         "int3 g128": quantize_rtn(w, QuantSpec(3, 128)),
         "int2 g128": quantize_rtn(w, QuantSpec(2, 128)),
         "palette4 channel": palettize(w, KMeansConfig(type="kmeans", bits=4, iterations=3)),
-        **{f"gptvq{bits} d{dim} ({recipe})": code_book_layout(w.shape, bits, dim, table, book)
-           for bits, dim, table, book, recipe in ((3, 2, 16896, "float16", "w3-frontier"),
-                                                  (3, 2, 8448, "int8", "w3-frontier-table8"),
-                                                  (2, 4, 36864, "int8", "w2-frontier"),
-                                                  (4, 2, 98304, "float16", "w4-frontier"))},
+        **{f"gptvq{cfg.bits} d{cfg.dim} ({recipe})": code_book_layout(w.shape, cfg)
+           for recipe in ("w3-frontier", "w3-frontier-table8", "w2-frontier", "w4-frontier")
+           for cfg in [GPTVQConfig(**common.recipe_pass(recipe, "gptvq"))]},
         "2:4 + int4 g64": SparseWeight(m24, quantize_rtn(compact(w, m24), QuantSpec(4, 64)), "2:4"),
         "50% bitmap + fp16": SparseWeight(m50, DenseWeight(compact(w, m50))),
     }
 
 
-def code_book_layout(shape, bits: int, dim: int, table_weights: int, book_dtype: str = "float16") -> VectorWeight:
-    """A GPTVQ weight of the frontier recipes' layout with random codes and code books: the kernel reads the same
-    bytes whatever they hold, and GPTVQ's k-means on the CPU would take minutes at these shapes."""
+def code_book_layout(shape, cfg: GPTVQConfig) -> VectorWeight:
+    """A GPTVQ weight of ``cfg``'s layout (a frontier recipe's) with random codes and code books: the kernel reads
+    the same bytes whatever they hold, and GPTVQ's k-means on the CPU would take minutes at these shapes."""
     rows, cols = shape
-    rpt = min(GPTVQConfig(bits=bits, dim=dim, table_weights=table_weights).rows_per_table(cols), rows)
+    bits, dim, book_dtype = cfg.bits, cfg.dim, cfg.codebook_dtype
+    rpt = min(cfg.rows_per_table(cols), rows)
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 1 << (bits * dim), (rows, cols // dim), generator=g)
     spread = 40 if book_dtype == "int8" else 1  # int8 entries span the integers; the row scales undo it

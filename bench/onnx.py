@@ -35,14 +35,13 @@ def _load(path: Path, name: str):
     spec.loader.exec_module(module)
     return module
 
+common = _load(HERE / "common.py", "bench_common")
+
+
 def _frontier_layers(recipe: str) -> dict:
     """The gptvq pass of ``recipes/<recipe>.yaml`` as it stands (its code books as the recipe sizes them), with fewer
     k-means iterations and no re-fit: the layout, not the quality, is timed."""
-    import yaml
-
-    passes = yaml.safe_load((HERE.parent / "recipes" / f"{recipe}.yaml").read_text())["passes"]
-    gptvq = next(p for p in passes if p["type"] == "gptvq")
-    return {**gptvq, "iterations": 5, "codebook_refit": 0}
+    return {**common.recipe_pass(recipe, "gptvq"), "iterations": 5, "codebook_refit": 0}
 
 
 VARIANTS = {
@@ -265,7 +264,6 @@ def main():
     if a.scale:
         return scale_row(a.scale, a.threads, Path(a.keep or tempfile.mkdtemp(prefix="compress-onnx-scale-")))
     root = Path(a.keep or tempfile.mkdtemp(prefix="compress-onnx-bench-"))
-    common = _load(HERE / "common.py", "bench_common")
     commit = common.current_commit()  # the code measured: taken before, as edits may land while it runs
     made, folders = {}, {}
     for name, passes in VARIANTS.items():  # every export first, then the timings in interleaved rounds
@@ -338,7 +336,6 @@ def scale_row(shape: str, threads: int, work: Path) -> None:
     from compress.export import runtime
 
     scale = _load(HERE / "scale.py", "bench_scale")
-    common = _load(HERE / "common.py", "bench_common")
     commit = common.current_commit()
     model = scale.make_model(shape, Path(tempfile.gettempdir()) / "compress-scale")
     work.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ def formats(rows: int, cols: int, seed: int = 0):
     for bits, dim in vectors:
         cfg = GPTVQConfig(bits=bits, dim=dim, table_weights=4 * cols, iterations=3, codebook_refit=0)
         out.append((f"vq{bits} d{dim}", gptvq_quantize(w, torch.eye(cols), cfg)))
-    for dim in (2, 4):  # int8 books (w3-frontier-table8's pairs, w2-frontier's 4-vectors)
+    for dim in (2, 4):  # int8 books of pairs and of 4-vectors (as w3-frontier-table8 and w2-frontier store them)
         cfg = GPTVQConfig(bits=2, dim=dim, table_weights=4 * cols, iterations=3, codebook_refit=0,
                           codebook_dtype="int8")
         out.append((f"vq2 d{dim} int8 books", gptvq_quantize(w, torch.eye(cols), cfg)))
