@@ -43,6 +43,7 @@ KERNELS = {
     "LutMatMul 3-bit int8 code book of 2-vectors, a table per 16 rows (GPTVQ 3-bit, int8 books)": ("lut", 6, 2, 16),
     "LutMatMul 4-bit code book of 2-vectors, a table per 64 rows (GPTVQ 4-bit)": ("lut", 8, 2, 64),
     "LutMatMul 2-bit code book of 4-vectors, a table per 64 rows (w2-frontier)": ("lut", 8, 4, 64),
+    "LutMatMul 2-bit int8 code book of 4-vectors, a table per 32 rows (w2-frontier, int8 books)": ("lut", 8, 4, 32),
     "HalfMatMul float16": ("half", 0, 1, 0),
     "GridMatMul NF4 g64 (code book, float32 group scales)": ("grid", 4, 1, 64),
     "GridMatMul 4-bit g32 with offsets (Q4_K's layout)": ("grid", 4, 0, 32),
