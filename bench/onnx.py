@@ -48,6 +48,7 @@ VARIANTS = {
     "fp32": [],
     "4-bit RTN g128 (MatMulNBits)": [{"type": "rtn", "bits": 4, "group_size": 128}],
     "4-bit RTN g128 (MatMulNBits, int8 activations)": [{"type": "rtn", "bits": 4, "group_size": 128}],
+    "4-bit RTN g128 (GridMatMul, int8 activations)": [{"type": "rtn", "bits": 4, "group_size": 128}],
     "4-bit RTN g128 (portable DequantizeLinear)": [{"type": "rtn", "bits": 4, "group_size": 128}],
     "4-bit RTN g128 + 4-bit table (portable DequantizeLinear)": [
         {"type": "rtn", "bits": 4, "group_size": 128},
@@ -55,6 +56,7 @@ VARIANTS = {
     "3-bit RTN g128 (widened to 4-bit MatMulNBits)": [{"type": "rtn", "bits": 3, "group_size": 128}],
     "2-bit GPTQ g32 (GridMatMul, float activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],
     "2-bit GPTQ g32 (MatMulNBits, int8 activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],
+    "2-bit GPTQ g32 (GridMatMul, int8 activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],
     "4-bit NF4 RTN g64 (GridMatMul)": [{"type": "rtn", "bits": 4, "group_size": 64, "grid": "nf"}],
     "3-bit NF3 RTN g64 (GridMatMul)": [{"type": "rtn", "bits": 3, "group_size": 64, "grid": "nf"}],
     "Q4_K RTN (GridMatMul; Q5_0 where 256 does not divide the inputs)": [
@@ -82,6 +84,9 @@ VARIANTS = {
     "50% Wanda + 4-bit RTN g64 kept values (SparseMatMul)": [{"type": "wanda", "sparsity": 0.5},
                                                              {"type": "rtn", "bits": 4, "group_size": 64}],
     "4-bit RTN g32 + 4-bit head (MatMulNBits, int8 activations)": [
+        {"type": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
+        {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn", "symmetric": True}],
+    "4-bit RTN g32 + 4-bit head (GridMatMul, int8 activations)": [
         {"type": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
         {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn", "symmetric": True}],
     # the same exports, run by onnxruntime-genai's generator; and its own model builder's int4 of the float model
@@ -198,6 +203,10 @@ def export_variant(name: str, passes: list, out: Path, samples: int) -> dict:
         round_to_storage(model, "float16")
     windows = evaluation_windows("pydoc", tok, 256, 2, "pydoc")
     int8 = "int8" in name
+    if "MatMulNBits, int8" in name:  # onnxruntime's own int8 kernel: our GridMatMul's int8 path turned off
+        from compress.formats import onnx_grid
+
+        onnx_grid.INT8_GRID_BITS = ()
     info = export_onnx(model, tok, Path(out), windows, "portable" if "portable" in name else "fast", 4 if int8 else 0,
                        dense, Tolerance.for_export(int8), log=lambda m: None)
     if info["decoded_without_ortops"]:  # the row would time a different graph than the one it names

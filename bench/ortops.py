@@ -50,6 +50,12 @@ KERNELS = {
     "GridMatMul NF3 g64": ("grid", 3, 1, 64),
     "GridMatMul 3-bit g16 with offsets (Q3_K's layout)": ("grid", 3, 0, 16),
     "GridMatMul 2-bit g16 with offsets (Q2_K's layout)": ("grid", 2, 0, 16),
+    "MatMulNBits 4-bit block 32, int8 activations (onnxruntime)": ("nbits8", 4, 1, 32),
+    "GridMatMul 4-bit g32, int8 activations": ("grid8", 4, 1, 32),
+    "MatMulNBits 2-bit block 32, int8 activations (onnxruntime)": ("nbits8", 2, 1, 32),
+    "GridMatMul 2-bit g32, int8 activations": ("grid8", 2, 1, 32),
+    "MatMulNBits 4-bit block 64, int8 activations (onnxruntime)": ("nbits8", 4, 1, 64),
+    "GridMatMul 4-bit g64, int8 activations": ("grid8", 4, 1, 64),
 }
 INT8_TABLES = {name for name in KERNELS if "int8 code book" in name}  # int8 entries times a float16 row scale
 
@@ -96,20 +102,27 @@ def _session(kind: str, bits: int, dim: int, group: int, threads: int, layers: i
                          numpy_helper.from_array((book - book.mean()).astype(np.float32), f"t{i}"))
             nodes.append(helper.make_node("GridMatMul", [x, f"c{i}", f"s{i}", *extra], [y], domain=ortops.DOMAIN,
                                           K=k, N=n, bits=bits, group_size=group))
+        elif kind == "grid8":  # an integer grid, symmetric (zero point 2^(bits-1)), int8 activations
+            codes = rng.integers(0, 1 << bits, (n, k))
+            scales = ((0.5 + rng.random((n, k // group))) * gain / ((1 << bits) / np.sqrt(12))).astype(np.float32)
+            inits += [numpy_helper.from_array(pack_rows(torch.tensor(codes), bits).numpy(), f"c{i}"),
+                      numpy_helper.from_array(scales, f"s{i}")]
+            nodes.append(helper.make_node("GridMatMul", [x, f"c{i}", f"s{i}"], [y], domain=ortops.DOMAIN, K=k, N=n,
+                                          bits=bits, group_size=group, zero=float(1 << (bits - 1)), accuracy_level=4))
         elif kind == "half":
             inits.append(numpy_helper.from_array((rng.standard_normal((n, k)) * gain).astype(np.float16), f"w{i}"))
             nodes.append(helper.make_node("HalfMatMul", [x, f"w{i}"], [y], domain=ortops.DOMAIN, K=k, N=n))
         elif kind == "fp32":
             inits.append(numpy_helper.from_array((rng.standard_normal((k, n)) * gain).astype(np.float32), f"w{i}"))
             nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y]))
-        else:
+        else:  # nbits (float activations), nbits8 (int8): codes around the default zero point 2^(bits-1)
             block = group
-            codes = (rng.integers(1, 16, (n, k // block, block // 2)) * 17).astype(np.uint8)  # two codes of 1-15:
-            # centred on the zero point, 8
-            scales = ((0.5 + rng.random(n * (k // block))) * gain / (16 / np.sqrt(12))).astype(np.float32)
-            inits += [numpy_helper.from_array(codes, f"q{i}"), numpy_helper.from_array(scales, f"s{i}")]
+            codes = rng.integers(0, 1 << bits, (n, k // block * block))
+            packed = pack_rows(torch.tensor(codes), bits).numpy().reshape(n, k // block, block * bits // 8)
+            scales = ((0.5 + rng.random(n * (k // block))) * gain / ((1 << bits) / np.sqrt(12))).astype(np.float32)
+            inits += [numpy_helper.from_array(packed, f"q{i}"), numpy_helper.from_array(scales, f"s{i}")]
             nodes.append(helper.make_node("MatMulNBits", [x, f"q{i}", f"s{i}"], [y], domain="com.microsoft", K=k, N=n,
-                                          bits=4, block_size=block))
+                                          bits=bits, block_size=block, accuracy_level=4 if kind == "nbits8" else 0))
         x = y
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 576])],
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, [None, 576])], inits)

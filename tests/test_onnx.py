@@ -475,11 +475,13 @@ def test_each_lowering_computes_the_formats_product(smol, ortops_library, index)
     (QuantSpec(4, 64), 0, "GatherBlockQuantized"),  # zero points, 576 inputs: the last block padded
     (QuantSpec(3, 128), 0, "GatherBlockQuantized"),  # widened to 4 bits, 576 = 4.5 blocks
     (QuantSpec(8, 32), 4, "GatherBlockQuantized"),
+    (QuantSpec(4, 32, symmetric=True), 4, "GatherBlockQuantized"),  # the head in our GridMatMul's int8 path
     (QuantSpec(2, 32), 4, "BitShift"),  # no gather kernel reads 2 bits: decoded by standard ops
 ])
-def test_a_tied_tables_rows_decode_from_the_heads_codes(smol, spec, accuracy_level, op):
+def test_a_tied_tables_rows_decode_from_the_heads_codes(smol, ortops_library, spec, accuracy_level, op):
     """A quantized token embedding tied to the head: its rows gathered from the head's MatMulNBits initializers
-    (stored once) equal the format's own decode, and the head's product still does."""
+    (stored once) equal the format's own decode, and the head's product still does (with int8 activations, 2- and
+    4-bit heads run in our GridMatMul from those same initializers, close to the float product)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -495,11 +497,18 @@ def test_a_tied_tables_rows_decode_from_the_heads_codes(smol, spec, accuracy_lev
     y = low.linear(g.input("x", FLOAT, ["batch", "sequence", table.shape[1]]), fmt, None, "head")
     g.output(y, "y", FLOAT, ["batch", "sequence", table.shape[0]])
     assert op in {n.op_type for n in g.nodes}
-    sess = ort.InferenceSession(g.model(low.opset).SerializeToString())
+    ours = accuracy_level == 4 and spec.bits in (2, 4)
+    assert low.layers["head"].lowering.startswith("GridMatMul" if ours else "MatMulNBits")
+    assert low.custom_ops_used == ours
+    head = next(n for n in g.nodes if n.op_type in ("GridMatMul", "MatMulNBits"))
+    assert head.input[1] in {i for n in g.nodes if n.op_type in ("GatherBlockQuantized", "Gather") for i in n.input}
+    options = ort.SessionOptions()
+    if low.custom_ops_used:
+        options.register_custom_ops_library(str(ortops_library))
+    sess = ort.InferenceSession(g.model(low.opset).SerializeToString(), options)
     picked = np.array([[0, 2999, 17], [5, 5, 1234]])
     x = torch.randn(1, 2, table.shape[1], generator=torch.Generator().manual_seed(0))
     rows, got = sess.run(None, {"ids": picked, "x": x.numpy()})
     assert np.array_equal(rows, fmt.dequantize()[torch.from_numpy(picked)].numpy())
-    if accuracy_level == 0:  # (int8 activations change the product by design)
-        want = (x @ fmt.dequantize().T).numpy()
-        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    want = (x @ fmt.dequantize().T).numpy()  # int8 activations change the product by design, a little
+    assert np.abs(got - want).max() <= (1e-5 if accuracy_level == 0 else 2e-2) * np.abs(want).max()

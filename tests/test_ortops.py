@@ -300,6 +300,69 @@ def test_grid_matmul_reads_integer_zero_points_as_stored(ortops_library, bits, g
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+
+def _int8_product(x: np.ndarray, w: np.ndarray, group: int) -> np.ndarray:
+    """x @ w.T with each token quantized symmetrically to int8 per group of inputs (scale max |x| / 127), as
+    GridMatMul's int8 activations (and MatMulNBits' accuracy_level 4) define it."""
+    xq = np.zeros(x.shape)
+    for start in range(0, x.shape[1], group):
+        part = x[:, start:start + group].astype(np.float64)
+        most = np.abs(part).max(-1, keepdims=True)
+        xq[:, start:start + group] = np.rint(part * (127 / np.where(most > 0, most, 1))) * (most / 127)
+    return xq @ w.T
+
+
+# AVX-512 takes 64 codes a step where it can: (4, 64, 576) 9 groups of two 32-code chunks, (4, 128, 576) a last group
+# of 64, (4, 576, 576) one group a row; the 256-bit loop where it cannot: (2, 32, 96) an odd count of 32-code groups,
+# (4, 128, 608) a last group of 96, (2, 64, 96) one of 32
+@pytest.mark.parametrize("bits, group, k", [(4, 32, 576), (4, 64, 576), (4, 256, 1536), (2, 32, 1536), (2, 32, 96),
+                                            (2, 128, 640), (4, 32, 96), (4, 128, 576), (4, 576, 576), (4, 128, 608),
+                                            (2, 64, 96)], ids=str)
+@pytest.mark.parametrize("zero_points", [False, True], ids=["symmetric", "zero-points"])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 9])
+def test_grid_matmul_with_int8_activations_is_the_int8_product(ortops_library, bits, group, k, zero_points, tokens):
+    """``accuracy_level`` 4: a decode step's tokens (up to 4) quantized to int8 per group and multiplied with the
+    2- or 4-bit codes as stored, exactly the int8 product; a prompt (9 tokens) keeps float activations."""
+    n, groups = 40, -(-k // group)
+    rng = np.random.default_rng(bits + group + k + tokens)
+    codes = rng.integers(0, 1 << bits, (n, k))
+    zeros = rng.integers(0, 1 << bits, (n, groups)) if zero_points else np.full((n, groups), 1 << (bits - 1))
+    scales = (rng.random((n, groups)) + 0.5).astype(np.float32)
+    inits = [numpy_helper.from_array(pack_rows(torch.tensor(codes), bits).numpy(), "codes"),
+             numpy_helper.from_array(scales, "scales")]
+    inputs = ["x", "codes", "scales"]
+    if zero_points:
+        inits.append(numpy_helper.from_array(pack_rows(torch.tensor(zeros), bits).numpy(), "zeros"))
+        inputs += ["", "", "zeros"]
+    node = helper.make_node("GridMatMul", inputs, ["y"], domain=ortops.DOMAIN, K=k, N=n, bits=bits, group_size=group,
+                            zero=0.0 if zero_points else float(1 << (bits - 1)), accuracy_level=4)
+    per_input = np.arange(k) // group
+    w = (codes - zeros[:, per_input]) * scales[:, per_input]
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    x[0, :group if groups > 1 else 0] = 0.0  # a group of zeros: scale 0, no division by it
+    got = _run(ortops_library, node, inits, k, n, x)
+    want = _int8_product(x, w, group) if tokens <= 4 else x @ w.T
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    if tokens <= 4:  # and int8 is not float: the rounding shows
+        assert np.abs(got - x @ w.T).max() > 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("attrs, message", [
+    (dict(bits=3, group_size=32), "2- or 4-bit"), (dict(bits=4, group_size=48), "multiples of 32"),
+    (dict(bits=4, group_size=32, K=1528), "multiples of 32"),
+    (dict(bits=4, group_size=64, accuracy_level=1), "0 .float"),
+])
+def test_grid_matmul_refuses_int8_activations_it_cannot_run(ortops_library, attrs, message):
+    attrs = dict(attrs)  # (the parameters are shared by both kernel builds' runs)
+    k = attrs.pop("K", 1536)
+    inits = [numpy_helper.from_array(np.zeros((4, k * attrs["bits"] // 8), np.uint8), "codes"),
+             numpy_helper.from_array(np.ones((4, k // 32), np.float32), "scales")]
+    node = helper.make_node("GridMatMul", ["x", "codes", "scales"], ["y"], domain=ortops.DOMAIN, K=k, N=4,
+                            **{"accuracy_level": 4, **attrs})
+    with pytest.raises(Exception, match=message):
+        _run(ortops_library, node, inits, k, 4, np.zeros((1, k), np.float32))
+
+
 def test_an_export_rebuilds_a_library_older_than_its_sources(monkeypatch, tmp_path):
     """A checkout that changed a kernel: the exporter builds the library again instead of decoding in the graph;
     where that build fails, or the library was never built, it gets None (and decodes in the graph)."""

@@ -86,11 +86,12 @@ def sparse_matmul(lowering, x: str, name: str, bitmap: torch.Tensor, stored: dic
 
 def grid_matmul(lowering, x: str, name: str, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                 table: torch.Tensor | None, zero: float, bits: int, group_size: int, shape: tuple[int, int],
-                zeros: torch.Tensor | None = None) -> str | None:
+                zeros: torch.Tensor | None = None, accuracy_level: int = 0) -> str | None:
     """``x @ W.T`` for ``W[n, k] = (v(code) - zero - zeros[n, g]) * scales[n, g] + offsets[n, g]`` (``k`` in group
     ``g`` of ``group_size`` inputs; ``v(q) = q``, or ``table[q]``): ``codes`` row-packed ``bits``-bit ``[out,
     ceil(in * bits / 8)]``, ``scales`` and ``offsets`` float32 ``[out, groups]``, ``table`` float32 ``[2^bits]``,
-    ``zeros`` integer zero points row-packed at ``bits``. None without the library."""
+    ``zeros`` integer zero points row-packed at ``bits``; ``accuracy_level`` 4: a decode step's tokens multiplied
+    as int8 (2- and 4-bit integer grids). None without the library."""
     if not _available(lowering):
         return None
     g = lowering.g
@@ -100,8 +101,23 @@ def grid_matmul(lowering, x: str, name: str, codes: torch.Tensor, scales: torch.
     last = max((i for i, (t, _, _) in enumerate(optional) if t is not None), default=-1)
     for t, part, cast in optional[: last + 1]:  # an absent input before a present one is an empty name
         inputs.append("" if t is None else torch_initializer(g, f"{name}.{part}", cast(t)))
+    return _grid_node(g, inputs, zero, bits, group_size, shape, **({"accuracy_level": 4} if accuracy_level else {}))
+
+
+def int8_grid_matmul(lowering, x: str, codes: str, scales: str, zeros: str | None, bits: int, group_size: int,
+                     shape: tuple[int, int]) -> str:
+    """``x @ W.T`` for ``W`` a 2- or 4-bit integer grid, the tokens of a decode step multiplied as int8
+    (``accuracy_level`` 4), from initializers already made: ``codes`` row-packed, ``scales`` float32 per group,
+    ``zeros`` packed at ``bits`` (None: the zero point is ``2^(bits-1)``). Only where the library is built."""
+    lowering.custom_ops_used = True
+    inputs = [x, codes, scales] + (["", "", zeros] if zeros else [])
+    return _grid_node(lowering.g, inputs, 0.0 if zeros else float(1 << (bits - 1)), bits, group_size, shape,
+                      accuracy_level=4)
+
+
+def _grid_node(g, inputs: list[str], zero: float, bits: int, group_size: int, shape: tuple[int, int], **attrs) -> str:
     return g.op("GridMatMul", *inputs, domain=DOMAIN, K=shape[1], N=shape[0], bits=bits, group_size=group_size,
-                zero=float(zero))
+                zero=float(zero), **attrs)
 
 
 def outlier_add(lowering, y: str, x: str, name: str, counts: torch.Tensor, columns: torch.Tensor,

@@ -6,7 +6,8 @@ runs from its codes, so the session keeps it compressed in memory.
   without loss to the next one it reads (3 -> 4, 5..7 -> 8 bits), its codes and zero points unchanged. With
   float activations an 8-bit grid runs as two 4-bit kernels on its nibble planes (``_nibble_planes``), and a 2-bit
   grid in our ``compress::GridMatMul`` where the library is built (``_two_bit_grid``: onnxruntime's 2-bit kernel has
-  a fast path for int8 activations only).
+  a fast path for int8 activations only). With int8 activations (``accuracy_level`` 4) 2- and 4-bit grids run in
+  ``compress::GridMatMul``'s int8 path where the library is built (``_int8_grid``), from the same bytes.
 - ``weights: portable``: a blocked ``DequantizeLinear`` on the transposed codes feeding ``MatMul`` (standard
   ops, opset 21; 2-bit types opset 25), the pattern onnxruntime fuses into the same low-bit kernel.
 
@@ -52,6 +53,10 @@ def lower_integer_grid(lowering, x: str, grid: IntegerGrid, shape: tuple[int, in
     if grid.bits == 2 and lowering.accuracy_level == 0 and lowering.custom_ops is not None \
             and name not in lowering.nbits_tensors:  # (not a table a tied lookup already reads as MatMulNBits')
         return _two_bit_grid(lowering, x, grid, shape, name)
+    if lowering.accuracy_level == 4 and width in INT8_GRID_BITS and lowering.custom_ops is not None:
+        int8 = _int8_grid(lowering, x, grid, shape, width, name)
+        if int8 is not None:
+            return f"GridMatMul {width}-bit g{int8[1]}, int8 activations{widened}", int8[0]
     block = nbits_block(grid.group_size)
     if block is None:
         return None
@@ -71,6 +76,35 @@ def _two_bit_grid(lowering, x: str, grid: IntegerGrid, shape, name: str):
     y = onnx_custom.grid_matmul(lowering, x, name, pack_rows(grid.codes, 2), grid.scales, None, None,
                                 0.0 if zeros is not None else 2.0, 2, size, shape, zeros=zeros)
     return f"GridMatMul 2-bit g{size} (integer grid, float activations)", y
+
+
+INT8_GRID_BITS = (2, 4)  # the widths our GridMatMul multiplies with int8 activations
+
+
+def _int8_grid(lowering, x: str, grid: IntegerGrid, shape, width: int, name: str) -> tuple[str, int] | None:
+    """(output, group size) of a 2- or 4-bit grid with int8 activations in our grid operator (``accuracy_level``
+    4), or None where it cannot run it (inputs or groups not multiples of 32). onnxruntime's int8 kernel would hold
+    a repacked copy of the codes with a float32 block sum per block beside them: a third more than the 4-bit
+    layer's bytes at blocks of 32. A tied table's head reads the MatMulNBits initializers its lookup gathers from
+    (the same bytes: row-packed codes, a float32 scale and a packed zero point per block); other layers store the
+    grid's own codes, float32 scales and zero points."""
+    cols = shape[1]
+    shared = lowering.nbits_tensors.get(name)
+    if shared is not None:
+        block = nbits_block(grid.group_size)
+        if block is None or block % 32 or cols % block:
+            return None
+        codes, scales, *zeros = shared
+        return onnx_custom.int8_grid_matmul(lowering, x, codes, scales, zeros[0] if zeros else None, width, block,
+                                            shape), block
+    size = grid.group_size or cols
+    if size % 32 or cols % 32:
+        return None
+    zeros = None if grid.symmetric else pack_rows(grid.zeros.to(torch.uint8), width)
+    y = onnx_custom.grid_matmul(lowering, x, name, pack_rows(grid.codes, width), grid.scales, None, None,
+                                0.0 if zeros is not None else float(1 << (grid.bits - 1)), width, size, shape,
+                                zeros=zeros, accuracy_level=4)
+    return y, size
 
 
 def _nibble_planes(lowering, x: str, grid: IntegerGrid, shape, block: int, name: str) -> str:

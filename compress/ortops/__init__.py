@@ -35,7 +35,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 LIBRARY_NAME = "libcompress_ortops.so"
 LIBRARY = HERE / LIBRARY_NAME
-SOURCES = [HERE / name for name in ("ops.c", "rows.c", "decode.c", "gate.c", "outliers.c", "variant.c", "ops.h")]
+SOURCES = [HERE / name for name in ("ops.c", "rows.c", "decode.c", "int8.c", "gate.c", "outliers.c", "variant.c",
+                                    "ops.h")]
 DOMAIN = "compress"
 
 HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",

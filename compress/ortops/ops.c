@@ -26,6 +26,8 @@
        or table[q] with table float32 [2^bits]; zeros uint8 integer zero points packed at bits [N, ceil(groups * bits
        / 8)]. Attributes K, N, bits (1..8), group_size, zero (float, default 0): integer grids of any width (their
        zero points as stored), llama.cpp's k-quants (their scales and minima multiplied out), NormalFloat.
+       accuracy_level (default 0): 4 multiplies a decode step's tokens as int8 (int8.c: 2- and 4-bit integer grids,
+       K and group_size multiples of 32), as MatMulNBits' accuracy_level 4 does, from the codes as stored.
 
    SiluGate(x)                             y[..., j] = silu(x[..., j]) * x[..., n + j]
        x float32 [..., 2n]: a SiLU MLP's packed gate and up projections; y float32 [..., n] (gate.c).
@@ -50,6 +52,7 @@ typedef struct {
   int64_t K, N, bits, dim, rows_per_table; /* bits, dim, rows_per_table: LutMatMul */
   int64_t kept, group_size;                /* SparseMatMul (bits > 0: kept values on an integer grid), GridMatMul */
   float zero;                              /* GridMatMul */
+  int64_t accuracy_level;                  /* GridMatMul: 4 for int8 activations (int8.c), else 0 */
 } Kernel;
 
 #define CHECK(expr)              \
@@ -294,6 +297,13 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
                          (const void **)&c.grid_table));
     CHECK(optional_input(context, 5, op->N * ((groups * op->bits + 7) / 8), "GridMatMul: zeros smaller than N rows",
                          (const void **)&c.grid_zeros));
+    if (op->accuracy_level == 4) {
+      if (c.grid_offsets || c.grid_table)
+        return ort->CreateStatus(ORT_INVALID_ARGUMENT, "GridMatMul: int8 activations take an integer grid: no "
+                                                       "offsets, no table");
+      c.int8_activations = 1;
+      c.dots = op->run->grid_int8_dots;
+    }
     stream(&c, 0, c.codes, c.row_bytes);
     stream(&c, 1, c.grid_scales, 4 * groups);
     stream(&c, 2, c.grid_offsets, 4 * groups);
@@ -506,8 +516,19 @@ static OrtStatus *create_kernel(const OrtCustomOp *self, const OrtApi *api, cons
       ort->ReleaseStatus(no_zero);
       k->zero = 0.0f;
     }
+    OrtStatus *float_activations = ort->KernelInfoGetAttribute_int64(info, "accuracy_level", &k->accuracy_level);
+    if (float_activations) { /* absent: 0 */
+      ort->ReleaseStatus(float_activations);
+      k->accuracy_level = 0;
+    }
     if (k->bits < 1 || k->bits > 8 || k->group_size < 1)
       status = ort->CreateStatus(ORT_INVALID_ARGUMENT, "GridMatMul: bits 1..8 and group_size >= 1");
+    else if (k->accuracy_level != 0 && k->accuracy_level != 4)
+      status = ort->CreateStatus(ORT_INVALID_ARGUMENT, "GridMatMul: accuracy_level 0 (float activations) or 4 "
+                                                       "(int8)");
+    else if (k->accuracy_level == 4 && ((k->bits != 2 && k->bits != 4) || k->group_size % 32 || k->K % 32))
+      status = ort->CreateStatus(ORT_INVALID_ARGUMENT, "GridMatMul: int8 activations need 2- or 4-bit codes, K and "
+                                                       "group_size multiples of 32");
   }
   OrtStatus *no_bits = !status && k->op == SPARSE ? attribute(info, "bits", &k->bits) : NULL;
   if (no_bits) { /* 16-bit float values */

@@ -28,6 +28,8 @@
 #define half_to_float VARIANT(half_to_float)
 #define silu_gate_rows VARIANT(silu_gate_rows)
 #define outlier_add_rows VARIANT(outlier_add_rows)
+#define grid_int8_dots VARIANT(grid_int8_dots)
+#define quantize_activations VARIANT(quantize_activations)
 #endif
 
 typedef struct Call Call;
@@ -64,6 +66,12 @@ struct Call {
   const float *grid_scales, *grid_offsets, *grid_table; /* float32 [N, groups], [N, groups] or NULL, [2^bits] or NULL */
   const uint8_t *grid_zeros; /* integer zero points packed at `bits` [N, ceil(groups * bits / 8)], or NULL */
   float grid_zero;
+  /* GridMatMul with int8 activations (int8.c): the call's tokens quantized per group, each 32 inputs in the order
+     their codes come out of the bytes */
+  int int8_activations;
+  const int8_t *xq;          /* [M, K] */
+  const float *xq_scales;    /* [M, groups]: x ~ xq * scale */
+  const float *xq_sums;      /* [M, groups]: scale * sum(xq) over the group */
   /* the arrays a row reads front to back, row n at streams[i] + n * stream_row_bytes[i] (NULL: none): the row
      loops prefetch them ahead of the rows they decode */
   const uint8_t *streams[4];
@@ -87,6 +95,9 @@ void sparse_row_dots(const Call *c, Scratch *s, int64_t n, float *out);
 void decode_grid_row(const Call *c, Scratch *s, int64_t n, float *w);
 void grid_row_dots(const Call *c, Scratch *s, int64_t n, float *out);
 int64_t table_floats(const Call *c);
+/* int8.c: quantizes the call's M tokens into Call.xq, xq_scales, xq_sums; the block to free, or NULL (out of memory) */
+void *quantize_activations(Call *c);
+void grid_int8_dots(const Call *c, Scratch *s, int64_t n, float *out);
 
 /* y = x @ W^T, the tasks spread by parallel_for (onnxruntime's intra-op threads); 0, or -1 when out of memory. */
 typedef int (*ParallelFor)(void *context, void (*fn)(void *, size_t), size_t total, void *data);
@@ -106,7 +117,7 @@ float half_to_float(uint16_t h);
 /* One build's kernels (variant.c), for ops.c to choose from. */
 typedef struct {
   RowDecoder lut_decode, half_decode, sparse_decode, grid_decode;
-  RowDots lut_dots, half_dots, sparse_dots, grid_dots;
+  RowDots lut_dots, half_dots, sparse_dots, grid_dots, grid_int8_dots;
   int (*matmul)(Call *c, void *context, ParallelFor parallel_for);
   void (*silu_gate)(const float *x, float *y, int64_t n, int64_t first, int64_t last);
   void (*outlier_add)(const float *x, const float *y0, float *y, int64_t K, int64_t N, const int64_t *starts,

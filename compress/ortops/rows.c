@@ -232,8 +232,14 @@ static void gemm_task(void *data, size_t task) {
 int matmul_rows(Call *c, void *context, ParallelFor parallel_for) {
   c->failed = 0;
   if (c->M == 0) return 0;
-  int status = c->M <= GEMV_MAX
-                   ? parallel_for(context, gemv_task, (size_t)((c->N + GEMV_ROWS - 1) / GEMV_ROWS), c)
-                   : parallel_for(context, gemm_task, (size_t)((c->N + TILE - 1) / TILE), c);
+  int status;
+  if (c->M <= GEMV_MAX) {
+    void *quantized = NULL; /* int8 activations: the tokens quantized once for every row */
+    if (c->int8_activations && !(quantized = quantize_activations(c))) return -1;
+    status = parallel_for(context, gemv_task, (size_t)((c->N + GEMV_ROWS - 1) / GEMV_ROWS), c);
+    free(quantized);
+  } else { /* a prompt: float activations (int8 ones would save little where each row serves many tokens) */
+    status = parallel_for(context, gemm_task, (size_t)((c->N + TILE - 1) / TILE), c);
+  }
   return status ? status : (c->failed ? -1 : 0);
 }

@@ -10,6 +10,7 @@ const Kernels VARIANT(kernels) = {
     .sparse_dots = sparse_row_dots,
     .grid_decode = decode_grid_row,
     .grid_dots = grid_row_dots,
+    .grid_int8_dots = grid_int8_dots,
     .matmul = matmul_rows,
     .silu_gate = silu_gate_rows,
     .outlier_add = outlier_add_rows,

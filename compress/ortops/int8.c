@@ -1,0 +1,212 @@
+/* GridMatMul with int8 activations (attribute accuracy_level 4, as onnxruntime's MatMulNBits names it): 2- and
+   4-bit integer grids multiplied from their stored codes by integer dot products, for the few tokens of a decode
+   step (a prompt takes the float path of rows.c).
+
+   Each token's inputs are quantized once a call, symmetrically per group of the weight (scale = max |x| / 127), and
+   each 32 of them put in the order the codes come out of their bytes (quantize_activations): a row's 32 codes are
+   one 64-bit (2-bit) or 128-bit (4-bit) load, shifted per lane and masked into 32 unsigned bytes, and one
+   maddubs per token multiplies them with the inputs (pairs of products: at most 2 x 15 x 127, no saturation). Per
+   group g of row n:
+     sum_k (code_k - z_g) * s_g * x_k  ~  s_g * xs_g * (sum_k code_k * xq_k - z_g * sum_k xq_k),
+   the integer sums in 32-bit lanes, then one convert and multiply-add per group and token; the zero points' part
+   from each group's sum(xq), once per row (zero_parts). K and the group size are multiples of 32, the last group
+   may be shorter. The weight stays as the file stores it (onnxruntime's own int8 kernel
+   holds a repacked copy with float32 block sums beside the codes). */
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ops.h"
+
+static inline float sum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+static inline int packed_at(const uint8_t *row, int64_t i, int bits) {
+  const int per = 8 / bits;
+  return (row[i / per] >> ((i % per) * bits)) & ((1 << bits) - 1);
+}
+
+/* The inputs of group g: group_size, or fewer for the last group (K and group_size are multiples of 32). */
+static inline int64_t group_length(const Call *c, int64_t g) {
+  const int64_t rest = c->K - g * c->group_size;
+  return rest < c->group_size ? rest : c->group_size;
+}
+
+void *quantize_activations(Call *c) {
+  const int64_t K = c->K, M = c->M, size = c->group_size, groups = (K + size - 1) / size;
+  const int per = 8 / (int)c->bits, plane = 32 / per; /* codes a byte; bytes (= inputs) a bit plane of 32 codes */
+  float *block = (float *)malloc(sizeof(float) * (size_t)(2 * M * groups) + (size_t)(M * K));
+  if (!block) return NULL;
+  float *scales = block, *sums = block + M * groups;
+  int8_t *xq = (int8_t *)(sums + M * groups);
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t g = 0; g < groups; g++) {
+      const int64_t length = group_length(c, g);
+      const float *x = c->x + m * K + g * size;
+      int8_t *q = xq + m * K + g * size;
+      float most = 0.0f;
+      for (int64_t k = 0; k < length; k++) most = fmaxf(most, fabsf(x[k]));
+      const float inverse = most > 0.0f ? 127.0f / most : 0.0f;
+      int sum = 0;
+      for (int64_t i = 0; i < length; i += 32) /* input i + j * per + p goes to byte p * plane + j of its 32 */
+        for (int p = 0; p < per; p++)
+          for (int j = 0; j < plane; j++) {
+            const int v = _mm_cvt_ss2si(_mm_set_ss(x[i + j * per + p] * inverse));
+            q[i + p * plane + j] = (int8_t)v;
+            sum += v;
+          }
+      scales[m * groups + g] = most / 127.0f;
+      sums[m * groups + g] = most / 127.0f * (float)sum;
+    }
+  c->xq = xq;
+  c->xq_scales = scales;
+  c->xq_sums = sums;
+  return block;
+}
+
+/* sum over the row's groups of s_g * z_g * xs_g * sum(xq) (the zero points' part), per token */
+static inline __attribute__((always_inline)) void zero_parts(const Call *c, const float *scales, const uint8_t *zeros,
+                                                             int64_t groups, const int M, const int bits,
+                                                             float *correction) {
+  for (int m = 0; m < M; m++) {
+    const float *sums = c->xq_sums + m * groups;
+    float part = 0.0f;
+    if (zeros) {
+      for (int64_t g = 0; g < groups; g++) part += scales[g] * (c->grid_zero + (float)packed_at(zeros, g, bits)) * sums[g];
+    } else {
+      __m256 v = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 8 <= groups; g += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(scales + g), _mm256_loadu_ps(sums + g), v);
+      part = sum8(v);
+      for (; g < groups; g++) part += scales[g] * sums[g];
+      part *= c->grid_zero;
+    }
+    correction[m] = part;
+  }
+}
+
+#ifdef __AVX512F__
+/* The 64 codes of two consecutive 32-code chunks at p, each chunk's bit planes in order (as the inputs are). */
+static inline __m512i codes64(const uint8_t *p, const int bits) {
+  if (bits == 4) { /* chunk 0's bytes in qwords 0-1, chunk 1's in 2-3: low nibbles, then high, per chunk */
+    const __m512i v = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
+                                               _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)));
+    return _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(15));
+  }
+  const __m512i v = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1),
+                                             _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p)));
+  return _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6)), _mm512_set1_epi8(3));
+}
+
+/* Row n's dot products 64 weights a step: groups of 32 two a step (each half of the register its own group), larger
+   groups (an even number of 32-code chunks, the last group's too) two chunks a step. 0 when the row's shape takes
+   the 256-bit loop. */
+static inline __attribute__((always_inline)) int int8_row_wide(const Call *c, int64_t n, float *out, const int M,
+                                                               const int bits) {
+  const int64_t K = c->K, size = c->group_size, groups = (K + size - 1) / size, chunk_bytes = 4 * bits;
+  if (size == 32 ? groups % 2 : size % 64 || group_length(c, groups - 1) % 64) return 0;
+  const uint8_t *codes = c->codes + n * c->row_bytes;
+  const float *scales = c->grid_scales + n * groups;
+  const uint8_t *zeros = c->grid_zeros ? c->grid_zeros + n * ((groups * bits + 7) / 8) : NULL;
+  const __m512i ones = _mm512_set1_epi16(1);
+  __m512 acc[4];
+  for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+  if (size == 32) {
+    const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    for (int64_t g = 0; g < groups; g += 2) {
+      const __m512i q = codes64(codes + g * chunk_bytes, bits);
+      double two; /* the two groups' scales, each over its half */
+      memcpy(&two, scales + g, 8);
+      const __m512 s = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_set_sd(two))));
+      for (int m = 0; m < M; m++) {
+        const __m512i xq = _mm512_loadu_si512((const void *)(c->xq + m * K + g * 32));
+        const __m512 dots = _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(q, xq), ones));
+        double xs;
+        memcpy(&xs, c->xq_scales + m * groups + g, 8);
+        const __m512 sx = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_set_sd(xs))));
+        acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(dots, sx), s, acc[m]);
+      }
+    }
+  } else {
+    for (int64_t g = 0; g < groups; g++) {
+      __m512i sums[4];
+      for (int m = 0; m < M; m++) sums[m] = _mm512_setzero_si512();
+      const uint8_t *p = codes + g * size / 32 * chunk_bytes;
+      const int8_t *xq = c->xq + g * size;
+      for (int64_t t = 0, steps = group_length(c, g) / 64; t < steps; t++, p += 2 * chunk_bytes, xq += 64) {
+        const __m512i q = codes64(p, bits);
+        for (int m = 0; m < M; m++) {
+          const __m512i x = _mm512_loadu_si512((const void *)(xq + m * K));
+          sums[m] = _mm512_add_epi32(sums[m], _mm512_madd_epi16(_mm512_maddubs_epi16(q, x), ones));
+        }
+      }
+      for (int m = 0; m < M; m++)
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[m]), _mm512_set1_ps(scales[g] * c->xq_scales[m * groups + g]),
+                                 acc[m]);
+    }
+  }
+  float correction[4];
+  zero_parts(c, scales, zeros, groups, M, bits, correction);
+  for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(acc[m]) - correction[m];
+  return 1;
+}
+#endif
+
+static inline __attribute__((always_inline)) void int8_row(const Call *c, int64_t n, float *out, const int M,
+                                                           const int bits) {
+#ifdef __AVX512F__
+  if (int8_row_wide(c, n, out, M, bits)) return;
+#endif
+  const int64_t K = c->K, size = c->group_size, groups = (K + size - 1) / size, chunk_bytes = 4 * bits;
+  const uint8_t *codes = c->codes + n * c->row_bytes;
+  const float *scales = c->grid_scales + n * groups;
+  const uint8_t *zeros = c->grid_zeros ? c->grid_zeros + n * ((groups * bits + 7) / 8) : NULL;
+  const __m256i shifts = bits == 4 ? _mm256_setr_epi64x(0, 0, 4, 4) : _mm256_setr_epi64x(0, 2, 4, 6);
+  const __m256i mask = _mm256_set1_epi8((char)((1 << bits) - 1)), ones = _mm256_set1_epi16(1);
+  __m256 acc[4];
+  for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; g++) {
+    __m256i sums[4];
+    for (int m = 0; m < M; m++) sums[m] = _mm256_setzero_si256();
+    const int64_t first = g * size / 32, last = first + group_length(c, g) / 32;
+    for (int64_t j = first; j < last; j++) {
+      const uint8_t *p = codes + j * chunk_bytes;
+      __m256i raw;
+      if (bits == 4) {
+        raw = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+      } else {
+        int64_t eight;
+        memcpy(&eight, p, 8);
+        raw = _mm256_set1_epi64x(eight);
+      }
+      const __m256i q = _mm256_and_si256(_mm256_srlv_epi64(raw, shifts), mask);
+      for (int m = 0; m < M; m++) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(c->xq + m * K + j * 32));
+        sums[m] = _mm256_add_epi32(sums[m], _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones));
+      }
+    }
+    for (int m = 0; m < M; m++)
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[m]), _mm256_set1_ps(scales[g] * c->xq_scales[m * groups + g]),
+                               acc[m]);
+  }
+  float correction[4];
+  zero_parts(c, scales, zeros, groups, M, bits, correction);
+  for (int m = 0; m < M; m++) out[m] = sum8(acc[m]) - correction[m];
+}
+
+#define INT8_ROW_BY_BITS(M) \
+  ((c)->bits == 2 ? int8_row(c, n, out, M, 2) : int8_row(c, n, out, M, 4))
+
+void grid_int8_dots(const Call *c, Scratch *s, int64_t n, float *out) {
+  (void)s;
+  switch (c->M) { /* a constant token count and width per copy: the accumulators stay in registers */
+    case 1: INT8_ROW_BY_BITS(1); break;
+    case 2: INT8_ROW_BY_BITS(2); break;
+    case 3: INT8_ROW_BY_BITS(3); break;
+    default: INT8_ROW_BY_BITS(4); break;
+  }
+}
