@@ -382,8 +382,9 @@ def export(
     max_shard_size: Annotated[str, typer.Option(help="compressed-tensors, gptq: largest safetensors shard")] = "5GB",
     weights: Annotated[str, typer.Option(help="fast (onnxruntime's kernels: MatMulNBits, GroupQueryAttention, fused "
                                          "norms) or portable (standard ops only)")] = "fast",
-    int8_activations: Annotated[bool, typer.Option("--int8-activations", help="MatMulNBits with int8 "
-                                                   "activations: faster, less exact")] = False,
+    int8_activations: Annotated[bool, typer.Option("--int8-activations", help="int8 activations (2- and 4-bit "
+                                                   "grids in our GridMatMul where built, else MatMulNBits): "
+                                                   "faster, less exact")] = False,
     prefill_chunk: Annotated[int, typer.Option(min=0, help="onnx: prompt tokens a prefill run takes in "
                                                "`compress generate` and onnxruntime-genai (0: the whole prompt)")
                              ] = PREFILL_CHUNK,

@@ -49,8 +49,9 @@ class OnnxConfig(Section):
     weights: Literal["fast", "portable"] = Field(
         "fast", description="fast: com.microsoft MatMulNBits for 2/4/8-bit integer grids; portable: standard "
         "blocked DequantizeLinear only. Other formats are decoded in-graph either way")
-    int8_activations: bool = Field(False, description="MatMulNBits accuracy_level 4 (int8 activations): "
-                                   "faster on CPU, logits drift more (the validation's defaults loosen with it)")
+    int8_activations: bool = Field(False, description="int8 activations (accuracy_level 4): 2- and 4-bit grids in "
+                                   "our GridMatMul where its library is built, else MatMulNBits: faster on CPU, "
+                                   "logits drift more (the validation's defaults loosen with it)")
     prefill_chunk: int = Field(PREFILL_CHUNK, ge=0, le=65536, description="prompt tokens a prefill run takes in "
                                "`compress generate` and onnxruntime-genai (chunked prefill: memory bounded by the "
                                "chunk; 0: the whole prompt at once)")

@@ -512,3 +512,46 @@ def test_a_tied_tables_rows_decode_from_the_heads_codes(smol, ortops_library, sp
     assert np.array_equal(rows, fmt.dequantize()[torch.from_numpy(picked)].numpy())
     want = (x @ fmt.dequantize().T).numpy()  # int8 activations change the product by design, a little
     assert np.abs(got - want).max() <= (1e-5 if accuracy_level == 0 else 2e-2) * np.abs(want).max()
+
+
+@pytest.mark.parametrize("make, accuracy_level, packs", [
+    (lambda w: quantize_rtn(w, QuantSpec(2, 32)), 0, "GridMatMul"),  # zero points packed beside the codes
+    (lambda w: quantize_rtn(w, QuantSpec(4, 32, symmetric=True)), 4, "GridMatMul"),  # int8 activations
+    (lambda w: quantize_rtn(w, QuantSpec(4, 64)), 4, "GridMatMul"),  # 576 inputs: a last group of 0
+    (lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="nf")), 0, None),  # a layer's code book: not joined
+    (lambda w: palettize(w, KMeansConfig(type="kmeans", bits=4, table_dtype="int8", iterations=3)), 0, "LutMatMul"),
+    (lambda w: gptvq_quantize(w, torch.eye(w.shape[1]), GPTVQConfig(bits=3, iterations=2, codebook_refit=0,
+                                                                   table_weights=64 * 576)), 0, "LutMatMul"),
+    (lambda w: gptvq_quantize(w, torch.eye(w.shape[1]), GPTVQConfig(bits=3, iterations=2, codebook_refit=0)), 0,
+     None),  # a code book per 28 rows: 576 and 192 rows end inside a book, not joined
+    (lambda w: quantize_rtn(w, QuantSpec(4, 128)), 0, "MatMulNBits"),
+])
+def test_sibling_matmuls_pack_into_one_kernel_with_the_same_products(smol, ortops_library, make, accuracy_level, packs):
+    """The query, key and value projections (one input, three weights in one format) joined into one kernel and a
+    Split (fuse.pack_sibling_matmuls): the same outputs as the three kernels, for onnxruntime's MatMulNBits and
+    our GridMatMul and LutMatMul, whose initializers are row-wise; a GridMatMul with a code book stays apart."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from compress.export.fuse import pack_sibling_matmuls
+    from compress.export.graph import FLOAT, Graph
+    from compress.export.weights import WeightLowering
+
+    attention = smol[0].model.layers[3].self_attn
+    g = Graph()
+    low = WeightLowering(g, "fast", accuracy_level)
+    x = g.input("x", FLOAT, ["tokens", 576])
+    for name in ("q_proj", "k_proj", "v_proj"):
+        weight = getattr(attention, name).weight.detach().float()
+        g.output(low.linear(x, make(weight), None, name), name, FLOAT, ["tokens", weight.shape[0]])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(ortops_library))
+    inputs = {"x": torch.randn(3, 576, generator=torch.Generator().manual_seed(0)).numpy()}
+    apart = ort.InferenceSession(g.model(low.opset).SerializeToString(), options).run(None, inputs)
+    assert pack_sibling_matmuls(g) == (packs is not None)
+    ops = collections.Counter(n.op_type for n in g.nodes)
+    if packs:
+        assert ops[packs] == 1 and ops["Split"] == 1
+    joined = ort.InferenceSession(g.model(low.opset).SerializeToString(), options).run(None, inputs)
+    for a, b in zip(apart, joined, strict=True):
+        assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max()

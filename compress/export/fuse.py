@@ -1,8 +1,9 @@
 """Sibling low-bit matmuls packed into one kernel: the query, key and value projections read the same input,
-as do the gate and up projections of the MLP. When their ``MatMulNBits`` agree on everything but the output
-width, their initializers are concatenated along the output rows (each is stored row by row, so the bytes are
-the same, only joined) and one kernel followed by a ``Split`` replaces them: fewer, larger calls per token. A
-gate/up split that only feeds the SiLU gating becomes our ``SiluGate`` where our operator library is built.
+as do the gate and up projections of the MLP. When their matmuls (onnxruntime's ``MatMulNBits``, our ``GridMatMul``
+and ``LutMatMul``) agree on everything but the output width, their initializers are concatenated along the output
+rows (each is stored row by row, so the bytes are the same, only joined) and one kernel followed by a ``Split``
+replaces them: fewer, larger calls per token. A gate/up split that only feeds the SiLU gating becomes our
+``SiluGate`` where our operator library is built.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from onnx import helper, numpy_helper
 from ..ortops import DOMAIN
 from .graph import Graph
 
-MATMUL_NBITS = ("com.microsoft", "MatMulNBits")
+PACKABLE = {("com.microsoft", "MatMulNBits"), (DOMAIN, "GridMatMul"), (DOMAIN, "LutMatMul")}
+GRID_TABLE = 4  # GridMatMul's code book input: one for the whole layer, not a row's
 
 
 def _attrs(node) -> dict:
@@ -21,22 +23,36 @@ def _attrs(node) -> dict:
 
 
 def _key(node) -> tuple:
-    """What siblings must share: the input, which tensors they read, the input width and the block layout."""
+    """What siblings must share: the operator, the input, which tensors they read, every attribute but the output
+    width (the input width, the codes' and blocks' layout, the accuracy level)."""
     attrs = _attrs(node)
-    return (node.input[0], len(node.input), attrs["K"], attrs["bits"], attrs["block_size"],
-            attrs.get("accuracy_level", 0))
+    attrs.pop("N")
+    return (node.domain, node.op_type, node.input[0], tuple(bool(t) for t in node.input[1:]),
+            tuple(sorted((k, str(v)) for k, v in attrs.items())))
+
+
+def _row_wise(node) -> bool:
+    """Whether every initializer of ``node`` holds its rows in order along its first axis, so siblings' join:
+    not a GridMatMul code book (the layer's), and a LutMatMul's tables whole (rows_per_table dividing N)."""
+    attrs = _attrs(node)
+    if node.op_type == "GridMatMul":
+        return len(node.input) <= GRID_TABLE or not node.input[GRID_TABLE]
+    if node.op_type == "LutMatMul":
+        return attrs["N"] % attrs.get("rows_per_table", 1) == 0
+    return True
 
 
 def pack_sibling_matmuls(g: Graph) -> int:
-    """Pack every group of ``MatMulNBits`` in ``g`` that read the same input with the same shape of blocks and
-    whose weights no other node reads. Returns how many groups were packed."""
+    """Pack every group of low-bit matmuls in ``g`` that read the same input with the same layout and whose
+    weights no other node reads. Returns how many groups were packed."""
     uses: dict[str, int] = {}
     for node in g.nodes:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
     groups: dict[tuple, list] = {}
     for node in g.nodes:
-        if (node.domain, node.op_type) == MATMUL_NBITS and all(uses.get(t, 0) == 1 for t in node.input[1:]):
+        if (node.domain, node.op_type) in PACKABLE and _row_wise(node) and \
+                all(uses.get(t, 0) == 1 for t in node.input[1:] if t):
             groups.setdefault(_key(node), []).append(node)
     initializers = {t.name: t for t in g.initializers}
     dropped: set[str] = set()
@@ -48,12 +64,16 @@ def pack_sibling_matmuls(g: Graph) -> int:
         widths = [int(_attrs(n)["N"]) for n in nodes]
         tensors = []
         for position in range(1, len(first.input)):
+            if not first.input[position]:  # an optional input left out, before a present one
+                tensors.append("")
+                continue
             parts = [numpy_helper.to_array(initializers[n.input[position]]) for n in nodes]
             dropped.update(n.input[position] for n in nodes)
-            tensors.append(g.tensor(f"{first.name}.packed.{position}", np.concatenate(parts, axis=0)))
+            tensors.append(g.tensor(f"{first.name or first.output[0]}.packed.{position}",
+                                    np.concatenate(parts, axis=0)))
         attrs = _attrs(first)
         joined = g.name("packed_matmul")
-        fused = helper.make_node("MatMulNBits", [first.input[0], *tensors], [joined], name=joined,
+        fused = helper.make_node(first.op_type, [first.input[0], *tensors], [joined], name=joined,
                                  domain=first.domain, **{**attrs, "N": sum(widths)})
         split = helper.make_node("Split", [joined, g.const(widths)], [n.output[0] for n in nodes],
                                  name=g.name("split"), axis=-1)
