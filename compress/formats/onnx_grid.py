@@ -104,7 +104,7 @@ def _int8_grid(lowering, x: str, grid: IntegerGrid, shape, width: int, name: str
     y = onnx_custom.grid_matmul(lowering, x, name, pack_rows(grid.codes, width), grid.scales, None, None,
                                 0.0 if zeros is not None else float(1 << (grid.bits - 1)), width, size, shape,
                                 zeros=zeros, accuracy_level=4)
-    return y, size
+    return None if y is None else (y, size)
 
 
 def _nibble_planes(lowering, x: str, grid: IntegerGrid, shape, block: int, name: str) -> str:

@@ -8,7 +8,8 @@
    maddubs per token multiplies them with the inputs (pairs of products: at most 2 x 15 x 127, no saturation). Per
    group g of row n:
      sum_k (code_k - z_g) * s_g * x_k  ~  s_g * xs_g * (sum_k code_k * xq_k - z_g * sum_k xq_k),
-   the integer sums in 32-bit lanes, then one convert and multiply-add per group and token; the zero points' part
+   the integer sums in 32-bit lanes, then one convert and multiply-add per group (AVX-512: per 64 weights) and
+   token; the zero points' part
    from each group's sum(xq), once per row (zero_parts). K and the group size are multiples of 32, the last group
    may be shorter. The weight stays as the file stores it (onnxruntime's own int8 kernel
    holds a repacked copy with float32 block sums beside the codes). */
@@ -102,16 +103,14 @@ static inline __m512i codes64(const uint8_t *p, const int bits) {
   return _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6)), _mm512_set1_epi8(3));
 }
 
-/* Row n's dot products 64 weights a step: groups of 32 two a step (each half of the register its own group), larger
-   groups (an even number of 32-code chunks, the last group's too) two chunks a step. 0 when the row's shape takes
-   the 256-bit loop. */
-static inline __attribute__((always_inline)) int int8_row_wide(const Call *c, int64_t n, float *out, const int M,
-                                                               const int bits) {
+/* A row's sums over its groups of s_g * xs_g * sum(code * xq), from its codes and scales, 64 weights a step: groups
+   of 32 two a step (each half of the register its own group), groups of a multiple of 64 (the last group's too) one
+   step at a time, each step's sums converted and scaled. 0 when the row's shape takes the 256-bit loop. */
+static inline __attribute__((always_inline)) int code_dots_wide(const Call *c, const uint8_t *codes,
+                                                                const float *scales, float *out, const int M,
+                                                                const int bits) {
   const int64_t K = c->K, size = c->group_size, groups = (K + size - 1) / size, chunk_bytes = 4 * bits;
   if (size == 32 ? groups % 2 : size % 64 || group_length(c, groups - 1) % 64) return 0;
-  const uint8_t *codes = c->codes + n * c->row_bytes;
-  const float *scales = c->grid_scales + n * groups;
-  const uint8_t *zeros = c->grid_zeros ? c->grid_zeros + n * ((groups * bits + 7) / 8) : NULL;
   const __m512i ones = _mm512_set1_epi16(1);
   __m512 acc[4];
   for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
@@ -131,40 +130,39 @@ static inline __attribute__((always_inline)) int int8_row_wide(const Call *c, in
         acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(dots, sx), s, acc[m]);
       }
     }
-  } else {
+  } else if (size == 64) { /* one step a group */
     for (int64_t g = 0; g < groups; g++) {
-      __m512i sums[4];
-      for (int m = 0; m < M; m++) sums[m] = _mm512_setzero_si512();
-      const uint8_t *p = codes + g * size / 32 * chunk_bytes;
-      const int8_t *xq = c->xq + g * size;
-      for (int64_t t = 0, steps = group_length(c, g) / 64; t < steps; t++, p += 2 * chunk_bytes, xq += 64) {
-        const __m512i q = codes64(p, bits);
-        for (int m = 0; m < M; m++) {
-          const __m512i x = _mm512_loadu_si512((const void *)(xq + m * K));
-          sums[m] = _mm512_add_epi32(sums[m], _mm512_madd_epi16(_mm512_maddubs_epi16(q, x), ones));
-        }
+      const __m512i q = codes64(codes + g * 2 * chunk_bytes, bits);
+      for (int m = 0; m < M; m++) {
+        const __m512i x = _mm512_loadu_si512((const void *)(c->xq + m * K + g * 64));
+        const __m512 dots = _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(q, x), ones));
+        acc[m] = _mm512_fmadd_ps(dots, _mm512_set1_ps(scales[g] * c->xq_scales[m * groups + g]), acc[m]);
       }
-      for (int m = 0; m < M; m++)
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[m]), _mm512_set1_ps(scales[g] * c->xq_scales[m * groups + g]),
-                                 acc[m]);
+    }
+  } else { /* 64 weights a step, each step's sums times its group's scales (a loop per group was slower) */
+    for (int64_t t = 0, steps = K / 64, g = 0, in_group = 0, per_group = size / 64; t < steps; t++) {
+      if (in_group == per_group) { /* (no division a step: the next group's first step) */
+        in_group = 0;
+        g++;
+      }
+      in_group++;
+      const __m512i q = codes64(codes + t * 2 * chunk_bytes, bits);
+      for (int m = 0; m < M; m++) {
+        const __m512i x = _mm512_loadu_si512((const void *)(c->xq + m * K + t * 64));
+        const __m512 dots = _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(q, x), ones));
+        acc[m] = _mm512_fmadd_ps(dots, _mm512_set1_ps(scales[g] * c->xq_scales[m * groups + g]), acc[m]);
+      }
     }
   }
-  float correction[4];
-  zero_parts(c, scales, zeros, groups, M, bits, correction);
-  for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(acc[m]) - correction[m];
+  for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
   return 1;
 }
 #endif
 
-static inline __attribute__((always_inline)) void int8_row(const Call *c, int64_t n, float *out, const int M,
-                                                           const int bits) {
-#ifdef __AVX512F__
-  if (int8_row_wide(c, n, out, M, bits)) return;
-#endif
+/* The same, 32 weights a step, any shape. */
+static inline __attribute__((always_inline)) void code_dots(const Call *c, const uint8_t *codes, const float *scales,
+                                                            float *out, const int M, const int bits) {
   const int64_t K = c->K, size = c->group_size, groups = (K + size - 1) / size, chunk_bytes = 4 * bits;
-  const uint8_t *codes = c->codes + n * c->row_bytes;
-  const float *scales = c->grid_scales + n * groups;
-  const uint8_t *zeros = c->grid_zeros ? c->grid_zeros + n * ((groups * bits + 7) / 8) : NULL;
   const __m256i shifts = bits == 4 ? _mm256_setr_epi64x(0, 0, 4, 4) : _mm256_setr_epi64x(0, 2, 4, 6);
   const __m256i mask = _mm256_set1_epi8((char)((1 << bits) - 1)), ones = _mm256_set1_epi16(1);
   __m256 acc[4];
@@ -193,9 +191,22 @@ static inline __attribute__((always_inline)) void int8_row(const Call *c, int64_
       acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[m]), _mm256_set1_ps(scales[g] * c->xq_scales[m * groups + g]),
                                acc[m]);
   }
+  for (int m = 0; m < M; m++) out[m] = sum8(acc[m]);
+}
+
+static inline __attribute__((always_inline)) void int8_row(const Call *c, int64_t n, float *out, const int M,
+                                                           const int bits) {
+  const int64_t groups = (c->K + c->group_size - 1) / c->group_size;
+  const uint8_t *codes = c->codes + n * c->row_bytes;
+  const float *scales = c->grid_scales + n * groups;
+#ifdef __AVX512F__
+  if (!code_dots_wide(c, codes, scales, out, M, bits))
+#endif
+    code_dots(c, codes, scales, out, M, bits);
   float correction[4];
-  zero_parts(c, scales, zeros, groups, M, bits, correction);
-  for (int m = 0; m < M; m++) out[m] = sum8(acc[m]) - correction[m];
+  zero_parts(c, scales, c->grid_zeros ? c->grid_zeros + n * ((groups * bits + 7) / 8) : NULL, groups, M, bits,
+             correction);
+  for (int m = 0; m < M; m++) out[m] -= correction[m];
 }
 
 #define INT8_ROW_BY_BITS(M) \
