@@ -247,6 +247,8 @@ def _refresh_operators(folder: Path) -> None:
     commit it records, not those of the commit that exported the folder."""
     from compress import ortops
 
+    if not (folder / "export.json").is_file():  # onnxruntime-genai's builder's folder: none of ours
+        return
     library = json.loads((folder / "export.json").read_text()).get("custom_ops_library")
     if library:
         shutil.copy2(ortops.build(), folder / library)
