@@ -54,6 +54,8 @@ KERNELS = {
     "GridMatMul 4-bit g32, int8 activations": ("grid8", 4, 1, 32),
     "MatMulNBits 2-bit block 32, int8 activations (onnxruntime)": ("nbits8", 2, 1, 32),
     "GridMatMul 2-bit g32, int8 activations": ("grid8", 2, 1, 32),
+    "MatMulNBits 2-bit block 32 with zero points, int8 activations (onnxruntime)": ("nbits8", 2, 0, 32),
+    "GridMatMul 2-bit g32 with zero points, int8 activations": ("grid8", 2, 0, 32),
     "MatMulNBits 4-bit block 64, int8 activations (onnxruntime)": ("nbits8", 4, 1, 64),
     "GridMatMul 4-bit g64, int8 activations": ("grid8", 4, 1, 64),
 }
@@ -102,13 +104,18 @@ def _session(kind: str, bits: int, dim: int, group: int, threads: int, layers: i
                          numpy_helper.from_array((book - book.mean()).astype(np.float32), f"t{i}"))
             nodes.append(helper.make_node("GridMatMul", [x, f"c{i}", f"s{i}", *extra], [y], domain=ortops.DOMAIN,
                                           K=k, N=n, bits=bits, group_size=group))
-        elif kind == "grid8":  # an integer grid, symmetric (zero point 2^(bits-1)), int8 activations
+        elif kind == "grid8":  # an integer grid, int8 activations: symmetric (dim 1), or zero points (dim 0)
             codes = rng.integers(0, 1 << bits, (n, k))
             scales = ((0.5 + rng.random((n, k // group))) * gain / ((1 << bits) / np.sqrt(12))).astype(np.float32)
             inits += [numpy_helper.from_array(pack_rows(torch.tensor(codes), bits).numpy(), f"c{i}"),
                       numpy_helper.from_array(scales, f"s{i}")]
-            nodes.append(helper.make_node("GridMatMul", [x, f"c{i}", f"s{i}"], [y], domain=ortops.DOMAIN, K=k, N=n,
-                                          bits=bits, group_size=group, zero=float(1 << (bits - 1)), accuracy_level=4))
+            zeros = [] if dim else ["", "", f"z{i}"]
+            if zeros:  # around the middle of the grid, as a weight's zero points fall
+                middle = rng.integers((1 << bits) // 4, 3 * (1 << bits) // 4 + 1, (n, k // group))
+                inits.append(numpy_helper.from_array(pack_rows(torch.tensor(middle), bits).numpy(), f"z{i}"))
+            nodes.append(helper.make_node("GridMatMul", [x, f"c{i}", f"s{i}", *zeros], [y], domain=ortops.DOMAIN,
+                                          K=k, N=n, bits=bits, group_size=group,
+                                          zero=0.0 if zeros else float(1 << (bits - 1)), accuracy_level=4))
         elif kind == "half":
             inits.append(numpy_helper.from_array((rng.standard_normal((n, k)) * gain).astype(np.float16), f"w{i}"))
             nodes.append(helper.make_node("HalfMatMul", [x, f"w{i}"], [y], domain=ortops.DOMAIN, K=k, N=n))
@@ -121,7 +128,13 @@ def _session(kind: str, bits: int, dim: int, group: int, threads: int, layers: i
             packed = pack_rows(torch.tensor(codes), bits).numpy().reshape(n, k // block, block * bits // 8)
             scales = ((0.5 + rng.random(n * (k // block))) * gain / ((1 << bits) / np.sqrt(12))).astype(np.float32)
             inits += [numpy_helper.from_array(packed, f"q{i}"), numpy_helper.from_array(scales, f"s{i}")]
-            nodes.append(helper.make_node("MatMulNBits", [x, f"q{i}", f"s{i}"], [y], domain="com.microsoft", K=k, N=n,
+            zeros = [] if dim else [f"z{i}"]
+            if zeros:
+                middle = rng.integers((1 << bits) // 4, 3 * (1 << bits) // 4 + 1, (n, k // block))
+                inits.append(numpy_helper.from_array(pack_rows(torch.tensor(middle), bits).numpy().reshape(-1),
+                                                     f"z{i}"))
+            nodes.append(helper.make_node("MatMulNBits", [x, f"q{i}", f"s{i}", *zeros], [y], domain="com.microsoft",
+                                          K=k, N=n,
                                           bits=bits, block_size=block, accuracy_level=4 if kind == "nbits8" else 0))
         x = y
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 576])],

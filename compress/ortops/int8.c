@@ -76,8 +76,27 @@ static inline __attribute__((always_inline)) void zero_parts(const Call *c, cons
   for (int m = 0; m < M; m++) {
     const float *sums = c->xq_sums + m * groups;
     float part = 0.0f;
-    if (zeros) {
-      for (int64_t g = 0; g < groups; g++) part += scales[g] * (c->grid_zero + (float)packed_at(zeros, g, bits)) * sums[g];
+    if (zeros) { /* eight zero points a step from the 32 bits holding them (a serial sum per group was slower) */
+      const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
+      const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+      const __m256 base = _mm256_set1_ps(c->grid_zero);
+      const int64_t row_bytes = (groups * bits + 7) / 8;
+      const uint8_t *end = c->grid_zeros + c->N * row_bytes; /* the tensor's: the last row's 4 bytes may pass it */
+      __m256 v = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 8 <= groups; g += 8) {
+        uint32_t word = 0;
+        const uint8_t *at = zeros + g * bits / 8;
+        if (at + 4 <= end)
+          memcpy(&word, at, 4);
+        else
+          memcpy(&word, at, (size_t)(end - at));
+        const __m256 z = _mm256_add_ps(base, _mm256_cvtepi32_ps(_mm256_and_si256(
+                                                 _mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts), mask)));
+        v = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(scales + g), z), _mm256_loadu_ps(sums + g), v);
+      }
+      part = sum8(v);
+      for (; g < groups; g++) part += scales[g] * (c->grid_zero + (float)packed_at(zeros, g, bits)) * sums[g];
     } else {
       __m256 v = _mm256_setzero_ps();
       int64_t g = 0;
