@@ -56,6 +56,8 @@ KERNELS = {
     "GridMatMul 2-bit g32, int8 activations": ("grid8", 2, 1, 32),
     "MatMulNBits 2-bit block 32 with zero points, int8 activations (onnxruntime)": ("nbits8", 2, 0, 32),
     "GridMatMul 2-bit g32 with zero points, int8 activations": ("grid8", 2, 0, 32),
+    "MatMulNBits 4-bit block 128 with zero points, int8 activations (onnxruntime)": ("nbits8", 4, 0, 128),
+    "GridMatMul 4-bit g128 with zero points, int8 activations": ("grid8", 4, 0, 128),
     "MatMulNBits 4-bit block 64, int8 activations (onnxruntime)": ("nbits8", 4, 1, 64),
     "GridMatMul 4-bit g64, int8 activations": ("grid8", 4, 1, 64),
 }
@@ -106,12 +108,13 @@ def _session(kind: str, bits: int, dim: int, group: int, threads: int, layers: i
                                           K=k, N=n, bits=bits, group_size=group))
         elif kind == "grid8":  # an integer grid, int8 activations: symmetric (dim 1), or zero points (dim 0)
             codes = rng.integers(0, 1 << bits, (n, k))
-            scales = ((0.5 + rng.random((n, k // group))) * gain / ((1 << bits) / np.sqrt(12))).astype(np.float32)
+            groups = -(-k // group)  # (576 inputs in groups of 128: a last group of 64)
+            scales = ((0.5 + rng.random((n, groups))) * gain / ((1 << bits) / np.sqrt(12))).astype(np.float32)
             inits += [numpy_helper.from_array(pack_rows(torch.tensor(codes), bits).numpy(), f"c{i}"),
                       numpy_helper.from_array(scales, f"s{i}")]
             zeros = [] if dim else ["", "", f"z{i}"]
             if zeros:  # around the middle of the grid, as a weight's zero points fall
-                middle = rng.integers((1 << bits) // 4, 3 * (1 << bits) // 4 + 1, (n, k // group))
+                middle = rng.integers((1 << bits) // 4, 3 * (1 << bits) // 4 + 1, (n, groups))
                 inits.append(numpy_helper.from_array(pack_rows(torch.tensor(middle), bits).numpy(), f"z{i}"))
             nodes.append(helper.make_node("GridMatMul", [x, f"c{i}", f"s{i}", *zeros], [y], domain=ortops.DOMAIN,
                                           K=k, N=n, bits=bits, group_size=group,
@@ -123,14 +126,14 @@ def _session(kind: str, bits: int, dim: int, group: int, threads: int, layers: i
             inits.append(numpy_helper.from_array((rng.standard_normal((k, n)) * gain).astype(np.float32), f"w{i}"))
             nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y]))
         else:  # nbits (float activations), nbits8 (int8): codes around the default zero point 2^(bits-1)
-            block = group
-            codes = rng.integers(0, 1 << bits, (n, k // block * block))
-            packed = pack_rows(torch.tensor(codes), bits).numpy().reshape(n, k // block, block * bits // 8)
-            scales = ((0.5 + rng.random(n * (k // block))) * gain / ((1 << bits) / np.sqrt(12))).astype(np.float32)
+            block, blocks = group, -(-k // group)  # (the last block padded where it does not divide k)
+            codes = rng.integers(0, 1 << bits, (n, blocks * block))
+            packed = pack_rows(torch.tensor(codes), bits).numpy().reshape(n, blocks, block * bits // 8)
+            scales = ((0.5 + rng.random(n * blocks)) * gain / ((1 << bits) / np.sqrt(12))).astype(np.float32)
             inits += [numpy_helper.from_array(packed, f"q{i}"), numpy_helper.from_array(scales, f"s{i}")]
             zeros = [] if dim else [f"z{i}"]
             if zeros:
-                middle = rng.integers((1 << bits) // 4, 3 * (1 << bits) // 4 + 1, (n, k // block))
+                middle = rng.integers((1 << bits) // 4, 3 * (1 << bits) // 4 + 1, (n, blocks))
                 inits.append(numpy_helper.from_array(pack_rows(torch.tensor(middle), bits).numpy().reshape(-1),
                                                      f"z{i}"))
             nodes.append(helper.make_node("MatMulNBits", [x, f"q{i}", f"s{i}", *zeros], [y], domain="com.microsoft",

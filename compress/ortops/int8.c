@@ -123,8 +123,9 @@ static inline __m512i codes64(const uint8_t *p, const int bits) {
 }
 
 /* A row's sums over its groups of s_g * xs_g * sum(code * xq), from its codes and scales, 64 weights a step: groups
-   of 32 two a step (each half of the register its own group), groups of a multiple of 64 (the last group's too) one
-   step at a time, each step's sums converted and scaled. 0 when the row's shape takes the 256-bit loop. */
+   of 32 two a step (each half of the register its own group), groups of a multiple of 64 (the last group's too) in
+   steps of 64, their integer sums converted and scaled once a group. 0 when the row's shape takes the 256-bit
+   loop. */
 static inline __attribute__((always_inline)) int code_dots_wide(const Call *c, const uint8_t *codes,
                                                                 const float *scales, float *out, const int M,
                                                                 const int bits) {
@@ -158,19 +159,24 @@ static inline __attribute__((always_inline)) int code_dots_wide(const Call *c, c
         acc[m] = _mm512_fmadd_ps(dots, _mm512_set1_ps(scales[g] * c->xq_scales[m * groups + g]), acc[m]);
       }
     }
-  } else { /* 64 weights a step, each step's sums times its group's scales (a loop per group was slower) */
-    for (int64_t t = 0, steps = K / 64, g = 0, in_group = 0, per_group = size / 64; t < steps; t++) {
-      if (in_group == per_group) { /* (no division a step: the next group's first step) */
-        in_group = 0;
-        g++;
+  } else { /* two or more steps of 64 a group: the group's integer sums, then one convert and multiply-add */
+    const int64_t per_group = size / 64;
+    for (int64_t g = 0; g < groups; g++) {
+      const uint8_t *p = codes + g * per_group * 2 * chunk_bytes;
+      const int8_t *xq = c->xq + g * size;
+      __m512i sums[4];
+      for (int m = 0; m < M; m++) sums[m] = _mm512_setzero_si512();
+      for (int64_t t = 0, steps = g + 1 < groups ? per_group : group_length(c, g) / 64; t < steps;
+           t++, p += 2 * chunk_bytes, xq += 64) {
+        const __m512i q = codes64(p, bits);
+        for (int m = 0; m < M; m++) {
+          const __m512i x = _mm512_loadu_si512((const void *)(xq + m * K));
+          sums[m] = _mm512_add_epi32(sums[m], _mm512_madd_epi16(_mm512_maddubs_epi16(q, x), ones));
+        }
       }
-      in_group++;
-      const __m512i q = codes64(codes + t * 2 * chunk_bytes, bits);
-      for (int m = 0; m < M; m++) {
-        const __m512i x = _mm512_loadu_si512((const void *)(c->xq + m * K + t * 64));
-        const __m512 dots = _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(q, x), ones));
-        acc[m] = _mm512_fmadd_ps(dots, _mm512_set1_ps(scales[g] * c->xq_scales[m * groups + g]), acc[m]);
-      }
+      for (int m = 0; m < M; m++)
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[m]), _mm512_set1_ps(scales[g] * c->xq_scales[m * groups + g]),
+                                 acc[m]);
     }
   }
   for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
