@@ -81,6 +81,16 @@ def _two_bit_grid(lowering, x: str, grid: IntegerGrid, shape, name: str):
 INT8_GRID_BITS = (2, 4)  # the widths our GridMatMul multiplies with int8 activations
 
 
+def _int8_shared_block(lowering, grid: IntegerGrid, shape) -> int | None:
+    """The block at which our int8 GridMatMul reads MatMulNBits' initializers of ``grid`` (a tied head, which its
+    lookup gathers from), or None where it would not run that head (then MatMulNBits does)."""
+    width, block = kernel_bits(grid.bits), nbits_block(grid.group_size)
+    if lowering.accuracy_level != 4 or width not in INT8_GRID_BITS or lowering.custom_ops is None or block is None \
+            or block % 32 or shape[1] % block:
+        return None
+    return block
+
+
 def _int8_grid(lowering, x: str, grid: IntegerGrid, shape, width: int, name: str) -> tuple[str, int] | None:
     """(output, group size) of a 2- or 4-bit grid with int8 activations in our grid operator (``accuracy_level``
     4), or None where it cannot run it (inputs or groups not multiples of 32). onnxruntime's int8 kernel would hold
@@ -91,8 +101,8 @@ def _int8_grid(lowering, x: str, grid: IntegerGrid, shape, width: int, name: str
     cols = shape[1]
     shared = lowering.nbits_tensors.get(name)
     if shared is not None:
-        block = nbits_block(grid.group_size)
-        if block is None or block % 32 or cols % block:
+        block = _int8_shared_block(lowering, grid, shape)
+        if block is None:
             return None
         codes, scales, *zeros = shared
         return onnx_custom.int8_grid_matmul(lowering, x, codes, scales, zeros[0] if zeros else None, width, block,
@@ -128,10 +138,13 @@ def _matmul_nbits(lowering, x: str, grid: IntegerGrid, shape, width: int, block:
                          accuracy_level=lowering.accuracy_level)
 
 
-def _nbits_tensors(lowering, grid: IntegerGrid, shape, width: int, block: int, name: str) -> list[str]:
+def _nbits_tensors(lowering, grid: IntegerGrid, shape, width: int, block: int, name: str,
+                   gather_layout: bool = False) -> list[str]:
     """MatMulNBits' initializers of ``grid`` (made once per ``name``: a tied embedding's lookup reads the same ones):
-    codes ``[rows, blocks, block * width / 8]``, float32 scales ``[rows * blocks]``, and packed zero points
-    ``[rows * ceil(blocks * width / 8)]`` unless the kernel's default (2^(width-1)) is every zero point."""
+    codes ``[rows, blocks, block * width / 8]``, float32 scales ``[rows * blocks]`` (``gather_layout``: ``[rows,
+    blocks, 1]``, GatherBlockQuantized's, where our int8 head reads them rather than MatMulNBits: no reshaped copy at
+    load), and packed zero points ``[rows * ceil(blocks * width / 8)]`` unless the kernel's default (2^(width-1)) is
+    every zero point."""
     made = lowering.nbits_tensors.get(name)
     if made is not None:
         return made
@@ -140,8 +153,9 @@ def _nbits_tensors(lowering, grid: IntegerGrid, shape, width: int, block: int, n
     repeat, blocks = grid.group_size // block, -(-cols // block)
     codes = torch.nn.functional.pad(grid.codes, (0, blocks * block - cols))
     packed = pack_rows(codes, width).reshape(rows, blocks, block * width // 8)
-    inputs = [g.tensor(f"{name}.qweight", packed.numpy()),
-              g.tensor(f"{name}.scales", _per_block(grid.scales.float(), blocks, repeat).reshape(-1).numpy())]
+    scales = _per_block(grid.scales.float(), blocks, repeat)
+    scales = scales.unsqueeze(-1) if gather_layout else scales.reshape(-1)
+    inputs = [g.tensor(f"{name}.qweight", packed.numpy()), g.tensor(f"{name}.scales", scales.numpy())]
     if not grid.symmetric or width != grid.bits:  # the kernel's default zero point is 2^(width-1)
         zeros = pack_rows(_per_block(grid.zeros, blocks, repeat).to(torch.uint8), width).reshape(-1)
         inputs.append(g.tensor(f"{name}.zero_points", zeros.numpy()))
@@ -161,9 +175,11 @@ def gather_grid_rows(lowering, grid: IntegerGrid, shape: tuple[int, int], ids: s
     g = lowering.g
     rows, cols = shape
     blocks = -(-cols // block)
-    inputs = _nbits_tensors(lowering, grid, shape, width, block, name)
     if width in GATHER_BITS:
-        return _gather_block_quantized(lowering, grid, shape, ids, width, block, inputs, name)
+        gather_layout = _int8_shared_block(lowering, grid, shape) == block  # the head in our int8 GridMatMul
+        inputs = _nbits_tensors(lowering, grid, shape, width, block, name, gather_layout)
+        return _gather_block_quantized(lowering, grid, shape, ids, width, block, inputs, name, gather_layout)
+    inputs = _nbits_tensors(lowering, grid, shape, width, block, name)
     flat = g.op("Reshape", ids, g.const([-1]))
     packed = g.op("Reshape", g.op("Gather", inputs[0], flat), g.const([-1, blocks * block * width // 8]))
     codes = unpack_codes(g, packed, -1, blocks * block, width, FLOAT)
@@ -190,11 +206,12 @@ GATHER_BITS = (4, 8)  # the widths GatherBlockQuantized reads from MatMulNBits' 
 
 
 def _gather_block_quantized(lowering, grid: IntegerGrid, shape, ids: str, width: int, block: int, inputs: list[str],
-                            name: str) -> str:
+                            name: str, scales_shaped: bool = False) -> str:
     """Rows ``ids`` [batch, seq] decoded by onnxruntime's ``GatherBlockQuantized`` (one kernel) from the codes
     MatMulNBits reads ``[rows, blocks, block * width / 8]``, quantized along their last axis: the scales reshaped to
-    ``[rows, blocks, 1]`` (a copy of the scales only, at load), the zero points stored again one a byte (the
-    kernel's layout for one block on that axis; MatMulNBits' packs them across blocks)."""
+    ``[rows, blocks, 1]`` (a copy of the scales only, at load; none where they are stored so, ``scales_shaped``),
+    the zero points stored again one a byte (the kernel's layout for one block on that axis; MatMulNBits' packs them
+    across blocks)."""
     g = lowering.g
     rows, cols = shape
     blocks = -(-cols // block)
@@ -202,7 +219,7 @@ def _gather_block_quantized(lowering, grid: IntegerGrid, shape, ids: str, width:
     if len(inputs) > 2:
         zeros = _per_block(grid.zeros, blocks, grid.group_size // block).to(torch.uint8).reshape(rows, blocks, 1)
         extra.append(g.tensor(f"{name}.zero_points_per_block", zeros.numpy()))
-    scales = g.op("Reshape", inputs[1], g.const([rows, blocks, 1]))
+    scales = inputs[1] if scales_shaped else g.op("Reshape", inputs[1], g.const([rows, blocks, 1]))
     decoded = g.op("GatherBlockQuantized", inputs[0], ids, scales, *extra, domain=MS_DOMAIN, bits=width,
                    block_size=block, gather_axis=0, quantize_axis=2)
     decoded = g.op("Reshape", decoded, g.const([0, 0, blocks * block]))  # [batch, seq, blocks, block] -> rows
