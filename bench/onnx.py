@@ -83,6 +83,12 @@ VARIANTS = {
     "2:4 Wanda + 4-bit GPTQ g64": [{"type": "wanda", "pattern": "2:4"}, {"type": "gptq", "bits": 4, "group_size": 64}],
     "50% Wanda + 4-bit RTN g64 kept values (SparseMatMul)": [{"type": "wanda", "sparsity": 0.5},
                                                              {"type": "rtn", "bits": 4, "group_size": 64}],
+    "4-bit RTN g32 + 4-bit head (MatMulNBits head, float activations)": [
+        {"type": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
+        {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn", "symmetric": True}],
+    "4-bit RTN g32 + 4-bit head (GridMatMul head, float activations)": [
+        {"type": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
+        {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn", "symmetric": True}],
     "4-bit RTN g32 + 4-bit head (MatMulNBits, int8 activations)": [
         {"type": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
         {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn", "symmetric": True}],
@@ -203,10 +209,10 @@ def export_variant(name: str, passes: list, out: Path, samples: int) -> dict:
         round_to_storage(model, "float16")
     windows = evaluation_windows("pydoc", tok, 256, 2, "pydoc")
     int8 = "int8" in name
-    if "MatMulNBits, int8" in name:  # onnxruntime's own int8 kernel: our GridMatMul's int8 path turned off
+    if "MatMulNBits, int8" in name or "MatMulNBits head" in name:  # onnxruntime's kernels where ours would run
         from compress.formats import onnx_grid
 
-        onnx_grid.INT8_GRID_BITS = ()
+        onnx_grid.OUR_GRID_BITS = ()
     info = export_onnx(model, tok, Path(out), windows, "portable" if "portable" in name else "fast", 4 if int8 else 0,
                        dense, Tolerance.for_export(int8), log=lambda m: None)
     if info["decoded_without_ortops"]:  # the row would time a different graph than the one it names

@@ -470,18 +470,19 @@ def test_each_lowering_computes_the_formats_product(smol, ortops_library, index)
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (expected, shape, np.abs(got - want).max())
 
 
-@pytest.mark.parametrize("spec, accuracy_level, op", [
-    (QuantSpec(4, 32, symmetric=True), 0, "GatherBlockQuantized"),
-    (QuantSpec(4, 64), 0, "GatherBlockQuantized"),  # zero points, 576 inputs: the last block padded
-    (QuantSpec(3, 128), 0, "GatherBlockQuantized"),  # widened to 4 bits, 576 = 4.5 blocks
-    (QuantSpec(8, 32), 4, "GatherBlockQuantized"),
-    (QuantSpec(4, 32, symmetric=True), 4, "GatherBlockQuantized"),  # the head in our GridMatMul's int8 path
-    (QuantSpec(2, 32), 4, "BitShift"),  # no gather kernel reads 2 bits: decoded by standard ops
+@pytest.mark.parametrize("spec, accuracy_level, op, head", [
+    (QuantSpec(4, 32, symmetric=True), 0, "GatherBlockQuantized", "GridMatMul"),
+    (QuantSpec(4, 64), 0, "GatherBlockQuantized", "GridMatMul"),  # zero points
+    (QuantSpec(3, 128), 0, "GatherBlockQuantized", "MatMulNBits"),  # widened to 4 bits, 576 = 4.5 blocks: padded
+    (QuantSpec(2, 32), 0, "BitShift", "GridMatMul"),  # no gather kernel reads 2 bits: decoded by standard ops
+    (QuantSpec(8, 32), 4, "GatherBlockQuantized", "MatMulNBits"),
+    (QuantSpec(4, 32, symmetric=True), 4, "GatherBlockQuantized", "GridMatMul"),  # int8 activations
+    (QuantSpec(2, 32), 4, "BitShift", "GridMatMul"),
 ])
-def test_a_tied_tables_rows_decode_from_the_heads_codes(smol, ortops_library, spec, accuracy_level, op):
+def test_a_tied_tables_rows_decode_from_the_heads_codes(smol, ortops_library, spec, accuracy_level, op, head):
     """A quantized token embedding tied to the head: its rows gathered from the head's MatMulNBits initializers
-    (stored once) equal the format's own decode, and the head's product still does (with int8 activations, 2- and
-    4-bit heads run in our GridMatMul from those same initializers, close to the float product)."""
+    (stored once) equal the format's own decode, and the head's product still does, in our GridMatMul (2 and 4 bits,
+    float or int8 activations, reading those same initializers: no prepacked copy) or in MatMulNBits."""
     import numpy as np
     import onnxruntime as ort
 
@@ -497,14 +498,14 @@ def test_a_tied_tables_rows_decode_from_the_heads_codes(smol, ortops_library, sp
     y = low.linear(g.input("x", FLOAT, ["batch", "sequence", table.shape[1]]), fmt, None, "head")
     g.output(y, "y", FLOAT, ["batch", "sequence", table.shape[0]])
     assert op in {n.op_type for n in g.nodes}
-    ours = accuracy_level == 4 and spec.bits in (2, 4)
-    assert low.layers["head"].lowering.startswith("GridMatMul" if ours else "MatMulNBits")
+    ours = head == "GridMatMul"
+    assert low.layers["head"].lowering.startswith(head)
     assert low.custom_ops_used == ours
-    head = next(n for n in g.nodes if n.op_type in ("GridMatMul", "MatMulNBits"))
-    assert head.input[1] in {i for n in g.nodes if n.op_type in ("GatherBlockQuantized", "Gather") for i in n.input}
+    node = next(n for n in g.nodes if n.op_type in ("GridMatMul", "MatMulNBits"))
+    assert node.input[1] in {i for n in g.nodes if n.op_type in ("GatherBlockQuantized", "Gather") for i in n.input}
     if ours and op == "GatherBlockQuantized":  # the scales stored as the lookup reads them: no reshaped copy
         gather = next(n for n in g.nodes if n.op_type == op)
-        assert gather.input[2] == head.input[2] and gather.input[2] in {t.name for t in g.initializers}
+        assert gather.input[2] == node.input[2] and gather.input[2] in {t.name for t in g.initializers}
     options = ort.SessionOptions()
     if low.custom_ops_used:
         options.register_custom_ops_library(str(ortops_library))

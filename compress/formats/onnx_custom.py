@@ -104,15 +104,16 @@ def grid_matmul(lowering, x: str, name: str, codes: torch.Tensor, scales: torch.
     return _grid_node(g, inputs, zero, bits, group_size, shape, **({"accuracy_level": 4} if accuracy_level else {}))
 
 
-def int8_grid_matmul(lowering, x: str, codes: str, scales: str, zeros: str | None, bits: int, group_size: int,
-                     shape: tuple[int, int]) -> str:
-    """``x @ W.T`` for ``W`` a 2- or 4-bit integer grid, the tokens of a decode step multiplied as int8
-    (``accuracy_level`` 4), from initializers already made: ``codes`` row-packed, ``scales`` float32 per group,
-    ``zeros`` packed at ``bits`` (None: the zero point is ``2^(bits-1)``). Only where the library is built."""
+def shared_grid_matmul(lowering, x: str, codes: str, scales: str, zeros: str | None, bits: int, group_size: int,
+                       shape: tuple[int, int]) -> str:
+    """``x @ W.T`` for ``W`` an integer grid from initializers already made (a tied table's, which its lookup reads
+    too): ``codes`` row-packed, ``scales`` float32 per group (any shape), ``zeros`` packed at ``bits`` (None: the
+    zero point is ``2^(bits-1)``); with the lowering's activations (``accuracy_level`` 4: int8, 2 and 4 bits). Only
+    where the library is built."""
     lowering.custom_ops_used = True
     inputs = [x, codes, scales] + (["", "", zeros] if zeros else [])
-    return _grid_node(lowering.g, inputs, 0.0 if zeros else float(1 << (bits - 1)), bits, group_size, shape,
-                      accuracy_level=4)
+    level = {"accuracy_level": 4} if lowering.accuracy_level == 4 else {}
+    return _grid_node(lowering.g, inputs, 0.0 if zeros else float(1 << (bits - 1)), bits, group_size, shape, **level)
 
 
 def _grid_node(g, inputs: list[str], zero: float, bits: int, group_size: int, shape: tuple[int, int], **attrs) -> str:

@@ -7,7 +7,9 @@ runs from its codes, so the session keeps it compressed in memory.
   float activations an 8-bit grid runs as two 4-bit kernels on its nibble planes (``_nibble_planes``), and a 2-bit
   grid in our ``compress::GridMatMul`` where the library is built (``_two_bit_grid``: onnxruntime's 2-bit kernel has
   a fast path for int8 activations only). With int8 activations (``accuracy_level`` 4) 2- and 4-bit grids run in
-  ``compress::GridMatMul``'s int8 path where the library is built (``_int8_grid``), from the same bytes.
+  ``compress::GridMatMul``'s int8 path where the library is built (``_int8_grid``), from the same bytes; so does a
+  tied table's 2- or 4-bit head, with either activations, from the initializers its lookup gathers from
+  (``shared_head_block``: MatMulNBits would hold a prepacked copy of the table beside them).
 - ``weights: portable``: a blocked ``DequantizeLinear`` on the transposed codes feeding ``MatMul`` (standard
   ops, opset 21; 2-bit types opset 25), the pattern onnxruntime fuses into the same low-bit kernel.
 
@@ -50,10 +52,16 @@ def lower_integer_grid(lowering, x: str, grid: IntegerGrid, shape: tuple[int, in
     if lowering.weights == "portable":
         kind, y = _dequantize_linear(lowering, x, grid, width, name)
         return f"DequantizeLinear {kind} g{grid.group_size}{widened}", y
-    if grid.bits == 2 and lowering.accuracy_level == 0 and lowering.custom_ops is not None \
-            and name not in lowering.nbits_tensors:  # (not a table a tied lookup already reads as MatMulNBits')
+    if name in lowering.nbits_tensors:  # a tied table's head: the initializers its lookup gathers from
+        block = shared_head_block(lowering, grid, shape)
+        if block is not None:
+            codes, scales, *zeros = lowering.nbits_tensors[name]
+            kind = ", int8 activations" if lowering.accuracy_level == 4 else ""
+            return f"GridMatMul {width}-bit g{block}{kind}{widened}", onnx_custom.shared_grid_matmul(
+                lowering, x, codes, scales, zeros[0] if zeros else None, width, block, shape)
+    elif grid.bits == 2 and lowering.accuracy_level == 0 and lowering.custom_ops is not None:
         return _two_bit_grid(lowering, x, grid, shape, name)
-    if lowering.accuracy_level == 4 and width in INT8_GRID_BITS and lowering.custom_ops is not None:
+    elif lowering.accuracy_level == 4 and width in OUR_GRID_BITS and lowering.custom_ops is not None:
         int8 = _int8_grid(lowering, x, grid, shape, width, name)
         if int8 is not None:
             return f"GridMatMul {width}-bit g{int8[1]}, int8 activations{widened}", int8[0]
@@ -78,35 +86,27 @@ def _two_bit_grid(lowering, x: str, grid: IntegerGrid, shape, name: str):
     return f"GridMatMul 2-bit g{size} (integer grid, float activations)", y
 
 
-INT8_GRID_BITS = (2, 4)  # the widths our GridMatMul multiplies with int8 activations
+OUR_GRID_BITS = (2, 4)  # the widths our GridMatMul runs instead of MatMulNBits: int8 activations, tied heads
 
 
-def _int8_shared_block(lowering, grid: IntegerGrid, shape) -> int | None:
-    """The block at which our int8 GridMatMul reads MatMulNBits' initializers of ``grid`` (a tied head, which its
-    lookup gathers from), or None where it would not run that head (then MatMulNBits does)."""
+def shared_head_block(lowering, grid: IntegerGrid, shape) -> int | None:
+    """The block at which our GridMatMul runs a tied table's head from the MatMulNBits initializers its lookup
+    gathers from (row-packed codes, a float32 scale and a packed zero point per block: the bytes it reads), with
+    float or int8 activations; None where MatMulNBits runs it (our library not built, 8 bits, blocks that do not
+    divide the inputs). MatMulNBits would hold a prepacked copy of the table beside the codes the lookup reads."""
     width, block = kernel_bits(grid.bits), nbits_block(grid.group_size)
-    if lowering.accuracy_level != 4 or width not in INT8_GRID_BITS or lowering.custom_ops is None or block is None \
-            or block % 32 or shape[1] % block:
+    if width not in OUR_GRID_BITS or lowering.custom_ops is None or block is None or shape[1] % block or \
+            (lowering.accuracy_level == 4 and block % 32):
         return None
     return block
 
 
 def _int8_grid(lowering, x: str, grid: IntegerGrid, shape, width: int, name: str) -> tuple[str, int] | None:
     """(output, group size) of a 2- or 4-bit grid with int8 activations in our grid operator (``accuracy_level``
-    4), or None where it cannot run it (inputs or groups not multiples of 32). onnxruntime's int8 kernel would hold
-    a repacked copy of the codes with a float32 block sum per block beside them: a third more than the 4-bit
-    layer's bytes at blocks of 32. A tied table's head reads the MatMulNBits initializers its lookup gathers from
-    (the same bytes: row-packed codes, a float32 scale and a packed zero point per block); other layers store the
-    grid's own codes, float32 scales and zero points."""
+    4), its own codes, float32 scales and zero points; None where it cannot run it (inputs or groups not multiples
+    of 32). onnxruntime's int8 kernel would hold a repacked copy of the codes with a float32 block sum per block
+    beside them: a third more than the 4-bit layer's bytes at blocks of 32."""
     cols = shape[1]
-    shared = lowering.nbits_tensors.get(name)
-    if shared is not None:
-        block = _int8_shared_block(lowering, grid, shape)
-        if block is None:
-            return None
-        codes, scales, *zeros = shared
-        return onnx_custom.int8_grid_matmul(lowering, x, codes, scales, zeros[0] if zeros else None, width, block,
-                                            shape), block
     size = grid.group_size or cols
     if size % 32 or cols % 32:
         return None
@@ -142,9 +142,9 @@ def _nbits_tensors(lowering, grid: IntegerGrid, shape, width: int, block: int, n
                    gather_layout: bool = False) -> list[str]:
     """MatMulNBits' initializers of ``grid`` (made once per ``name``: a tied embedding's lookup reads the same ones):
     codes ``[rows, blocks, block * width / 8]``, float32 scales ``[rows * blocks]`` (``gather_layout``: ``[rows,
-    blocks, 1]``, GatherBlockQuantized's, where our int8 head reads them rather than MatMulNBits: no reshaped copy at
-    load), and packed zero points ``[rows * ceil(blocks * width / 8)]`` unless the kernel's default (2^(width-1)) is
-    every zero point."""
+    blocks, 1]``, GatherBlockQuantized's, where our GridMatMul head reads them rather than MatMulNBits: no reshaped
+    copy at load), and packed zero points ``[rows * ceil(blocks * width / 8)]`` unless the kernel's default
+    (2^(width-1)) is every zero point."""
     made = lowering.nbits_tensors.get(name)
     if made is not None:
         return made
@@ -176,7 +176,7 @@ def gather_grid_rows(lowering, grid: IntegerGrid, shape: tuple[int, int], ids: s
     rows, cols = shape
     blocks = -(-cols // block)
     if width in GATHER_BITS:
-        gather_layout = _int8_shared_block(lowering, grid, shape) == block  # the head in our int8 GridMatMul
+        gather_layout = shared_head_block(lowering, grid, shape) == block  # the head in our GridMatMul
         inputs = _nbits_tensors(lowering, grid, shape, width, block, name, gather_layout)
         return _gather_block_quantized(lowering, grid, shape, ids, width, block, inputs, name, gather_layout)
     inputs = _nbits_tensors(lowering, grid, shape, width, block, name)
