@@ -135,8 +135,9 @@ def test_gguf_holds_the_table_as_token_embd(gguf_run):
     assert kinds["token_embd.weight"] == "Q4_0" and "output.weight" not in kinds
 
 
-def test_onnx_keeps_the_tied_table_packed(write_recipe, tmp_path):
-    """ONNX validated against PyTorch with the table gathered from the head's codes, stored once."""
+def test_onnx_keeps_the_tied_table_packed(write_recipe, tmp_path, ortops_library):
+    """ONNX validated against PyTorch with the table gathered from the head's codes, stored once; the head runs in
+    our GridMatMul from those same initializers (MatMulNBits would hold a prepacked copy)."""
     result = _run(write_recipe, tmp_path, "  onnx: {windows: 1, seq_len: 128}\n")
     assert result.exit_code in (0, 1), result.output  # 1: a budget; no budgets here
     out = tmp_path / "r"
@@ -144,7 +145,7 @@ def test_onnx_keeps_the_tied_table_packed(write_recipe, tmp_path):
     onnx_info = json.loads((out / "onnx" / "export.json").read_text())
     assert onnx_info["validation"]["passed"] and onnx_info["io"]["tied_embeddings"]
     head = onnx_info["layers"]["lm_head"]
-    assert head["lowering"].startswith("MatMulNBits 4-bit") and "shared with the token embedding" in head["lowering"]
+    assert head["lowering"].startswith("GridMatMul 4-bit") and "shared with the token embedding" in head["lowering"]
     assert head["file_bytes"] > 49152 * 576 / 2  # the table's codes, counted once, with the head
     # the table is never stored in float: the ONNX file is smaller than the float16 table alone would make it
     table_fp16 = 2 * 49152 * 576
