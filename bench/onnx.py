@@ -44,6 +44,10 @@ def _frontier_layers(recipe: str) -> dict:
     return {**common.recipe_pass(recipe, "gptvq"), "iterations": 5, "codebook_refit": 0}
 
 
+# 4-bit RTN g32 layers and a 4-bit g32 tied table (embeddings pass), symmetric: the rows of a quantized tied head
+TIED_TABLE = [{"type": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
+              {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn", "symmetric": True}]
+
 VARIANTS = {
     "fp32": [],
     "4-bit RTN g128 (MatMulNBits)": [{"type": "rtn", "bits": 4, "group_size": 128}],
@@ -83,23 +87,13 @@ VARIANTS = {
     "2:4 Wanda + 4-bit GPTQ g64": [{"type": "wanda", "pattern": "2:4"}, {"type": "gptq", "bits": 4, "group_size": 64}],
     "50% Wanda + 4-bit RTN g64 kept values (SparseMatMul)": [{"type": "wanda", "sparsity": 0.5},
                                                              {"type": "rtn", "bits": 4, "group_size": 64}],
-    "4-bit RTN g32 + 4-bit head (MatMulNBits head, float activations)": [
-        {"type": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
-        {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn", "symmetric": True}],
-    "4-bit RTN g32 + 4-bit head (GridMatMul head, float activations)": [
-        {"type": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
-        {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn", "symmetric": True}],
-    "4-bit RTN g32 + 4-bit head (MatMulNBits, int8 activations)": [
-        {"type": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
-        {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn", "symmetric": True}],
-    "4-bit RTN g32 + 4-bit head (GridMatMul, int8 activations)": [
-        {"type": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
-        {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn", "symmetric": True}],
+    "4-bit RTN g32 + 4-bit head (MatMulNBits head, float activations)": TIED_TABLE,
+    "4-bit RTN g32 + 4-bit head (GridMatMul head, float activations)": TIED_TABLE,
+    "4-bit RTN g32 + 4-bit head (MatMulNBits, int8 activations)": TIED_TABLE,
+    "4-bit RTN g32 + 4-bit head (GridMatMul, int8 activations)": TIED_TABLE,
     # the same exports, run by onnxruntime-genai's generator; and its own model builder's int4 of the float model
     "onnxruntime-genai: 4-bit RTN g128 (ours)": [{"type": "rtn", "bits": 4, "group_size": 128}],
-    "onnxruntime-genai: 4-bit RTN g32 + 4-bit head (ours, int8 activations)": [
-        {"type": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
-        {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn", "symmetric": True}],
+    "onnxruntime-genai: 4-bit RTN g32 + 4-bit head (ours, int8 activations)": TIED_TABLE,
     "onnxruntime-genai: 4-bit k-means per channel (ours, LutMatMul)": [
         {"type": "kmeans", "bits": 4, "granularity": "channel", "sensitivity": "none"}],
     "onnxruntime-genai: builder int4 (float model)": None,
