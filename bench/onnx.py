@@ -58,6 +58,7 @@ VARIANTS = {
         {"type": "rtn", "bits": 4, "group_size": 128},
         {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn"}],
     "3-bit RTN g128 (widened to 4-bit MatMulNBits)": [{"type": "rtn", "bits": 3, "group_size": 128}],
+    "3-bit RTN g128 (GridMatMul)": [{"type": "rtn", "bits": 3, "group_size": 128}],
     "2-bit GPTQ g32 (GridMatMul, float activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],
     "2-bit GPTQ g32 (MatMulNBits, int8 activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],
     "2-bit GPTQ g32 (GridMatMul, int8 activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],
@@ -203,7 +204,7 @@ def export_variant(name: str, passes: list, out: Path, samples: int) -> dict:
         round_to_storage(model, "float16")
     windows = evaluation_windows("pydoc", tok, 256, 2, "pydoc")
     int8 = "int8" in name
-    if "MatMulNBits, int8" in name or "MatMulNBits head" in name:  # onnxruntime's kernels where ours would run
+    if "MatMulNBits" in name:  # onnxruntime's kernels where ours would run
         from compress.formats import onnx_grid
 
         onnx_grid.OUR_GRID_BITS = ()

@@ -28,7 +28,7 @@ from compress.quant import QuantSpec
 FORMATS = [
     ("self_attn.q_proj", lambda w: quantize_rtn(w, QuantSpec(4, 64)), "MatMulNBits 4-bit block 64"),
     ("self_attn.k_proj", lambda w: quantize_rtn(w, QuantSpec(3, None)),
-     "MatMulNBits 4-bit block 64 (3-bit codes widened)"),
+     "GridMatMul 3-bit g576 (integer grid, float activations)"),
     ("self_attn.v_proj", lambda w: quantize_rtn(w, QuantSpec(2, 32, symmetric=True)),
      "GridMatMul 2-bit g32 (integer grid, float activations)"),
     ("self_attn.o_proj", lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="nf")), "GridMatMul NF4 g64"),
@@ -42,7 +42,7 @@ FORMATS = [
     ("mlp.up_proj", lambda w: _sparse(w, lambda kept: quantize_rtn(kept, QuantSpec(4, 32, symmetric=True)), "2:4"),
      "MatMulNBits 4-bit block 64"),
     ("mlp.gate_proj", lambda w: _outliers(quantize_rtn(w, QuantSpec(3, 64, symmetric=True)), w, 0.005),
-     "MatMulNBits 4-bit block 64 (3-bit codes widened) + "),
+     "GridMatMul 3-bit g64 (integer grid, float activations) + "),
     ("mlp.down_proj", lambda w: palettize(w, KMeansConfig(type="kmeans", bits=4, iterations=10)),
      "LutMatMul 4-bit palette per channel"),
     ("self_attn.o_proj", lambda w: quantize_rtn(w, QuantSpec(4, 32, grid="fp4")),
@@ -135,14 +135,17 @@ def test_every_format_exports_and_matches_pytorch(mixed_export, mixed):
                 expected += fmt.columns.nbytes + fmt.counts.nbytes + 4 * fmt.values.numel()
             assert expected <= layers[name]["file_bytes"] <= expected + 256, name
         elif "GridMatMul" in lowering:  # codes packed, float32 scales (and offsets) per group, an NF code book
-            rows, cols = fmt.shape  # or an integer grid's packed zero points
-            kquant = isinstance(fmt, KQuantWeight)
-            bits, group, offsets = ((fmt.kt.bits, fmt.kt.sub_block, not fmt.kt.symmetric) if kquant
-                                    else (fmt.spec.bits, fmt.spec.group_size, False))
+            rows, cols = fmt.shape  # or an integer grid's packed zero points (3-bit codes as they are)
+            inner = fmt.inner if isinstance(fmt, OutlierWeight) else fmt
+            kquant = isinstance(inner, KQuantWeight)
+            bits, group, offsets = ((inner.kt.bits, inner.kt.sub_block, not inner.kt.symmetric) if kquant
+                                    else (inner.spec.bits, inner.spec.group_size or cols, False))
             expected = rows * -(-cols * bits // 8) + 4 * rows * -(-cols // group) * (2 if offsets else 1)
-            expected += 4 << bits if not kquant and fmt.spec.grid == "nf" else 0
-            integer = not kquant and fmt.spec.grid == "int"
-            expected += rows * -(-cols // group * bits // 8) if integer and not fmt.spec.symmetric else 0
+            expected += 4 << bits if not kquant and inner.spec.grid == "nf" else 0
+            integer = not kquant and inner.spec.grid == "int"
+            expected += rows * -(-cols // group * bits // 8) if integer and not inner.spec.symmetric else 0
+            if isinstance(fmt, OutlierWeight):
+                expected += fmt.columns.nbytes + fmt.counts.nbytes + 4 * fmt.values.numel()
             assert expected <= layers[name]["file_bytes"] <= expected + 256, name
         elif "MatMulBnb4" in lowering:  # two codes a byte, a float32 absmax per block (the activation type)
             rows, cols = fmt.shape
@@ -176,7 +179,7 @@ RUNTIME_FORMATS = [lambda w: quantize_rtn(w, QuantSpec(3, 64)),
 
 
 def test_runtime_kernels_keep_the_session_compressed(smol, ortops_library, tmp_path):
-    """Every linear layer in a format a runtime kernel reads from its codes: 3-bit widened, 2:4 over 4-bit as dense
+    """Every linear layer in a format a runtime kernel reads from its codes: 3-bit as stored, 2:4 over 4-bit as dense
     codes, outliers over 3-bit, 4-bit, FP4 as its 8-bit integer grid; 2-bit, NF4, NF3 in our grid kernel; palettes with
     int8 and float16 tables and vector code books in our look-up kernel; pruned float16 values (unstructured, 2:4)
     and pruned values on a 4-bit grid in our sparse kernel. No layer is decoded to float32 when the session loads,

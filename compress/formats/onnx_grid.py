@@ -5,11 +5,11 @@ runs from its codes, so the session keeps it compressed in memory.
   packed codes and zero points per block). It reads 2, 4 and 8 bits: a grid of another width is *widened*
   without loss to the next one it reads (3 -> 4, 5..7 -> 8 bits), its codes and zero points unchanged. With
   float activations an 8-bit grid runs as two 4-bit kernels on its nibble planes (``_nibble_planes``), and a 2-bit
-  grid in our ``compress::GridMatMul`` where the library is built (``_two_bit_grid``: onnxruntime's 2-bit kernel has
-  a fast path for int8 activations only). With int8 activations (``accuracy_level`` 4) 2- and 4-bit grids run in
-  ``compress::GridMatMul``'s int8 path where the library is built (``_int8_grid``), from the same bytes; so does a
-  tied table's 2- or 4-bit head, with either activations, from the initializers its lookup gathers from
-  (``shared_head_block``: MatMulNBits would hold a prepacked copy of the table beside them).
+  or 3-bit grid in our ``compress::GridMatMul`` where the library is built (``_float_grid``: onnxruntime's 2-bit
+  kernel has a fast path for int8 activations only, 3-bit codes would be widened to 4). With int8 activations
+  (``accuracy_level`` 4) 2- and 4-bit grids run in ``compress::GridMatMul``'s int8 path where the library is built
+  (``_int8_grid``); so does a tied table's 2- or 4-bit head, with either activations, from the initializers its
+  lookup gathers from (``shared_head_block``: MatMulNBits would hold a prepacked copy of the table beside them).
 - ``weights: portable``: a blocked ``DequantizeLinear`` on the transposed codes feeding ``MatMul`` (standard
   ops, opset 21; 2-bit types opset 25), the pattern onnxruntime fuses into the same low-bit kernel.
 
@@ -59,9 +59,11 @@ def lower_integer_grid(lowering, x: str, grid: IntegerGrid, shape: tuple[int, in
             kind = ", int8 activations" if lowering.accuracy_level == 4 else ""
             return f"GridMatMul {width}-bit g{block}{kind}{widened}", onnx_custom.shared_grid_matmul(
                 lowering, x, codes, scales, zeros[0] if zeros else None, width, block, shape)
-    elif grid.bits == 2 and lowering.accuracy_level == 0 and lowering.custom_ops is not None:
-        return _two_bit_grid(lowering, x, grid, shape, name)
-    elif lowering.accuracy_level == 4 and width in OUR_GRID_BITS and lowering.custom_ops is not None:
+    elif grid.bits in FLOAT_GRID_BITS and grid.bits in OUR_GRID_BITS and lowering.accuracy_level == 0 \
+            and lowering.custom_ops is not None:
+        return _float_grid(lowering, x, grid, shape, name)
+    elif lowering.accuracy_level == 4 and width in INT8_GRID_BITS and width in OUR_GRID_BITS \
+            and lowering.custom_ops is not None:
         int8 = _int8_grid(lowering, x, grid, shape, width, name)
         if int8 is not None:
             return f"GridMatMul {width}-bit g{int8[1]}, int8 activations{widened}", int8[0]
@@ -75,18 +77,21 @@ def lower_integer_grid(lowering, x: str, grid: IntegerGrid, shape: tuple[int, in
                                                                            name)
 
 
-def _two_bit_grid(lowering, x: str, grid: IntegerGrid, shape, name: str):
-    """A 2-bit grid with float activations in our grid operator: its codes and zero points as stored, float32
+def _float_grid(lowering, x: str, grid: IntegerGrid, shape, name: str):
+    """A 2- or 3-bit grid with float activations in our grid operator: its codes and zero points as stored, float32
     scales. onnxruntime's 2-bit MatMulNBits has no float-activation fast path (it decodes the weight on every call,
-    many times slower than its 4-bit one); ours reads 2-bit codes 32 a step."""
-    size = grid.group_size or shape[1]
-    zeros = None if grid.symmetric else pack_rows(grid.zeros.to(torch.uint8), 2)
-    y = onnx_custom.grid_matmul(lowering, x, name, pack_rows(grid.codes, 2), grid.scales, None, None,
-                                0.0 if zeros is not None else 2.0, 2, size, shape, zeros=zeros)
-    return f"GridMatMul 2-bit g{size} (integer grid, float activations)", y
+    many times slower than its 4-bit one), and 3-bit codes would be widened to its 4-bit kernel (a third more bytes
+    in the file and in memory); ours reads 2- and 3-bit codes as they are."""
+    bits, size = grid.bits, grid.group_size or shape[1]
+    zeros = None if grid.symmetric else pack_rows(grid.zeros.to(torch.uint8), bits)
+    y = onnx_custom.grid_matmul(lowering, x, name, pack_rows(grid.codes, bits), grid.scales, None, None,
+                                0.0 if zeros is not None else float(1 << (bits - 1)), bits, size, shape, zeros=zeros)
+    return f"GridMatMul {bits}-bit g{size} (integer grid, float activations)", y
 
 
-OUR_GRID_BITS = (2, 4)  # the widths our GridMatMul runs instead of MatMulNBits: int8 activations, tied heads
+OUR_GRID_BITS = (2, 3, 4)  # the widths our GridMatMul runs in place of MatMulNBits (the bench empties it to compare)
+FLOAT_GRID_BITS = (2, 3)  # those it runs with float activations (``_float_grid``)
+INT8_GRID_BITS = (2, 4)  # those its int8 path multiplies, and a tied table's head (``shared_head_block``)
 
 
 def shared_head_block(lowering, grid: IntegerGrid, shape) -> int | None:
@@ -95,7 +100,8 @@ def shared_head_block(lowering, grid: IntegerGrid, shape) -> int | None:
     float or int8 activations; None where MatMulNBits runs it (our library not built, 8 bits, blocks that do not
     divide the inputs). MatMulNBits would hold a prepacked copy of the table beside the codes the lookup reads."""
     width, block = kernel_bits(grid.bits), nbits_block(grid.group_size)
-    if width not in OUR_GRID_BITS or lowering.custom_ops is None or block is None or shape[1] % block or \
+    if width not in OUR_GRID_BITS or width not in INT8_GRID_BITS or lowering.custom_ops is None or block is None \
+            or shape[1] % block or \
             (lowering.accuracy_level == 4 and block % 32):
         return None
     return block
