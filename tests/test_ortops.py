@@ -276,9 +276,10 @@ def test_grid_matmul_is_the_decoded_product(ortops_library, grid, tokens):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
-# (4, 64, 100) and (3, 64, 120): AVX-512's 32-codes-a-step loops end inside the last group
+# (4, 64, 100) and (3, 64, 120): AVX-512's 32-codes-a-step loops end inside the last group; (b, 128, 576): they end
+# with the last, partial group (64 of 128), done
 @pytest.mark.parametrize("bits, group, k", [(2, 32, 576), (2, 48, 560), (3, 64, 576), (4, 32, 100), (4, 64, 100),
-                                            (3, 64, 120)], ids=str)
+                                            (3, 64, 120), (2, 128, 576), (3, 128, 576), (4, 128, 576)], ids=str)
 @pytest.mark.parametrize("tokens", [1, 3, 23])
 def test_grid_matmul_reads_integer_zero_points_as_stored(ortops_library, bits, group, k, tokens):
     """An asymmetric integer grid with its zero points packed at the grid's width (as MatMulNBits and the

@@ -861,7 +861,7 @@ static inline __attribute__((always_inline)) void grid_row(const Call *c, Scratc
     }
   }
   const float *sums = !w && k < K ? group_sums(c, s, x, M) : NULL;
-  for (int64_t g = k / size; g < groups; g++) {
+  for (int64_t g = k / size; g < groups && k < K; g++) { /* (k == K: the wide loop ended the last, partial group) */
     const float offset = offsets ? offsets[g] : 0.0f;
     const int64_t stop = (g + 1) * size < K ? (g + 1) * size : K;
     if (w) {
