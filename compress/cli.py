@@ -385,6 +385,9 @@ def export(
     int8_activations: Annotated[bool, typer.Option("--int8-activations", help="int8 activations (2- and 4-bit "
                                                    "grids in our GridMatMul where built, else MatMulNBits): "
                                                    "faster, less exact")] = False,
+    custom_ops: Annotated[bool, typer.Option("--custom-ops/--no-custom-ops", help="fast: our operators where their "
+                                             "library is built (--no-custom-ops: onnxruntime's kernels only)")
+                          ] = True,
     prefill_chunk: Annotated[int, typer.Option(min=0, help="onnx: prompt tokens a prefill run takes in "
                                                "`compress generate` and onnxruntime-genai (0: the whole prompt)")
                              ] = PREFILL_CHUNK,
@@ -436,7 +439,7 @@ def export(
         info = export_to_folder(model, tok, out_dir, force=force, source=Path(path), windows=data, weights=weights,
                                 accuracy_level=4 if int8_activations else 0, dense_dtype=dense,
                                 tolerance=Tolerance.for_export(int8_activations, max_logit_diff=max_logit_diff),
-                                log=log, prefill_chunk=prefill_chunk)
+                                log=log, prefill_chunk=prefill_chunk, custom_ops=custom_ops)
     if push_to_hub:
         _push(out_dir, push_to_hub, private, json_)
     if json_:

@@ -52,6 +52,10 @@ class OnnxConfig(Section):
     int8_activations: bool = Field(False, description="int8 activations (accuracy_level 4): 2- and 4-bit grids in "
                                    "our GridMatMul where its library is built, else MatMulNBits: faster on CPU, "
                                    "logits drift more (the validation's defaults loosen with it)")
+    custom_ops: bool = Field(True, description="fast: our operators (compress/ortops) where their library is built, "
+                             "for what onnxruntime's kernels cannot read or hold as stored; false: onnxruntime's "
+                             "kernels only (every execution provider that has them; palettes, code books, NF and "
+                             "k-quant grids then decode to float32 at load)")
     prefill_chunk: int = Field(PREFILL_CHUNK, ge=0, le=65536, description="prompt tokens a prefill run takes in "
                                "`compress generate` and onnxruntime-genai (chunked prefill: memory bounded by the "
                                "chunk; 0: the whole prompt at once)")

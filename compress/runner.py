@@ -341,7 +341,7 @@ def _export_onnx(model, tokenizer, folder, recipe, windows, log) -> OnnxReport:
                                min_top1_agreement=cfg.min_top1_agreement, max_perplexity_diff=cfg.max_perplexity_diff)
     check = windows[: cfg.windows, : cfg.seq_len] if cfg.validation else None
     info = export_onnx(model, tokenizer, folder, check, cfg.weights, 4 if cfg.int8_activations else 0,
-                       DTYPES[recipe.export.dense_dtype], tol, log, cfg.prefill_chunk)
+                       DTYPES[recipe.export.dense_dtype], tol, log, cfg.prefill_chunk, cfg.custom_ops)
     return OnnxReport.model_validate({k: info[k] for k in ("size", "lowerings", "opset", "weights", "timing")} |
                                      {"validation": info.get("validation")})
 

@@ -222,6 +222,23 @@ def test_an_int8_activation_export_is_checked_at_int8_tolerances(rtn_checkpoint,
     assert max(v["max_logit_diff"], v["decode_max_logit_diff"]) > 0.05  # the exact default would refuse it
 
 
+
+@pytest.mark.parametrize("custom_ops", [True, False])
+def test_int8_activations_run_in_our_operator_unless_told_not_to(rtn_checkpoint, tmp_path, ortops_library,
+                                                                  custom_ops):
+    """With our library built, an int8-activation export multiplies its 4-bit layers in our GridMatMul (the folder
+    ships the library); `--no-custom-ops` keeps it on onnxruntime's MatMulNBits, no library in the folder."""
+    out = tmp_path / "int8"
+    flag = "--custom-ops" if custom_ops else "--no-custom-ops"
+    result = cli("export", rtn_checkpoint, out, "--int8-activations", flag, *QUICK, "--json")
+    assert result.exit_code == 0, result.output
+    lowerings = json.loads(result.stdout)["lowerings"]
+    kernels = {k.split()[0] for k in lowerings if not k.startswith("tied to")}
+    assert kernels == ({"GridMatMul"} if custom_ops else {"MatMulNBits"}), lowerings
+    meta = json.loads((out / "export.json").read_text())
+    assert bool(meta["custom_ops_library"]) == custom_ops
+    assert any(out.glob("*.so")) == custom_ops
+
 def test_unknown_format_and_target_are_one_line_errors(rtn_checkpoint, tmp_path):
     for args in (["--format", "tflite"], ["--format", "compressed-tensors", "--target", "tgi"]):
         result = cli("export", rtn_checkpoint, tmp_path / "x", *args)

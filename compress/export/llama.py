@@ -141,12 +141,13 @@ def _kept_positions(g: Graph, x: str) -> str:
     return g.op("Slice", x, g.op("Neg", keep), g.const([np.iinfo(np.int64).max]), g.const([1]))
 
 
-def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_dtype: torch.dtype | None = None):
+def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_dtype: torch.dtype | None = None,
+                  custom_ops: bool = True):
     """(ModelProto, WeightLowering, io facts) for ``model`` (a Llama-like ``*ForCausalLM``)."""
     check_exportable(model)
     cfg = model.config
     g = Graph()
-    low = WeightLowering(g, weights, accuracy_level)
+    low = WeightLowering(g, weights, accuracy_level, custom_ops)
     low.dense_dtype = dense_dtype
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads

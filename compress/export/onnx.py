@@ -87,14 +87,16 @@ def save_with_page_aligned_data(proto: onnx.ModelProto, out_dir: Path) -> None:
 
 def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, weights: str = "fast",
                 accuracy_level: int = 0, dense_dtype: torch.dtype | None = None,
-                tolerance: Tolerance | None = None, log=print, prefill_chunk: int = PREFILL_CHUNK) -> dict:
+                tolerance: Tolerance | None = None, log=print, prefill_chunk: int = PREFILL_CHUNK,
+                custom_ops: bool = True) -> dict:
     """Write the ONNX export of ``model`` into ``out_dir`` (created; the caller makes it atomic) and
     validate it on ``windows`` [n, seq] when given. Returns what export.json holds. ``prefill_chunk``: prompt
-    tokens a prefill run takes in ``compress generate`` and onnxruntime-genai (0: the whole prompt)."""
+    tokens a prefill run takes in ``compress generate`` and onnxruntime-genai (0: the whole prompt).
+    ``custom_ops``: False keeps a fast export on onnxruntime's own kernels (any execution provider that has them)."""
     tolerance = tolerance or Tolerance()
     t0 = time.perf_counter()
     try:
-        proto, lowering, io = build_decoder(model, weights, accuracy_level, dense_dtype)
+        proto, lowering, io = build_decoder(model, weights, accuracy_level, dense_dtype, custom_ops)
     except UnsupportedFormat as e:
         raise ExportError(f"ONNX export: {e}", "export the layer dense or pick a supported pass") from None
     except (ValueError, KeyError) as e:

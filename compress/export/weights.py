@@ -44,16 +44,19 @@ class WeightLowering:
 
     ``weights``: ``fast`` (MatMulNBits where it applies) or ``portable`` (standard ops only).
     ``accuracy_level``: MatMulNBits' compute type (0: float, 4: int8 activations).
+    ``custom_ops``: a fast export may use our operators where the library is built (False: onnxruntime's kernels
+    only, the formats only ours read decoded in the graph).
     """
 
-    def __init__(self, g: Graph, weights: str = "fast", accuracy_level: int = 0):
+    def __init__(self, g: Graph, weights: str = "fast", accuracy_level: int = 0, custom_ops: bool = True):
         self.g, self.weights, self.accuracy_level = g, weights, accuracy_level
+        self.custom_ops_wanted = weights == "fast" and custom_ops
         self.dense_dtype: torch.dtype | None = None  # storage dtype of uncompressed linear layers
         self.layers: dict[str, LayerExport] = {}
         self.opset = 21
         self.nbits_tensors: dict[str, list[str]] = {}  # layer -> its MatMulNBits initializers (``onnx_grid``)
         # our look-up kernel (``compress.ortops``, ``onnx_custom``): fast exports only, when built
-        self.custom_ops = ortops.current() if weights == "fast" else None
+        self.custom_ops = ortops.current() if self.custom_ops_wanted else None
         self.custom_ops_used = False
         self.decoded_without_ortops = 0  # layers of a fast export decoded in the graph: our library is not built
 

@@ -30,7 +30,7 @@ def _available(lowering) -> bool:
     """Whether the lowering may use our operators; a fast export without the library counts the layer it had to
     decode in the graph instead (the exporter says so)."""
     if lowering.custom_ops is None:
-        lowering.decoded_without_ortops += lowering.weights == "fast"
+        lowering.decoded_without_ortops += lowering.custom_ops_wanted
         return False
     lowering.custom_ops_used = True
     return True
