@@ -8,11 +8,10 @@
    maddubs per token multiplies them with the inputs (pairs of products: at most 2 x 15 x 127, no saturation). Per
    group g of row n:
      sum_k (code_k - z_g) * s_g * x_k  ~  s_g * xs_g * (sum_k code_k * xq_k - z_g * sum_k xq_k),
-   the integer sums in 32-bit lanes, then one convert and multiply-add per group (AVX-512: per 64 weights) and
-   token; the zero points' part
-   from each group's sum(xq), once per row (zero_parts). K and the group size are multiples of 32, the last group
-   may be shorter. The weight stays as the file stores it (onnxruntime's own int8 kernel
-   holds a repacked copy with float32 block sums beside the codes). */
+   the integer sums in 32-bit lanes, then one convert and multiply-add per group and token; the zero points' part
+   from each group's sum(xq), eight groups a step, once per row (zero_parts). K and the group size are multiples of
+   32, the last group may be shorter. The weight stays as the file stores it (onnxruntime's own int8 kernel holds a
+   repacked copy with float32 block sums beside the codes). */
 #include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
