@@ -64,6 +64,17 @@ KERNELS = {
 INT8_TABLES = {name for name in KERNELS if "int8 code book" in name}  # int8 entries times a float16 row scale
 
 
+def _middle_zeros(rng, bits: int, rows: int, groups: int):
+    """Zero points packed at ``bits`` ``[rows, ceil(groups * bits / 8)]``, around the middle of the grid, as a
+    weight's zero points fall."""
+    import torch
+
+    from compress.packing import pack_rows
+
+    return pack_rows(torch.tensor(rng.integers((1 << bits) // 4, 3 * (1 << bits) // 4 + 1, (rows, groups))),
+                     bits).numpy()
+
+
 def _session(kind: str, bits: int, dim: int, group: int, threads: int, layers: int = LAYERS, int8: bool = False):
     import numpy as np
     import onnxruntime as ort
@@ -113,9 +124,8 @@ def _session(kind: str, bits: int, dim: int, group: int, threads: int, layers: i
             inits += [numpy_helper.from_array(pack_rows(torch.tensor(codes), bits).numpy(), f"c{i}"),
                       numpy_helper.from_array(scales, f"s{i}")]
             zeros = [] if dim else ["", "", f"z{i}"]
-            if zeros:  # around the middle of the grid, as a weight's zero points fall
-                middle = rng.integers((1 << bits) // 4, 3 * (1 << bits) // 4 + 1, (n, groups))
-                inits.append(numpy_helper.from_array(pack_rows(torch.tensor(middle), bits).numpy(), f"z{i}"))
+            if zeros:
+                inits.append(numpy_helper.from_array(_middle_zeros(rng, bits, n, groups), f"z{i}"))
             nodes.append(helper.make_node("GridMatMul", [x, f"c{i}", f"s{i}", *zeros], [y], domain=ortops.DOMAIN,
                                           K=k, N=n, bits=bits, group_size=group,
                                           zero=0.0 if zeros else float(1 << (bits - 1)), accuracy_level=4))
@@ -133,9 +143,7 @@ def _session(kind: str, bits: int, dim: int, group: int, threads: int, layers: i
             inits += [numpy_helper.from_array(packed, f"q{i}"), numpy_helper.from_array(scales, f"s{i}")]
             zeros = [] if dim else [f"z{i}"]
             if zeros:
-                middle = rng.integers((1 << bits) // 4, 3 * (1 << bits) // 4 + 1, (n, blocks))
-                inits.append(numpy_helper.from_array(pack_rows(torch.tensor(middle), bits).numpy().reshape(-1),
-                                                     f"z{i}"))
+                inits.append(numpy_helper.from_array(_middle_zeros(rng, bits, n, blocks).reshape(-1), f"z{i}"))
             nodes.append(helper.make_node("MatMulNBits", [x, f"q{i}", f"s{i}", *zeros], [y], domain="com.microsoft",
                                           K=k, N=n,
                                           bits=bits, block_size=block, accuracy_level=4 if kind == "nbits8" else 0))

@@ -82,11 +82,19 @@ def _float_grid(lowering, x: str, grid: IntegerGrid, shape, name: str):
     scales. onnxruntime's 2-bit MatMulNBits has no float-activation fast path (it decodes the weight on every call,
     many times slower than its 4-bit one), and 3-bit codes would be widened to its 4-bit kernel (a third more bytes
     in the file and in memory); ours reads 2- and 3-bit codes as they are."""
-    bits, size = grid.bits, grid.group_size or shape[1]
+    size = grid.group_size or shape[1]
+    y = _own_grid_matmul(lowering, x, grid, shape, name, grid.bits, size)
+    return f"GridMatMul {grid.bits}-bit g{size} (integer grid, float activations)", y
+
+
+def _own_grid_matmul(lowering, x: str, grid: IntegerGrid, shape, name: str, bits: int, size: int,
+                     accuracy_level: int = 0) -> str | None:
+    """Our GridMatMul on ``grid``'s own codes and zero points packed at ``bits`` (its width, or wider), float32
+    scales per group of ``size``; symmetric grids keep their zero point ``2^(grid.bits - 1)`` as an attribute."""
     zeros = None if grid.symmetric else pack_rows(grid.zeros.to(torch.uint8), bits)
-    y = onnx_custom.grid_matmul(lowering, x, name, pack_rows(grid.codes, bits), grid.scales, None, None,
-                                0.0 if zeros is not None else float(1 << (bits - 1)), bits, size, shape, zeros=zeros)
-    return f"GridMatMul {bits}-bit g{size} (integer grid, float activations)", y
+    return onnx_custom.grid_matmul(lowering, x, name, pack_rows(grid.codes, bits), grid.scales, None, None,
+                                   0.0 if zeros is not None else float(1 << (grid.bits - 1)), bits, size, shape,
+                                   zeros=zeros, accuracy_level=accuracy_level)
 
 
 OUR_GRID_BITS = (2, 3, 4)  # the widths our GridMatMul runs in place of MatMulNBits (the bench empties it to compare)
@@ -100,11 +108,10 @@ def shared_head_block(lowering, grid: IntegerGrid, shape) -> int | None:
     float or int8 activations; None where MatMulNBits runs it (our library not built, 8 bits, blocks that do not
     divide the inputs). MatMulNBits would hold a prepacked copy of the table beside the codes the lookup reads."""
     width, block = kernel_bits(grid.bits), nbits_block(grid.group_size)
-    if width not in OUR_GRID_BITS or width not in INT8_GRID_BITS or lowering.custom_ops is None or block is None \
-            or shape[1] % block or \
-            (lowering.accuracy_level == 4 and block % 32):
+    if width not in OUR_GRID_BITS or width not in INT8_GRID_BITS or lowering.custom_ops is None or block is None:
         return None
-    return block
+    runs = shape[1] % block == 0 and (lowering.accuracy_level == 0 or block % 32 == 0)
+    return block if runs else None
 
 
 def _int8_grid(lowering, x: str, grid: IntegerGrid, shape, width: int, name: str) -> tuple[str, int] | None:
@@ -112,14 +119,10 @@ def _int8_grid(lowering, x: str, grid: IntegerGrid, shape, width: int, name: str
     4), its own codes, float32 scales and zero points; None where it cannot run it (inputs or groups not multiples
     of 32). onnxruntime's int8 kernel would hold a repacked copy of the codes with a float32 block sum per block
     beside them: a third more than the 4-bit layer's bytes at blocks of 32."""
-    cols = shape[1]
-    size = grid.group_size or cols
-    if size % 32 or cols % 32:
+    size = grid.group_size or shape[1]
+    if size % 32 or shape[1] % 32:
         return None
-    zeros = None if grid.symmetric else pack_rows(grid.zeros.to(torch.uint8), width)
-    y = onnx_custom.grid_matmul(lowering, x, name, pack_rows(grid.codes, width), grid.scales, None, None,
-                                0.0 if zeros is not None else float(1 << (grid.bits - 1)), width, size, shape,
-                                zeros=zeros, accuracy_level=4)
+    y = _own_grid_matmul(lowering, x, grid, shape, name, width, size, accuracy_level=4)
     return None if y is None else (y, size)
 
 
