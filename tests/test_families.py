@@ -190,8 +190,8 @@ def _genai_computes_transformers_logits(model, folder, prompt):
     ruled_out = np.abs(got) > 1e30  # min_length: onnxruntime-genai sets the end-of-text logit to the lowest float
     assert ruled_out.sum(1).max() <= 1
     assert np.abs(np.where(ruled_out, want, got) - want).max() < 1e-3
-    # a batch of unequal prompts: onnxruntime-genai pads the shorter on the right, and its new tokens' positions
-    # follow its own prompt (the rotation at position_ids, not at the cache's width); it prefills a batch whole
+    # a batch of unequal prompts: onnxruntime-genai pads the shorter on the right, the head reads its last real
+    # token, and its new tokens' positions follow its own prompt (the rotation at position_ids, not at the cache's width); it prefills a batch whole
     # (0.18 refuses to chunk one: "batch_size must be 1 for continuous decoding")
     short, pad = prompt[:-4], json.loads((folder / "genai_config.json").read_text())["model"]["pad_token_id"]
     config = og.Config(str(folder))
@@ -204,11 +204,13 @@ def _genai_computes_transformers_logits(model, folder, prompt):
     steps = []
     while not generator.is_done():
         generator.generate_next_token()
-        steps.append(np.array(generator.get_output("logits"))[1, -1])
+        logits = np.array(generator.get_output("logits"))
+        assert logits.shape == (2, 1, model.config.vocab_size)  # genai.onnx: the last real token's logits only
+        steps.append(logits[1, 0])
     new = [t for t in list(generator.get_sequence(1))[len(prompt):]]
-    with torch.no_grad():  # the first step's logits are the padded prompt's last position: its new tokens' from then
-        want = model(torch.tensor([[*short, *new[:-1]]])).logits[0, len(short):].float().numpy()
-    got = np.stack(steps[1:])
+    with torch.no_grad():  # the first step's logits are the short prompt's last token's, not its padding's
+        want = model(torch.tensor([[*short, *new[:-1]]])).logits[0, len(short) - 1:].float().numpy()
+    got = np.stack(steps)
     ruled_out = np.abs(got) > 1e30
     assert np.abs(np.where(ruled_out, want, got) - want).max() < 1e-3
 

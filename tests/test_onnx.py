@@ -227,6 +227,40 @@ def test_onnxruntime_genai_generates_our_greedy_tokens(mixed_export, mixed, wind
     assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == 30
 
 
+def test_genai_graph_reads_each_rows_last_real_token(mixed_export, windows):
+    """genai.onnx (what genai_config.json names) gives one position's logits a row: the last real token's of
+    model.onnx, in right- and left-padded batches, for a prompt and for a decode step after it."""
+    import numpy as np
+
+    from compress.export.runtime import session
+
+    out, info = mixed_export
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "genai.onnx"
+    full = OnnxCausalLM(out)
+    last = OnnxCausalLM.from_session(session(out / "genai.onnx", custom_ops=out / info["custom_ops_library"]),
+                                     info["io"], info["weights"])
+    assert not last.keeps_logits and last.session.get_outputs()[0].shape[1] == 1
+    row, pad = windows[1, :24].numpy(), 5
+    for left in (False, True):
+        short = np.concatenate([np.zeros(pad, np.int64), row[:-pad]]) if left else np.concatenate(
+            [row[:-pad], np.zeros(pad, np.int64)])
+        mask = np.ones((2, 24), np.int64)
+        if left:
+            mask[0, :pad] = 0
+        else:
+            mask[0, -pad:] = 0
+        batch = np.stack([short, row])
+        want, cache = full.forward(batch, full.empty_cache(2), mask)
+        got, _ = last.forward(batch, last.empty_cache(2), mask)
+        ends = [23 if left else 23 - pad, 23]
+        assert got.shape == (2, 1, want.shape[-1])
+        assert np.abs(got[:, 0] - want[[0, 1], ends]).max() < 1e-4
+        step, step_mask = np.array([[7], [7]]), np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        want, _ = full.forward(step, cache, step_mask)
+        got, _ = last.forward(step, cache, step_mask)
+        assert np.abs(got - want).max() < 1e-4
+
+
 def test_greedy_tokens_match_pytorch_through_the_kv_cache(mixed_export, mixed, windows):
     out, _ = mixed_export
     model, tok = mixed

@@ -14,6 +14,7 @@ prefill): a prompt's activations and its ``[1, chunk, vocab]`` logits buffer sta
 from __future__ import annotations
 
 GENAI_CONFIG = "genai_config.json"
+GENAI_ONNX = "genai.onnx"  # the decoder graph it names: the head reads the last token only (head_positions.py)
 PREFILL_CHUNK = 128  # prompt tokens a prefill run takes by default: export.json's, search.chunk_size and our loop's
 
 

@@ -37,6 +37,7 @@ from ..modules import embeddings_tied
 from .attention import AttentionContext, attention, cache_lengths, masks, rotary_tables, soft_cap, total_length
 from .fuse import fuse_silu_gates, pack_sibling_matmuls
 from .graph import FLOAT, INT64, Graph
+from .head_positions import kept_positions
 from .norms import add_and_norm, rms_norm
 from .weights import LayerExport, WeightLowering
 
@@ -133,14 +134,6 @@ def _embeddings(low: WeightLowering, module, ids: str, tied: bool, dense_dtype) 
     return h, dtype, init
 
 
-def _kept_positions(g: Graph, x: str) -> str:
-    """The positions of ``x`` [batch, seq, hidden] the head reads: the last ``logits_to_keep`` (0, the default when
-    the input is not fed: all). Generating needs the last position's logits only; the whole prompt's are a
-    [seq, vocab] buffer (48 MiB for 256 tokens of a 49k vocabulary) and a head matmul over every prompt token."""
-    keep = g.input("logits_to_keep", INT64, [1], default=np.zeros(1, np.int64))
-    return g.op("Slice", x, g.op("Neg", keep), g.const([np.iinfo(np.int64).max]), g.const([1]))
-
-
 def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_dtype: torch.dtype | None = None,
                   custom_ops: bool = True):
     """(ModelProto, WeightLowering, io facts) for ``model`` (a Llama-like ``*ForCausalLM``)."""
@@ -211,7 +204,7 @@ def build_decoder(model, weights: str = "fast", accuracy_level: int = 0, dense_d
         next_norm, next_name = ((model.model.norm, "model.norm") if last
                                 else (layers[i + 1].input_layernorm, f"model.layers.{i + 1}.input_layernorm"))
         x, h = add_and_norm(g, h, out, next_norm, next_name, offset, fused)
-    h = _kept_positions(g, x)
+    h = kept_positions(g, x)
     if tied and embed_init is not None and _head_reads_16_bits(low, embed_dtype):
         logits = half_matmul(low, h, "lm_head", embed_init, (cfg.vocab_size, cfg.hidden_size))
         assert logits is not None  # _head_reads_16_bits: the library is there

@@ -3,6 +3,8 @@
 Folder layout::
 
     model.onnx        the decoder graph (see ``llama.py``)
+    genai.onnx        the same graph, its head reading each row's last token only (``head_positions.py``),
+                      for onnxruntime-genai; it reads model.onnx.data too
     model.onnx.data   its initializers (external data): packed codes, tables, masks, scales
     export.json       inputs/outputs, how each layer's weight is stored and its bytes, sizes,
                       and the validation against PyTorch
@@ -35,7 +37,8 @@ from ..errors import CheckpointError, ExportError, ExportMismatch, OutputError
 from ..modules import dequantized_weights
 from ..staging import staged_folder
 from .decode_loop import cache_in_place
-from .genai import GENAI_CONFIG, PREFILL_CHUNK, genai_config
+from .genai import GENAI_CONFIG, GENAI_ONNX, PREFILL_CHUNK, genai_config
+from .head_positions import last_token_graph
 from .llama import build_decoder
 from .runtime import EXPORT_META, ONNX_FILE, OnnxCausalLM, session
 from .weights import UnsupportedFormat
@@ -64,7 +67,7 @@ class Tolerance:
 
 def save_with_page_aligned_data(proto: onnx.ModelProto, out_dir: Path) -> None:
     """Write ``proto`` as ``model.onnx`` and its initializers of ``EXTERNAL_FROM`` bytes or more to ``model.onnx.data``,
-    each starting on a page boundary. onnxruntime maps each initializer from the page its offset falls in: packed
+    each starting on a page boundary, and ``genai.onnx`` beside them. onnxruntime maps each initializer from the page its offset falls in: packed
     end to end (as ``onnx.save_model`` writes them), neighbours sharing a page would map it twice, resident twice."""
     with open(out_dir / DATA_FILE, "wb") as data:
         for tensor in proto.graph.initializer:
@@ -83,6 +86,9 @@ def save_with_page_aligned_data(proto: onnx.ModelProto, out_dir: Path) -> None:
     if not (out_dir / DATA_FILE).stat().st_size:
         (out_dir / DATA_FILE).unlink()
     onnx.save_model(proto, str(out_dir / ONNX_FILE))
+    # the generation graph from the graph file alone: its initializers refer to the data file as they are
+    onnx.save_model(last_token_graph(onnx.load_model(str(out_dir / ONNX_FILE), load_external_data=False)),
+                    str(out_dir / GENAI_ONNX))
 
 
 def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, weights: str = "fast",
@@ -121,7 +127,7 @@ def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, w
     tokenizer.save_pretrained(out_dir)
     library_name = None if library is None else library.name
     (out_dir / GENAI_CONFIG).write_text(json.dumps(
-        genai_config(model.config, getattr(model, "generation_config", None), io, ONNX_FILE, library_name,
+        genai_config(model.config, getattr(model, "generation_config", None), io, GENAI_ONNX, library_name,
                      cache_in_place=cache_in_place(weights), prefill_chunk=prefill_chunk),
         indent=1) + "\n")
     graph_bytes = (out_dir / ONNX_FILE).stat().st_size
@@ -133,6 +139,7 @@ def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, w
         "lowerings": _count_lowerings(lowering.layers),
         "decoded_without_ortops": lowering.decoded_without_ortops,
         "size": {"graph_bytes": graph_bytes, "data_bytes": data_bytes, "file_bytes": graph_bytes + data_bytes,
+                 "genai_graph_bytes": (out_dir / GENAI_ONNX).stat().st_size,
                  "linear_weight_bytes": sum(r.file_bytes for r in lowering.layers.values())},
         "timing": {"build_seconds": build_s},
     }
