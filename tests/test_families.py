@@ -191,8 +191,8 @@ def _genai_computes_transformers_logits(model, folder, prompt):
     assert ruled_out.sum(1).max() <= 1
     assert np.abs(np.where(ruled_out, want, got) - want).max() < 1e-3
     # a batch of unequal prompts: onnxruntime-genai pads the shorter on the right, the head reads its last real
-    # token, and its new tokens' positions follow its own prompt (the rotation at position_ids, not at the cache's width); it prefills a batch whole
-    # (0.18 refuses to chunk one: "batch_size must be 1 for continuous decoding")
+    # token, and its new tokens' positions follow its own prompt (the rotation at position_ids, not at the cache's
+    # width); it prefills a batch whole (0.18 refuses to chunk one: "batch_size must be 1 for continuous decoding")
     short, pad = prompt[:-4], json.loads((folder / "genai_config.json").read_text())["model"]["pad_token_id"]
     config = og.Config(str(folder))
     config.overlay(json.dumps({"search": {"chunk_size": 0}}))

@@ -67,8 +67,9 @@ class Tolerance:
 
 def save_with_page_aligned_data(proto: onnx.ModelProto, out_dir: Path) -> None:
     """Write ``proto`` as ``model.onnx`` and its initializers of ``EXTERNAL_FROM`` bytes or more to ``model.onnx.data``,
-    each starting on a page boundary, and ``genai.onnx`` beside them. onnxruntime maps each initializer from the page its offset falls in: packed
-    end to end (as ``onnx.save_model`` writes them), neighbours sharing a page would map it twice, resident twice."""
+    each starting on a page boundary, and ``genai.onnx`` beside them. onnxruntime maps each initializer from the
+    page its offset falls in: packed end to end (as ``onnx.save_model`` writes them), neighbours sharing a page
+    would map it twice, resident twice."""
     with open(out_dir / DATA_FILE, "wb") as data:
         for tensor in proto.graph.initializer:
             raw = tensor.raw_data
