@@ -306,7 +306,7 @@ def main():
     rows = []
     for name, m in made.items():
         timed = timings[name][0]
-        session_mb = (timed["session_mb"] if name.startswith("onnxruntime-genai")
+        session_mb = (_median(t["session_mb"] for t in timings[name]) if name.startswith("onnxruntime-genai")
                       else runtime.session_memory(folders[name], a.threads, chunk=a.prefill_chunk)["session_mb"])
         v = m["validation"]
         rows.append({"variant": name, "ONNX MB": m["file_bytes"] / 1e6,
