@@ -448,7 +448,8 @@ def export(
         return
     s = info["size"]
     out.print(f"wrote {out_dir}: {s['file_bytes'] / 1e6:.1f} MB (graph {s['graph_bytes'] / 1e6:.2f} MB + data "
-              f"{s['data_bytes'] / 1e6:.1f} MB); layers: " +
+              f"{s['data_bytes'] / 1e6:.1f} MB; onnxruntime-genai's graph {s['genai_graph_bytes'] / 1e6:.2f} MB); "
+              "layers: " +
               ", ".join(f"{n} x {k}" for k, n in info["lowerings"].items()), markup=False)
 
 

@@ -118,7 +118,7 @@ class OnnxValidation(BaseModel):
 
 
 class OnnxReport(_Part):
-    size: dict[str, int]                        # graph_bytes, data_bytes, file_bytes, linear_weight_bytes
+    size: dict[str, int]                        # graph, data, file, genai_graph and linear_weight _bytes
     lowerings: dict[str, int]                   # how many layers got each lowering
     opset: int
     weights: str
