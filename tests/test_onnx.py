@@ -564,7 +564,7 @@ def test_a_tied_tables_rows_decode_from_the_heads_codes(smol, ortops_library, sp
     (lambda w: gptvq_quantize(w, torch.eye(w.shape[1]), GPTVQConfig(bits=3, iterations=2, codebook_refit=0,
                                                                    table_weights=64 * 576)), 0, "LutMatMul"),
     (lambda w: gptvq_quantize(w, torch.eye(w.shape[1]), GPTVQConfig(bits=3, iterations=2, codebook_refit=0)), 0,
-     None),  # a code book per 28 rows: 576 and 192 rows end inside a book, not joined
+     "LutMatMul"),  # a code book per 28 rows: 576 and 192 rows end inside a book, each row's book named
     (lambda w: quantize_rtn(w, QuantSpec(4, 128)), 0, "MatMulNBits"),
 ])
 def test_sibling_matmuls_pack_into_one_kernel_with_the_same_products(smol, ortops_library, make, accuracy_level, packs):

@@ -50,19 +50,26 @@ CASES = [  # (in, out, bits, dim, rows_per_table, int8 table, row scale)
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}bit-dim{c[3]}" + "-int8" * c[5])
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 37])
-def test_lut_matmul_is_the_decoded_product(ortops_library, case, tokens):
+@pytest.mark.parametrize("mapped", [False, True], ids=["rows_per_table", "row_tables"])
+def test_lut_matmul_is_the_decoded_product(ortops_library, case, tokens, mapped):
+    """Row n reads table n // rows_per_table, or the table ``row_tables`` names (packed siblings): any order."""
     k, n, bits, dim, per, int8, scaled = case
     rng = np.random.default_rng(k + n + bits)
-    tables = -(-n // per)
+    tables = -(-n // per) + 2 * mapped
     codes = rng.integers(0, 1 << bits, (n, k // dim))
     table = (rng.integers(-127, 128, (tables, 1 << bits, dim)).astype(np.int8) if int8
              else rng.standard_normal((tables, 1 << bits, dim)).astype(np.float16))
     scale = (rng.random(n) + 0.5).astype(np.float16)
+    row_tables = rng.permutation(np.arange(n) % tables).astype(np.int32) if mapped else np.arange(n) // per
     inits = [numpy_helper.from_array(pack_rows(torch.tensor(codes), bits).numpy(), "codes"),
              numpy_helper.from_array(table, "table")] + ([numpy_helper.from_array(scale, "scale")] if scaled else [])
-    node = helper.make_node("LutMatMul", ["x", "codes", "table"] + (["scale"] if scaled else []), ["y"],
-                            domain=ortops.DOMAIN, K=k, N=n, bits=bits, dim=dim, rows_per_table=per)
-    w = table.astype(np.float32)[np.arange(n)[:, None] // per, codes].reshape(n, k)
+    inputs = ["x", "codes", "table"] + (["scale"] if scaled else [])
+    if mapped:
+        inputs += [""] * (4 - len(inputs)) + ["row_tables"]
+        inits.append(numpy_helper.from_array(row_tables, "row_tables"))
+    node = helper.make_node("LutMatMul", inputs, ["y"], domain=ortops.DOMAIN, K=k, N=n, bits=bits, dim=dim,
+                            rows_per_table=per)
+    w = table.astype(np.float32)[row_tables[:, None], codes].reshape(n, k)
     if scaled:
         w *= scale.astype(np.float32)[:, None]
     x = rng.standard_normal((tokens, k)).astype(np.float32)
@@ -99,6 +106,20 @@ def test_silu_gate_is_the_gated_activation(ortops_library, width, tokens):
     want = gate / (1 + np.exp(-gate)) * up
     assert got.shape == (tokens, width) and np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
     assert np.all(np.abs(got - want) <= 1e-6 * np.abs(want) + 1e-20)
+
+
+@pytest.mark.parametrize("row_tables, error", [(np.array([0, 1, 2], np.int32), "table smaller"),
+                                               (np.array([0, -1, 1], np.int32), "negative row table"),
+                                               (np.array([0, 1], np.int32), "fewer than N"),
+                                               (np.array([0, 1, 1], np.int64), "int64.*row_tables")])
+def test_lut_matmul_refuses_row_tables_outside_its_tables(ortops_library, row_tables, error):
+    inits = [numpy_helper.from_array(np.zeros((3, 4), np.uint8), "codes"),
+             numpy_helper.from_array(np.zeros((2, 16, 1), np.float16), "table"),
+             numpy_helper.from_array(row_tables, "row_tables")]
+    node = helper.make_node("LutMatMul", ["x", "codes", "table", "", "row_tables"], ["y"], domain=ortops.DOMAIN,
+                            K=8, N=3, bits=4, dim=1, rows_per_table=2)
+    with pytest.raises(Exception, match=error):
+        _run(ortops_library, node, inits, 8, 3, np.ones((1, 8), np.float32))
 
 
 def test_silu_gate_refuses_an_odd_width(ortops_library):

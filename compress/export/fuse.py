@@ -2,8 +2,9 @@
 as do the gate and up projections of the MLP. When their matmuls (onnxruntime's ``MatMulNBits``, our ``GridMatMul``
 and ``LutMatMul``) agree on everything but the output width, their initializers are concatenated along the output
 rows (each is stored row by row, so the bytes are the same, only joined) and one kernel followed by a ``Split``
-replaces them: fewer, larger calls per token. A gate/up split that only feeds the SiLU gating becomes our
-``SiluGate`` where our operator library is built.
+replaces them: fewer, larger calls per token. LutMatMul siblings whose tables end mid-layer (a table per 29 rows of
+576) join their tables too, and the packed call gets each row's table index (``row_tables``, 4 bytes a row). A
+gate/up split that only feeds the SiLU gating becomes our ``SiluGate`` where our operator library is built.
 """
 
 from __future__ import annotations
@@ -16,6 +17,19 @@ from .graph import Graph
 
 PACKABLE = {("com.microsoft", "MatMulNBits"), (DOMAIN, "GridMatMul"), (DOMAIN, "LutMatMul")}
 GRID_TABLE = 4  # GridMatMul's code book input: one for the whole layer, not a row's
+LUT_ROW_TABLES = 4  # LutMatMul's optional row -> table input
+
+
+def _row_tables(widths: list[int], rows_per_table: int) -> np.ndarray | None:
+    """Each packed row's table when siblings of ``widths`` rows, a table per ``rows_per_table`` of each, are joined;
+    None when every sibling's tables end with it (row n then reads table n // rows_per_table as it is)."""
+    if all(w % rows_per_table == 0 for w in widths):
+        return None
+    parts, first = [], 0
+    for w in widths:
+        parts.append(first + np.arange(w) // rows_per_table)
+        first += -(-w // rows_per_table)
+    return np.concatenate(parts).astype(np.int32)
 
 
 def _attrs(node) -> dict:
@@ -32,14 +46,11 @@ def _key(node) -> tuple:
 
 
 def _row_wise(node) -> bool:
-    """Whether every initializer of ``node`` holds its rows in order along its first axis, so siblings' join:
-    not a GridMatMul code book (the layer's), and a LutMatMul's tables whole (rows_per_table dividing N)."""
-    attrs = _attrs(node)
+    """Whether every initializer of ``node`` holds its rows (a LutMatMul: its tables) in order along its first axis,
+    so siblings' join: not a GridMatMul code book (the layer's)."""
     if node.op_type == "GridMatMul":
         return len(node.input) <= GRID_TABLE or not node.input[GRID_TABLE]
-    if node.op_type == "LutMatMul":
-        return attrs["N"] % attrs.get("rows_per_table", 1) == 0
-    return True
+    return node.op_type != "LutMatMul" or len(node.input) <= LUT_ROW_TABLES  # not packed already
 
 
 def pack_sibling_matmuls(g: Graph) -> int:
@@ -72,6 +83,10 @@ def pack_sibling_matmuls(g: Graph) -> int:
             tensors.append(g.tensor(f"{first.name or first.output[0]}.packed.{position}",
                                     np.concatenate(parts, axis=0)))
         attrs = _attrs(first)
+        row_tables = _row_tables(widths, int(attrs.get("rows_per_table", 1))) if first.op_type == "LutMatMul" else None
+        if row_tables is not None:
+            tensors += [""] * (LUT_ROW_TABLES - 1 - len(tensors))
+            tensors.append(g.tensor(f"{first.name or first.output[0]}.packed.row_tables", row_tables))
         joined = g.name("packed_matmul")
         fused = helper.make_node(first.op_type, [first.input[0], *tensors], [joined], name=joined,
                                  domain=first.domain, **{**attrs, "N": sum(widths)})

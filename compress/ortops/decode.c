@@ -266,7 +266,7 @@ static inline int pair_planes_apply(const Call *c) {
 
 /* Table t of the call in float32 (cached in the scratch while the rows share it). */
 static const float *table_of(const Call *c, Scratch *s, int64_t n) {
-  const int64_t t = n / c->rows_per_table, count = ((int64_t)1 << c->bits) * c->dim;
+  const int64_t t = table_index(c, n), count = ((int64_t)1 << c->bits) * c->dim;
   if (t != s->table) {
     int64_t i = 0;
     const uint16_t *src = (const uint16_t *)c->table + t * count;
@@ -338,9 +338,9 @@ static inline __attribute__((always_inline)) int64_t palette_nibbles(const Call 
   const __m128i low4 = _mm_set1_epi8(15);
   __m128i low_bytes, high_bytes = _mm_setzero_si128();
   if (c->table_is_int8) {
-    low_bytes = _mm_loadu_si128((const __m128i *)((const int8_t *)c->table + n / c->rows_per_table * count));
+    low_bytes = _mm_loadu_si128((const __m128i *)((const int8_t *)c->table + table_index(c, n) * count));
   } else {
-    const uint16_t *half = (const uint16_t *)c->table + n / c->rows_per_table * count;
+    const uint16_t *half = (const uint16_t *)c->table + table_index(c, n) * count;
     const __m128i even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
     const __m128i odd = _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
     const __m128i first = _mm_loadu_si128((const __m128i *)half);

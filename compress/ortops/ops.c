@@ -1,9 +1,11 @@
 /* The onnxruntime operators of libcompress_ortops (domain "compress"), y = x @ W^T with W kept as stored:
 
-   LutMatMul(x, indices, table[, scale])  W[n, c*dim + j] = scale[n] * table[n / rows_per_table, code(n, c), j]
+   LutMatMul(x, indices, table[, scale, row_tables])
+                                           W[n, c*dim + j] = scale[n] * table[t(n), code(n, c), j]
        x float32 [..., K]; indices uint8 [N, ceil(K / dim * bits / 8)], the row-packed codes of
        compress/packing.py (code i of a row at bits [i*bits, (i+1)*bits) of its little-endian bit stream);
-       table float16 or int8 [T, 2^bits, dim]; scale float16 [N] (optional).
+       table float16 or int8 [T, 2^bits, dim]; scale float16 [N] (optional); t(n) = n / rows_per_table, or
+       row_tables[n] (int32 [N], optional: siblings packed into one call whose tables end mid-layer).
        Attributes K, N, bits (1..8), dim (weights per code: 1 for a palette, the vector length of a code book),
        rows_per_table.
    HalfMatMul(x, weight)                   W = weight, float16 or bfloat16 [N, K] (attributes K, N)
@@ -320,14 +322,23 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *context) {
     c.rows_per_table = op->rows_per_table;
     c.row_bytes = (op->K / op->dim * op->bits + 7) / 8;
     c.table_is_int8 = table_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-    const int64_t tables = (op->N + op->rows_per_table - 1) / op->rows_per_table;
+    int64_t tables = (op->N + op->rows_per_table - 1) / op->rows_per_table;
+    CHECK(optional_input(context, 4, op->N, "LutMatMul: row_tables holds fewer than N values",
+                         (const void **)&c.row_tables));
+    if (c.row_tables) { /* int32: onnxruntime checks the type against the operator's when the session loads */
+      tables = 0;
+      for (int64_t n = 0; n < op->N; n++) {
+        if (c.row_tables[n] < 0) return ort->CreateStatus(ORT_INVALID_ARGUMENT, "LutMatMul: a negative row table");
+        if (c.row_tables[n] >= tables) tables = (int64_t)c.row_tables[n] + 1;
+      }
+    }
     CHECK(holds(context, 1, op->N * c.row_bytes, "LutMatMul: indices smaller than N rows of packed codes"));
     CHECK(holds(context, 2, tables * ((int64_t)1 << op->bits) * op->dim, "LutMatMul: table smaller than its shape"));
     CHECK(input_data(context, 1, (const void **)&c.codes));
     CHECK(input_data(context, 2, &c.table));
     CHECK(optional_input(context, 3, op->N, "LutMatMul: scale holds fewer than N values", (const void **)&c.scale));
     stream(&c, 0, c.codes, c.row_bytes);
-    if (op->rows_per_table == 1) /* a table per row (palettes per channel) is read with the row, as its scale */
+    if (op->rows_per_table == 1 && !c.row_tables) /* a table per row (palettes per channel) is read with the row, as its scale */
       stream(&c, 1, c.table, ((int64_t)1 << op->bits) * op->dim * (c.table_is_int8 ? 1 : 2));
     stream(&c, 2, c.scale, 2);
   } else {
@@ -402,9 +413,10 @@ typedef struct {
 } Spec;
 
 static Spec specs[] = {
-    {.kind = LUT, .name = "LutMatMul", .inputs = 4, .optional_from = 3,
+    {.kind = LUT, .name = "LutMatMul", .inputs = 5, .optional_from = 3,
      .types = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
-               ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16}},
+               ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+               ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32}},
     {.kind = HALF, .name = "HalfMatMul", .inputs = 2, .optional_from = 2,
      .types = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED}},
     {.kind = SPARSE, .name = "SparseMatMul", .inputs = 5, .optional_from = 3,

@@ -55,6 +55,8 @@ struct Call {
   int table_is_int8;
   int table_is_bf16;        /* HalfMatMul: bfloat16 weights (else float16) */
   int64_t bits, dim, rows_per_table;
+  const int32_t *row_tables; /* LutMatMul: each row's table (packed siblings whose tables end mid-layer), or NULL:
+                               row n reads table n / rows_per_table */
   int64_t kept;             /* SparseMatMul: kept weights per row */
   /* SparseMatMul with its kept values on an integer grid (bits > 0): `table` holds their row-packed codes,
      value = (code - zero) * scale per group of `group_size` kept values */
@@ -85,6 +87,11 @@ struct Scratch {
                     SparseMatMul: a row's kept values in float32 */
   int64_t table; /* its index, -1 before the first; GridMatMul: 0 once the task's input group sums are in `tab` */
 };
+
+/* LutMatMul: the table row n reads */
+static inline int64_t table_index(const Call *c, int64_t n) {
+  return c->row_tables ? c->row_tables[n] : n / c->rows_per_table;
+}
 
 void decode_lut_row(const Call *c, Scratch *s, int64_t n, float *w);
 void decode_half_row(const Call *c, Scratch *s, int64_t n, float *w);
