@@ -59,6 +59,8 @@ VARIANTS = {
         {"type": "embeddings", "bits": 4, "group_size": 32, "method": "rtn"}],
     "3-bit RTN g128 (widened to 4-bit MatMulNBits)": [{"type": "rtn", "bits": 3, "group_size": 128}],
     "3-bit RTN g128 (GridMatMul)": [{"type": "rtn", "bits": 3, "group_size": 128}],
+    "3-bit RTN g128 (widened to 4-bit MatMulNBits, int8 activations)": [{"type": "rtn", "bits": 3, "group_size": 128}],
+    "3-bit RTN g128 (GridMatMul, int8 activations)": [{"type": "rtn", "bits": 3, "group_size": 128}],
     "2-bit GPTQ g32 (GridMatMul, float activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],
     "2-bit GPTQ g32 (MatMulNBits, int8 activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],
     "2-bit GPTQ g32 (GridMatMul, int8 activations)": [{"type": "gptq", "bits": 2, "group_size": 32}],

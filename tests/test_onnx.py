@@ -559,6 +559,7 @@ def test_a_tied_tables_rows_decode_from_the_heads_codes(smol, ortops_library, sp
     (lambda w: quantize_rtn(w, QuantSpec(2, 32)), 0, "GridMatMul"),  # zero points packed beside the codes
     (lambda w: quantize_rtn(w, QuantSpec(4, 32, symmetric=True)), 4, "GridMatMul"),  # int8 activations
     (lambda w: quantize_rtn(w, QuantSpec(4, 64)), 4, "GridMatMul"),  # 576 inputs: a last group of 0
+    (lambda w: quantize_rtn(w, QuantSpec(3, 64)), 4, "GridMatMul"),  # 3-bit codes as stored, int8 activations
     (lambda w: quantize_rtn(w, QuantSpec(4, 64, grid="nf")), 0, None),  # a layer's code book: not joined
     (lambda w: palettize(w, KMeansConfig(type="kmeans", bits=4, table_dtype="int8", iterations=3)), 0, "LutMatMul"),
     (lambda w: gptvq_quantize(w, torch.eye(w.shape[1]), GPTVQConfig(bits=3, iterations=2, codebook_refit=0,

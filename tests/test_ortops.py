@@ -336,15 +336,17 @@ def _int8_product(x: np.ndarray, w: np.ndarray, group: int) -> np.ndarray:
 
 # AVX-512 takes 64 codes a step where it can: (4, 64, 576) 9 groups of two 32-code chunks, (4, 128, 576) a last group
 # of 64, (4, 576, 576) one group a row; the 256-bit loop where it cannot: (2, 32, 96) an odd count of 32-code groups,
-# (4, 128, 608) a last group of 96, (2, 64, 96) one of 32
+# (4, 128, 608) a last group of 96, (2, 64, 96) one of 32; 3-bit codes (12 bytes a 32, crossing byte boundaries)
+# always the 256-bit loop, the last row's last 12 bytes at the end of the tensor
 @pytest.mark.parametrize("bits, group, k", [(4, 32, 576), (4, 64, 576), (4, 256, 1536), (2, 32, 1536), (2, 32, 96),
                                             (2, 128, 640), (4, 32, 96), (4, 128, 576), (4, 576, 576), (4, 128, 608),
-                                            (2, 64, 96)], ids=str)
+                                            (2, 64, 96), (3, 32, 576), (3, 64, 96), (3, 128, 608), (3, 576, 576),
+                                            (3, 128, 1536)], ids=str)
 @pytest.mark.parametrize("zero_points", [False, True], ids=["symmetric", "zero-points"])
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 9])
 def test_grid_matmul_with_int8_activations_is_the_int8_product(ortops_library, bits, group, k, zero_points, tokens):
     """``accuracy_level`` 4: a decode step's tokens (up to 4) quantized to int8 per group and multiplied with the
-    2- or 4-bit codes as stored, exactly the int8 product; a prompt (9 tokens) keeps float activations."""
+    2-, 3- or 4-bit codes as stored, exactly the int8 product; a prompt (9 tokens) keeps float activations."""
     n, groups = 40, -(-k // group)
     rng = np.random.default_rng(bits + group + k + tokens)
     codes = rng.integers(0, 1 << bits, (n, k))
@@ -370,7 +372,7 @@ def test_grid_matmul_with_int8_activations_is_the_int8_product(ortops_library, b
 
 
 @pytest.mark.parametrize("attrs, message", [
-    (dict(bits=3, group_size=32), "2- or 4-bit"), (dict(bits=4, group_size=48), "multiples of 32"),
+    (dict(bits=5, group_size=32), "2-, 3- or 4-bit"), (dict(bits=4, group_size=48), "multiples of 32"),
     (dict(bits=4, group_size=32, K=1528), "multiples of 32"),
     (dict(bits=4, group_size=64, accuracy_level=1), "0 .float"),
 ])

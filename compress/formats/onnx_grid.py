@@ -7,9 +7,10 @@ runs from its codes, so the session keeps it compressed in memory.
   float activations an 8-bit grid runs as two 4-bit kernels on its nibble planes (``_nibble_planes``), and a 2-bit
   or 3-bit grid in our ``compress::GridMatMul`` where the library is built (``_float_grid``: onnxruntime's 2-bit
   kernel has a fast path for int8 activations only, 3-bit codes would be widened to 4). With int8 activations
-  (``accuracy_level`` 4) 2- and 4-bit grids run in ``compress::GridMatMul``'s int8 path where the library is built
-  (``_int8_grid``); so does a tied table's 2- or 4-bit head, with either activations, from the initializers its
-  lookup gathers from (``shared_head_block``: MatMulNBits would hold a prepacked copy of the table beside them).
+  (``accuracy_level`` 4) 2-, 3- and 4-bit grids run in ``compress::GridMatMul``'s int8 path where the library is
+  built (``_int8_grid``, 3-bit codes as stored); so does a tied table's 2- or 4-bit head, with either
+  activations, from the initializers its lookup gathers from (``shared_head_block``: MatMulNBits would hold a
+  prepacked copy of the table beside them).
 - ``weights: portable``: a blocked ``DequantizeLinear`` on the transposed codes feeding ``MatMul`` (standard
   ops, opset 21; 2-bit types opset 25), the pattern onnxruntime fuses into the same low-bit kernel.
 
@@ -62,11 +63,11 @@ def lower_integer_grid(lowering, x: str, grid: IntegerGrid, shape: tuple[int, in
     elif grid.bits in FLOAT_GRID_BITS and grid.bits in OUR_GRID_BITS and lowering.accuracy_level == 0 \
             and lowering.custom_ops is not None:
         return _float_grid(lowering, x, grid, shape, name)
-    elif lowering.accuracy_level == 4 and width in INT8_GRID_BITS and width in OUR_GRID_BITS \
+    elif lowering.accuracy_level == 4 and grid.bits in INT8_GRID_BITS and grid.bits in OUR_GRID_BITS \
             and lowering.custom_ops is not None:
-        int8 = _int8_grid(lowering, x, grid, shape, width, name)
+        int8 = _int8_grid(lowering, x, grid, shape, name)
         if int8 is not None:
-            return f"GridMatMul {width}-bit g{int8[1]}, int8 activations{widened}", int8[0]
+            return f"GridMatMul {grid.bits}-bit g{int8[1]}, int8 activations", int8[0]
     block = nbits_block(grid.group_size)
     if block is None:
         return None
@@ -99,7 +100,7 @@ def _own_grid_matmul(lowering, x: str, grid: IntegerGrid, shape, name: str, bits
 
 OUR_GRID_BITS = (2, 3, 4)  # the widths our GridMatMul runs in place of MatMulNBits (the bench empties it to compare)
 FLOAT_GRID_BITS = (2, 3)  # those it runs with float activations (``_float_grid``)
-INT8_GRID_BITS = (2, 4)  # those its int8 path multiplies, and a tied table's head (``shared_head_block``)
+INT8_GRID_BITS = (2, 3, 4)  # those its int8 path multiplies (a tied table's head: 2 or 4, MatMulNBits' widths)
 
 
 def shared_head_block(lowering, grid: IntegerGrid, shape) -> int | None:
@@ -114,15 +115,16 @@ def shared_head_block(lowering, grid: IntegerGrid, shape) -> int | None:
     return block if runs else None
 
 
-def _int8_grid(lowering, x: str, grid: IntegerGrid, shape, width: int, name: str) -> tuple[str, int] | None:
-    """(output, group size) of a 2- or 4-bit grid with int8 activations in our grid operator (``accuracy_level``
-    4), its own codes, float32 scales and zero points; None where it cannot run it (inputs or groups not multiples
-    of 32). onnxruntime's int8 kernel would hold a repacked copy of the codes with a float32 block sum per block
-    beside them: a third more than the 4-bit layer's bytes at blocks of 32."""
+def _int8_grid(lowering, x: str, grid: IntegerGrid, shape, name: str) -> tuple[str, int] | None:
+    """(output, group size) of a 2-, 3- or 4-bit grid with int8 activations in our grid operator
+    (``accuracy_level`` 4), its own codes, float32 scales and zero points; None where it cannot run it (inputs or
+    groups not multiples of 32). onnxruntime's int8 kernel would hold a repacked copy of the codes with a float32
+    block sum per block beside them (a third more than the 4-bit layer's bytes at blocks of 32), and 3-bit codes
+    would be widened to its 4-bit kernel."""
     size = grid.group_size or shape[1]
     if size % 32 or shape[1] % 32:
         return None
-    y = _own_grid_matmul(lowering, x, grid, shape, name, width, size, accuracy_level=4)
+    y = _own_grid_matmul(lowering, x, grid, shape, name, grid.bits, size, accuracy_level=4)
     return None if y is None else (y, size)
 
 

@@ -1,6 +1,7 @@
-/* GridMatMul with int8 activations (attribute accuracy_level 4, as onnxruntime's MatMulNBits names it): 2- and
+/* GridMatMul with int8 activations (attribute accuracy_level 4, as onnxruntime's MatMulNBits names it): 2-, 3- and
    4-bit integer grids multiplied from their stored codes by integer dot products, for the few tokens of a decode
-   step (a prompt takes the float path of rows.c).
+   step (a prompt takes the float path of rows.c). 3-bit codes, which cross byte boundaries, come out of each 12
+   bytes in their own order (codes3) and take the 32-a-step loop only.
 
    Each token's inputs are quantized once a call, symmetrically per group of the weight (scale = max |x| / 127), and
    each 32 of them put in the order the codes come out of their bytes (quantize_activations): a row's 32 codes are
@@ -25,9 +26,13 @@ static inline float sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
+/* Code i of a row packed at `bits` (its little-endian bit stream: a 3-bit code may span two bytes). */
 static inline int packed_at(const uint8_t *row, int64_t i, int bits) {
-  const int per = 8 / bits;
-  return (row[i / per] >> ((i % per) * bits)) & ((1 << bits) - 1);
+  const int64_t bit = i * bits;
+  const int shift = (int)(bit % 8);
+  int v = row[bit / 8] >> shift;
+  if (shift + bits > 8) v |= row[bit / 8 + 1] << (8 - shift);
+  return v & ((1 << bits) - 1);
 }
 
 /* The inputs of group g: group_size, or fewer for the last group (K and group_size are multiples of 32). */
@@ -38,7 +43,8 @@ static inline int64_t group_length(const Call *c, int64_t g) {
 
 void *quantize_activations(Call *c) {
   const int64_t K = c->K, M = c->M, size = c->group_size, groups = (K + size - 1) / size;
-  const int per = 8 / (int)c->bits, plane = 32 / per; /* codes a byte; bytes (= inputs) a bit plane of 32 codes */
+  /* codes a byte, and bytes (= inputs) a bit plane of 32 codes; 3-bit codes come out in their own order (codes3) */
+  const int per = c->bits == 3 ? 1 : 8 / (int)c->bits, plane = 32 / per;
   float *block = (float *)malloc(sizeof(float) * (size_t)(2 * M * groups) + (size_t)(M * K));
   if (!block) return NULL;
   float *scales = block, *sums = block + M * groups;
@@ -108,6 +114,29 @@ static inline __attribute__((always_inline)) void zero_parts(const Call *c, cons
   }
 }
 
+/* The 32 3-bit codes of the 12 bytes at p, a byte each in their order: 32-bit lane L holds codes 4L..4L+3 (bits
+   12L..12L+11 of the stream) from its two bytes 12L/8 and 12L/8 + 1, shifted by 12L % 8, then spread a code a byte.
+   `end`: where the codes tensor ends (a 16-byte load past it is not made). */
+static inline __m256i codes3(const uint8_t *p, const uint8_t *end) {
+  __m128i bytes;
+  if (p + 16 <= end) {
+    bytes = _mm_loadu_si128((const __m128i *)p);
+  } else {
+    uint8_t last[16] = {0};
+    memcpy(last, p, 12);
+    bytes = _mm_loadu_si128((const __m128i *)last);
+  }
+  const __m256i pick = _mm256_setr_epi8(0, 1, -1, -1, 1, 2, -1, -1, 3, 4, -1, -1, 4, 5, -1, -1,
+                                        6, 7, -1, -1, 7, 8, -1, -1, 9, 10, -1, -1, 10, 11, -1, -1);
+  const __m256i v = _mm256_srlv_epi32(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(bytes), pick),
+                                      _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
+  const __m256i b0 = _mm256_and_si256(v, _mm256_set1_epi32(0x7));
+  const __m256i b1 = _mm256_and_si256(_mm256_slli_epi32(v, 5), _mm256_set1_epi32(0x700));
+  const __m256i b2 = _mm256_and_si256(_mm256_slli_epi32(v, 10), _mm256_set1_epi32(0x70000));
+  const __m256i b3 = _mm256_and_si256(_mm256_slli_epi32(v, 15), _mm256_set1_epi32(0x7000000));
+  return _mm256_or_si256(_mm256_or_si256(b0, b1), _mm256_or_si256(b2, b3));
+}
+
 #ifdef __AVX512F__
 /* The 64 codes of two consecutive 32-code chunks at p, each chunk's bit planes in order (as the inputs are). */
 static inline __m512i codes64(const uint8_t *p, const int bits) {
@@ -129,7 +158,7 @@ static inline __attribute__((always_inline)) int code_dots_wide(const Call *c, c
                                                                 const float *scales, float *out, const int M,
                                                                 const int bits) {
   const int64_t K = c->K, size = c->group_size, groups = (K + size - 1) / size, chunk_bytes = 4 * bits;
-  if (size == 32 ? groups % 2 : size % 64 || group_length(c, groups - 1) % 64) return 0;
+  if (bits == 3 || (size == 32 ? groups % 2 : size % 64 || group_length(c, groups - 1) % 64)) return 0;
   const __m512i ones = _mm512_set1_epi16(1);
   __m512 acc[4];
   for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
@@ -189,6 +218,7 @@ static inline __attribute__((always_inline)) void code_dots(const Call *c, const
   const int64_t K = c->K, size = c->group_size, groups = (K + size - 1) / size, chunk_bytes = 4 * bits;
   const __m256i shifts = bits == 4 ? _mm256_setr_epi64x(0, 0, 4, 4) : _mm256_setr_epi64x(0, 2, 4, 6);
   const __m256i mask = _mm256_set1_epi8((char)((1 << bits) - 1)), ones = _mm256_set1_epi16(1);
+  const uint8_t *end = c->codes + c->N * c->row_bytes;
   __m256 acc[4];
   for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; g++) {
@@ -197,15 +227,20 @@ static inline __attribute__((always_inline)) void code_dots(const Call *c, const
     const int64_t first = g * size / 32, last = first + group_length(c, g) / 32;
     for (int64_t j = first; j < last; j++) {
       const uint8_t *p = codes + j * chunk_bytes;
-      __m256i raw;
-      if (bits == 4) {
-        raw = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+      __m256i q;
+      if (bits == 3) {
+        q = codes3(p, end);
       } else {
-        int64_t eight;
-        memcpy(&eight, p, 8);
-        raw = _mm256_set1_epi64x(eight);
+        __m256i raw;
+        if (bits == 4) {
+          raw = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+        } else {
+          int64_t eight;
+          memcpy(&eight, p, 8);
+          raw = _mm256_set1_epi64x(eight);
+        }
+        q = _mm256_and_si256(_mm256_srlv_epi64(raw, shifts), mask);
       }
-      const __m256i q = _mm256_and_si256(_mm256_srlv_epi64(raw, shifts), mask);
       for (int m = 0; m < M; m++) {
         const __m256i x = _mm256_loadu_si256((const __m256i *)(c->xq + m * K + j * 32));
         sums[m] = _mm256_add_epi32(sums[m], _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones));
@@ -234,7 +269,7 @@ static inline __attribute__((always_inline)) void int8_row(const Call *c, int64_
 }
 
 #define INT8_ROW_BY_BITS(M) \
-  ((c)->bits == 2 ? int8_row(c, n, out, M, 2) : int8_row(c, n, out, M, 4))
+  ((c)->bits == 2 ? int8_row(c, n, out, M, 2) : (c)->bits == 3 ? int8_row(c, n, out, M, 3) : int8_row(c, n, out, M, 4))
 
 void grid_int8_dots(const Call *c, Scratch *s, int64_t n, float *out) {
   (void)s;

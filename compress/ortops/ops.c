@@ -28,7 +28,7 @@
        or table[q] with table float32 [2^bits]; zeros uint8 integer zero points packed at bits [N, ceil(groups * bits
        / 8)]. Attributes K, N, bits (1..8), group_size, zero (float, default 0): integer grids of any width (their
        zero points as stored), llama.cpp's k-quants (their scales and minima multiplied out), NormalFloat.
-       accuracy_level (default 0): 4 multiplies a decode step's tokens as int8 (int8.c: 2- and 4-bit integer grids,
+       accuracy_level (default 0): 4 multiplies a decode step's tokens as int8 (int8.c: 2- to 4-bit integer grids,
        K and group_size multiples of 32), as MatMulNBits' accuracy_level 4 does, from the codes as stored.
 
    SiluGate(x)                             y[..., j] = silu(x[..., j]) * x[..., n + j]
@@ -538,9 +538,9 @@ static OrtStatus *create_kernel(const OrtCustomOp *self, const OrtApi *api, cons
     else if (k->accuracy_level != 0 && k->accuracy_level != 4)
       status = ort->CreateStatus(ORT_INVALID_ARGUMENT, "GridMatMul: accuracy_level 0 (float activations) or 4 "
                                                        "(int8)");
-    else if (k->accuracy_level == 4 && ((k->bits != 2 && k->bits != 4) || k->group_size % 32 || k->K % 32))
-      status = ort->CreateStatus(ORT_INVALID_ARGUMENT, "GridMatMul: int8 activations need 2- or 4-bit codes, K and "
-                                                       "group_size multiples of 32");
+    else if (k->accuracy_level == 4 && (k->bits < 2 || k->bits > 4 || k->group_size % 32 || k->K % 32))
+      status = ort->CreateStatus(ORT_INVALID_ARGUMENT, "GridMatMul: int8 activations need 2-, 3- or 4-bit codes, K "
+                                                       "and group_size multiples of 32");
   }
   OrtStatus *no_bits = !status && k->op == SPARSE ? attribute(info, "bits", &k->bits) : NULL;
   if (no_bits) { /* 16-bit float values */
