@@ -58,8 +58,10 @@ KERNELS = {
     "GridMatMul 2-bit g32 with zero points, int8 activations": ("grid8", 2, 0, 32),
     "MatMulNBits 4-bit block 128 with zero points, int8 activations (onnxruntime)": ("nbits8", 4, 0, 128),
     "GridMatMul 4-bit g128 with zero points, int8 activations": ("grid8", 4, 0, 128),
+    "GridMatMul 3-bit g128 with zero points, int8 activations": ("grid8", 3, 0, 128),
     "MatMulNBits 4-bit block 64, int8 activations (onnxruntime)": ("nbits8", 4, 1, 64),
     "GridMatMul 4-bit g64, int8 activations": ("grid8", 4, 1, 64),
+    "GridMatMul 3-bit g64, int8 activations": ("grid8", 3, 1, 64),
 }
 INT8_TABLES = {name for name in KERNELS if "int8 code book" in name}  # int8 entries times a float16 row scale
 

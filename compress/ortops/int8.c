@@ -1,7 +1,7 @@
 /* GridMatMul with int8 activations (attribute accuracy_level 4, as onnxruntime's MatMulNBits names it): 2-, 3- and
    4-bit integer grids multiplied from their stored codes by integer dot products, for the few tokens of a decode
    step (a prompt takes the float path of rows.c). 3-bit codes, which cross byte boundaries, come out of each 12
-   bytes in their own order (codes3) and take the 32-a-step loop only.
+   bytes in their own order (codes3, codes64: a byte permute and a multishift with AVX-512 VBMI).
 
    Each token's inputs are quantized once a call, symmetrically per group of the weight (scale = max |x| / 127), and
    each 32 of them put in the order the codes come out of their bytes (quantize_activations): a row's 32 codes are
@@ -24,15 +24,6 @@ static inline float sum8(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
-
-/* Code i of a row packed at `bits` (its little-endian bit stream: a 3-bit code may span two bytes). */
-static inline int packed_at(const uint8_t *row, int64_t i, int bits) {
-  const int64_t bit = i * bits;
-  const int shift = (int)(bit % 8);
-  int v = row[bit / 8] >> shift;
-  if (shift + bits > 8) v |= row[bit / 8 + 1] << (8 - shift);
-  return v & ((1 << bits) - 1);
 }
 
 /* The inputs of group g: group_size, or fewer for the last group (K and group_size are multiples of 32). */
@@ -81,15 +72,15 @@ static inline __attribute__((always_inline)) void zero_parts(const Call *c, cons
   for (int m = 0; m < M; m++) {
     const float *sums = c->xq_sums + m * groups;
     float part = 0.0f;
-    if (zeros) { /* eight zero points a step from the 32 bits holding them (a serial sum per group was slower) */
+    if (zeros) { /* eight zero points a step from the 32 bits holding them (a serial sum per group was slower); the
+                    last step's lanes past the row's groups read no scale or sum (masked), so add nothing */
       const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
-      const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+      const __m256i mask = _mm256_set1_epi32((1 << bits) - 1), lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
       const __m256 base = _mm256_set1_ps(c->grid_zero);
       const int64_t row_bytes = (groups * bits + 7) / 8;
       const uint8_t *end = c->grid_zeros + c->N * row_bytes; /* the tensor's: the last row's 4 bytes may pass it */
       __m256 v = _mm256_setzero_ps();
-      int64_t g = 0;
-      for (; g + 8 <= groups; g += 8) {
+      for (int64_t g = 0; g < groups; g += 8) {
         uint32_t word = 0;
         const uint8_t *at = zeros + g * bits / 8;
         if (at + 4 <= end)
@@ -98,10 +89,18 @@ static inline __attribute__((always_inline)) void zero_parts(const Call *c, cons
           memcpy(&word, at, (size_t)(end - at));
         const __m256 z = _mm256_add_ps(base, _mm256_cvtepi32_ps(_mm256_and_si256(
                                                  _mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts), mask)));
-        v = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(scales + g), z), _mm256_loadu_ps(sums + g), v);
+        __m256 s, x;
+        if (g + 8 <= groups) {
+          s = _mm256_loadu_ps(scales + g);
+          x = _mm256_loadu_ps(sums + g);
+        } else {
+          const __m256i inside = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(groups - g)), lanes);
+          s = _mm256_maskload_ps(scales + g, inside);
+          x = _mm256_maskload_ps(sums + g, inside);
+        }
+        v = _mm256_fmadd_ps(_mm256_mul_ps(s, z), x, v);
       }
       part = sum8(v);
-      for (; g < groups; g++) part += scales[g] * (c->grid_zero + (float)packed_at(zeros, g, bits)) * sums[g];
     } else {
       __m256 v = _mm256_setzero_ps();
       int64_t g = 0;
@@ -114,18 +113,23 @@ static inline __attribute__((always_inline)) void zero_parts(const Call *c, cons
   }
 }
 
+#ifdef __AVX512F__
+/* 3-bit codes come out of their bytes by one byte permute and one multishift: qword j gets the 3 bytes of codes
+   8j..8j+7 (bytes 3j..3j+2: 24 bits, byte aligned), and byte i of it the 8 bits from bit 3i (then masked). */
+#define CODE3_SHIFTS 0x15120F0C09060300LL
+static inline __m256i codes3(const uint8_t *p) {
+  const __m128i bytes = _mm_maskz_loadu_epi8(0x0FFF, p); /* 12 bytes (masked: none read past them) */
+  const __m256i spread = _mm256_permutexvar_epi8(
+      _mm256_setr_epi8(0, 1, 2, 0, 0, 0, 0, 0, 3, 4, 5, 0, 0, 0, 0, 0, 6, 7, 8, 0, 0, 0, 0, 0, 9, 10, 11, 0, 0, 0, 0, 0),
+      _mm256_castsi128_si256(bytes));
+  return _mm256_and_si256(_mm256_multishift_epi64_epi8(_mm256_set1_epi64x(CODE3_SHIFTS), spread),
+                          _mm256_set1_epi8(7));
+}
+#else
 /* The 32 3-bit codes of the 12 bytes at p, a byte each in their order: 32-bit lane L holds codes 4L..4L+3 (bits
-   12L..12L+11 of the stream) from its two bytes 12L/8 and 12L/8 + 1, shifted by 12L % 8, then spread a code a byte.
-   `end`: where the codes tensor ends (a 16-byte load past it is not made). */
-static inline __m256i codes3(const uint8_t *p, const uint8_t *end) {
-  __m128i bytes;
-  if (p + 16 <= end) {
-    bytes = _mm_loadu_si128((const __m128i *)p);
-  } else {
-    uint8_t last[16] = {0};
-    memcpy(last, p, 12);
-    bytes = _mm_loadu_si128((const __m128i *)last);
-  }
+   12L..12L+11 of the stream) from its two bytes 12L/8 and 12L/8 + 1, shifted by 12L % 8, then spread a code a byte. */
+static inline __m256i codes3(const uint8_t *p) {
+  const __m128i bytes = _mm_maskload_epi32((const int *)p, _mm_setr_epi32(-1, -1, -1, 0)); /* 12 bytes (masked) */
   const __m256i pick = _mm256_setr_epi8(0, 1, -1, -1, 1, 2, -1, -1, 3, 4, -1, -1, 4, 5, -1, -1,
                                         6, 7, -1, -1, 7, 8, -1, -1, 9, 10, -1, -1, 10, 11, -1, -1);
   const __m256i v = _mm256_srlv_epi32(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(bytes), pick),
@@ -136,10 +140,19 @@ static inline __m256i codes3(const uint8_t *p, const uint8_t *end) {
   const __m256i b3 = _mm256_and_si256(_mm256_slli_epi32(v, 15), _mm256_set1_epi32(0x7000000));
   return _mm256_or_si256(_mm256_or_si256(b0, b1), _mm256_or_si256(b2, b3));
 }
+#endif
 
 #ifdef __AVX512F__
 /* The 64 codes of two consecutive 32-code chunks at p, each chunk's bit planes in order (as the inputs are). */
 static inline __m512i codes64(const uint8_t *p, const int bits) {
+  if (bits == 3) { /* 24 bytes (a masked load: none read past them): qword j the bytes of codes 8j..8j+7 (codes3) */
+    const __m256i bytes = _mm256_maskz_loadu_epi8(0x00FFFFFF, p);
+    const __m512i spread = _mm512_permutexvar_epi8(
+        _mm512_setr_epi64(0x020100, 0x050403, 0x080706, 0x0B0A09, 0x0E0D0C, 0x11100F, 0x141312, 0x171615),
+        _mm512_castsi256_si512(bytes));
+    return _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_set1_epi64(CODE3_SHIFTS), spread),
+                            _mm512_set1_epi8(7));
+  }
   if (bits == 4) { /* chunk 0's bytes in qwords 0-1, chunk 1's in 2-3: low nibbles, then high, per chunk */
     const __m512i v = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
                                                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)));
@@ -158,7 +171,7 @@ static inline __attribute__((always_inline)) int code_dots_wide(const Call *c, c
                                                                 const float *scales, float *out, const int M,
                                                                 const int bits) {
   const int64_t K = c->K, size = c->group_size, groups = (K + size - 1) / size, chunk_bytes = 4 * bits;
-  if (bits == 3 || (size == 32 ? groups % 2 : size % 64 || group_length(c, groups - 1) % 64)) return 0;
+  if (size == 32 ? groups % 2 : size % 64 || group_length(c, groups - 1) % 64) return 0;
   const __m512i ones = _mm512_set1_epi16(1);
   __m512 acc[4];
   for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
@@ -218,7 +231,6 @@ static inline __attribute__((always_inline)) void code_dots(const Call *c, const
   const int64_t K = c->K, size = c->group_size, groups = (K + size - 1) / size, chunk_bytes = 4 * bits;
   const __m256i shifts = bits == 4 ? _mm256_setr_epi64x(0, 0, 4, 4) : _mm256_setr_epi64x(0, 2, 4, 6);
   const __m256i mask = _mm256_set1_epi8((char)((1 << bits) - 1)), ones = _mm256_set1_epi16(1);
-  const uint8_t *end = c->codes + c->N * c->row_bytes;
   __m256 acc[4];
   for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; g++) {
@@ -229,7 +241,7 @@ static inline __attribute__((always_inline)) void code_dots(const Call *c, const
       const uint8_t *p = codes + j * chunk_bytes;
       __m256i q;
       if (bits == 3) {
-        q = codes3(p, end);
+        q = codes3(p);
       } else {
         __m256i raw;
         if (bits == 4) {
