@@ -126,19 +126,21 @@ static inline __m256i codes3(const uint8_t *p) {
                           _mm256_set1_epi8(7));
 }
 #else
-/* The 32 3-bit codes of the 12 bytes at p, a byte each in their order: 32-bit lane L holds codes 4L..4L+3 (bits
-   12L..12L+11 of the stream) from its two bytes 12L/8 and 12L/8 + 1, shifted by 12L % 8, then spread a code a byte. */
+/* The 32 3-bit codes of the 12 bytes at p, a byte each in their order. Code i sits in the 16 bits of its bytes 3i/8
+   and 3i/8 + 1 at bit 3i % 8: a byte shuffle puts those two bytes in a 16-bit lane per code (codes 0-7 and 16-23 in
+   one register, 8-15 and 24-31 in the other, as the pack below interleaves lanes), a multiply by 2^(8 - 3i % 8)
+   and a shift by 8 bring the code to bits 0-2, and one pack makes the bytes. */
 static inline __m256i codes3(const uint8_t *p) {
-  const __m128i bytes = _mm_maskload_epi32((const int *)p, _mm_setr_epi32(-1, -1, -1, 0)); /* 12 bytes (masked) */
-  const __m256i pick = _mm256_setr_epi8(0, 1, -1, -1, 1, 2, -1, -1, 3, 4, -1, -1, 4, 5, -1, -1,
-                                        6, 7, -1, -1, 7, 8, -1, -1, 9, 10, -1, -1, 10, 11, -1, -1);
-  const __m256i v = _mm256_srlv_epi32(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(bytes), pick),
-                                      _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
-  const __m256i b0 = _mm256_and_si256(v, _mm256_set1_epi32(0x7));
-  const __m256i b1 = _mm256_and_si256(_mm256_slli_epi32(v, 5), _mm256_set1_epi32(0x700));
-  const __m256i b2 = _mm256_and_si256(_mm256_slli_epi32(v, 10), _mm256_set1_epi32(0x70000));
-  const __m256i b3 = _mm256_and_si256(_mm256_slli_epi32(v, 15), _mm256_set1_epi32(0x7000000));
-  return _mm256_or_si256(_mm256_or_si256(b0, b1), _mm256_or_si256(b2, b3));
+  const __m256i bytes =
+      _mm256_broadcastsi128_si256(_mm_maskload_epi32((const int *)p, _mm_setr_epi32(-1, -1, -1, 0))); /* masked */
+  const __m256i first = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 1, 2, 1, 2, 1, 2, 2, 3, 2, 3,
+                                         6, 7, 6, 7, 6, 7, 7, 8, 7, 8, 7, 8, 8, 9, 8, 9);
+  const __m256i second = _mm256_setr_epi8(3, 4, 3, 4, 3, 4, 4, 5, 4, 5, 4, 5, 5, 6, 5, 6,
+                                          9, 10, 9, 10, 9, 10, 10, 11, 10, 11, 10, 11, 11, 12, 11, 12);
+  const __m256i up = _mm256_setr_epi16(256, 32, 4, 128, 16, 2, 64, 8, 256, 32, 4, 128, 16, 2, 64, 8);
+  const __m256i a = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(bytes, first), up), 8);
+  const __m256i b = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(bytes, second), up), 8);
+  return _mm256_and_si256(_mm256_packus_epi16(a, b), _mm256_set1_epi8(7));
 }
 #endif
 
