@@ -240,6 +240,9 @@ def test_genai_graph_reads_each_rows_last_real_token(mixed_export, windows):
     last = OnnxCausalLM.from_session(session(out / "genai.onnx", custom_ops=out / info["custom_ops_library"]),
                                      info["io"], info["weights"])
     assert not last.keeps_logits and last.session.get_outputs()[0].shape[1] == 1
+    graph = onnx.load(str(out / "genai.onnx"), load_external_data=False).graph
+    read = {name for n in graph.node for name in n.input}
+    assert all(t.name in read for t in graph.initializer)  # the same weights as model.onnx, nothing left unread
     row, pad = windows[1, :24].numpy(), 5
     for left in (False, True):
         short = np.concatenate([np.zeros(pad, np.int64), row[:-pad]]) if left else np.concatenate(

@@ -64,6 +64,9 @@ def last_token_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     at = next(i for i, n in enumerate(kept) if KEPT in n.input)  # before the first reader: a sorted graph
     del graph.node[:]
     graph.node.extend(kept[:at] + nodes + kept[at:])
+    read = {name for n in graph.node for name in n.input}
+    for unread in [t for t in graph.initializer if t.name not in read]:  # the old slice's constants, if its own
+        graph.initializer.remove(unread)
     logits = next(o for o in graph.output if o.name == "logits").type.tensor_type.shape.dim[1]
     logits.Clear()
     logits.dim_value = 1
