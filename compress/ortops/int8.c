@@ -32,10 +32,43 @@ static inline int64_t group_length(const Call *c, int64_t g) {
   return rest < c->group_size ? rest : c->group_size;
 }
 
+/* The largest |x| of a group (a multiple of 8 inputs); NaN inputs are passed over, as fmaxf does. */
+static inline float largest(const float *x, int64_t length) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 most = _mm256_setzero_ps();
+  for (int64_t k = 0; k < length; k += 8) most = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + k), magnitude), most);
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(most), _mm256_extractf128_ps(most, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+}
+
+/* 32 inputs times `inverse`, rounded to int8 (to nearest, ties to even), in the order their codes come out of the
+   bytes (input t at byte (t % per) * (32 / per) + t / per); their sum added to `sum`. */
+static inline void quantize32(const float *x, __m256 inverse, int per, int8_t *q, __m256i *sum) {
+  __m256i v[4];
+  for (int r = 0; r < 4; r++) {
+    v[r] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * r), inverse));
+    *sum = _mm256_add_epi32(*sum, v[r]);
+  }
+  /* packs interleave the 128-bit lanes: dwords (4 inputs each) 0, 4, 1, 5, 2, 6, 3, 7 hold the inputs in order */
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+  __m256i bytes = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  if (per == 2) { /* each lane's even inputs, then odd; then the lanes' evens together, their odds together */
+    bytes = _mm256_shuffle_epi8(bytes, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                                        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+    bytes = _mm256_permute4x64_epi64(bytes, 0xD8); /* qwords 0, 2, 1, 3 */
+  } else if (per == 4) { /* each lane's inputs 4j + p by p, then p's four from each lane together */
+    bytes = _mm256_shuffle_epi8(bytes, _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
+  _mm256_storeu_si256((__m256i *)q, bytes);
+}
+
 void *quantize_activations(Call *c) {
   const int64_t K = c->K, M = c->M, size = c->group_size, groups = (K + size - 1) / size;
-  /* codes a byte, and bytes (= inputs) a bit plane of 32 codes; 3-bit codes come out in their own order (codes3) */
-  const int per = c->bits == 3 ? 1 : 8 / (int)c->bits, plane = 32 / per;
+  /* codes a byte (2 or 4 bits); 3-bit codes come out in their own order (codes3) */
+  const int per = c->bits == 3 ? 1 : 8 / (int)c->bits;
   float *block = (float *)malloc(sizeof(float) * (size_t)(2 * M * groups) + (size_t)(M * K));
   if (!block) return NULL;
   float *scales = block, *sums = block + M * groups;
@@ -44,20 +77,15 @@ void *quantize_activations(Call *c) {
     for (int64_t g = 0; g < groups; g++) {
       const int64_t length = group_length(c, g);
       const float *x = c->x + m * K + g * size;
-      int8_t *q = xq + m * K + g * size;
-      float most = 0.0f;
-      for (int64_t k = 0; k < length; k++) most = fmaxf(most, fabsf(x[k]));
-      const float inverse = most > 0.0f ? 127.0f / most : 0.0f;
-      int sum = 0;
-      for (int64_t i = 0; i < length; i += 32) /* input i + j * per + p goes to byte p * plane + j of its 32 */
-        for (int p = 0; p < per; p++)
-          for (int j = 0; j < plane; j++) {
-            const int v = _mm_cvt_ss2si(_mm_set_ss(x[i + j * per + p] * inverse));
-            q[i + p * plane + j] = (int8_t)v;
-            sum += v;
-          }
+      const float most = largest(x, length);
+      const __m256 inverse = _mm256_set1_ps(most > 0.0f ? 127.0f / most : 0.0f);
+      __m256i total = _mm256_setzero_si256();
+      for (int64_t i = 0; i < length; i += 32) quantize32(x + i, inverse, per, xq + m * K + g * size + i, &total);
+      __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
       scales[m * groups + g] = most / 127.0f;
-      sums[m * groups + g] = most / 127.0f * (float)sum;
+      sums[m * groups + g] = most / 127.0f * (float)_mm_cvtsi128_si32(t);
     }
   c->xq = xq;
   c->xq_scales = scales;
