@@ -382,7 +382,7 @@ def export(
     max_shard_size: Annotated[str, typer.Option(help="compressed-tensors, gptq: largest safetensors shard")] = "5GB",
     weights: Annotated[str, typer.Option(help="fast (onnxruntime's kernels: MatMulNBits, GroupQueryAttention, fused "
                                          "norms) or portable (standard ops only)")] = "fast",
-    int8_activations: Annotated[bool, typer.Option("--int8-activations", help="int8 activations (2- and 4-bit "
+    int8_activations: Annotated[bool, typer.Option("--int8-activations", help="int8 activations (2- to 4-bit "
                                                    "grids in our GridMatMul where built, else MatMulNBits): "
                                                    "faster, less exact")] = False,
     custom_ops: Annotated[bool, typer.Option("--custom-ops/--no-custom-ops", help="fast: our operators where their "

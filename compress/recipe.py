@@ -49,7 +49,7 @@ class OnnxConfig(Section):
     weights: Literal["fast", "portable"] = Field(
         "fast", description="fast: com.microsoft MatMulNBits for 2/4/8-bit integer grids; portable: standard "
         "blocked DequantizeLinear only. Other formats are decoded in-graph either way")
-    int8_activations: bool = Field(False, description="int8 activations (accuracy_level 4): 2- and 4-bit grids in "
+    int8_activations: bool = Field(False, description="int8 activations (accuracy_level 4): 2- to 4-bit grids in "
                                    "our GridMatMul where its library is built, else MatMulNBits: faster on CPU, "
                                    "logits drift more (the validation's defaults loosen with it)")
     custom_ops: bool = Field(True, description="fast: our operators (compress/ortops) where their library is built, "

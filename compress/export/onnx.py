@@ -67,9 +67,9 @@ class Tolerance:
 
 def save_with_page_aligned_data(proto: onnx.ModelProto, out_dir: Path) -> None:
     """Write ``proto`` as ``model.onnx`` and its initializers of ``EXTERNAL_FROM`` bytes or more to ``model.onnx.data``,
-    each starting on a page boundary, and ``genai.onnx`` beside them. onnxruntime maps each initializer from the
-    page its offset falls in: packed end to end (as ``onnx.save_model`` writes them), neighbours sharing a page
-    would map it twice, resident twice."""
+    each starting on a page boundary (``proto``'s initializers then refer to that file). onnxruntime maps each
+    initializer from the page its offset falls in: packed end to end (as ``onnx.save_model`` writes them),
+    neighbours sharing a page would map it twice, resident twice."""
     with open(out_dir / DATA_FILE, "wb") as data:
         for tensor in proto.graph.initializer:
             raw = tensor.raw_data
@@ -87,9 +87,6 @@ def save_with_page_aligned_data(proto: onnx.ModelProto, out_dir: Path) -> None:
     if not (out_dir / DATA_FILE).stat().st_size:
         (out_dir / DATA_FILE).unlink()
     onnx.save_model(proto, str(out_dir / ONNX_FILE))
-    # the generation graph from the graph file alone: its initializers refer to the data file as they are
-    onnx.save_model(last_token_graph(onnx.load_model(str(out_dir / ONNX_FILE), load_external_data=False)),
-                    str(out_dir / GENAI_ONNX))
 
 
 def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, weights: str = "fast",
@@ -120,6 +117,8 @@ def export_onnx(model, tokenizer, out_dir: Path, windows: torch.Tensor | None, w
         log(f"note: {lowering.decoded_without_ortops} layers are decoded in the graph (onnxruntime folds them to "
             "float32); build our operators with `python -m compress.ortops` to keep them compressed")
     save_with_page_aligned_data(proto, out_dir)
+    # onnxruntime-genai's graph: the same initializers, referring to the data file as they now do
+    onnx.save_model(last_token_graph(proto), str(out_dir / GENAI_ONNX))
     del proto
     build_s = time.perf_counter() - t0
     model.config.save_pretrained(out_dir)

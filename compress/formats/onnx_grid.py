@@ -100,7 +100,7 @@ def _own_grid_matmul(lowering, x: str, grid: IntegerGrid, shape, name: str, bits
 
 OUR_GRID_BITS = (2, 3, 4)  # the widths our GridMatMul runs in place of MatMulNBits (the bench empties it to compare)
 FLOAT_GRID_BITS = (2, 3)  # those it runs with float activations (``_float_grid``)
-INT8_GRID_BITS = (2, 3, 4)  # those its int8 path multiplies (a tied table's head: 2 or 4, MatMulNBits' widths)
+INT8_GRID_BITS = (2, 3, 4)  # those its int8 path multiplies
 
 
 def shared_head_block(lowering, grid: IntegerGrid, shape) -> int | None:
@@ -109,7 +109,7 @@ def shared_head_block(lowering, grid: IntegerGrid, shape) -> int | None:
     float or int8 activations; None where MatMulNBits runs it (our library not built, 8 bits, blocks that do not
     divide the inputs). MatMulNBits would hold a prepacked copy of the table beside the codes the lookup reads."""
     width, block = kernel_bits(grid.bits), nbits_block(grid.group_size)
-    if width not in OUR_GRID_BITS or width not in INT8_GRID_BITS or lowering.custom_ops is None or block is None:
+    if width not in OUR_GRID_BITS or lowering.custom_ops is None or block is None:
         return None
     runs = shape[1] % block == 0 and (lowering.accuracy_level == 0 or block % 32 == 0)
     return block if runs else None
